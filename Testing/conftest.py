@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny random-init bundle and phantom scans written as real files."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import phantoms  # noqa: E402
+
+SCAN_SHAPE = (48, 60, 48)
+LESION_CENTER = (28.0, 5.0, 20.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    return phantoms.make_bundle(tmp_path_factory.mktemp("bundles") / "tiny-test")
+
+
+@pytest.fixture(scope="session")
+def editor(tiny_bundle):
+    from USBLib import Editor
+
+    return Editor(tiny_bundle, device="cpu")
+
+
+def oblique_affine(spacing=3.5) -> np.ndarray:
+    a = np.deg2rad(10.0)
+    rot = np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
+    aff = np.eye(4)
+    aff[:3, :3] = rot @ np.diag([spacing, spacing * 1.1, spacing])
+    aff[:3, 3] = -aff[:3, :3] @ ((np.array(SCAN_SHAPE) - 1) / 2.0) + np.array([2.0, -8.0, 6.0])
+    return aff
+
+
+def lps_affine(spacing=3.5) -> np.ndarray:
+    aff = np.diag([-spacing, -spacing, spacing, 1.0])
+    aff[:3, 3] = -aff[:3, :3] @ ((np.array(SCAN_SHAPE) - 1) / 2.0)
+    return aff
+
+
+AFFINES = {"axial": phantoms.grid_affine(SCAN_SHAPE, 3.5, center=(0.0, -5.0, 5.0)), "oblique": oblique_affine(),
+           "lps": lps_affine()}
+
+
+def make_scan(kind: str = "axial", lesion: bool = True, dtype=np.int16):
+    aff = AFFINES[kind]
+    img = phantoms.phantom(SCAN_SHAPE, aff, lesion_center=LESION_CENTER if lesion else None, lesion_radius=7.0,
+                           noise=0.01)
+    mask = phantoms.sphere_mask(SCAN_SHAPE, aff, LESION_CENTER, 9.0)
+    return img.astype(dtype), mask, aff
+
+
+@pytest.fixture
+def scan_files(tmp_path):
+    """A phantom scan with a lesion, its mask, and a mask to embed, as NIfTI files."""
+    img, mask, aff = make_scan()
+    paths = {"image": tmp_path / "t1.nii.gz", "mask": tmp_path / "lesion.nii.gz", "embed": tmp_path / "embed.nii.gz"}
+    nib.save(nib.Nifti1Image(img, aff), str(paths["image"]))
+    nib.save(nib.Nifti1Image(mask, aff), str(paths["mask"]))
+    embed = phantoms.sphere_mask(SCAN_SHAPE, aff, (-25.0, -10.0, 15.0), 9.0)
+    nib.save(nib.Nifti1Image(embed, aff), str(paths["embed"]))
+    return paths

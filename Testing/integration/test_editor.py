@@ -1,0 +1,136 @@
+"""The four tasks end to end through the Python API with a tiny random-init bundle."""
+import numpy as np
+import pytest
+
+from conftest import AFFINES, SCAN_SHAPE, make_scan
+from USBLib.errors import Cancelled, InputError
+
+
+@pytest.mark.parametrize("kind", sorted(AFFINES))
+def test_heal_with_mask_keeps_geometry_and_outside_voxels(editor, kind):
+    img, mask, aff = make_scan(kind)
+    res = editor.heal(img, aff, mask, seed=1)
+    image, affine = res  # the (array, affine) contract
+    assert image.shape == img.shape and image.dtype == img.dtype
+    np.testing.assert_allclose(affine, aff, atol=1e-5)
+    region = res.provenance["edit_region_voxels"]
+    assert 0 < region < img.size / 4
+    changed = image != img
+    assert changed.any()
+    # every changed voxel is within the grown mask: voxels far from the lesion are bit-for-bit the input
+    from scipy import ndimage
+
+    far = ndimage.distance_transform_edt(mask == 0, sampling=np.linalg.norm(aff[:3, :3], axis=0)) > 16.0 + 1e-6
+    assert np.array_equal(image[far], img[far])
+    assert res.provenance["settings"]["alpha0"] == 20.0 and res.provenance["start_step"] == 307
+
+
+def test_heal_without_mask_edits_inside_brain_only(editor):
+    img, _, aff = make_scan()
+    res = editor.heal(img, aff, seed=0)
+    assert (res.image != img).any()
+    from scipy import ndimage
+
+    import phantoms
+
+    brain = phantoms.brain_mask(SCAN_SHAPE, aff)
+    outside = ndimage.distance_transform_edt(brain == 0, sampling=np.linalg.norm(aff[:3, :3], axis=0)) > 8.0
+    assert outside.sum() > 0.3 * img.size
+    assert np.array_equal(res.image[outside], img[outside])  # skull and background untouched
+    assert res.provenance["mask_voxels"] == 0
+
+
+def test_embed_changes_only_near_mask_and_is_seeded(editor):
+    img, mask, aff = make_scan(lesion=False, dtype=np.float32)  # float: random-init edits are small
+    a = editor.embed(img, aff, mask, seed=5)
+    b = editor.embed(img, aff, mask, seed=5)
+    c = editor.embed(img, aff, mask, seed=6)
+    assert np.array_equal(a.image, b.image)
+    assert not np.array_equal(a.image, c.image)
+    assert (a.image[mask > 0] != img[mask > 0]).any()
+
+
+def test_samples_give_mean_and_uncertainty(editor):
+    img, mask, aff = make_scan()
+    res = editor.embed(img, aff, mask, samples=3, seed=2)
+    assert res.uncertainty is not None and res.uncertainty.shape == img.shape
+    assert res.uncertainty.max() > 0
+    assert np.all(res.uncertainty[res.image == img] >= 0)
+    assert res.provenance["samples"] == 3
+
+
+def test_settings_override_defaults_and_are_validated(editor):
+    img, mask, aff = make_scan()
+    res = editor.heal(img, aff, mask, steps=2, strength=0.5, alpha0=0.0, k=1.0)
+    assert res.provenance["network_steps"] == 2 and res.provenance["start_step"] == 512
+    with pytest.raises(InputError, match="strength"):
+        editor.heal(img, aff, mask, strength=1.5)
+    with pytest.raises(InputError, match="eta"):
+        editor.embed(img, aff, mask, eta=-1)
+
+
+def test_cancel_raises_and_reports_progress(editor):
+    img, mask, aff = make_scan()
+    seen = []
+
+    def progress(step, total, message):
+        seen.append((step, total, message))
+        return step < 3
+
+    with pytest.raises(Cancelled):
+        editor.heal(img, aff, mask, progress=progress)
+    assert seen[0][0] == 0 and seen[-1][0] == 3 and all(t == seen[0][1] for _, t, _ in seen)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("nan", "NaN"), ("constant", "constant"), ("nonbinary", "not binary"), ("grid", "different grid"),
+    ("outside", "outside the brain"), ("empty", "empty")])
+def test_bad_inputs(editor, case, message):
+    img, mask, aff = make_scan()
+    if case == "nan":
+        img = img.astype(np.float32)
+        img[3, 3, 3] = np.nan
+    elif case == "constant":
+        img = np.full_like(img, 7)
+    elif case == "nonbinary":
+        mask = mask * 2
+    elif case == "grid":
+        mask = mask[:-1]
+    elif case == "outside":
+        mask = np.zeros_like(mask)
+        mask[:3, :3, :3] = 1
+    elif case == "empty":
+        mask = np.zeros_like(mask)
+    with pytest.raises(InputError, match=message):
+        editor.embed(img, aff, mask)
+
+
+def test_mask_on_other_grid_can_be_resampled(editor):
+    img, mask, aff = make_scan()
+    fine_aff = aff.copy()
+    fine_aff[:3, :3] = aff[:3, :3] / 2
+    fine = np.repeat(np.repeat(np.repeat(mask, 2, 0), 2, 1), 2, 2)
+    fine_aff[:3, 3] = aff[:3, 3] - aff[:3, :3] @ np.array([0.25, 0.25, 0.25])
+    res = editor.embed(img, aff, fine, mask_affine=fine_aff, resample_mask=True)
+    assert np.array_equal(res.mask, mask)
+
+
+def test_generate_pairs(editor):
+    out = editor.generate(2, seed=3)
+    assert len(out) == 2
+    for res in out:
+        assert res.image.shape == editor.bundle.grid_shape and res.image.dtype == np.float32
+        assert set(np.unique(res.mask)) <= {0, 1}
+        assert np.all(res.mask[~editor.space["brain"]] == 0)
+        np.testing.assert_allclose(res.affine, editor.bundle.grid_affine)
+    assert not np.array_equal(out[0].image, out[1].image)
+
+
+def test_generate_from_mask_in_model_space_and_reference_space(editor):
+    img, mask, aff = make_scan()
+    res = editor.generate_from_mask(mask, aff, seed=1)  # mask taken as template-space
+    assert res.image.shape == editor.bundle.grid_shape
+    ref = editor.generate_from_mask(mask, aff, img, aff, seed=1, samples=2)
+    assert ref.image.shape == SCAN_SHAPE
+    np.testing.assert_allclose(ref.affine, aff)
+    assert ref.uncertainty is not None

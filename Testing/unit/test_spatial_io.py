@@ -1,0 +1,98 @@
+"""Geometry: file round trips, model-space round trips and registration, on oblique and LPS grids."""
+import nibabel as nib
+import numpy as np
+import pytest
+
+import phantoms
+from conftest import AFFINES, SCAN_SHAPE
+from USBLib.errors import InputError
+from USBLib.io import read_volume, write_volume
+from USBLib.spatial import SpaceMapping, register, resample_mask_to
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz", ".mgz", ".nrrd"])
+@pytest.mark.parametrize("kind", sorted(AFFINES))
+def test_file_round_trip_keeps_affine_and_values(tmp_path, kind, suffix):
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 1000, size=(12, 14, 10)).astype(np.int16)
+    path = write_volume(tmp_path / f"v{suffix}", data, AFFINES[kind])
+    vol = read_volume(path)
+    np.testing.assert_allclose(vol.affine, AFFINES[kind], atol=1e-5)
+    np.testing.assert_array_equal(vol.data, data)
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+
+
+@pytest.mark.parametrize("kind", sorted(AFFINES))
+def test_model_space_round_trip(kind):
+    aff = AFFINES[kind]
+    img = phantoms.phantom(SCAN_SHAPE, aff, skull=False, scale=1.0)
+    model_aff = phantoms.grid_affine((64, 80, 64), 2.5)
+    mapping = SpaceMapping(SCAN_SHAPE, aff, (64, 80, 64), model_aff, np.eye(4))
+    back = mapping.to_native(mapping.to_model(img, antialias=False))
+    inner = phantoms.brain_mask(SCAN_SHAPE, aff) > 0
+    assert np.abs(back - img)[inner].mean() < 0.05  # only interpolation blur remains
+    # the model grid sees the same physical object
+    expected = phantoms.phantom((64, 80, 64), model_aff, skull=False, scale=1.0)
+    assert np.abs(mapping.to_model(img, antialias=False) - expected)[expected > 0].mean() < 0.1
+
+
+def _rotation(deg_z, deg_x):
+    out = np.eye(4)
+    for axis, deg in ((2, deg_z), (0, deg_x)):
+        a = np.deg2rad(deg)
+        i, j = [(1, 2), (0, 2), (0, 1)][axis]
+        r = np.eye(4)
+        r[i, i] = r[j, j] = np.cos(a)
+        r[i, j], r[j, i] = -np.sin(a), np.sin(a)
+        out = out @ r
+    return out
+
+
+@pytest.mark.parametrize("name,skull", [("identity", False), ("rotated", False), ("scaled", False),
+                                        ("identity", True), ("rotated", True)])
+def test_registration_recovers_known_transform(name, skull):
+    """Skull-on scans against the skull-stripped template: rigid poses are recovered; an anisotropic scale with a
+    skull is not reliable on this coarse phantom (known limitation, see the issue note)."""
+    shape = (32, 40, 32)
+    taff = phantoms.grid_affine(shape, 5.0)
+    tmask = phantoms.brain_mask(shape, taff)
+    template = phantoms.phantom(shape, taff, skull=False, scale=1.0) * tmask
+    truth = {"identity": np.eye(4), "rotated": _rotation(12, -8), "scaled": np.diag([1.08, 0.95, 1.04, 1.0])}[name]
+    truth = truth.copy()
+    truth[:3, 3] += [5.0, -7.0, 4.0]
+    scan_aff = AFFINES["oblique"]
+    scan = phantoms.phantom(SCAN_SHAPE, np.linalg.inv(truth) @ scan_aff, skull=skull, noise=0.02)  # scan = T(phantom)
+    found = register(scan, scan_aff, template, taff, tmask)
+    pts = phantoms.ras_coords(shape, taff)[tmask > 0]
+    err = np.linalg.norm(pts @ (found - truth)[:3, :3].T + (found - truth)[:3, 3], axis=1)
+    assert err.mean() < 3.0, f"mean error {err.mean():.2f} mm"
+
+
+def test_mask_resampling_needs_overlap():
+    aff = AFFINES["axial"]
+    mask = np.zeros((10, 10, 10), np.uint8)
+    mask[4:6, 4:6, 4:6] = 1
+    far = np.eye(4)
+    far[:3, 3] = 5000
+    with pytest.raises(InputError, match="overlap"):
+        resample_mask_to(mask, far, SCAN_SHAPE, aff)
+    same = resample_mask_to(mask, aff, (10, 10, 10), aff)
+    np.testing.assert_array_equal(same, mask)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", "not found"), ("corrupt", "cannot read"), ("2d", "3D volume"), ("4d", "3D volume"),
+    ("txt", "unsupported file type")])
+def test_bad_files_raise_one_line_input_errors(tmp_path, case, message):
+    path = tmp_path / ("x.txt" if case == "txt" else "x.nii.gz")
+    if case == "corrupt":
+        path.write_bytes(b"\x1f\x8b not really gzip")
+    elif case == "2d":
+        nib.save(nib.Nifti1Image(np.ones((10, 10), np.float32), np.eye(4)), str(path))
+    elif case == "4d":
+        nib.save(nib.Nifti1Image(np.ones((5, 5, 5, 3), np.float32), np.eye(4)), str(path))
+    elif case == "txt":
+        path.write_text("hello")
+    with pytest.raises(InputError, match=message) as info:
+        read_volume(path)
+    assert "\n" not in str(info.value)

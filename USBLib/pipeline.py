@@ -1,0 +1,475 @@
+"""``Editor``: USB's four tasks end to end on ``(array, affine)`` volumes in the scan's own space.
+
+Data flow: native volume (+ mask) -> registration to the bundle template -> model grid -> intensity
+normalisation -> latent (autoencoder mean x scale factor) -> guided diffusion -> decoded deviation
+-> native grid -> seam-aware fusion into the original. Every output keeps the input's grid and affine, and
+every voxel outside the edit region is the input's own value.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from . import bundle as bundle_mod
+from .errors import Cancelled, InputError
+from .fusion import edit_region, feather_weight, fuse
+from .intensity import IntensityMap
+from .spatial import SpaceMapping, register, resample_mask_to, same_grid
+
+Progress = Callable[[int, int, str], Optional[bool]]
+FUSION_MODES = ("deviation", "replace")
+
+
+@dataclass
+class EditResult:
+    """One task's result. ``image``/``affine`` are on the input's grid (model grid for plain generation)."""
+
+    image: np.ndarray
+    affine: np.ndarray
+    mask: Optional[np.ndarray] = None
+    uncertainty: Optional[np.ndarray] = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __iter__(self):  # ``image, affine = editor.heal(...)``
+        return iter((self.image, self.affine))
+
+
+class _Progress:
+    """Wraps the user callback: counts steps, records stage timings, raises ``Cancelled`` on a False return."""
+
+    def __init__(self, callback: Progress | None, total: int):
+        self.callback, self.total, self.done = callback, total, 0
+        self.timings: dict[str, float] = {}
+        self._stage, self._t0 = "", time.perf_counter()
+
+    def stage(self, name: str) -> None:
+        now = time.perf_counter()
+        if self._stage:
+            self.timings[self._stage] = round(self.timings.get(self._stage, 0.0) + now - self._t0, 3)
+        self._stage, self._t0 = name, now
+        self._report(name)
+
+    def tick(self) -> None:
+        self.done += 1
+        self._report(self._stage)
+
+    def _report(self, message: str) -> None:
+        if self.callback is not None and self.callback(min(self.done, self.total), self.total, message) is False:
+            raise Cancelled("cancelled")
+
+
+def _check_mask(mask: np.ndarray, shape, mask_affine, affine, resample_mask: bool, what: str = "lesion mask") -> np.ndarray:
+    mask = np.asarray(mask)
+    while mask.ndim > 3 and mask.shape[-1] == 1:
+        mask = mask[..., 0]
+    if mask.ndim != 3:
+        raise InputError(f"{what} has shape {mask.shape}; a 3D volume is needed")
+    if np.issubdtype(mask.dtype, np.floating) and not np.all(np.isfinite(mask)):
+        raise InputError(f"{what} contains NaN or Inf voxels")
+    values = np.unique(mask)
+    if not set(values.tolist()) <= {0, 1}:
+        shown = ", ".join(f"{v:g}" for v in values[:5])
+        raise InputError(f"{what} is not binary (values {shown}{', ...' if len(values) > 5 else ''}); "
+                         "give a 0/1 mask")
+    if mask_affine is None:
+        mask_affine = affine
+    if not same_grid(mask.shape, mask_affine, shape, affine):
+        if not resample_mask:
+            raise InputError(f"{what} is on a different grid than the image (shape {tuple(mask.shape)} vs "
+                             f"{tuple(shape)}); pass --resample-mask to resample it")
+        mask = resample_mask_to(mask, mask_affine, shape, affine)
+    return (mask > 0).astype(np.uint8)
+
+
+def _check_image(image: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    while image.ndim > 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    if image.ndim != 3 or min(image.shape) < 2:
+        raise InputError(f"image has shape {image.shape}; a 3D volume is needed")
+    if np.asarray(affine).shape != (4, 4) or abs(np.linalg.det(np.asarray(affine)[:3, :3])) < 1e-9:
+        raise InputError("image affine must be an invertible 4x4 voxel-to-RAS matrix")
+    if np.issubdtype(image.dtype, np.floating) and not np.all(np.isfinite(image)):
+        raise InputError("image contains NaN or Inf voxels")
+    if image.min() == image.max():
+        raise InputError("image is constant; nothing to edit")
+    return image
+
+
+class Editor:
+    """USB engine on volumes. ``model``: bundle name, path or ``ModelBundle`` (None = default model).
+
+    ``device``: ``auto`` (GPU when present), ``cpu``, ``cuda`` or ``mps``. Networks load lazily on first use.
+    """
+
+    def __init__(self, model: Any = None, device: str = "auto", registration: str = "affine"):
+        self.bundle = model if isinstance(model, bundle_mod.ModelBundle) else bundle_mod.load(model)
+        from .devices import pick_device
+
+        self.device = pick_device(device)
+        self.registration = registration
+        self._nets: dict[str, Any] | None = None
+        self._space: dict[str, np.ndarray] | None = None
+        self._empty_latent = None
+
+    # ----------------------------------------------------------------- model pieces
+    @property
+    def nets(self) -> dict[str, Any]:
+        if self._nets is None:
+            from .devices import use_onednn_convs
+            from .networks import load_networks
+
+            nets = load_networks(self.bundle, self.device)
+            if self.device.type == "cpu":
+                for net in nets.values():
+                    use_onednn_convs(net)
+            self._nets = nets
+        return self._nets
+
+    @property
+    def space(self) -> dict[str, np.ndarray]:
+        """The bundle's template image and brain mask on the model grid."""
+        if self._space is None:
+            import nibabel as nib
+
+            template = np.asarray(nib.load(str(self.bundle.path("template"))).dataobj, dtype=np.float32)
+            brain = np.asarray(nib.load(str(self.bundle.path("brain_mask"))).dataobj) > 0
+            self._space = {"template": template, "brain": brain}
+        return self._space
+
+    def _denoisers(self):
+        from .schedule import NoiseSchedule
+        from .tasks import Denoisers
+
+        clip = self.bundle.config["latent"].get("clip")
+        return Denoisers(self.nets["unet_lesion"], self.nets["unet_brain"],
+                         NoiseSchedule.from_config(self.bundle.config["schedule"]),
+                         tuple(clip) if clip else None)
+
+    @property
+    def scale_factor(self) -> float:
+        return float(self.bundle.config["latent"]["scale_factor"])
+
+    def encode(self, volumes: np.ndarray):
+        """Latents (posterior mean x scale factor) of model-grid volumes [B, I, J, K]."""
+        import torch
+
+        x = torch.as_tensor(np.asarray(volumes, dtype=np.float32))[:, None].to(self.device)
+        with torch.no_grad():
+            mu, _ = self.nets["autoencoder"].encode(x)
+        return mu * self.scale_factor
+
+    def decode(self, latents) -> np.ndarray:
+        """Model-grid volumes [B, I, J, K] from latents."""
+        import torch
+
+        with torch.no_grad():
+            out = self.nets["autoencoder"].decode(latents / self.scale_factor)
+        return out[:, 0].float().cpu().numpy()
+
+    def empty_condition(self):
+        """x_empty: the empty mask through the same encoding path as every training mask."""
+        if self._empty_latent is None:
+            self._empty_latent = self.encode(np.zeros((1, *self.bundle.grid_shape), np.float32))
+        return self._empty_latent
+
+    def _settings(self, task: str, **given: Any) -> dict[str, Any]:
+        settings = self.bundle.defaults(task)
+        settings.update({k: v for k, v in given.items() if v is not None})
+        _validate_settings(settings)
+        return settings
+
+    # ----------------------------------------------------------------- geometry
+    def _map(self, image: np.ndarray, affine: np.ndarray, brain_mask: np.ndarray | None, seed: int) -> SpaceMapping:
+        space = self.space
+        transform = register(image, affine, space["template"], self.bundle.grid_affine, space["brain"],
+                             brain_mask, self.registration, seed)
+        return SpaceMapping(tuple(image.shape), np.asarray(affine, float), self.bundle.grid_shape,
+                            self.bundle.grid_affine, transform)
+
+    def _native_brain(self, mapping: SpaceMapping, brain_mask: np.ndarray | None) -> np.ndarray:
+        if brain_mask is not None:
+            return brain_mask > 0
+        return mapping.to_native(self.space["brain"].astype(np.float32), order=1) > 0.5
+
+    @staticmethod
+    def _model_mask(mapping: SpaceMapping, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Partial-volume mask on the model grid and its binary version (never empty for a non-empty mask)."""
+        pv = np.clip(mapping.to_model(mask.astype(np.float32), order=1, antialias=False), 0.0, 1.0)
+        binary = pv >= 0.5
+        if not binary.any() and pv.max() > 0:
+            binary = pv >= pv.max() / 2
+        return pv, binary.astype(np.float32)
+
+    # ----------------------------------------------------------------- tasks
+    def heal(self, image: np.ndarray, affine: np.ndarray, mask: np.ndarray | None = None,
+             brain_mask: np.ndarray | None = None, *, steps: int | None = None, strength: float | None = None,
+             alpha0: float | None = None, k: float | None = None, eta: float | None = None,
+             margin_mm: float | None = None, samples: int = 1, seed: int = 0, mask_affine: np.ndarray | None = None, resample_mask: bool = False,
+             progress: Progress | None = None) -> EditResult:
+        """Pathology -> healthy. With ``mask`` the edit stays inside the (grown) lesion; without, inside the brain."""
+        return self._edit("heal", image, affine, mask, brain_mask, steps=steps, strength=strength, alpha0=alpha0,
+                          k=k, eta=eta, margin_mm=margin_mm, samples=samples, seed=seed, mask_affine=mask_affine,
+                          resample_mask=resample_mask, progress=progress)
+
+    def embed(self, image: np.ndarray, affine: np.ndarray, mask: np.ndarray, brain_mask: np.ndarray | None = None,
+              *, steps: int | None = None, strength: float | None = None, alpha0: float | None = None,
+              k: float | None = None, eta: float | None = None, margin_mm: float | None = None, samples: int = 1,
+              seed: int = 0, mask_affine: np.ndarray | None = None, resample_mask: bool = False,
+              progress: Progress | None = None) -> EditResult:
+        """Healthy -> pathology: a lesion of the mask's shape embedded into the scan (ACG x LCG)."""
+        if mask is None:
+            raise InputError("embedding needs a lesion mask")
+        return self._edit("embed", image, affine, mask, brain_mask, steps=steps, strength=strength, alpha0=alpha0,
+                          k=k, eta=eta, margin_mm=margin_mm, samples=samples, seed=seed, mask_affine=mask_affine,
+                          resample_mask=resample_mask, progress=progress)
+
+    def _edit(self, task: str, image, affine, mask, brain_mask, *, samples: int, seed: int, mask_affine,
+              resample_mask: bool, progress: Progress | None, **given: Any) -> EditResult:
+        import torch
+
+        from . import tasks
+        from .guidance import lcg_weight, lesion_prior
+        from .networks import downsampling_factor
+        from .schedule import start_step
+
+        image = _check_image(image, affine)
+        affine = np.asarray(affine, dtype=np.float64)
+        settings = self._settings(task, **given)
+        samples = _check_samples(samples)
+        if mask is not None:
+            mask = _check_mask(mask, image.shape, mask_affine, affine, resample_mask)
+            if not mask.any():
+                if task == "embed":
+                    raise InputError("the lesion mask is empty; paint or load a lesion to embed")
+                mask = None
+        if brain_mask is not None:
+            brain_mask = _check_mask(brain_mask, image.shape, None, affine, False, "brain mask")
+            if not brain_mask.any():
+                raise InputError("the brain mask is empty")
+        sched_t = int(self.bundle.config["schedule"].get("num_train_timesteps", 1024))
+        start = start_step(settings["strength"], sched_t)
+        from .schedule import timesteps
+
+        n_steps = len(timesteps(start, settings["steps"]))
+        prog = _Progress(progress, n_steps + 4)
+        generator = torch.Generator().manual_seed(int(seed))
+
+        prog.stage("registering to the model template")
+        mapping = self._map(image, affine, brain_mask, seed)
+        brain = self._native_brain(mapping, brain_mask)
+        if mask is not None:
+            inside = float(brain[mask > 0].mean())
+            if inside < 0.5:
+                raise InputError(f"the lesion mask lies outside the brain ({inside:.0%} of it inside); "
+                                 "check that mask and image belong together")
+        prog.tick()
+
+        prog.stage("encoding")
+        imap = IntensityMap.fit(image, brain, self.bundle.config["intensity"])
+        model_image = imap.to_model(mapping.to_model(image))
+        y0 = self.encode(model_image[None])
+        factor = downsampling_factor(self.bundle.config["networks"])
+        lesion_w = None
+        if mask is not None:
+            pv, binary = self._model_mask(mapping, mask)
+            prior = lesion_prior(torch.as_tensor(pv)[None, None].to(self.device), factor)
+            lesion_w = lcg_weight(prior, float(settings.get("eta", 0.0)))
+            cond = self.encode(binary[None]) if task == "embed" else self.empty_condition()
+        else:
+            cond = self.empty_condition()
+        prog.tick()
+
+        prog.stage("denoising")
+        batch = lambda t: t.expand(samples, *t.shape[1:]).contiguous()  # noqa: E731
+        d = self._denoisers()
+        edited = tasks.edit(d, batch(y0), batch(cond), start, settings["steps"], float(settings["alpha0"]),
+                            float(settings["k"]), generator,
+                            None if lesion_w is None else batch(lesion_w), prog.tick)
+
+        prog.stage("decoding")
+        decoded = self.decode(edited)
+        reference = self.decode(y0)[0] if settings["fusion"] == "deviation" else model_image
+        prog.tick()
+
+        prog.stage("fusing into the scan")
+        spacing = _spacing(affine)
+        weight = feather_weight(edit_region(mask, brain, spacing, float(settings["margin_mm"])), spacing,
+                                float(settings["margin_mm"]))
+        deviations = np.stack([imap.delta_to_native(mapping.to_native(sample - reference)) for sample in decoded])
+        result = fuse(image, deviations.mean(axis=0), weight)
+        uncertainty = (weight * deviations.std(axis=0)).astype(np.float32) if samples > 1 else None
+        prog.tick()
+        prog.stage("")
+        provenance = self._provenance(task, settings, seed, samples, prog.timings, mapping,
+                                      extra={"start_step": start, "network_steps": n_steps,
+                                             "intensity_map": {"low": imap.low, "high": imap.high},
+                                             "mask_voxels": int(mask.sum()) if mask is not None else 0,
+                                             "edit_region_voxels": int((weight > 0).sum())})
+        return EditResult(result, affine.copy(), mask, uncertainty, provenance)
+
+    def generate(self, n: int = 1, *, steps: int | None = None, seed: int = 0,
+                 progress: Progress | None = None) -> list[EditResult]:
+        """New (brain, lesion mask) pairs from noise, on the model grid, in model intensity units."""
+        import torch
+
+        from . import tasks
+
+        n = _check_samples(n, "number of pairs")
+        settings = self._settings("generate", steps=steps)
+        from .schedule import timesteps
+
+        n_steps = len(timesteps(int(self.bundle.config["schedule"].get("num_train_timesteps", 1024)) - 1,
+                                settings["steps"]))
+        prog = _Progress(progress, n_steps + 1)
+        generator = torch.Generator().manual_seed(int(seed))
+        shape = (n, *self.empty_condition().shape[1:])
+        prog.stage("denoising")
+        lesion_lat, brain_lat = tasks.generate(self._denoisers(), shape, settings["steps"], generator, self.device,
+                                               prog.tick)
+        prog.stage("decoding")
+        images, lesions = self.decode(brain_lat), self.decode(lesion_lat)
+        prog.tick()
+        prog.stage("")
+        brain = self.space["brain"]
+        out = []
+        for i in range(n):
+            image = np.clip(images[i], 0.0, None) * brain
+            mask = ((lesions[i] > float(settings.get("mask_threshold", 0.5))) & brain).astype(np.uint8)
+            prov = self._provenance("generate", settings, seed, n, prog.timings, None, extra={"index": i})
+            out.append(EditResult(image.astype(np.float32), self.bundle.grid_affine.copy(), mask, None, prov))
+        return out
+
+    def generate_from_mask(self, mask: np.ndarray, affine: np.ndarray, reference: np.ndarray | None = None,
+                           reference_affine: np.ndarray | None = None, *, steps: int | None = None, seed: int = 0,
+                           samples: int = 1, resample_mask: bool = False,
+                           progress: Progress | None = None) -> EditResult:
+        """A brain showing the given lesion (eq. 9).
+
+        Without ``reference`` the mask is taken to be in template space (any grid) and the brain is returned on
+        the model grid; with a reference scan the mask must lie on the reference's grid (or ``resample_mask``),
+        and the brain is returned on that grid in the reference's intensity units.
+        """
+        import torch
+
+        from . import tasks
+        from .schedule import timesteps
+
+        settings = self._settings("generate_from_mask", steps=steps)
+        samples = _check_samples(samples)
+        affine = np.asarray(affine, dtype=np.float64)
+        if reference is not None:
+            reference = _check_image(reference, reference_affine)
+            mask = _check_mask(mask, reference.shape, affine, np.asarray(reference_affine, float), resample_mask)
+        else:
+            mask = _check_mask(mask, np.shape(mask), affine, affine, False)
+        if not mask.any():
+            raise InputError("the lesion mask is empty")
+        n_steps = len(timesteps(int(self.bundle.config["schedule"].get("num_train_timesteps", 1024)) - 1,
+                                settings["steps"]))
+        prog = _Progress(progress, n_steps + 3)
+        generator = torch.Generator().manual_seed(int(seed))
+        prog.stage("registering to the model template")
+        if reference is not None:
+            mapping = self._map(reference, np.asarray(reference_affine, float), None, seed)
+        else:
+            mapping = SpaceMapping(tuple(mask.shape), affine, self.bundle.grid_shape, self.bundle.grid_affine,
+                                   np.eye(4))
+        prog.tick()
+        prog.stage("encoding")
+        _, binary = self._model_mask(mapping, mask)
+        if not binary.any():
+            raise InputError("the lesion mask lies outside the model's field of view")
+        cond = self.encode(binary[None])
+        prog.tick()
+        prog.stage("denoising")
+        lat = tasks.generate_from_mask(self._denoisers(), cond.expand(samples, *cond.shape[1:]).contiguous(),
+                                       settings["steps"], generator, prog.tick)
+        prog.stage("decoding")
+        images = np.clip(self.decode(lat), 0.0, None) * self.space["brain"]
+        prog.tick()
+        prog.stage("")
+        uncertainty = images.std(axis=0) if samples > 1 else None
+        image = images.mean(axis=0)
+        prov = self._provenance("generate_from_mask", settings, seed, samples, prog.timings,
+                                mapping if reference is not None else None)
+        if reference is None:
+            return EditResult(image.astype(np.float32), self.bundle.grid_affine.copy(), binary.astype(np.uint8),
+                              None if uncertainty is None else uncertainty.astype(np.float32), prov)
+        imap = IntensityMap.fit(reference, self._native_brain(mapping, None), self.bundle.config["intensity"])
+        native = imap.to_native(mapping.to_native(image))
+        unc = None if uncertainty is None else imap.delta_to_native(mapping.to_native(uncertainty))
+        return EditResult(native.astype(np.float32), np.asarray(reference_affine, float).copy(), mask, unc, prov)
+
+    # ----------------------------------------------------------------- provenance
+    def _provenance(self, task: str, settings: dict, seed: int, samples: int, timings: dict,
+                    mapping: SpaceMapping | None, extra: dict | None = None) -> dict[str, Any]:
+        import torch
+
+        prov: dict[str, Any] = {
+            "task": task,
+            "model": {"name": self.bundle.name, "tier": self.bundle.tier, "path": str(self.bundle.root),
+                      "bundle_sha256": bundle_mod.sha256_of(self.bundle.root / bundle_mod.BUNDLE_FILE)},
+            "settings": dict(settings), "seed": int(seed), "samples": int(samples),
+            "device": str(self.device), "registration": self.registration,
+            "timings_s": dict(timings), "software": software_versions(), "torch_threads": torch.get_num_threads(),
+        }
+        if mapping is not None:
+            prov["template_to_scan_ras"] = np.round(mapping.model_to_native, 6).tolist()
+        prov.update(extra or {})
+        return prov
+
+
+def _spacing(affine: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+
+
+def _check_samples(n: int, what: str = "samples") -> int:
+    if int(n) != n or int(n) < 1 or int(n) > 64:
+        raise InputError(f"{what} must be a whole number from 1 to 64, got {n}")
+    return int(n)
+
+
+SETTING_RANGES = {"steps": (1, 1024), "strength": (1e-3, 1.0), "alpha0": (0.0, 1000.0), "k": (-20.0, 20.0),
+                  "eta": (0.0, 2.0), "margin_mm": (0.0, 50.0)}
+
+
+def _validate_settings(settings: dict[str, Any]) -> None:
+    for key, (lo, hi) in SETTING_RANGES.items():
+        if key in settings:
+            value = settings[key]
+            if not isinstance(value, (int, float)) or not np.isfinite(value) or not lo <= value <= hi:
+                raise InputError(f"{key} must be between {lo:g} and {hi:g}, got {value}")
+    if "steps" in settings and int(settings["steps"]) != settings["steps"]:
+        raise InputError(f"steps must be a whole number, got {settings['steps']}")
+    if settings.get("fusion", "deviation") not in FUSION_MODES:
+        raise InputError(f"fusion must be one of {', '.join(FUSION_MODES)}")
+    settings.setdefault("fusion", "deviation")
+    settings.setdefault("margin_mm", 4.0)
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of the packages that shape the numbers, for provenance sidecars."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("usb-slicer", "torch", "monai", "numpy", "scipy", "nibabel", "SimpleITK"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    out["platform"] = platform.platform()
+    return out
+
+
+def threads_from_env() -> None:
+    """Honour ``USB_THREADS`` for torch's intra-op pool (pipelines running several workers)."""
+    import torch
+
+    if os.environ.get("USB_THREADS"):
+        torch.set_num_threads(int(os.environ["USB_THREADS"]))

@@ -1,0 +1,1 @@
+"""Offline training, data generation, evaluation and bundle export for USB (see issue tracker for scope)."""

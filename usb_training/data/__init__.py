@@ -1,0 +1,1 @@
+"""Synthetic training data from registry-installed templates."""

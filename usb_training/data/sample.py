@@ -1,0 +1,84 @@
+"""Make the bundled sample scan (``Resources/sample``) from nilearn's MNI152 2009a T1 template.
+
+The sample is a demo input, not evaluation data: the template is resampled through a small rotation onto a
+181 x 217 x 181 1 mm grid, given a smooth bias field and noise, and a synthetic hypointense lesion (smooth-noise
+shape, heterogeneous core, partial-volume rim) is painted into the right periventricular white matter. A second
+mask in the left hemisphere is the demo's lesion to embed.
+
+    python -m usb_training.data.sample [--out Resources/sample]   (needs: pip install nilearn)
+"""
+from __future__ import annotations
+
+import argparse
+from importlib import resources
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+SHAPE = (181, 217, 181)
+
+
+def _template(name: str) -> nib.Nifti1Image:
+    path = resources.files("nilearn") / "datasets" / "data" / f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz"
+    return nib.load(str(path))
+
+
+def _smooth_noise(shape, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma)
+    return field / (np.abs(field).max() + 1e-8)
+
+
+def _blob(shape, affine, center_mm, radius_mm: float, rng: np.random.Generator) -> np.ndarray:
+    ijk = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
+    xyz = ijk @ affine[:3, :3].T + affine[:3, 3]
+    dist = np.linalg.norm(xyz - np.asarray(center_mm), axis=-1) / radius_mm
+    return (dist + 0.35 * _smooth_noise(shape, 4.0, rng)) < 1.0
+
+
+def make_sample(out: Path, seed: int = 7) -> dict[str, Path]:
+    rng = np.random.default_rng(seed)
+    t1, wm = _template("t1"), _template("wm")
+    angle = np.deg2rad(4.0)
+    rot = np.eye(4)
+    rot[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    affine = np.eye(4)
+    affine[:3, 3] = [-90.0, -126.0, -72.0]
+    # scanner RAS -> template RAS is a small rotation: sample the template there
+    vox = np.linalg.inv(t1.affine) @ rot @ affine
+    sample = lambda img, order: ndimage.affine_transform(np.asarray(img.dataobj, np.float32), vox[:3, :3],  # noqa: E731
+                                                         vox[:3, 3], output_shape=SHAPE, order=order)
+    image, wm_prob = sample(t1, 3) / 255.0, sample(wm, 1) / 255.0
+    image = np.clip(image, 0, None)
+    bias = 1.0 + 0.08 * _smooth_noise(SHAPE, 30.0, rng)
+    lesion = _blob(SHAPE, affine, (24.0, -12.0, 22.0), 9.0, rng) & (wm_prob > 0.3)
+    soft = np.clip(ndimage.gaussian_filter(lesion.astype(np.float32), 1.0), 0, 1)
+    core = 0.35 + 0.12 * _smooth_noise(SHAPE, 2.0, rng)
+    image = image * (1 - soft) + image * core * soft
+    embed = _blob(SHAPE, affine, (-27.0, -20.0, 28.0), 8.0, rng) & (wm_prob > 0.3)
+    head = image > 0.02
+    noisy = image * bias * 1000.0 + rng.normal(0, 12.0, SHAPE) * head
+    data = np.clip(np.rint(noisy), 0, 32767).astype(np.int16)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"image": out / "sample_T1w.nii.gz", "lesion": out / "sample_lesion_mask.nii.gz",
+             "embed": out / "sample_embed_mask.nii.gz"}
+    for key, arr in (("image", data), ("lesion", lesion.astype(np.uint8)), ("embed", embed.astype(np.uint8))):
+        img = nib.Nifti1Image(arr, affine)
+        img.set_qform(affine, code=1)
+        img.set_sform(affine, code=1)
+        nib.save(img, str(paths[key]))
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[2] / "Resources" / "sample")
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args()
+    for key, path in make_sample(args.out, args.seed).items():
+        print(f"{key}: {path}")
+
+
+if __name__ == "__main__":
+    main()
