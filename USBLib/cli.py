@@ -301,7 +301,10 @@ def cmd_demo(args) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``usb`` console script."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # usage errors (2), --help and --version (0)
+        return int(exc.code or 0)
     commands = {"heal": lambda a: cmd_edit(a, "heal"), "embed": lambda a: cmd_edit(a, "embed"),
                 "generate": cmd_generate, "generate-from-mask": cmd_generate_from_mask, "info": cmd_info,
                 "demo": cmd_demo}

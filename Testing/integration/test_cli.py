@@ -1,0 +1,193 @@
+"""Every ``usb`` sub-command, exit codes and one-line errors, with a tiny random-init bundle."""
+import json
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from USBLib import bundle as bundle_mod
+from USBLib.cli import main
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_heal_embed_write_outputs_with_geometry_and_sidecar(tiny_bundle, scan_files, tmp_path, capsys):
+    out = tmp_path / "out" / "healed.nii.gz"
+    code, stdout, err = run(capsys, "heal", scan_files["image"], "--mask", scan_files["mask"], "-o", out,
+                            "--model", tiny_bundle.root, "--device", "cpu", "--seed", "3", "--steps", "2",
+                            "--samples", "2", "--uncertainty", tmp_path / "unc.nii.gz")
+    assert code == 0, err
+    assert stdout.strip() == str(out)
+    src, res = nib.load(str(scan_files["image"])), nib.load(str(out))
+    np.testing.assert_allclose(res.affine, src.affine, atol=1e-5)
+    assert res.get_data_dtype() == src.get_data_dtype() and res.shape == src.shape
+    side = json.loads(out.with_name("healed.json").read_text())
+    assert side["task"] == "heal" and side["seed"] == 3 and side["settings"]["steps"] == 2
+    assert side["inputs"]["image"]["sha256"] == bundle_mod.sha256_of(scan_files["image"])
+    assert {"torch", "monai", "python"} <= set(side["software"])
+    assert nib.load(str(tmp_path / "unc.nii.gz")).get_fdata().max() > 0
+
+    code, _, err = run(capsys, "embed", scan_files["image"], "--mask", scan_files["embed"], "-o",
+                       tmp_path / "emb.nrrd", "--model", tiny_bundle.root, "--eta", "0.5", "--alpha0", "10", "--k", "1")
+    assert code == 0, err
+    from USBLib.io import read_volume
+
+    np.testing.assert_allclose(read_volume(tmp_path / "emb.nrrd").affine, src.affine, atol=1e-5)
+
+
+def test_generate_and_generate_from_mask(tiny_bundle, scan_files, tmp_path, capsys):
+    code, stdout, err = run(capsys, "generate", "-o", tmp_path / "g.nii.gz", "--mask-out", tmp_path / "m.nii.gz",
+                            "--n", "2", "--model", tiny_bundle.root, "--quiet")
+    assert code == 0, err
+    names = sorted(p.name for p in tmp_path.glob("[gm]_*.nii.gz"))
+    assert names == ["g_001.nii.gz", "g_002.nii.gz", "m_001.nii.gz", "m_002.nii.gz"]
+    assert set(np.unique(nib.load(str(tmp_path / "m_001.nii.gz")).get_fdata())) <= {0.0, 1.0}
+    code, _, err = run(capsys, "generate-from-mask", "--mask", scan_files["mask"], "-o", tmp_path / "b.nii.gz",
+                       "--reference", scan_files["image"], "--model", tiny_bundle.root)
+    assert code == 0, err
+    ref = nib.load(str(scan_files["image"]))
+    out = nib.load(str(tmp_path / "b.nii.gz"))
+    assert out.shape == ref.shape and np.allclose(out.affine, ref.affine)
+
+
+def test_info_prints_bundle_facts(tiny_bundle, capsys):
+    code, stdout, _ = run(capsys, "info", "--model", tiny_bundle.root)
+    assert code == 0
+    assert "tiny-test (tier test)" in stdout and "32 x 40 x 32 voxels at 5 x 5 x 5 mm" in stdout
+    assert "heal" in stdout and "alpha0=20.0" in stdout and "unet_brain" in stdout
+    code, stdout, _ = run(capsys, "info", "--model", tiny_bundle.root, "--json")
+    assert json.loads(stdout)["name"] == "tiny-test"
+
+
+def _write(path, data, affine=np.eye(4) * 3):
+    affine = affine.copy()
+    affine[3, 3] = 1
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return path
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", "not found"), ("corrupt", "cannot read"), ("2d", "3D volume"), ("4d", "3D volume"),
+    ("nan", "NaN or Inf"), ("constant", "constant"), ("empty_mask", "mask is empty"),
+    ("nonbinary", "not binary"), ("grid", "different grid"), ("outside", "outside the brain"),
+    ("same_path", "same file as input"), ("tampered", "checksum mismatch"), ("bad_setting", "strength"),
+    ("no_model", "neither a bundle folder"), ("bad_device", "unknown device")])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, message, tiny_bundle, scan_files, tmp_path, capsys):
+    image, mask = scan_files["image"], scan_files["embed"]
+    ref = nib.load(str(image))
+    model = tiny_bundle.root
+    out = tmp_path / "out.nii.gz"
+    extra = []
+    if case == "missing":
+        image = tmp_path / "nope.nii.gz"
+    elif case == "corrupt":
+        image = tmp_path / "bad.nii.gz"
+        image.write_bytes(b"\x1f\x8bgarbage")
+    elif case == "2d":
+        image = _write(tmp_path / "2d.nii.gz", np.ones((20, 20), np.float32))
+    elif case == "4d":
+        image = _write(tmp_path / "4d.nii.gz", np.ones((8, 8, 8, 2), np.float32))
+    elif case == "nan":
+        data = ref.get_fdata().astype(np.float32)
+        data[1, 1, 1] = np.nan
+        image = _write(tmp_path / "nan.nii.gz", data, ref.affine)
+    elif case == "constant":
+        image = _write(tmp_path / "c.nii.gz", np.full(ref.shape, 5, np.int16), ref.affine)
+    elif case == "empty_mask":
+        mask = _write(tmp_path / "m.nii.gz", np.zeros(ref.shape, np.uint8), ref.affine)
+    elif case == "nonbinary":
+        mask = _write(tmp_path / "m.nii.gz", (nib.load(str(mask)).get_fdata() * 3).astype(np.uint8), ref.affine)
+    elif case == "grid":
+        mask = _write(tmp_path / "m.nii.gz", np.ones((10, 10, 10), np.uint8), ref.affine)
+    elif case == "outside":
+        data = np.zeros(ref.shape, np.uint8)
+        data[:3, :3, :3] = 1
+        mask = _write(tmp_path / "m.nii.gz", data, ref.affine)
+    elif case == "same_path":
+        out = image
+    elif case == "tampered":
+        model = tmp_path / "bundle"
+        shutil.copytree(tiny_bundle.root, model)
+        with open(model / "autoencoder.safetensors", "r+b") as fh:
+            fh.seek(-4, 2)
+            fh.write(b"\x00\x01\x02\x03")
+    elif case == "bad_setting":
+        extra = ["--strength", "2"]
+    elif case == "no_model":
+        model = tmp_path / "no_such_bundle"
+    elif case == "bad_device":
+        extra = ["--device", "tpu"]
+    before = image.read_bytes() if image.exists() else None
+    code, _, err = run(capsys, "embed", image, "--mask", mask, "-o", out, "--model", model, "--quiet", *extra)
+    assert code == 2
+    assert err.startswith("usb: error:") and message in err and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    if case != "same_path":
+        assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+    if before is not None:
+        assert image.read_bytes() == before  # input untouched
+
+
+def test_usage_errors_exit_2(capsys):
+    assert run(capsys, "heal")[0] == 2
+    assert run(capsys, "frobnicate")[0] == 2
+    code, _, err = run(capsys, "embed", "x.nii.gz", "-o", "y.nii.gz")
+    assert code == 2 and "--mask" in err
+
+
+def test_ctrl_c_leaves_no_output(tiny_bundle, scan_files, tmp_path, capsys, monkeypatch):
+    from USBLib import pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.Editor, "_edit", interrupted)
+    out = tmp_path / "o.nii.gz"
+    code, _, err = run(capsys, "heal", scan_files["image"], "-o", out, "--model", tiny_bundle.root)
+    assert code == 130 and "cancelled" in err and not out.exists()
+
+
+def test_internal_failure_exits_1_without_traceback(tiny_bundle, scan_files, tmp_path, capsys, monkeypatch):
+    from USBLib import pipeline
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(pipeline.Editor, "_edit", broken)
+    code, _, err = run(capsys, "heal", scan_files["image"], "-o", tmp_path / "o.nii.gz", "--model", tiny_bundle.root)
+    assert code == 1 and "internal error: RuntimeError: boom" in err and "Traceback" not in err
+
+
+def test_demo_without_default_model_says_so(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(bundle_mod, "DEFAULT_POINTER", tmp_path / "DEFAULT")
+    code, _, err = run(capsys, "demo", "--out", tmp_path / "demo")
+    assert code == 2 and "no default model is installed" in err
+    assert not (tmp_path / "demo").exists()
+
+
+def test_demo_runs_on_sample_with_given_model(tiny_bundle, tmp_path, capsys):
+    code, stdout, err = run(capsys, "demo", "--out", tmp_path / "demo", "--model", tiny_bundle.root, "--quiet")
+    assert code == 0, err
+    for name in ("sample_healed.nii.gz", "sample_embedded.nii.gz", "montage.png", "sample_healed.json"):
+        assert (tmp_path / "demo" / name).is_file()
+    assert "montage" in stdout
+    from PIL import Image
+
+    assert Image.open(tmp_path / "demo" / "montage.png").size[0] > 300
+
+
+def test_console_script_runs_as_a_process(tiny_bundle):
+    proc = subprocess.run([sys.executable, "-m", "USBLib.cli", "info", "--model", str(tiny_bundle.root)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "tiny-test" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "USBLib.cli", "heal", "missing.nii.gz", "-o", "x.nii.gz",
+                           "--model", str(tiny_bundle.root)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip() == "usb: error: input image file not found: missing.nii.gz"
