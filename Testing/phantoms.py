@@ -121,3 +121,17 @@ def make_bundle(root: Path, shape=(32, 40, 32), spacing: float = 5.0, networks=N
     return bundle_mod.write(root, config, state, {"template.nii.gz": root / "template.nii.gz",
                                                   "brain_mask.nii.gz": root / "brain_mask.nii.gz"},
                             card="# tiny-test\nRandom weights, for tests only.\n")
+
+
+def phantom_anatomy(shape=(32, 48, 32), spacing: float = 5.0, name: str = "phantom"):
+    """The phantom as a training ``Anatomy`` (normalised T1, brain mask, CSF/GM/WM classes) on a model grid."""
+    from usb_training.data.prepare import CSF, GM, WM, Anatomy
+
+    affine = grid_affine(shape, spacing)
+    image = phantom(shape, affine, skull=False, scale=1.0)
+    brain = brain_mask(shape, affine)
+    labels = np.zeros(shape, np.uint8)
+    labels[brain > 0] = CSF
+    labels[(image > 0.6) & (brain > 0)] = GM
+    labels[(image > 0.9) & (brain > 0)] = WM
+    return Anatomy(name, (image * brain).astype(np.float32), brain, labels), affine

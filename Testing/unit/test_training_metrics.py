@@ -1,0 +1,65 @@
+"""Evaluation metrics against hand-computed values, and the classical baselines."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from usb_training import baselines, metrics
+
+
+def test_l1_psnr_on_a_constant_offset():
+    a, b = np.zeros((8, 8, 8)), np.full((8, 8, 8), 0.1)
+    region = np.zeros((8, 8, 8), bool)
+    region[2:5, 2:5, 2:5] = True
+    assert metrics.l1(a, b, region) == pytest.approx(0.1)
+    assert metrics.psnr(a, b, region) == pytest.approx(20.0)  # 10 log10(1 / 0.01)
+    assert metrics.psnr(a, a, region) == float("inf")
+
+
+def test_ssim_identity_and_degradation():
+    img = np.random.default_rng(0).random((16, 16, 16))
+    region = np.ones(img.shape, bool)
+    assert metrics.ssim(img, img, region) == pytest.approx(1.0)
+    assert metrics.ssim(img, img * 0.5, region) < 0.95
+
+
+def test_dice_by_hand():
+    a, b = np.zeros(10, np.uint8), np.zeros(10, np.uint8)
+    a[:4], b[2:4] = 1, 1
+    assert metrics.dice(a, b) == pytest.approx(2 * 2 / 6)
+    assert metrics.dice(np.zeros(3), np.zeros(3)) == 1.0
+
+
+def test_kid_estimator_by_hand():
+    # k(a,b) = (ab + 1)^3 with d = 1: kxx off-diagonal 1, kyy off-diagonal 1, kxy = [1, 1, 1, 27]
+    x, y = np.array([[0.0], [1.0]]), np.array([[0.0], [2.0]])
+    assert metrics.polynomial_mmd2(x, y) == pytest.approx(1 + 1 - 2 * 30 / 4)
+    same = np.random.default_rng(0).standard_normal((50, 4))
+    other = same + 3.0
+    assert metrics.gaussian_mmd2(same, same) == pytest.approx(0.0, abs=1e-12)
+    assert metrics.gaussian_mmd2(same, other) > 0.1
+
+
+def test_biharmonic_reproduces_a_linear_ramp():
+    i, j, k = np.meshgrid(np.arange(20), np.arange(20), np.arange(20), indexing="ij")
+    ramp = (0.02 * i + 0.01 * j + 0.3).astype(np.float32)
+    hole = np.zeros(ramp.shape, np.uint8)
+    hole[8:12, 8:13, 7:11] = 1
+    damaged = ramp.copy()
+    damaged[hole > 0] = 0.0
+    out = baselines.biharmonic(damaged, hole)
+    assert np.abs(out - ramp)[hole > 0].max() < 1e-3
+    assert np.array_equal(out[hole == 0], damaged[hole == 0])
+
+
+def test_lesion_filling_draws_from_white_matter():
+    rng = np.random.default_rng(0)
+    image = np.full((24, 24, 24), 0.5, np.float32)
+    image[6:18, 6:18, 6:18] = 0.9 + 0.01 * rng.standard_normal((12, 12, 12))  # "white matter"
+    brain = np.ones(image.shape, np.uint8)
+    lesion = np.zeros(image.shape, np.uint8)
+    lesion[10:14, 10:14, 10:14] = 1
+    image[lesion > 0] = 0.2
+    out = baselines.lesion_filling(image, lesion, brain, seed=1)
+    assert abs(out[lesion > 0].mean() - 0.9) < 0.02
+    assert np.array_equal(out[lesion == 0], image[lesion == 0])

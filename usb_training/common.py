@@ -1,0 +1,172 @@
+"""Shared training plumbing: seeds, threads, checkpoints in safetensors (no pickle), loss history and curves."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+CHECKPOINT = "checkpoint.safetensors"
+HISTORY = "history.json"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def set_threads() -> None:
+    """Use every core the process may use (``USB_THREADS`` overrides)."""
+    n = int(os.environ.get("USB_THREADS", 0)) or len(os.sched_getaffinity(0))
+    torch.set_num_threads(max(1, n))
+
+
+def save_checkpoint(folder: Path, modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer | None,
+                    meta: Mapping[str, Any]) -> Path:
+    """Weights, optimizer moments and JSON metadata in one safetensors file, written atomically."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in modules.items():
+        for key, value in module.state_dict().items():
+            tensors[f"{name}/{key}"] = value.detach().cpu().contiguous()
+    groups: list[dict[str, Any]] = []
+    if optimizer is not None:
+        state = optimizer.state_dict()
+        for idx, slots in state["state"].items():
+            for slot, value in slots.items():
+                tensors[f"optimizer/{idx}/{slot}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        groups = state["param_groups"]
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / CHECKPOINT
+    tmp = folder / (CHECKPOINT + ".tmp")
+    save_file(tensors, str(tmp), metadata={"meta": json.dumps(dict(meta)), "param_groups": json.dumps(groups)})
+    os.replace(tmp, target)
+    return target
+
+
+def load_checkpoint(folder: Path, modules: Mapping[str, nn.Module],
+                    optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any] | None:
+    """Restore a checkpoint written by ``save_checkpoint``; returns its metadata, or None when there is none."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(folder) / CHECKPOINT
+    if not path.is_file():
+        return None
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as fh:
+        header = fh.metadata()
+    for name, module in modules.items():
+        prefix = f"{name}/"
+        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
+    if optimizer is not None:
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer/"):
+                _, idx, slot = key.split("/", 2)
+                state.setdefault(int(idx), {})[slot] = value
+        if state:
+            optimizer.load_state_dict({"state": state, "param_groups": json.loads(header["param_groups"])})
+    return json.loads(header["meta"])
+
+
+def module_weights(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    """State dict of one module stored in a checkpoint (for export)."""
+    from safetensors.torch import load_file
+
+    prefix = f"{name}/"
+    return {k[len(prefix):]: v for k, v in load_file(str(Path(folder) / CHECKPOINT)).items() if k.startswith(prefix)}
+
+
+class History:
+    """Loss history of a stage (``history.json``) and its PNG curves."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / HISTORY
+        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {
+            "train": [], "val": [], "seconds": 0.0}
+
+    def log(self, split: str, step: int, **values: float) -> None:
+        self.data[split].append({"step": step, **{k: float(v) for k, v in values.items()}})
+
+    def save(self, title: str) -> None:
+        self.path.write_text(json.dumps(self.data, indent=1))
+        plot_curves(self.data, self.path.with_name("loss.png"), title)
+
+
+def plot_curves(data: Mapping[str, Any], out: Path, title: str) -> None:
+    """Training (smoothed) and validation losses against step, log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for split, style in (("train", "-"), ("val", "o-")):
+        rows = data.get(split, [])
+        if not rows:
+            continue
+        steps = np.array([r["step"] for r in rows])
+        for key in [k for k in rows[0] if k != "step"]:
+            values = np.array([r[key] for r in rows], float)
+            if split == "train" and values.size > 20:
+                kernel = np.ones(20) / 20
+                values = np.convolve(values, kernel, mode="valid")
+                steps_k = steps[19:]
+            else:
+                steps_k = steps
+            ax.plot(steps_k, values, style, label=f"{split} {key}", markersize=3)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+class Budget:
+    """Stops a loop after ``steps`` or ``minutes`` of wall time, whichever comes first."""
+
+    def __init__(self, minutes: float | None):
+        self.start = time.monotonic()
+        self.limit = None if not minutes else minutes * 60.0
+
+    def over(self) -> bool:
+        return self.limit is not None and time.monotonic() - self.start > self.limit
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+
+def adamw(params, lr: float) -> torch.optim.Optimizer:
+    """AdamW, fused where this torch build supports it (the CPU speed lever for training)."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
+def stage_main(doc: str, train: Callable[..., Path], argv: list[str] | None = None) -> int:
+    """Command line of a training stage: ``--tier --work [--minutes] [--steps] [--seed] [--device]``."""
+    from .config import tier
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--tier", default="tiny")
+    parser.add_argument("--work", type=Path, required=True, help="run folder")
+    parser.add_argument("--minutes", type=float, default=None, help="wall-time budget of this run")
+    parser.add_argument("--steps", type=int, default=None, help="total steps (default: the tier's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    args = parser.parse_args(argv)
+    print(train(tier(args.tier), args.work, args.minutes, args.steps, args.seed, device=args.device))
+    return 0

@@ -1,0 +1,92 @@
+"""Training tiers: model grid, network hyper-parameters, data volume and optimisation settings.
+
+``tiny`` trains on a 2-core CPU in about two hours and ships as USBLib's default model; ``base`` is the paper's
+scale (1 mm grid, three autoencoder downsamplings, U-Nets [128, 256, 256]) for GPUs. USBLib reads only the
+exported bundle, so it does not care which tier made it.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+MNI_CENTER_MM = (0.0, -18.0, 6.0)  # centre of the model grid in MNI RAS mm (brain incl. cerebellum fits)
+
+SCHEDULE = {"num_train_timesteps": 1024, "schedule": "linear_beta", "beta_start": 1e-4, "beta_end": 0.02}
+INTENSITY = {"method": "brain_percentile", "percentile": 99.0, "target": 1.0, "clip": [0.0, 1.5]}
+
+TIERS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "grid": {"shape": [80, 96, 80], "spacing": 2.0},
+        "networks": {
+            "autoencoder": {"channels": [16, 32, 32], "num_res_blocks": 1, "latent_channels": 3,
+                            "norm_num_groups": 16, "attention_levels": [False, False, False],
+                            "with_encoder_nonlocal_attn": False, "with_decoder_nonlocal_attn": False},
+            "unet_lesion": {"channels": [32, 64, 64], "num_res_blocks": 1, "attention_levels": [False, False, True],
+                            "num_head_channels": [0, 0, 64], "norm_num_groups": 32},
+            "unet_brain": {"channels": [32, 64, 64], "num_res_blocks": 1, "attention_levels": [False, False, True],
+                           "num_head_channels": [0, 0, 64], "norm_num_groups": 32},
+        },
+        "data": {"train": 480, "val": 24, "healthy_fraction": 0.2, "seed": 0},
+        "autoencoder": {"steps": 2400, "batch": 4, "patch": [32, 32, 32], "lr": 1e-3, "kl_weight": 1e-6,
+                        "mask_fraction": 0.3, "val_every": 200},
+        "diffusion": {"steps": 3000, "batch": 4, "lr": 5e-4, "ema": 0.995, "clean_condition_fraction": 0.2,
+                      "val_every": 250},
+        "defaults": {
+            "heal": {"steps": 50, "strength": 0.5, "alpha0": 20.0, "k": 2.0, "eta": 1.0, "margin_mm": 6.0},
+            "embed": {"steps": 50, "strength": 0.6, "alpha0": 20.0, "k": 2.0, "eta": 1.0, "margin_mm": 6.0},
+            "generate": {"steps": 50},
+            "generate_from_mask": {"steps": 50},
+        },
+    },
+    "base": {
+        "grid": {"shape": [160, 192, 160], "spacing": 1.0},
+        "networks": {
+            "autoencoder": {"channels": [64, 128, 128, 128], "num_res_blocks": 2, "latent_channels": 3,
+                            "norm_num_groups": 32, "attention_levels": [False, False, False, False],
+                            "with_encoder_nonlocal_attn": False, "with_decoder_nonlocal_attn": False},
+            "unet_lesion": {"channels": [128, 256, 256], "num_res_blocks": 1, "attention_levels": [False, False, True],
+                            "num_head_channels": [0, 0, 256], "norm_num_groups": 32},
+            "unet_brain": {"channels": [128, 256, 256], "num_res_blocks": 1, "attention_levels": [False, False, True],
+                           "num_head_channels": [0, 0, 256], "norm_num_groups": 32},
+        },
+        "data": {"train": 4000, "val": 64, "healthy_fraction": 0.2, "seed": 0},
+        "autoencoder": {"steps": 60000, "batch": 2, "patch": [96, 96, 96], "lr": 1e-4, "kl_weight": 1e-6,
+                        "mask_fraction": 0.3, "val_every": 2000},
+        "diffusion": {"steps": 150000, "batch": 8, "lr": 1e-4, "ema": 0.9999, "clean_condition_fraction": 0.2,
+                      "val_every": 5000},
+        "defaults": {
+            "heal": {"steps": 100, "strength": 0.3, "alpha0": 20.0, "k": 2.0, "eta": 1.0, "margin_mm": 6.0},
+            "embed": {"steps": 100, "strength": 0.5, "alpha0": 20.0, "k": 2.0, "eta": 1.0, "margin_mm": 6.0},
+            "generate": {"steps": 100},
+            "generate_from_mask": {"steps": 100},
+        },
+    },
+}
+
+
+def tier(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A deep copy of a tier's settings, with nested ``overrides`` merged in (used by tests for tiny runs)."""
+    if name not in TIERS:
+        raise KeyError(f"unknown tier '{name}' (known: {', '.join(TIERS)})")
+    cfg = copy.deepcopy(TIERS[name])
+    cfg["name"] = name
+
+    def merge(base: dict, extra: dict) -> None:
+        for key, value in extra.items():
+            if isinstance(value, dict) and isinstance(base.get(key), dict):
+                merge(base[key], value)
+            else:
+                base[key] = copy.deepcopy(value)
+
+    merge(cfg, overrides or {})
+    return cfg
+
+
+def grid_affine(shape, spacing: float, center=MNI_CENTER_MM) -> list[list[float]]:
+    """RAS affine of the model grid: axis-aligned, ``spacing`` mm, centred on ``center``."""
+    aff = [[0.0] * 4 for _ in range(4)]
+    for i in range(3):
+        aff[i][i] = float(spacing)
+        aff[i][3] = float(center[i]) - (int(shape[i]) - 1) / 2.0 * float(spacing)
+    aff[3][3] = 1.0
+    return aff

@@ -1,0 +1,239 @@
+"""Evaluation of a bundle on the held-out template source (never seen in training).
+
+- Pathology -> healthy: synthetic lesions in held-out healthy brains, the lesion-free brain is ground truth.
+  L1, PSNR, SSIM over the brain, inside the lesion and outside the edit region, for USB (ACG on, ACG off) and the
+  baselines: untouched input, FSL-style lesion filling, biharmonic inpainting.
+- Healthy -> pathology: lesion contrast (lesion / surrounding tissue), location fidelity (Dice of the
+  thresholded difference against the mask) and the largest change outside the edit region.
+- Generation: KID and Gaussian MMD on features of the trained encoder (generated vs held-out brains), and
+  lesion-mask statistics (volume, count, centroid) against the lesion generator's.
+All computed on the model grid in model intensity units (99th brain percentile = 1, so PSNR uses range 1).
+
+    python -m usb_training.evaluate --model USBLib/models/usb-tiny [--cases 8] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from scipy import ndimage
+from tqdm import tqdm
+
+from USBLib import bundle as bundle_mod
+from USBLib.fusion import dilate_mm
+from USBLib.montage import save_montage
+from USBLib.pipeline import Editor
+
+from . import baselines, metrics
+from .data.dataset import prepared_sources
+from .data.prepare import Anatomy
+from .data.sources import HELD_OUT
+from .data.synth import Sample, make_sample
+
+EVAL_SEED = 900_000  # far from every training seed
+
+
+def held_out_cases(cfg: dict[str, Any], cache: Path, count: int, source: str = HELD_OUT) -> list[Sample]:
+    """Lesioned/healthy pairs from the held-out source (deterministic)."""
+    anatomy = Anatomy.load(prepared_sources(cfg, cache)[source])
+    return [make_sample(anatomy, EVAL_SEED + i) for i in range(count)]
+
+
+def _regions(case: Sample, spacing: float, margin_mm: float) -> dict[str, np.ndarray]:
+    edit = dilate_mm(case.mask > 0, (spacing,) * 3, 2 * margin_mm)
+    return {"brain": case.brain > 0, "lesion": case.mask > 0, "outside": (case.brain > 0) & ~edit}
+
+
+def _scores(out: np.ndarray, case: Sample, regions: dict[str, np.ndarray]) -> dict[str, float]:
+    scores = {}
+    smap = metrics.ssim_map(out, case.healthy)
+    for name, region in regions.items():
+        scores[f"{name}_l1"] = metrics.l1(out, case.healthy, region)
+        scores[f"{name}_psnr"] = metrics.psnr(out, case.healthy, region)
+        scores[f"{name}_ssim"] = float(smap[region].mean())
+    scores["outside_max_change"] = float(np.abs(out - case.image)[regions["outside"]].max())
+    return scores
+
+
+def heal_methods(editor: Editor) -> dict[str, Callable[[Sample, int], np.ndarray]]:
+    """Every pathology -> healthy method under test, as f(case, seed) -> healed image."""
+    affine = editor.bundle.grid_affine
+
+    def usb(**settings):
+        return lambda c, seed: editor.heal(c.image, affine, c.mask, c.brain, seed=seed, **settings).image
+
+    return {
+        "input (no change)": lambda c, seed: c.image.copy(),
+        "lesion filling (FSL-style)": lambda c, seed: baselines.lesion_filling(c.image, c.mask, c.brain, seed=seed),
+        "biharmonic inpainting": lambda c, seed: baselines.biharmonic(c.image, c.mask),
+        "USB (ACG + LCG)": usb(),
+        "USB (no ACG)": usb(alpha0=0.0),
+        "USB (ACG, no LCG)": usb(eta=0.0),
+    }
+
+
+def evaluate_heal(editor: Editor, cases: list[Sample]) -> tuple[dict[str, dict[str, float]], dict[str, list]]:
+    """Mean scores per method, and the outputs of the first case for the figure."""
+    spacing = float(editor.bundle.spacing[0])
+    margin = float(editor.bundle.defaults("heal")["margin_mm"])
+    methods = heal_methods(editor)
+    rows: dict[str, list[dict[str, float]]] = {name: [] for name in methods}
+    figure: dict[str, list] = {}
+    for i, case in enumerate(tqdm(cases, desc="heal", leave=False)):
+        regions = _regions(case, spacing, margin)
+        for name, method in methods.items():
+            t0 = time.perf_counter()
+            out = method(case, i)
+            seconds = time.perf_counter() - t0
+            scores = _scores(out, case, regions)
+            scores["seconds"] = seconds
+            rows[name].append(scores)
+            if i == 0:
+                figure[name] = out
+    return {name: {k: float(np.mean([r[k] for r in rs])) for k in rs[0]} for name, rs in rows.items()}, figure
+
+
+def evaluate_embed(editor: Editor, cases: list[Sample]) -> dict[str, float]:
+    """Healthy -> pathology on the held-out healthy brains with the cases' masks."""
+    spacing = float(editor.bundle.spacing[0])
+    margin = float(editor.bundle.defaults("embed")["margin_mm"])
+    contrast_in, contrast_out, dices, outside = [], [], [], []
+    for i, case in enumerate(tqdm(cases, desc="embed", leave=False)):
+        res = editor.embed(case.healthy, editor.bundle.grid_affine, case.mask, case.brain, seed=i)
+        lesion = case.mask > 0
+        ring = ndimage.binary_dilation(lesion, iterations=3) & ~lesion & (case.brain > 0)
+        contrast_out.append(float(res.image[lesion].mean() / max(res.image[ring].mean(), 1e-6)))
+        contrast_in.append(float(case.image[lesion].mean() / max(case.image[ring].mean(), 1e-6)))
+        change = np.abs(res.image - case.healthy)
+        dices.append(metrics.dice(change > 0.5 * np.percentile(change[lesion], 90), lesion))
+        outside.append(float(change[_regions(case, spacing, margin)["outside"]].max()))
+    return {"lesion_contrast_usb": float(np.mean(contrast_out)),
+            "lesion_contrast_reference": float(np.mean(contrast_in)),
+            "location_dice": float(np.mean(dices)), "outside_max_change": float(np.max(outside))}
+
+
+def _features(editor: Editor, volumes: np.ndarray) -> np.ndarray:
+    """Encoder features: per-channel mean and sd of the latent, plus the latent average-pooled to 2x2x2 cells."""
+    import torch
+
+    lat = editor.encode(volumes)
+    pooled = torch.nn.functional.adaptive_avg_pool3d(lat, 2).flatten(1)
+    return torch.cat([lat.mean((2, 3, 4)), lat.std((2, 3, 4)), pooled], 1).cpu().numpy()
+
+
+def _mask_stats(masks: list[np.ndarray], spacing: float) -> dict[str, float]:
+    vols, counts, cents = [], [], []
+    for m in masks:
+        m = m > 0
+        _, n = ndimage.label(m)
+        vols.append(float(m.sum()) * spacing ** 3 / 1000.0)
+        counts.append(n)
+        if m.any():
+            cents.append(np.argwhere(m).mean(0) * spacing)
+    cents_arr = np.array(cents) if cents else np.zeros((1, 3))
+    return {"volume_ml_mean": float(np.mean(vols)), "volume_ml_sd": float(np.std(vols)),
+            "count_mean": float(np.mean(counts)), "empty_fraction": float(np.mean([c == 0 for c in counts])),
+            "centroid_mm_mean": [round(float(v), 1) for v in cents_arr.mean(0)]}
+
+
+def evaluate_generation(editor: Editor, cases: list[Sample], generator_masks: list[np.ndarray], n: int) -> dict[str, Any]:
+    """KID / MMD of generated brains against held-out brains, and generated lesion-mask statistics."""
+    results = editor.generate(n, seed=0)
+    brains = np.stack([r.image for r in results]).astype(np.float32)
+    masks = [r.mask for r in results]
+    real = np.stack([c.healthy for c in cases]).astype(np.float32)
+    f_gen, f_real = _features(editor, brains), _features(editor, real)
+    spacing = float(editor.bundle.spacing[0])
+    return {"kid": metrics.polynomial_mmd2(f_gen, f_real), "mmd_gaussian": metrics.gaussian_mmd2(f_gen, f_real),
+            "generated_masks": _mask_stats(masks, spacing), "generator_masks": _mask_stats(generator_masks, spacing),
+            "samples": n}
+
+
+HEAL_COLUMNS = [("lesion_psnr", "PSNR lesion"), ("lesion_ssim", "SSIM lesion"), ("lesion_l1", "L1 lesion"),
+                ("brain_psnr", "PSNR brain"), ("brain_ssim", "SSIM brain"), ("outside_max_change", "max |change| outside"),
+                ("seconds", "s / case")]
+
+
+def table(heal: dict[str, dict[str, float]], embed: dict[str, float], gen: dict[str, Any] | None, cases: int) -> str:
+    """Markdown tables of the results."""
+    lines = [f"Pathology -> healthy, held-out source `{HELD_OUT}`, {cases} cases (model grid, model units; "
+             "higher PSNR/SSIM and lower L1 are better):", "",
+             "| method | " + " | ".join(c for _, c in HEAL_COLUMNS) + " |",
+             "|---|" + "---|" * len(HEAL_COLUMNS)]
+    for name, scores in heal.items():
+        lines.append(f"| {name} | " + " | ".join(f"{scores[k]:.4g}" for k, _ in HEAL_COLUMNS) + " |")
+    lines += ["", "Healthy -> pathology (same masks embedded into the lesion-free brains):", "",
+              f"- lesion/surround intensity ratio: USB {embed['lesion_contrast_usb']:.3f}, synthetic reference "
+              f"lesions {embed['lesion_contrast_reference']:.3f} (1 = invisible, lower = darker lesion)",
+              f"- location Dice (thresholded change vs mask): {embed['location_dice']:.3f}",
+              f"- largest change outside the edit region: {embed['outside_max_change']:.3g}"]
+    if gen:
+        g, r = gen["generated_masks"], gen["generator_masks"]
+        lines += ["", f"Generation ({gen['samples']} pairs): KID {gen['kid']:.4g}, Gaussian MMD² {gen['mmd_gaussian']:.4g} "
+                  "(encoder features, against held-out brains).",
+                  f"- lesion volume ml: generated {g['volume_ml_mean']:.2f} ± {g['volume_ml_sd']:.2f}, "
+                  f"generator {r['volume_ml_mean']:.2f} ± {r['volume_ml_sd']:.2f}",
+                  f"- lesion count: generated {g['count_mean']:.2f} (empty {g['empty_fraction']:.0%}), "
+                  f"generator {r['count_mean']:.2f} (empty {r['empty_fraction']:.0%})",
+                  f"- centroid mm: generated {g['centroid_mm_mean']}, generator {r['centroid_mm_mean']}"]
+    return "\n".join(lines)
+
+
+def generator_masks(cfg: dict[str, Any], cache: Path, count: int = 16) -> list[np.ndarray]:
+    """Lesion masks straight from the data generator (training sources), the reference for generated masks."""
+    anatomies = [Anatomy.load(p) for k, p in prepared_sources(cfg, cache).items()
+                 if k not in (HELD_OUT, "template", "brain_mask")]
+    return [make_sample(anatomies[i % len(anatomies)], 700_000 + i).mask for i in range(count)]
+
+
+def run(model: Path | str, samples: list[Sample], reference_masks: list[np.ndarray], out: Path,
+        generate: int = 8) -> dict[str, Any]:
+    """Evaluate a bundle on ``samples``; writes ``metrics.json``, ``results.md`` and ``heal_examples.png``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    editor = Editor(bundle_mod.load(model), device="auto", registration="none")
+    heal, figure = evaluate_heal(editor, samples)
+    embed = evaluate_embed(editor, samples)
+    gen = evaluate_generation(editor, samples, reference_masks, generate) if generate else None
+    md = table(heal, embed, gen, len(samples))
+    first = samples[0]
+    center = np.argwhere(first.mask).mean(0).astype(int)
+    save_montage(out / "heal_examples.png",
+                 [("truth", [first.image, first.healthy, first.image - first.healthy],
+                   ["input", "healthy", "difference"], center)]
+                 + [(name, [img, img - first.healthy], ["output", "difference to truth"], center)
+                    for name, img in figure.items()])
+    result = {"heal": heal, "embed": embed, "generation": gen, "cases": len(samples), "held_out_source": HELD_OUT,
+              "table_markdown": md}
+    (out / "metrics.json").write_text(json.dumps(result, indent=1))
+    (out / "results.md").write_text(md + "\n")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import tier
+    from .paths import DEFAULT_CACHE
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="bundle folder or name (default: the default model)")
+    parser.add_argument("--tier", default=None, help="tier of the data grid (default: the bundle's)")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--out", type=Path, default=Path("usb_evaluation"))
+    parser.add_argument("--cases", type=int, default=8)
+    parser.add_argument("--generate", type=int, default=8, help="generated pairs for KID/MMD (0 = skip)")
+    args = parser.parse_args(argv)
+    b = bundle_mod.load(args.model)
+    cfg = tier(args.tier or b.tier)
+    samples = held_out_cases(cfg, args.cache, args.cases)
+    result = run(b.root, samples, generator_masks(cfg, args.cache), args.out, args.generate)
+    print(result["table_markdown"])
+    print(f"written: {args.out / 'metrics.json'}, {args.out / 'results.md'}, {args.out / 'heal_examples.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,161 @@
+"""Stage 4: write a USBLib model bundle from a run: EMA U-Nets + autoencoder as safetensors, the model template
+and brain mask, ``bundle.json`` (hyper-parameters, scale factor, schedule, defaults, training facts, metrics)
+and ``MODEL_CARD.md``.
+
+    python -m usb_training.export --tier tiny --work RUN --out USBLib/models/usb-tiny [--name usb-tiny]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from USBLib import bundle as bundle_mod
+
+from .common import HISTORY, load_checkpoint, module_weights
+from .config import INTENSITY, SCHEDULE
+from .data.dataset import TRAIN_SOURCES
+from .data.sources import HELD_OUT, SOURCES
+
+
+def _hours(folder: Path) -> float:
+    path = folder / HISTORY
+    return float(json.loads(path.read_text()).get("seconds", 0.0)) / 3600 if path.is_file() else 0.0
+
+
+def _final_val(folder: Path) -> dict[str, float]:
+    path = folder / HISTORY
+    rows = json.loads(path.read_text()).get("val", []) if path.is_file() else []
+    return {k: round(v, 5) for k, v in rows[-1].items()} if rows else {}
+
+
+def training_facts(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
+    """Data, steps, hours and hardware of a run, for bundle.json and the model card."""
+    work = Path(work)
+    ae_meta = load_checkpoint(work / "autoencoder", {}) or {}
+    diff_meta = load_checkpoint(work / "diffusion", {}) or {}
+    return {
+        "tier": cfg["name"],
+        "data": {
+            "healthy_sources": {name: SOURCES[name].description for name in TRAIN_SOURCES},
+            "held_out_source": f"{HELD_OUT}: {SOURCES[HELD_OUT].description} (evaluation only)",
+            "samples": {"train": cfg["data"]["train"], "val": cfg["data"]["val"],
+                        "healthy_fraction": cfg["data"]["healthy_fraction"]},
+            "lesions": "synthetic (anomaly randomisation: noise blobs, ellipsoid clusters, wedges, periventricular; "
+                       "divergence-free deformation; hypointense T1 encoding)",
+        },
+        "autoencoder": {"steps": ae_meta.get("step"), "hours": round(_hours(work / "autoencoder"), 3),
+                        "final_val": _final_val(work / "autoencoder"), "config": cfg["autoencoder"]},
+        "diffusion": {"steps": diff_meta.get("step"), "hours": round(_hours(work / "diffusion"), 3),
+                      "final_val": _final_val(work / "diffusion"), "config": cfg["diffusion"]},
+        "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+                    f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU only'}",
+        "software": {"torch": torch.__version__},
+    }
+
+
+def model_card(name: str, facts: dict[str, Any], metrics: dict[str, Any]) -> str:
+    """Markdown model card: what the model is, its data, training cost, measured numbers, limitations."""
+    data = facts["data"]
+    lines = [f"# {name}", "",
+             f"USB (unified brain-lesion synthesis and editing) model, tier `{facts['tier']}`. "
+             "Latent diffusion: MONAI AutoencoderKL + two DiffusionModelUNets (USB_lesion, USB_brain).", "",
+             "## Training data", "",
+             *[f"- {k}: {v}" for k, v in data["healthy_sources"].items()],
+             f"- held out: {data['held_out_source']}",
+             f"- lesions: {data['lesions']}",
+             f"- samples: {data['samples']}",
+             "- variety: random affine, integrated stationary velocity field, left-right flips, label-driven "
+             "contrast synthesis, bias field, gamma, blur, Rician noise.",
+             "- no real patient scans were used.", "",
+             "## Training", "",
+             f"- autoencoder: {facts['autoencoder']['steps']} steps, {facts['autoencoder']['hours']} h, "
+             f"final validation {facts['autoencoder']['final_val']}. L1 + KL; no perceptual loss (every perceptual "
+             "network needs downloaded weights, which this project does not use); no adversarial loss in this tier.",
+             f"- U-Nets: {facts['diffusion']['steps']} steps (batch {facts['diffusion']['config']['batch']}), "
+             f"{facts['diffusion']['hours']} h, final validation {facts['diffusion']['final_val']}.",
+             f"- hardware: {facts['hardware']}", "",
+             "## Measured", ""]
+    if metrics.get("table_markdown"):
+        lines += [metrics["table_markdown"], ""]
+    else:
+        lines += ["Not evaluated yet: run `python -m usb_training.evaluate`.", ""]
+    lines += ["## Limitations", "",
+              "- Trained only on population templates with synthetic deformation and contrast; real scans differ.",
+              "- Lesions are synthetic hypointense T1 lesions; other contrasts and lesion types are out of scope.",
+              "- Model grid is coarse for the tiny tier; edits are fused into the native scan as a smooth deviation.",
+              "- Not a medical device. For research use.", ""]
+    return "\n".join(lines)
+
+
+def export(cfg: dict[str, Any], work: Path, out: Path, name: str, metrics: dict[str, Any] | None = None,
+           description: str = "") -> bundle_mod.ModelBundle:
+    """Write the bundle of a finished run to ``out``."""
+    work = Path(work)
+    ae_meta = load_checkpoint(work / "autoencoder", {}) or {}
+    if "scale_factor" not in ae_meta:
+        raise RuntimeError("the autoencoder stage has not finished (no scale factor)")
+    grid = cfg["grid"]
+    tag = f"{'x'.join(str(s) for s in grid['shape'])}_{float(grid['spacing']):g}mm"
+    space_dir = Path(cfg.get("cache", "")) / "prepared" / tag
+    state = {"autoencoder": module_weights(work / "autoencoder", "autoencoder"),
+             "unet_lesion": _ema(work / "diffusion", "unet_lesion"),
+             "unet_brain": _ema(work / "diffusion", "unet_brain")}
+    facts = training_facts(cfg, work)
+    import nibabel as nib
+
+    affine = nib.load(str(space_dir / "template.nii.gz")).affine
+    config = {
+        "name": name, "tier": cfg["name"],
+        "description": description or f"USB {cfg['name']} tier trained on template anatomy + synthetic lesions",
+        "model_space": {"shape": list(grid["shape"]), "affine": affine.tolist(), "template": "template.nii.gz",
+                        "brain_mask": "brain_mask.nii.gz", "space": "MNI152NLin2009aSym"},
+        "intensity": dict(INTENSITY),
+        "latent": {"scale_factor": float(ae_meta["scale_factor"]), "clip": [-6.0, 6.0]},
+        "schedule": dict(SCHEDULE),
+        "networks": {k: dict(v, weights="") for k, v in cfg["networks"].items()},
+        "defaults": cfg["defaults"],
+        "training": facts,
+        "metrics": {k: v for k, v in (metrics or {}).items() if k != "table_markdown"},
+    }
+    extra = {"template.nii.gz": space_dir / "template.nii.gz", "brain_mask.nii.gz": space_dir / "brain_mask.nii.gz"}
+    return bundle_mod.write(Path(out), config, state, extra, card=model_card(name, facts, metrics or {}))
+
+
+def _ema(folder: Path, net: str) -> dict[str, torch.Tensor]:
+    """The EMA copy of a U-Net (AveragedModel keeps it under ``module.``)."""
+    raw = module_weights(folder, f"ema_{net}")
+    return {k[len("module."):]: v for k, v in raw.items() if k.startswith("module.")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import tier
+    from .paths import DEFAULT_CACHE
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tier", default="tiny")
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--name", default=None)
+    parser.add_argument("--metrics", type=Path, default=None, help="metrics.json written by evaluate")
+    parser.add_argument("--defaults", type=Path, default=None,
+                        help="JSON from usb_training.tune: its best heal settings become the bundle's defaults")
+    args = parser.parse_args(argv)
+    cfg = tier(args.tier)
+    cfg["cache"] = str(args.cache)
+    if args.defaults:
+        best = json.loads(args.defaults.read_text())["best"]
+        cfg["defaults"]["heal"].update({k: v for k, v in best.items() if k in cfg["defaults"]["heal"] or k == "fusion"})
+    metrics = json.loads(args.metrics.read_text()) if args.metrics else None
+    b = export(cfg, args.work, args.out, args.name or args.out.name, metrics)
+    print(b.root)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

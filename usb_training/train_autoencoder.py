@@ -1,0 +1,159 @@
+"""Stage 1: the KL autoencoder (MONAI ``AutoencoderKL``) on random patches of brains and lesion masks.
+
+Loss: L1 + ``kl_weight`` * KL, plus an optional patch adversarial loss (MONAI ``PatchDiscriminator`` +
+``PatchAdversarialLoss``, off in the tiny tier). No perceptual loss: every perceptual network needs weights that
+must be downloaded, which this project does not do. After training, the latent scale factor is measured as
+1 / std of the posterior means of the training brains.
+
+    python -m usb_training.train_autoencoder --tier tiny --work RUN [--minutes M] [--steps N]
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from USBLib.networks import build_autoencoder
+
+from . import distributed
+from .common import (Budget, History, adamw, load_checkpoint, save_checkpoint, seed_everything, set_threads,
+                     stage_main)
+from .data.synth import load
+
+
+def kl_loss(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma^2) || N(0, 1)) summed over latent voxels, averaged over the batch."""
+    kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-8) - 1)
+    return kl.flatten(1).sum(1).mean()
+
+
+def random_patches(images: np.ndarray, masks: np.ndarray, batch: int, patch, mask_fraction: float,
+                   rng: np.random.Generator) -> torch.Tensor:
+    """[B, 1, *patch] crops: brains (crop centred inside the brain) or lesion masks (centred on a lesion)."""
+    n, shape = images.shape[0], images.shape[1:]
+    out = np.zeros((batch, 1, *patch), np.float32)
+    for b in range(batch):
+        i = int(rng.integers(n))
+        use_mask = rng.random() < mask_fraction and masks[i].any()
+        vol = np.asarray(masks[i] if use_mask else images[i], np.float32)
+        fg = np.argwhere(vol > 0.5 if use_mask else vol > 0)
+        center = fg[rng.integers(len(fg))] if len(fg) else np.array(shape) // 2
+        start = [int(np.clip(c - p // 2 + rng.integers(-p // 4, p // 4 + 1), 0, s - p))
+                 for c, p, s in zip(center, patch, shape)]
+        out[b, 0] = vol[tuple(slice(s0, s0 + p) for s0, p in zip(start, patch))]
+    return torch.from_numpy(out)
+
+
+def _volume(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(array, np.float32))[None, None].to(device)
+
+
+@torch.no_grad()
+def validate(ae: torch.nn.Module, images: np.ndarray, masks: np.ndarray, count: int = 8) -> dict[str, float]:
+    """Full-volume reconstruction L1 of brains and masks of the validation set."""
+    ae.eval()
+    device = next(ae.parameters()).device
+    scores: dict[str, list[float]] = {"l1_brain": [], "l1_mask": []}
+    for i in range(min(count, images.shape[0])):
+        for key, vol in (("l1_brain", images[i]), ("l1_mask", masks[i])):
+            x = _volume(vol, device)
+            scores[key].append(F.l1_loss(ae.decode(ae.encode(x)[0]), x).item())
+    ae.train()
+    return {k: float(np.mean(v)) for k, v in scores.items()}
+
+
+@torch.no_grad()
+def latent_scale(ae: torch.nn.Module, images: np.ndarray, count: int = 32) -> float:
+    """1 / std of posterior means over ``count`` training brains."""
+    ae.eval()
+    device = next(ae.parameters()).device
+    mus = [ae.encode(_volume(images[i], device))[0] for i in range(min(count, images.shape[0]))]
+    return float(1.0 / torch.cat(mus).std().item())
+
+
+def train(cfg: dict[str, Any], work: Path, minutes: float | None = None, steps: int | None = None,
+          seed: int = 0, progress: bool = True, device: str = "auto") -> Path:
+    """Train (or resume) the autoencoder; returns the stage folder holding ``checkpoint.safetensors``.
+    Under ``torchrun`` every rank trains on its own random patches (DDP); rank 0 validates and saves."""
+    set_threads()
+    ctx = distributed.setup(device)
+    seed_everything(seed)
+    c = cfg["autoencoder"]
+    total = int(steps or c["steps"])
+    folder = Path(work) / "autoencoder"
+    images, masks = load(Path(work) / "data" / "train")
+    val_images, val_masks = load(Path(work) / "data" / "val")
+    ae = build_autoencoder(cfg["networks"]["autoencoder"])
+    adv_weight = float(c.get("adversarial_weight", 0.0))
+    modules: dict[str, torch.nn.Module] = {"autoencoder": ae}
+    if adv_weight > 0:
+        from monai.losses import PatchAdversarialLoss
+        from monai.networks.nets import PatchDiscriminator
+
+        modules["discriminator"] = PatchDiscriminator(spatial_dims=3, channels=32, num_layers_d=3, in_channels=1)
+        adv = PatchAdversarialLoss(criterion="least_squares")
+    opt = adamw(ae.parameters(), float(c["lr"]))
+    d_opt = adamw(modules["discriminator"].parameters(), float(c["lr"])) if adv_weight > 0 else None
+    meta = load_checkpoint(folder, modules, opt) or {"step": 0}
+    model = distributed.wrap(ae, ctx)
+    disc = distributed.wrap(modules["discriminator"], ctx) if adv_weight > 0 else None
+    history = History(folder)
+    seconds_before = float(history.data["seconds"])
+    step = int(meta["step"])
+    rng = np.random.default_rng([seed, step, ctx.rank])
+    budget = Budget(minutes)
+
+    def checkpoint(extra: dict[str, Any] | None = None) -> None:
+        history.data["seconds"] = seconds_before + budget.elapsed()
+        save_checkpoint(folder, modules, opt, {"step": step, **(extra or {})})
+        history.save("autoencoder (L1)")
+
+    model.train()
+    bar = tqdm(total=total, initial=step, desc="autoencoder", disable=not (progress and ctx.main))
+    while step < total and not distributed.any_rank(ctx, budget.over()):
+        x = random_patches(images, masks, int(c["batch"]), c["patch"], float(c["mask_fraction"]), rng).to(ctx.device)
+        recon, mu, sigma = model(x)
+        l1 = F.l1_loss(recon, x)
+        loss = l1 + float(c["kl_weight"]) * kl_loss(mu, sigma)
+        adversarial = disc is not None and step >= int(c.get("adversarial_start", 0))
+        if adversarial:
+            loss = loss + adv_weight * adv(disc(recon)[-1], target_is_real=True, for_discriminator=False)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if adversarial:
+            d_loss = 0.5 * (adv(disc(recon.detach())[-1], target_is_real=False, for_discriminator=True)
+                            + adv(disc(x)[-1], target_is_real=True, for_discriminator=True))
+            d_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            d_opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(l1=f"{l1.item():.4f}")
+        if ctx.main:
+            history.log("train", step, l1=l1.item())
+            if step % int(c["val_every"]) == 0:
+                history.log("val", step, **validate(ae, val_images, val_masks))
+                checkpoint()
+    bar.close()
+    if ctx.main:
+        if not history.data["val"] or history.data["val"][-1]["step"] != step:
+            history.log("val", step, **validate(ae, val_images, val_masks))
+        scale = latent_scale(ae, images)
+        history.data["scale_factor"] = scale
+        checkpoint({"scale_factor": scale})
+    distributed.barrier(ctx)
+    distributed.teardown(ctx)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(__doc__, train, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

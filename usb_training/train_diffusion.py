@@ -1,0 +1,145 @@
+"""Stage 3: USB_lesion and USB_brain trained jointly on cached latents (paper eq. 10-11).
+
+For a pair (x0 lesion latent, y0 brain latent) one timestep t and two noises give x_t and y_t. USB_lesion
+predicts eps_x from [x_t | y_t]; USB_brain predicts eps_y from [y_t | c], where c is USB_lesion's one-step
+estimate x0_hat (detached), or with probability ``clean_condition_fraction`` the true x0, because the editing
+tasks condition on a clean mask latent. Loss = MSE(eps_x) + MSE(eps_y). EMA weights are what gets exported.
+
+    python -m usb_training.train_diffusion --tier tiny --work RUN [--minutes M] [--steps N]
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+
+from USBLib.networks import build_unet
+from USBLib.schedule import NoiseSchedule
+
+from . import distributed
+from .common import (Budget, History, adamw, load_checkpoint, save_checkpoint, seed_everything, set_threads,
+                     stage_main)
+from .config import SCHEDULE
+
+
+def q_sample(sched: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Batched forward diffusion: sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, one t per sample."""
+    abar = sched.alphas_cumprod.to(x0.device, x0.dtype)[t].view(-1, *([1] * (x0.dim() - 1)))
+    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+
+def paired_loss(unet_lesion: torch.nn.Module, unet_brain: torch.nn.Module, sched: NoiseSchedule,
+                x0: torch.Tensor, y0: torch.Tensor, t: torch.Tensor, noise_x: torch.Tensor, noise_y: torch.Tensor,
+                clean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lesion loss, brain loss) of eq. 10-11 for one batch; ``clean`` [B] bool picks the true x0 as condition."""
+    x_t, y_t = q_sample(sched, x0, t, noise_x), q_sample(sched, y0, t, noise_y)
+    eps_x = unet_lesion(torch.cat([x_t, y_t], 1), t)
+    abar = sched.alphas_cumprod.to(x0.device, x0.dtype)[t].view(-1, 1, 1, 1, 1)
+    x0_hat = ((x_t - (1 - abar).sqrt() * eps_x) / abar.sqrt()).detach()
+    cond = torch.where(clean.view(-1, 1, 1, 1, 1), x0, x0_hat)
+    eps_y = unet_brain(torch.cat([y_t, cond], 1), t)
+    return F.mse_loss(eps_x, noise_x), F.mse_loss(eps_y, noise_y)
+
+
+@torch.no_grad()
+def validate(nets: dict[str, torch.nn.Module], sched: NoiseSchedule, latents: np.ndarray, seed: int = 1234) -> dict[str, float]:
+    """Losses on the validation latents with fixed t and noise (comparable across steps)."""
+    gen = torch.Generator().manual_seed(seed)
+    device = next(nets["unet_brain"].parameters()).device
+    data = torch.from_numpy(latents)
+    n = data.shape[0]
+    t = torch.randint(0, sched.num_train_timesteps, (n,), generator=gen)
+    nx, ny = torch.randn(data[:, 0].shape, generator=gen), torch.randn(data[:, 1].shape, generator=gen)
+    lx, ly = paired_loss(nets["unet_lesion"], nets["unet_brain"], sched, data[:, 0].to(device),
+                         data[:, 1].to(device), t.to(device), nx.to(device), ny.to(device),
+                         torch.zeros(n, dtype=torch.bool, device=device))
+    return {"lesion": lx.item(), "brain": ly.item()}
+
+
+def train(cfg: dict[str, Any], work: Path, minutes: float | None = None, steps: int | None = None,
+          seed: int = 0, progress: bool = True, device: str = "auto") -> Path:
+    """Train (or resume) both U-Nets; returns the stage folder. Under ``torchrun`` each rank draws its own
+    batches (DDP averages the gradients); rank 0 keeps the EMA copies, validates and saves."""
+    set_threads()
+    ctx = distributed.setup(device)
+    seed_everything(seed)
+    c = cfg["diffusion"]
+    total = int(steps or c["steps"])
+    work = Path(work)
+    folder = work / "diffusion"
+    train_lat = np.load(work / "latents" / "train.npy")
+    val_lat = np.load(work / "latents" / "val.npy")
+    channels = train_lat.shape[2]
+    nets = {name: build_unet(cfg["networks"][name], channels) for name in ("unet_lesion", "unet_brain")}
+    emas = {f"ema_{name}": AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(float(c["ema"])))
+            for name, net in nets.items()}
+    params = [p for net in nets.values() for p in net.parameters()]
+    opt = adamw(params, float(c["lr"]))
+    modules = {**nets, **emas}
+    meta = load_checkpoint(folder, modules, opt) or {"step": 0}
+    for module in modules.values():
+        module.to(ctx.device)
+    wrapped = {name: distributed.wrap(net, ctx) for name, net in nets.items()}
+    sched = NoiseSchedule.from_config(SCHEDULE)
+    history = History(folder)
+    seconds_before = float(history.data["seconds"])
+    step = int(meta["step"])
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step * 101 + ctx.rank)
+    budget = Budget(minutes)
+    data = torch.from_numpy(train_lat)
+    batch = int(c["batch"])
+    warmup = 100
+
+    def checkpoint() -> None:
+        history.data["seconds"] = seconds_before + budget.elapsed()
+        save_checkpoint(folder, modules, opt, {"step": step})
+        history.save("USB_lesion / USB_brain (eps MSE)")
+
+    bar = tqdm(total=total, initial=step, desc="diffusion", disable=not (progress and ctx.main))
+    for net in nets.values():
+        net.train()
+    while step < total and not distributed.any_rank(ctx, budget.over()):
+        idx = torch.randint(0, data.shape[0], (batch,), generator=gen)
+        x0, y0 = data[idx, 0], data[idx, 1]
+        t = torch.randint(0, sched.num_train_timesteps, (batch,), generator=gen)
+        nx, ny = torch.randn(x0.shape, generator=gen), torch.randn(y0.shape, generator=gen)
+        clean = torch.rand(batch, generator=gen) < float(c["clean_condition_fraction"])
+        x0, y0, t, nx, ny, clean = (v.to(ctx.device) for v in (x0, y0, t, nx, ny, clean))
+        lx, ly = paired_loss(wrapped["unet_lesion"], wrapped["unet_brain"], sched, x0, y0, t, nx, ny, clean)
+        for group in opt.param_groups:
+            group["lr"] = float(c["lr"]) * min(1.0, (step + 1) / warmup)
+        opt.zero_grad(set_to_none=True)
+        (lx + ly).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        for name, net in nets.items():
+            emas[f"ema_{name}"].update_parameters(net)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(lesion=f"{lx.item():.3f}", brain=f"{ly.item():.3f}")
+        if ctx.main:
+            history.log("train", step, lesion=lx.item(), brain=ly.item())
+            if step % int(c["val_every"]) == 0:
+                history.log("val", step, **validate({k: emas[f"ema_{k}"].module for k in nets}, sched, val_lat))
+                checkpoint()
+    bar.close()
+    if ctx.main:
+        if not history.data["val"] or history.data["val"][-1]["step"] != step:
+            history.log("val", step, **validate({k: emas[f"ema_{k}"].module for k in nets}, sched, val_lat))
+        checkpoint()
+    distributed.barrier(ctx)
+    distributed.teardown(ctx)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(__doc__, train, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
