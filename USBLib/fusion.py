@@ -37,10 +37,12 @@ def feather_weight(region: np.ndarray, spacing, width_mm: float) -> np.ndarray:
 
 
 def edit_region(mask: np.ndarray | None, brain: np.ndarray, spacing, margin_mm: float) -> np.ndarray:
-    """The region an edit may touch: the lesion mask grown by ``margin_mm`` plus the feather, or the brain."""
+    """The region an edit may touch: the lesion mask grown by ``margin_mm`` plus the feather, kept within the
+    brain (grown by ``margin_mm``, so a mask at the brain's edge is still covered); without a mask, the brain."""
+    brain = np.asarray(brain) > 0
     if mask is None or not np.any(mask):
-        return np.asarray(brain) > 0
-    return dilate_mm(mask, spacing, 2.0 * margin_mm)
+        return brain
+    return dilate_mm(mask, spacing, 2.0 * margin_mm) & dilate_mm(brain | (np.asarray(mask) > 0), spacing, margin_mm)
 
 
 def fuse(original: np.ndarray, deviation: np.ndarray, weight: np.ndarray) -> np.ndarray:

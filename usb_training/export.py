@@ -33,6 +33,16 @@ def _final_val(folder: Path) -> dict[str, float]:
     return {k: round(v, 5) for k, v in rows[-1].items()} if rows else {}
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def training_facts(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
     """Data, steps, hours and hardware of a run, for bundle.json and the model card."""
     work = Path(work)
@@ -52,7 +62,7 @@ def training_facts(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
                         "final_val": _final_val(work / "autoencoder"), "config": cfg["autoencoder"]},
         "diffusion": {"steps": diff_meta.get("step"), "hours": round(_hours(work / "diffusion"), 3),
                       "final_val": _final_val(work / "diffusion"), "config": cfg["diffusion"]},
-        "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        "hardware": f"{_cpu_name()}, {torch.get_num_threads()} threads, "
                     f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU only'}",
         "software": {"torch": torch.__version__},
     }

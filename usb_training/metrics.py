@@ -41,6 +41,8 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def polynomial_mmd2(x: np.ndarray, y: np.ndarray) -> float:
     """Unbiased MMD^2 with the cubic polynomial kernel k(a, b) = (a.b / d + 1)^3: the KID estimator."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if len(x) < 2 or len(y) < 2:
+        return float("nan")  # the unbiased estimator needs two samples per set
     d = x.shape[1]
     kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
     m, n = len(x), len(y)

@@ -58,3 +58,13 @@ def test_dilate_mm_respects_anisotropic_spacing():
 def test_region_without_mask_is_the_brain():
     brain = _mask(r=10)
     assert np.array_equal(edit_region(None, brain, (1, 1, 1), 4.0), brain > 0)
+
+
+def test_edit_region_stays_near_the_brain():
+    brain = np.zeros((40, 40, 40), np.uint8)
+    brain[:20] = 1
+    mask = np.zeros_like(brain)
+    mask[16:19, 18:22, 18:22] = 1  # a lesion at the brain's edge
+    region = edit_region(mask, brain, (1, 1, 1), 4.0)
+    assert region[mask > 0].all()
+    assert region[20:24].any() and not region[25:].any()  # at most the margin beyond the brain
