@@ -98,6 +98,10 @@ class History:
     def log(self, split: str, step: int, **values: float) -> None:
         self.data[split].append({"step": step, **{k: float(v) for k, v in values.items()}})
 
+    def validated_at(self, step: int) -> bool:
+        """Whether the last validation entry is for ``step`` (so a final validation is not repeated)."""
+        return bool(self.data["val"]) and self.data["val"][-1]["step"] == step
+
     def save(self, title: str) -> None:
         self.path.write_text(json.dumps(self.data, indent=1))
         plot_curves(self.data, self.path.with_name("loss.png"), title)

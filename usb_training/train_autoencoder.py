@@ -141,7 +141,7 @@ def train(cfg: dict[str, Any], work: Path, minutes: float | None = None, steps: 
                 checkpoint()
     bar.close()
     if ctx.main:
-        if not history.data["val"] or history.data["val"][-1]["step"] != step:
+        if not history.validated_at(step):
             history.log("val", step, **validate(ae, val_images, val_masks))
         scale = latent_scale(ae, images)
         history.data["scale_factor"] = scale

@@ -129,7 +129,7 @@ def train(cfg: dict[str, Any], work: Path, minutes: float | None = None, steps: 
                 checkpoint()
     bar.close()
     if ctx.main:
-        if not history.data["val"] or history.data["val"][-1]["step"] != step:
+        if not history.validated_at(step):
             history.log("val", step, **validate({k: emas[f"ema_{k}"].module for k in nets}, sched, val_lat))
         checkpoint()
     distributed.barrier(ctx)
