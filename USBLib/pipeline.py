@@ -7,6 +7,7 @@ every voxel outside the edit region is the input's own value.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -115,6 +116,7 @@ class Editor:
         self._nets: dict[str, Any] | None = None
         self._space: dict[str, np.ndarray] | None = None
         self._empty_latent = None
+        self._last_mapping: tuple[str, SpaceMapping] | None = None
 
     # ----------------------------------------------------------------- model pieces
     @property
@@ -185,11 +187,17 @@ class Editor:
 
     # ----------------------------------------------------------------- geometry
     def _map(self, image: np.ndarray, affine: np.ndarray, brain_mask: np.ndarray | None, seed: int) -> SpaceMapping:
+        """Scan <-> model mapping; the last one is reused when the same scan comes again (progression series)."""
+        key = _fingerprint(image, np.asarray(affine, float), brain_mask, seed, self.registration)
+        if self._last_mapping is not None and self._last_mapping[0] == key:
+            return self._last_mapping[1]
         space = self.space
         transform = register(image, affine, space["template"], self.bundle.grid_affine, space["brain"],
                              brain_mask, self.registration, seed)
-        return SpaceMapping(tuple(image.shape), np.asarray(affine, float), self.bundle.grid_shape,
-                            self.bundle.grid_affine, transform)
+        mapping = SpaceMapping(tuple(image.shape), np.asarray(affine, float), self.bundle.grid_shape,
+                               self.bundle.grid_affine, transform)
+        self._last_mapping = (key, mapping)
+        return mapping
 
     def _native_brain(self, mapping: SpaceMapping, brain_mask: np.ndarray | None) -> np.ndarray:
         if brain_mask is not None:
@@ -422,6 +430,18 @@ class Editor:
             prov["template_to_scan_ras"] = np.round(mapping.model_to_native, 6).tolist()
         prov.update(extra or {})
         return prov
+
+
+def _fingerprint(*parts: Any) -> str:
+    """sha1 over arrays (bytes, shape, dtype) and plain values: identifies a registration's inputs."""
+    h = hashlib.sha1()
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            h.update(str((part.shape, part.dtype.str)).encode())
+            h.update(np.ascontiguousarray(part).tobytes())
+        else:
+            h.update(repr(part).encode())
+    return h.hexdigest()
 
 
 def _spacing(affine: np.ndarray) -> np.ndarray:

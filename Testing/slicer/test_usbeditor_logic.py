@@ -1,0 +1,246 @@
+"""USBEditorLib on a real MRML scene (slicer-core): the four tasks, inputs kept intact, geometry, cancel, errors.
+
+Nodes come from NIfTI files through Slicer's own readers. The worker is the real background process
+(``python -m USBLib.worker``) running a tiny random-init bundle; one test uses the shipped default model.
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parents[1] / "USBEditor")]  # Slicer puts a module's folder on the path
+
+import phantoms  # noqa: E402
+import slicer  # noqa: E402
+from conftest import make_scan  # noqa: E402  (Testing/conftest.py: phantom scans)
+from headless import load_nifti, logic, scene, segmentation_from_mask, slicer_scene  # noqa: E402,F401  (fixtures)
+
+from USBEditorLib.logic import (Device, RunCancelled, RunSettings, Task, USBEditorError, default_settings,  # noqa: E402
+                                describe_model, ijk_to_ras, installed_models)
+
+FAST = RunSettings(steps=3, strength=0.5)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_bundle) -> str:
+    """Folder of the session's tiny random-init bundle, as a user would pick it."""
+    return str(tiny_bundle.root)
+
+
+def fingerprint(node) -> tuple[str, bytes]:
+    """Voxels and geometry of a volume node, to prove it was not modified."""
+    return (hashlib.sha1(slicer.util.arrayFromVolume(node).tobytes()).hexdigest(), ijk_to_ras(node).tobytes())
+
+
+def node_ids(scene) -> set[str]:
+    """Data nodes of the scene (display/storage helpers and singletons that Slicer makes on its own left out)."""
+    nodes = (scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes()))
+    return {n.GetID() for n in nodes if not (n.IsA("vtkMRMLDisplayNode") or n.IsA("vtkMRMLStorageNode")
+                                               or n.IsA("vtkMRMLSubjectHierarchyNode") or n.GetSingletonTag())}
+
+
+@pytest.fixture
+def t1(scene, tmp_path):
+    """A phantom T1 with a lesion on an oblique grid, loaded from NIfTI, and its lesion as a segment."""
+    img, mask, aff = make_scan("oblique")
+    volume = load_nifti(tmp_path, "T1", img, aff)
+    seg, segment_id = segmentation_from_mask("Segmentation", mask, volume)
+    return volume, seg, segment_id, mask, aff
+
+
+def test_heal_with_segment_keeps_input_geometry_and_outside_voxels(t1, logic, tiny_model, scene):
+    volume, seg, segment_id, mask, aff = t1
+    before = fingerprint(volume)
+    steps = []
+    out = logic.run(Task.HEAL, volume, seg, segment_id, FAST, model=tiny_model, device=Device.CPU,
+                    progress=lambda d, t, m: steps.append((d, t)))
+    assert out.volume.GetName() == "T1 healed"
+    assert out.volume is not volume and fingerprint(volume) == before
+    np.testing.assert_allclose(ijk_to_ras(out.volume), aff, atol=1e-4)
+    result, original = slicer.util.arrayFromVolume(out.volume), slicer.util.arrayFromVolume(volume)
+    assert result.dtype == original.dtype and result.shape == original.shape
+    changed = (result != original).transpose(2, 1, 0)
+    assert changed.any(), "the edit changed nothing"
+    # only near the lesion: every changed voxel is within the lesion grown by the margin (6 mm) + feather
+    ijk = np.argwhere(changed)
+    lesion_ras = (aff[:3, :3] @ np.argwhere(mask).T).T + aff[:3, 3]
+    changed_ras = (aff[:3, :3] @ ijk.T).T + aff[:3, 3]
+    nearest = np.min(np.linalg.norm(changed_ras[:, None] - lesion_ras[None], axis=2), axis=1)
+    assert nearest.max() < 6.0 * 2 + 4.0
+    assert steps and steps[-1][0] == steps[-1][1], "progress never reached the end"
+    assert out.uncertainty is None and out.provenance["task"] == "heal"
+    assert out.provenance["settings"]["steps"] == 3
+
+
+def test_embed_with_labelmap_on_another_grid(t1, logic, tiny_model, tmp_path):
+    volume, _, _, _, aff = t1
+    # the lesion drawn on a finer, axis-aligned grid covering the same place: resampled onto the scan
+    fine = np.diag([2.0, 2.0, 2.0, 1.0])
+    fine[:3, 3] = aff[:3, 3] - 10.0
+    shape = (60, 70, 60)
+    label = phantoms.sphere_mask(shape, fine, (-25.0, -10.0, 15.0), 9.0) * 3  # label value 3
+    labelmap = load_nifti(tmp_path, "lesion label", label.astype(np.uint8), fine, labelmap=True)
+    assert labelmap.IsA("vtkMRMLLabelMapVolumeNode")
+    before = fingerprint(volume)
+    out = logic.run(Task.EMBED, volume, labelmap, None, FAST, model=tiny_model, device=Device.CPU)
+    assert out.volume.GetName() == "T1 + lesion"
+    np.testing.assert_allclose(ijk_to_ras(out.volume), aff, atol=1e-4)
+    assert fingerprint(volume) == before
+    assert out.provenance["mask_voxels"] > 0
+
+
+def test_heal_twice_names_outputs_uniquely(t1, logic, tiny_model):
+    volume, seg, segment_id, _, _ = t1
+    names = [logic.run(Task.HEAL, volume, seg, segment_id, RunSettings(steps=2), model=tiny_model).volume.GetName()
+             for _ in range(2)]
+    assert names[0] == "T1 healed" and names[1] != names[0] and names[1].startswith("T1 healed")
+
+
+def test_samples_give_an_uncertainty_volume(t1, logic, tiny_model):
+    volume, seg, segment_id, _, aff = t1
+    out = logic.run(Task.HEAL, volume, seg, segment_id, RunSettings(steps=2, samples=2), model=tiny_model)
+    assert out.uncertainty is not None and out.uncertainty.GetName() == "T1 healed uncertainty"
+    np.testing.assert_allclose(ijk_to_ras(out.uncertainty), aff, atol=1e-4)
+    assert slicer.util.arrayFromVolume(out.uncertainty).max() > 0
+
+
+def test_progression_series_is_a_sequence_of_growing_lesions(t1, logic, tiny_model, scene):
+    volume, seg, segment_id, _, aff = t1
+    out = logic.run(Task.EMBED, volume, seg, segment_id, RunSettings(steps=2), model=tiny_model, frames=3)
+    assert out.sequence.IsA("vtkMRMLSequenceNode") and out.sequence.GetNumberOfDataNodes() == 3
+    assert out.sequence.GetName() == "T1 lesion progression"
+    original = slicer.util.arrayFromVolume(volume).astype(np.float64)
+    changes = []
+    for i in range(3):
+        frame = out.sequence.GetNthDataNode(i)
+        np.testing.assert_allclose(ijk_to_ras(frame), aff, atol=1e-4)
+        changes.append(int((slicer.util.arrayFromVolume(frame) != original).sum()))
+    assert changes[0] <= changes[1] <= changes[2] and changes[2] > 0
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(out.sequence.GetNthDataNode(2)),
+                                  slicer.util.arrayFromVolume(out.volume))
+    browsers = scene.GetNodesByClass("vtkMRMLSequenceBrowserNode")
+    assert browsers.GetNumberOfItems() == 1
+
+
+def test_generate_from_mask_on_reference_and_in_model_space(t1, logic, tiny_model):
+    volume, seg, segment_id, _, aff = t1
+    on_scan = logic.run(Task.GENERATE_FROM_MASK, volume, seg, segment_id, RunSettings(steps=2), model=tiny_model)
+    assert on_scan.volume.GetName() == "USB brain for lesion"
+    np.testing.assert_allclose(ijk_to_ras(on_scan.volume), aff, atol=1e-4)
+    alone = logic.run(Task.GENERATE_FROM_MASK, None, seg, segment_id, RunSettings(steps=2), model=tiny_model)
+    from USBLib.bundle import load
+
+    bundle = load(tiny_model)
+    assert alone.volume.GetImageData().GetDimensions() == bundle.grid_shape
+    np.testing.assert_allclose(ijk_to_ras(alone.volume), bundle.grid_affine, atol=1e-4)
+
+
+def test_generate_pairs_give_brains_and_lesion_segmentations(scene, logic, tiny_model):
+    out = logic.run(Task.GENERATE, settings=RunSettings(steps=2, samples=2), model=tiny_model)
+    names = [n.GetName() for n in out.nodes]
+    assert names == ["USB generated brain 1", "USB generated lesion 1", "USB generated brain 2", "USB generated lesion 2"]
+    assert out.lesion.IsA("vtkMRMLSegmentationNode")
+    assert out.lesion.GetSegmentation().GetSegment("lesion") is not None
+    assert slicer.util.arrayFromVolume(out.volume).max() > 0
+
+
+def test_cancel_leaves_the_scene_as_it_was(t1, logic, tiny_model, scene):
+    volume, seg, segment_id, _, _ = t1
+    before_nodes, before = node_ids(scene), fingerprint(volume)
+    seen = []
+
+    def cancel_at_denoising(done, total, message):
+        seen.append(message)
+        return "denoising" not in message
+
+    with pytest.raises(RunCancelled):
+        logic.run(Task.HEAL, volume, seg, segment_id, RunSettings(steps=20), model=tiny_model,
+                  progress=cancel_at_denoising)
+    assert any("denoising" in m for m in seen)
+    assert node_ids(scene) == before_nodes and fingerprint(volume) == before
+
+
+def test_started_run_can_be_cancelled_and_its_files_go(t1, logic, tiny_model, scene):
+    volume, seg, segment_id, _, _ = t1
+    before_nodes = node_ids(scene)
+    run = logic.start(Task.EMBED, volume, seg, segment_id, RunSettings(steps=50), model=tiny_model)
+    assert run.job_dir.is_dir()
+    logic.cancel(run)
+    assert not run.process.running and not run.job_dir.exists()
+    assert node_ids(scene) == before_nodes
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no volume", "Select an input volume"),
+    ("no mask", "Select the lesion"),
+    ("empty segment", "is empty"),
+    ("other place", "does not overlap volume"),
+    ("empty labelmap", "is empty"),
+    ("progression heal", "progression series"),
+])
+def test_bad_inputs_raise_clear_errors(t1, logic, tiny_model, tmp_path, scene, case, message):
+    volume, seg, segment_id, mask, aff = t1
+    before_nodes = node_ids(scene)
+    task, args, frames = Task.EMBED, (volume, seg, segment_id), 0
+    if case == "no volume":
+        args = (None, seg, segment_id)
+    elif case == "no mask":
+        args = (volume, None, None)
+    elif case == "empty segment":
+        empty_seg, empty_id = segmentation_from_mask("Empty", np.zeros_like(mask), volume)
+        args = (volume, empty_seg, empty_id)
+    elif case == "other place":  # a segment drawn on a scan 500 mm away
+        far = aff.copy()
+        far[:3, 3] += 500.0
+        other = load_nifti(tmp_path, "other", np.ones(mask.shape, np.int16), far)
+        far_seg, far_id = segmentation_from_mask("Far", mask, other)
+        args = (volume, far_seg, far_id)
+    elif case == "empty labelmap":
+        args = (volume, load_nifti(tmp_path, "empty", np.zeros(mask.shape, np.uint8), aff, labelmap=True), None)
+    else:
+        task, frames = Task.HEAL, 3
+    before_nodes = node_ids(scene)
+    with pytest.raises(USBEditorError, match=message) as err:
+        logic.run(task, *args, settings=FAST, model=tiny_model, frames=frames)
+    assert "\n" not in str(err.value)
+    assert node_ids(scene) == before_nodes
+
+
+def test_worker_errors_come_back_as_one_line(t1, logic, tmp_path, scene):
+    volume, seg, segment_id, _, _ = t1
+    before_nodes = node_ids(scene)
+    with pytest.raises(USBEditorError, match="neither a bundle folder nor an installed bundle"):
+        logic.run(Task.HEAL, volume, seg, segment_id, FAST, model=str(tmp_path / "no-such-model"))
+    assert node_ids(scene) == before_nodes
+
+
+def test_model_helpers():
+    assert installed_models()[0] == "usb-tiny"
+    assert "usb-tiny (tiny tier" in describe_model(None)
+    defaults = default_settings(Task.EMBED)
+    assert defaults.strength == 0.6 and defaults.steps == 50 and defaults.samples == 1
+    assert default_settings(Task.HEAL).strength == 0.3
+    with pytest.raises(USBEditorError, match="neither a bundle folder"):
+        describe_model("/nonexistent/model")
+
+
+def test_shipped_model_heals_the_sample(scene, logic):
+    """One real run: the default model on the bundled 1 mm sample scan and its lesion mask."""
+    from USBLib.demo import sample_files
+
+    files = sample_files()
+    volume = slicer.util.loadVolume(str(files["image"]))
+    label = slicer.util.loadLabelVolume(str(files["lesion"]))
+    before = fingerprint(volume)
+    out = logic.run(Task.HEAL, volume, label, None, RunSettings(steps=10, strength=0.3, alpha0=20, k=2, eta=1))
+    assert out.volume.GetName() == "sample_T1w healed" and fingerprint(volume) == before
+    result = slicer.util.arrayFromVolume(out.volume).astype(np.float64)
+    original = slicer.util.arrayFromVolume(volume).astype(np.float64)
+    lesion = slicer.util.arrayFromVolume(label) > 0
+    assert result[lesion].mean() > original[lesion].mean(), "healing should brighten the T1-dark lesion"
+    assert out.provenance["model"]["name"] == "usb-tiny"

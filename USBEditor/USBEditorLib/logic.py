@@ -1,0 +1,477 @@
+"""USBEditor's logic without Qt: MRML nodes <-> ``(array, affine)`` <-> the USBLib worker -> new MRML nodes.
+
+Runs inside Slicer (called by the widget) and headless on ``slicer-core`` (tests, scripts). Inputs are only
+read: outputs always go to new nodes named after the input (``T1 healed``, ``T1 + lesion``), created only
+when a run has finished, so a cancelled or failed run leaves the scene as it was.
+"""
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import vtk
+
+import slicer
+from USBLib.worker import load_array, write_job
+
+from .process import WorkerProcess
+
+Progress = Callable[[int, int, str], Optional[bool]]
+LESION_COLOR = (0.95, 0.35, 0.15)
+
+
+class USBEditorError(ValueError):
+    """A problem with the user's inputs or the run, told in one sentence."""
+
+
+class RunCancelled(Exception):
+    """The user cancelled the run; nothing was added to the scene."""
+
+
+class Task(enum.Enum):
+    """The four tasks of the paper, as offered by the module's task selector."""
+
+    HEAL = "heal"
+    EMBED = "embed"
+    GENERATE_FROM_MASK = "generate_from_mask"
+    GENERATE = "generate"
+
+    def label(self) -> str:
+        return TASK_INFO[self]["label"]
+
+
+TASK_INFO: dict[Task, dict[str, Any]] = {
+    Task.HEAL: {"label": "Remove lesion (pathology \u2192 healthy)", "volume": "required", "mask": "optional",
+                "settings": ("steps", "strength", "alpha0", "k", "eta", "samples", "seed"), "suffix": "healed"},
+    Task.EMBED: {"label": "Embed lesion (healthy \u2192 pathology)", "volume": "required", "mask": "required",
+                 "settings": ("steps", "strength", "alpha0", "k", "eta", "samples", "seed"), "suffix": "+ lesion"},
+    Task.GENERATE_FROM_MASK: {"label": "Generate brain from mask", "volume": "optional", "mask": "required",
+                              "settings": ("steps", "samples", "seed")},
+    Task.GENERATE: {"label": "Generate brain + lesion pair", "volume": "unused", "mask": "unused",
+                    "settings": ("steps", "samples", "seed")},
+}
+
+
+class Device(enum.Enum):
+    """Where the worker runs the networks."""
+
+    AUTO = "auto"
+    CPU = "cpu"
+    GPU = "cuda"
+
+    def label(self) -> str:
+        return {"auto": "Auto (GPU when available)", "cpu": "CPU", "cuda": "GPU (CUDA)"}[self.value]
+
+
+@dataclass
+class RunSettings:
+    """Sampling settings of one run (paper symbols: alpha0, k = ACG, eta = LCG)."""
+
+    steps: int = 50
+    strength: float = 0.3
+    alpha0: float = 20.0
+    k: float = 2.0
+    eta: float = 1.0
+    samples: int = 1
+    seed: int = 0
+
+    def for_task(self, task: Task) -> dict[str, Any]:
+        """The settings the task uses (the others do not apply to it)."""
+        return {key: getattr(self, key) for key in TASK_INFO[task]["settings"]}
+
+
+@dataclass
+class Outputs:
+    """Nodes a finished run added to the scene."""
+
+    volume: Any = None
+    uncertainty: Any = None
+    lesion: Any = None
+    sequence: Any = None
+    nodes: list = field(default_factory=list)
+    provenance: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class Run:
+    """A started run: what it was asked to do and its worker process."""
+
+    task: Task
+    job_dir: Path
+    process: WorkerProcess
+    volume_node: Any
+    mask_name: str
+    frames: int
+    started: float = field(default_factory=time.perf_counter)
+
+
+# ----------------------------------------------------------------- models
+def installed_models() -> list[str]:
+    """Names of the model bundles installed with USBLib (and under ``$USB_MODELS``), default first."""
+    from USBLib.bundle import bundle_dirs, default_bundle_name
+
+    names = sorted(bundle_dirs())
+    default = default_bundle_name()
+    return ([default] if default in names else []) + [n for n in names if n != default]
+
+
+def default_settings(task: Task, model: Optional[str] = None) -> RunSettings:
+    """The model's recommended settings for ``task`` (bundle.json), samples 1, seed 0."""
+    from USBLib.bundle import load
+    from USBLib.errors import BundleError
+
+    try:
+        bundle = load(model or None)
+    except BundleError as exc:
+        raise USBEditorError(str(exc)) from None
+    settings = RunSettings()
+    for source in ("heal", task.value):  # generation tasks show the edit sliders at the heal defaults
+        for key, value in bundle.defaults(source).items():
+            if hasattr(settings, key):
+                setattr(settings, key, type(getattr(settings, key))(value))
+    return settings
+
+
+def describe_model(model: Optional[str] = None) -> str:
+    """One line about a model bundle (name, tier, grid), or a USBEditorError saying why it cannot be used."""
+    from USBLib.bundle import load
+    from USBLib.errors import BundleError
+
+    try:
+        bundle = load(model or None)
+    except BundleError as exc:
+        raise USBEditorError(str(exc)) from None
+    spacing = "x".join(f"{s:g}" for s in bundle.spacing)
+    return f"{bundle.name} ({bundle.tier} tier, grid {'x'.join(map(str, bundle.grid_shape))} at {spacing} mm)"
+
+
+# ----------------------------------------------------------------- MRML <-> arrays
+def ijk_to_ras(node) -> np.ndarray:
+    """4x4 IJK->RAS matrix of a volume node."""
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix)
+
+
+def volume_to_array(node) -> tuple[np.ndarray, np.ndarray]:
+    """``(data [I,J,K], affine)`` of a scalar volume node; a copy, the node is never modified."""
+    if node is None or node.GetImageData() is None:
+        raise USBEditorError("Select an input volume (it has no image data).")
+    if node.GetImageData().GetNumberOfScalarComponents() != 1:
+        raise USBEditorError(f"Volume '{node.GetName()}' has several components; USB needs a single T1 image.")
+    return np.array(slicer.util.arrayFromVolume(node).transpose(2, 1, 0)), ijk_to_ras(node)
+
+
+def _same_geometry(a, b) -> bool:
+    return (a.GetImageData().GetDimensions() == b.GetImageData().GetDimensions()
+            and np.allclose(ijk_to_ras(a), ijk_to_ras(b), atol=1e-4))
+
+
+def _segment_is_empty(seg_node, segment_id: str) -> bool:
+    segment = seg_node.GetSegmentation().GetSegment(segment_id)
+    labelmap = slicer.util.arrayFromSegmentInternalBinaryLabelmap(seg_node, segment_id)
+    return labelmap is None or not np.any(labelmap == segment.GetLabelValue())
+
+
+def segment_to_mask(seg_node, segment_id: Optional[str], volume_node) -> np.ndarray:
+    """uint8 mask [I,J,K] of a segment on the volume's grid (resampled by Slicer when it was drawn elsewhere)."""
+    segmentation = seg_node.GetSegmentation()
+    if not segment_id:
+        if segmentation.GetNumberOfSegments() != 1:
+            raise USBEditorError(f"Select which segment of '{seg_node.GetName()}' is the lesion.")
+        segment_id = segmentation.GetNthSegmentID(0)
+    segment = segmentation.GetSegment(segment_id)
+    if segment is None:
+        raise USBEditorError(f"Segmentation '{seg_node.GetName()}' has no segment '{segment_id}'.")
+    name = segment.GetName()
+    if _segment_is_empty(seg_node, segment_id):
+        raise USBEditorError(f"Segment '{name}' is empty: paint the lesion or load a mask first.")
+    mask = slicer.util.arrayFromSegmentBinaryLabelmap(seg_node, segment_id, volume_node)
+    if mask is None or not mask.any():
+        raise USBEditorError(f"Segment '{name}' does not overlap volume '{volume_node.GetName()}': "
+                             "it was drawn on another image or in another place.")
+    return (mask.transpose(2, 1, 0) > 0).astype(np.uint8)
+
+
+def labelmap_to_mask(label_node, volume_node) -> np.ndarray:
+    """uint8 mask [I,J,K] (all non-zero labels) of a labelmap volume on the volume's grid."""
+    if label_node.GetImageData() is None or not slicer.util.arrayFromVolume(label_node).any():
+        raise USBEditorError(f"Labelmap '{label_node.GetName()}' is empty: it marks no lesion voxel.")
+    if _same_geometry(label_node, volume_node):
+        return (slicer.util.arrayFromVolume(label_node).transpose(2, 1, 0) > 0).astype(np.uint8)
+    scene = slicer.mrmlScene
+    temp = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "__usb_temp_mask")
+    try:
+        temp.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+        binary = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__usb_temp_binary")
+        try:
+            binary.CopyOrientation(label_node)
+            slicer.util.updateVolumeFromArray(binary, (slicer.util.arrayFromVolume(label_node) > 0).astype(np.uint8))
+            slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(binary, temp)
+        finally:
+            scene.RemoveNode(binary)
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(temp, temp.GetSegmentation().GetNthSegmentID(0),
+                                                          volume_node)
+    finally:
+        scene.RemoveNode(temp)
+    if mask is None or not mask.any():
+        raise USBEditorError(f"Labelmap '{label_node.GetName()}' does not overlap volume '{volume_node.GetName()}'.")
+    return (mask.transpose(2, 1, 0) > 0).astype(np.uint8)
+
+
+def mask_from_node(mask_node, segment_id: Optional[str], volume_node) -> tuple[np.ndarray, str]:
+    """(mask [I,J,K] on the volume's grid, a name for it) from a segmentation or labelmap node."""
+    if mask_node.IsA("vtkMRMLSegmentationNode"):
+        mask = segment_to_mask(mask_node, segment_id, volume_node)
+        segmentation = mask_node.GetSegmentation()
+        sid = segment_id or segmentation.GetNthSegmentID(0)
+        return mask, segmentation.GetSegment(sid).GetName()
+    if mask_node.IsA("vtkMRMLLabelMapVolumeNode"):
+        return labelmap_to_mask(mask_node, volume_node), mask_node.GetName()
+    raise USBEditorError(f"'{mask_node.GetName()}' is neither a segmentation nor a labelmap.")
+
+
+def mask_in_own_space(mask_node, segment_id: Optional[str]) -> tuple[np.ndarray, np.ndarray, str]:
+    """(mask, affine, name) of a mask given without a volume: a labelmap's own grid or the segment's geometry."""
+    if mask_node.IsA("vtkMRMLLabelMapVolumeNode"):
+        data = slicer.util.arrayFromVolume(mask_node)
+        if not data.any():
+            raise USBEditorError(f"Labelmap '{mask_node.GetName()}' is empty: it marks no lesion voxel.")
+        return (data.transpose(2, 1, 0) > 0).astype(np.uint8), ijk_to_ras(mask_node), mask_node.GetName()
+    if not mask_node.IsA("vtkMRMLSegmentationNode"):
+        raise USBEditorError(f"'{mask_node.GetName()}' is neither a segmentation nor a labelmap.")
+    scene = slicer.mrmlScene
+    grid = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__usb_temp_grid")
+    try:
+        segmentation = mask_node.GetSegmentation()
+        sid = segment_id or (segmentation.GetNthSegmentID(0) if segmentation.GetNumberOfSegments() == 1 else "")
+        if not sid:
+            raise USBEditorError(f"Select which segment of '{mask_node.GetName()}' is the lesion.")
+        if _segment_is_empty(mask_node, sid):
+            raise USBEditorError(f"Segment '{segmentation.GetSegment(sid).GetName()}' is empty: "
+                                 "paint the lesion or load a mask first.")
+        ids = vtk.vtkStringArray()
+        ids.InsertNextValue(sid)
+        slicer.modules.segmentations.logic().ExportSegmentsToLabelmapNode(
+            mask_node, ids, grid, None, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
+        data = slicer.util.arrayFromVolume(grid)
+        return (data.transpose(2, 1, 0) > 0).astype(np.uint8), ijk_to_ras(grid), segmentation.GetSegment(sid).GetName()
+    finally:
+        scene.RemoveNode(grid)
+
+
+# ----------------------------------------------------------------- the logic
+class EditorLogic:
+    """Start, watch, cancel and import USB runs on MRML nodes. ``python`` overrides the worker interpreter."""
+
+    def __init__(self, python: Optional[str] = None, threads: Optional[int] = None):
+        self.python = python
+        self.threads = threads
+
+    # ---- starting
+    def start(self, task: Task, volume_node=None, mask_node=None, segment_id: Optional[str] = None,
+              settings: Optional[RunSettings] = None, model: Optional[str] = None, device: Device = Device.AUTO,
+              frames: int = 0) -> Run:
+        """Check the inputs, write the job and start the worker. Raises ``USBEditorError`` for bad input."""
+        task, device = Task(task), Device(device)
+        info = TASK_INFO[task]
+        settings = settings or default_settings(task, model)
+        if info["volume"] == "required" and volume_node is None:
+            raise USBEditorError("Select an input volume.")
+        if info["mask"] == "required" and mask_node is None:
+            raise USBEditorError("Select the lesion: a segment or a labelmap.")
+        if info["volume"] == "unused":
+            volume_node = mask_node = None
+        if frames and task is not Task.EMBED:
+            raise USBEditorError("A progression series is made by 'Embed lesion' only.")
+        image = volume_to_array(volume_node) if volume_node is not None else None
+        mask, mask_name = None, ""
+        if mask_node is not None:
+            if volume_node is not None:
+                data, mask_name = mask_from_node(mask_node, segment_id, volume_node)
+                mask = (data, image[1])
+            else:
+                data, affine, mask_name = mask_in_own_space(mask_node, segment_id)
+                mask = (data, affine)
+        if image is not None and not np.isfinite(image[0]).all():
+            raise USBEditorError(f"Volume '{volume_node.GetName()}' contains NaN or infinite values.")
+        job_dir = Path(tempfile.mkdtemp(prefix="USBEditor-"))
+        try:
+            write_job(job_dir, task.value, settings.for_task(task), image=image, mask=mask, model=model or None,
+                      device=device.value, frames=frames)
+            process = WorkerProcess(job_dir, device=device.value, python=self.python, threads=self.threads)
+        except Exception:
+            shutil.rmtree(job_dir, ignore_errors=True)
+            raise
+        logging.info("USBEditor: %s started (%s)", info["label"], " ".join(process.command))
+        return Run(task, job_dir, process, volume_node, mask_name, frames)
+
+    # ---- finishing
+    def cancel(self, run: Run) -> None:
+        """Stop the worker and delete its files; the scene is left as it was."""
+        run.process.cancel()
+        shutil.rmtree(run.job_dir, ignore_errors=True)
+
+    def finish(self, run: Run) -> Outputs:
+        """Import a successful run's results as new nodes; raises ``USBEditorError`` with the worker's message."""
+        try:
+            run.process.poll()
+            code = run.process.returncode
+            if code is None:
+                raise RuntimeError("finish() called while the worker is still running")
+            if code != 0 or run.process.result is None:
+                message = run.process.error or f"the worker stopped with exit code {code}"
+                tail = "\n".join(run.process.log[-20:])
+                if tail:
+                    logging.error("USBEditor worker output:\n%s", tail)
+                raise USBEditorError(message[:1].upper() + message[1:])
+            return self._import(run, json.loads(run.process.result.read_text()))
+        finally:
+            shutil.rmtree(run.job_dir, ignore_errors=True)
+
+    def run(self, task: Task, volume_node=None, mask_node=None, segment_id: Optional[str] = None,
+            settings: Optional[RunSettings] = None, model: Optional[str] = None, device: Device = Device.AUTO,
+            frames: int = 0, progress: Optional[Progress] = None) -> Outputs:
+        """Blocking run for scripts and tests; ``progress(done, total, message)`` returning False cancels."""
+        handle = self.start(task, volume_node, mask_node, segment_id, settings, model, device, frames)
+
+        def on_event(event) -> Optional[bool]:
+            if event.kind == "progress" and progress is not None:
+                return progress(event.done, event.total, event.text)
+            return None
+
+        handle.process.wait(on_event)
+        if handle.process.cancelled:
+            self.cancel(handle)
+            raise RunCancelled("cancelled")
+        return self.finish(handle)
+
+    # ---- results -> nodes
+    def _import(self, run: Run, result: dict[str, Any]) -> Outputs:
+        out = Outputs(provenance=result.get("provenance", {}), seconds=time.perf_counter() - run.started)
+        files = {(e["role"], int(e["index"])): run.job_dir / "out" / e["file"] for e in result["outputs"]}
+        source = run.volume_node
+        base = self._output_name(run)
+        like_dtype = None
+        if source is not None and run.task in (Task.HEAL, Task.EMBED):
+            like_dtype = slicer.util.arrayFromVolume(source).dtype
+        try:
+            images = sorted(i for role, i in files if role == "image")
+            for i in images:
+                name = base if len(images) == 1 else f"{base} {i + 1}"
+                node = self._add_volume(files[("image", i)], name, source, like_dtype)
+                out.nodes.append(node)
+                out.volume = out.volume or node
+                if ("lesion", i) in files:
+                    lesion = self._add_lesion(files[("lesion", i)], node, name.replace("brain", "lesion"))
+                    out.nodes.append(lesion)
+                    out.lesion = out.lesion or lesion
+            if ("uncertainty", 0) in files:
+                out.uncertainty = self._add_volume(files[("uncertainty", 0)], f"{base} uncertainty", source, None,
+                                                   copy_display=False)
+                out.nodes.append(out.uncertainty)
+            frames = sorted(i for role, i in files if role == "frame")
+            if frames:
+                out.sequence, browser = self._add_sequence([files[("frame", i)] for i in frames],
+                                                           f"{source.GetName()} lesion progression", source, like_dtype)
+                out.nodes += [out.sequence, browser]
+        except Exception:
+            for node in out.nodes:
+                slicer.mrmlScene.RemoveNode(node)
+            raise
+        for node in out.nodes:
+            node.SetAttribute("USB.provenance", json.dumps(out.provenance, default=str))
+        logging.info("USBEditor: %s finished in %.1f s", run.task.label(), out.seconds)
+        return out
+
+    @staticmethod
+    def _output_name(run: Run) -> str:
+        if run.task is Task.GENERATE:
+            return "USB generated brain"
+        if run.task is Task.GENERATE_FROM_MASK:
+            return f"USB brain for {run.mask_name}"
+        return f"{run.volume_node.GetName()} {TASK_INFO[run.task]['suffix']}"
+
+    def _add_volume(self, path: Path, name: str, like, dtype, copy_display: bool = True):
+        data, affine = load_array(path)
+        if dtype is not None:
+            from USBLib.io import cast_like
+
+            data = cast_like(data, dtype)
+        node = slicer.util.addVolumeFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)), ijkToRAS=affine,
+                                              name=slicer.mrmlScene.GenerateUniqueName(name))
+        node.CreateDefaultDisplayNodes()
+        if like is not None:
+            self._place_like(node, like)
+            if copy_display and like.GetDisplayNode() is not None and node.GetDisplayNode() is not None:
+                src, dst = like.GetDisplayNode(), node.GetDisplayNode()
+                dst.SetAutoWindowLevel(False)
+                dst.SetWindowLevel(src.GetWindow(), src.GetLevel())
+                if src.GetColorNodeID():
+                    dst.SetAndObserveColorNodeID(src.GetColorNodeID())
+        return node
+
+    @staticmethod
+    def _place_like(node, like) -> None:
+        """Same parent transform and subject-hierarchy folder as ``like``."""
+        node.SetAndObserveTransformNodeID(like.GetTransformNodeID())
+        sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+        like_item = sh.GetItemByDataNode(like) if sh is not None else 0
+        item = sh.GetItemByDataNode(node) if like_item else 0
+        if item and sh.GetItemParent(like_item):
+            sh.SetItemParent(item, sh.GetItemParent(like_item))
+
+    @staticmethod
+    def _add_lesion(path: Path, reference, name: str):
+        data, _ = load_array(path)
+        seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", slicer.mrmlScene.GenerateUniqueName(name))
+        seg.CreateDefaultDisplayNodes()
+        seg.SetReferenceImageGeometryParameterFromVolumeNode(reference)
+        segment_id = seg.GetSegmentation().AddEmptySegment("lesion", "lesion", LESION_COLOR)
+        if data.any():  # (an all-zero array crashes the labelmap update; the segment just stays empty)
+                slicer.util.updateSegmentBinaryLabelmapFromArray(
+                    np.ascontiguousarray(data.transpose(2, 1, 0).astype(np.uint8)), seg, segment_id, reference)
+        return seg
+
+    def _add_sequence(self, paths: list[Path], name: str, like, dtype):
+        scene = slicer.mrmlScene
+        sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", scene.GenerateUniqueName(name))
+        sequence.SetIndexName("frame")
+        sequence.SetIndexUnit("")
+        for i, path in enumerate(paths):
+            data, affine = load_array(path)
+            if dtype is not None:
+                from USBLib.io import cast_like
+
+                data = cast_like(data, dtype)
+            frame = slicer.vtkMRMLScalarVolumeNode()
+            frame.SetName(f"{name} {i + 1}")
+            frame.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(affine))
+            slicer.util.updateVolumeFromArray(frame, np.ascontiguousarray(data.transpose(2, 1, 0)))
+            sequence.SetDataNodeAtValue(frame, str(i + 1))
+        browser = scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", scene.GenerateUniqueName(f"{name} browser"))
+        browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
+        sequences = getattr(slicer.modules, "sequences", None)
+        if sequences is not None:
+            sequences.logic().UpdateProxyNodesFromSequences(browser)
+            proxy = browser.GetProxyNode(sequence)
+            if proxy is not None:
+                self._place_like(proxy, like)
+        return sequence, browser
+
+
+def show_comparison(output_node, input_node=None, opacity: float = 0.5) -> None:
+    """Output as background, input as foreground at ``opacity``: fade between them with the slice views' slider."""
+    if not hasattr(getattr(slicer, "app", None), "layoutManager"):
+        return  # no views (headless)
+    slicer.util.setSliceViewerLayers(background=output_node, foreground=input_node,
+                                     foregroundOpacity=opacity if input_node is not None else 0.0, fit=True)
