@@ -1,0 +1,104 @@
+"""Static checks of the Slicer module that need no Slicer: UI names, CMake file lists, light imports."""
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+MODULE = ROOT / "USBEditor"
+UI = MODULE / "Resources" / "UI" / "USBEditor.ui"
+
+
+def ui_widgets() -> dict[str, str]:
+    """name -> class of every widget in the .ui file."""
+    return {w.get("name"): w.get("class") for w in ET.parse(UI).getroot().iter("widget")}
+
+
+def cmake_list(path: Path, variable: str) -> list[str]:
+    text = path.read_text()
+    match = re.search(rf"set\({variable}\s+(.*?)\)", text, re.S)
+    assert match, f"{variable} not set in {path}"
+    return [line.strip() for line in match.group(1).splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def test_every_ui_name_used_in_the_code_exists_in_the_ui_file():
+    used = set(re.findall(r"self\.ui\.(\w+)", (MODULE / "USBEditor.py").read_text()))
+    widgets = ui_widgets()
+    assert used, "the widget uses no ui names?"
+    assert sorted(used - set(widgets)) == []
+
+
+def test_ui_parameter_names_are_fields_of_the_parameter_node():
+    tree = ast.parse((MODULE / "USBEditor.py").read_text())
+    node = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "USBEditorParameterNode")
+    fields = {s.target.id for s in node.body if isinstance(s, ast.AnnAssign)}
+    bound = {}
+    for w in ET.parse(UI).getroot().iter("widget"):
+        for prop in w.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[w.get("name")] = prop.find("string").text
+    assert bound and sorted(set(bound.values()) - fields) == []
+    assert len(set(bound.values())) == len(bound), "two widgets bound to one parameter"
+    # enums need combo boxes, nodes need node combo boxes
+    widgets = ui_widgets()
+    by_param = {p: widgets[w] for w, p in bound.items()}
+    assert by_param["task"] == by_param["device"] == "QComboBox"
+    assert by_param["inputVolume"] == by_param["maskNode"] == "qMRMLNodeComboBox"
+
+
+def test_ui_connections_point_at_existing_widgets():
+    root = ET.parse(UI).getroot()
+    widgets = ui_widgets()
+    receivers = [c.findtext("receiver") for c in root.iter("connection")]
+    assert set(receivers) <= set(widgets) and "segmentEditorWidget" in receivers
+
+
+def test_every_lib_file_is_in_module_python_scripts():
+    listed = cmake_list(MODULE / "CMakeLists.txt", "MODULE_PYTHON_SCRIPTS")
+    on_disk = {str(p.relative_to(MODULE)) for p in (MODULE / "USBEditorLib").glob("*.py")}
+    assert on_disk and on_disk <= set(listed), sorted(on_disk - set(listed))
+    assert "${MODULE_NAME}.py" in listed
+    resources = cmake_list(MODULE / "CMakeLists.txt", "MODULE_PYTHON_RESOURCES")
+    for item in resources:
+        assert (MODULE / item.replace("${MODULE_NAME}", "USBEditor")).is_file(), item
+
+
+def test_every_usblib_file_and_the_default_model_are_packaged():
+    cmake = ROOT / "CMakeLists.txt"
+    scripts = cmake_list(cmake, "USBLIB_PYTHON_SCRIPTS")
+    resources = cmake_list(cmake, "USBLIB_PYTHON_RESOURCES")
+    on_disk = {str(p.relative_to(ROOT)) for p in (ROOT / "USBLib").rglob("*.py")}
+    assert sorted(on_disk ^ set(scripts)) == []
+    models = {str(p.relative_to(ROOT)) for p in (ROOT / "USBLib" / "models").rglob("*") if p.is_file()}
+    samples = {str(p.relative_to(ROOT)) for p in (ROOT / "Resources" / "sample").glob("*.nii.gz")}
+    assert sorted((models | samples) ^ set(resources)) == []
+    text = cmake.read_text()
+    assert 'set(EXTENSION_DEPENDS "PyTorch")' in text and "add_subdirectory(USBEditor)" in text
+    assert (ROOT / "Resources" / "Icons" / "USB.png").is_file()
+
+
+def test_module_file_imports_nothing_heavy_at_top_level():
+    tree = ast.parse((MODULE / "USBEditor.py").read_text())
+    allowed = {"__future__", "logging", "os", "typing", "qt", "vtk", "slicer", "USBEditorLib"}
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            assert name.split(".")[0] in allowed, f"USBEditor.py imports {name} at module level"
+
+
+def test_lib_imports_without_torch_monai_or_image_libraries():
+    code = ("import sys; sys.path.insert(0, sys.argv[1]);"
+            "import USBEditorLib.logic, USBEditorLib.process, USBEditorLib.dependencies;"
+            "heavy = sorted({'torch', 'monai', 'nibabel', 'SimpleITK', 'scipy', 'safetensors'} & set(sys.modules));"
+            "print(heavy); sys.exit(1 if heavy else 0)")
+    done = subprocess.run([sys.executable, "-c", code, str(MODULE)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -1,0 +1,95 @@
+"""The background worker's protocol and files, progression masks, and the Slicer dependency plan."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from USBLib.errors import InputError
+from USBLib.progression import growing_masks
+from USBLib.worker import load_array, parse_line, progress_line, save_array, write_job
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "USBEditor"))
+from USBEditorLib import dependencies  # noqa: E402
+
+
+def test_progress_lines_round_trip_and_other_lines_are_logs():
+    event = parse_line(progress_line(3, 12, "denoising\n step") + "\n")
+    assert (event.kind, event.done, event.total, event.text) == ("progress", 3, 12, "denoising step")
+    assert parse_line("USB-RESULT /tmp/x/out/result.json").text == "/tmp/x/out/result.json"
+    assert parse_line("USB-ERROR the lesion mask is empty").kind == "error"
+    assert parse_line("USB-PROGRESS a b c").kind == "log"
+    assert parse_line("some warning from torch").kind == "log"
+
+
+def test_arrays_travel_with_their_affine(tmp_path):
+    data = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
+    affine = np.array([[0, -1.5, 0, 10], [2, 0, 0, -3], [0, 0, 0.7, 5], [0, 0, 0, 1]], float)
+    back, aff = load_array(save_array(tmp_path / "a.npz", data, affine))
+    assert back.dtype == np.int16 and np.array_equal(back, data) and np.array_equal(aff, affine)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.npz"]  # no temporary left behind
+
+
+def test_write_job_refuses_unknown_tasks(tmp_path):
+    with pytest.raises(ValueError, match="unknown task"):
+        write_job(tmp_path, "paint", {})
+
+
+def test_worker_reports_bad_jobs_in_one_line(tmp_path):
+    write_job(tmp_path, "embed", {"steps": 2}, image=(np.zeros((4, 4, 4), np.float32), np.eye(4)))
+    done = subprocess.run([sys.executable, "-m", "USBLib.worker", str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2
+    assert done.stdout.strip().splitlines()[-1] == "USB-ERROR embedding needs a lesion mask"
+    assert not (tmp_path / "out").exists()
+    usage = subprocess.run([sys.executable, "-m", "USBLib.worker"], capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and usage.stdout.startswith("USB-ERROR usage")
+
+
+def test_growing_masks_grow_from_the_core_to_the_whole_mask():
+    mask = np.zeros((30, 30, 30), np.uint8)
+    mask[5:25, 8:22, 10:20] = 1
+    frames = growing_masks(mask, 4, spacing=(1.0, 1.0, 2.0))
+    sizes = [int(f.sum()) for f in frames]
+    assert 0 < sizes[0] < sizes[1] < sizes[2] < sizes[3] == int(mask.sum())
+    for small, big in zip(frames, frames[1:]):
+        assert not (small & ~big.astype(bool)).any(), "frames must be nested"
+    assert np.array_equal(frames[-1], mask)
+    with pytest.raises(InputError, match="2 to 32 frames"):
+        growing_masks(mask, 1)
+    with pytest.raises(InputError, match="empty"):
+        growing_masks(np.zeros_like(mask), 3)
+
+
+def test_dependency_plan_lists_what_is_missing(monkeypatch):
+    installed = dependencies.install_plan()
+    assert installed.empty, f"the test environment has all of USB's packages: {installed}"
+    monkeypatch.setitem(dependencies.PIP_REQUIREMENTS, "monai", ("monai>=999", True))
+    monkeypatch.setattr(dependencies, "TORCH_REQUIREMENT", "torch>=999")
+    plan = dependencies.install_plan()
+    assert plan.torch and plan.pip == ["monai"]
+    text = plan.describe()
+    assert "torch>=999" in text and "monai>=999" in text and "SimpleITK" in text
+
+
+def test_install_uses_the_pytorch_installer_and_no_deps_pip(monkeypatch):
+    calls = []
+    monkeypatch.setattr(dependencies, "install_plan", lambda packages=None: dependencies.InstallPlan())
+    plan = dependencies.InstallPlan(torch=True, pip=["monai", "nibabel"])
+    dependencies.install(plan, pip_install=calls.append, torch_installer=lambda req: calls.append(("torch", req)),
+                         log=lambda m: None)
+    assert calls == [("torch", "torch>=2.1"), ["--no-deps", "monai>=1.4"], ["nibabel>=5.0"]]
+
+
+def test_install_failures_are_one_clear_message(monkeypatch):
+    def failing_pip(args):
+        raise subprocess.CalledProcessError(1, ["pip", "install", *args])
+
+    with pytest.raises(dependencies.DependencyError, match=r"Installing monai>=1.4 failed .*network"):
+        dependencies.install(dependencies.InstallPlan(pip=["monai"]), pip_install=failing_pip, log=lambda m: None)
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # the PyTorch extension is not installed
+    with pytest.raises(dependencies.DependencyError, match="'PyTorch' extension"):
+        dependencies.install(dependencies.InstallPlan(torch=True), pip_install=lambda a: None, log=lambda m: None)

@@ -1,0 +1,471 @@
+"""USB Editor: remove or embed brain lesions, or generate brains, with the USB latent diffusion model.
+
+This file only wires Qt widgets to ``USBEditorLib`` (Qt-free, tested headless). Nothing heavy is imported
+here: torch and MONAI load in the background worker process when Apply is pressed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Annotated, Optional, Union
+
+import qt
+import vtk
+
+import slicer
+from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+from USBEditorLib import dependencies
+from USBEditorLib.logic import (TASK_INFO, Device, EditorLogic, RunSettings, Task, USBEditorError, default_settings,
+                                describe_model, installed_models, show_comparison)
+
+OTHER_MODEL = "Other folder..."
+POLL_MS = 200
+
+
+class USBEditor(ScriptedLoadableModule):
+    """Module description shown in Slicer."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("USB Editor")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["USB for 3D Slicer developers"]
+        self.parent.helpText = _(
+            "Edit brain MRI in both directions with a latent diffusion model (USB): remove a lesion "
+            "(pathology \u2192 healthy, e.g. before FreeSurfer), embed a realistic lesion into a healthy scan, generate a "
+            "brain for a lesion mask, or generate new brain + lesion pairs. Voxels outside the edit region are left "
+            "unchanged and every result keeps the input's geometry. "
+            '<a href="https://github.com/usb-slicer/SlicerUSB#usb-editor-in-3d-slicer">Documentation</a>.')
+        self.parent.acknowledgementText = _(
+            "Method: USB, a unified synthetic brain framework for bidirectional pathology-healthy generation "
+            "(latent diffusion with anatomy and lesion consistency guidance). Default model trained on MNI152, "
+            "fsaverage and IXI555 templates with synthetic deformations and lesions; see the model card.")
+
+
+@parameterNodeWrapper
+class USBEditorParameterNode:
+    """Module state saved with the scene."""
+
+    task: Task = Task.HEAL
+    inputVolume: vtkMRMLScalarVolumeNode
+    maskNode: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
+    segmentId: str = ""
+    alpha0: Annotated[float, WithinRange(0.0, 100.0)] = 20.0
+    k: Annotated[float, WithinRange(-5.0, 10.0)] = 2.0
+    eta: Annotated[float, WithinRange(0.0, 2.0)] = 1.0
+    steps: Annotated[int, WithinRange(1, 300)] = 50
+    strength: Annotated[float, WithinRange(0.05, 1.0)] = 0.3
+    samples: Annotated[int, WithinRange(1, 16)] = 1
+    seed: Annotated[int, WithinRange(0, 99999)] = 0
+    frames: Annotated[int, WithinRange(0, 16)] = 0
+    device: Device = Device.AUTO
+    model: str = ""
+    showComparison: bool = True
+
+
+class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The module panel: inputs, lesion painting, guidance sliders, background run with progress and Cancel."""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic: Optional[USBEditorLogic] = None
+        self._parameterNode: Optional[USBEditorParameterNode] = None
+        self._parameterNodeGuiTag = None
+        self._run = None
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_MS)
+        self._timer.connect("timeout()", self._onPoll)
+
+    # ----------------------------------------------------------------- setup
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/USBEditor.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = USBEditorLogic()
+
+        editor = self.ui.segmentEditorWidget
+        editor.setEffectNameOrder(["Paint", "Draw", "Erase", "Islands", "Threshold", "Smoothing"])
+        editor.unorderedEffectsVisible = False
+
+        self.ui.modelComboBox.addItems(installed_models() + [OTHER_MODEL])
+        self.ui.modelPathLineEdit.visible = False
+        self._segmentEditorNode()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.resetDefaultsButton.connect("clicked(bool)", self.onResetDefaults)
+        self.ui.newLesionButton.connect("clicked(bool)", self.onNewLesion)
+        self.ui.loadMaskButton.connect("clicked(bool)", self.onLoadMask)
+        self.ui.segmentComboBox.connect("currentIndexChanged(int)", self.onSegmentChanged)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelChanged)
+        self.ui.maskSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onMaskChanged)
+        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onMaskChanged)
+        self.ui.taskComboBox.connect("currentIndexChanged(int)", self.onTaskChanged)
+
+        self.initializeParameterNode()
+        self.onModelChanged()
+
+    def cleanup(self) -> None:
+        self._stopRun()
+        self.removeObservers()
+
+    def onReload(self) -> None:
+        """Also re-import USBEditorLib (Slicer's generic reload only re-reads this file)."""
+        import importlib
+        import sys
+
+        for name in sorted(n for n in sys.modules if n.startswith("USBEditorLib.")):
+            importlib.reload(sys.modules[name])
+        ScriptedLoadableModuleWidget.onReload(self)
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+        self._segmentEditorNode()
+        self.ui.segmentEditorWidget.installKeyboardShortcuts()
+
+    def exit(self) -> None:
+        editor = self.ui.segmentEditorWidget
+        editor.setActiveEffect(None)  # otherwise the brush stays active in the views after leaving the module
+        editor.uninstallKeyboardShortcuts()
+        editor.removeViewObservations()
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateState)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self._stopRun()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    # ----------------------------------------------------------------- parameter node
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first and not first.IsA("vtkMRMLLabelMapVolumeNode"):
+                self._parameterNode.inputVolume = first
+
+    def setParameterNode(self, inputParameterNode: Optional[USBEditorParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateState)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateState)
+            self._showModel(self._parameterNode.model)
+            self._fillSegments()
+            self._updateState()
+
+    def _showModel(self, model: str) -> None:
+        """Select a saved model (installed name or folder) in the Advanced section."""
+        combo = self.ui.modelComboBox
+        index = combo.findText(model) if model else 0
+        if index < 0:
+            combo.currentIndex = combo.findText(OTHER_MODEL)
+            self.ui.modelPathLineEdit.currentPath = model
+        else:
+            combo.currentIndex = index
+
+    def _segmentEditorNode(self):
+        node = slicer.mrmlScene.GetSingletonNode("USBEditor", "vtkMRMLSegmentEditorNode")
+        if node is None:
+            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+            node.SetSingletonTag("USBEditor")
+        self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(node)
+        return node
+
+    # ----------------------------------------------------------------- state of the panel
+    def _updateState(self, caller=None, event=None) -> None:
+        """Enable the controls the task uses; say on the Apply button what is missing."""
+        p = self._parameterNode
+        if p is None:
+            return
+        info = TASK_INFO[p.task]
+        edit = p.task in (Task.HEAL, Task.EMBED)
+        self.ui.inputVolumeSelector.enabled = info["volume"] != "unused"
+        for widget in (self.ui.maskSelector, self.ui.segmentComboBox, self.ui.newLesionButton, self.ui.loadMaskButton):
+            widget.enabled = info["mask"] != "unused"
+        for widget in (self.ui.alpha0SliderWidget, self.ui.kSliderWidget, self.ui.strengthSliderWidget):
+            widget.enabled = edit
+        self.ui.etaSliderWidget.enabled = edit and p.maskNode is not None
+        self.ui.framesSpinBox.enabled = p.task is Task.EMBED
+        reason = self._missingInput()
+        running = self._run is not None
+        self.ui.applyButton.enabled = reason is None and not running
+        self.ui.applyButton.toolTip = reason or _("Run: {task}").format(task=info["label"])
+
+    def _missingInput(self) -> Optional[str]:
+        p = self._parameterNode
+        info = TASK_INFO[p.task]
+        if info["volume"] == "required" and not p.inputVolume:
+            return _("Select an input volume.")
+        if info["mask"] == "required" and not p.maskNode:
+            return _("Select or paint the lesion.")
+        if (info["mask"] != "unused" and p.maskNode and p.maskNode.IsA("vtkMRMLSegmentationNode")
+                and not p.segmentId):
+            return _("Select the lesion segment.")
+        return None
+
+    def onTaskChanged(self, index: int = 0) -> None:
+        if self._parameterNode:
+            self._updateState()
+
+    def onMaskChanged(self, node=None) -> None:
+        """Keep the segment list and the embedded Segment Editor on the selected segmentation and volume."""
+        if not self._parameterNode:
+            return
+        self._fillSegments()
+        mask, volume = self.ui.maskSelector.currentNode(), self.ui.inputVolumeSelector.currentNode()
+        editor = self.ui.segmentEditorWidget
+        self._segmentEditorNode()
+        editor.setSegmentationNode(mask if mask is not None and mask.IsA("vtkMRMLSegmentationNode") else None)
+        editor.setSourceVolumeNode(volume)
+
+    def _fillSegments(self) -> None:
+        combo, p = self.ui.segmentComboBox, self._parameterNode
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        mask = self.ui.maskSelector.currentNode()  # (the parameter node may not have seen the change yet)
+        if mask is not None and mask.IsA("vtkMRMLSegmentationNode"):
+            segmentation = mask.GetSegmentation()
+            ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+            for sid in ids:
+                combo.addItem(segmentation.GetSegment(sid).GetName(), sid)
+            if ids and p.segmentId not in ids:
+                p.segmentId = ids[0]
+            if p.segmentId in ids:
+                combo.currentIndex = ids.index(p.segmentId)
+        combo.blockSignals(wasBlocked)
+
+    def onSegmentChanged(self, index: int) -> None:
+        if self._parameterNode and index >= 0:
+            self._parameterNode.segmentId = self.ui.segmentComboBox.itemData(index) or ""
+            self.ui.segmentEditorWidget.setCurrentSegmentID(self._parameterNode.segmentId)
+
+    def onNewLesion(self) -> None:
+        """A new segmentation with an empty 'lesion' segment on the input volume, ready to paint."""
+        volume = self.ui.inputVolumeSelector.currentNode()
+        if volume is None:
+            slicer.util.errorDisplay(_("Select the input volume first: the lesion is painted on it."))
+            return
+        seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode",
+                                                 slicer.mrmlScene.GenerateUniqueName(f"{volume.GetName()} lesion"))
+        seg.CreateDefaultDisplayNodes()
+        seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        sid = seg.GetSegmentation().AddEmptySegment("lesion", "lesion", (0.95, 0.35, 0.15))
+        self._parameterNode.maskNode = seg
+        self._parameterNode.segmentId = sid
+        self.onMaskChanged()
+        self.ui.paintCollapsibleButton.collapsed = False
+        self.ui.segmentEditorWidget.setActiveEffectByName("Paint")
+
+    def onLoadMask(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(self.parent, _("Load lesion mask"), "",
+                                              _("Masks (*.nii *.nii.gz *.nrrd *.mha *.mgz *.seg.nrrd);;All files (*)"))
+        if not path:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not load the mask."), waitCursor=True):
+            if path.lower().endswith(".seg.nrrd"):
+                node = slicer.util.loadSegmentation(path)
+            else:
+                node = slicer.util.loadLabelVolume(path)
+            self._parameterNode.maskNode = node
+            self.onMaskChanged()
+
+    def onResetDefaults(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Could not read the model's defaults."), waitCursor=True):
+            settings = default_settings(p.task, self._model())
+            for key in ("alpha0", "k", "eta", "steps", "strength", "samples", "seed"):
+                setattr(p, key, getattr(settings, key))
+            p.frames = 0
+
+    def _model(self) -> Optional[str]:
+        if self.ui.modelComboBox.currentText == OTHER_MODEL:
+            return self.ui.modelPathLineEdit.currentPath or None
+        return self.ui.modelComboBox.currentText or None
+
+    def onModelChanged(self, *args) -> None:
+        self.ui.modelPathLineEdit.visible = self.ui.modelComboBox.currentText == OTHER_MODEL
+        try:
+            self.ui.modelInfoLabel.text = describe_model(self._model())
+        except USBEditorError as exc:
+            self.ui.modelInfoLabel.text = str(exc)
+        if self._parameterNode:
+            self._parameterNode.model = self._model() or ""
+
+    # ----------------------------------------------------------------- running
+    def onApplyButton(self) -> None:
+        if not self._ensureDependencies():
+            return
+        p = self._parameterNode
+        settings = RunSettings(steps=int(p.steps), strength=p.strength, alpha0=p.alpha0, k=p.k, eta=p.eta,
+                               samples=int(p.samples), seed=int(p.seed))
+        info = TASK_INFO[p.task]
+        mask = p.maskNode if info["mask"] != "unused" else None
+        volume = p.inputVolume if info["volume"] != "unused" else None
+        try:
+            with slicer.util.tryWithErrorDisplay(_("USB could not start."), waitCursor=True):
+                self._run = self.logic.start(p.task, volume, mask, p.segmentId or None, settings, self._model(),
+                                             p.device, frames=int(p.frames) if p.task is Task.EMBED else 0)
+        except Exception:  # shown to the user by tryWithErrorDisplay
+            return
+        self._setRunning(True, _("Starting ({task})...").format(task=info["label"]))
+        self._timer.start()
+
+    def onCancelButton(self) -> None:
+        self._stopRun()
+        self.ui.statusLabel.text = _("Cancelled; nothing was added to the scene.")
+
+    def _stopRun(self) -> None:
+        self._timer.stop()
+        if self._run is not None:
+            self.logic.cancel(self._run)
+            self._run = None
+        if hasattr(self, "ui"):
+            self._setRunning(False)
+
+    def _onPoll(self) -> None:
+        run = self._run
+        if run is None:
+            self._timer.stop()
+            return
+        for event in run.process.poll():
+            if event.kind == "progress" and event.total > 0:
+                self.ui.progressBar.maximum = event.total
+                self.ui.progressBar.value = event.done
+                self.ui.progressBar.format = f"{event.text} %p%" if event.text else "%p%"
+            elif event.kind == "log":
+                logging.info("USB worker: %s", event.text)
+        if run.process.running:
+            return
+        self._timer.stop()
+        self._run = None
+        try:
+            with slicer.util.tryWithErrorDisplay(_("USB failed."), waitCursor=True):
+                outputs = self.logic.finish(run)
+                if self._parameterNode.showComparison and outputs.volume is not None:
+                    show_comparison(outputs.volume, run.volume_node)
+                names = ", ".join(node.GetName() for node in outputs.nodes if not node.IsA("vtkMRMLSequenceBrowserNode"))
+                self.ui.statusLabel.text = _("Done in {s:.0f} s: {names}").format(s=outputs.seconds, names=names)
+        except Exception as exc:  # already shown by tryWithErrorDisplay
+            self.ui.statusLabel.text = str(exc)
+        finally:
+            self._setRunning(False)
+
+    def _setRunning(self, running: bool, message: str = "") -> None:
+        self.ui.cancelButton.visible = running
+        self.ui.applyButton.visible = not running
+        self.ui.progressBar.visible = running
+        if running:
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = message
+        for section in (self.ui.inputsCollapsibleButton, self.ui.guidanceCollapsibleButton,
+                        self.ui.advancedCollapsibleButton):
+            section.enabled = not running
+        if self._parameterNode:
+            self._updateState()
+
+    def _ensureDependencies(self) -> bool:
+        """Ask once, listing every missing package; install torch via the PyTorch extension, the rest via pip."""
+        plan = dependencies.install_plan()
+        if plan.empty:
+            return True
+        if not slicer.util.confirmOkCancelDisplay(plan.describe(), windowTitle=_("USB needs Python packages")):
+            return False
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Installing USB's Python packages failed."), waitCursor=True):
+                dependencies.install(plan, log=lambda message: setattr(self.ui.statusLabel, "text", message))
+        except dependencies.DependencyError as exc:
+            if exc.restart_required and slicer.util.confirmYesNoDisplay(_("Restart Slicer now?")):
+                slicer.util.restart()
+            return False
+        except Exception:
+            return False
+        return True
+
+
+class USBEditorLogic(ScriptedLoadableModuleLogic, EditorLogic):
+    """Slicer logic: the Qt-free ``EditorLogic`` plus the module's parameter node."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        EditorLogic.__init__(self)
+
+    def getParameterNode(self) -> USBEditorParameterNode:
+        return USBEditorParameterNode(super().getParameterNode())
+
+
+class USBEditorTest(ScriptedLoadableModuleTest):
+    """Self-test in a real Slicer: heals and embeds on the bundled sample with the default model (few steps)."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_heal_and_embed_sample()
+        self.setUp()
+        self.test_bad_input_is_a_clear_error()
+
+    def _sample(self):
+        from USBLib.demo import sample_files
+
+        files = sample_files()
+        volume = slicer.util.loadVolume(str(files["image"]))
+        lesion = slicer.util.loadLabelVolume(str(files["lesion"]))
+        embed = slicer.util.loadLabelVolume(str(files["embed"]))
+        return volume, lesion, embed
+
+    def test_heal_and_embed_sample(self):
+        import numpy as np
+
+        self.delayDisplay("Loading the sample scan")
+        if not dependencies.install_plan().empty:
+            self.delayDisplay("USB's Python packages are not installed; skipping the model run")
+            return
+        volume, lesion, embed = self._sample()
+        before = slicer.util.arrayFromVolume(volume).copy()
+        logic = USBEditorLogic()
+        fast = RunSettings(steps=10, strength=0.3)
+        self.delayDisplay("Removing the lesion")
+        healed = logic.run(Task.HEAL, volume, lesion, settings=fast)
+        self.assertEqual(healed.volume.GetName(), f"{volume.GetName()} healed")
+        inside = slicer.util.arrayFromVolume(lesion) > 0
+        self.assertGreater(slicer.util.arrayFromVolume(healed.volume)[inside].mean(), before[inside].mean())
+        self.delayDisplay("Embedding a lesion")
+        embedded = logic.run(Task.EMBED, volume, embed, settings=RunSettings(steps=10, strength=0.6))
+        self.assertEqual(embedded.volume.GetName(), f"{volume.GetName()} + lesion")
+        self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(volume), before), "the input was modified")
+        show_comparison(healed.volume, volume)
+        self.delayDisplay("Test passed")
+
+    def test_bad_input_is_a_clear_error(self):
+        volume, _lesion, _embed = self._sample()
+        empty = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty")
+        empty.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        sid = empty.GetSegmentation().AddEmptySegment("lesion")
+        with self.assertRaises(USBEditorError):
+            USBEditorLogic().run(Task.EMBED, volume, empty, sid)
+        self.delayDisplay("Test passed")
+

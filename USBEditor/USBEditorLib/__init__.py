@@ -1,0 +1,1 @@
+"""Qt-free library of the USBEditor Slicer module: logic (MRML <-> USBLib), background worker, dependencies."""
