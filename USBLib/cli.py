@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,6 +36,10 @@ def _common(p: argparse.ArgumentParser, samples: bool = True) -> None:
 
 def _edit_options(p: argparse.ArgumentParser, eta: bool) -> None:
     p.add_argument("--brain-mask", type=Path, help="brain mask of the input (also helps registration)")
+    _guidance_options(p, eta)
+
+
+def _guidance_options(p: argparse.ArgumentParser, eta: bool) -> None:
     p.add_argument("--strength", type=float, help="edit start as a fraction of the noise schedule, in (0, 1]")
     p.add_argument("--alpha0", type=float, help="ACG alpha0 (eq. 12): larger = more freedom; 0 switches ACG off")
     p.add_argument("--k", type=float, help="ACG decay k (eq. 12): how much freer the early steps are")
@@ -81,6 +84,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", type=Path, help="scan whose space (and units) the output takes; the mask "
                                                   "must be on its grid")
     p.add_argument("--resample-mask", action="store_true", help="resample the mask onto the reference grid")
+    _common(p)
+
+    p = sub.add_parser("batch", help="heal many scans (BIDS dataset, folder or CSV) into a BIDS derivatives folder",
+                       description="Heal every T1w scan that has a lesion mask; resumable, parallel, with an HTML "
+                                   "QC report (OUT/qc/index.html). Exit code 0: every scan healed or up to date "
+                                   "(scans without a mask are reported, not failed); 3: some scans failed.")
+    p.add_argument("source", type=Path, help="BIDS dataset, folder of scans, or CSV with image,mask[,id] columns")
+    p.add_argument("--out", type=Path, required=True, help="derivatives folder to write (created if needed)")
+    p.add_argument("--masks", type=Path, help="where the lesion masks are (a BIDS derivatives dataset or folder; "
+                                              "default: the dataset itself and its derivatives/*)")
+    p.add_argument("--mask-pattern", help="mask path template relative to the mask folder, with {sub} {ses} "
+                                          "{entities} {anat} and * wildcards, e.g. "
+                                          "'{anat}/{entities}_space-orig_label-lesion_mask.nii.gz'")
+    p.add_argument("--participant-label", nargs="+", default=[], metavar="LABEL", help="only these subjects")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes (one GPU each when GPUs are used)")
+    p.add_argument("--shard", help="i/n: only every n-th scan starting at the i-th (array jobs on a cluster); "
+                                   "under torchrun, RANK/WORLD_SIZE are used when this is not given")
+    p.add_argument("--without-mask", choices=("skip", "copy"), default="skip",
+                   help="scans without a lesion mask: skip them (default) or copy them unchanged")
+    p.add_argument("--no-qc", action="store_true", help="no montages (the HTML report is still written)")
+    _guidance_options(p, eta=False)
     _common(p)
 
     p = sub.add_parser("info", help="describe a model bundle")
@@ -154,15 +178,9 @@ def _load_image(path: Path, what: str = "input image"):
 
 
 def _write_result(out: Path, data, affine, header, provenance: dict[str, Any], inputs: dict[str, Path | None]) -> None:
-    from .bundle import sha256_of
-    from .io import sidecar_path, write_json, write_volume
+    from .io import write_result
 
-    write_volume(out, data, affine, header)
-    prov = dict(provenance)
-    prov["inputs"] = {k: {"path": str(v), "sha256": sha256_of(v)} for k, v in inputs.items() if v is not None}
-    prov["output"] = str(out)
-    prov["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    write_json(sidecar_path(out), prov)
+    write_result(out, data, affine, header, provenance, inputs)
 
 
 def _editor(args):
@@ -299,6 +317,20 @@ def cmd_demo(args) -> int:
     return EXIT_OK
 
 
+def cmd_batch(args) -> int:
+    from .batch import BatchSettings
+    from .batch_run import run_cli
+
+    if args.uncertainty is not None:
+        raise InputError("--uncertainty is not available in batch mode")
+    settings = BatchSettings(model=args.model, device=args.device, steps=args.steps, strength=args.strength,
+                             alpha0=args.alpha0, k=args.k, eta=args.eta, margin_mm=args.margin_mm,
+                             samples=args.samples, seed=args.seed, registration=args.registration,
+                             resample_mask=args.resample_mask, without_mask=args.without_mask, qc=not args.no_qc)
+    return run_cli(args.source, args.out, settings, masks=args.masks, mask_pattern=args.mask_pattern,
+                   participants=args.participant_label, jobs=args.jobs, shard_spec=args.shard, quiet=args.quiet)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``usb`` console script."""
     try:
@@ -307,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     commands = {"heal": lambda a: cmd_edit(a, "heal"), "embed": lambda a: cmd_edit(a, "embed"),
                 "generate": cmd_generate, "generate-from-mask": cmd_generate_from_mask, "info": cmd_info,
-                "demo": cmd_demo}
+                "demo": cmd_demo, "batch": cmd_batch}
     try:
         from .pipeline import threads_from_env
 

@@ -171,6 +171,29 @@ def write_json(path: os.PathLike | str, payload: dict) -> Path:
     return path
 
 
+def write_result(out: os.PathLike | str, data: np.ndarray, affine: np.ndarray, header: Any, provenance: dict,
+                 inputs: dict[str, Any], extra: dict | None = None) -> dict:
+    """Write an output volume, then its sidecar (provenance, inputs' and output's sha256); returns the sidecar.
+
+    The image is written first and the sidecar last, both atomically, so a sidecar always describes a complete
+    output: a run that dies in between leaves an output without sidecar, which resuming redoes.
+    """
+    import time
+
+    from .bundle import sha256_of
+
+    out = Path(out)
+    write_volume(out, data, affine, header)
+    sidecar = dict(provenance)
+    sidecar["inputs"] = {k: {"path": str(v), "sha256": sha256_of(Path(v))} for k, v in inputs.items() if v is not None}
+    sidecar["output"] = str(out)
+    sidecar["output_sha256"] = sha256_of(out)
+    sidecar["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    sidecar.update(extra or {})
+    write_json(sidecar_path(out), sidecar)
+    return sidecar
+
+
 def cast_like(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Cast float results to an input's dtype: rounded and clipped to the range of integer types."""
     dtype = np.dtype(dtype)

@@ -1,0 +1,154 @@
+"""``usb batch`` on a tiny BIDS tree built here: outputs, sidecars, skip on rerun, failures recorded, report."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import make_scan
+from USBLib.batch_inputs import find_subjects, shard
+from USBLib.cli import main
+from USBLib.errors import InputError
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save(path: Path, data, affine) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return path
+
+
+@pytest.fixture
+def bids(tmp_path):
+    """sub-01 (lesion mask in derivatives), sub-02 session 1 (no mask), sub-03 (corrupt image file)."""
+    root = tmp_path / "bids"
+    root.mkdir()
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "tiny", "BIDSVersion": "1.9.0"}))
+    img, mask, aff = make_scan("oblique")
+    save(root / "sub-01/anat/sub-01_T1w.nii.gz", img, aff)
+    save(root / "derivatives/lesions/sub-01/anat/sub-01_label-lesion_mask.nii.gz", mask, aff)
+    save(root / "sub-02/ses-1/anat/sub-02_ses-1_T1w.nii.gz", img, aff)
+    broken = root / "sub-03/anat/sub-03_T1w.nii.gz"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(save(tmp_path / "x.nii.gz", img, aff).read_bytes()[:300])  # truncated gzip
+    save(root / "derivatives/lesions/sub-03/anat/sub-03_label-lesion_mask.nii.gz", mask, aff)
+    return root
+
+
+def run(bids: Path, out: Path, model, *extra: str) -> int:
+    return main(["batch", str(bids), "--out", str(out), "--model", str(model.root), "--steps", "2", "--quiet",
+                 "--device", "cpu", *extra])
+
+
+def records(out: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in (out / "qc" / "records").glob("*.json")}
+
+
+def test_batch_writes_derivatives_records_failures_and_resumes(bids, tmp_path, tiny_bundle):
+    out = tmp_path / "derivatives-usb"
+    inputs_before = {p: sha(p) for p in bids.rglob("*.nii.gz")}
+    assert run(bids, out, tiny_bundle) == 3  # sub-03 failed
+
+    desc = json.loads((out / "dataset_description.json").read_text())
+    assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Name"] == "USB"
+    healed = out / "sub-01/anat/sub-01_desc-healed_T1w.nii.gz"
+    src = nib.load(str(bids / "sub-01/anat/sub-01_T1w.nii.gz"))
+    result = nib.load(str(healed))
+    np.testing.assert_allclose(result.affine, src.affine, atol=1e-6)
+    assert result.get_data_dtype() == src.get_data_dtype()
+    assert int(result.header["sform_code"]) == int(src.header["sform_code"])
+    assert not np.array_equal(np.asarray(result.dataobj), np.asarray(src.dataobj))
+    sidecar = json.loads((out / "sub-01/anat/sub-01_desc-healed_T1w.json").read_text())
+    assert sidecar["output_sha256"] == sha(healed)
+    assert sidecar["inputs"]["image"]["sha256"] == inputs_before[bids / "sub-01/anat/sub-01_T1w.nii.gz"]
+    assert sidecar["Sources"] == ["bids:raw:sub-01/anat/sub-01_T1w.nii.gz"] and sidecar["lesion_volume_ml"] > 0
+    assert sidecar["task"] == "heal" and sidecar["settings"]["steps"] == 2
+
+    recs = records(out)
+    assert recs["sub-01"]["status"] == "healed" and recs["sub-01"]["qc"] == "sub-01.png"
+    assert recs["sub-02_ses-1"]["status"] == "no-mask"
+    assert recs["sub-03"]["status"] == "failed" and "sub-03_T1w.nii.gz" in recs["sub-03"]["message"]
+    assert not (out / "sub-02").exists() and not (out / "sub-03").exists()
+    assert (out / "qc" / "sub-01.png").stat().st_size > 1000
+    report = (out / "qc" / "index.html").read_text()
+    for key in ("sub-01", "sub-02_ses-1", "sub-03", "failed", "no-mask", 'src="sub-01.png"'):
+        assert key in report
+    assert not [p for p in out.rglob(".*") if p.name != ".bidsignore"], "temporary files left behind"
+    assert {p: sha(p) for p in bids.rglob("*.nii.gz")} == inputs_before, "an input file changed"
+
+    # rerun: sub-01 is up to date (not rewritten), the failure is recorded again
+    mtime = healed.stat().st_mtime_ns
+    assert run(bids, out, tiny_bundle) == 3
+    assert healed.stat().st_mtime_ns == mtime and records(out)["sub-01"]["status"] == "up-to-date"
+    assert records(out)["sub-01"]["qc"] == "sub-01.png"
+
+    # a damaged output is redone; other settings redo it too
+    healed.write_bytes(healed.read_bytes()[:-10])
+    assert run(bids, out, tiny_bundle, "--participant-label", "01") == 0
+    assert records(out)["sub-01"]["status"] == "healed" and sha(healed) == json.loads(
+        (out / "sub-01/anat/sub-01_desc-healed_T1w.json").read_text())["output_sha256"]
+    assert run(bids, out, tiny_bundle, "--participant-label", "sub-01", "--strength", "0.4") == 0
+    assert records(out)["sub-01"]["status"] == "healed"
+
+
+def test_batch_shards_copies_unmasked_and_runs_workers(bids, tmp_path, tiny_bundle):
+    out = tmp_path / "usb"
+    # shard 2/3 of [sub-01, sub-02_ses-1, sub-03] is sub-02 only; copied unchanged with --without-mask copy
+    assert run(bids, out, tiny_bundle, "--shard", "2/3", "--without-mask", "copy") == 0
+    copied = out / "sub-02/ses-1/anat/sub-02_ses-1_desc-healed_T1w.nii.gz"
+    original = bids / "sub-02/ses-1/anat/sub-02_ses-1_T1w.nii.gz"
+    assert np.array_equal(np.asarray(nib.load(str(copied)).dataobj), np.asarray(nib.load(str(original)).dataobj))
+    assert set(records(out)) == {"sub-02_ses-1"} and records(out)["sub-02_ses-1"]["status"] == "copied"
+    # two worker processes for the rest; the report gathers every shard's records
+    assert run(bids, out, tiny_bundle, "--participant-label", "01", "02", "--jobs", "2") == 0
+    assert records(out)["sub-01"]["status"] == "healed"
+    assert records(out)["sub-02_ses-1"]["status"] == "up-to-date"  # the copy from the first shard still holds
+    assert (out / "sub-01/anat/sub-01_desc-healed_T1w.nii.gz").is_file()
+
+
+def test_batch_bad_usage_is_one_line(bids, tmp_path, tiny_bundle, capsys):
+    assert run(bids, bids, tiny_bundle) == 2
+    assert run(tmp_path / "missing", tmp_path / "o", tiny_bundle) == 2
+    assert run(bids, tmp_path / "o", tiny_bundle, "--shard", "4/3") == 2
+    assert main(["batch", str(bids), "--out", str(tmp_path / "o"), "--model", str(tmp_path / "nomodel"),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and all(line.startswith("usb: error:") for line in err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_discovery_of_folders_csv_patterns_and_shards(tmp_path, bids):
+    img, mask, aff = make_scan()
+    folder = tmp_path / "plain"
+    save(folder / "a.nii.gz", img, aff)
+    save(folder / "a_mask.nii.gz", mask, aff)
+    save(folder / "b.nii.gz", img, aff)
+    subjects = find_subjects(folder)
+    assert [(s.key, s.mask.name if s.mask else None) for s in subjects] == [("a", "a_mask.nii.gz"), ("b", None)]
+
+    table = tmp_path / "pairs.csv"
+    table.write_text("image,mask,id\nplain/a.nii.gz,plain/a_mask.nii.gz,first\nplain/b.nii.gz,,second\n")
+    subjects = find_subjects(table)
+    assert [s.key for s in subjects] == ["first", "second"] and subjects[0].mask == (folder / "a_mask.nii.gz").resolve()
+    (tmp_path / "bad.csv").write_text("path\nx.nii.gz\n")
+    with pytest.raises(InputError, match="header row"):
+        find_subjects(tmp_path / "bad.csv")
+
+    masks = tmp_path / "lesions"
+    save(masks / "sub-02/ses-1/anat/sub-02_ses-1_space-orig_lesion.nii.gz", mask, aff)
+    found = {s.key: s.mask for s in find_subjects(bids, masks, "{anat}/{entities}_space-orig_lesion.nii.gz")}
+    assert found["sub-02_ses-1"] is not None and found["sub-01"] is None
+    keys = [s.key for s in find_subjects(bids)]
+    assert keys == ["sub-01", "sub-02_ses-1", "sub-03"]
+    assert [s.key for s in shard(find_subjects(bids), "1/2")] == ["sub-01", "sub-03"]
+    # two masks for one scan: that scan fails with a clear reason, the others still run
+    save(bids / "derivatives/lesions/sub-01/anat/sub-01_desc-lesion_mask.nii.gz", mask, aff)
+    problem = {s.key: s.problem for s in find_subjects(bids)}["sub-01"]
+    assert "several masks match sub-01_T1w.nii.gz" in problem
