@@ -6,7 +6,7 @@ here: torch and MONAI load in the background worker process when Apply is presse
 from __future__ import annotations
 
 import logging
-import os
+import time
 from typing import Annotated, Optional, Union
 
 import qt
@@ -354,7 +354,9 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if event.kind == "progress" and event.total > 0:
                 self.ui.progressBar.maximum = event.total
                 self.ui.progressBar.value = event.done
-                self.ui.progressBar.format = f"{event.text} %p%" if event.text else "%p%"
+                elapsed = time.perf_counter() - run.started
+                eta = f", {elapsed * (event.total - event.done) / event.done:.0f} s left" if event.done else ""
+                self.ui.progressBar.format = f"{event.text} %p%{eta}"
             elif event.kind == "log":
                 logging.info("USB worker: %s", event.text)
         if run.process.running:

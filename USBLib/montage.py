@@ -17,9 +17,11 @@ def _to_uint8(img: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return (np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
 
 
-def save_montage(path: Path, rows: Sequence[tuple[str, Sequence[np.ndarray], Sequence[str], Sequence[int]]]) -> Path:
+def save_montage(path: Path, rows: Sequence[tuple[str, Sequence[np.ndarray], Sequence[str], Sequence[int]]],
+                 zoom: int = 1) -> Path:
     """Write a PNG with one row per (title, volumes, column labels, centre voxel): axial, coronal and sagittal
-    slices of each volume through the row's centre. Columns labelled 'difference' are shown with a symmetric grey scale."""
+    slices of each volume through the row's centre, each voxel ``zoom`` x ``zoom`` pixels. Columns labelled
+    'difference' are shown with a symmetric grey scale."""
     from PIL import Image, ImageDraw
 
     tiles_rows = []
@@ -37,6 +39,8 @@ def save_montage(path: Path, rows: Sequence[tuple[str, Sequence[np.ndarray], Seq
             height = max(v.shape[0] for v in views)
             pad = [np.pad(v, ((0, height - v.shape[0]), (0, 2))) for v in views]
             tile = np.concatenate(pad, axis=1)
+            if zoom > 1:
+                tile = np.kron(tile, np.ones((zoom, zoom), np.uint8))
             tiles.append((f"{title}: {label}", tile))
         tiles_rows.append(tiles)
     width = max(sum(t.shape[1] + 6 for _, t in row) for row in tiles_rows)

@@ -31,7 +31,8 @@ def lesion_montage(path: Path, key: str, before: np.ndarray, after: np.ndarray, 
         center = np.round(ijk.mean(axis=0)).astype(int) - lo
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
     b, a = np.asarray(before, np.float32)[box], np.asarray(after, np.float32)[box]
-    return save_montage(path, [(key, [b, a, a - b], ["before", "after", "difference (after - before)"], center)])
+    return save_montage(path, [(key, [b, a, a - b], ["before", "after", "difference (after - before)"], center)],
+                        zoom=2)
 
 
 def write_report(out_root: Path, records: Sequence[dict[str, Any]], settings: dict[str, Any]) -> Path:

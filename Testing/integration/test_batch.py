@@ -152,3 +152,14 @@ def test_discovery_of_folders_csv_patterns_and_shards(tmp_path, bids):
     save(bids / "derivatives/lesions/sub-01/anat/sub-01_desc-lesion_mask.nii.gz", mask, aff)
     problem = {s.key: s.problem for s in find_subjects(bids)}["sub-01"]
     assert "several masks match sub-01_T1w.nii.gz" in problem
+
+
+def test_torchrun_ranks_pick_their_shard(monkeypatch):
+    from USBLib.batch_run import torchrun_shard
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert torchrun_shard("cpu") == (None, "cpu")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert torchrun_shard("cpu") == ("3/4", "cpu")
