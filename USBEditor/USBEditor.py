@@ -69,6 +69,7 @@ class USBEditorParameterNode:
     device: Device = Device.AUTO
     model: str = ""
     showComparison: bool = True
+    resampleMask: bool = True
 
 
 class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -327,7 +328,8 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             with slicer.util.tryWithErrorDisplay(_("USB could not start."), waitCursor=True):
                 self._run = self.logic.start(p.task, volume, mask, p.segmentId or None, settings, self._model(),
-                                             p.device, frames=int(p.frames) if p.task is Task.EMBED else 0)
+                                             p.device, frames=int(p.frames) if p.task is Task.EMBED else 0,
+                                             resample_mask=p.resampleMask)
         except Exception:  # shown to the user by tryWithErrorDisplay
             return
         self._setRunning(True, _("Starting ({task})...").format(task=info["label"]))

@@ -11,7 +11,7 @@ from .batch import BatchSettings, batch_key, load_records, prepare_output, run_b
 from .batch_inputs import find_subjects, shard
 from .errors import InputError
 
-EXIT_SOME_FAILED = 3
+EXIT_SOME_FAILED, EXIT_CANCELLED = 3, 130
 
 
 def torchrun_shard(device: str) -> tuple[Optional[str], str]:
@@ -58,17 +58,25 @@ def run_cli(source: Path, out: Path, settings: BatchSettings, masks: Optional[Pa
     key = batch_key(sha256_of(bundle.root / BUNDLE_FILE), settings)
     prepare_output(out, source)
     mine: list[str] = []
-    with tqdm(total=len(subjects), desc="usb batch", unit="scan", disable=quiet, file=sys.stderr) as bar:
-        for record in run_batch(subjects, out, settings, key, jobs=jobs,
-                                source=source if source.is_dir() else None,
-                                gpu_count=_gpu_count(settings.device, jobs)):
-            mine.append(record.status)
-            bar.update(1)
-            if not quiet:
-                tail = f" ({record.message})" if record.message and record.status != "healed" else ""
-                bar.write(f"{record.key}: {record.status}{tail}")
+    interrupted = False
+    try:
+        with tqdm(total=len(subjects), desc="usb batch", unit="scan", disable=quiet, file=sys.stderr) as bar:
+            for record in run_batch(subjects, out, settings, key, jobs=jobs,
+                                    source=source if source.is_dir() else None,
+                                    gpu_count=_gpu_count(settings.device, jobs)):
+                mine.append(record.status)
+                bar.update(1)
+                if not quiet:
+                    tail = f" ({record.message})" if record.message and record.status != "healed" else ""
+                    bar.write(f"{record.key}: {record.status}{tail}")
+    except KeyboardInterrupt:
+        interrupted = True
     report = write_report(out, load_records(out), dict(asdict(settings), model_bundle=str(bundle.root), batch_key=key))
     counts = {s: mine.count(s) for s in dict.fromkeys(mine)}
     summary = ", ".join(f"{n} {s}" for s, n in counts.items()) or "nothing to do"
+    if interrupted:
+        print(f"usb batch: cancelled after {len(mine)} of {len(subjects)} scans ({summary}); finished scans are "
+              f"kept and the same command resumes; report: {report}", file=sys.stderr)
+        return EXIT_CANCELLED
     print(f"usb batch: {len(mine)} scans: {summary}; report: {report}")
     return EXIT_SOME_FAILED if "failed" in counts else 0

@@ -163,3 +163,39 @@ def test_torchrun_ranks_pick_their_shard(monkeypatch):
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert torchrun_shard("cpu") == ("3/4", "cpu")
+
+
+def test_ctrl_c_leaves_only_whole_files_and_the_rerun_resumes(tmp_path, tiny_bundle):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = tmp_path / "bids"
+    img, mask, aff = make_scan()
+    for i in range(1, 9):
+        save(root / f"sub-{i:02d}/anat/sub-{i:02d}_T1w.nii.gz", (img + i).astype(img.dtype), aff)
+        save(root / f"sub-{i:02d}/anat/sub-{i:02d}_label-lesion_mask.nii.gz", mask, aff)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "USBLib.cli", "batch", str(root), "--out", str(out), "--model", str(tiny_bundle.root),
+           "--steps", "300", "--device", "cpu", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((out / "qc" / "records").glob("*.json")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "finished scans are kept" in err
+    outputs = sorted(out.rglob("*_desc-healed_T1w.nii.gz"))
+    done = [p for p in outputs if p.with_name(p.name.replace(".nii.gz", ".json")).is_file()]
+    assert 1 <= len(done) < 8 and len(outputs) - len(done) <= 1  # (stopped between image and sidecar: redone)
+    for path in outputs:  # whole files only: each loads, and a sidecar describes exactly its image
+        assert np.asarray(nib.load(str(path)).dataobj).shape == img.shape
+        if path in done:
+            assert json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())["output_sha256"] == sha(path)
+    assert not [p for p in out.rglob(".*") if p.name != ".bidsignore"], "temporary files left behind"
+    assert (out / "qc" / "index.html").is_file()
+    assert main(cmd[3:]) == 0  # the same command resumes
+    statuses = {k: r["status"] for k, r in records(out).items()}
+    assert len(statuses) == 8 and list(statuses.values()).count("up-to-date") == len(done)

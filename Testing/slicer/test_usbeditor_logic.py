@@ -94,6 +94,27 @@ def test_embed_with_labelmap_on_another_grid(t1, logic, tiny_model, tmp_path):
     assert out.provenance["mask_voxels"] > 0
 
 
+def test_segment_on_a_cropped_copy_of_the_grid_needs_no_resampling(t1, logic, tiny_model, tmp_path):
+    volume, _, _, mask, aff = t1
+    crop = aff.copy()
+    crop[:3, 3] = aff[:3, :3] @ np.array([10, 15, 8]) + aff[:3, 3]  # same voxels, starting at (10, 15, 8)
+    sub = load_nifti(tmp_path, "crop", np.ones((30, 30, 30), np.int16), crop)
+    seg, sid = segmentation_from_mask("Cropped", mask[10:40, 15:45, 8:38], sub)
+    out = logic.run(Task.HEAL, volume, seg, sid, RunSettings(steps=2), model=tiny_model, resample_mask=False)
+    assert out.provenance["mask_voxels"] == int(mask[10:40, 15:45, 8:38].sum())
+
+
+def test_segment_drawn_on_another_grid_is_resampled_onto_the_scan(t1, logic, tiny_model, tmp_path):
+    volume, _, _, mask, aff = t1
+    fine, shape = np.diag([2.0, 2.0, 2.0, 1.0]), (100, 110, 100)
+    fine[:3, 3] = aff[:3, 3] - 10.0
+    other = load_nifti(tmp_path, "fine", np.ones(shape, np.int16), fine)
+    seg, sid = segmentation_from_mask("Fine", phantoms.sphere_mask(shape, fine, (28.0, 5.0, 20.0), 9.0), other)
+    out = logic.run(Task.HEAL, volume, seg, sid, RunSettings(steps=2), model=tiny_model)
+    # the same 9 mm sphere, now on the scan's 3.5 mm grid: about the voxels of the scan's own lesion mask
+    assert 0.5 * mask.sum() < out.provenance["mask_voxels"] < 2.0 * mask.sum()
+
+
 def test_heal_twice_names_outputs_uniquely(t1, logic, tiny_model):
     volume, seg, segment_id, _, _ = t1
     names = [logic.run(Task.HEAL, volume, seg, segment_id, RunSettings(steps=2), model=tiny_model).volume.GetName()
@@ -182,6 +203,7 @@ def test_started_run_can_be_cancelled_and_its_files_go(t1, logic, tiny_model, sc
     ("other place", "does not overlap volume"),
     ("empty labelmap", "is empty"),
     ("progression heal", "progression series"),
+    ("other grid, no resampling", "drawn on another image grid"),
 ])
 def test_bad_inputs_raise_clear_errors(t1, logic, tiny_model, tmp_path, scene, case, message):
     volume, seg, segment_id, mask, aff = t1
@@ -202,11 +224,19 @@ def test_bad_inputs_raise_clear_errors(t1, logic, tiny_model, tmp_path, scene, c
         args = (volume, far_seg, far_id)
     elif case == "empty labelmap":
         args = (volume, load_nifti(tmp_path, "empty", np.zeros(mask.shape, np.uint8), aff, labelmap=True), None)
-    else:
+    elif case == "progression heal":
         task, frames = Task.HEAL, 3
+    resample = True
+    if case == "other grid, no resampling":  # the same lesion drawn on a 2 mm axis-aligned grid
+        fine = np.diag([2.0, 2.0, 2.0, 1.0])
+        fine[:3, 3] = aff[:3, 3] - 10.0
+        shape = (100, 110, 100)
+        other = load_nifti(tmp_path, "fine", np.ones(shape, np.int16), fine)
+        moved, moved_id = segmentation_from_mask("Fine", phantoms.sphere_mask(shape, fine, (28.0, 5.0, 20.0), 9.0), other)
+        args, resample = (volume, moved, moved_id), False
     before_nodes = node_ids(scene)
     with pytest.raises(USBEditorError, match=message) as err:
-        logic.run(task, *args, settings=FAST, model=tiny_model, frames=frames)
+        logic.run(task, *args, settings=FAST, model=tiny_model, frames=frames, resample_mask=resample)
     assert "\n" not in str(err.value)
     assert node_ids(scene) == before_nodes
 

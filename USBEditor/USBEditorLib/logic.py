@@ -176,14 +176,33 @@ def _same_geometry(a, b) -> bool:
             and np.allclose(ijk_to_ras(a), ijk_to_ras(b), atol=1e-4))
 
 
+def _on_volume_lattice(seg_node, segment_id: str, volume_node) -> bool:
+    """True when the segment's labelmap voxels are the volume's voxels (same axes, spacing and voxel corners)."""
+    image = slicer.vtkOrientedImageData()
+    seg_node.GetBinaryLabelmapRepresentation(segment_id, image)
+    matrix = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(matrix)
+    seg, vol = slicer.util.arrayFromVTKMatrix(matrix), ijk_to_ras(volume_node)
+    if not np.allclose(seg[:3, :3], vol[:3, :3], atol=1e-4):
+        return False
+    offset = np.linalg.solve(vol[:3, :3], seg[:3, 3] - vol[:3, 3])
+    return bool(np.allclose(offset, np.round(offset), atol=1e-3))
+
+
+def _other_grid_error(what: str, volume_node) -> USBEditorError:
+    return USBEditorError(f"{what} was drawn on another image grid than '{volume_node.GetName()}'; turn on "
+                          "'Resample masks drawn on another image' (Advanced) to resample it (nearest neighbour).")
+
+
 def _segment_is_empty(seg_node, segment_id: str) -> bool:
     segment = seg_node.GetSegmentation().GetSegment(segment_id)
     labelmap = slicer.util.arrayFromSegmentInternalBinaryLabelmap(seg_node, segment_id)
     return labelmap is None or not np.any(labelmap == segment.GetLabelValue())
 
 
-def segment_to_mask(seg_node, segment_id: Optional[str], volume_node) -> np.ndarray:
-    """uint8 mask [I,J,K] of a segment on the volume's grid (resampled by Slicer when it was drawn elsewhere)."""
+def segment_to_mask(seg_node, segment_id: Optional[str], volume_node, resample: bool = True) -> np.ndarray:
+    """uint8 mask [I,J,K] of a segment on the volume's grid; one drawn on another grid is resampled by Slicer
+    (nearest neighbour) when ``resample``, else refused."""
     segmentation = seg_node.GetSegmentation()
     if not segment_id:
         if segmentation.GetNumberOfSegments() != 1:
@@ -195,6 +214,8 @@ def segment_to_mask(seg_node, segment_id: Optional[str], volume_node) -> np.ndar
     name = segment.GetName()
     if _segment_is_empty(seg_node, segment_id):
         raise USBEditorError(f"Segment '{name}' is empty: paint the lesion or load a mask first.")
+    if not resample and not _on_volume_lattice(seg_node, segment_id, volume_node):
+        raise _other_grid_error(f"Segment '{name}'", volume_node)
     mask = slicer.util.arrayFromSegmentBinaryLabelmap(seg_node, segment_id, volume_node)
     if mask is None or not mask.any():
         raise USBEditorError(f"Segment '{name}' does not overlap volume '{volume_node.GetName()}': "
@@ -202,12 +223,14 @@ def segment_to_mask(seg_node, segment_id: Optional[str], volume_node) -> np.ndar
     return (mask.transpose(2, 1, 0) > 0).astype(np.uint8)
 
 
-def labelmap_to_mask(label_node, volume_node) -> np.ndarray:
-    """uint8 mask [I,J,K] (all non-zero labels) of a labelmap volume on the volume's grid."""
+def labelmap_to_mask(label_node, volume_node, resample: bool = True) -> np.ndarray:
+    """uint8 mask [I,J,K] (all non-zero labels) of a labelmap volume on the volume's grid (resampled if allowed)."""
     if label_node.GetImageData() is None or not slicer.util.arrayFromVolume(label_node).any():
         raise USBEditorError(f"Labelmap '{label_node.GetName()}' is empty: it marks no lesion voxel.")
     if _same_geometry(label_node, volume_node):
         return (slicer.util.arrayFromVolume(label_node).transpose(2, 1, 0) > 0).astype(np.uint8)
+    if not resample:
+        raise _other_grid_error(f"Labelmap '{label_node.GetName()}'", volume_node)
     scene = slicer.mrmlScene
     temp = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "__usb_temp_mask")
     try:
@@ -228,15 +251,15 @@ def labelmap_to_mask(label_node, volume_node) -> np.ndarray:
     return (mask.transpose(2, 1, 0) > 0).astype(np.uint8)
 
 
-def mask_from_node(mask_node, segment_id: Optional[str], volume_node) -> tuple[np.ndarray, str]:
+def mask_from_node(mask_node, segment_id: Optional[str], volume_node, resample: bool = True) -> tuple[np.ndarray, str]:
     """(mask [I,J,K] on the volume's grid, a name for it) from a segmentation or labelmap node."""
     if mask_node.IsA("vtkMRMLSegmentationNode"):
-        mask = segment_to_mask(mask_node, segment_id, volume_node)
+        mask = segment_to_mask(mask_node, segment_id, volume_node, resample)
         segmentation = mask_node.GetSegmentation()
         sid = segment_id or segmentation.GetNthSegmentID(0)
         return mask, segmentation.GetSegment(sid).GetName()
     if mask_node.IsA("vtkMRMLLabelMapVolumeNode"):
-        return labelmap_to_mask(mask_node, volume_node), mask_node.GetName()
+        return labelmap_to_mask(mask_node, volume_node, resample), mask_node.GetName()
     raise USBEditorError(f"'{mask_node.GetName()}' is neither a segmentation nor a labelmap.")
 
 
@@ -280,8 +303,10 @@ class EditorLogic:
     # ---- starting
     def start(self, task: Task, volume_node=None, mask_node=None, segment_id: Optional[str] = None,
               settings: Optional[RunSettings] = None, model: Optional[str] = None, device: Device = Device.AUTO,
-              frames: int = 0) -> Run:
-        """Check the inputs, write the job and start the worker. Raises ``USBEditorError`` for bad input."""
+              frames: int = 0, resample_mask: bool = True) -> Run:
+        """Check the inputs, write the job and start the worker. Raises ``USBEditorError`` for bad input.
+
+        ``frames`` >= 2 makes an embed a progression series; ``resample_mask`` allows masks on another grid."""
         task, device = Task(task), Device(device)
         info = TASK_INFO[task]
         settings = settings or default_settings(task, model)
@@ -291,13 +316,14 @@ class EditorLogic:
             raise USBEditorError("Select the lesion: a segment or a labelmap.")
         if info["volume"] == "unused":
             volume_node = mask_node = None
+        frames = int(frames) if int(frames) >= 2 else 0
         if frames and task is not Task.EMBED:
             raise USBEditorError("A progression series is made by 'Embed lesion' only.")
         image = volume_to_array(volume_node) if volume_node is not None else None
         mask, mask_name = None, ""
         if mask_node is not None:
             if volume_node is not None:
-                data, mask_name = mask_from_node(mask_node, segment_id, volume_node)
+                data, mask_name = mask_from_node(mask_node, segment_id, volume_node, resample_mask)
                 mask = (data, image[1])
             else:
                 data, affine, mask_name = mask_in_own_space(mask_node, segment_id)
@@ -340,9 +366,9 @@ class EditorLogic:
 
     def run(self, task: Task, volume_node=None, mask_node=None, segment_id: Optional[str] = None,
             settings: Optional[RunSettings] = None, model: Optional[str] = None, device: Device = Device.AUTO,
-            frames: int = 0, progress: Optional[Progress] = None) -> Outputs:
+            frames: int = 0, resample_mask: bool = True, progress: Optional[Progress] = None) -> Outputs:
         """Blocking run for scripts and tests; ``progress(done, total, message)`` returning False cancels."""
-        handle = self.start(task, volume_node, mask_node, segment_id, settings, model, device, frames)
+        handle = self.start(task, volume_node, mask_node, segment_id, settings, model, device, frames, resample_mask)
 
         def on_event(event) -> Optional[bool]:
             if event.kind == "progress" and progress is not None:
