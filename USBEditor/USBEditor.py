@@ -23,7 +23,8 @@ from slicer.util import VTKObservationMixin
 
 from USBEditorLib import dependencies
 from USBEditorLib.logic import (TASK_INFO, Device, EditorLogic, RunSettings, Task, USBEditorError, default_settings,
-                                describe_model, installed_models, show_comparison)
+                                describe_model, installed_models, load_mask, missing_input, new_lesion_segmentation,
+                                segment_choices, segment_editor_node, show_comparison)
 
 OTHER_MODEL = "Other folder..."
 POLL_MS = 200
@@ -187,13 +188,8 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             combo.currentIndex = index
 
-    def _segmentEditorNode(self):
-        node = slicer.mrmlScene.GetSingletonNode("USBEditor", "vtkMRMLSegmentEditorNode")
-        if node is None:
-            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
-            node.SetSingletonTag("USBEditor")
-        self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(node)
-        return node
+    def _segmentEditorNode(self) -> None:
+        self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(segment_editor_node())
 
     # ----------------------------------------------------------------- state of the panel
     def _updateState(self, caller=None, event=None) -> None:
@@ -210,22 +206,10 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             widget.enabled = edit
         self.ui.etaSliderWidget.enabled = edit and p.maskNode is not None
         self.ui.framesSpinBox.enabled = p.task is Task.EMBED
-        reason = self._missingInput()
+        reason = missing_input(p.task, p.inputVolume, p.maskNode, p.segmentId)
         running = self._run is not None
         self.ui.applyButton.enabled = reason is None and not running
         self.ui.applyButton.toolTip = reason or _("Run: {task}").format(task=info["label"])
-
-    def _missingInput(self) -> Optional[str]:
-        p = self._parameterNode
-        info = TASK_INFO[p.task]
-        if info["volume"] == "required" and not p.inputVolume:
-            return _("Select an input volume.")
-        if info["mask"] == "required" and not p.maskNode:
-            return _("Select or paint the lesion.")
-        if (info["mask"] != "unused" and p.maskNode and p.maskNode.IsA("vtkMRMLSegmentationNode")
-                and not p.segmentId):
-            return _("Select the lesion segment.")
-        return None
 
     def onTaskChanged(self, index: int = 0) -> None:
         if self._parameterNode:
@@ -246,16 +230,15 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         combo, p = self.ui.segmentComboBox, self._parameterNode
         wasBlocked = combo.blockSignals(True)
         combo.clear()
-        mask = self.ui.maskSelector.currentNode()  # (the parameter node may not have seen the change yet)
-        if mask is not None and mask.IsA("vtkMRMLSegmentationNode"):
-            segmentation = mask.GetSegmentation()
-            ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
-            for sid in ids:
-                combo.addItem(segmentation.GetSegment(sid).GetName(), sid)
-            if ids and p.segmentId not in ids:
-                p.segmentId = ids[0]
-            if p.segmentId in ids:
-                combo.currentIndex = ids.index(p.segmentId)
+        # (the selector, not the parameter node: the node may not have seen the change yet)
+        choices = segment_choices(self.ui.maskSelector.currentNode())
+        for name, sid in choices:
+            combo.addItem(name, sid)
+        ids = [sid for _name, sid in choices]
+        if ids and p.segmentId not in ids:
+            p.segmentId = ids[0]
+        if p.segmentId in ids:
+            combo.currentIndex = ids.index(p.segmentId)
         combo.blockSignals(wasBlocked)
 
     def onSegmentChanged(self, index: int) -> None:
@@ -265,15 +248,11 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onNewLesion(self) -> None:
         """A new segmentation with an empty 'lesion' segment on the input volume, ready to paint."""
-        volume = self.ui.inputVolumeSelector.currentNode()
-        if volume is None:
-            slicer.util.errorDisplay(_("Select the input volume first: the lesion is painted on it."))
+        try:
+            seg, sid = new_lesion_segmentation(self.ui.inputVolumeSelector.currentNode())
+        except USBEditorError as exc:
+            slicer.util.errorDisplay(str(exc))
             return
-        seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode",
-                                                 slicer.mrmlScene.GenerateUniqueName(f"{volume.GetName()} lesion"))
-        seg.CreateDefaultDisplayNodes()
-        seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-        sid = seg.GetSegmentation().AddEmptySegment("lesion", "lesion", (0.95, 0.35, 0.15))
         self._parameterNode.maskNode = seg
         self._parameterNode.segmentId = sid
         self.onMaskChanged()
@@ -285,13 +264,13 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                               _("Masks (*.nii *.nii.gz *.nrrd *.mha *.mgz *.seg.nrrd);;All files (*)"))
         if not path:
             return
-        with slicer.util.tryWithErrorDisplay(_("Could not load the mask."), waitCursor=True):
-            if path.lower().endswith(".seg.nrrd"):
-                node = slicer.util.loadSegmentation(path)
-            else:
-                node = slicer.util.loadLabelVolume(path)
-            self._parameterNode.maskNode = node
-            self.onMaskChanged()
+        try:
+            node = load_mask(path)
+        except USBEditorError as exc:
+            slicer.util.errorDisplay(str(exc))
+            return
+        self._parameterNode.maskNode = node
+        self.onMaskChanged()
 
     def onResetDefaults(self) -> None:
         p = self._parameterNode

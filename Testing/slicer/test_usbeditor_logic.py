@@ -21,7 +21,8 @@ from conftest import make_scan  # noqa: E402  (Testing/conftest.py: phantom scan
 from headless import load_nifti, logic, scene, segmentation_from_mask, slicer_scene  # noqa: E402,F401  (fixtures)
 
 from USBEditorLib.logic import (Device, RunCancelled, RunSettings, Task, USBEditorError, default_settings,  # noqa: E402
-                                describe_model, ijk_to_ras, installed_models)
+                                describe_model, ijk_to_ras, installed_models, load_mask, missing_input,
+                                new_lesion_segmentation, segment_choices, segment_editor_node)
 
 FAST = RunSettings(steps=3, strength=0.5)
 
@@ -274,3 +275,40 @@ def test_shipped_model_heals_the_sample(scene, logic):
     lesion = slicer.util.arrayFromVolume(label) > 0
     assert result[lesion].mean() > original[lesion].mean(), "healing should brighten the T1-dark lesion"
     assert out.provenance["model"]["name"] == "usb-tiny"
+
+
+def test_panel_helpers_on_real_nodes(t1, tmp_path, scene):
+    volume, seg, segment_id, mask, aff = t1
+    assert missing_input(Task.HEAL, None, None, "") == "Select an input volume."
+    assert missing_input(Task.HEAL, volume, None, "") is None  # heal without a mask: inside the whole brain
+    assert missing_input(Task.EMBED, volume, None, "") == "Select or paint the lesion."
+    assert missing_input(Task.EMBED, volume, seg, "") == "Select the lesion segment."
+    assert missing_input(Task.EMBED, volume, seg, segment_id) is None
+    assert missing_input(Task.GENERATE_FROM_MASK, None, seg, segment_id) is None
+    assert missing_input(Task.GENERATE, None, None, "") is None
+    assert segment_choices(seg) == [("lesion", segment_id)] and segment_choices(None) == []
+
+    painted, sid = new_lesion_segmentation(volume)
+    assert painted.GetName() == "T1 lesion" and segment_choices(painted) == [("lesion", sid)]
+    with pytest.raises(USBEditorError, match="Select the input volume first"):
+        new_lesion_segmentation(None)
+
+    labelmap = load_mask(str(save_mask(tmp_path / "m.nii.gz", mask, aff)))
+    assert labelmap.IsA("vtkMRMLLabelMapVolumeNode") and slicer.util.arrayFromVolume(labelmap).sum() == mask.sum()
+    seg.AddDefaultStorageNode()
+    seg.GetStorageNode().SetFileName(str(tmp_path / "lesion.seg.nrrd"))
+    assert seg.GetStorageNode().WriteData(seg)
+    loaded = load_mask(str(tmp_path / "lesion.seg.nrrd"))
+    assert loaded.IsA("vtkMRMLSegmentationNode") and len(segment_choices(loaded)) == 1
+    with pytest.raises(USBEditorError, match="Could not read 'missing.nii.gz'"):
+        load_mask(str(tmp_path / "missing.nii.gz"))
+
+    editor_node = segment_editor_node()
+    assert editor_node.IsA("vtkMRMLSegmentEditorNode") and segment_editor_node() is editor_node
+
+
+def save_mask(path: Path, mask: np.ndarray, affine: np.ndarray) -> Path:
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), str(path))
+    return path

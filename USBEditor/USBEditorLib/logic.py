@@ -292,6 +292,60 @@ def mask_in_own_space(mask_node, segment_id: Optional[str]) -> tuple[np.ndarray,
         scene.RemoveNode(grid)
 
 
+# ----------------------------------------------------------------- panel helpers (Qt-free, used by the widget)
+def missing_input(task: Task, volume_node, mask_node, segment_id: str) -> Optional[str]:
+    """What the user still has to choose before ``task`` can run (the Apply button's tooltip), or None."""
+    info = TASK_INFO[Task(task)]
+    if info["volume"] == "required" and volume_node is None:
+        return "Select an input volume."
+    if info["mask"] == "required" and mask_node is None:
+        return "Select or paint the lesion."
+    if (info["mask"] != "unused" and mask_node is not None and mask_node.IsA("vtkMRMLSegmentationNode")
+            and not segment_id):
+        return "Select the lesion segment."
+    return None
+
+
+def segment_choices(mask_node) -> list[tuple[str, str]]:
+    """(name, segment ID) of every segment of a segmentation node; empty for a labelmap or None."""
+    if mask_node is None or not mask_node.IsA("vtkMRMLSegmentationNode"):
+        return []
+    segmentation = mask_node.GetSegmentation()
+    ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+    return [(segmentation.GetSegment(sid).GetName(), sid) for sid in ids]
+
+
+def new_lesion_segmentation(volume_node) -> tuple[Any, str]:
+    """A segmentation '<volume> lesion' on the volume's grid with one empty 'lesion' segment, ready to paint."""
+    if volume_node is None:
+        raise USBEditorError("Select the input volume first: the lesion is painted on it.")
+    scene = slicer.mrmlScene
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(f"{volume_node.GetName()} lesion"))
+    seg.CreateDefaultDisplayNodes()
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    return seg, seg.GetSegmentation().AddEmptySegment("lesion", "lesion", LESION_COLOR)
+
+
+def load_mask(path: str):
+    """Load a lesion mask file: ``.seg.nrrd`` as a segmentation, anything else as a labelmap volume."""
+    try:
+        if str(path).lower().endswith(".seg.nrrd"):
+            return slicer.util.loadSegmentation(str(path))
+        return slicer.util.loadLabelVolume(str(path))
+    except RuntimeError as exc:  # slicer.util's "Failed to load node from file"
+        raise USBEditorError(f"Could not read '{Path(path).name}' as a mask ({exc}).") from None
+
+
+def segment_editor_node(tag: str = "USBEditor"):
+    """The module's own Segment Editor parameter node (a scene singleton, recreated after a scene close)."""
+    node = slicer.mrmlScene.GetSingletonNode(tag, "vtkMRMLSegmentEditorNode")
+    if node is None:
+        node = slicer.vtkMRMLSegmentEditorNode()
+        node.SetSingletonTag(tag)
+        node = slicer.mrmlScene.AddNode(node)
+    return node
+
+
 # ----------------------------------------------------------------- the logic
 class EditorLogic:
     """Start, watch, cancel and import USB runs on MRML nodes. ``python`` overrides the worker interpreter."""
