@@ -55,6 +55,9 @@ def run_cli(source: Path, out: Path, settings: BatchSettings, masks: Optional[Pa
     if shard_spec or env_shard:
         subjects = shard(subjects, shard_spec or env_shard)
     bundle = load(settings.model)
+    from .devices import pick_device
+
+    pick_device(settings.device)  # an absent GPU is a usage error here, not a failure of every scan
     key = batch_key(sha256_of(bundle.root / BUNDLE_FILE), settings)
     prepare_output(out, source)
     mine: list[str] = []

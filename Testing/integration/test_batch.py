@@ -119,8 +119,10 @@ def test_batch_bad_usage_is_one_line(bids, tmp_path, tiny_bundle, capsys):
     assert run(bids, tmp_path / "o", tiny_bundle, "--shard", "4/3") == 2
     assert main(["batch", str(bids), "--out", str(tmp_path / "o"), "--model", str(tmp_path / "nomodel"),
                  "--quiet"]) == 2
+    assert main(["batch", str(bids), "--out", str(tmp_path / "o"), "--model", str(tiny_bundle.root), "--device", "tpu",
+                 "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 4 and all(line.startswith("usb: error:") for line in err)
+    assert len(err) == 5 and all(line.startswith("usb: error:") for line in err)
     assert not (tmp_path / "o").exists()
 
 
