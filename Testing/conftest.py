@@ -65,3 +65,27 @@ def scan_files(tmp_path):
     embed = phantoms.sphere_mask(SCAN_SHAPE, aff, (-25.0, -10.0, 15.0), 9.0)
     nib.save(nib.Nifti1Image(embed, aff), str(paths["embed"]))
     return paths
+
+
+# ----------------------------------------------------------------- headless Slicer (Testing/slicer)
+@pytest.fixture(scope="session")
+def slicer_scene():
+    """A real MRML scene with application and module logics from slicer-core (see Testing/slicer/headless.py)."""
+    sys.path[:0] = [str(Path(__file__).resolve().parent / "slicer"),
+                    str(Path(__file__).resolve().parents[1] / "USBEditor")]  # as Slicer adds a module's folder
+    import headless
+
+    return headless.bootstrap()
+
+
+@pytest.fixture
+def scene(slicer_scene):
+    yield slicer_scene
+    slicer_scene.Clear(0)
+
+
+@pytest.fixture
+def logic(slicer_scene):
+    from USBEditorLib.logic import EditorLogic
+
+    return EditorLogic(threads=1)

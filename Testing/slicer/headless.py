@@ -90,28 +90,9 @@ def bootstrap() -> "slicer.vtkMRMLScene":
     return scene
 
 
-# ----------------------------------------------------------------- fixtures and helpers for the test modules
+# ----------------------------------------------------------------- helpers for the test modules
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def slicer_scene():
-    return bootstrap()
-
-
-@pytest.fixture
-def scene(slicer_scene):
-    yield slicer_scene
-    slicer_scene.Clear(0)
-
-
-@pytest.fixture
-def logic():
-    from USBEditorLib.logic import EditorLogic
-
-    return EditorLogic(threads=1)
 
 
 def load_nifti(folder: Path, name: str, data: np.ndarray, affine: np.ndarray, labelmap: bool = False):

@@ -18,7 +18,7 @@ sys.path[:0] = [str(HERE), str(HERE.parents[1] / "USBEditor")]  # Slicer puts a 
 import phantoms  # noqa: E402
 import slicer  # noqa: E402
 from conftest import make_scan  # noqa: E402  (Testing/conftest.py: phantom scans)
-from headless import load_nifti, logic, scene, segmentation_from_mask, slicer_scene  # noqa: E402,F401  (fixtures)
+from headless import load_nifti, segmentation_from_mask  # noqa: E402
 
 from USBEditorLib.logic import (Device, RunCancelled, RunSettings, Task, USBEditorError, default_settings,  # noqa: E402
                                 describe_model, ijk_to_ras, installed_models, load_mask, missing_input,
