@@ -71,6 +71,7 @@ class USBEditorParameterNode:
     model: str = ""
     showComparison: bool = True
     resampleMask: bool = True
+    guidanceTask: str = ""  # the task whose defaults the sliders were last set to ("" = never)
 
 
 class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -161,6 +162,8 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ----------------------------------------------------------------- parameter node
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.guidanceTask:  # a new parameter node: start from the model's defaults
+            self._applyDefaults(self._parameterNode.task, guidanceOnly=False)
         if not self._parameterNode.inputVolume:
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if first and not first.IsA("vtkMRMLLabelMapVolumeNode"):
@@ -212,8 +215,13 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.toolTip = reason or _("Run: {task}").format(task=info["label"])
 
     def onTaskChanged(self, index: int = 0) -> None:
-        if self._parameterNode:
-            self._updateState()
+        """A new task brings its own recommended guidance (e.g. heal and embed start at different strengths)."""
+        if not self._parameterNode or not 0 <= index < len(Task):
+            return
+        task = list(Task)[index]  # (the combo lists the tasks in Enum order)
+        if task.value != self._parameterNode.guidanceTask:  # not when a saved scene restores its own values
+            self._applyDefaults(task)
+        self._updateState()
 
     def onMaskChanged(self, node=None) -> None:
         """Keep the segment list and the embedded Segment Editor on the selected segmentation and volume."""
@@ -273,12 +281,22 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.onMaskChanged()
 
     def onResetDefaults(self) -> None:
+        self._applyDefaults(self._parameterNode.task, guidanceOnly=False)
+
+    def _applyDefaults(self, task: Task, guidanceOnly: bool = True) -> None:
+        """The model's recommended settings for ``task``; samples, seed and frames too unless ``guidanceOnly``."""
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay(_("Could not read the model's defaults."), waitCursor=True):
-            settings = default_settings(p.task, self._model())
-            for key in ("alpha0", "k", "eta", "steps", "strength", "samples", "seed"):
-                setattr(p, key, getattr(settings, key))
+        try:
+            settings = default_settings(task, self._model())
+        except USBEditorError as exc:  # e.g. a model folder that is not a bundle: keep the sliders as they are
+            self.ui.statusLabel.text = str(exc)
+            return
+        keys = ["alpha0", "k", "eta", "steps", "strength"] + ([] if guidanceOnly else ["samples", "seed"])
+        for key in keys:
+            setattr(p, key, getattr(settings, key))
+        if not guidanceOnly:
             p.frames = 0
+        p.guidanceTask = task.value
 
     def _model(self) -> Optional[str]:
         if self.ui.modelComboBox.currentText == OTHER_MODEL:

@@ -40,6 +40,7 @@ class BatchSettings:
     k: Optional[float] = None
     eta: Optional[float] = None
     margin_mm: Optional[float] = None
+    prefill: Optional[str] = None
     samples: int = 1
     seed: int = 0
     registration: str = "affine"
@@ -49,7 +50,7 @@ class BatchSettings:
 
     def edit_options(self) -> dict[str, Any]:
         return {"steps": self.steps, "strength": self.strength, "alpha0": self.alpha0, "k": self.k, "eta": self.eta,
-                "margin_mm": self.margin_mm, "samples": self.samples, "seed": self.seed,
+                "margin_mm": self.margin_mm, "prefill": self.prefill, "samples": self.samples, "seed": self.seed,
                 "resample_mask": self.resample_mask}
 
 

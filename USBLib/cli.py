@@ -46,6 +46,9 @@ def _guidance_options(p: argparse.ArgumentParser, eta: bool) -> None:
     p.add_argument("--eta", type=float, help="LCG eta (eq. 14): freedom inside the lesion, 0..1 (0 = off)"
                    if eta else "LCG-style freedom inside a given lesion mask, 0..1 (0 = the paper's plain heal)")
     p.add_argument("--margin", type=float, dest="margin_mm", help="feather width around the mask in mm")
+    if not eta:
+        p.add_argument("--prefill", choices=("none", "harmonic", "biharmonic"),
+                       help="smooth fill of the lesion before the diffusion starts (default: the bundle's)")
     p.add_argument("--resample-mask", action="store_true", help="resample a mask on another grid (nearest)")
     p.add_argument("--registration", choices=("affine", "rigid", "none"), default="affine",
                    help="how to align the scan with the model template (none: already in template space)")
@@ -202,11 +205,12 @@ def cmd_edit(args, task: str) -> int:
     bar = _Bar(args.quiet, task)
     try:
         run = editor.heal if task == "heal" else editor.embed
+        extra = {"prefill": args.prefill} if task == "heal" else {}
         result = run(vol.data, vol.affine, None if mask is None else mask.data,
                      None if brain is None else brain.data, steps=args.steps, strength=args.strength,
                      alpha0=args.alpha0, k=args.k, eta=args.eta, margin_mm=args.margin_mm, samples=args.samples,
                      seed=args.seed, mask_affine=None if mask is None else mask.affine,
-                     resample_mask=args.resample_mask, progress=bar)
+                     resample_mask=args.resample_mask, progress=bar, **extra)
     finally:
         bar.close()
     inputs = {"image": args.input, "mask": args.mask, "brain_mask": args.brain_mask}
@@ -324,7 +328,7 @@ def cmd_batch(args) -> int:
     if args.uncertainty is not None:
         raise InputError("--uncertainty is not available in batch mode")
     settings = BatchSettings(model=args.model, device=args.device, steps=args.steps, strength=args.strength,
-                             alpha0=args.alpha0, k=args.k, eta=args.eta, margin_mm=args.margin_mm,
+                             alpha0=args.alpha0, k=args.k, eta=args.eta, margin_mm=args.margin_mm, prefill=args.prefill,
                              samples=args.samples, seed=args.seed, registration=args.registration,
                              resample_mask=args.resample_mask, without_mask=args.without_mask, qc=not args.no_qc)
     return run_cli(args.source, args.out, settings, masks=args.masks, mask_pattern=args.mask_pattern,

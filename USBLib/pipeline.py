@@ -217,12 +217,16 @@ class Editor:
     def heal(self, image: np.ndarray, affine: np.ndarray, mask: np.ndarray | None = None,
              brain_mask: np.ndarray | None = None, *, steps: int | None = None, strength: float | None = None,
              alpha0: float | None = None, k: float | None = None, eta: float | None = None,
-             margin_mm: float | None = None, samples: int = 1, seed: int = 0, mask_affine: np.ndarray | None = None, resample_mask: bool = False,
+             margin_mm: float | None = None, prefill: str | None = None, samples: int = 1, seed: int = 0,
+             mask_affine: np.ndarray | None = None, resample_mask: bool = False,
              progress: Progress | None = None) -> EditResult:
-        """Pathology -> healthy. With ``mask`` the edit stays inside the (grown) lesion; without, inside the brain."""
+        """Pathology -> healthy. With ``mask`` the edit stays inside the (grown) lesion; without, inside the brain.
+
+        ``prefill`` (``none``, ``harmonic``, ``biharmonic``; default: the bundle's) replaces the lesion by a smooth
+        fill before the diffusion starts, which then only adds what the fill lacks."""
         return self._edit("heal", image, affine, mask, brain_mask, steps=steps, strength=strength, alpha0=alpha0,
-                          k=k, eta=eta, margin_mm=margin_mm, samples=samples, seed=seed, mask_affine=mask_affine,
-                          resample_mask=resample_mask, progress=progress)
+                          k=k, eta=eta, margin_mm=margin_mm, prefill=prefill, samples=samples, seed=seed,
+                          mask_affine=mask_affine, resample_mask=resample_mask, progress=progress)
 
     def embed(self, image: np.ndarray, affine: np.ndarray, mask: np.ndarray, brain_mask: np.ndarray | None = None,
               *, steps: int | None = None, strength: float | None = None, alpha0: float | None = None,
@@ -279,7 +283,12 @@ class Editor:
 
         prog.stage("encoding")
         imap = IntensityMap.fit(image, brain, self.bundle.config["intensity"])
-        model_image = imap.to_model(mapping.to_model(image))
+        base = image  # what the diffusion starts from: the scan, or for heal the scan with its lesion pre-filled
+        if task == "heal" and mask is not None and settings.get("prefill", "none") != "none":
+            from .prefill import prefill
+
+            base = prefill(image, mask, settings["prefill"])
+        model_image = imap.to_model(mapping.to_model(base))
         y0 = self.encode(model_image[None])
         factor = downsampling_factor(self.bundle.config["networks"])
         lesion_w = None
@@ -309,7 +318,8 @@ class Editor:
         weight = feather_weight(edit_region(mask, brain, spacing, float(settings["margin_mm"])), spacing,
                                 float(settings["margin_mm"]))
         deviations = np.stack([imap.delta_to_native(mapping.to_native(sample - reference)) for sample in decoded])
-        result = fuse(image, deviations.mean(axis=0), weight)
+        prefilled = np.asarray(base, np.float64) - np.asarray(image, np.float64)  # zero outside the lesion
+        result = fuse(image, prefilled + deviations.mean(axis=0), weight)
         uncertainty = (weight * deviations.std(axis=0)).astype(np.float32) if samples > 1 else None
         prog.tick()
         prog.stage("")
@@ -469,6 +479,10 @@ def _validate_settings(settings: dict[str, Any]) -> None:
     if settings.get("fusion", "deviation") not in FUSION_MODES:
         raise InputError(f"fusion must be one of {', '.join(FUSION_MODES)}")
     settings.setdefault("fusion", "deviation")
+    from .prefill import PREFILLS
+
+    if settings.get("prefill", "none") not in PREFILLS:
+        raise InputError(f"prefill must be one of {', '.join(PREFILLS)}")
     settings.setdefault("margin_mm", 4.0)
 
 

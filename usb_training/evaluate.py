@@ -70,9 +70,11 @@ def heal_methods(editor: Editor) -> dict[str, Callable[[Sample, int], np.ndarray
         "input (no change)": lambda c, seed: c.image.copy(),
         "lesion filling (FSL-style)": lambda c, seed: baselines.lesion_filling(c.image, c.mask, c.brain, seed=seed),
         "biharmonic inpainting": lambda c, seed: baselines.biharmonic(c.image, c.mask),
-        "USB (ACG + LCG)": usb(),
-        "USB (no ACG)": usb(alpha0=0.0),
-        "USB (ACG, no LCG)": usb(eta=0.0),
+        "USB (bundle defaults)": usb(),
+        "USB without pre-fill": usb(prefill="none"),
+        "USB without ACG": usb(alpha0=0.0),
+        "USB with LCG (eta 1)": usb(eta=1.0),
+        "USB without LCG (eta 0)": usb(eta=0.0),
     }
 
 

@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg["cache"] = str(args.cache)
     if args.defaults:
         best = json.loads(args.defaults.read_text())["best"]
-        cfg["defaults"]["heal"].update({k: v for k, v in best.items() if k in cfg["defaults"]["heal"] or k == "fusion"})
+        cfg["defaults"]["heal"].update({k: v for k, v in best.items() if k != "lesion_psnr"})
     metrics = json.loads(args.metrics.read_text()) if args.metrics else None
     b = export(cfg, args.work, args.out, args.name or args.out.name, metrics)
     print(b.root)

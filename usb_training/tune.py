@@ -1,6 +1,6 @@
 """Choose a bundle's default heal settings by measurement on validation cases from the *training* sources
-(never the held-out evaluation source): a small grid over strength and fusion mode, scored by
-inside-lesion PSNR against the lesion-free truth.
+(never the held-out evaluation source): a grid over strength, fusion mode, lesion pre-fill and LCG eta,
+scored by inside-lesion PSNR against the lesion-free truth.
 
     python -m usb_training.tune --model BUNDLE --tier tiny [--cases 4] --out tuned.json
 """
@@ -23,7 +23,8 @@ from .data.prepare import Anatomy
 from .data.synth import Sample, make_sample
 
 TUNE_SEED = 800_000
-GRID = {"strength": [0.3, 0.5], "fusion": ["deviation", "replace"]}
+GRID = {"strength": [0.2, 0.3, 0.5], "fusion": ["deviation", "replace"], "prefill": ["none", "harmonic", "biharmonic"],
+        "eta": [0.0, 1.0]}
 
 
 def validation_cases(cfg: dict[str, Any], cache: Path, count: int) -> list[Sample]:

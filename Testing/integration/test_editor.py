@@ -25,6 +25,20 @@ def test_heal_with_mask_keeps_geometry_and_outside_voxels(editor, kind):
     assert res.provenance["settings"]["alpha0"] == 20.0 and res.provenance["start_step"] == 307
 
 
+def test_prefill_replaces_the_lesion_before_diffusion_and_keeps_the_rest(editor):
+    img, mask, aff = make_scan("oblique")
+    plain = editor.heal(img, aff, mask, seed=2, prefill="none", steps=3)
+    filled = editor.heal(img, aff, mask, seed=2, prefill="biharmonic", steps=3)
+    assert filled.image.dtype == img.dtype and filled.provenance["settings"]["prefill"] == "biharmonic"
+    lesion = mask > 0
+    # the phantom's lesion is dark: a fill from the surrounding tissue brightens it well beyond the random-init edit
+    assert filled.image[lesion].mean() > plain.image[lesion].mean() + 0.2 * (img[~lesion & (img > 0)].mean() - img[lesion].mean())
+    untouched = (plain.image == img) & (filled.image == img)
+    assert untouched.sum() > 0.9 * img.size  # both leave the same outside untouched
+    with pytest.raises(InputError, match="prefill must be one of"):
+        editor.heal(img, aff, mask, prefill="median")
+
+
 def test_heal_without_mask_edits_inside_brain_only(editor):
     img, _, aff = make_scan()
     res = editor.heal(img, aff, seed=0)
