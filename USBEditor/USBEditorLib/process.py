@@ -46,6 +46,7 @@ def worker_environment(device: str = "auto", threads: Optional[int] = None) -> d
     parent = str(usblib_parent())
     env["PYTHONPATH"] = os.pathsep.join([parent] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONIOENCODING"] = "utf-8"  # messages may hold non-ASCII (e.g. mm³, ×) whatever the console code page
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     if threads:
@@ -71,7 +72,8 @@ class WorkerProcess:
         else:
             kwargs["start_new_session"] = True
         self._proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, text=True, bufsize=1,
+                                      stdin=subprocess.DEVNULL, text=True, encoding="utf-8", errors="replace",
+                                      bufsize=1,
                                       env=worker_environment(device, threads), **kwargs)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
