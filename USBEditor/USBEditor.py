@@ -23,8 +23,8 @@ from slicer.util import VTKObservationMixin
 
 from USBEditorLib import dependencies
 from USBEditorLib.logic import (TASK_INFO, Device, EditorLogic, RunSettings, Task, USBEditorError, default_settings,
-                                describe_model, installed_models, load_mask, missing_input, new_lesion_segmentation,
-                                segment_choices, segment_editor_node, show_comparison)
+                                describe_model, installed_models, load_mask, load_sample, missing_input,
+                                new_lesion_segmentation, segment_choices, segment_editor_node, show_comparison)
 
 OTHER_MODEL = "Other folder..."
 POLL_MS = 200
@@ -113,6 +113,7 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resetDefaultsButton.connect("clicked(bool)", self.onResetDefaults)
         self.ui.newLesionButton.connect("clicked(bool)", self.onNewLesion)
         self.ui.loadMaskButton.connect("clicked(bool)", self.onLoadMask)
+        self.ui.loadSampleButton.connect("clicked(bool)", self.onLoadSample)
         self.ui.segmentComboBox.connect("currentIndexChanged(int)", self.onSegmentChanged)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelChanged)
@@ -278,6 +279,17 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(str(exc))
             return
         self._parameterNode.maskNode = node
+        self.onMaskChanged()
+
+    def onLoadSample(self) -> None:
+        """The bundled sample scan and its lesion mask, selected as inputs: a first run in two clicks."""
+        try:
+            volume, lesion = load_sample()
+        except USBEditorError as exc:
+            slicer.util.errorDisplay(str(exc))
+            return
+        self._parameterNode.inputVolume = volume
+        self._parameterNode.maskNode = lesion
         self.onMaskChanged()
 
     def onResetDefaults(self) -> None:

@@ -21,7 +21,7 @@ from conftest import make_scan  # noqa: E402  (Testing/conftest.py: phantom scan
 from headless import load_nifti, segmentation_from_mask  # noqa: E402
 
 from USBEditorLib.logic import (Device, RunCancelled, RunSettings, Task, USBEditorError, default_settings,  # noqa: E402
-                                describe_model, ijk_to_ras, installed_models, load_mask, missing_input,
+                                describe_model, ijk_to_ras, installed_models, load_mask, load_sample, missing_input,
                                 new_lesion_segmentation, segment_choices, segment_editor_node)
 
 FAST = RunSettings(steps=3, strength=0.5)
@@ -302,6 +302,10 @@ def test_panel_helpers_on_real_nodes(t1, tmp_path, scene):
     assert loaded.IsA("vtkMRMLSegmentationNode") and len(segment_choices(loaded)) == 1
     with pytest.raises(USBEditorError, match="Could not read 'missing.nii.gz'"):
         load_mask(str(tmp_path / "missing.nii.gz"))
+
+    sample, sample_lesion = load_sample()
+    assert sample.GetName() == "sample_T1w" and sample_lesion.IsA("vtkMRMLLabelMapVolumeNode")
+    assert sample.GetImageData().GetDimensions() == (181, 217, 181) and slicer.util.arrayFromVolume(sample_lesion).any()
 
     editor_node = segment_editor_node()
     assert editor_node.IsA("vtkMRMLSegmentEditorNode") and segment_editor_node() is editor_node

@@ -336,6 +336,18 @@ def load_mask(path: str):
         raise USBEditorError(f"Could not read '{Path(path).name}' as a mask ({exc}).") from None
 
 
+def load_sample() -> tuple[Any, Any]:
+    """The bundled 1 mm sample T1 (with a synthetic lesion) and its lesion mask, as a volume and a labelmap."""
+    from USBLib.demo import sample_files
+    from USBLib.errors import InputError
+
+    try:
+        files = sample_files()
+    except InputError as exc:
+        raise USBEditorError(str(exc)) from None
+    return slicer.util.loadVolume(str(files["image"])), slicer.util.loadLabelVolume(str(files["lesion"]))
+
+
 def segment_editor_node(tag: str = "USBEditor"):
     """The module's own Segment Editor parameter node (a scene singleton, recreated after a scene close)."""
     node = slicer.mrmlScene.GetSingletonNode(tag, "vtkMRMLSegmentEditorNode")
