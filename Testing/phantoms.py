@@ -93,9 +93,20 @@ def randomise(nets: dict, seed: int) -> None:
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
+TINY_LOCAL = {"network": {"channels": [8, 16], "num_res_blocks": 1, "attention_levels": [False, False],
+                          "norm_num_groups": 8},
+              "schedule": {"num_train_timesteps": 1000, "schedule": "scaled_linear_beta", "beta_start": 0.0015,
+                           "beta_end": 0.0195},
+              "deviation_scale": 2.0, "interactive_mode": "realism"}
+TINY_LOCAL_DEFAULTS = {"stages": "local", "local_mode": "fidelity", "local_steps": 2, "local_strength": 0.3,
+                       "dilation_mm": 2.0}
+
+
 def make_bundle(root: Path, shape=(32, 40, 32), spacing: float = 5.0, networks=None, defaults=None,
-                seed: int = 0, name: str = "tiny-test", tier: str = "test") -> bundle_mod.ModelBundle:
-    """Write a random-init bundle with a phantom template on a small model grid."""
+                seed: int = 0, name: str = "tiny-test", tier: str = "test", local: bool = False
+                ) -> bundle_mod.ModelBundle:
+    """Write a random-init bundle with a phantom template on a small model grid; ``local`` adds a random-init
+    local stage (bundle schema 2)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -118,6 +129,15 @@ def make_bundle(root: Path, shape=(32, 40, 32), spacing: float = 5.0, networks=N
         "training": {"data": "none: random initialisation"}, "metrics": {},
     }
     state = {k: v.state_dict() for k, v in nets.items()}
+    if local:
+        from USBLib.local.network import build_local_unet
+
+        net = build_local_unet(TINY_LOCAL["network"])
+        randomise({"local": net}, seed + 1)
+        state["local"] = net.state_dict()
+        config["local"] = json.loads(json.dumps(TINY_LOCAL))
+        for task in ("heal", "embed"):
+            config["defaults"][task].update(TINY_LOCAL_DEFAULTS)
     return bundle_mod.write(root, config, state, {"template.nii.gz": root / "template.nii.gz",
                                                   "brain_mask.nii.gz": root / "brain_mask.nii.gz"},
                             card="# tiny-test\nRandom weights, for tests only.\n")

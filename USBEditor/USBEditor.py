@@ -22,7 +22,8 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.util import VTKObservationMixin
 
 from USBEditorLib import dependencies
-from USBEditorLib.logic import (TASK_INFO, Device, EditorLogic, RunSettings, Task, USBEditorError, default_settings,
+from USBEditorLib.logic import (TASK_INFO, Device, EditorLogic, LocalMode, RunSettings, Stages, Task, USBEditorError,
+                                default_settings,
                                 describe_model, installed_models, load_mask, load_sample, missing_input,
                                 new_lesion_segmentation, segment_choices, segment_editor_node, show_comparison)
 
@@ -68,6 +69,8 @@ class USBEditorParameterNode:
     seed: Annotated[int, WithinRange(0, 99999)] = 0
     frames: Annotated[int, WithinRange(0, 16)] = 0
     device: Device = Device.AUTO
+    stages: Stages = Stages.DEFAULT
+    localMode: LocalMode = LocalMode.DEFAULT
     model: str = ""
     showComparison: bool = True
     resampleMask: bool = True
@@ -210,6 +213,8 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             widget.enabled = edit
         self.ui.etaSliderWidget.enabled = edit and p.maskNode is not None
         self.ui.framesSpinBox.enabled = p.task is Task.EMBED
+        self.ui.stagesComboBox.enabled = edit and p.maskNode is not None
+        self.ui.localModeComboBox.enabled = edit and p.maskNode is not None and p.stages is not Stages.LATENT
         reason = missing_input(p.task, p.inputVolume, p.maskNode, p.segmentId)
         running = self._run is not None
         self.ui.applyButton.enabled = reason is None and not running
@@ -306,6 +311,8 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         keys = ["alpha0", "k", "eta", "steps", "strength"] + ([] if guidanceOnly else ["samples", "seed"])
         for key in keys:
             setattr(p, key, getattr(settings, key))
+        p.stages = Stages(settings.stages)
+        p.localMode = LocalMode(settings.local_mode)
         if not guidanceOnly:
             p.frames = 0
         p.guidanceTask = task.value
@@ -330,7 +337,8 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         p = self._parameterNode
         settings = RunSettings(steps=int(p.steps), strength=p.strength, alpha0=p.alpha0, k=p.k, eta=p.eta,
-                               samples=int(p.samples), seed=int(p.seed))
+                               stages=p.stages.value, local_mode=p.localMode.value, samples=int(p.samples),
+                               seed=int(p.seed))
         info = TASK_INFO[p.task]
         mask = p.maskNode if info["mask"] != "unused" else None
         volume = p.inputVolume if info["volume"] != "unused" else None

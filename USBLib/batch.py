@@ -41,6 +41,11 @@ class BatchSettings:
     eta: Optional[float] = None
     margin_mm: Optional[float] = None
     prefill: Optional[str] = None
+    stages: Optional[str] = None
+    local_mode: Optional[str] = None
+    local_steps: Optional[int] = None
+    local_strength: Optional[float] = None
+    dilation_mm: Optional[float] = None
     samples: int = 1
     seed: int = 0
     registration: str = "affine"
@@ -50,7 +55,9 @@ class BatchSettings:
 
     def edit_options(self) -> dict[str, Any]:
         return {"steps": self.steps, "strength": self.strength, "alpha0": self.alpha0, "k": self.k, "eta": self.eta,
-                "margin_mm": self.margin_mm, "prefill": self.prefill, "samples": self.samples, "seed": self.seed,
+                "margin_mm": self.margin_mm, "prefill": self.prefill, "stages": self.stages,
+                "local_mode": self.local_mode, "local_steps": self.local_steps, "local_strength": self.local_strength,
+                "dilation_mm": self.dilation_mm, "samples": self.samples, "seed": self.seed,
                 "resample_mask": self.resample_mask}
 
 
@@ -155,10 +162,10 @@ def heal_subject(editor, subject: Subject, out_root: Path, settings: BatchSettin
             record.status, record.message = "up-to-date", "output matches inputs, model and settings"
             record.lesion_ml, record.qc, record.seconds = before.get("lesion_ml"), before.get("qc"), before.get("seconds")
             return record
+        vol = read_volume(subject.image, "input image")  # every scan is opened: a broken file is reported
         if subject.mask is None and settings.without_mask == "skip":
             record.status, record.message, record.output = "no-mask", "no lesion mask found; nothing written", None
             return record
-        vol = read_volume(subject.image, "input image")
         from .io import check_image_values
 
         check_image_values(vol, "input image")

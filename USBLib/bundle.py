@@ -16,7 +16,9 @@ import numpy as np
 
 from .errors import BundleError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+SUPPORTED_SCHEMAS = (1, 2)  # version 1: latent stage only; version 2 adds the optional ``local`` section
+LOCAL = "local"             # bundle.json section and weights name of the local stage (PathoSyn)
 BUNDLE_FILE = "bundle.json"
 CARD_FILE = "MODEL_CARD.md"
 NETWORK_NAMES = ("autoencoder", "unet_lesion", "unet_brain")
@@ -52,6 +54,11 @@ class ModelBundle:
         return self.config["tier"]
 
     @property
+    def has_local(self) -> bool:
+        """Whether the bundle carries the local stage (schema 2 with a ``local`` section)."""
+        return LOCAL in self.config
+
+    @property
     def grid_shape(self) -> tuple[int, int, int]:
         return tuple(int(s) for s in self.config["model_space"]["shape"])  # type: ignore[return-value]
 
@@ -67,6 +74,8 @@ class ModelBundle:
         """Path of a file named in ``model_space`` (``template``, ``brain_mask``) or ``networks``."""
         if key in self.config["networks"]:
             return self.root / self.config["networks"][key]["weights"]
+        if key == LOCAL:
+            return self.root / self.config[LOCAL]["weights"]
         return self.root / self.config["model_space"][key]
 
     def defaults(self, task: str) -> dict[str, Any]:
@@ -84,7 +93,7 @@ class ModelBundle:
         from safetensors import safe_open
 
         counts = {}
-        for net in NETWORK_NAMES:
+        for net in NETWORK_NAMES + ((LOCAL,) if self.has_local else ()):
             with safe_open(str(self.path(net)), framework="numpy") as fh:
                 counts[net] = int(sum(int(np.prod(fh.get_slice(k).get_shape())) for k in fh.keys()))
         return counts
@@ -94,9 +103,19 @@ def _check_config(config: Mapping[str, Any], where: Path) -> None:
     missing = [k for k in REQUIRED_KEYS if k not in config]
     if missing:
         raise BundleError(f"{where}: bundle.json lacks {', '.join(missing)}")
-    if config["schema_version"] != SCHEMA_VERSION:
+    if config["schema_version"] not in SUPPORTED_SCHEMAS:
         raise BundleError(f"{where}: bundle schema version {config['schema_version']} is not supported "
-                          f"(this USBLib reads version {SCHEMA_VERSION})")
+                          f"(this USBLib reads versions {', '.join(map(str, SUPPORTED_SCHEMAS))})")
+    if LOCAL in config:
+        if config["schema_version"] < 2:
+            raise BundleError(f"{where}: a '{LOCAL}' section needs bundle schema version 2")
+        if not isinstance(config[LOCAL], dict) or not isinstance(config[LOCAL].get("network"), dict) \
+                or not config[LOCAL]["network"].get("channels"):
+            raise BundleError(f"{where}: the '{LOCAL}' section must be an object with a 'network' that has "
+                              "'channels'")
+        missing = [k for k in ("weights", "network", "schedule") if k not in config[LOCAL]]
+        if missing:
+            raise BundleError(f"{where}: the '{LOCAL}' section lacks {', '.join(missing)}")
     for net in NETWORK_NAMES:
         if net not in config["networks"] or "weights" not in config["networks"][net]:
             raise BundleError(f"{where}: bundle.json has no weights entry for network '{net}'")
@@ -118,6 +137,8 @@ def verify(root: Path, config: Mapping[str, Any]) -> None:
     listed = dict(config["files"])
     needed = [config["networks"][n]["weights"] for n in NETWORK_NAMES]
     needed += [config["model_space"][k] for k in ("template", "brain_mask")]
+    if LOCAL in config:
+        needed.append(config[LOCAL]["weights"])
     for name in needed:
         if name not in listed:
             raise BundleError(f"{root}: '{name}' is not listed with a sha256 in bundle.json")
@@ -205,6 +226,12 @@ def write(root: Path, config: dict[str, Any], state_dicts: Mapping[str, Mapping[
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dicts[net].items()}
         save_file(tensors, str(root / fname), metadata={"network": net, "bundle": config.get("name", "")})
         config["networks"][net]["weights"] = fname
+        files[fname] = sha256_of(root / fname)
+    if LOCAL in state_dicts:
+        fname = f"{LOCAL}.safetensors"
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dicts[LOCAL].items()}
+        save_file(tensors, str(root / fname), metadata={"network": LOCAL, "bundle": config.get("name", "")})
+        config.setdefault(LOCAL, {})["weights"] = fname
         files[fname] = sha256_of(root / fname)
     for name, src in (extra_files or {}).items():
         if Path(src).resolve() != (root / name).resolve():

@@ -45,7 +45,20 @@ def _guidance_options(p: argparse.ArgumentParser, eta: bool) -> None:
     p.add_argument("--k", type=float, help="ACG decay k (eq. 12): how much freer the early steps are")
     p.add_argument("--eta", type=float, help="LCG eta (eq. 14): freedom inside the lesion, 0..1 (0 = off)"
                    if eta else "LCG-style freedom inside a given lesion mask, 0..1 (0 = the paper's plain heal)")
-    p.add_argument("--margin", type=float, dest="margin_mm", help="feather width around the mask in mm")
+    p.add_argument("--margin", type=float, dest="margin_mm",
+                   help="feather width in mm: the edit fades out over this distance beyond the (dilated) mask; "
+                        "every voxel farther away is the input's own (default: the bundle's)")
+    p.add_argument("--dilation", type=float, dest="dilation_mm",
+                   help="mm the mask is grown by before editing (real masks miss the lesion's partial-volume rim); "
+                        "the edit rewrites this region fully (default: the bundle's)")
+    p.add_argument("--stages", choices=("latent", "local", "both"),
+                   help="latent: the USB latent model (2 mm, whole brain context); local: the local deviation model "
+                        "at the scan's own resolution; both: latent, then local (default: the bundle's)")
+    p.add_argument("--local-mode", choices=("fidelity", "realism"),
+                   help="local stage: fidelity = deterministic reconstruction (best PSNR), realism = a guided "
+                        "sample with texture (default: the bundle's)")
+    p.add_argument("--local-steps", type=int, help="local stage, realism: denoising steps")
+    p.add_argument("--local-strength", type=float, help="local stage, realism: noise level of the sample, (0, 1]")
     if not eta:
         p.add_argument("--prefill", choices=("none", "harmonic", "biharmonic"),
                        help="smooth fill of the lesion before the diffusion starts (default: the bundle's)")
@@ -192,6 +205,12 @@ def _editor(args):
     return Editor(args.model, device=args.device, registration=getattr(args, "registration", "affine"))
 
 
+def _local_options(args) -> dict[str, Any]:
+    """The stage/local-stage options of an edit command (None = the bundle's default)."""
+    return {"stages": args.stages, "local_mode": args.local_mode, "local_steps": args.local_steps,
+            "local_strength": args.local_strength, "dilation_mm": args.dilation_mm}
+
+
 def cmd_edit(args, task: str) -> int:
     from .io import read_volume
 
@@ -210,7 +229,7 @@ def cmd_edit(args, task: str) -> int:
                      None if brain is None else brain.data, steps=args.steps, strength=args.strength,
                      alpha0=args.alpha0, k=args.k, eta=args.eta, margin_mm=args.margin_mm, samples=args.samples,
                      seed=args.seed, mask_affine=None if mask is None else mask.affine,
-                     resample_mask=args.resample_mask, progress=bar, **extra)
+                     resample_mask=args.resample_mask, progress=bar, **_local_options(args), **extra)
     finally:
         bar.close()
     inputs = {"image": args.input, "mask": args.mask, "brain_mask": args.brain_mask}
@@ -301,7 +320,16 @@ def cmd_info(args) -> int:
              + (f", clip {cfg['latent']['clip']}" if cfg['latent'].get('clip') else ""),
              f"schedule:   {cfg['schedule'].get('schedule', 'linear_beta')}, T = "
              f"{cfg['schedule'].get('num_train_timesteps')}, beta {cfg['schedule'].get('beta_start')}"
-             f"..{cfg['schedule'].get('beta_end')}", "defaults:"]
+             f"..{cfg['schedule'].get('beta_end')}"]
+    if b.has_local:
+        local = cfg[bundle_mod.LOCAL]
+        lines.append(f"local:      deviation U-Net {local['network']['channels']} at the scan's own resolution "
+                     f"(~1 mm boxes), {local['schedule'].get('num_train_timesteps')} steps; "
+                     f"interactive mode {local.get('interactive_mode', 'fidelity')}")
+    else:
+        lines.append("local:      none (schema 1 bundle: latent stage only)")
+    lines.append(f"stages:     {'latent + local' if b.has_local else 'latent'} (bundle schema {cfg['schema_version']})")
+    lines.append("defaults:")
     for task, values in cfg["defaults"].items():
         lines.append(f"  {task:<19} " + ", ".join(f"{k}={v}" for k, v in values.items()))
     metrics = cfg.get("metrics") or {}
@@ -329,7 +357,7 @@ def cmd_batch(args) -> int:
         raise InputError("--uncertainty is not available in batch mode")
     settings = BatchSettings(model=args.model, device=args.device, steps=args.steps, strength=args.strength,
                              alpha0=args.alpha0, k=args.k, eta=args.eta, margin_mm=args.margin_mm, prefill=args.prefill,
-                             samples=args.samples, seed=args.seed, registration=args.registration,
+                             **_local_options(args), samples=args.samples, seed=args.seed, registration=args.registration,
                              resample_mask=args.resample_mask, without_mask=args.without_mask, qc=not args.no_qc)
     return run_cli(args.source, args.out, settings, masks=args.masks, mask_pattern=args.mask_pattern,
                    participants=args.participant_label, jobs=args.jobs, shard_spec=args.shard, quiet=args.quiet)

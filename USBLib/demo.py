@@ -33,18 +33,19 @@ def run_demo(out: Path, model=None, device: str = "auto", seed: int = 0, steps: 
     from .pipeline import Editor
 
     editor = Editor(model, device=device)  # fails first, and clearly, when no model is installed
+    look = {"local_mode": editor.interactive_local_mode()} if editor.bundle.has_local else {}  # a person looks
     files = sample_files()
     image, lesion, target = (read_volume(files[k], k) for k in ("image", "lesion", "embed"))
     out = Path(out)
     written: dict[str, Path] = {}
     bar = _Bar(quiet, "demo: heal")
     try:
-        healed = editor.heal(image.data, image.affine, lesion.data, steps=steps, seed=seed, progress=bar)
+        healed = editor.heal(image.data, image.affine, lesion.data, steps=steps, seed=seed, progress=bar, **look)
     finally:
         bar.close()
     bar = _Bar(quiet, "demo: embed")
     try:
-        embedded = editor.embed(image.data, image.affine, target.data, steps=steps, seed=seed, progress=bar)
+        embedded = editor.embed(image.data, image.affine, target.data, steps=steps, seed=seed, progress=bar, **look)
     finally:
         bar.close()
     written["healed"] = out / "sample_healed.nii.gz"

@@ -36,13 +36,46 @@ def feather_weight(region: np.ndarray, spacing, width_mm: float) -> np.ndarray:
     return (r * r * (3.0 - 2.0 * r)).astype(np.float32) * region
 
 
-def edit_region(mask: np.ndarray | None, brain: np.ndarray, spacing, margin_mm: float) -> np.ndarray:
-    """The region an edit may touch: the lesion mask grown by ``margin_mm`` plus the feather, kept within the
-    brain (grown by ``margin_mm``, so a mask at the brain's edge is still covered); without a mask, the brain."""
+def _smoothstep(r: np.ndarray) -> np.ndarray:
+    r = np.clip(r, 0.0, 1.0)
+    return r * r * (3.0 - 2.0 * r)
+
+
+def _outer_ramp(core: np.ndarray, spacing, width_mm: float, box: tuple[slice, ...]) -> np.ndarray:
+    """1 on ``core``, falling smoothly to 0 at ``width_mm`` outside it (computed on ``box`` only)."""
+    out = np.zeros(core.shape, np.float32)
+    sub = core[box]
+    if width_mm <= 0:
+        out[box] = sub
+        return out
+    dist = ndimage.distance_transform_edt(~sub, sampling=spacing)
+    out[box] = _smoothstep(1.0 - dist / width_mm).astype(np.float32)
+    return out
+
+
+def edit_weight(mask: np.ndarray | None, brain: np.ndarray, spacing, dilation_mm: float,
+                feather_mm: float, core: np.ndarray | None = None) -> np.ndarray:
+    """Fusion weight in [0, 1] of an edit; the edit region is where it is > 0.
+
+    With a lesion mask: 1 on ``core`` (default: the mask grown by ``dilation_mm``; the region the edit rewrites),
+    falling smoothly (smoothstep, continuous value and slope) to 0 at ``feather_mm`` beyond it, and faded out the
+    same way over ``feather_mm`` beyond ``brain`` (a lesion at the brain's edge reaches at most one feather into
+    the background). So the edit region is the grown mask + feather and nothing else. Without a mask
+    (whole-brain edit): the brain, feathered inwards.
+    """
     brain = np.asarray(brain) > 0
     if mask is None or not np.any(mask):
-        return brain
-    return dilate_mm(mask, spacing, 2.0 * margin_mm) & dilate_mm(brain | (np.asarray(mask) > 0), spacing, margin_mm)
+        return feather_weight(brain, spacing, feather_mm)
+    spacing = np.asarray(spacing, float)
+    lesion = np.asarray(mask) > 0
+    core = dilate_mm(lesion, spacing, dilation_mm) if core is None else (np.asarray(core) > 0) | lesion
+    found = ndimage.find_objects(core.astype(np.uint8))[0]
+    reach = np.ceil(max(feather_mm, 0.0) / spacing).astype(int) + 2
+    box = tuple(slice(max(s.start - r, 0), min(s.stop + r, n)) for s, r, n in zip(found, reach, lesion.shape))
+    weight = _outer_ramp(core, spacing, feather_mm, box)
+    weight[box] *= _outer_ramp(brain[box] | lesion[box], spacing, feather_mm,
+                               tuple(slice(0, s.stop - s.start) for s in box))[...]
+    return weight.astype(np.float32)
 
 
 def fuse(original: np.ndarray, deviation: np.ndarray, weight: np.ndarray) -> np.ndarray:

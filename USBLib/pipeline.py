@@ -17,7 +17,7 @@ import numpy as np
 
 from . import bundle as bundle_mod
 from .errors import Cancelled, InputError
-from .fusion import edit_region, feather_weight, fuse
+from .fusion import edit_weight, fuse
 from .intensity import IntensityMap
 from .spatial import SpaceMapping, register, resample_mask_to, same_grid
 
@@ -117,6 +117,7 @@ class Editor:
         self._space: dict[str, np.ndarray] | None = None
         self._empty_latent = None
         self._last_mapping: tuple[str, SpaceMapping] | None = None
+        self._local = None
 
     # ----------------------------------------------------------------- model pieces
     @property
@@ -213,46 +214,126 @@ class Editor:
             binary = pv >= pv.max() / 2
         return pv, binary.astype(np.float32)
 
+    @property
+    def local(self):
+        """The bundle's local stage (``USBLib.local.stage.LocalStage``), or None for a latent-only bundle."""
+        if not self.bundle.has_local:
+            return None
+        if self._local is None:
+            from .local.stage import LocalStage
+
+            self._local = LocalStage.from_state_dict(self.bundle.config[bundle_mod.LOCAL],
+                                                     self.bundle.load_state_dict(bundle_mod.LOCAL), self.device)
+        return self._local
+
+    def interactive_local_mode(self) -> str:
+        """The local mode for results a person looks at (Slicer, demo): the bundle's ``local.interactive_mode``."""
+        if not self.bundle.has_local:
+            return "fidelity"
+        return str(self.bundle.config[bundle_mod.LOCAL].get("interactive_mode", "realism"))
+
     # ----------------------------------------------------------------- tasks
     def heal(self, image: np.ndarray, affine: np.ndarray, mask: np.ndarray | None = None,
              brain_mask: np.ndarray | None = None, *, steps: int | None = None, strength: float | None = None,
              alpha0: float | None = None, k: float | None = None, eta: float | None = None,
-             margin_mm: float | None = None, prefill: str | None = None, samples: int = 1, seed: int = 0,
+             margin_mm: float | None = None, prefill: str | None = None, stages: str | None = None,
+             local_mode: str | None = None, local_steps: int | None = None, local_strength: float | None = None,
+             dilation_mm: float | None = None, samples: int = 1, seed: int = 0,
              mask_affine: np.ndarray | None = None, resample_mask: bool = False,
              progress: Progress | None = None) -> EditResult:
-        """Pathology -> healthy. With ``mask`` the edit stays inside the (grown) lesion; without, inside the brain.
+        """Pathology -> healthy. With ``mask`` the edit stays inside the mask grown by ``dilation_mm`` plus a
+        ``margin_mm`` feather; without, it is a whole-brain latent edit.
 
-        ``prefill`` (``none``, ``harmonic``, ``biharmonic``; default: the bundle's) replaces the lesion by a smooth
-        fill before the diffusion starts, which then only adds what the fill lacks."""
+        ``stages``: ``latent`` (the USB latent stage), ``local`` (the local deviation model at the scan's own
+        resolution), ``both`` (latent, then local on its result); default: the bundle's. ``local_mode``:
+        ``fidelity`` (deterministic reconstruction) or ``realism`` (a guided sample, ``local_steps`` DDIM steps
+        from ``local_strength``). ``prefill`` (latent stage: ``none``, ``harmonic``, ``biharmonic``) replaces
+        the lesion by a smooth fill before the latent diffusion starts."""
         return self._edit("heal", image, affine, mask, brain_mask, steps=steps, strength=strength, alpha0=alpha0,
-                          k=k, eta=eta, margin_mm=margin_mm, prefill=prefill, samples=samples, seed=seed,
-                          mask_affine=mask_affine, resample_mask=resample_mask, progress=progress)
+                          k=k, eta=eta, margin_mm=margin_mm, prefill=prefill, stages=stages, local_mode=local_mode,
+                          local_steps=local_steps, local_strength=local_strength, dilation_mm=dilation_mm,
+                          samples=samples, seed=seed, mask_affine=mask_affine, resample_mask=resample_mask,
+                          progress=progress)
 
     def embed(self, image: np.ndarray, affine: np.ndarray, mask: np.ndarray, brain_mask: np.ndarray | None = None,
               *, steps: int | None = None, strength: float | None = None, alpha0: float | None = None,
-              k: float | None = None, eta: float | None = None, margin_mm: float | None = None, samples: int = 1,
+              k: float | None = None, eta: float | None = None, margin_mm: float | None = None,
+              stages: str | None = None, local_mode: str | None = None, local_steps: int | None = None,
+              local_strength: float | None = None, dilation_mm: float | None = None, samples: int = 1,
               seed: int = 0, mask_affine: np.ndarray | None = None, resample_mask: bool = False,
               progress: Progress | None = None) -> EditResult:
-        """Healthy -> pathology: a lesion of the mask's shape embedded into the scan (ACG x LCG)."""
+        """Healthy -> pathology: a lesion of the mask's shape embedded into the scan (ACG x LCG); settings as
+        for ``heal``."""
         if mask is None:
             raise InputError("embedding needs a lesion mask")
         return self._edit("embed", image, affine, mask, brain_mask, steps=steps, strength=strength, alpha0=alpha0,
-                          k=k, eta=eta, margin_mm=margin_mm, samples=samples, seed=seed, mask_affine=mask_affine,
-                          resample_mask=resample_mask, progress=progress)
+                          k=k, eta=eta, margin_mm=margin_mm, stages=stages, local_mode=local_mode,
+                          local_steps=local_steps, local_strength=local_strength, dilation_mm=dilation_mm,
+                          samples=samples, seed=seed, mask_affine=mask_affine, resample_mask=resample_mask,
+                          progress=progress)
 
     def _edit(self, task: str, image, affine, mask, brain_mask, *, samples: int, seed: int, mask_affine,
               resample_mask: bool, progress: Progress | None, **given: Any) -> EditResult:
+        """Heal/embed as a sequence of named stages: inputs -> registration -> latent stage -> local stage ->
+        fusion -> provenance."""
         import torch
 
-        from . import tasks
-        from .guidance import lcg_weight, lesion_prior
-        from .networks import downsampling_factor
-        from .schedule import start_step
-
-        image = _check_image(image, affine)
-        affine = np.asarray(affine, dtype=np.float64)
+        image, affine, mask, brain_mask = self._edit_inputs(task, image, affine, mask, brain_mask, mask_affine,
+                                                            resample_mask)
         settings = self._settings(task, **given)
         samples = _check_samples(samples)
+        stages = self._stages(settings, mask)
+        settings["stages"] = stages
+        n_latent = self._latent_steps(settings) if stages in ("latent", "both") else 0
+        n_local = _local_box_count(mask, affine) if stages in ("local", "both") else 0
+        # ticks: registration, fusion; latent: encoding, each step, decoding; local: each lesion group
+        prog = _Progress(progress, 2 + (n_latent + 2 if n_latent else 0) + n_local)
+        generator = torch.Generator().manual_seed(int(seed))
+
+        prog.stage("registering to the model template")
+        mapping = self._map(image, affine, brain_mask, seed)
+        brain = self._native_brain(mapping, brain_mask)
+        _check_inside_brain(image, mask, brain)
+        imap = IntensityMap.fit(image, brain, self.bundle.config["intensity"])
+        prog.tick()
+
+        deviation = np.zeros((samples, *image.shape), np.float32)  # scan units, result = image + deviation
+        extra: dict[str, Any] = {}
+        if stages in ("latent", "both"):
+            deviation += self._latent_stage(task, image, mapping, imap, mask, settings, samples, generator, prog)
+            extra["start_step"] = start_step_of(settings, self.bundle)
+            extra["network_steps"] = n_latent
+        if stages in ("local", "both"):
+            prog.stage("local stage")
+            current = np.asarray(image, np.float32) + deviation.mean(axis=0)
+            local = self.local.deviation((current - imap.low) / imap.units_per_model_unit, mask, _spacing(affine),
+                                         task, _local_settings(settings), generator, samples, prog.tick, imap.clip)
+            deviation += np.stack([imap.delta_to_native(d) for d in local])
+            extra["local_boxes"] = n_local
+
+        prog.stage("fusing into the scan")
+        dilation = float(settings.get("dilation_mm", 0.0))
+        core = None
+        if mask is not None and task == "heal":
+            from .local.conditioning import fusion_core
+
+            core = fusion_core(mask, _spacing(affine), dilation)
+        weight = edit_weight(mask, brain, _spacing(affine), dilation, float(settings["margin_mm"]), core)
+        result = fuse(image, deviation.mean(axis=0), weight)
+        uncertainty = (weight * deviation.std(axis=0)).astype(np.float32) if samples > 1 else None
+        prog.tick()
+        prog.stage("")
+        extra.update({"intensity_map": {"low": imap.low, "high": imap.high},
+                      "mask_voxels": int(mask.sum()) if mask is not None else 0,
+                      "edit_region_voxels": int((weight > 0).sum())})
+        provenance = self._provenance(task, settings, seed, samples, prog.timings, mapping, extra=extra)
+        return EditResult(result, affine.copy(), mask, uncertainty, provenance)
+
+    # ----------------------------------------------------------------- edit stages
+    def _edit_inputs(self, task: str, image, affine, mask, brain_mask, mask_affine, resample_mask: bool):
+        """Checked image, float64 affine, binary mask (None when absent or empty for heal), brain mask."""
+        image = _check_image(image, affine)
+        affine = np.asarray(affine, dtype=np.float64)
         if mask is not None:
             mask = _check_mask(mask, image.shape, mask_affine, affine, resample_mask)
             if not mask.any():
@@ -263,26 +344,35 @@ class Editor:
             brain_mask = _check_mask(brain_mask, image.shape, None, affine, False, "brain mask")
             if not brain_mask.any():
                 raise InputError("the brain mask is empty")
-        sched_t = int(self.bundle.config["schedule"].get("num_train_timesteps", 1024))
-        start = start_step(settings["strength"], sched_t)
+        return image, affine, mask, brain_mask
+
+    def _stages(self, settings: dict[str, Any], mask: np.ndarray | None) -> str:
+        """Which stages run: the setting, restricted to what the bundle has; a heal without mask is latent."""
+        stages = settings.get("stages") or ("local" if self.bundle.has_local else "latent")
+        if stages != "latent" and not self.bundle.has_local:
+            raise InputError(f"model '{self.bundle.name}' has no local stage (bundle schema 1); "
+                             "use stages 'latent'")
+        return "latent" if mask is None else stages
+
+    def _latent_steps(self, settings: dict[str, Any]) -> int:
         from .schedule import timesteps
 
-        n_steps = len(timesteps(start, settings["steps"]))
-        prog = _Progress(progress, n_steps + 4)
-        generator = torch.Generator().manual_seed(int(seed))
+        return len(timesteps(start_step_of(settings, self.bundle), settings["steps"]))
 
-        prog.stage("registering to the model template")
-        mapping = self._map(image, affine, brain_mask, seed)
-        brain = self._native_brain(mapping, brain_mask)
-        if mask is not None:
-            inside = float(brain[mask > 0].mean())
-            if inside < 0.5:
-                raise InputError(f"the lesion mask lies outside the brain ({inside:.0%} of it inside); "
-                                 "check that mask and image belong together")
-        prog.tick()
+    def _latent_stage(self, task: str, image: np.ndarray, mapping: SpaceMapping, imap: IntensityMap,
+                      mask: np.ndarray | None, settings: dict[str, Any], samples: int,
+                      generator, prog: "_Progress") -> np.ndarray:
+        """USB's latent edit (paper sec. 3.2): deviations [samples, I, J, K] in scan units on the scan's grid.
+
+        For heal with a ``prefill`` the diffusion starts from the scan with its lesion pre-filled, and the
+        pre-fill is part of the deviation."""
+        import torch
+
+        from . import tasks
+        from .guidance import lcg_weight, lesion_prior
+        from .networks import downsampling_factor
 
         prog.stage("encoding")
-        imap = IntensityMap.fit(image, brain, self.bundle.config["intensity"])
         base = image  # what the diffusion starts from: the scan, or for heal the scan with its lesion pre-filled
         if task == "heal" and mask is not None and settings.get("prefill", "none") != "none":
             from .prefill import prefill
@@ -303,32 +393,17 @@ class Editor:
 
         prog.stage("denoising")
         batch = lambda t: t.expand(samples, *t.shape[1:]).contiguous()  # noqa: E731
-        d = self._denoisers()
-        edited = tasks.edit(d, batch(y0), batch(cond), start, settings["steps"], float(settings["alpha0"]),
-                            float(settings["k"]), generator,
+        edited = tasks.edit(self._denoisers(), batch(y0), batch(cond), start_step_of(settings, self.bundle),
+                            settings["steps"], float(settings["alpha0"]), float(settings["k"]), generator,
                             None if lesion_w is None else batch(lesion_w), prog.tick)
 
         prog.stage("decoding")
         decoded = self.decode(edited)
         reference = self.decode(y0)[0] if settings["fusion"] == "deviation" else model_image
         prog.tick()
-
-        prog.stage("fusing into the scan")
-        spacing = _spacing(affine)
-        weight = feather_weight(edit_region(mask, brain, spacing, float(settings["margin_mm"])), spacing,
-                                float(settings["margin_mm"]))
-        deviations = np.stack([imap.delta_to_native(mapping.to_native(sample - reference)) for sample in decoded])
-        prefilled = np.asarray(base, np.float64) - np.asarray(image, np.float64)  # zero outside the lesion
-        result = fuse(image, prefilled + deviations.mean(axis=0), weight)
-        uncertainty = (weight * deviations.std(axis=0)).astype(np.float32) if samples > 1 else None
-        prog.tick()
-        prog.stage("")
-        provenance = self._provenance(task, settings, seed, samples, prog.timings, mapping,
-                                      extra={"start_step": start, "network_steps": n_steps,
-                                             "intensity_map": {"low": imap.low, "high": imap.high},
-                                             "mask_voxels": int(mask.sum()) if mask is not None else 0,
-                                             "edit_region_voxels": int((weight > 0).sum())})
-        return EditResult(result, affine.copy(), mask, uncertainty, provenance)
+        prefilled = np.asarray(base, np.float32) - np.asarray(image, np.float32)  # zero outside the lesion
+        return np.stack([prefilled + imap.delta_to_native(mapping.to_native(sample - reference))
+                         for sample in decoded])
 
     def generate(self, n: int = 1, *, steps: int | None = None, seed: int = 0,
                  progress: Progress | None = None) -> list[EditResult]:
@@ -454,6 +529,52 @@ def _fingerprint(*parts: Any) -> str:
     return h.hexdigest()
 
 
+def start_step_of(settings: dict[str, Any], bundle: bundle_mod.ModelBundle) -> int:
+    """Latent edit start step for the settings' strength on the bundle's schedule."""
+    from .schedule import start_step
+
+    return start_step(settings["strength"], int(bundle.config["schedule"].get("num_train_timesteps", 1024)))
+
+
+def _check_inside_brain(image: np.ndarray, mask: np.ndarray | None, brain: np.ndarray) -> None:
+    """Refuse a lesion mask that lies outside the brain: outside the registered template's brain, or on the
+    image's own background (at most 1 % of the brain's 99th percentile, as the zeros of a skull-stripped scan);
+    a dark lesion (a cavity, a black hole) is above that floor and is accepted."""
+    if mask is None:
+        return
+    lesion = mask > 0
+    inside = float(brain[lesion].mean())
+    if inside < 0.5:
+        raise InputError(f"the lesion mask lies outside the brain ({inside:.0%} of it inside); "
+                         "check that mask and image belong together")
+    values = np.asarray(image, np.float64)
+    floor = values.min() + 0.01 * (np.percentile(values[brain], 99) - values.min()) if brain.any() else values.min()
+    on_tissue = float((values[lesion] > floor).mean())
+    if on_tissue < 0.2:
+        raise InputError(f"the lesion mask lies outside the brain (only {on_tissue:.0%} of it on image "
+                         "content above the background); check that mask and image belong together")
+
+
+def _local_settings(settings: dict[str, Any]):
+    from .local.stage import LocalSettings
+
+    alpha0 = float(settings["alpha0"])
+    return LocalSettings(mode=settings.get("local_mode", "fidelity"), steps=int(settings.get("local_steps", 4)),
+                         strength=float(settings.get("local_strength", 0.3)),
+                         dilation_mm=float(settings.get("dilation_mm", 0.0)), alpha0=alpha0,
+                         k=float(settings["k"]), eta=float(settings.get("eta", 0.0)), acg=alpha0 > 0)
+
+
+def _local_box_count(mask: np.ndarray | None, affine: np.ndarray) -> int:
+    """Number of lesion groups the local stage will process (one progress tick each)."""
+    if mask is None:
+        return 0
+    from .local.boxes import group_labels
+    from .local.stage import CONTEXT_MM
+
+    return int(group_labels(mask, np.ceil(CONTEXT_MM / _spacing(affine)))[1])
+
+
 def _spacing(affine: np.ndarray) -> np.ndarray:
     return np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
 
@@ -465,7 +586,10 @@ def _check_samples(n: int, what: str = "samples") -> int:
 
 
 SETTING_RANGES = {"steps": (1, 1024), "strength": (1e-3, 1.0), "alpha0": (0.0, 1000.0), "k": (-20.0, 20.0),
-                  "eta": (0.0, 2.0), "margin_mm": (0.0, 50.0)}
+                  "eta": (0.0, 2.0), "margin_mm": (0.0, 50.0), "dilation_mm": (0.0, 10.0), "local_steps": (1, 100),
+                  "local_strength": (0.01, 1.0)}
+STAGES = ("latent", "local", "both")
+LOCAL_MODES = ("fidelity", "realism")
 
 
 def _validate_settings(settings: dict[str, Any]) -> None:
@@ -474,8 +598,13 @@ def _validate_settings(settings: dict[str, Any]) -> None:
             value = settings[key]
             if not isinstance(value, (int, float)) or not np.isfinite(value) or not lo <= value <= hi:
                 raise InputError(f"{key} must be between {lo:g} and {hi:g}, got {value}")
-    if "steps" in settings and int(settings["steps"]) != settings["steps"]:
-        raise InputError(f"steps must be a whole number, got {settings['steps']}")
+    for key in ("steps", "local_steps"):
+        if key in settings and int(settings[key]) != settings[key]:
+            raise InputError(f"{key} must be a whole number, got {settings[key]}")
+    if settings.get("stages") not in (None,) + STAGES:
+        raise InputError(f"stages must be one of {', '.join(STAGES)}")
+    if settings.get("local_mode", "fidelity") not in LOCAL_MODES:
+        raise InputError(f"local mode must be one of {', '.join(LOCAL_MODES)}")
     if settings.get("fusion", "deviation") not in FUSION_MODES:
         raise InputError(f"fusion must be one of {', '.join(FUSION_MODES)}")
     settings.setdefault("fusion", "deviation")

@@ -10,6 +10,12 @@
 All computed on the model grid in model intensity units (99th brain percentile = 1, so PSNR uses range 1).
 
     python -m usb_training.evaluate --model USBLib/models/usb-tiny [--cases 8] [--out DIR]
+
+``--native`` evaluates instead what a user gets from heal and embed: whole scans of the held-out source on an
+oblique 1 mm scanner grid, through the public API, both stages and the classical fillers side by side
+(``usb_training.local.evaluate``):
+
+    python -m usb_training.evaluate --native [--per-site 2] [--out DIR]
 """
 from __future__ import annotations
 
@@ -227,13 +233,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("usb_evaluation"))
     parser.add_argument("--cases", type=int, default=8)
     parser.add_argument("--generate", type=int, default=8, help="generated pairs for KID/MMD (0 = skip)")
+    parser.add_argument("--native", action="store_true", help="native-space heal/embed evaluation (see above)")
+    parser.add_argument("--per-site", type=int, default=2, help="--native: cases per lesion site (6 sites)")
     args = parser.parse_args(argv)
     b = bundle_mod.load(args.model)
+    if args.native:
+        return _native_main(b, args.cache, args.per_site, args.out)
     cfg = tier(args.tier or b.tier)
     samples = held_out_cases(cfg, args.cache, args.cases)
     result = run(b.root, samples, generator_masks(cfg, args.cache), args.out, args.generate)
     print(result["table_markdown"])
     print(f"written: {args.out / 'metrics.json'}, {args.out / 'results.md'}, {args.out / 'heal_examples.png'}")
+    return 0
+
+
+def _native_main(b: bundle_mod.ModelBundle, cache: Path, per_site: int, out: Path) -> int:
+    from .local.anatomies import native_affine, native_anatomies
+    from .local.cases import native_cases
+    from .local.evaluate import EVAL_SEED as NATIVE_SEED
+    from .local.evaluate import run as run_native
+
+    anatomy = native_anatomies(cache, [HELD_OUT])[HELD_OUT]
+    cases = native_cases(anatomy, native_affine(cache, HELD_OUT), per_site, NATIVE_SEED)
+    result = run_native(b, cases, out)
+    print(result["table_markdown"])
+    print(f"written: {out / 'native_metrics.json'}, {out / 'native_results.md'}, figures {result['figures']}")
     return 0
 
 

@@ -98,6 +98,20 @@ def test_batch_writes_derivatives_records_failures_and_resumes(bids, tmp_path, t
     assert records(out)["sub-01"]["status"] == "healed"
 
 
+def test_an_unreadable_scan_without_mask_is_a_failure_not_a_skip(tmp_path, tiny_bundle):
+    root = tmp_path / "bids"
+    img, _, aff = make_scan("axial")
+    save(root / "sub-01/anat/sub-01_T1w.nii.gz", img, aff)  # readable, no mask: skipped
+    broken = root / "sub-02/anat/sub-02_T1w.nii.gz"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(save(tmp_path / "x.nii.gz", img, aff).read_bytes()[:300])  # truncated, no mask
+    out = tmp_path / "out"
+    assert run(root, out, tiny_bundle) == 3
+    recs = records(out)
+    assert recs["sub-01"]["status"] == "no-mask"
+    assert recs["sub-02"]["status"] == "failed" and "sub-02_T1w.nii.gz" in recs["sub-02"]["message"]
+
+
 def test_batch_shards_copies_unmasked_and_runs_workers(bids, tmp_path, tiny_bundle):
     out = tmp_path / "usb"
     # shard 2/3 of [sub-01, sub-02_ses-1, sub-03] is sub-02 only; copied unchanged with --without-mask copy
@@ -180,11 +194,15 @@ def test_ctrl_c_leaves_only_whole_files_and_the_rerun_resumes(tmp_path, tiny_bun
         save(root / f"sub-{i:02d}/anat/sub-{i:02d}_label-lesion_mask.nii.gz", mask, aff)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "USBLib.cli", "batch", str(root), "--out", str(out), "--model", str(tiny_bundle.root),
-           "--steps", "300", "--device", "cpu", "--quiet"]
+           "--steps", "40", "--device", "cpu", "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not list((out / "qc" / "records").glob("*.json")) and time.time() < deadline:
-        time.sleep(0.05)
+    # interrupt right after the first scan is recorded, however slow the machine: no timing race (the
+    # generous limit only turns a hung batch into a failure instead of a hung test)
+    deadline = time.time() + 900
+    while not list((out / "qc" / "records").glob("*.json")):
+        assert proc.poll() is None, "the batch ended before any scan was recorded"
+        assert time.time() < deadline, "no scan finished within 15 minutes"
+        time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err

@@ -255,7 +255,11 @@ def test_model_helpers():
     assert "usb-tiny (tiny tier" in describe_model(None)
     defaults = default_settings(Task.EMBED)
     assert defaults.strength == 0.6 and defaults.steps == 50 and defaults.samples == 1
-    assert default_settings(Task.HEAL).strength == 0.3
+    heal = default_settings(Task.HEAL)
+    assert heal.strength == 0.3
+    # the shipped model has a local stage: the panel shows its realism mode (a person looks at the result)
+    assert heal.local_mode == "realism" and heal.stages == "local"
+    assert heal.for_task(Task.HEAL)["local_mode"] == "realism" and heal.for_task(Task.HEAL)["stages"] == "local"
     with pytest.raises(USBEditorError, match="neither a bundle folder"):
         describe_model("/nonexistent/model")
 

@@ -50,9 +50,11 @@ class Task(enum.Enum):
 
 TASK_INFO: dict[Task, dict[str, Any]] = {
     Task.HEAL: {"label": "Remove lesion (pathology \u2192 healthy)", "volume": "required", "mask": "optional",
-                "settings": ("steps", "strength", "alpha0", "k", "eta", "samples", "seed"), "suffix": "healed"},
+                "settings": ("steps", "strength", "alpha0", "k", "eta", "stages", "local_mode", "samples", "seed"),
+                "suffix": "healed"},
     Task.EMBED: {"label": "Embed lesion (healthy \u2192 pathology)", "volume": "required", "mask": "required",
-                 "settings": ("steps", "strength", "alpha0", "k", "eta", "samples", "seed"), "suffix": "+ lesion"},
+                 "settings": ("steps", "strength", "alpha0", "k", "eta", "stages", "local_mode", "samples", "seed"),
+                 "suffix": "+ lesion"},
     Task.GENERATE_FROM_MASK: {"label": "Generate brain from mask", "volume": "optional", "mask": "required",
                               "settings": ("steps", "samples", "seed")},
     Task.GENERATE: {"label": "Generate brain + lesion pair", "volume": "unused", "mask": "unused",
@@ -71,6 +73,31 @@ class Device(enum.Enum):
         return {"auto": "Auto (GPU when available)", "cpu": "CPU", "cuda": "GPU (CUDA)"}[self.value]
 
 
+class Stages(enum.Enum):
+    """Which model stages an edit runs (the USB latent stage, the local stage at the scan's resolution, both)."""
+
+    DEFAULT = ""
+    LOCAL = "local"
+    LATENT = "latent"
+    BOTH = "both"
+
+    def label(self) -> str:
+        return {"": "Model default", "local": "Local (scan resolution)", "latent": "Latent (USB, 2 mm)",
+                "both": "Both (latent, then local)"}[self.value]
+
+
+class LocalMode(enum.Enum):
+    """How the local stage makes its edit: a guided sample (texture) or the deterministic reconstruction."""
+
+    DEFAULT = ""
+    REALISM = "realism"
+    FIDELITY = "fidelity"
+
+    def label(self) -> str:
+        return {"": "Model default", "realism": "Realism (sampled texture)",
+                "fidelity": "Fidelity (deterministic)"}[self.value]
+
+
 @dataclass
 class RunSettings:
     """Sampling settings of one run (paper symbols: alpha0, k = ACG, eta = LCG)."""
@@ -80,12 +107,15 @@ class RunSettings:
     alpha0: float = 20.0
     k: float = 2.0
     eta: float = 1.0
+    stages: str = ""       # "" = the model's default
+    local_mode: str = ""
     samples: int = 1
     seed: int = 0
 
     def for_task(self, task: Task) -> dict[str, Any]:
         """The settings the task uses (the others do not apply to it)."""
-        return {key: getattr(self, key) for key in TASK_INFO[task]["settings"]}
+        values = {key: getattr(self, key) for key in TASK_INFO[task]["settings"]}
+        return {key: value for key, value in values.items() if value != ""}
 
 
 @dataclass
@@ -138,6 +168,10 @@ def default_settings(task: Task, model: Optional[str] = None) -> RunSettings:
         for key, value in bundle.defaults(source).items():
             if hasattr(settings, key):
                 setattr(settings, key, type(getattr(settings, key))(value))
+    if bundle.has_local:  # where a person looks, the local stage samples texture (the bundle says which mode)
+        settings.local_mode = str(bundle.config["local"].get("interactive_mode", "realism"))
+    else:
+        settings.stages, settings.local_mode = "", ""
     return settings
 
 

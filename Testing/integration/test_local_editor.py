@@ -1,0 +1,121 @@
+"""Heal and embed with a bundle that carries the local stage (schema 2), end to end through the Python API and
+the CLI, with random-init networks: geometry, the edit region, stage selection and provenance."""
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+import phantoms
+from conftest import make_scan
+from USBLib import bundle as bundle_mod
+from USBLib.cli import main as usb_main
+from USBLib.errors import InputError
+from USBLib.pipeline import Editor
+
+
+@pytest.fixture(scope="module")
+def local_bundle(tmp_path_factory):
+    return phantoms.make_bundle(tmp_path_factory.mktemp("bundles") / "tiny-local", local=True, name="tiny-local")
+
+
+@pytest.fixture(scope="module")
+def local_editor(local_bundle):
+    return Editor(local_bundle, device="cpu")
+
+
+def _reach(mask, aff, mm):
+    return ndimage.distance_transform_edt(mask == 0, sampling=np.linalg.norm(aff[:3, :3], axis=0)) <= mm + 1e-6
+
+
+@pytest.mark.parametrize("stages", ["local", "both", "latent"])
+@pytest.mark.parametrize("task", ["heal", "embed"])
+def test_every_stage_keeps_geometry_and_the_outside(local_editor, stages, task):
+    img, mask, aff = make_scan("oblique")
+    run = local_editor.heal if task == "heal" else local_editor.embed
+    res = run(img, aff, mask, stages=stages, dilation_mm=3.0, margin_mm=4.0, seed=1, steps=2)
+    assert res.image.dtype == img.dtype and res.image.shape == img.shape
+    np.testing.assert_allclose(res.affine, aff)
+    changed = res.image != img
+    assert changed.any()
+    assert not changed[~_reach(mask, aff, 3.0 + 4.0)].any()  # the edit region is mask + dilation + feather
+    assert res.provenance["settings"]["stages"] == stages
+    if stages != "latent":
+        assert res.provenance["local_boxes"] == 1
+
+
+def test_local_stage_on_a_coarse_scan_runs_on_a_1mm_box(local_editor):
+    img, mask, aff = make_scan("axial")  # 3.5 mm voxels: boxes are resampled to about 1 mm and back
+    res = local_editor.heal(img, aff, mask, stages="local", local_mode="realism", samples=2, seed=3)
+    assert res.uncertainty is not None and res.uncertainty.shape == img.shape
+    assert res.uncertainty[mask > 0].max() > 0 and not res.uncertainty[~_reach(mask, aff, 2.0 + 8.0)].any()
+
+
+def test_defaults_come_from_the_bundle_and_heal_without_mask_is_latent(local_editor):
+    img, mask, aff = make_scan("axial")
+    res = local_editor.heal(img, aff, mask, seed=0)
+    assert res.provenance["settings"]["stages"] == "local"
+    assert res.provenance["settings"]["local_mode"] == "fidelity"
+    whole = local_editor.heal(img, aff, None, seed=0, steps=2)
+    assert whole.provenance["settings"]["stages"] == "latent"
+    assert local_editor.interactive_local_mode() == "realism"
+
+
+def test_a_schema_1_bundle_runs_the_latent_stage_and_refuses_the_local_one(editor):
+    assert not editor.bundle.has_local
+    img, mask, aff = make_scan("axial")
+    res = editor.heal(img, aff, mask, seed=0, steps=2)
+    assert res.provenance["settings"]["stages"] == "latent"
+    with pytest.raises(InputError, match="no local stage"):
+        editor.embed(img, aff, mask, stages="local")
+
+
+def test_bad_stage_settings_are_input_errors(local_editor):
+    img, mask, aff = make_scan("axial")
+    with pytest.raises(InputError, match="stages must be one of"):
+        local_editor.heal(img, aff, mask, stages="all")
+    with pytest.raises(InputError, match="local mode"):
+        local_editor.heal(img, aff, mask, local_mode="pretty")
+    with pytest.raises(InputError, match="dilation_mm must be between"):
+        local_editor.heal(img, aff, mask, dilation_mm=-1.0)
+
+
+def test_mask_on_the_background_of_a_skull_stripped_scan_is_refused(local_editor):
+    img, _, aff = make_scan("axial")
+    brain = phantoms.brain_mask(img.shape, aff)
+    stripped = (img * brain).astype(img.dtype)
+    corner = np.zeros(img.shape, np.uint8)
+    corner[:3, :3, :3] = 1
+    with pytest.raises(InputError, match="outside the brain"):
+        local_editor.embed(stripped, aff, corner)
+
+
+def test_bundle_schema_2_round_trip_and_info(local_bundle, capsys):
+    b = bundle_mod.load(local_bundle.root)
+    assert b.has_local and b.config["schema_version"] == 2
+    assert "local" in b.parameter_counts()
+    assert usb_main(["info", "--model", str(b.root)]) == 0
+    out = capsys.readouterr().out
+    assert "local:" in out and "latent + local" in out
+    cfg = json.loads((b.root / "bundle.json").read_text())
+    (b.root / cfg["local"]["weights"]).write_bytes(b"broken")
+    with pytest.raises(bundle_mod.BundleError, match="checksum"):
+        bundle_mod.load(b.root)
+
+
+def test_cli_stage_options_and_provenance(tmp_path, scan_files):
+    b = phantoms.make_bundle(tmp_path / "tiny-local-cli", local=True)
+    out = tmp_path / "healed.nii.gz"
+    code = usb_main(["heal", str(scan_files["image"]), "--mask", str(scan_files["mask"]), "-o", str(out),
+                     "--model", str(b.root), "--stages", "local", "--local-mode", "realism", "--local-steps", "2",
+                     "--dilation", "1", "--margin", "2", "--quiet"])
+    assert code == 0
+    side = json.loads(out.with_name("healed.json").read_text())
+    assert side["settings"]["stages"] == "local" and side["settings"]["local_mode"] == "realism"
+    assert side["settings"]["dilation_mm"] == 1.0 and side["settings"]["margin_mm"] == 2.0
+    src = nib.load(str(scan_files["image"]))
+    res = nib.load(str(out))
+    np.testing.assert_allclose(res.affine, src.affine)

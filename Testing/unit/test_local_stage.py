@@ -1,0 +1,132 @@
+"""The local stage's pieces: lesion boxes, resampling, condition channels, the fusion region and the direction
+of ACG/LCG on the deviation estimate."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from USBLib.fusion import edit_weight, fuse
+from USBLib.local.boxes import Box, lesion_boxes, needs_resampling, to_grid, work_shape
+from USBLib.local.conditioning import EMBED, HEAL, condition, fill_region, lesion_prior
+from USBLib.local.sampler import sample_deviation
+from USBLib.schedule import NoiseSchedule
+
+
+def _ball(shape, centre, r):
+    ijk = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
+    return (np.linalg.norm(ijk - np.asarray(centre), axis=-1) <= r).astype(np.uint8)
+
+
+def test_close_lesions_share_a_box_and_far_ones_do_not():
+    shape = (80, 80, 80)
+    mask = _ball(shape, (20, 20, 20), 3) | _ball(shape, (20, 20, 30), 3) | _ball(shape, (65, 65, 65), 2)
+    boxes, labels = lesion_boxes(mask, 8, 4, min_side=32)
+    assert len(boxes) == 2 and labels.max() == 2
+    for box in boxes:
+        assert all(s % 4 == 0 and s >= 32 for s in box.shape)
+        inside = box.read(labels) == box.label
+        assert inside.sum() == (labels == box.label).sum()  # the box holds its whole group
+    edge = [b for b in boxes if b.start[0] + b.shape[0] > shape[0]]
+    assert edge, "the lesion near the corner gets a box that reaches past the volume"
+
+
+def test_box_read_pads_and_add_into_writes_only_inside():
+    vol = np.arange(27, dtype=np.float32).reshape(3, 3, 3)
+    box = Box((-1, 0, 1), (3, 3, 3), 1)
+    window = box.read(vol, fill=-5.0)
+    assert window[0].max() == -5.0 and window[1, 0, 0] == vol[0, 0, 1]
+    out = np.zeros_like(vol)
+    box.add_into(out, np.ones((3, 3, 3), np.float32), np.ones((3, 3, 3), bool))
+    assert out[:2, :, 1:].all() and not out[2].any() and not out[:, :, 0].any()
+
+
+def test_resampling_decision_and_round_trip():
+    assert not needs_resampling((1.0, 1.0, 1.0)) and not needs_resampling((0.9, 1.1, 1.0))
+    assert needs_resampling((1.0, 1.0, 3.0)) and needs_resampling((0.5, 0.5, 0.5)) and needs_resampling((2, 2, 2))
+    assert work_shape((20, 20, 10), (1.0, 1.0, 3.0), 4) == (20, 20, 32)
+    x = ndimage.gaussian_filter(np.random.default_rng(0).standard_normal((20, 20, 10)), 2)
+    back = to_grid(to_grid(x, (20, 20, 30), 1), x.shape, 1)
+    assert np.abs(back - x).max() < 0.1 * np.abs(x).max()
+
+
+def test_condition_channels_per_direction():
+    rng = np.random.default_rng(1)
+    img = (0.8 + 0.01 * rng.standard_normal((24, 24, 24))).astype(np.float32)
+    mask = _ball(img.shape, (12, 12, 12), 3)
+    img[mask > 0] = 0.3
+    heal = condition(img, mask, HEAL, 2)
+    region = fill_region(mask, HEAL, 2)
+    assert heal.shape == (4, 24, 24, 24)
+    assert np.array_equal(heal[2] > 0, region) and region.sum() > mask.sum()
+    assert np.array_equal(heal[3][~region], img[~region])  # the classical fill only rewrites its region
+    assert abs(heal[3][mask > 0].mean() - 0.8) < 0.05  # ... from the surrounding tissue, not the dark lesion
+    embed = condition(img, mask, EMBED, 2)
+    assert np.array_equal(embed[2] > 0, mask > 0) and np.array_equal(embed[3], img)
+    prior = lesion_prior(region)
+    assert prior[region].min() == 1.0 and 0 < prior[~region].max() < 1
+
+
+class _Constant(torch.nn.Module):
+    """Stands in for the network: the same scaled deviation everywhere."""
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x, t, class_labels=None):
+        return torch.full_like(x[:, :1], self.value)
+
+
+@pytest.mark.parametrize("mode", ["fidelity", "realism"])
+def test_acg_holds_the_input_outside_and_lcg_frees_the_lesion(mode):
+    schedule = NoiseSchedule.from_config({"num_train_timesteps": 100, "schedule": "linear_beta"})
+    cond = torch.zeros(1, 4, 16, 16, 16)
+    region = np.zeros((16, 16, 16), bool)
+    region[5:11, 5:11, 5:11] = True
+    lcg = torch.from_numpy(np.clip(1 - 1.0 * lesion_prior(region), 0, 1))[None, None]
+    run = lambda alpha0, weight: sample_deviation(  # noqa: E731
+        _Constant(0.2), schedule, cond, HEAL, mode=mode, alpha0=alpha0, k=2.0, eta_weight=weight, steps=3,
+        strength=0.3, generator=torch.Generator().manual_seed(0), acg=alpha0 > 0)[0, 0].numpy()
+    free = run(0.0, None)  # ACG off: the network's deviation everywhere
+    assert np.allclose(free, 0.2, atol=1e-3)
+    # ACG (eq. 12): lambda = exp(-alpha |0 - d|); a small alpha0 holds the estimate to the input (d = 0) ...
+    outside = ~ndimage.binary_dilation(region, iterations=3)
+    held = run(0.5, lcg)
+    assert np.abs(held[outside]).max() < 0.2 * 0.15
+    assert np.allclose(held[region], 0.2, atol=1e-3)  # ... while LCG (eta 1) leaves the lesion free
+    no_lcg = run(0.5, None)  # without LCG the lesion is held too
+    assert np.abs(no_lcg[region]).max() < 0.2 * 0.15
+    freer = run(5.0, lcg)  # a larger alpha0 gives more freedom outside the lesion
+    assert 0.2 * 0.5 < np.abs(freer[outside]).mean() < 0.2
+
+
+def test_edit_region_is_mask_plus_dilation_plus_feather():
+    shape = (50, 50, 50)
+    spacing = np.array([1.0, 1.0, 1.5])
+    mask = _ball(shape, (25, 25, 25), 4)
+    brain = np.ones(shape, np.uint8)
+    w = edit_weight(mask, brain, spacing, 2.0, 3.0)
+    dist = ndimage.distance_transform_edt(mask == 0, sampling=spacing)
+    assert np.all(w[dist <= 2.0] == 1.0)
+    assert not np.any(w[dist > 2.0 + 3.0 + 1e-6])  # nothing beyond dilation + feather
+    assert np.any((w > 0) & (w < 1))
+    for axis in range(3):  # the seam has no step
+        assert np.abs(np.diff(w, axis=axis)).max() <= 1.5 * spacing[axis] / 3.0 + 1e-6
+    rng = np.random.default_rng(0)
+    original = rng.integers(0, 3000, shape).astype(np.int16)
+    out = fuse(original, rng.normal(0, 100, shape), w)
+    assert np.array_equal(out[w == 0], original[w == 0])
+
+
+def test_edit_region_fades_out_beyond_the_brain():
+    shape = (40, 40, 40)
+    brain = np.zeros(shape, np.uint8)
+    brain[:20] = 1
+    mask = np.zeros(shape, np.uint8)
+    mask[16:19, 18:22, 18:22] = 1  # a lesion at the brain's edge
+    w = edit_weight(mask, brain, (1, 1, 1), 1.0, 3.0)
+    assert w[mask > 0].min() == 1.0
+    assert w[20:23].any() and not w[23:].any()  # at most the feather beyond the brain
+    assert np.array_equal(edit_weight(None, brain, (1, 1, 1), 1.0, 3.0) > 0, brain > 0)
