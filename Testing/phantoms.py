@@ -12,8 +12,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from USBLib import bundle as bundle_mod
-from USBLib.networks import build_all
+from USBLib.core import bundle as bundle_mod
+from USBLib.core.networks import build_all
 
 BRAIN_RADII = np.array([68.0, 84.0, 62.0])
 
@@ -130,7 +130,7 @@ def make_bundle(root: Path, shape=(32, 40, 32), spacing: float = 5.0, networks=N
     }
     state = {k: v.state_dict() for k, v in nets.items()}
     if local:
-        from USBLib.local.network import build_local_unet
+        from USBLib.editor.local.network import build_local_unet
 
         net = build_local_unet(TINY_LOCAL["network"])
         randomise({"local": net}, seed + 1)

@@ -22,6 +22,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.util import VTKObservationMixin
 
 from USBEditorLib import dependencies
+from USBLib.settings import FALLBACKS, RANGES
 from USBEditorLib.logic import (TASK_INFO, Device, EditorLogic, LocalMode, RunSettings, Stages, Task, USBEditorError,
                                 default_settings,
                                 describe_model, installed_models, load_mask, load_sample, missing_input,
@@ -60,13 +61,15 @@ class USBEditorParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     maskNode: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
     segmentId: str = ""
-    alpha0: Annotated[float, WithinRange(0.0, 100.0)] = 20.0
-    k: Annotated[float, WithinRange(-5.0, 10.0)] = 2.0
-    eta: Annotated[float, WithinRange(0.0, 2.0)] = 1.0
-    steps: Annotated[int, WithinRange(1, 300)] = 50
-    strength: Annotated[float, WithinRange(0.05, 1.0)] = 0.3
-    samples: Annotated[int, WithinRange(1, 16)] = 1
-    seed: Annotated[int, WithinRange(0, 99999)] = 0
+    # ranges and fallbacks: USBLib.settings, the one table every layer uses; the model's defaults replace them
+    acg: bool = FALLBACKS["acg"]
+    alpha0: Annotated[float, WithinRange(*RANGES["alpha0"])] = FALLBACKS["alpha0"]
+    k: Annotated[float, WithinRange(*RANGES["k"])] = FALLBACKS["k"]
+    eta: Annotated[float, WithinRange(*RANGES["eta"])] = FALLBACKS["eta"]
+    steps: Annotated[int, WithinRange(*RANGES["steps"])] = FALLBACKS["steps"]
+    strength: Annotated[float, WithinRange(*RANGES["strength"])] = FALLBACKS["strength"]
+    samples: Annotated[int, WithinRange(*RANGES["samples"])] = FALLBACKS["samples"]
+    seed: Annotated[int, WithinRange(*RANGES["seed"])] = FALLBACKS["seed"]
     frames: Annotated[int, WithinRange(0, 16)] = 0
     device: Device = Device.AUTO
     stages: Stages = Stages.DEFAULT
@@ -209,8 +212,9 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.inputVolumeSelector.enabled = info["volume"] != "unused"
         for widget in (self.ui.maskSelector, self.ui.segmentComboBox, self.ui.newLesionButton, self.ui.loadMaskButton):
             widget.enabled = info["mask"] != "unused"
-        for widget in (self.ui.alpha0SliderWidget, self.ui.kSliderWidget, self.ui.strengthSliderWidget):
-            widget.enabled = edit
+        self.ui.acgCheckBox.enabled = self.ui.strengthSliderWidget.enabled = edit
+        for widget in (self.ui.alpha0SliderWidget, self.ui.kSliderWidget):
+            widget.enabled = edit and p.acg
         self.ui.etaSliderWidget.enabled = edit and p.maskNode is not None
         self.ui.framesSpinBox.enabled = p.task is Task.EMBED
         self.ui.stagesComboBox.enabled = edit and p.maskNode is not None
@@ -308,7 +312,7 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except USBEditorError as exc:  # e.g. a model folder that is not a bundle: keep the sliders as they are
             self.ui.statusLabel.text = str(exc)
             return
-        keys = ["alpha0", "k", "eta", "steps", "strength"] + ([] if guidanceOnly else ["samples", "seed"])
+        keys = ["acg", "alpha0", "k", "eta", "steps", "strength"] + ([] if guidanceOnly else ["samples", "seed"])
         for key in keys:
             setattr(p, key, getattr(settings, key))
         p.stages = Stages(settings.stages)
@@ -336,7 +340,8 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._ensureDependencies():
             return
         p = self._parameterNode
-        settings = RunSettings(steps=int(p.steps), strength=p.strength, alpha0=p.alpha0, k=p.k, eta=p.eta,
+        settings = RunSettings(steps=int(p.steps), strength=p.strength, acg=bool(p.acg), alpha0=p.alpha0, k=p.k,
+                               eta=p.eta,
                                stages=p.stages.value, local_mode=p.localMode.value, samples=int(p.samples),
                                seed=int(p.seed))
         info = TASK_INFO[p.task]
@@ -450,7 +455,7 @@ class USBEditorTest(ScriptedLoadableModuleTest):
         self.test_bad_input_is_a_clear_error()
 
     def _sample(self):
-        from USBLib.demo import sample_files
+        from USBLib.resources import sample_files
 
         files = sample_files()
         volume = slicer.util.loadVolume(str(files["image"]))

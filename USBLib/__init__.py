@@ -8,20 +8,20 @@ __version__ = "0.1.0"
 __all__ = ["Editor", "EditResult", "ModelBundle", "load_bundle", "USBError", "InputError", "BundleError",
            "Cancelled", "__version__"]
 
-from .errors import BundleError, Cancelled, InputError, USBError
+from USBLib.errors import BundleError, Cancelled, InputError, USBError
 
 
 def __getattr__(name: str):
     if name in ("Editor", "EditResult"):
-        from . import pipeline
+        from USBLib.editor import editor
 
-        return getattr(pipeline, name)
+        return getattr(editor, name)
     if name == "ModelBundle":
-        from .bundle import ModelBundle
+        from USBLib.core.bundle import ModelBundle
 
         return ModelBundle
     if name == "load_bundle":
-        from .bundle import load
+        from USBLib.core.bundle import load
 
         return load
     raise AttributeError(name)

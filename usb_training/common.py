@@ -152,6 +152,22 @@ class Budget:
         return time.monotonic() - self.start
 
 
+def warmup_cosine(step: int, total: int, base_lr: float, warmup: int, floor: float = 0.02) -> float:
+    """Learning rate at ``step``: linear warm-up over ``warmup`` steps, then a cosine decay to ``floor * base_lr``
+    at ``total``."""
+    import math
+
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base_lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def adamw(params, lr: float) -> torch.optim.Optimizer:
     """AdamW, fused where this torch build supports it (the CPU speed lever for training)."""
     try:

@@ -18,7 +18,7 @@ TIERS: dict[str, dict[str, Any]] = {
     "tiny": {
         "grid": {"shape": [80, 96, 80], "spacing": 2.0},
         "networks": {
-            "autoencoder": {"channels": [16, 32, 32], "num_res_blocks": 1, "latent_channels": 3,
+            "autoencoder": {"channels": [16, 32, 64], "num_res_blocks": [1, 1, 2], "latent_channels": 8,
                             "norm_num_groups": 16, "attention_levels": [False, False, False],
                             "with_encoder_nonlocal_attn": False, "with_decoder_nonlocal_attn": False},
             "unet_lesion": {"channels": [32, 64, 64], "num_res_blocks": 1, "attention_levels": [False, False, True],
@@ -26,11 +26,11 @@ TIERS: dict[str, dict[str, Any]] = {
             "unet_brain": {"channels": [32, 64, 64], "num_res_blocks": 1, "attention_levels": [False, False, True],
                            "num_head_channels": [0, 0, 64], "norm_num_groups": 32},
         },
-        "data": {"train": 480, "val": 24, "healthy_fraction": 0.2, "seed": 0},
-        "autoencoder": {"steps": 2400, "batch": 4, "patch": [32, 32, 32], "lr": 1e-3, "kl_weight": 1e-6,
-                        "mask_fraction": 0.3, "val_every": 200},
-        "diffusion": {"steps": 3000, "batch": 4, "lr": 5e-4, "ema": 0.995, "clean_condition_fraction": 0.2,
-                      "val_every": 250},
+        "data": {"train": 3000, "val": 32, "healthy_fraction": 0.2, "seed": 0},
+        "autoencoder": {"steps": 3000, "batch": 4, "patch": [48, 48, 48], "lr": 1e-3, "kl_weight": 1e-6,
+                        "mask_fraction": 0.25, "val_every": 250, "warmup": 100, "full_volume_steps": 300},
+        "diffusion": {"steps": 12000, "batch": 4, "lr": 5e-4, "ema": 0.999, "clean_condition_fraction": 0.2,
+                      "val_every": 250, "warmup": 200, "min_snr_gamma": 5.0},
         "defaults": {
             "heal": {"steps": 50, "strength": 0.5, "alpha0": 20.0, "k": 2.0, "eta": 1.0, "margin_mm": 6.0},
             "embed": {"steps": 50, "strength": 0.6, "alpha0": 20.0, "k": 2.0, "eta": 1.0, "margin_mm": 6.0},
@@ -53,7 +53,7 @@ TIERS: dict[str, dict[str, Any]] = {
         "autoencoder": {"steps": 60000, "batch": 2, "patch": [96, 96, 96], "lr": 1e-4, "kl_weight": 1e-6,
                         "mask_fraction": 0.3, "val_every": 2000},
         "diffusion": {"steps": 150000, "batch": 8, "lr": 1e-4, "ema": 0.9999, "clean_condition_fraction": 0.2,
-                      "val_every": 5000},
+                      "val_every": 5000, "warmup": 1000, "min_snr_gamma": 5.0},
         "defaults": {
             "heal": {"steps": 100, "strength": 0.3, "alpha0": 20.0, "k": 2.0, "eta": 1.0, "margin_mm": 6.0},
             "embed": {"steps": 100, "strength": 0.5, "alpha0": 20.0, "k": 2.0, "eta": 1.0, "margin_mm": 6.0},

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from USBLib import bundle as bundle_mod
+from USBLib.core import bundle as bundle_mod
 
 from .common import HISTORY, load_checkpoint, module_weights
 from .config import INTENSITY, SCHEDULE
@@ -102,9 +102,17 @@ def model_card(name: str, facts: dict[str, Any], metrics: dict[str, Any]) -> str
     return "\n".join(lines)
 
 
+LOCAL_DEFAULT_KEYS = ("stages", "local_mode", "local_steps", "local_strength", "dilation_mm", "margin_mm", "eta",
+                      "alpha0", "k")
+
+
 def export(cfg: dict[str, Any], work: Path, out: Path, name: str, metrics: dict[str, Any] | None = None,
-           description: str = "") -> bundle_mod.ModelBundle:
-    """Write the bundle of a finished run to ``out``."""
+           description: str = "", keep_local_from: Path | None = None) -> bundle_mod.ModelBundle:
+    """Write the bundle of a finished run to ``out``.
+
+    ``keep_local_from``: a schema-2 bundle whose local stage (weights, ``local`` section, the heal/embed settings
+    it was tuned with, and the model card's local-stage section) is carried over unchanged, so that retraining the
+    latent model does not drop the local stage."""
     work = Path(work)
     ae_meta = load_checkpoint(work / "autoencoder", {}) or {}
     if "scale_factor" not in ae_meta:
@@ -133,7 +141,28 @@ def export(cfg: dict[str, Any], work: Path, out: Path, name: str, metrics: dict[
         "metrics": {k: v for k, v in (metrics or {}).items() if k != "table_markdown"},
     }
     extra = {"template.nii.gz": space_dir / "template.nii.gz", "brain_mask.nii.gz": space_dir / "brain_mask.nii.gz"}
-    return bundle_mod.write(Path(out), config, state, extra, card=model_card(name, facts, metrics or {}))
+    card = model_card(name, facts, metrics or {})
+    if keep_local_from is not None:
+        card = _graft_local(bundle_mod.load(keep_local_from), config, state, card)
+    return bundle_mod.write(Path(out), config, state, extra, card=card)
+
+
+def _graft_local(source: bundle_mod.ModelBundle, config: dict[str, Any], state: dict[str, Any], card: str) -> str:
+    """Carry the local stage of ``source`` into a new latent-stage bundle (config and state changed in place);
+    returns the model card with the source's local-stage section appended."""
+    from .local.export import CARD_END, CARD_START
+
+    if not source.has_local:
+        raise RuntimeError(f"{source.root} has no local stage to keep")
+    state[bundle_mod.LOCAL] = source.load_state_dict(bundle_mod.LOCAL)
+    config[bundle_mod.LOCAL] = {k: v for k, v in source.config[bundle_mod.LOCAL].items() if k != "weights"}
+    for task in ("heal", "embed"):
+        kept = {k: v for k, v in source.defaults(task).items() if k in LOCAL_DEFAULT_KEYS}
+        config["defaults"][task] = {**config["defaults"][task], **kept}
+    old = (source.root / bundle_mod.CARD_FILE).read_text() if (source.root / bundle_mod.CARD_FILE).is_file() else ""
+    if CARD_START in old and CARD_END in old:
+        card = card.rstrip() + "\n\n" + old[old.index(CARD_START):old.index(CARD_END) + len(CARD_END)] + "\n"
+    return card
 
 
 def _ema(folder: Path, net: str) -> dict[str, torch.Tensor]:
@@ -153,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--name", default=None)
     parser.add_argument("--metrics", type=Path, default=None, help="metrics.json written by evaluate")
+    parser.add_argument("--keep-local-from", type=Path, default=None,
+                        help="bundle whose local stage (weights, settings, card section) the new bundle keeps")
     parser.add_argument("--defaults", type=Path, default=None,
                         help="JSON from usb_training.tune: its best heal settings become the bundle's defaults")
     args = parser.parse_args(argv)
@@ -162,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         best = json.loads(args.defaults.read_text())["best"]
         cfg["defaults"]["heal"].update({k: v for k, v in best.items() if k != "lesion_psnr"})
     metrics = json.loads(args.metrics.read_text()) if args.metrics else None
-    b = export(cfg, args.work, args.out, args.name or args.out.name, metrics)
+    b = export(cfg, args.work, args.out, args.name or args.out.name, metrics, keep_local_from=args.keep_local_from)
     print(b.root)
     return 0
 

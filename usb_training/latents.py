@@ -1,9 +1,14 @@
 """Stage 2: encode every sample once (posterior mean x scale factor) and cache (lesion, brain) latent pairs.
 
 The lesion latent of a healthy sample is the empty mask through the same encoder, exactly what inference uses
-as the healing condition."""
+as the healing condition. The cache follows the data set's shards (``latents/<split>/shard_NNN.npy``), so a data
+set that grows gets only its new shards encoded; a cache made with another autoencoder (its step and scale
+factor are stamped in ``latents/autoencoder.json``) is discarded.
+"""
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,24 +16,46 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from USBLib.networks import build_autoencoder
+from USBLib.core.networks import build_autoencoder
 
 from .common import load_checkpoint, set_threads
-from .data.synth import load
+from .data.synth import finished_shards
 
 
 @torch.no_grad()
-def encode_all(ae: torch.nn.Module, volumes: np.ndarray, scale: float, batch: int = 4, desc: str = "") -> np.ndarray:
-    """Scaled posterior means [N, C, ...] of volumes [N, I, J, K]."""
-    out = []
-    for i in tqdm(range(0, volumes.shape[0], batch), desc=desc, leave=False):
-        x = torch.from_numpy(np.asarray(volumes[i:i + batch], np.float32))[:, None]
-        out.append((ae.encode(x)[0] * scale).numpy())
-    return np.concatenate(out)
+def encode_all(ae: torch.nn.Module, volumes, scale: float, batch: int = 4, desc: str = "") -> np.ndarray:
+    """Scaled posterior means [N, C, ...] of volumes [N, I, J, K]; all-zero volumes (empty masks) are encoded
+    once and reused."""
+    out: list[np.ndarray | None] = [None] * len(volumes)
+    empty = None
+    todo = []
+    for i in range(len(volumes)):
+        if not np.any(volumes[i]):
+            if empty is None:
+                zero = torch.zeros((1, 1, *volumes[i].shape))
+                empty = (ae.encode(zero)[0] * scale)[0].numpy()
+            out[i] = empty
+        else:
+            todo.append(i)
+    for start in tqdm(range(0, len(todo), batch), desc=desc, leave=False):
+        idx = todo[start:start + batch]
+        x = torch.from_numpy(np.stack([np.asarray(volumes[i], np.float32) for i in idx]))[:, None]
+        for i, z in zip(idx, (ae.encode(x)[0] * scale).numpy()):
+            out[i] = z
+    return np.stack(out)
 
 
-def cache(cfg: dict[str, Any], work: Path) -> Path:
-    """Write ``work/latents/{train,val}.npy`` shaped [N, 2, C, ...] (index 0 lesion, 1 brain)."""
+def load_latents(work: Path, split: str) -> np.ndarray:
+    """All cached latent pairs of a split, [N, 2, C, ...] float32 (index 0 lesion, 1 brain)."""
+    files = sorted((Path(work) / "latents" / split).glob("shard_*.npy"))
+    if not files:
+        raise FileNotFoundError(f"no cached latents in {Path(work) / 'latents' / split}; run the latents stage")
+    return np.concatenate([np.load(f) for f in files]).astype(np.float32)
+
+
+def cache(cfg: dict[str, Any], work: Path, max_shards: int | None = None) -> Path:
+    """Encode every finished data shard not yet cached (at most ``max_shards`` per split) into
+    ``work/latents/<split>/shard_NNN.npy`` shaped [n, 2, C, ...]."""
     set_threads()
     work = Path(work)
     ae = build_autoencoder(cfg["networks"]["autoencoder"])
@@ -37,11 +64,25 @@ def cache(cfg: dict[str, Any], work: Path) -> Path:
         raise RuntimeError(f"{work / 'autoencoder'} has no finished autoencoder; run train_autoencoder first")
     ae.eval()
     folder = work / "latents"
+    stamp = {"step": int(meta["step"]), "scale_factor": float(meta["scale_factor"])}
+    stamp_file = folder / "autoencoder.json"
+    if folder.is_dir() and (not stamp_file.is_file() or json.loads(stamp_file.read_text()) != stamp):
+        shutil.rmtree(folder)  # made with another autoencoder
     folder.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "val"):
-        images, masks = load(work / "data" / split)
-        lesion = encode_all(ae, masks, meta["scale_factor"], desc=f"{split} masks")
-        brain = encode_all(ae, images, meta["scale_factor"], desc=f"{split} brains")
-        np.save(folder / f"{split}.npy", np.stack([lesion, brain], axis=1).astype(np.float32))
-    (folder / "scale_factor.txt").write_text(f"{meta['scale_factor']}\n")
+    stamp_file.write_text(json.dumps(stamp))
+    for split in ("val", "train"):
+        (folder / split).mkdir(exist_ok=True)
+        shards = finished_shards(work / "data" / split)
+        for shard in shards[:max_shards]:
+            target = folder / split / f"{shard.name}.npy"
+            if target.is_file():
+                continue
+            images = np.load(shard / "images.npy", mmap_mode="r")
+            masks = np.load(shard / "masks.npy", mmap_mode="r")
+            lesion = encode_all(ae, masks, stamp["scale_factor"], desc=f"{split}/{shard.name} masks")
+            brain = encode_all(ae, images, stamp["scale_factor"], desc=f"{split}/{shard.name} brains")
+            tmp = target.with_suffix(".tmp.npy")
+            np.save(tmp, np.stack([lesion, brain], axis=1).astype(np.float32))
+            tmp.replace(target)
+    (folder / "scale_factor.txt").write_text(f"{stamp['scale_factor']}\n")
     return folder

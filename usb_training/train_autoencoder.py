@@ -1,7 +1,9 @@
 """Stage 1: the KL autoencoder (MONAI ``AutoencoderKL``) on random patches of brains and lesion masks.
 
 Loss: L1 + ``kl_weight`` * KL, plus an optional patch adversarial loss (MONAI ``PatchDiscriminator`` +
-``PatchAdversarialLoss``, off in the tiny tier). No perceptual loss: every perceptual network needs weights that
+``PatchAdversarialLoss``, off in the tiny tier). Learning rate: warm-up then cosine. Two phases: ``steps`` on
+random patches (batch of ``patch`` crops), then ``full_volume_steps`` on whole volumes one at a time, so that the
+GroupNorm statistics the decoder sees at inference (whole brain + black background) are the ones it trained on. No perceptual loss: every perceptual network needs weights that
 must be downloaded, which this project does not do. After training, the latent scale factor is measured as
 1 / std of the posterior means of the training brains.
 
@@ -17,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from USBLib.networks import build_autoencoder
+from USBLib.core.networks import build_autoencoder
 
 from . import distributed
-from .common import (Budget, History, adamw, load_checkpoint, save_checkpoint, seed_everything, set_threads,
-                     stage_main)
+from .common import (Budget, History, adamw, load_checkpoint, save_checkpoint, seed_everything, set_lr,
+                     set_threads, stage_main, warmup_cosine)
 from .data.synth import load
 
 
@@ -52,16 +54,43 @@ def _volume(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.asarray(array, np.float32))[None, None].to(device)
 
 
+def whole_volumes(images, masks, batch: int, mask_fraction: float, rng: np.random.Generator) -> torch.Tensor:
+    """[B, 1, I, J, K] whole brains or whole lesion masks (the full-volume phase)."""
+    out = []
+    for _ in range(batch):
+        i = int(rng.integers(len(images)))
+        use_mask = rng.random() < mask_fraction and masks[i].any()
+        out.append(np.asarray(masks[i] if use_mask else images[i], np.float32))
+    return torch.from_numpy(np.stack(out))[:, None]
+
+
+def brain_psnr(recon: np.ndarray, image: np.ndarray) -> float:
+    """PSNR in dB inside the brain (image > 0), data range 1 (model units)."""
+    brain = image > 0
+    mse = float(np.mean((recon[brain] - image[brain]) ** 2))
+    return float(10 * np.log10(1.0 / max(mse, 1e-12)))
+
+
 @torch.no_grad()
-def validate(ae: torch.nn.Module, images: np.ndarray, masks: np.ndarray, count: int = 8) -> dict[str, float]:
-    """Full-volume reconstruction L1 of brains and masks of the validation set."""
-    ae.eval()
+def reconstruct(ae: torch.nn.Module, volume: np.ndarray) -> np.ndarray:
+    """Decode(encode(volume)) with the posterior mean, as inference does."""
     device = next(ae.parameters()).device
-    scores: dict[str, list[float]] = {"l1_brain": [], "l1_mask": []}
+    return ae.decode(ae.encode(_volume(volume, device))[0])[0, 0].cpu().numpy()
+
+
+@torch.no_grad()
+def validate(ae: torch.nn.Module, images, masks, count: int = 8) -> dict[str, float]:
+    """Whole-volume reconstruction of validation brains and masks: PSNR in the brain (dB, range 1), mean absolute
+    value of the background (should be 0: black), L1 of the masks."""
+    ae.eval()
+    scores: dict[str, list[float]] = {"psnr_brain": [], "background": [], "l1_mask": []}
     for i in range(min(count, images.shape[0])):
-        for key, vol in (("l1_brain", images[i]), ("l1_mask", masks[i])):
-            x = _volume(vol, device)
-            scores[key].append(F.l1_loss(ae.decode(ae.encode(x)[0]), x).item())
+        image = np.asarray(images[i], np.float32)
+        recon = reconstruct(ae, image)
+        scores["psnr_brain"].append(brain_psnr(recon, image))
+        scores["background"].append(float(np.abs(recon[image <= 0]).mean()))
+        mask = np.asarray(masks[i], np.float32)
+        scores["l1_mask"].append(float(np.abs(reconstruct(ae, mask) - mask).mean()))
     ae.train()
     return {k: float(np.mean(v)) for k, v in scores.items()}
 
@@ -83,7 +112,9 @@ def train(cfg: dict[str, Any], work: Path, minutes: float | None = None, steps: 
     ctx = distributed.setup(device)
     seed_everything(seed)
     c = cfg["autoencoder"]
-    total = int(steps or c["steps"])
+    full_steps = int(c.get("full_volume_steps", 0))
+    total = int(steps or (int(c["steps"]) + full_steps))
+    patch_steps = max(0, total - full_steps)
     folder = Path(work) / "autoencoder"
     images, masks = load(Path(work) / "data" / "train")
     val_images, val_masks = load(Path(work) / "data" / "val")
@@ -110,12 +141,17 @@ def train(cfg: dict[str, Any], work: Path, minutes: float | None = None, steps: 
     def checkpoint(extra: dict[str, Any] | None = None) -> None:
         history.data["seconds"] = seconds_before + budget.elapsed()
         save_checkpoint(folder, modules, opt, {"step": step, **(extra or {})})
-        history.save("autoencoder (L1)")
+        history.save("autoencoder (L1; val: PSNR dB, background, mask L1)")
 
     model.train()
     bar = tqdm(total=total, initial=step, desc="autoencoder", disable=not (progress and ctx.main))
     while step < total and not distributed.any_rank(ctx, budget.over()):
-        x = random_patches(images, masks, int(c["batch"]), c["patch"], float(c["mask_fraction"]), rng).to(ctx.device)
+        set_lr(opt, warmup_cosine(step, total, float(c["lr"]), int(c.get("warmup", 0))))
+        if step < patch_steps:
+            x = random_patches(images, masks, int(c["batch"]), c["patch"], float(c["mask_fraction"]), rng)
+        else:
+            x = whole_volumes(images, masks, 1, float(c["mask_fraction"]), rng)
+        x = x.to(ctx.device)
         recon, mu, sigma = model(x)
         l1 = F.l1_loss(recon, x)
         loss = l1 + float(c["kl_weight"]) * kl_loss(mu, sigma)
@@ -139,6 +175,7 @@ def train(cfg: dict[str, Any], work: Path, minutes: float | None = None, steps: 
             if step % int(c["val_every"]) == 0:
                 history.log("val", step, **validate(ae, val_images, val_masks))
                 checkpoint()
+                images.refresh(), masks.refresh()  # shards written since the start
     bar.close()
     if ctx.main:
         if not history.validated_at(step):

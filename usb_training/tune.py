@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from USBLib import bundle as bundle_mod
-from USBLib.pipeline import Editor
+from USBLib.core import bundle as bundle_mod
+from USBLib.editor.editor import Editor
 
 from . import metrics
 from .data.dataset import TRAIN_SOURCES, prepared_sources

@@ -20,7 +20,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from USBLib.demo import sample_files
+from USBLib.resources import sample_files
 
 
 def make_dataset(root: Path, n: int) -> Path:
@@ -44,7 +44,7 @@ def make_dataset(root: Path, n: int) -> Path:
 
 
 def time_batch(root: Path, out: Path, jobs: int, device: str) -> dict:
-    cmd = [sys.executable, "-m", "USBLib.cli", "batch", str(root), "--out", str(out), "--jobs", str(jobs),
+    cmd = [sys.executable, "-m", "USBLib.apps.cli", "batch", str(root), "--out", str(out), "--jobs", str(jobs),
            "--device", device, "--quiet"]
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)

@@ -17,9 +17,9 @@ from pathlib import Path
 CHILD = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
-from USBLib.demo import sample_files
-from USBLib.io import read_volume
-from USBLib.pipeline import Editor
+from USBLib.resources import sample_files
+from USBLib.imaging.io import read_volume
+from USBLib.editor.editor import Editor
 task, device, extra = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 files = sample_files()
 image = read_volume(files["image"], "image")

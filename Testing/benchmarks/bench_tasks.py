@@ -60,8 +60,8 @@ def _child(config: str, task: str, device: str, max_steps: int | None, bundle_ro
     import numpy as np
 
     from USBLib import Editor, bundle
-    from USBLib.demo import sample_files
-    from USBLib.io import read_volume
+    from USBLib.resources import sample_files
+    from USBLib.imaging.io import read_volume
 
     editor = Editor(bundle.load(bundle_root), device=device)
     files = sample_files()

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import make_scan
-from USBLib.batch_inputs import find_subjects, shard
-from USBLib.cli import main
+from USBLib.apps.batch_inputs import find_subjects, shard
+from USBLib.apps.cli import main
 from USBLib.errors import InputError
 
 
@@ -171,7 +171,7 @@ def test_discovery_of_folders_csv_patterns_and_shards(tmp_path, bids):
 
 
 def test_torchrun_ranks_pick_their_shard(monkeypatch):
-    from USBLib.batch_run import torchrun_shard
+    from USBLib.apps.batch_run import torchrun_shard
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert torchrun_shard("cpu") == (None, "cpu")
@@ -193,7 +193,7 @@ def test_ctrl_c_leaves_only_whole_files_and_the_rerun_resumes(tmp_path, tiny_bun
         save(root / f"sub-{i:02d}/anat/sub-{i:02d}_T1w.nii.gz", (img + i).astype(img.dtype), aff)
         save(root / f"sub-{i:02d}/anat/sub-{i:02d}_label-lesion_mask.nii.gz", mask, aff)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "USBLib.cli", "batch", str(root), "--out", str(out), "--model", str(tiny_bundle.root),
+    cmd = [sys.executable, "-m", "USBLib.apps.cli", "batch", str(root), "--out", str(out), "--model", str(tiny_bundle.root),
            "--steps", "40", "--device", "cpu", "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # interrupt right after the first scan is recorded, however slow the machine: no timing race (the

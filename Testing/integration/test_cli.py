@@ -1,4 +1,5 @@
 """Every ``usb`` sub-command, exit codes and one-line errors, with a tiny random-init bundle."""
+import re
 import json
 import shutil
 import subprocess
@@ -8,8 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from USBLib import bundle as bundle_mod
-from USBLib.cli import main
+from USBLib.core import bundle as bundle_mod
+from USBLib.apps.cli import main
 
 
 def run(capsys, *argv):
@@ -38,7 +39,7 @@ def test_heal_embed_write_outputs_with_geometry_and_sidecar(tiny_bundle, scan_fi
     code, _, err = run(capsys, "embed", scan_files["image"], "--mask", scan_files["embed"], "-o",
                        tmp_path / "emb.nrrd", "--model", tiny_bundle.root, "--eta", "0.5", "--alpha0", "10", "--k", "1")
     assert code == 0, err
-    from USBLib.io import read_volume
+    from USBLib.imaging.io import read_volume
 
     np.testing.assert_allclose(read_volume(tmp_path / "emb.nrrd").affine, src.affine, atol=1e-5)
 
@@ -128,7 +129,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, message, tiny_
     before = image.read_bytes() if image.exists() else None
     code, _, err = run(capsys, "embed", image, "--mask", mask, "-o", out, "--model", model, "--quiet", *extra)
     assert code == 2
-    assert err.startswith("usb: error:") and message in err and err.count("\n") == 1, err
+    assert re.match(r"usb( embed)?: error:", err) and message in err and err.count("\n") == 1, err
     assert "Traceback" not in err
     if case != "same_path":
         assert not out.exists()
@@ -145,7 +146,7 @@ def test_usage_errors_exit_2(capsys):
 
 
 def test_ctrl_c_leaves_no_output(tiny_bundle, scan_files, tmp_path, capsys, monkeypatch):
-    from USBLib import pipeline
+    from USBLib.editor import editor as pipeline
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -157,7 +158,7 @@ def test_ctrl_c_leaves_no_output(tiny_bundle, scan_files, tmp_path, capsys, monk
 
 
 def test_internal_failure_exits_1_without_traceback(tiny_bundle, scan_files, tmp_path, capsys, monkeypatch):
-    from USBLib import pipeline
+    from USBLib.editor import editor as pipeline
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
@@ -186,9 +187,9 @@ def test_demo_runs_on_sample_with_given_model(tiny_bundle, tmp_path, capsys):
 
 
 def test_console_script_runs_as_a_process(tiny_bundle):
-    proc = subprocess.run([sys.executable, "-m", "USBLib.cli", "info", "--model", str(tiny_bundle.root)],
+    proc = subprocess.run([sys.executable, "-m", "USBLib.apps.cli", "info", "--model", str(tiny_bundle.root)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "tiny-test" in proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "USBLib.cli", "heal", "missing.nii.gz", "-o", "x.nii.gz",
+    proc = subprocess.run([sys.executable, "-m", "USBLib.apps.cli", "heal", "missing.nii.gz", "-o", "x.nii.gz",
                            "--model", str(tiny_bundle.root)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.strip() == "usb: error: input image file not found: missing.nii.gz"

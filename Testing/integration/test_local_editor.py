@@ -11,10 +11,10 @@ from scipy import ndimage
 
 import phantoms
 from conftest import make_scan
-from USBLib import bundle as bundle_mod
-from USBLib.cli import main as usb_main
+from USBLib.core import bundle as bundle_mod
+from USBLib.apps.cli import main as usb_main
 from USBLib.errors import InputError
-from USBLib.pipeline import Editor
+from USBLib.editor.editor import Editor
 
 
 @pytest.fixture(scope="module")

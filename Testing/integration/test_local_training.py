@@ -11,7 +11,7 @@ from usb_training.local.crops import VISIBLE_RATIO, make_crop
 from usb_training.local.export import export_local
 from usb_training.local.shards import load_shards, write_shards
 from usb_training.local.train import LOCAL_CONFIG, train
-from USBLib.pipeline import Editor
+from USBLib.editor.editor import Editor
 
 TINY = json.loads(json.dumps(LOCAL_CONFIG))
 TINY["network"] = {"channels": [8, 16], "num_res_blocks": 1, "attention_levels": [False, False], "norm_num_groups": 8}

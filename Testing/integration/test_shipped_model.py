@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from USBLib import bundle as bundle_mod
-from USBLib.demo import sample_files
-from USBLib.fusion import dilate_mm
-from USBLib.io import read_volume
-from USBLib.pipeline import Editor
+from USBLib.core import bundle as bundle_mod
+from USBLib.resources import sample_files
+from USBLib.imaging.fusion import dilate_mm
+from USBLib.imaging.io import read_volume
+from USBLib.editor.editor import Editor
 
 STEPS = 20  # latent stage: fewer than the defaults, to keep CI short; the direction must already be right
 HEAL_MARGIN_DB = 3.0   # local heal vs biharmonic inpainting of the mask grown by 2 voxels (measured +7.0 dB)
@@ -73,7 +73,7 @@ def test_default_model_card_and_metrics(shipped):
 
 
 def test_local_heal_makes_the_lesion_and_its_rim_healthy(shipped, rim_case):
-    from USBLib.prefill import prefill
+    from USBLib.imaging.prefill import prefill
 
     truth, lesioned, drawn, img = rim_case
     assert shipped.bundle.has_local and shipped.bundle.defaults("heal")["stages"] == "local"

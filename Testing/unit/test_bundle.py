@@ -4,9 +4,9 @@ import shutil
 import pytest
 
 import phantoms
-from USBLib import bundle as bundle_mod
+from USBLib.core import bundle as bundle_mod
 from USBLib.errors import BundleError
-from USBLib.networks import load_networks
+from USBLib.core.networks import load_networks
 
 
 def test_written_bundle_loads_and_builds(tiny_bundle):

@@ -1,6 +1,6 @@
 import numpy as np
 
-from USBLib.fusion import dilate_mm, edit_weight, fuse
+from USBLib.imaging.fusion import dilate_mm, edit_weight, fuse
 
 
 def _mask(shape=(40, 40, 40), center=(20, 20, 20), r=5):

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from USBLib.guidance import acg_alpha, acg_weight, apply_guidance, lcg_weight, lesion_prior
+from USBLib.core.guidance import acg_alpha, acg_weight, apply_guidance, lcg_weight, lesion_prior
 
 
 def test_acg_alpha_decays_with_t():
@@ -26,11 +26,26 @@ def test_acg_weight_range_and_limits():
     assert torch.all(acg_weight(y0, y0_hat, 30.0) <= acg_weight(y0, y0_hat, 5.0))
 
 
-def test_alpha0_zero_is_no_guidance():
+def test_alpha0_is_continuous_down_to_zero():
+    """alpha0 -> 0 tends to lambda = 1 (the input held), and alpha0 = 0 gives exactly that: no jump on the slider."""
     y0, y0_hat = torch.zeros(1, 3, 2, 2, 2), torch.ones(1, 3, 2, 2, 2)
-    lam = acg_weight(y0, y0_hat, acg_alpha(0.0, 0.5, 100, 300))
-    assert torch.equal(lam, torch.zeros_like(y0))
-    assert torch.equal(apply_guidance(y0_hat, y0, lam), y0_hat)
+    at_zero = acg_weight(y0, y0_hat, acg_alpha(0.0, 0.5, 100, 300))
+    near_zero = acg_weight(y0, y0_hat, acg_alpha(1e-4, 0.5, 100, 300))
+    assert torch.equal(at_zero, torch.ones_like(y0))
+    assert torch.allclose(near_zero, at_zero, atol=1e-4)
+    assert torch.equal(apply_guidance(y0_hat, y0, at_zero), y0)
+
+
+def test_larger_k_holds_the_early_steps_closer_to_the_input():
+    """The direction the docs state: alpha_t = alpha0 exp(-k t/T) is smallest at the first step (t = T) for a large
+    k, and a small alpha_t means lambda near 1, i.e. the estimate pulled onto the input."""
+    y0, y0_hat = torch.zeros(1, 1, 2, 2, 2), torch.full((1, 1, 2, 2, 2), 0.2)
+    first = {k: acg_weight(y0, y0_hat, acg_alpha(20.0, k, 300, 300)).mean().item() for k in (-2.0, 0.0, 2.0, 5.0)}
+    assert first[-2.0] < first[0.0] < first[2.0] < first[5.0]
+    last = {k: acg_weight(y0, y0_hat, acg_alpha(20.0, k, 0, 300)).mean().item() for k in (-2.0, 5.0)}
+    assert last[-2.0] == pytest.approx(last[5.0])  # at t = 0 every k gives alpha0
+    guided = {k: apply_guidance(y0_hat, y0, acg_weight(y0, y0_hat, acg_alpha(20.0, k, 300, 300))) for k in (0.0, 5.0)}
+    assert guided[5.0].abs().max() < guided[0.0].abs().max()  # closer to y0 = 0
 
 
 def test_apply_guidance_is_eq13_blend():
@@ -39,13 +54,25 @@ def test_apply_guidance_is_eq13_blend():
     assert torch.equal(apply_guidance(y0_hat, y0, torch.ones_like(y0)), y0)
 
 
-def test_lesion_prior_is_avgpool_to_latent_grid():
+def test_lesion_prior_frees_every_latent_voxel_a_lesion_touches():
     mask = torch.zeros(1, 1, 8, 8, 8)
     mask[:, :, :4, :4, :4] = 1  # one full latent voxel
     mask[:, :, 4:6, :4, :4] = 1  # half of another
+    mask[:, :, 6, 6, 6] = 0.6  # one partial-volume voxel of a third
     prior = lesion_prior(mask, 4)
     assert prior.shape == (1, 1, 2, 2, 2)
-    assert prior[0, 0, 0, 0, 0] == 1.0 and prior[0, 0, 1, 0, 0] == 0.5 and prior[0, 0, 0, 1, 0] == 0.0
+    assert prior[0, 0, 0, 0, 0] == 1.0 and prior[0, 0, 1, 0, 0] == 1.0 and prior[0, 0, 0, 1, 0] == 0.0
+    assert prior[0, 0, 1, 1, 1] == pytest.approx(0.6)
+
+
+def test_small_lesion_is_freed_by_lcg():
+    """A 5 mm lesion (2-3 voxels of 2 mm) inside one 8 mm latent voxel: average pooling would free it by <= 17 %,
+    the prior frees it fully, so eta = 1 releases the anatomy guidance there."""
+    mask = torch.zeros(1, 1, 8, 8, 8)
+    mask[:, :, 1:3, 1:3, 1:3] = 1  # 2 x 2 x 2 voxels = 8 of 64
+    assert torch.nn.functional.avg_pool3d(mask, 4).max() == pytest.approx(0.125)
+    lam = lcg_weight(lesion_prior(mask, 4), 1.0)
+    assert lam[0, 0, 0, 0, 0] == 0.0 and lam[0, 0, 1, 1, 1] == 1.0
 
 
 def test_lcg_weight_range_and_eta_zero():
@@ -54,6 +81,8 @@ def test_lcg_weight_range_and_eta_zero():
     lam = lcg_weight(prior, 1.0)
     assert lam.min() >= 0 and lam.max() <= 1
     assert torch.allclose(lam, 1 - prior)
+    strong = lcg_weight(prior, 3.0)  # an eta above 1 cannot push away from the input
+    assert strong.min() == 0.0 and strong.max() <= 1
 
 
 def test_batch_elements_are_independent():
@@ -63,3 +92,37 @@ def test_batch_elements_are_independent():
     together = acg_weight(y0, y0_hat, 15.0)
     for i in range(3):
         assert torch.equal(together[i], acg_weight(y0[i:i + 1], y0_hat[i:i + 1], 15.0)[0])
+
+
+class _PullAway(torch.nn.Module):
+    """A stand-in denoiser whose clean estimate is always 'the input + 1' (an edit that changes everything)."""
+
+    def __init__(self, schedule):
+        super().__init__()
+        self.schedule = schedule
+
+    def forward(self, x, t):
+        x_t = x[:, : x.shape[1] // 2]
+        abar = self.schedule.alphas_cumprod[int(t[0])]
+        target = torch.ones_like(x_t)
+        return (x_t - abar.sqrt() * target) / (1 - abar).sqrt()
+
+
+def test_edit_acg_switch_and_alpha0_limit():
+    from USBLib.core.schedule import NoiseSchedule
+    from USBLib.core.tasks import Denoisers, edit
+
+    sched = NoiseSchedule.from_config({"num_train_timesteps": 1024, "schedule": "linear_beta",
+                                       "beta_start": 1e-4, "beta_end": 0.02})
+    d = Denoisers(_PullAway(sched), _PullAway(sched), sched)
+    y0 = torch.zeros(1, 2, 4, 4, 4)
+
+    def run(**kw):
+        return edit(d, y0, y0, 400, 5, generator=torch.Generator().manual_seed(0), **kw)
+
+    held = run(alpha0=0.0, k=2.0)  # ACG on at alpha0 = 0: lambda = 1, the input comes back
+    assert torch.allclose(held, y0, atol=1e-6)
+    free = run(alpha0=0.0, k=2.0, acg=False)  # ACG off: the network's estimate
+    assert torch.allclose(free, torch.ones_like(y0), atol=1e-4)
+    partial = run(alpha0=1.0, k=2.0)  # |y0 - y0_hat| = 1: lambda = exp(-alpha_t) at every step
+    assert 0.3 < partial.mean().item() < 0.9

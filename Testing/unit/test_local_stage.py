@@ -7,11 +7,11 @@ import pytest
 import torch
 from scipy import ndimage
 
-from USBLib.fusion import edit_weight, fuse
-from USBLib.local.boxes import Box, lesion_boxes, needs_resampling, to_grid, work_shape
-from USBLib.local.conditioning import EMBED, HEAL, condition, fill_region, lesion_prior
-from USBLib.local.sampler import sample_deviation
-from USBLib.schedule import NoiseSchedule
+from USBLib.imaging.fusion import edit_weight, fuse
+from USBLib.imaging.boxes import Box, lesion_boxes, needs_resampling, to_grid, work_shape
+from USBLib.editor.local.conditioning import EMBED, HEAL, condition, fill_region, lesion_prior
+from USBLib.editor.local.sampler import sample_deviation
+from USBLib.core.schedule import NoiseSchedule
 
 
 def _ball(shape, centre, r):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from USBLib.prefill import prefill
+from USBLib.imaging.prefill import prefill
 
 I, J, K = np.meshgrid(np.arange(30), np.arange(32), np.arange(28), indexing="ij")
 LINEAR = (2.0 * I - J + 0.5 * K).astype(np.float32)

@@ -74,7 +74,7 @@ def test_every_usblib_file_and_the_default_model_are_packaged():
     on_disk = {str(p.relative_to(ROOT)) for p in (ROOT / "USBLib").rglob("*.py")}
     assert sorted(on_disk ^ set(scripts)) == []
     models = {str(p.relative_to(ROOT)) for p in (ROOT / "USBLib" / "models").rglob("*") if p.is_file()}
-    samples = {str(p.relative_to(ROOT)) for p in (ROOT / "Resources" / "sample").glob("*.nii.gz")}
+    samples = {str(p.relative_to(ROOT)) for p in (ROOT / "USBLib" / "resources" / "sample").glob("*.nii.gz")}
     assert sorted((models | samples) ^ set(resources)) == []
     text = cmake.read_text()
     assert 'set(EXTENSION_DEPENDS "PyTorch")' in text and "add_subdirectory(USBEditor)" in text
@@ -92,7 +92,8 @@ def test_module_file_imports_nothing_heavy_at_top_level():
         else:
             continue
         for name in names:
-            assert name.split(".")[0] in allowed, f"USBEditor.py imports {name} at module level"
+            assert name.split(".")[0] in allowed or name == "USBLib.settings", \
+                f"USBEditor.py imports {name} at module level"
 
 
 def test_lib_imports_without_torch_monai_or_image_libraries():

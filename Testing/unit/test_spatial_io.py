@@ -6,8 +6,8 @@ import pytest
 import phantoms
 from conftest import AFFINES, SCAN_SHAPE
 from USBLib.errors import InputError
-from USBLib.io import read_volume, write_volume
-from USBLib.spatial import SpaceMapping, register, resample_mask_to
+from USBLib.imaging.io import read_volume, write_volume
+from USBLib.imaging.spatial import SpaceMapping, register, resample_mask_to
 
 
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz", ".mgz", ".nrrd"])

@@ -103,5 +103,21 @@ def test_build_writes_memmaps_with_healthy_fraction(phantom, tmp_path):
     empty = sum(not masks[i].any() for i in range(10))
     assert 1 <= empty <= 9
     assert set(np.unique(np.asarray(masks))) <= {0, 1}
+    stamp = (folder / "shard_000" / "images.npy").stat().st_mtime_ns
     again = build([phantom], 10, seed=0, healthy_fraction=0.5, out=tmp_path / "set")  # complete: not rebuilt
-    assert again == folder
+    assert again == folder and (folder / "shard_000" / "images.npy").stat().st_mtime_ns == stamp
+
+
+def test_build_grows_by_shards_and_readers_see_only_finished_ones(phantom, tmp_path):
+    folder = build([phantom], 5, seed=0, healthy_fraction=0.5, out=tmp_path / "set", shard=3)
+    images, masks = load(folder)
+    assert len(images) == 5 and images.shape == (5, *phantom.image.shape)
+    first = np.array(images[0:5])
+    (folder / "shard_001" / "complete").unlink()  # a shard being written is not read
+    assert len(load(folder)[0]) == 3
+    build([phantom], 8, seed=0, healthy_fraction=0.5, out=tmp_path / "set", shard=3)  # grows: 3 + 3 + 2
+    images, _ = load(folder)
+    assert len(images) == 8 and images[-1].shape == phantom.image.shape
+    assert np.array_equal(np.array(images[0:3]), first[:3])  # finished shards are kept as they were
+    with pytest.raises(IndexError):
+        images[8]

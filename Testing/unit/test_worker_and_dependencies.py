@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from USBLib.errors import InputError
-from USBLib.progression import growing_masks
-from USBLib.worker import load_array, parse_line, progress_line, save_array, write_job
+from USBLib.editor.progression import growing_masks
+from USBLib.apps.worker import load_array, parse_line, progress_line, save_array, write_job
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "USBEditor"))
 from USBEditorLib import dependencies  # noqa: E402
@@ -40,12 +40,12 @@ def test_write_job_refuses_unknown_tasks(tmp_path):
 
 def test_worker_reports_bad_jobs_in_one_line(tmp_path):
     write_job(tmp_path, "embed", {"steps": 2}, image=(np.zeros((4, 4, 4), np.float32), np.eye(4)))
-    done = subprocess.run([sys.executable, "-m", "USBLib.worker", str(tmp_path)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "USBLib.apps.worker", str(tmp_path)], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2
     assert done.stdout.strip().splitlines()[-1] == "USB-ERROR embedding needs a lesion mask"
     assert not (tmp_path / "out").exists()
-    usage = subprocess.run([sys.executable, "-m", "USBLib.worker"], capture_output=True, text=True, timeout=60)
+    usage = subprocess.run([sys.executable, "-m", "USBLib.apps.worker"], capture_output=True, text=True, timeout=60)
     assert usage.returncode == 2 and usage.stdout.startswith("USB-ERROR usage")
 
 
@@ -81,15 +81,52 @@ def test_install_uses_the_pytorch_installer_and_no_deps_pip(monkeypatch):
     plan = dependencies.InstallPlan(torch=True, pip=["monai", "nibabel"])
     dependencies.install(plan, pip_install=calls.append, torch_installer=lambda req: calls.append(("torch", req)),
                          log=lambda m: None)
-    assert calls == [("torch", "torch>=2.1"), ["--no-deps", "monai>=1.4"], ["nibabel>=5.0"]]
+    assert calls == [("torch", "torch>=2.8"), ["--no-deps", "monai>=1.5"], ["nibabel>=5.0"]]
 
 
 def test_install_failures_are_one_clear_message(monkeypatch):
     def failing_pip(args):
         raise subprocess.CalledProcessError(1, ["pip", "install", *args])
 
-    with pytest.raises(dependencies.DependencyError, match=r"Installing monai>=1.4 failed .*network"):
+    with pytest.raises(dependencies.DependencyError, match=r"Installing monai>=1.5 failed .*network"):
         dependencies.install(dependencies.InstallPlan(pip=["monai"]), pip_install=failing_pip, log=lambda m: None)
     monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # the PyTorch extension is not installed
     with pytest.raises(dependencies.DependencyError, match="'PyTorch' extension"):
         dependencies.install(dependencies.InstallPlan(torch=True), pip_install=lambda a: None, log=lambda m: None)
+
+
+def test_worker_process_options_hide_the_console_and_allow_group_kill():
+    from types import SimpleNamespace
+
+    from USBEditorLib import process
+
+    posix = process.popen_options("posix")
+    assert posix == {"start_new_session": True}
+    nt = process.popen_options("nt", startupinfo_factory=lambda: SimpleNamespace(dwFlags=0, wShowWindow=1))
+    assert nt["creationflags"] & process.CREATE_NEW_PROCESS_GROUP and nt["creationflags"] & process.CREATE_NO_WINDOW
+    assert nt["startupinfo"].dwFlags & process.STARTF_USESHOWWINDOW and nt["startupinfo"].wShowWindow == 0
+
+
+def test_worker_environment_starts_from_the_given_base_and_adds_only_what_the_worker_needs():
+    from USBEditorLib import process
+
+    base = {"PATH": "/usr/bin", "PYTHONPATH": "/elsewhere", "KEEP": "1"}
+    env = process.worker_environment("cpu", threads=3, base=base)
+    assert env["KEEP"] == "1" and env["PATH"] == "/usr/bin" and base["PYTHONPATH"] == "/elsewhere"
+    parts = env["PYTHONPATH"].split(process.os.pathsep)
+    assert parts[0] == str(process.usblib_parent()) and parts[1] == "/elsewhere"
+    assert env["CUDA_VISIBLE_DEVICES"] == "" and env["USB_THREADS"] == "3" and env["PYTHONIOENCODING"] == "utf-8"
+    assert "CUDA_VISIBLE_DEVICES" not in process.worker_environment("auto", base={})
+
+
+def test_slicer_installer_minimums_match_the_package_metadata():
+    """The versions the Slicer module installs are the ones pyproject.toml requires (one minimum per package)."""
+    import re
+
+    text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    block = text[text.index("dependencies = ["):text.index("]", text.index("dependencies = ["))]
+    pyproject = dict(re.findall(r'"([A-Za-z0-9_.-]+)(>=[0-9.]+)"', block))
+    installer = {name: req[len(name):] for name, (req, _) in dependencies.PIP_REQUIREMENTS.items()}
+    installer["torch"] = dependencies.TORCH_REQUIREMENT[len("torch"):]
+    for name, minimum in installer.items():
+        assert pyproject.get(name) == minimum, (name, minimum, pyproject.get(name))

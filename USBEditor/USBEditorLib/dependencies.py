@@ -13,13 +13,13 @@ from typing import Callable, Optional, Sequence
 
 from packaging.requirements import Requirement
 
-TORCH_REQUIREMENT = "torch>=2.1"
+TORCH_REQUIREMENT = "torch>=2.8"  # the minimums match pyproject.toml (a test checks)
 # name -> (requirement, install without dependencies: they are Slicer's or torch)
 PIP_REQUIREMENTS: dict[str, tuple[str, bool]] = {
-    "monai": ("monai>=1.4", True),
+    "monai": ("monai>=1.5", True),
     "nibabel": ("nibabel>=5.0", False),
     "safetensors": ("safetensors>=0.4", True),
-    "einops": ("einops>=0.7", True),
+    "einops": ("einops>=0.8", True),
     "scipy": ("scipy>=1.10", False),
     "tqdm": ("tqdm>=4.60", True),
 }

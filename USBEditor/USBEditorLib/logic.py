@@ -20,7 +20,8 @@ import numpy as np
 import vtk
 
 import slicer
-from USBLib.worker import load_array, write_job
+from USBLib.settings import FALLBACKS
+from USBLib.apps.worker import load_array, write_job
 
 from .process import WorkerProcess
 
@@ -50,10 +51,12 @@ class Task(enum.Enum):
 
 TASK_INFO: dict[Task, dict[str, Any]] = {
     Task.HEAL: {"label": "Remove lesion (pathology \u2192 healthy)", "volume": "required", "mask": "optional",
-                "settings": ("steps", "strength", "alpha0", "k", "eta", "stages", "local_mode", "samples", "seed"),
+                "settings": ("steps", "strength", "acg", "alpha0", "k", "eta", "stages", "local_mode", "samples",
+                             "seed"),
                 "suffix": "healed"},
     Task.EMBED: {"label": "Embed lesion (healthy \u2192 pathology)", "volume": "required", "mask": "required",
-                 "settings": ("steps", "strength", "alpha0", "k", "eta", "stages", "local_mode", "samples", "seed"),
+                 "settings": ("steps", "strength", "acg", "alpha0", "k", "eta", "stages", "local_mode", "samples",
+                             "seed"),
                  "suffix": "+ lesion"},
     Task.GENERATE_FROM_MASK: {"label": "Generate brain from mask", "volume": "optional", "mask": "required",
                               "settings": ("steps", "samples", "seed")},
@@ -100,13 +103,15 @@ class LocalMode(enum.Enum):
 
 @dataclass
 class RunSettings:
-    """Sampling settings of one run (paper symbols: alpha0, k = ACG, eta = LCG)."""
+    """Sampling settings of one run (paper symbols: alpha0, k = ACG, eta = LCG). Field defaults are the fallbacks
+    of ``USBLib.settings``; ``default_settings`` replaces them with the model's."""
 
-    steps: int = 50
-    strength: float = 0.3
-    alpha0: float = 20.0
-    k: float = 2.0
-    eta: float = 1.0
+    steps: int = FALLBACKS["steps"]
+    strength: float = FALLBACKS["strength"]
+    acg: bool = FALLBACKS["acg"]
+    alpha0: float = FALLBACKS["alpha0"]
+    k: float = FALLBACKS["k"]
+    eta: float = FALLBACKS["eta"]
     stages: str = ""       # "" = the model's default
     local_mode: str = ""
     samples: int = 1
@@ -147,7 +152,7 @@ class Run:
 # ----------------------------------------------------------------- models
 def installed_models() -> list[str]:
     """Names of the model bundles installed with USBLib (and under ``$USB_MODELS``), default first."""
-    from USBLib.bundle import bundle_dirs, default_bundle_name
+    from USBLib.core.bundle import bundle_dirs, default_bundle_name
 
     names = sorted(bundle_dirs())
     default = default_bundle_name()
@@ -156,7 +161,7 @@ def installed_models() -> list[str]:
 
 def default_settings(task: Task, model: Optional[str] = None) -> RunSettings:
     """The model's recommended settings for ``task`` (bundle.json), samples 1, seed 0."""
-    from USBLib.bundle import load
+    from USBLib.core.bundle import load
     from USBLib.errors import BundleError
 
     try:
@@ -177,7 +182,7 @@ def default_settings(task: Task, model: Optional[str] = None) -> RunSettings:
 
 def describe_model(model: Optional[str] = None) -> str:
     """One line about a model bundle (name, tier, grid), or a USBEditorError saying why it cannot be used."""
-    from USBLib.bundle import load
+    from USBLib.core.bundle import load
     from USBLib.errors import BundleError
 
     try:
@@ -372,7 +377,7 @@ def load_mask(path: str):
 
 def load_sample() -> tuple[Any, Any]:
     """The bundled 1 mm sample T1 (with a synthetic lesion) and its lesion mask, as a volume and a labelmap."""
-    from USBLib.demo import sample_files
+    from USBLib.resources import sample_files
     from USBLib.errors import InputError
 
     try:
@@ -530,7 +535,7 @@ class EditorLogic:
     def _add_volume(self, path: Path, name: str, like, dtype, copy_display: bool = True):
         data, affine = load_array(path)
         if dtype is not None:
-            from USBLib.io import cast_like
+            from USBLib.imaging.io import cast_like
 
             data = cast_like(data, dtype)
         node = slicer.util.addVolumeFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)), ijkToRAS=affine,
@@ -576,7 +581,7 @@ class EditorLogic:
         for i, path in enumerate(paths):
             data, affine = load_array(path)
             if dtype is not None:
-                from USBLib.io import cast_like
+                from USBLib.imaging.io import cast_like
 
                 data = cast_like(data, dtype)
             frame = slicer.vtkMRMLScalarVolumeNode()

@@ -3,6 +3,11 @@
 Qt-free on purpose: the widget polls ``WorkerProcess.poll()`` from a QTimer, scripts and tests call
 ``wait()``. Cancelling kills the worker's whole process group (the PythonSlicer launcher and the Python
 it starts), so no orphan keeps the CPU or GPU busy.
+
+The process is started the way ``slicer.util.launchConsoleProcess`` starts one (Slicer's startup environment,
+console window hidden on Windows, output merged into one pipe), but with ``subprocess.Popen`` directly, because
+``launchConsoleProcess`` cannot start the process in its own session / process group, which Cancel needs, nor
+read the pipe as UTF-8 line by line.
 """
 from __future__ import annotations
 
@@ -15,11 +20,11 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
-from USBLib.worker import Event, parse_line
+from USBLib.apps.worker import Event, parse_line
 
-WORKER_MODULE = "USBLib.worker"
+WORKER_MODULE = "USBLib.apps.worker"
 
 
 def python_executable() -> str:
@@ -40,9 +45,42 @@ def worker_command(job_dir: Path, python: Optional[str] = None) -> list[str]:
     return [python or python_executable(), "-u", "-m", WORKER_MODULE, str(job_dir)]
 
 
-def worker_environment(device: str = "auto", threads: Optional[int] = None) -> dict[str, str]:
-    """Environment of the worker: USBLib importable; ``cpu`` hides GPUs so nothing touches them."""
-    env = dict(os.environ)
+def base_environment() -> dict[str, str]:
+    """Inside Slicer, ``slicer.util.startupEnvironment()`` (the environment Slicer was started with, without its
+    launcher's settings, which PythonSlicer sets again); elsewhere (tests, scripts) this process's environment."""
+    try:
+        import slicer
+
+        if getattr(slicer, "app", None) is not None:
+            return dict(slicer.util.startupEnvironment())
+    except (ImportError, AttributeError):
+        pass
+    return dict(os.environ)
+
+
+# Windows constants (subprocess has them only on Windows)
+CREATE_NEW_PROCESS_GROUP = 0x00000200
+CREATE_NO_WINDOW = 0x08000000
+STARTF_USESHOWWINDOW = 0x00000001
+SW_HIDE = 0
+
+
+def popen_options(os_name: str = os.name, startupinfo_factory: Optional[Callable[[], Any]] = None) -> dict[str, Any]:
+    """Popen keyword arguments that put the worker in its own process group (so Cancel kills the launcher and
+    the Python it starts) and, on Windows, hide its console window like ``launchConsoleProcess`` does."""
+    if os_name != "nt":
+        return {"start_new_session": True}
+    info = (startupinfo_factory or subprocess.STARTUPINFO)()
+    info.dwFlags |= STARTF_USESHOWWINDOW
+    info.wShowWindow = SW_HIDE
+    return {"creationflags": CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW, "startupinfo": info}
+
+
+def worker_environment(device: str = "auto", threads: Optional[int] = None,
+                       base: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """Environment of the worker: Slicer's startup environment (``base_environment``), USBLib importable,
+    UTF-8 output; ``cpu`` hides GPUs so nothing touches them."""
+    env = dict(base_environment() if base is None else base)
     parent = str(usblib_parent())
     env["PYTHONPATH"] = os.pathsep.join([parent] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env["PYTHONUNBUFFERED"] = "1"
@@ -66,11 +104,7 @@ class WorkerProcess:
         self.result: Optional[Path] = None
         self.cancelled = False
         self._events: "queue.Queue[Event]" = queue.Queue()
-        kwargs: dict = {}
-        if os.name == "nt":
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
-        else:
-            kwargs["start_new_session"] = True
+        kwargs = popen_options()
         self._proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL, text=True, encoding="utf-8", errors="replace",
                                       bufsize=1,

@@ -16,13 +16,14 @@ def prepared_sources(cfg: dict[str, Any], cache: Path) -> dict[str, Path]:
     return prepare(cache, cfg["grid"]["shape"], float(cfg["grid"]["spacing"]), seed=int(cfg["data"]["seed"]))
 
 
-def build_datasets(cfg: dict[str, Any], cache: Path, out: Path) -> dict[str, Path]:
+def build_datasets(cfg: dict[str, Any], cache: Path, out: Path, workers: int = 1) -> dict[str, Path]:
     """Write the train and validation sets (training sources only; ``HELD_OUT`` is kept for evaluation)."""
     prepared = prepared_sources(cfg, cache)
     anatomies = [Anatomy.load(prepared[name]) for name in TRAIN_SOURCES]
     d = cfg["data"]
     seed = int(d["seed"])
-    return {
-        "train": build(anatomies, int(d["train"]), seed, float(d["healthy_fraction"]), Path(out) / "train", "train set"),
-        "val": build(anatomies, int(d["val"]), seed + 10_000, float(d["healthy_fraction"]), Path(out) / "val", "val set"),
-    }
+    val = build(anatomies, int(d["val"]), seed + 10_000, float(d["healthy_fraction"]), Path(out) / "val", "val set",
+                workers=workers)
+    train = build(anatomies, int(d["train"]), seed, float(d["healthy_fraction"]), Path(out) / "train", "train set",
+                  workers=workers)
+    return {"train": train, "val": val}

@@ -15,8 +15,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from USBLib.intensity import IntensityMap
-from USBLib.spatial import SpaceMapping, register
+from USBLib.imaging.intensity import IntensityMap
+from USBLib.imaging.spatial import SpaceMapping, register
 
 from ..config import INTENSITY, grid_affine
 from .sources import SOURCES, fetch
@@ -127,9 +127,13 @@ def _to_model(native: dict, model_to_native: np.ndarray, shape, affine: np.ndarr
 def prepare(cache: Path, shape, spacing: float, seed: int = 0) -> dict[str, Path]:
     """Fetch all sources and write ``<cache>/prepared/<grid>/<source>.npz`` plus the model template and mask."""
     cache = Path(cache)
-    paths = fetch(cache)
     tag = f"{'x'.join(str(s) for s in shape)}_{spacing:g}mm"
     out = cache / "prepared" / tag
+    ready = {"template": out / "template.nii.gz", "brain_mask": out / "brain_mask.nii.gz",
+             **{name: out / f"{name}.npz" for name in SOURCES}}
+    if all(p.is_file() for p in ready.values()):  # prepared before (or carried to an offline machine)
+        return ready
+    paths = fetch(cache)
     out.mkdir(parents=True, exist_ok=True)
     template, brain, affine = model_space(shape, spacing, paths["mni2009a"])
     nib.save(nib.Nifti1Image(template.astype(np.float32), affine), str(out / "template.nii.gz"))

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from USBLib.montage import save_montage
+from USBLib.apps.montage import save_montage
 
 from .dataset import TRAIN_SOURCES, prepared_sources
 from .prepare import Anatomy

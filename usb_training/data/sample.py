@@ -1,11 +1,11 @@
-"""Make the bundled sample scan (``Resources/sample``) from nilearn's MNI152 2009a T1 template.
+"""Make the bundled sample scan (``USBLib/resources/sample``) from nilearn's MNI152 2009a T1 template.
 
 The sample is a demo input, not evaluation data: the template is resampled through a small rotation onto a
 181 x 217 x 181 1 mm grid, given a smooth bias field and noise, and a synthetic hypointense lesion (smooth-noise
 shape, heterogeneous core, partial-volume rim) is painted into the right periventricular white matter. A second
 mask in the left hemisphere is the demo's lesion to embed.
 
-    python -m usb_training.data.sample [--out Resources/sample]   (needs: pip install nilearn)
+    python -m usb_training.data.sample [--out USBLib/resources/sample]   (needs: pip install nilearn)
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def make_sample(out: Path, seed: int = 7) -> dict[str, Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[2] / "Resources" / "sample")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[2] / "USBLib" / "resources" / "sample")
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
     for key, path in make_sample(args.out, args.seed).items():

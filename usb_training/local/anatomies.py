@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from USBLib.intensity import IntensityMap
+from USBLib.imaging.intensity import IntensityMap
 
 from ..config import INTENSITY
 from ..data.prepare import CSF, Anatomy, _native

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from USBLib.local.conditioning import HEAL, classical_fill, fill_region
+from USBLib.editor.local.conditioning import HEAL, classical_fill, fill_region
 
 from ..data.anatomy import synthesize_contrast
 from ..data.lesions import SHAPES, divergence_free_flow

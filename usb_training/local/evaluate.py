@@ -1,4 +1,4 @@
-"""Native-space evaluation of heal and embed through the public API (``USBLib.pipeline.Editor``), on whole
+"""Native-space evaluation of heal and embed through the public API (``USBLib.editor.editor.Editor``), on whole
 scans of the held-out source with lesions whose darkening reaches past the drawn mask.
 
 Heal, side by side: the input, FSL-style filling, biharmonic inpainting of the mask dilated by 2 voxels, the
@@ -18,8 +18,8 @@ from typing import Any, Callable
 import numpy as np
 from tqdm import tqdm
 
-from USBLib.pipeline import Editor
-from USBLib.prefill import prefill
+from USBLib.editor.editor import Editor
+from USBLib.imaging.prefill import prefill
 
 from .. import baselines
 from .cases import NativeCase
@@ -106,7 +106,7 @@ def best_classical(per_case: dict[str, list[dict]], key: str = "psnr_lesion") ->
 def figures(shown: list[dict[str, Any]], out: Path) -> dict[str, Path]:
     """``heal_native.png`` and ``embed_native.png``: one row per method (input, results, truth, difference),
     one column block per case (axial, coronal, sagittal through the lesion's centre, 56 mm around it)."""
-    from USBLib.montage import save_montage
+    from USBLib.apps.montage import save_montage
 
     half = 28
 

@@ -11,8 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
-from USBLib import bundle as bundle_mod
-from USBLib.local.conditioning import DEVIATION_SCALE
+from USBLib.core import bundle as bundle_mod
+from USBLib.editor.local.conditioning import DEVIATION_SCALE
 
 from ..common import module_weights
 

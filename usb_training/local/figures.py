@@ -15,10 +15,10 @@ ETA = (0.0, 0.5, 1.0)
 
 
 def guidance_figure(model, out: Path, seed: int = 0) -> Path:
-    from USBLib.demo import sample_files
-    from USBLib.io import read_volume
-    from USBLib.montage import save_montage
-    from USBLib.pipeline import Editor
+    from USBLib.resources import sample_files
+    from USBLib.imaging.io import read_volume
+    from USBLib.apps.montage import save_montage
+    from USBLib.editor.editor import Editor
 
     editor = Editor(model, device="auto")
     files = sample_files()

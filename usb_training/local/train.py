@@ -1,7 +1,7 @@
 """Trainer of the local deviation network (one network, both directions, deterministic and sampling modes).
 
 Each step draws a batch of crops, a direction per crop (heal or embed) and a 32^3 window around the lesion;
-builds the condition channels of ``USBLib.local.conditioning``; the target is the scaled clean deviation from
+builds the condition channels of ``USBLib.editor.local.conditioning``; the target is the scaled clean deviation from
 the base (the classical-fill channel), x0 = s * (truth - base). With probability ``deterministic_fraction`` a crop is trained in deterministic mode (x_t = 0,
 t = T - 1, class 2/3): the network then learns E[d | condition], the fidelity estimate. Otherwise x_t is the
 forward-diffused x0 at a uniform t (paper eq. 4-5) and the network predicts x0 (class 0/1). Loss: MSE + 0.5 L1
@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from USBLib.local.conditioning import DEVIATION_SCALE, EMBED, HEAL, condition
-from USBLib.local.network import build_local_unet, class_label
-from USBLib.schedule import NoiseSchedule
+from USBLib.editor.local.conditioning import DEVIATION_SCALE, EMBED, HEAL, condition
+from USBLib.editor.local.network import build_local_unet, class_label
+from USBLib.core.schedule import NoiseSchedule
 
 from ..common import Budget, History, adamw, load_checkpoint, save_checkpoint, set_threads
 from .shards import load_shards

@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from USBLib.fusion import edit_weight, fuse
-from USBLib.intensity import IntensityMap
-from USBLib.local.conditioning import fusion_core
-from USBLib.local.stage import LocalSettings
-from USBLib.pipeline import Editor
+from USBLib.imaging.fusion import edit_weight, fuse
+from USBLib.imaging.intensity import IntensityMap
+from USBLib.editor.local.conditioning import fusion_core
+from USBLib.editor.local.stage import LocalSettings
+from USBLib.editor.editor import Editor
 
 from .cases import NativeCase
 from .scores import embed_scores, gmm_classes, heal_scores

@@ -1,0 +1,270 @@
+"""``usb batch``: heal many scans into a BIDS derivatives dataset, resumably, in parallel, with a QC report.
+
+Each scan's output ``<entities>_desc-healed_T1w.nii.gz`` keeps the input's grid, header and data type; its
+JSON sidecar holds the provenance, the sha256 of the inputs and of the output, and the batch key (model
+checksum + settings). A scan whose output and sidecar still match all of these is skipped on the next run.
+Files are written to a temporary name and renamed, image first and sidecar last, so an interrupted run
+never leaves a half-written file. Every scan's outcome is a record in ``qc/records/<key>.json``; the report
+``qc/index.html`` is rebuilt from all records, so shards of one batch (``--shard i/n``) share one report.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+
+from USBLib.apps.batch_inputs import Subject
+from USBLib.errors import USBError
+from USBLib.imaging.io import read_volume, sidecar_path, write_json, write_result
+
+STATUSES = ("healed", "up-to-date", "copied", "no-mask", "failed")
+BIDS_VERSION = "1.9.0"
+
+
+@dataclass
+class BatchSettings:
+    """What every scan of the batch is healed with (None = the model's default)."""
+
+    model: Optional[str] = None
+    device: str = "auto"
+    steps: Optional[int] = None
+    strength: Optional[float] = None
+    alpha0: Optional[float] = None
+    k: Optional[float] = None
+    eta: Optional[float] = None
+    acg: Optional[bool] = None
+    margin_mm: Optional[float] = None
+    prefill: Optional[str] = None
+    stages: Optional[str] = None
+    local_mode: Optional[str] = None
+    local_steps: Optional[int] = None
+    local_strength: Optional[float] = None
+    dilation_mm: Optional[float] = None
+    samples: int = 1
+    seed: int = 0
+    registration: str = "affine"
+    resample_mask: bool = False
+    without_mask: str = "skip"  # "skip" or "copy"
+    qc: bool = True
+
+    def edit_options(self) -> dict[str, Any]:
+        return {"steps": self.steps, "strength": self.strength, "alpha0": self.alpha0, "k": self.k, "eta": self.eta,
+                "acg": self.acg, "margin_mm": self.margin_mm, "prefill": self.prefill, "stages": self.stages,
+                "local_mode": self.local_mode, "local_steps": self.local_steps, "local_strength": self.local_strength,
+                "dilation_mm": self.dilation_mm, "samples": self.samples, "seed": self.seed,
+                "resample_mask": self.resample_mask}
+
+
+@dataclass
+class Record:
+    """The outcome of one scan."""
+
+    key: str
+    status: str
+    message: str = ""
+    image: str = ""
+    mask: Optional[str] = None
+    output: Optional[str] = None
+    seconds: Optional[float] = None
+    lesion_ml: Optional[float] = None
+    qc: Optional[str] = None
+    finished: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+
+def batch_key(bundle_sha256: str, settings: BatchSettings) -> str:
+    """Identifies what an output was made with: the model's checksum and every setting that changes voxels."""
+    relevant = dict(settings.edit_options(), registration=settings.registration, model=bundle_sha256)
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def records_dir(out_root: Path) -> Path:
+    return Path(out_root) / "qc" / "records"
+
+
+def save_record(out_root: Path, record: Record) -> None:
+    records_dir(out_root).mkdir(parents=True, exist_ok=True)
+    write_json(records_dir(out_root) / f"{record.key}.json", asdict(record))
+
+
+def load_records(out_root: Path) -> list[dict[str, Any]]:
+    """All records of this derivatives folder (every run and shard)."""
+    folder = records_dir(out_root)
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+
+
+def prepare_output(out_root: Path, source: Path) -> None:
+    """Create the derivatives folder with ``dataset_description.json`` and a ``.bidsignore`` for ``qc/``."""
+    from USBLib import __version__
+
+    out_root.mkdir(parents=True, exist_ok=True)
+    description = out_root / "dataset_description.json"
+    if not description.is_file():
+        write_json(description, {
+            "Name": "USB healed T1w images", "BIDSVersion": BIDS_VERSION, "DatasetType": "derivative",
+            "GeneratedBy": [{"Name": "USB", "Version": __version__,
+                             "Description": "lesions removed (pathology -> healthy) by latent diffusion with ACG/LCG",
+                             "CodeURL": "https://github.com/usb-slicer/SlicerUSB"}],
+            "SourceDatasets": [{"URL": Path(source).resolve().as_uri()}]})
+    ignore = out_root / ".bidsignore"
+    if not ignore.is_file():
+        ignore.write_text("qc/\n")
+
+
+def _sha256(path: Path) -> str:
+    from USBLib.core.bundle import sha256_of
+
+    return sha256_of(path)
+
+
+def up_to_date(subject: Subject, output: Path, key: str) -> bool:
+    """True when the output and sidecar exist and match the inputs, the model and the settings."""
+    sidecar = sidecar_path(output)
+    if not (output.is_file() and sidecar.is_file()):
+        return False
+    try:
+        meta = json.loads(sidecar.read_text())
+        inputs = meta.get("inputs", {})
+        return (meta.get("batch_key") == key and meta.get("output_sha256") == _sha256(output)
+                and inputs.get("image", {}).get("sha256") == _sha256(subject.image)
+                and (subject.mask is None or inputs.get("mask", {}).get("sha256") == _sha256(subject.mask)))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _previous(out_root: Path, key: str) -> dict[str, Any]:
+    path = records_dir(out_root) / f"{key}.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        return {}
+
+
+def heal_subject(editor, subject: Subject, out_root: Path, settings: BatchSettings, key: str,
+                 source: Optional[Path] = None) -> Record:
+    """Heal one scan (or skip it when up to date); every failure becomes a 'failed' record, never an exception."""
+    out_dir = out_root / subject.out_dir
+    output = out_dir / subject.output_name
+    record = Record(subject.key, "failed", image=str(subject.image), mask=str(subject.mask) if subject.mask else None,
+                    output=str(output))
+    started = time.perf_counter()
+    try:
+        if subject.problem:
+            record.message = subject.problem
+            return record
+        if up_to_date(subject, output, key):
+            before = _previous(out_root, subject.key)
+            record.status, record.message = "up-to-date", "output matches inputs, model and settings"
+            record.lesion_ml, record.qc, record.seconds = before.get("lesion_ml"), before.get("qc"), before.get("seconds")
+            return record
+        vol = read_volume(subject.image, "input image")  # every scan is opened: a broken file is reported
+        if subject.mask is None and settings.without_mask == "skip":
+            record.status, record.message, record.output = "no-mask", "no lesion mask found; nothing written", None
+            return record
+        from USBLib.imaging.io import check_image_values
+
+        check_image_values(vol, "input image")
+        relative = str(subject.image.relative_to(source)) if source and subject.image.is_relative_to(source) else None
+        extra = {"Description": "T1w with the lesion removed by USB (pathology -> healthy)", "batch_key": key,
+                 "Sources": [f"bids:raw:{relative}"] if relative else [str(subject.image)]}
+        if subject.mask is None:  # --without-mask copy
+            write_result(output, np.asarray(vol.data), vol.affine, vol.header,
+                         {"task": "copy", "note": "no lesion mask: the input, unchanged"}, {"image": subject.image},
+                         dict(extra, Description="T1w without a lesion mask, copied unchanged"))
+            record.status, record.message = "copied", "no lesion mask: copied unchanged"
+            return record
+        mask = read_volume(subject.mask, "lesion mask")
+        result = editor.heal(vol.data, vol.affine, mask.data, mask_affine=mask.affine, **settings.edit_options())
+        lesion_ml = float(result.mask.sum() * abs(np.linalg.det(vol.affine[:3, :3])) / 1000.0)
+        write_result(output, result.image, vol.affine, vol.header, result.provenance,
+                     {"image": subject.image, "mask": subject.mask}, dict(extra, lesion_volume_ml=round(lesion_ml, 4)))
+        record.status, record.lesion_ml = "healed", lesion_ml
+        record.message = f"edit region {result.provenance.get('edit_region_voxels', 0)} voxels"
+        if settings.qc:
+            from USBLib.apps.qc_report import lesion_montage
+
+            png = out_root / "qc" / f"{subject.key}.png"
+            lesion_montage(png, subject.key, np.asarray(vol.data), result.image, result.mask, vol.affine)
+            record.qc = png.name
+        return record
+    except USBError as exc:
+        record.status, record.message = "failed", " ".join(str(exc).split())
+        return record
+    except Exception as exc:  # an unexpected failure of one scan must not stop the batch
+        record.status, record.message = "failed", f"internal error: {type(exc).__name__}: {exc}"
+        log = out_root / "qc" / "logs" / f"{subject.key}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(traceback.format_exc())
+        return record
+    finally:
+        if record.status != "up-to-date":
+            record.seconds = round(time.perf_counter() - started, 2)
+
+
+# ----------------------------------------------------------------- running many
+_WORKER_EDITOR = None
+
+
+def _init_worker(model: Optional[str], device: str, registration: str, threads: int, gpus) -> None:
+    """Pool initializer: one GPU per worker (when there are GPUs), then the worker's own Editor."""
+    global _WORKER_EDITOR
+    if gpus is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus.get())
+    os.environ["USB_THREADS"] = str(threads)
+    from USBLib.editor.editor import Editor, threads_from_env
+
+    threads_from_env()
+    _WORKER_EDITOR = Editor(model, device=device, registration=registration)
+
+
+def _work(args) -> Record:
+    subject, out_root, settings, key, source = args
+    return heal_subject(_WORKER_EDITOR, subject, out_root, settings, key, source)
+
+
+def run_batch(subjects: Sequence[Subject], out_root: Path, settings: BatchSettings, key: str, jobs: int = 1,
+              source: Optional[Path] = None, gpu_count: int = 0) -> Iterator[Record]:
+    """Heal ``subjects``; yields each record as it finishes (and saves it). ``jobs`` > 1 runs worker processes,
+    one GPU each when ``gpu_count`` > 0."""
+    if jobs <= 1:
+        from USBLib.editor.editor import Editor
+
+        editor = Editor(settings.model, device=settings.device, registration=settings.registration)
+        for subject in subjects:
+            record = heal_subject(editor, subject, out_root, settings, key, source)
+            save_record(out_root, record)
+            yield record
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    ctx = mp.get_context("spawn")
+    gpus = None
+    if gpu_count > 0:
+        gpus = ctx.Manager().Queue()
+        for i in range(jobs):
+            gpus.put(i % gpu_count)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    device = "cuda" if gpu_count > 0 else settings.device
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
+                             initargs=(settings.model, device, settings.registration, threads, gpus)) as pool:
+        futures = {pool.submit(_work, (s, out_root, settings, key, source)): s for s in subjects}
+        try:
+            for future in as_completed(futures):
+                try:
+                    record = future.result()
+                except Exception as exc:  # the worker process itself died (e.g. out of memory)
+                    subject = futures[future]
+                    record = Record(subject.key, "failed", f"worker process failed: {type(exc).__name__}: {exc}",
+                                    str(subject.image))
+                save_record(out_root, record)
+                yield record
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise

@@ -1,0 +1,85 @@
+"""``usb batch`` from the command line: pick the scans and the shard, run, report, and choose the exit code."""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional, Sequence
+
+from USBLib.apps.batch import BatchSettings, batch_key, load_records, prepare_output, run_batch
+from USBLib.apps.batch_inputs import find_subjects, shard
+from USBLib.errors import InputError
+
+EXIT_SOME_FAILED, EXIT_CANCELLED = 3, 130
+
+
+def torchrun_shard(device: str) -> tuple[Optional[str], str]:
+    """Under torchrun (WORLD_SIZE > 1): this rank's shard and its own GPU (LOCAL_RANK) when GPUs are used."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return None, device
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device in ("auto", "cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            device = f"cuda:{local % torch.cuda.device_count()}"
+    return f"{rank + 1}/{world}", device
+
+
+def _gpu_count(device: str, jobs: int) -> int:
+    if jobs <= 1 or not (device == "auto" or device == "cuda"):
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def run_cli(source: Path, out: Path, settings: BatchSettings, masks: Optional[Path] = None,
+            mask_pattern: Optional[str] = None, participants: Sequence[str] = (), jobs: int = 1,
+            shard_spec: Optional[str] = None, quiet: bool = False) -> int:
+    """Run a batch; returns 0 when no scan failed, 3 when some did (each is in the report and its record)."""
+    from tqdm import tqdm
+
+    from USBLib.core.bundle import BUNDLE_FILE, load, sha256_of
+    from USBLib.apps.qc_report import write_report
+
+    if jobs < 1:
+        raise InputError("--jobs must be at least 1")
+    source, out = Path(source), Path(out)
+    if source.exists() and out.resolve() == source.resolve():
+        raise InputError("--out must not be the input dataset itself; use e.g. derivatives/usb")
+    subjects = find_subjects(source, masks, mask_pattern, participants, exclude=[out])
+    env_shard, settings.device = torchrun_shard(settings.device) if shard_spec is None else (None, settings.device)
+    if shard_spec or env_shard:
+        subjects = shard(subjects, shard_spec or env_shard)
+    bundle = load(settings.model)
+    from USBLib.core.devices import pick_device
+
+    pick_device(settings.device)  # an absent GPU is a usage error here, not a failure of every scan
+    key = batch_key(sha256_of(bundle.root / BUNDLE_FILE), settings)
+    prepare_output(out, source)
+    mine: list[str] = []
+    interrupted = False
+    try:
+        with tqdm(total=len(subjects), desc="usb batch", unit="scan", disable=quiet, file=sys.stderr) as bar:
+            for record in run_batch(subjects, out, settings, key, jobs=jobs,
+                                    source=source if source.is_dir() else None,
+                                    gpu_count=_gpu_count(settings.device, jobs)):
+                mine.append(record.status)
+                bar.update(1)
+                if not quiet:
+                    tail = f" ({record.message})" if record.message and record.status != "healed" else ""
+                    bar.write(f"{record.key}: {record.status}{tail}")
+    except KeyboardInterrupt:
+        interrupted = True
+    report = write_report(out, load_records(out), dict(asdict(settings), model_bundle=str(bundle.root), batch_key=key))
+    counts = {s: mine.count(s) for s in dict.fromkeys(mine)}
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items()) or "nothing to do"
+    if interrupted:
+        print(f"usb batch: cancelled after {len(mine)} of {len(subjects)} scans ({summary}); finished scans are "
+              f"kept and the same command resumes; report: {report}", file=sys.stderr)
+        return EXIT_CANCELLED
+    print(f"usb batch: {len(mine)} scans: {summary}; report: {report}")
+    return EXIT_SOME_FAILED if "failed" in counts else 0

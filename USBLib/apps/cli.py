@@ -1,0 +1,358 @@
+"""``usb``: the command line of the USB engine.
+
+Exit codes: 0 success, 2 bad input or usage, 1 internal failure, 130 cancelled (Ctrl-C). Errors are one line
+on stderr; ``--debug`` shows the traceback of an internal failure. Outputs are written only when a run has
+finished (temporary file, then rename), each with a JSON provenance sidecar.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from USBLib.errors import BundleError, Cancelled, InputError, USBError
+from USBLib.apps.progress_bar import ProgressBar
+from USBLib.imaging.io import write_result
+from USBLib.settings import SETTINGS, add_cli_options
+
+EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_CANCELLED = 0, 1, 2, 130
+PROG = "usb"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2
+        self.exit(EXIT_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def _common(p: argparse.ArgumentParser, samples: bool = True) -> None:
+    p.add_argument("--model", help="bundle name or folder (default: the installed default model)")
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or mps")
+    p.add_argument("--seed", type=int, default=0, help=SETTINGS["seed"].help + " (default 0)")
+    add_cli_options(p, ["steps"])
+    if samples:
+        p.add_argument("--samples", type=int, default=1, help=SETTINGS["samples"].help + " (default 1)")
+        p.add_argument("--uncertainty", type=Path, help="write the per-voxel std of the samples here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of internal failures")
+
+
+def _edit_options(p: argparse.ArgumentParser, eta: bool) -> None:
+    p.add_argument("--brain-mask", type=Path, help="brain mask of the input (also helps registration)")
+    _guidance_options(p, eta)
+
+
+def _guidance_options(p: argparse.ArgumentParser, eta: bool) -> None:
+    names = ["strength", "acg", "alpha0", "k", "eta", "margin_mm", "dilation_mm", "stages", "local_mode",
+             "local_steps", "local_strength"] + ([] if eta else ["prefill"])
+    overrides = {} if eta else {"eta": "LCG-style freedom inside the given lesion mask while healing (0 = the "
+                                       "paper's plain heal, 1 = fully free)"}
+    add_cli_options(p, names, overrides)
+    p.add_argument("--resample-mask", action="store_true", help="resample a mask on another grid (nearest)")
+    p.add_argument("--registration", choices=("affine", "rigid", "none"), default="affine",
+                   help="how to align the scan with the model template (none: already in template space)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="USB: remove or embed brain lesions in MRI, or generate brain/lesion "
+                                            "pairs, with the Unified Synthetic Brain diffusion model.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("heal", help="pathology -> healthy: remove a lesion")
+    p.add_argument("input", type=Path)
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("--mask", type=Path, help="lesion mask (edit stays inside it); without: the whole brain")
+    _edit_options(p, eta=False)
+    _common(p)
+
+    p = sub.add_parser("embed", help="healthy -> pathology: embed a lesion of the mask's shape")
+    p.add_argument("input", type=Path)
+    p.add_argument("--mask", type=Path, required=True, help="lesion mask to embed")
+    p.add_argument("-o", "--output", type=Path, required=True)
+    _edit_options(p, eta=True)
+    _common(p)
+
+    p = sub.add_parser("generate", help="new brain + lesion mask pairs from noise (model space)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="image path (numbered when --n > 1)")
+    p.add_argument("--mask-out", type=Path, required=True, help="lesion mask path (numbered when --n > 1)")
+    p.add_argument("--n", type=int, default=1, help="number of pairs")
+    add_cli_options(p, ["sampler"])
+    _common(p, samples=False)
+
+    p = sub.add_parser("generate-from-mask", help="a brain showing a given lesion mask")
+    p.add_argument("--mask", type=Path, required=True)
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("--reference", type=Path, help="scan whose space (and units) the output takes; the mask "
+                                                  "must be on its grid")
+    p.add_argument("--resample-mask", action="store_true", help="resample the mask onto the reference grid")
+    add_cli_options(p, ["sampler"])
+    _common(p)
+
+    p = sub.add_parser("batch", help="heal many scans (BIDS dataset, folder or CSV) into a BIDS derivatives folder",
+                       description="Heal every T1w scan that has a lesion mask; resumable, parallel, with an HTML "
+                                   "QC report (OUT/qc/index.html). Exit code 0: every scan healed or up to date "
+                                   "(scans without a mask are reported, not failed); 3: some scans failed.")
+    p.add_argument("source", type=Path, help="BIDS dataset, folder of scans, or CSV with image,mask[,id] columns")
+    p.add_argument("--out", type=Path, required=True, help="derivatives folder to write (created if needed)")
+    p.add_argument("--masks", type=Path, help="where the lesion masks are (a BIDS derivatives dataset or folder; "
+                                              "default: the dataset itself and its derivatives/*)")
+    p.add_argument("--mask-pattern", help="mask path template relative to the mask folder, with {sub} {ses} "
+                                          "{entities} {anat} and * wildcards, e.g. "
+                                          "'{anat}/{entities}_space-orig_label-lesion_mask.nii.gz'")
+    p.add_argument("--participant-label", nargs="+", default=[], metavar="LABEL", help="only these subjects")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes (one GPU each when GPUs are used)")
+    p.add_argument("--shard", help="i/n: only every n-th scan starting at the i-th (array jobs on a cluster); "
+                                   "under torchrun, RANK/WORLD_SIZE are used when this is not given")
+    p.add_argument("--without-mask", choices=("skip", "copy"), default="skip",
+                   help="scans without a lesion mask: skip them (default) or copy them unchanged")
+    p.add_argument("--no-qc", action="store_true", help="no montages (the HTML report is still written)")
+    _guidance_options(p, eta=False)
+    _common(p)
+
+    p = sub.add_parser("info", help="describe a model bundle")
+    p.add_argument("--model", help="bundle name or folder (default: the installed default model)")
+    p.add_argument("--json", action="store_true", help="print bundle.json as it is")
+    p.add_argument("--debug", action="store_true")
+
+    p = sub.add_parser("demo", help="heal and embed a lesion on the bundled sample scan")
+    p.add_argument("--out", type=Path, default=Path("usb_demo_output"), help="output folder")
+    _common(p, samples=False)
+    return parser
+
+
+def _version() -> str:
+    from USBLib import __version__
+
+    return __version__
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (b.exists() and a.samefile(b))
+    except OSError:
+        return False
+
+
+def _check_outputs(inputs: Sequence[Path | None], outputs: Sequence[Path | None]) -> None:
+    from USBLib.imaging.io import suffix_of
+
+    outs = [o for o in outputs if o is not None]
+    for out in outs:
+        suffix_of(out)
+        for inp in inputs:
+            if inp is not None and _same_file(inp, out):
+                raise InputError(f"output {out} is the same file as input {inp}; choose another output path")
+        if out.exists() and out.is_dir():
+            raise InputError(f"output {out} is a folder")
+    if len({str(o.resolve()) for o in outs}) != len(outs):
+        raise InputError("two outputs have the same path")
+
+
+def _load_image(path: Path, what: str = "input image"):
+    from USBLib.imaging.io import check_image_values, read_volume
+
+    vol = read_volume(path, what)
+    check_image_values(vol, what)
+    return vol
+
+
+def _editor(args):
+    from USBLib.editor.editor import Editor
+
+    return Editor(args.model, device=args.device, registration=getattr(args, "registration", "affine"))
+
+
+def _local_options(args) -> dict[str, Any]:
+    """The stage/local-stage options of an edit command (None = the bundle's default)."""
+    return {"stages": args.stages, "local_mode": args.local_mode, "local_steps": args.local_steps,
+            "local_strength": args.local_strength, "dilation_mm": args.dilation_mm, "acg": args.acg}
+
+
+def cmd_edit(args, task: str) -> int:
+    from USBLib.imaging.io import read_volume
+
+    _check_outputs([args.input, args.mask, args.brain_mask], [args.output, args.uncertainty])
+    vol = _load_image(args.input)
+    mask = read_volume(args.mask, "lesion mask") if args.mask else None
+    brain = read_volume(args.brain_mask, "brain mask") if args.brain_mask else None
+    if brain is not None and not (brain.data.shape == vol.data.shape):
+        raise InputError("brain mask is on a different grid than the image")
+    editor = _editor(args)
+    bar = ProgressBar(args.quiet, task)
+    try:
+        run = editor.heal if task == "heal" else editor.embed
+        extra = {"prefill": args.prefill} if task == "heal" else {}
+        result = run(vol.data, vol.affine, None if mask is None else mask.data,
+                     None if brain is None else brain.data, steps=args.steps, strength=args.strength,
+                     alpha0=args.alpha0, k=args.k, eta=args.eta, margin_mm=args.margin_mm, samples=args.samples,
+                     seed=args.seed, mask_affine=None if mask is None else mask.affine,
+                     resample_mask=args.resample_mask, progress=bar, **_local_options(args), **extra)
+    finally:
+        bar.close()
+    inputs = {"image": args.input, "mask": args.mask, "brain_mask": args.brain_mask}
+    write_result(args.output, result.image, vol.affine, vol.header, result.provenance, inputs)
+    if args.uncertainty is not None:
+        unc = result.uncertainty if result.uncertainty is not None else result.image * 0.0
+        write_result(args.uncertainty, unc.astype("float32"), vol.affine, None,
+                      dict(result.provenance, kind="uncertainty (std over samples)"), inputs)
+    print(args.output)
+    return EXIT_OK
+
+
+def _numbered(path: Path, i: int, n: int) -> Path:
+    if n == 1:
+        return path
+    from USBLib.imaging.io import suffix_of
+
+    suf = suffix_of(path)
+    return path.with_name(f"{path.name[:-len(suf)]}_{i + 1:03d}{suf}")
+
+
+def cmd_generate(args) -> int:
+    if args.n < 1 or args.n > 64:
+        raise InputError(f"--n must be from 1 to 64, got {args.n}")
+    outs = [(_numbered(args.output, i, args.n), _numbered(args.mask_out, i, args.n)) for i in range(args.n)]
+    _check_outputs([], [p for pair in outs for p in pair])
+    editor = _editor(args)
+    bar = ProgressBar(args.quiet, "generate")
+    try:
+        results = editor.generate(args.n, steps=args.steps, seed=args.seed, sampler=args.sampler, progress=bar)
+    finally:
+        bar.close()
+    for (img_path, mask_path), res in zip(outs, results):
+        write_result(img_path, res.image, res.affine, None, res.provenance, {})
+        write_result(mask_path, res.mask, res.affine, None, dict(res.provenance, kind="lesion mask"), {})
+        print(img_path)
+        print(mask_path)
+    return EXIT_OK
+
+
+def cmd_generate_from_mask(args) -> int:
+    from USBLib.imaging.io import read_volume
+
+    _check_outputs([args.mask, args.reference], [args.output, args.uncertainty])
+    mask = read_volume(args.mask, "lesion mask")
+    ref = _load_image(args.reference, "reference image") if args.reference else None
+    editor = _editor(args)
+    bar = ProgressBar(args.quiet, "generate-from-mask")
+    try:
+        res = editor.generate_from_mask(mask.data, mask.affine, None if ref is None else ref.data,
+                                        None if ref is None else ref.affine, steps=args.steps, seed=args.seed,
+                                        samples=args.samples, resample_mask=args.resample_mask,
+                                        sampler=args.sampler, progress=bar)
+    finally:
+        bar.close()
+    inputs = {"mask": args.mask, "reference": args.reference}
+    header = None if ref is None else ref.header
+    data = res.image if ref is None else _like(res.image, ref.data.dtype)
+    write_result(args.output, data, res.affine, header, res.provenance, inputs)
+    if args.uncertainty is not None:
+        unc = res.uncertainty if res.uncertainty is not None else res.image * 0.0
+        write_result(args.uncertainty, unc.astype("float32"), res.affine, None, res.provenance, inputs)
+    print(args.output)
+    return EXIT_OK
+
+
+def _like(values, dtype):
+    from USBLib.imaging.io import cast_like
+
+    return cast_like(values, dtype)
+
+
+def cmd_info(args) -> int:
+    import json
+
+    from USBLib.core import bundle as bundle_mod
+
+    b = bundle_mod.load(args.model)
+    if args.json:
+        print(json.dumps(b.config, indent=2))
+        return EXIT_OK
+    cfg = b.config
+    counts = b.parameter_counts()
+    lines = [f"model:      {b.name} (tier {b.tier})", f"folder:     {b.root}",
+             f"grid:       {' x '.join(map(str, b.grid_shape))} voxels at "
+             f"{' x '.join(f'{s:g}' for s in b.spacing)} mm",
+             "parameters: " + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in counts.items()),
+             f"latent:     scale factor {cfg['latent']['scale_factor']:.4g}"
+             + (f", clip {cfg['latent']['clip']}" if cfg['latent'].get('clip') else ""),
+             f"schedule:   {cfg['schedule'].get('schedule', 'linear_beta')}, T = "
+             f"{cfg['schedule'].get('num_train_timesteps')}, beta {cfg['schedule'].get('beta_start')}"
+             f"..{cfg['schedule'].get('beta_end')}"]
+    if b.has_local:
+        local = cfg[bundle_mod.LOCAL]
+        lines.append(f"local:      deviation U-Net {local['network']['channels']} at the scan's own resolution "
+                     f"(~1 mm boxes), {local['schedule'].get('num_train_timesteps')} steps; "
+                     f"interactive mode {local.get('interactive_mode', 'fidelity')}")
+    else:
+        lines.append("local:      none (schema 1 bundle: latent stage only)")
+    lines.append(f"stages:     {'latent + local' if b.has_local else 'latent'} (bundle schema {cfg['schema_version']})")
+    lines.append("defaults:")
+    for task, values in cfg["defaults"].items():
+        lines.append(f"  {task:<19} " + ", ".join(f"{k}={v}" for k, v in values.items()))
+    metrics = cfg.get("metrics") or {}
+    lines.append("metrics:" + ("" if metrics else " none recorded"))
+    for key, value in metrics.items():
+        lines.append(f"  {key}: {value}")
+    if cfg.get("training"):
+        lines.append("training:   " + "; ".join(f"{k}: {v}" for k, v in cfg["training"].items()))
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from USBLib.apps.demo import run_demo
+
+    run_demo(args.out, model=args.model, device=args.device, seed=args.seed, steps=args.steps, quiet=args.quiet)
+    return EXIT_OK
+
+
+def cmd_batch(args) -> int:
+    from USBLib.apps.batch import BatchSettings
+    from USBLib.apps.batch_run import run_cli
+
+    if args.uncertainty is not None:
+        raise InputError("--uncertainty is not available in batch mode")
+    settings = BatchSettings(model=args.model, device=args.device, steps=args.steps, strength=args.strength,
+                             alpha0=args.alpha0, k=args.k, eta=args.eta, margin_mm=args.margin_mm, prefill=args.prefill,
+                             **_local_options(args), samples=args.samples, seed=args.seed, registration=args.registration,
+                             resample_mask=args.resample_mask, without_mask=args.without_mask, qc=not args.no_qc)
+    return run_cli(args.source, args.out, settings, masks=args.masks, mask_pattern=args.mask_pattern,
+                   participants=args.participant_label, jobs=args.jobs, shard_spec=args.shard, quiet=args.quiet)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``usb`` console script."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # usage errors (2), --help and --version (0)
+        return int(exc.code or 0)
+    commands = {"heal": lambda a: cmd_edit(a, "heal"), "embed": lambda a: cmd_edit(a, "embed"),
+                "generate": cmd_generate, "generate-from-mask": cmd_generate_from_mask, "info": cmd_info,
+                "demo": cmd_demo, "batch": cmd_batch}
+    try:
+        from USBLib.editor.editor import threads_from_env
+
+        threads_from_env()
+        return commands[args.command](args)
+    except (InputError, BundleError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except (Cancelled, KeyboardInterrupt):
+        print(f"{PROG}: cancelled; no output was written", file=sys.stderr)
+        return EXIT_CANCELLED
+    except USBError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_INTERNAL
+    except Exception as exc:  # noqa: BLE001 - last resort: one line unless --debug
+        if getattr(args, "debug", False):
+            raise
+        print(f"{PROG}: internal error: {type(exc).__name__}: {exc} (rerun with --debug for details)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Background worker: runs one ``Editor`` task described by a job folder and reports progress on stdout.
+
+The Slicer module starts ``PythonSlicer -m USBLib.apps.worker JOB_DIR`` so the diffusion never blocks Slicer's
+GUI and its memory (GPU included) is freed when the process ends. Importing this module is light
+(numpy only); torch loads when a job runs.
+
+Job folder: ``job.json`` (``task``, ``model``, ``device``, ``settings``, ``frames``, and the names of the
+input array files ``image``/``mask``) plus those files. Arrays travel as ``.npz`` with ``data`` ([I,J,K],
+the nibabel order) and ``affine`` (4x4 IJK->RAS), so geometry is exact and no image library is needed on
+the Slicer side. Results go to ``JOB_DIR/out/`` (``result.json`` listing the files) and are written only
+when the whole task succeeded.
+
+stdout protocol, one line per event:
+    USB-PROGRESS <done> <total> <message>
+    USB-RESULT <path of result.json>
+    USB-ERROR <one-line message>
+Exit code 0 on success, 2 for a user/model error (message in USB-ERROR), 1 for anything unexpected.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+JOB_FILE = "job.json"
+RESULT_FILE = "result.json"
+OUT_DIR = "out"
+TASKS = ("heal", "embed", "generate_from_mask", "generate")
+PROGRESS, RESULT, ERROR = "USB-PROGRESS", "USB-RESULT", "USB-ERROR"
+
+
+# ----------------------------------------------------------------- array files
+def save_array(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
+    """Write ``data`` [I,J,K] and its IJK->RAS ``affine`` to ``path`` (.npz) atomically."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
+    os.close(fd)
+    try:
+        np.savez(tmp, data=np.asarray(data), affine=np.asarray(affine, dtype=np.float64))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_array(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(data, affine)`` from a file written by ``save_array``."""
+    with np.load(Path(path), allow_pickle=False) as f:
+        return f["data"], f["affine"]
+
+
+# ----------------------------------------------------------------- protocol
+@dataclass
+class Event:
+    """One parsed stdout line of the worker."""
+
+    kind: str  # "progress", "result", "error" or "log"
+    done: int = 0
+    total: int = 0
+    text: str = ""
+
+
+def progress_line(done: int, total: int, message: str) -> str:
+    return f"{PROGRESS} {int(done)} {int(total)} {' '.join(str(message).split())}"
+
+
+def parse_line(line: str) -> Event:
+    """Event for one line of worker output; anything that is not protocol is a log line."""
+    line = line.rstrip("\r\n")
+    head, _, rest = line.partition(" ")
+    if head == PROGRESS:
+        parts = rest.split(" ", 2)
+        try:
+            return Event("progress", int(parts[0]), int(parts[1]), parts[2] if len(parts) > 2 else "")
+        except (ValueError, IndexError):
+            return Event("log", text=line)
+    if head == RESULT:
+        return Event("result", text=rest)
+    if head == ERROR:
+        return Event("error", text=rest)
+    return Event("log", text=line)
+
+
+def write_job(job_dir: Path, task: str, settings: dict[str, Any], image: Optional[tuple[np.ndarray, np.ndarray]] = None,
+              mask: Optional[tuple[np.ndarray, np.ndarray]] = None, model: Optional[str] = None, device: str = "auto",
+              frames: int = 0) -> Path:
+    """Write a job folder (inputs + ``job.json``) for ``run_job``; returns the job file."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    job_dir = Path(job_dir)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    job: dict[str, Any] = {"task": task, "model": model, "device": device, "settings": dict(settings),
+                           "frames": int(frames)}
+    for role, value in (("image", image), ("mask", mask)):
+        if value is not None:
+            job[role] = save_array(job_dir / f"{role}.npz", *value).name
+    path = job_dir / JOB_FILE
+    path.write_text(json.dumps(job, indent=1))
+    return path
+
+
+# ----------------------------------------------------------------- running
+def run_job(job_dir: Path, progress=None) -> Path:
+    """Run the job in ``job_dir``; returns ``out/result.json``. Raises ``USBError`` for bad input/model."""
+    from USBLib.errors import InputError
+    from USBLib.editor.editor import Editor
+
+    job_dir = Path(job_dir)
+    job = json.loads((job_dir / JOB_FILE).read_text())
+    task, settings = job["task"], dict(job.get("settings", {}))
+    if task not in TASKS:
+        raise InputError(f"unknown task {task!r}")
+    image = load_array(job_dir / job["image"]) if job.get("image") else None
+    mask = load_array(job_dir / job["mask"]) if job.get("mask") else None
+    editor = Editor(job.get("model"), device=job.get("device") or "auto")
+    outputs: list[tuple[str, int, np.ndarray, np.ndarray]] = []  # role, index, data, affine
+    provenance: dict[str, Any]
+    if task in ("heal", "embed"):
+        if image is None:
+            raise InputError(f"{task} needs an input volume")
+        if task == "embed" and mask is None:
+            raise InputError("embedding needs a lesion mask")
+        common = dict(settings, progress=progress)
+        if mask is not None:
+            common["mask_affine"] = mask[1]
+        if task == "embed" and int(job.get("frames") or 0) >= 2:
+            from USBLib.editor.progression import progression
+
+            common.pop("mask_affine", None)
+            frames = progression(editor, image[0], image[1], mask[0], int(job["frames"]), **common)
+            outputs += [("frame", i, r.image, r.affine) for i, r in enumerate(frames)]
+            result = frames[-1]
+        else:
+            run = editor.heal if task == "heal" else editor.embed
+            result = run(image[0], image[1], None if mask is None else mask[0], **common)
+        outputs.append(("image", 0, result.image, result.affine))
+        if result.uncertainty is not None:
+            outputs.append(("uncertainty", 0, result.uncertainty, result.affine))
+        provenance = result.provenance
+    elif task == "generate_from_mask":
+        if mask is None:
+            raise InputError("generating a brain for a mask needs the mask")
+        ref = {} if image is None else {"reference": image[0], "reference_affine": image[1]}
+        result = editor.generate_from_mask(mask[0], mask[1], **ref, progress=progress, **settings)
+        outputs.append(("image", 0, result.image, result.affine))
+        if result.uncertainty is not None:
+            outputs.append(("uncertainty", 0, result.uncertainty, result.affine))
+        provenance = result.provenance
+    else:
+        pairs = editor.generate(int(settings.pop("samples", 1)), progress=progress, **settings)
+        for i, pair in enumerate(pairs):
+            outputs += [("image", i, pair.image, pair.affine), ("lesion", i, pair.mask, pair.affine)]
+        provenance = pairs[0].provenance
+    out = job_dir / OUT_DIR
+    out.mkdir(exist_ok=True)
+    listing = [{"role": role, "index": i, "file": save_array(out / f"{role}_{i:03d}.npz", data, affine).name}
+               for role, i, data, affine in outputs]
+    result_path = out / RESULT_FILE
+    tmp = result_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"task": task, "outputs": listing, "provenance": provenance}, indent=1, default=str))
+    os.replace(tmp, result_path)
+    return result_path
+
+
+def _emit(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of ``python -m USBLib.apps.worker JOB_DIR``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        _emit(f"{ERROR} usage: python -m USBLib.apps.worker JOB_DIR")
+        return 2
+    from USBLib.errors import USBError
+    from USBLib.editor.editor import threads_from_env
+
+    threads_from_env()
+    try:
+        result = run_job(Path(argv[0]), progress=lambda d, t, m: _emit(progress_line(d, t, m)))
+    except USBError as exc:
+        _emit(f"{ERROR} {' '.join(str(exc).split())}")
+        return 2
+    except Exception as exc:  # reported as one line; the traceback goes to stderr for the log
+        import traceback
+
+        traceback.print_exc()
+        _emit(f"{ERROR} unexpected failure: {type(exc).__name__}: {' '.join(str(exc).split())}")
+        return 1
+    _emit(f"{RESULT} {result}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""Model bundles: a folder with ``bundle.json``, ``*.safetensors`` weights, model-space files and ``MODEL_CARD.md``.
+
+A bundle is data only. Loading it reads JSON and safetensors, checks the sha256 of every listed file, and never
+executes code from the bundle (no pickles, no imports by name).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from USBLib.errors import BundleError
+from USBLib.hashing import sha256_of  # noqa: F401  (re-exported: bundle checksums)
+
+SCHEMA_VERSION = 2
+SUPPORTED_SCHEMAS = (1, 2)  # version 1: latent stage only; version 2 adds the optional ``local`` section
+LOCAL = "local"             # bundle.json section and weights name of the local stage (PathoSyn)
+BUNDLE_FILE = "bundle.json"
+CARD_FILE = "MODEL_CARD.md"
+NETWORK_NAMES = ("autoencoder", "unet_lesion", "unet_brain")
+TASKS = ("heal", "embed", "generate", "generate_from_mask")
+MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+DEFAULT_POINTER = MODELS_DIR / "DEFAULT"
+REQUIRED_KEYS = ("schema_version", "name", "tier", "model_space", "intensity", "latent", "schedule",
+                 "networks", "defaults", "files")
+
+
+@dataclass
+class ModelBundle:
+    """A verified model bundle. ``config`` is the parsed ``bundle.json``; file paths are resolved under ``root``."""
+
+    root: Path
+    config: dict[str, Any] = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.config["name"]
+
+    @property
+    def tier(self) -> str:
+        return self.config["tier"]
+
+    @property
+    def has_local(self) -> bool:
+        """Whether the bundle carries the local stage (schema 2 with a ``local`` section)."""
+        return LOCAL in self.config
+
+    @property
+    def grid_shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.config["model_space"]["shape"])  # type: ignore[return-value]
+
+    @property
+    def grid_affine(self) -> np.ndarray:
+        return np.asarray(self.config["model_space"]["affine"], dtype=np.float64)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return tuple(float(s) for s in np.linalg.norm(self.grid_affine[:3, :3], axis=0))  # type: ignore[return-value]
+
+    def path(self, key: str) -> Path:
+        """Path of a file named in ``model_space`` (``template``, ``brain_mask``) or ``networks``."""
+        if key in self.config["networks"]:
+            return self.root / self.config["networks"][key]["weights"]
+        if key == LOCAL:
+            return self.root / self.config[LOCAL]["weights"]
+        return self.root / self.config["model_space"][key]
+
+    def defaults(self, task: str) -> dict[str, Any]:
+        """Default sampling settings of one task."""
+        return dict(self.config["defaults"][task])
+
+    def load_state_dict(self, network: str) -> dict[str, Any]:
+        """Weights of one network as a tensor dict, read with safetensors (no pickle)."""
+        from safetensors.torch import load_file
+
+        return load_file(str(self.path(network)))
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Number of parameters per network, counted from the safetensors headers without loading tensors."""
+        from safetensors import safe_open
+
+        counts = {}
+        for net in NETWORK_NAMES + ((LOCAL,) if self.has_local else ()):
+            with safe_open(str(self.path(net)), framework="numpy") as fh:
+                counts[net] = int(sum(int(np.prod(fh.get_slice(k).get_shape())) for k in fh.keys()))
+        return counts
+
+
+def _check_config(config: Mapping[str, Any], where: Path) -> None:
+    missing = [k for k in REQUIRED_KEYS if k not in config]
+    if missing:
+        raise BundleError(f"{where}: bundle.json lacks {', '.join(missing)}")
+    if config["schema_version"] not in SUPPORTED_SCHEMAS:
+        raise BundleError(f"{where}: bundle schema version {config['schema_version']} is not supported "
+                          f"(this USBLib reads versions {', '.join(map(str, SUPPORTED_SCHEMAS))})")
+    if LOCAL in config:
+        if config["schema_version"] < 2:
+            raise BundleError(f"{where}: a '{LOCAL}' section needs bundle schema version 2")
+        if not isinstance(config[LOCAL], dict) or not isinstance(config[LOCAL].get("network"), dict) \
+                or not config[LOCAL]["network"].get("channels"):
+            raise BundleError(f"{where}: the '{LOCAL}' section must be an object with a 'network' that has "
+                              "'channels'")
+        missing = [k for k in ("weights", "network", "schedule") if k not in config[LOCAL]]
+        if missing:
+            raise BundleError(f"{where}: the '{LOCAL}' section lacks {', '.join(missing)}")
+    for net in NETWORK_NAMES:
+        if net not in config["networks"] or "weights" not in config["networks"][net]:
+            raise BundleError(f"{where}: bundle.json has no weights entry for network '{net}'")
+    for task in TASKS:
+        if task not in config["defaults"]:
+            raise BundleError(f"{where}: bundle.json has no default settings for task '{task}'")
+    space = config["model_space"]
+    if len(space.get("shape", ())) != 3 or np.asarray(space.get("affine", [])).shape != (4, 4):
+        raise BundleError(f"{where}: model_space needs a 3D 'shape' and a 4x4 'affine'")
+    nets = config["networks"]
+    factor = 2 ** (len(nets["autoencoder"].get("channels", ())) - 1) * 2 ** (len(nets["unet_brain"].get("channels", ())) - 1)
+    if any(int(s) % factor for s in space["shape"]):
+        raise BundleError(f"{where}: model grid {space['shape']} is not divisible by {factor} "
+                          "(autoencoder x U-Net downsampling)")
+
+
+def verify(root: Path, config: Mapping[str, Any]) -> None:
+    """Check that every file listed in ``config['files']`` exists and matches its sha256."""
+    listed = dict(config["files"])
+    needed = [config["networks"][n]["weights"] for n in NETWORK_NAMES]
+    needed += [config["model_space"][k] for k in ("template", "brain_mask")]
+    if LOCAL in config:
+        needed.append(config[LOCAL]["weights"])
+    for name in needed:
+        if name not in listed:
+            raise BundleError(f"{root}: '{name}' is not listed with a sha256 in bundle.json")
+    for name, expected in listed.items():
+        path = root / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise BundleError(f"{root}: file name '{name}' leaves the bundle folder")
+        if not path.is_file():
+            raise BundleError(f"{root}: missing file '{name}'")
+        if sha256_of(path) != expected:
+            raise BundleError(f"{root}: checksum mismatch for '{name}' (file changed or corrupt)")
+
+
+def bundle_dirs() -> dict[str, Path]:
+    """Installed bundles by name: folders under ``USBLib/models`` and under each path in ``$USB_MODELS``."""
+    roots = [MODELS_DIR] + [Path(p) for p in os.environ.get("USB_MODELS", "").split(os.pathsep) if p]
+    found: dict[str, Path] = {}
+    for root in roots:
+        if root.is_dir():
+            for sub in sorted(root.iterdir()):
+                if (sub / BUNDLE_FILE).is_file():
+                    found.setdefault(sub.name, sub)
+    return found
+
+
+def default_bundle_name() -> str | None:
+    """Name of the default bundle (``USBLib/models/DEFAULT``), or None when none is installed."""
+    if DEFAULT_POINTER.is_file():
+        name = DEFAULT_POINTER.read_text().strip()
+        return name or None
+    return None
+
+
+def resolve(model: str | os.PathLike | None) -> Path:
+    """Folder of a bundle given by name, by path, or None for the default."""
+    if model is None or str(model) in ("", "default"):
+        name = default_bundle_name()
+        if name is None or name not in bundle_dirs():
+            raise BundleError("no default model is installed (USBLib/models has none); "
+                              "train and export one with usb_training, or pass --model PATH")
+        return bundle_dirs()[name]
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.name == BUNDLE_FILE and path.is_file():
+        return path.parent
+    installed = bundle_dirs()
+    if str(model) in installed:
+        return installed[str(model)]
+    names = ", ".join(sorted(installed)) or "none"
+    raise BundleError(f"model '{model}' is neither a bundle folder nor an installed bundle (installed: {names})")
+
+
+def load(model: str | os.PathLike | None = None) -> ModelBundle:
+    """Read and verify a bundle by name or path; ``None`` means the default model."""
+    root = resolve(model)
+    cfg_path = root / BUNDLE_FILE
+    if not cfg_path.is_file():
+        raise BundleError(f"{root}: no {BUNDLE_FILE} in this folder")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{cfg_path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise BundleError(f"{cfg_path}: top level must be a JSON object")
+    _check_config(config, root)
+    verify(root, config)
+    return ModelBundle(root=root, config=config)
+
+
+def write(root: Path, config: dict[str, Any], state_dicts: Mapping[str, Mapping[str, Any]],
+          extra_files: Mapping[str, Path] | None = None, card: str | None = None) -> ModelBundle:
+    """Write a bundle: weights as safetensors, extra files copied, sha256 of each recorded in bundle.json."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    config = json.loads(json.dumps(config))  # deep copy, JSON-clean
+    config["schema_version"] = SCHEMA_VERSION
+    files: dict[str, str] = {}
+    for net in NETWORK_NAMES:
+        fname = f"{net}.safetensors"
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dicts[net].items()}
+        save_file(tensors, str(root / fname), metadata={"network": net, "bundle": config.get("name", "")})
+        config["networks"][net]["weights"] = fname
+        files[fname] = sha256_of(root / fname)
+    if LOCAL in state_dicts:
+        fname = f"{LOCAL}.safetensors"
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dicts[LOCAL].items()}
+        save_file(tensors, str(root / fname), metadata={"network": LOCAL, "bundle": config.get("name", "")})
+        config.setdefault(LOCAL, {})["weights"] = fname
+        files[fname] = sha256_of(root / fname)
+    for name, src in (extra_files or {}).items():
+        if Path(src).resolve() != (root / name).resolve():
+            shutil.copyfile(src, root / name)
+        files[name] = sha256_of(root / name)
+    config["files"] = files
+    (root / BUNDLE_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    if card is not None:
+        (root / CARD_FILE).write_text(card)
+    return load(root)

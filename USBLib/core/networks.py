@@ -1,0 +1,71 @@
+"""The three networks of USB, built from MONAI classes with hyper-parameters from ``bundle.json``.
+
+- ``autoencoder``: ``monai.networks.nets.AutoencoderKL``, image <-> latent (encode with the posterior mean).
+- ``unet_lesion`` (USB_lesion): eps_x(x_t (+) y_t, t): the lesion model sees the noisy brain latent (paper eq. 8 note).
+- ``unet_brain`` (USB_brain): eps_y(y_t (+) c, t) with c the lesion condition latent (one-step x0 estimate,
+  a given mask latent, or the empty-mask latent). (+) is channel concatenation.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from USBLib.core.bundle import ModelBundle
+from USBLib.errors import BundleError
+
+AE_KEYS = {"channels", "num_res_blocks", "latent_channels", "norm_num_groups", "norm_eps", "attention_levels",
+           "with_encoder_nonlocal_attn", "with_decoder_nonlocal_attn", "use_checkpoint", "include_fc"}
+UNET_KEYS = {"channels", "num_res_blocks", "attention_levels", "norm_num_groups", "norm_eps", "num_head_channels",
+             "resblock_updown", "use_flash_attention", "include_fc"}
+
+
+def _kwargs(cfg: Mapping[str, Any], allowed: set[str], what: str) -> dict[str, Any]:
+    unknown = set(cfg) - allowed - {"weights"}
+    if unknown:
+        raise BundleError(f"{what}: unknown hyper-parameters {sorted(unknown)}")
+    out = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in allowed}
+    return out
+
+
+def build_autoencoder(cfg: Mapping[str, Any]) -> nn.Module:
+    """MONAI AutoencoderKL for one-channel 3D images."""
+    from monai.networks.nets import AutoencoderKL
+
+    return AutoencoderKL(spatial_dims=3, in_channels=1, out_channels=1, **_kwargs(cfg, AE_KEYS, "autoencoder"))
+
+
+def build_unet(cfg: Mapping[str, Any], latent_channels: int) -> nn.Module:
+    """MONAI DiffusionModelUNet taking [noisy latent | condition latent] and predicting the noise."""
+    from monai.networks.nets import DiffusionModelUNet
+
+    return DiffusionModelUNet(spatial_dims=3, in_channels=2 * latent_channels, out_channels=latent_channels,
+                              with_conditioning=False, **_kwargs(cfg, UNET_KEYS, "unet"))
+
+
+def build_all(networks_cfg: Mapping[str, Mapping[str, Any]]) -> dict[str, nn.Module]:
+    """Untrained networks for a bundle's ``networks`` section."""
+    ae_cfg = networks_cfg["autoencoder"]
+    latent_channels = int(ae_cfg.get("latent_channels", 3))
+    return {"autoencoder": build_autoencoder(ae_cfg),
+            "unet_lesion": build_unet(networks_cfg["unet_lesion"], latent_channels),
+            "unet_brain": build_unet(networks_cfg["unet_brain"], latent_channels)}
+
+
+def downsampling_factor(networks_cfg: Mapping[str, Mapping[str, Any]]) -> int:
+    """Image-to-latent size ratio of the autoencoder (2 per level after the first)."""
+    return 2 ** (len(networks_cfg["autoencoder"]["channels"]) - 1)
+
+
+def load_networks(bundle: ModelBundle, device: torch.device) -> dict[str, nn.Module]:
+    """Build the networks of a bundle and load its safetensors weights (strict), in eval mode on ``device``."""
+    nets = build_all(bundle.config["networks"])
+    for name, net in nets.items():
+        try:
+            net.load_state_dict(bundle.load_state_dict(name), strict=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise BundleError(f"{bundle.root}: weights of '{name}' do not fit its hyper-parameters ({first})") from None
+        net.eval().requires_grad_(False).to(device)
+    return nets

@@ -1,0 +1,124 @@
+"""USB's four tasks in latent space (paper sec. 3.1-3.2, eq. 6-15, C.1-C.6).
+
+Every function takes latents shaped [B, C, I, J, K] and returns clean latents. ``tick()`` is called once per
+network step so that callers can report progress and cancel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from USBLib.core.guidance import acg_alpha, acg_weight, apply_guidance
+from USBLib.core.schedule import NoiseSchedule, timesteps
+
+Tick = Callable[[], None]
+
+
+def _noop() -> None:
+    return None
+
+
+@dataclass
+class Denoisers:
+    """The two U-Nets, the noise schedule and the inference-time stabilisation of clean estimates."""
+
+    unet_lesion: nn.Module
+    unet_brain: nn.Module
+    schedule: NoiseSchedule
+    latent_clip: Optional[tuple[float, float]] = None
+
+    def _eps(self, net: nn.Module, x_t: torch.Tensor, cond: torch.Tensor, t: int) -> torch.Tensor:
+        tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+        return net(torch.cat([x_t, cond], dim=1), tt)
+
+    def estimate(self, net: nn.Module, x_t: torch.Tensor, cond: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0_hat, eps_hat) of one network at step t; x0_hat is clamped to the latent range seen in training."""
+        eps = self._eps(net, x_t, cond, t)
+        x0_hat = self.schedule.predict_x0(x_t, eps, t)
+        if self.latent_clip is not None:
+            x0_hat = x0_hat.clamp(*self.latent_clip)
+            eps = self.schedule.eps_from_x0(x_t, x0_hat, t) if t >= 0 else eps
+        return x0_hat, eps
+
+
+def _noise(shape, generator: torch.Generator, like: torch.Tensor | None = None, device=None) -> torch.Tensor:
+    z = torch.randn(shape, generator=generator, device="cpu", dtype=torch.float32)
+    return z.to(device if like is None else like.device)
+
+
+@torch.no_grad()
+def generate(d: Denoisers, shape: tuple[int, ...], steps: int, generator: torch.Generator,
+             device: torch.device, tick: Tick = _noop, sampler: str = "ddim") -> tuple[torch.Tensor, torch.Tensor]:
+    """Unconditional paired generation (eq. 6-8): returns (lesion latent x0, brain latent y0).
+
+    At each step the lesion model sees the noisy brain latent (the paper's approximation of eq. 7) and gives
+    x0_hat; the brain model is conditioned on that one-step estimate x0_hat (eq. C.1-C.6). ``sampler``: "ddim" or
+    "dpm++2m" (second-order multistep: the same network calls, a more accurate step, so fewer steps suffice).
+    """
+    x = _noise(shape, generator, device=device)
+    y = _noise(shape, generator, device=device)
+    x0_hat = y0_hat = x
+    hx, hy = {}, {}
+    for t, s in timesteps(d.schedule.num_train_timesteps - 1, steps):
+        x0_hat, eps_x = d.estimate(d.unet_lesion, x, y, t)
+        y0_hat, eps_y = d.estimate(d.unet_brain, y, x0_hat, t)
+        x = d.schedule.solver_step(x, x0_hat, eps_x, t, s, sampler, hx)
+        y = d.schedule.solver_step(y, y0_hat, eps_y, t, s, sampler, hy)
+        tick()
+    return x0_hat, y0_hat
+
+
+@torch.no_grad()
+def generate_from_mask(d: Denoisers, lesion_latent: torch.Tensor, steps: int, generator: torch.Generator,
+                       tick: Tick = _noop, sampler: str = "ddim") -> torch.Tensor:
+    """Brain latent for a given lesion-mask latent x0 (eq. 9), from pure noise with the brain model only."""
+    y = _noise(lesion_latent.shape, generator, like=lesion_latent)
+    y0_hat = y
+    history: dict = {}
+    for t, s in timesteps(d.schedule.num_train_timesteps - 1, steps):
+        y0_hat, eps = d.estimate(d.unet_brain, y, lesion_latent, t)
+        y = d.schedule.solver_step(y, y0_hat, eps, t, s, sampler, history)
+        tick()
+    return y0_hat
+
+
+@torch.no_grad()
+def edit(d: Denoisers, y0: torch.Tensor, condition: torch.Tensor, start: int, steps: int, alpha0: float, k: float,
+         generator: torch.Generator, lesion_weight: torch.Tensor | None = None, tick: Tick = _noop,
+         acg: bool = True) -> torch.Tensor:
+    """Guided edit of a brain latent (sec. 3.2): noise y0 to ``start``, then denoise with the brain model.
+
+    ``condition`` is the lesion latent the result should show (the empty-mask latent x_0 for healing).
+    Each step forms lambda = lambda_diff (ACG, eq. 12) times ``lesion_weight`` (LCG, eq. 14, when given) and pulls
+    the one-step estimate towards y0 (eq. 13/15, see ``guidance.apply_guidance``). ``acg=False`` switches the
+    pull off (lambda = 0): the edit is tied to the input only through its start ``y_start = q(y0, start)``.
+    """
+    y = d.schedule.q_sample(y0, start, _noise(y0.shape, generator, like=y0))
+    y0_hat = y
+    for t, s in timesteps(start, steps):
+        y0_hat, eps = d.estimate(d.unet_brain, y, condition, t)
+        if acg:
+            weight = acg_weight(y0, y0_hat, acg_alpha(alpha0, k, t, start))
+            if lesion_weight is not None:
+                weight = weight * lesion_weight
+            y0_hat = apply_guidance(y0_hat, y0, weight)
+        y = d.schedule.ddim_step(y0_hat, eps, t, s)
+        tick()
+    return y0_hat
+
+
+def heal(d: Denoisers, y0: torch.Tensor, empty_condition: torch.Tensor, start: int, steps: int, alpha0: float,
+         k: float, generator: torch.Generator, lesion_weight: torch.Tensor | None = None,
+         tick: Tick = _noop) -> torch.Tensor:
+    """Pathology -> healthy: condition on the empty-mask latent, ACG towards the input (optionally LCG freedom
+    inside a known lesion)."""
+    return edit(d, y0, empty_condition, start, steps, alpha0, k, generator, lesion_weight, tick)
+
+
+def embed(d: Denoisers, y0: torch.Tensor, lesion_latent: torch.Tensor, lesion_weight: torch.Tensor, start: int,
+          steps: int, alpha0: float, k: float, generator: torch.Generator, tick: Tick = _noop) -> torch.Tensor:
+    """Healthy -> pathology: condition on the mask latent, ACG x LCG (eq. 15)."""
+    return edit(d, y0, lesion_latent, start, steps, alpha0, k, generator, lesion_weight, tick)

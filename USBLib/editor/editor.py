@@ -1,0 +1,577 @@
+"""``Editor``: USB's four tasks end to end on ``(array, affine)`` volumes in the scan's own space.
+
+Data flow: native volume (+ mask) -> registration to the bundle template -> model grid -> intensity
+normalisation -> latent (autoencoder mean x scale factor) -> guided diffusion -> decoded deviation
+-> native grid -> seam-aware fusion into the original. Every output keeps the input's grid and affine, and
+every voxel outside the edit region is the input's own value.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from USBLib.core import bundle as bundle_mod
+from USBLib.errors import Cancelled, InputError
+from USBLib.imaging.checks import check_image, check_mask
+from USBLib.imaging.fusion import edit_weight, fuse
+from USBLib.imaging.intensity import IntensityMap
+from USBLib.settings import FALLBACKS, validate
+from USBLib.imaging.spatial import SpaceMapping, register
+
+Progress = Callable[[int, int, str], Optional[bool]]
+
+
+@dataclass
+class EditResult:
+    """One task's result. ``image``/``affine`` are on the input's grid (model grid for plain generation)."""
+
+    image: np.ndarray
+    affine: np.ndarray
+    mask: Optional[np.ndarray] = None
+    uncertainty: Optional[np.ndarray] = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __iter__(self):  # ``image, affine = editor.heal(...)``
+        return iter((self.image, self.affine))
+
+
+class _Progress:
+    """Wraps the user callback: counts steps, records stage timings, raises ``Cancelled`` on a False return."""
+
+    def __init__(self, callback: Progress | None, total: int):
+        self.callback, self.total, self.done = callback, total, 0
+        self.timings: dict[str, float] = {}
+        self._stage, self._t0 = "", time.perf_counter()
+
+    def stage(self, name: str) -> None:
+        now = time.perf_counter()
+        if self._stage:
+            self.timings[self._stage] = round(self.timings.get(self._stage, 0.0) + now - self._t0, 3)
+        self._stage, self._t0 = name, now
+        self._report(name)
+
+    def tick(self) -> None:
+        self.done += 1
+        self._report(self._stage)
+
+    def _report(self, message: str) -> None:
+        if self.callback is not None and self.callback(min(self.done, self.total), self.total, message) is False:
+            raise Cancelled("cancelled")
+
+
+class Editor:
+    """USB engine on volumes. ``model``: bundle name, path or ``ModelBundle`` (None = default model).
+
+    ``device``: ``auto`` (GPU when present), ``cpu``, ``cuda`` or ``mps``. Networks load lazily on first use.
+    """
+
+    def __init__(self, model: Any = None, device: str = "auto", registration: str = "affine"):
+        self.bundle = model if isinstance(model, bundle_mod.ModelBundle) else bundle_mod.load(model)
+        from USBLib.core.devices import pick_device
+
+        self.device = pick_device(device)
+        self.registration = registration
+        self._nets: dict[str, Any] | None = None
+        self._space: dict[str, np.ndarray] | None = None
+        self._empty_latent = None
+        self._last_mapping: tuple[str, SpaceMapping] | None = None
+        self._local = None
+
+    # ----------------------------------------------------------------- model pieces
+    @property
+    def nets(self) -> dict[str, Any]:
+        if self._nets is None:
+            from USBLib.core.devices import use_onednn_convs
+            from USBLib.core.networks import load_networks
+
+            nets = load_networks(self.bundle, self.device)
+            if self.device.type == "cpu":
+                for net in nets.values():
+                    use_onednn_convs(net)
+            self._nets = nets
+        return self._nets
+
+    @property
+    def space(self) -> dict[str, np.ndarray]:
+        """The bundle's template image and brain mask on the model grid."""
+        if self._space is None:
+            import nibabel as nib
+
+            template = np.asarray(nib.load(str(self.bundle.path("template"))).dataobj, dtype=np.float32)
+            brain = np.asarray(nib.load(str(self.bundle.path("brain_mask"))).dataobj) > 0
+            self._space = {"template": template, "brain": brain}
+        return self._space
+
+    def _denoisers(self):
+        from USBLib.core.schedule import NoiseSchedule
+        from USBLib.core.tasks import Denoisers
+
+        clip = self.bundle.config["latent"].get("clip")
+        return Denoisers(self.nets["unet_lesion"], self.nets["unet_brain"],
+                         NoiseSchedule.from_config(self.bundle.config["schedule"]),
+                         tuple(clip) if clip else None)
+
+    @property
+    def scale_factor(self) -> float:
+        return float(self.bundle.config["latent"]["scale_factor"])
+
+    def encode(self, volumes: np.ndarray):
+        """Latents (posterior mean x scale factor) of model-grid volumes [B, I, J, K]."""
+        import torch
+
+        x = torch.as_tensor(np.asarray(volumes, dtype=np.float32))[:, None].to(self.device)
+        with torch.no_grad():
+            mu, _ = self.nets["autoencoder"].encode(x)
+        return mu * self.scale_factor
+
+    def decode(self, latents) -> np.ndarray:
+        """Model-grid volumes [B, I, J, K] from latents."""
+        import torch
+
+        with torch.no_grad():
+            out = self.nets["autoencoder"].decode(latents / self.scale_factor)
+        return out[:, 0].float().cpu().numpy()
+
+    def empty_condition(self):
+        """x_empty: the empty mask through the same encoding path as every training mask."""
+        if self._empty_latent is None:
+            self._empty_latent = self.encode(np.zeros((1, *self.bundle.grid_shape), np.float32))
+        return self._empty_latent
+
+    def _settings(self, task: str, **given: Any) -> dict[str, Any]:
+        settings = self.bundle.defaults(task)
+        settings.update({k: v for k, v in given.items() if v is not None})
+        validate(settings)
+        return settings
+
+    # ----------------------------------------------------------------- geometry
+    def _map(self, image: np.ndarray, affine: np.ndarray, brain_mask: np.ndarray | None, seed: int) -> SpaceMapping:
+        """Scan <-> model mapping; the last one is reused when the same scan comes again (progression series)."""
+        key = _fingerprint(image, np.asarray(affine, float), brain_mask, seed, self.registration)
+        if self._last_mapping is not None and self._last_mapping[0] == key:
+            return self._last_mapping[1]
+        space = self.space
+        transform = register(image, affine, space["template"], self.bundle.grid_affine, space["brain"],
+                             brain_mask, self.registration, seed)
+        mapping = SpaceMapping(tuple(image.shape), np.asarray(affine, float), self.bundle.grid_shape,
+                               self.bundle.grid_affine, transform)
+        self._last_mapping = (key, mapping)
+        return mapping
+
+    def _native_brain(self, mapping: SpaceMapping, brain_mask: np.ndarray | None) -> np.ndarray:
+        if brain_mask is not None:
+            return brain_mask > 0
+        return mapping.to_native(self.space["brain"].astype(np.float32), order=1) > 0.5
+
+    @staticmethod
+    def _model_mask(mapping: SpaceMapping, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Partial-volume mask on the model grid and its binary version (never empty for a non-empty mask)."""
+        pv = np.clip(mapping.to_model(mask.astype(np.float32), order=1, antialias=False), 0.0, 1.0)
+        binary = pv >= 0.5
+        if not binary.any() and pv.max() > 0:
+            binary = pv >= pv.max() / 2
+        return pv, binary.astype(np.float32)
+
+    @property
+    def local(self):
+        """The bundle's local stage (``USBLib.editor.local.stage.LocalStage``), or None for a latent-only bundle."""
+        if not self.bundle.has_local:
+            return None
+        if self._local is None:
+            from USBLib.editor.local.stage import LocalStage
+
+            self._local = LocalStage.from_state_dict(self.bundle.config[bundle_mod.LOCAL],
+                                                     self.bundle.load_state_dict(bundle_mod.LOCAL), self.device)
+        return self._local
+
+    def interactive_local_mode(self) -> str:
+        """The local mode for results a person looks at (Slicer, demo): the bundle's ``local.interactive_mode``."""
+        if not self.bundle.has_local:
+            return "fidelity"
+        return str(self.bundle.config[bundle_mod.LOCAL].get("interactive_mode", "realism"))
+
+    # ----------------------------------------------------------------- tasks
+    def heal(self, image: np.ndarray, affine: np.ndarray, mask: np.ndarray | None = None,
+             brain_mask: np.ndarray | None = None, *, steps: int | None = None, strength: float | None = None,
+             alpha0: float | None = None, k: float | None = None, eta: float | None = None,
+             acg: bool | None = None, margin_mm: float | None = None, prefill: str | None = None,
+             stages: str | None = None,
+             local_mode: str | None = None, local_steps: int | None = None, local_strength: float | None = None,
+             dilation_mm: float | None = None, samples: int = 1, seed: int = 0,
+             mask_affine: np.ndarray | None = None, resample_mask: bool = False,
+             progress: Progress | None = None) -> EditResult:
+        """Pathology -> healthy. With ``mask`` the edit stays inside the mask grown by ``dilation_mm`` plus a
+        ``margin_mm`` feather; without, it is a whole-brain latent edit.
+
+        ``stages``: ``latent`` (the USB latent stage), ``local`` (the local deviation model at the scan's own
+        resolution), ``both`` (latent, then local on its result); default: the bundle's. ``local_mode``:
+        ``fidelity`` (deterministic reconstruction) or ``realism`` (a guided sample, ``local_steps`` DDIM steps
+        from ``local_strength``). ``prefill`` (latent stage: ``none``, ``harmonic``, ``biharmonic``) replaces
+        the lesion by a smooth fill before the latent diffusion starts. ``acg``: Anatomy Consistency Guidance on
+        or off (``alpha0``/``k`` shape it; see ``USBLib.settings`` for every setting's range and meaning)."""
+        return self._edit("heal", image, affine, mask, brain_mask, steps=steps, strength=strength, alpha0=alpha0,
+                          k=k, eta=eta, acg=acg, margin_mm=margin_mm, prefill=prefill, stages=stages, local_mode=local_mode,
+                          local_steps=local_steps, local_strength=local_strength, dilation_mm=dilation_mm,
+                          samples=samples, seed=seed, mask_affine=mask_affine, resample_mask=resample_mask,
+                          progress=progress)
+
+    def embed(self, image: np.ndarray, affine: np.ndarray, mask: np.ndarray, brain_mask: np.ndarray | None = None,
+              *, steps: int | None = None, strength: float | None = None, alpha0: float | None = None,
+              k: float | None = None, eta: float | None = None, acg: bool | None = None,
+              margin_mm: float | None = None, stages: str | None = None, local_mode: str | None = None, local_steps: int | None = None,
+              local_strength: float | None = None, dilation_mm: float | None = None, samples: int = 1,
+              seed: int = 0, mask_affine: np.ndarray | None = None, resample_mask: bool = False,
+              progress: Progress | None = None) -> EditResult:
+        """Healthy -> pathology: a lesion of the mask's shape embedded into the scan (ACG x LCG); settings as
+        for ``heal``."""
+        if mask is None:
+            raise InputError("embedding needs a lesion mask")
+        return self._edit("embed", image, affine, mask, brain_mask, steps=steps, strength=strength, alpha0=alpha0,
+                          k=k, eta=eta, acg=acg, margin_mm=margin_mm, stages=stages, local_mode=local_mode,
+                          local_steps=local_steps, local_strength=local_strength, dilation_mm=dilation_mm,
+                          samples=samples, seed=seed, mask_affine=mask_affine, resample_mask=resample_mask,
+                          progress=progress)
+
+    def _edit(self, task: str, image, affine, mask, brain_mask, *, samples: int, seed: int, mask_affine,
+              resample_mask: bool, progress: Progress | None, **given: Any) -> EditResult:
+        """Heal/embed as a sequence of named stages: inputs -> registration -> latent stage -> local stage ->
+        fusion -> provenance."""
+        import torch
+
+        image, affine, mask, brain_mask = self._edit_inputs(task, image, affine, mask, brain_mask, mask_affine,
+                                                            resample_mask)
+        settings = self._settings(task, **given)
+        samples = _check_samples(samples)
+        stages = self._stages(settings, mask)
+        settings["stages"] = stages
+        latent = stages in ("latent", "both")
+        n_latent = self._network_steps(settings, start_step_of(settings, self.bundle)) if latent else 0
+        n_local = _local_box_count(mask, affine) if stages in ("local", "both") else 0
+        # ticks: registration, fusion; latent: encoding, each step, decoding; local: each lesion group
+        prog = _Progress(progress, 2 + (n_latent + 2 if n_latent else 0) + n_local)
+        generator = torch.Generator().manual_seed(int(seed))
+
+        prog.stage("registering to the model template")
+        mapping = self._map(image, affine, brain_mask, seed)
+        brain = self._native_brain(mapping, brain_mask)
+        _check_inside_brain(image, mask, brain)
+        imap = IntensityMap.fit(image, brain, self.bundle.config["intensity"])
+        prog.tick()
+
+        deviation = np.zeros((samples, *image.shape), np.float32)  # scan units, result = image + deviation
+        extra: dict[str, Any] = {}
+        if stages in ("latent", "both"):
+            deviation += self._latent_stage(task, image, mapping, imap, mask, settings, samples, generator, prog)
+            extra["start_step"] = start_step_of(settings, self.bundle)
+            extra["network_steps"] = n_latent
+        if stages in ("local", "both"):
+            prog.stage("local stage")
+            current = np.asarray(image, np.float32) + deviation.mean(axis=0)
+            local = self.local.deviation((current - imap.low) / imap.units_per_model_unit, mask, _spacing(affine),
+                                         task, _local_settings(settings), generator, samples, prog.tick, imap.clip)
+            deviation += np.stack([imap.delta_to_native(d) for d in local])
+            extra["local_boxes"] = n_local
+
+        prog.stage("fusing into the scan")
+        dilation = float(settings.get("dilation_mm", 0.0))
+        core = None
+        if mask is not None and task == "heal":
+            from USBLib.editor.local.conditioning import fusion_core
+
+            core = fusion_core(mask, _spacing(affine), dilation)
+        weight = edit_weight(mask, brain, _spacing(affine), dilation, float(settings["margin_mm"]), core)
+        result = fuse(image, deviation.mean(axis=0), weight)
+        uncertainty = (weight * deviation.std(axis=0)).astype(np.float32) if samples > 1 else None
+        prog.tick()
+        prog.stage("")
+        extra.update({"intensity_map": {"low": imap.low, "high": imap.high},
+                      "mask_voxels": int(mask.sum()) if mask is not None else 0,
+                      "edit_region_voxels": int((weight > 0).sum())})
+        provenance = self._provenance(task, settings, seed, samples, prog.timings, mapping, extra=extra)
+        return EditResult(result, affine.copy(), mask, uncertainty, provenance)
+
+    # ----------------------------------------------------------------- edit stages
+    def _edit_inputs(self, task: str, image, affine, mask, brain_mask, mask_affine, resample_mask: bool):
+        """Checked image, float64 affine, binary mask (None when absent or empty for heal), brain mask."""
+        image = check_image(image, affine)
+        affine = np.asarray(affine, dtype=np.float64)
+        if mask is not None:
+            mask = check_mask(mask, image.shape, mask_affine, affine, resample_mask)
+            if not mask.any():
+                if task == "embed":
+                    raise InputError("the lesion mask is empty; paint or load a lesion to embed")
+                mask = None
+        if brain_mask is not None:
+            brain_mask = check_mask(brain_mask, image.shape, None, affine, False, "brain mask")
+            if not brain_mask.any():
+                raise InputError("the brain mask is empty")
+        return image, affine, mask, brain_mask
+
+    def _stages(self, settings: dict[str, Any], mask: np.ndarray | None) -> str:
+        """Which stages run: the setting, restricted to what the bundle has; a heal without mask is latent."""
+        stages = settings.get("stages") or ("local" if self.bundle.has_local else "latent")
+        if stages != "latent" and not self.bundle.has_local:
+            raise InputError(f"model '{self.bundle.name}' has no local stage (bundle schema 1); "
+                             "use stages 'latent'")
+        return "latent" if mask is None else stages
+
+    def _network_steps(self, settings: dict[str, Any], start: int | None = None) -> int:
+        """Network calls of one latent trajectory from ``start`` (default: the last training step, i.e. pure
+        noise, as generation starts) with ``settings["steps"]``: the progress bar's length."""
+        from USBLib.core.schedule import timesteps
+
+        if start is None:
+            start = int(self.bundle.config["schedule"].get("num_train_timesteps", 1024)) - 1
+        return len(timesteps(start, settings["steps"]))
+
+    def _latent_stage(self, task: str, image: np.ndarray, mapping: SpaceMapping, imap: IntensityMap,
+                      mask: np.ndarray | None, settings: dict[str, Any], samples: int,
+                      generator, prog: "_Progress") -> np.ndarray:
+        """USB's latent edit (paper sec. 3.2): deviations [samples, I, J, K] in scan units on the scan's grid.
+
+        For heal with a ``prefill`` the diffusion starts from the scan with its lesion pre-filled, and the
+        pre-fill is part of the deviation."""
+        import torch
+
+        from USBLib.core import tasks
+        from USBLib.core.guidance import lcg_weight, lesion_prior
+        from USBLib.core.networks import downsampling_factor
+
+        prog.stage("encoding")
+        base = image  # what the diffusion starts from: the scan, or for heal the scan with its lesion pre-filled
+        if task == "heal" and mask is not None and settings.get("prefill", "none") != "none":
+            from USBLib.imaging.prefill import prefill
+
+            base = prefill(image, mask, settings["prefill"])
+        model_image = imap.to_model(mapping.to_model(base))
+        y0 = self.encode(model_image[None])
+        factor = downsampling_factor(self.bundle.config["networks"])
+        lesion_w = None
+        if mask is not None:
+            pv, binary = self._model_mask(mapping, mask)
+            prior = lesion_prior(torch.as_tensor(pv)[None, None].to(self.device), factor)
+            lesion_w = lcg_weight(prior, float(settings.get("eta", 0.0)))
+            cond = self.encode(binary[None]) if task == "embed" else self.empty_condition()
+        else:
+            cond = self.empty_condition()
+        prog.tick()
+
+        prog.stage("denoising")
+        batch = lambda t: t.expand(samples, *t.shape[1:]).contiguous()  # noqa: E731
+        edited = tasks.edit(self._denoisers(), batch(y0), batch(cond), start_step_of(settings, self.bundle),
+                            settings["steps"], float(settings["alpha0"]), float(settings["k"]), generator,
+                            None if lesion_w is None else batch(lesion_w), prog.tick, acg=bool(settings["acg"]))
+
+        prog.stage("decoding")
+        decoded = self.decode(edited)
+        reference = self.decode(y0)[0] if settings["fusion"] == "deviation" else model_image
+        prog.tick()
+        prefilled = np.asarray(base, np.float32) - np.asarray(image, np.float32)  # zero outside the lesion
+        return np.stack([prefilled + imap.delta_to_native(mapping.to_native(sample - reference))
+                         for sample in decoded])
+
+    def generate(self, n: int = 1, *, steps: int | None = None, seed: int = 0, sampler: str | None = None,
+                 progress: Progress | None = None) -> list[EditResult]:
+        """New (brain, lesion mask) pairs from noise, on the model grid, in model intensity units.
+        ``sampler``: "ddim" or "dpm++2m" (default: the bundle's)."""
+        import torch
+
+        from USBLib.core import tasks
+
+        n = _check_samples(n, "number of pairs")
+        settings = self._settings("generate", steps=steps, sampler=sampler)
+
+        n_steps = self._network_steps(settings)
+        prog = _Progress(progress, n_steps + 1)
+        generator = torch.Generator().manual_seed(int(seed))
+        shape = (n, *self.empty_condition().shape[1:])
+        prog.stage("denoising")
+        lesion_lat, brain_lat = tasks.generate(self._denoisers(), shape, settings["steps"], generator, self.device,
+                                               prog.tick, sampler=settings["sampler"])
+        prog.stage("decoding")
+        images, lesions = self.decode(brain_lat), self.decode(lesion_lat)
+        prog.tick()
+        prog.stage("")
+        brain = self.space["brain"]
+        out = []
+        for i in range(n):
+            image = np.clip(images[i], 0.0, None) * brain
+            mask = ((lesions[i] > float(settings.get("mask_threshold", 0.5))) & brain).astype(np.uint8)
+            prov = self._provenance("generate", settings, seed, n, prog.timings, None, extra={"index": i})
+            out.append(EditResult(image.astype(np.float32), self.bundle.grid_affine.copy(), mask, None, prov))
+        return out
+
+    def generate_from_mask(self, mask: np.ndarray, affine: np.ndarray, reference: np.ndarray | None = None,
+                           reference_affine: np.ndarray | None = None, *, steps: int | None = None, seed: int = 0,
+                           samples: int = 1, resample_mask: bool = False, sampler: str | None = None,
+                           progress: Progress | None = None) -> EditResult:
+        """A brain showing the given lesion (eq. 9).
+
+        Without ``reference`` the mask is taken to be in template space (any grid) and the brain is returned on
+        the model grid; with a reference scan the mask must lie on the reference's grid (or ``resample_mask``),
+        and the brain is returned on that grid in the reference's intensity units.
+        """
+        import torch
+
+        from USBLib.core import tasks
+
+        settings = self._settings("generate_from_mask", steps=steps, sampler=sampler)
+        samples = _check_samples(samples)
+        affine = np.asarray(affine, dtype=np.float64)
+        if reference is not None:
+            reference = check_image(reference, reference_affine)
+            mask = check_mask(mask, reference.shape, affine, np.asarray(reference_affine, float), resample_mask)
+        else:
+            mask = check_mask(mask, np.shape(mask), affine, affine, False)
+        if not mask.any():
+            raise InputError("the lesion mask is empty")
+        n_steps = self._network_steps(settings)
+        prog = _Progress(progress, n_steps + 3)
+        generator = torch.Generator().manual_seed(int(seed))
+        prog.stage("registering to the model template")
+        if reference is not None:
+            mapping = self._map(reference, np.asarray(reference_affine, float), None, seed)
+        else:
+            mapping = SpaceMapping(tuple(mask.shape), affine, self.bundle.grid_shape, self.bundle.grid_affine,
+                                   np.eye(4))
+        prog.tick()
+        prog.stage("encoding")
+        _, binary = self._model_mask(mapping, mask)
+        if not binary.any():
+            raise InputError("the lesion mask lies outside the model's field of view")
+        cond = self.encode(binary[None])
+        prog.tick()
+        prog.stage("denoising")
+        lat = tasks.generate_from_mask(self._denoisers(), cond.expand(samples, *cond.shape[1:]).contiguous(),
+                                       settings["steps"], generator, prog.tick, sampler=settings["sampler"])
+        prog.stage("decoding")
+        images = np.clip(self.decode(lat), 0.0, None) * self.space["brain"]
+        prog.tick()
+        prog.stage("")
+        uncertainty = images.std(axis=0) if samples > 1 else None
+        image = images.mean(axis=0)
+        prov = self._provenance("generate_from_mask", settings, seed, samples, prog.timings,
+                                mapping if reference is not None else None)
+        if reference is None:
+            return EditResult(image.astype(np.float32), self.bundle.grid_affine.copy(), binary.astype(np.uint8),
+                              None if uncertainty is None else uncertainty.astype(np.float32), prov)
+        imap = IntensityMap.fit(reference, self._native_brain(mapping, None), self.bundle.config["intensity"])
+        native = imap.to_native(mapping.to_native(image))
+        unc = None if uncertainty is None else imap.delta_to_native(mapping.to_native(uncertainty))
+        return EditResult(native.astype(np.float32), np.asarray(reference_affine, float).copy(), mask, unc, prov)
+
+    # ----------------------------------------------------------------- provenance
+    def _provenance(self, task: str, settings: dict, seed: int, samples: int, timings: dict,
+                    mapping: SpaceMapping | None, extra: dict | None = None) -> dict[str, Any]:
+        import torch
+
+        prov: dict[str, Any] = {
+            "task": task,
+            "model": {"name": self.bundle.name, "tier": self.bundle.tier, "path": str(self.bundle.root),
+                      "bundle_sha256": bundle_mod.sha256_of(self.bundle.root / bundle_mod.BUNDLE_FILE)},
+            "settings": dict(settings), "seed": int(seed), "samples": int(samples),
+            "device": str(self.device), "registration": self.registration,
+            "timings_s": dict(timings), "software": software_versions(), "torch_threads": torch.get_num_threads(),
+        }
+        if mapping is not None:
+            prov["template_to_scan_ras"] = np.round(mapping.model_to_native, 6).tolist()
+        prov.update(extra or {})
+        return prov
+
+
+def _fingerprint(*parts: Any) -> str:
+    """sha1 over arrays (bytes, shape, dtype) and plain values: identifies a registration's inputs."""
+    h = hashlib.sha1()
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            h.update(str((part.shape, part.dtype.str)).encode())
+            h.update(np.ascontiguousarray(part).tobytes())
+        else:
+            h.update(repr(part).encode())
+    return h.hexdigest()
+
+
+def start_step_of(settings: dict[str, Any], bundle: bundle_mod.ModelBundle) -> int:
+    """Latent edit start step for the settings' strength on the bundle's schedule."""
+    from USBLib.core.schedule import start_step
+
+    return start_step(settings["strength"], int(bundle.config["schedule"].get("num_train_timesteps", 1024)))
+
+
+def _check_inside_brain(image: np.ndarray, mask: np.ndarray | None, brain: np.ndarray) -> None:
+    """Refuse a lesion mask that lies outside the brain: outside the registered template's brain, or on the
+    image's own background (at most 1 % of the brain's 99th percentile, as the zeros of a skull-stripped scan);
+    a dark lesion (a cavity, a black hole) is above that floor and is accepted."""
+    if mask is None:
+        return
+    lesion = mask > 0
+    inside = float(brain[lesion].mean())
+    if inside < 0.5:
+        raise InputError(f"the lesion mask lies outside the brain ({inside:.0%} of it inside); "
+                         "check that mask and image belong together")
+    values = np.asarray(image, np.float64)
+    floor = values.min() + 0.01 * (np.percentile(values[brain], 99) - values.min()) if brain.any() else values.min()
+    on_tissue = float((values[lesion] > floor).mean())
+    if on_tissue < 0.2:
+        raise InputError(f"the lesion mask lies outside the brain (only {on_tissue:.0%} of it on image "
+                         "content above the background); check that mask and image belong together")
+
+
+def _local_settings(settings: dict[str, Any]):
+    from USBLib.editor.local.stage import LocalSettings
+
+    def value(key: str):
+        return settings[key] if settings.get(key) is not None else FALLBACKS[key]
+
+    return LocalSettings(mode=value("local_mode"), steps=int(value("local_steps")),
+                         strength=float(value("local_strength")), dilation_mm=float(value("dilation_mm")),
+                         alpha0=float(settings["alpha0"]), k=float(settings["k"]), eta=float(value("eta")),
+                         acg=bool(settings["acg"]))
+
+
+def _local_box_count(mask: np.ndarray | None, affine: np.ndarray) -> int:
+    """Number of lesion groups the local stage will process (one progress tick each)."""
+    if mask is None:
+        return 0
+    from USBLib.imaging.boxes import group_labels
+    from USBLib.editor.local.stage import CONTEXT_MM
+
+    return int(group_labels(mask, np.ceil(CONTEXT_MM / _spacing(affine)))[1])
+
+
+def _spacing(affine: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+
+
+def _check_samples(n: int, what: str = "samples") -> int:
+    if int(n) != n or int(n) < 1 or int(n) > 64:
+        raise InputError(f"{what} must be a whole number from 1 to 64, got {n}")
+    return int(n)
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of the packages that shape the numbers, for provenance sidecars."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("usb-slicer", "torch", "monai", "numpy", "scipy", "nibabel", "SimpleITK"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    out["platform"] = platform.platform()
+    return out
+
+
+def threads_from_env() -> None:
+    """Honour ``USB_THREADS`` for torch's intra-op pool (pipelines running several workers)."""
+    import torch
+
+    if os.environ.get("USB_THREADS"):
+        torch.set_num_threads(int(os.environ["USB_THREADS"]))

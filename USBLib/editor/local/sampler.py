@@ -1,0 +1,78 @@
+"""Deviation estimates of the local network with ACG and LCG (paper eq. 12-15 applied in deviation space).
+
+The network's variable is a deviation d from a base image (the condition's classical-fill channel: for heal the
+scan with its fill region biharmonically filled, for embed the scan itself). The input scan is d_in = input -
+base (zero outside the fill region), so ACG's pull towards the input is lambda_diff = exp(-alpha_t |d_in -
+d_hat|) and d_hat + lambda (d_in - d_hat): small spurious changes are pulled back (outside the lesion it returns
+the input), while a large, confident deviation passes. LCG frees the lesion: lambda_lesion = clamp(1 - eta *
+x_lesion, 0, 1) with x_lesion the smoothed fill region (``conditioning.lesion_prior``). The guided estimate is
+d_hat + lambda (d_in - d_hat), lambda = lambda_diff * lambda_lesion, as in ``USBLib.core.guidance.apply_guidance``.
+
+Two modes:
+- ``fidelity``: one deterministic pass (the network's conditional-mean estimate), guided at alpha_0.
+- ``realism``: the fidelity estimate is diffused to ``strength`` x T (forward process, eq. 4-5) and denoised with
+  ``steps`` guided DDIM steps (x0-prediction), which gives a sample with the texture and heterogeneity of the
+  training deviations; clean estimates are clamped to the deviation range seen in training (inference-time
+  stabilisation).
+"""
+from __future__ import annotations
+
+import torch
+
+from USBLib.core.guidance import acg_alpha, acg_weight, apply_guidance
+from USBLib.core.schedule import NoiseSchedule, timesteps
+from USBLib.editor.local.network import class_label
+
+MODES = ("fidelity", "realism")
+X0_CLIP = (-3.0, 3.0)  # scaled deviation range (|d| <= 1.5 model units)
+
+
+def _guided(x0_hat: torch.Tensor, reference: torch.Tensor, alpha_t: float, lesion_weight: torch.Tensor | None,
+            acg: bool) -> torch.Tensor:
+    x0_hat = x0_hat.clamp(*X0_CLIP)
+    weight = acg_weight(reference, x0_hat, alpha_t) if acg else torch.zeros_like(x0_hat)
+    if lesion_weight is not None:
+        weight = weight * lesion_weight
+    return apply_guidance(x0_hat, reference, weight)
+
+
+@torch.no_grad()
+def sample_deviation(net: torch.nn.Module, schedule: NoiseSchedule, cond: torch.Tensor, direction: int, *,
+                     mode: str, alpha0: float, k: float, eta_weight: torch.Tensor | None, steps: int,
+                     strength: float, generator: torch.Generator, acg: bool = True,
+                     noise: torch.Tensor | None = None, reference: torch.Tensor | None = None) -> torch.Tensor:
+    """Scaled deviation x0 [B, 1, I, J, K] for condition channels ``cond`` [B, 4, I, J, K].
+
+    ``eta_weight``: LCG weight lambda_lesion [B or 1, 1, I, J, K] in [0, 1] (None = no LCG).
+    ``alpha0``, ``k``: ACG (eq. 12); alpha_t = alpha0 exp(-k t / T) with T the first sampling step.
+    ``noise``: the realism mode's starting noise [B, 1, I, J, K] (default: drawn from ``generator``).
+    ``reference``: the input scan in the same (scaled deviation) variable, which ACG holds the estimate to
+    (default 0: the network's base is the input itself).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown local mode '{mode}'")
+    b = cond.shape[0]
+    t_last = schedule.num_train_timesteps - 1
+    shape = (b, 1, *cond.shape[2:])
+    x_zero = torch.zeros(shape, device=cond.device)
+    ref = x_zero if reference is None else reference.to(cond.device).expand(shape)
+    det = torch.full((b,), class_label(direction, True), device=cond.device, dtype=torch.long)
+    x0 = net(torch.cat([x_zero, cond], 1), torch.full((b,), t_last, device=cond.device, dtype=torch.long),
+             class_labels=det)
+    x0 = _guided(x0, ref, acg_alpha(alpha0, k, 0, 1), eta_weight, acg)
+    if mode == "fidelity":
+        return x0
+    start = max(1, int(round(float(strength) * t_last)))
+    if noise is None:
+        noise = torch.randn(shape, generator=generator, device="cpu")
+    noise = noise.to(cond.device)
+    x = schedule.q_sample(x0, start, noise)
+    cls = torch.full((b,), class_label(direction, False), device=cond.device, dtype=torch.long)
+    for t, s in timesteps(start, steps):
+        x0_hat = net(torch.cat([x, cond], 1), torch.full((b,), t, device=cond.device, dtype=torch.long),
+                     class_labels=cls)
+        x0_hat = _guided(x0_hat, ref, acg_alpha(alpha0, k, t, start), eta_weight, acg)
+        eps = schedule.eps_from_x0(x, x0_hat, t)
+        x = schedule.ddim_step(x0_hat, eps, t, s)
+        x0 = x0_hat
+    return x0

@@ -1,0 +1,163 @@
+"""``LocalStage``: the local deviation model applied to every lesion group of a scan, box by box.
+
+Input and output live on the scan's own grid in model intensity units (``USBLib.imaging.intensity``): the stage returns
+the deviation d (result = image + d) for each of ``samples`` draws; the caller converts it to the scan's units
+and fuses it (``USBLib.imaging.fusion``). Nothing here reads files or knows about registration.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional
+
+import numpy as np
+import torch
+
+from USBLib.core.schedule import NoiseSchedule
+from USBLib.imaging.boxes import lesion_boxes, needs_resampling, to_grid, work_shape
+from USBLib.editor.local.conditioning import DEVIATION_SCALE, DIRECTIONS, condition, lesion_prior
+from USBLib.editor.local.network import build_local_unet, size_multiple
+from USBLib.editor.local.sampler import sample_deviation
+
+CONTEXT_MM = 10.0   # context around each lesion group, per side
+MIN_SIDE_MM = 32.0  # smallest box side (the network's training window)
+
+
+@dataclass(frozen=True)
+class LocalSettings:
+    """Settings of one local-stage run (see ``USBLib.settings`` for ranges and help)."""
+
+    mode: str = "fidelity"       # fidelity | realism
+    steps: int = 4               # realism: guided DDIM steps
+    strength: float = 0.3        # realism: noise level the fidelity estimate is diffused to (fraction of T)
+    dilation_mm: float = 2.0     # heal: fill region = mask grown by this (real masks miss the rim)
+    alpha0: float = 20.0         # ACG (eq. 12)
+    k: float = 2.0
+    eta: float = 1.0             # LCG (eq. 14)
+    acg: bool = True
+
+
+class LocalStage:
+    """The local network of a bundle on a device. ``config`` is the bundle's ``local`` section."""
+
+    def __init__(self, net: torch.nn.Module, config: Mapping[str, Any], device: torch.device):
+        self.net, self.config, self.device = net, dict(config), device
+        self.schedule = NoiseSchedule.from_config(config["schedule"])
+        self.multiple = size_multiple(config["network"])
+
+    @classmethod
+    def from_state_dict(cls, config: Mapping[str, Any], state: Mapping[str, torch.Tensor],
+                        device: torch.device) -> "LocalStage":
+        from USBLib.errors import BundleError
+
+        net = build_local_unet(config["network"])
+        try:
+            net.load_state_dict(dict(state), strict=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise BundleError(f"the local stage's weights do not fit its network ({first})") from None
+        net.eval().requires_grad_(False).to(device)
+        if device.type == "cpu":
+            from USBLib.core.devices import use_onednn_convs
+
+            use_onednn_convs(net)
+        return cls(net, config, device)
+
+    def deviation(self, image: np.ndarray, mask: np.ndarray, spacing, task: str, settings: LocalSettings,
+                  generator: torch.Generator, samples: int = 1,
+                  tick: Optional[Callable[[], None]] = None, clip: tuple[float, float] = (0.0, 1.5)) -> np.ndarray:
+        """Deviation [samples, I, J, K] (model units) for ``image`` [I, J, K] (model units, not clipped) and its
+        lesion ``mask``; zero outside the lesion groups' context regions. ``task``: ``heal`` or ``embed``.
+
+        The network sees the image clipped to ``clip`` (its training range); for heal, the clipped-off part of
+        the fill region is added back to the deviation, so the result is the healed clipped image there."""
+        direction = DIRECTIONS[task]
+        spacing = np.asarray(spacing, float)
+        resample = needs_resampling(spacing)
+        grid_mm = np.ones(3) if resample else spacing
+        boxes, labels = lesion_boxes(mask, np.ceil(CONTEXT_MM / spacing), 1,
+                                     min_side=np.ceil(MIN_SIDE_MM / spacing).astype(int))
+        out = np.zeros((samples, *image.shape), np.float32)
+        draws = samples if settings.mode == "realism" else 1  # the fidelity estimate is deterministic
+        # realism noise is one field over the whole scan, read box by box: the same voxel gets the same noise
+        # whatever box it falls in, so a growing mask (progression series) keeps its texture in place
+        field = None
+        if settings.mode == "realism" and not resample and draws <= 8:
+            field = torch.randn((draws, *image.shape), generator=generator).numpy()
+        dilation = int(round(settings.dilation_mm / float(np.mean(grid_mm)))) if task == "heal" else 0
+        for box in boxes:
+            group = box.read(labels) == box.label
+            raw = box.read(np.asarray(image, np.float32))
+            img = np.clip(raw, *clip)
+            lesion = (box.read(mask) > 0) & group
+            if resample:
+                shape = work_shape(box.shape, spacing, self.multiple)
+                img_w = to_grid(img, shape, 1)
+                lesion_w = _resampled_mask(lesion, shape)
+            else:
+                shape = tuple(int(-(-s // self.multiple) * self.multiple) for s in box.shape)
+                pad = [(0, a - b) for a, b in zip(shape, box.shape)]
+                img_w = np.pad(img, pad, mode="edge")
+                lesion_w = np.pad(lesion, pad)
+            cond = condition(img_w, lesion_w, direction, dilation)
+            weight = None
+            if settings.eta > 0:
+                weight = torch.from_numpy(np.clip(1.0 - settings.eta * lesion_prior(cond[2] > 0), 0.0, 1.0))
+                weight = weight[None, None].to(self.device)
+            cond_t = torch.from_numpy(cond)[None].expand(draws, *cond.shape).contiguous().to(self.device)
+            noise = None
+            if field is not None:
+                noise = np.stack([_noise_window(box, f, pad, generator) for f in field])[:, None]
+                noise = torch.from_numpy(np.ascontiguousarray(noise))
+            base_shift = cond[3] - cond[0]  # base - input: the classical fill's change (zero outside the region)
+            reference = torch.from_numpy(-base_shift * self.scale)[None, None]  # the input, in the network's variable
+            x0 = sample_deviation(self.net, self.schedule, cond_t, direction, mode=settings.mode,
+                                  alpha0=settings.alpha0, k=settings.k, eta_weight=weight, steps=settings.steps,
+                                  strength=settings.strength, generator=generator, acg=settings.acg, noise=noise,
+                                  reference=reference)
+            d = x0[:, 0].float().cpu().numpy() / self.scale + base_shift  # deviation from the input
+            clipped_off = None  # heal: the part of the fill region the clip took off, given back
+            if direction == DIRECTIONS["heal"]:
+                region = to_grid(cond[2], box.shape, 0) > 0 if resample else \
+                    cond[2][tuple(slice(0, s) for s in box.shape)] > 0
+                clipped_off = np.where(region, img - raw, 0.0)
+            for i in range(samples):
+                di = d[min(i, draws - 1)]
+                di = to_grid(di, box.shape, 1) if resample else di[tuple(slice(0, s) for s in box.shape)]
+                if clipped_off is not None:
+                    di = di + clipped_off
+                box.add_into(out[i], di.astype(np.float32), group)
+            if tick is not None:
+                tick()
+        return out
+
+    @property
+    def scale(self) -> float:
+        """Scale of the diffusion's deviation variable (x0 = scale x d), from the bundle."""
+        return float(self.config.get("deviation_scale", DEVIATION_SCALE))
+
+
+def _resampled_mask(lesion: np.ndarray, shape) -> np.ndarray:
+    """A binary mask on the working grid; never empty for a non-empty mask (the voxel nearest its centroid)."""
+    soft = to_grid(lesion.astype(np.float32), shape, 1)
+    if (soft >= 0.5).any():
+        return soft >= 0.5
+    if soft.max() > 0:
+        return soft >= soft.max() / 2
+    out = np.zeros(shape, bool)
+    centre = np.argwhere(lesion).mean(0) * (np.asarray(shape) - 1) / np.maximum(np.asarray(lesion.shape) - 1, 1)
+    out[tuple(np.clip(np.round(centre).astype(int), 0, np.asarray(shape) - 1))] = True
+    return out
+
+
+def _noise_window(box, field: np.ndarray, pad, generator: torch.Generator) -> np.ndarray:
+    """The scan-wide noise field in ``box`` (fresh noise where the box leaves the volume), padded like the box."""
+    window = box.read(field, fill=np.nan)
+    outside = np.isnan(window)
+    if outside.any():
+        window[outside] = torch.randn(int(outside.sum()), generator=generator).numpy()
+    padded = np.pad(window, pad)
+    grown = np.ones(padded.shape, bool)
+    grown[tuple(slice(0, s) for s in window.shape)] = False
+    if grown.any():
+        padded[grown] = torch.randn(int(grown.sum()), generator=generator).numpy()
+    return padded

@@ -1,0 +1,56 @@
+"""Input checks shared by every entry point (Python API, CLI, batch, Slicer worker): one message per problem.
+
+Every check raises ``InputError`` with a one-line message naming ``what`` was wrong, or returns the array in
+the form the engine works on (3D; masks as uint8 {0, 1} on the image's grid).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from USBLib.errors import InputError
+from USBLib.imaging.spatial import resample_mask_to, same_grid
+
+
+def squeeze_3d(array: np.ndarray, what: str) -> np.ndarray:
+    """Drop trailing singleton axes ([I, J, K, 1] -> [I, J, K]); refuse anything that is not 3D."""
+    array = np.asarray(array)
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 3 or min(array.shape) < 2:
+        raise InputError(f"{what} has shape {array.shape}; a 3D volume is needed")
+    return array
+
+
+def check_image(image: np.ndarray, affine: np.ndarray | None = None, what: str = "image") -> np.ndarray:
+    """A scan [I, J, K]: 3D, an invertible 4x4 voxel-to-RAS ``affine`` (when given), finite, not constant."""
+    image = squeeze_3d(image, what)
+    if affine is not None and (np.asarray(affine).shape != (4, 4)
+                               or abs(np.linalg.det(np.asarray(affine)[:3, :3])) < 1e-9):
+        raise InputError(f"{what} affine must be an invertible 4x4 voxel-to-RAS matrix")
+    if np.issubdtype(image.dtype, np.floating) and not np.all(np.isfinite(image)):
+        raise InputError(f"{what} contains NaN or Inf voxels")
+    if image.min() == image.max():
+        raise InputError(f"{what} is constant ({image.flat[0]}); nothing to edit")
+    return image
+
+
+def check_mask(mask: np.ndarray, shape, mask_affine, affine, resample_mask: bool,
+               what: str = "lesion mask") -> np.ndarray:
+    """A binary mask on the image's grid (``shape``, ``affine``), as uint8 {0, 1}. A mask on another grid is
+    resampled (nearest neighbour) only when ``resample_mask``; ``mask_affine`` None means the image's grid."""
+    mask = squeeze_3d(mask, what)
+    if np.issubdtype(mask.dtype, np.floating) and not np.all(np.isfinite(mask)):
+        raise InputError(f"{what} contains NaN or Inf voxels")
+    values = np.unique(mask)
+    if not set(values.tolist()) <= {0, 1}:
+        shown = ", ".join(f"{v:g}" for v in values[:5])
+        raise InputError(f"{what} is not binary (values {shown}{', ...' if len(values) > 5 else ''}); "
+                         "give a 0/1 mask")
+    if mask_affine is None:
+        mask_affine = affine
+    if not same_grid(mask.shape, mask_affine, shape, affine):
+        if not resample_mask:
+            raise InputError(f"{what} is on a different grid than the image (shape {tuple(mask.shape)} vs "
+                             f"{tuple(shape)}); pass --resample-mask to resample it")
+        mask = resample_mask_to(mask, mask_affine, shape, affine)
+    return (mask > 0).astype(np.uint8)

@@ -1,0 +1,203 @@
+"""Reading and writing volumes (NIfTI .nii/.nii.gz, MGZ/MGH, NRRD) with their geometry, atomically.
+
+A volume is ``(data [I,J,K], affine 4x4 IJK->RAS mm)``, the nibabel convention. NRRD goes through SimpleITK
+(LPS) and is converted to RAS here. Writes go to a temporary file in the target folder and are renamed into
+place, so an interrupted run never leaves a half-written output.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from USBLib.errors import InputError
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh", ".nrrd", ".nhdr")
+
+
+@dataclass
+class Volume:
+    """Voxel data with its IJK->RAS affine; ``header`` keeps the source header for faithful re-writing."""
+
+    data: np.ndarray
+    affine: np.ndarray
+    header: Any = field(default=None, repr=False)
+    path: Path | None = None
+
+    @property
+    def spacing(self) -> np.ndarray:
+        return np.linalg.norm(self.affine[:3, :3], axis=0)
+
+
+def suffix_of(path: os.PathLike | str) -> str:
+    name = str(path).lower()
+    for suf in sorted(SUFFIXES, key=len, reverse=True):
+        if name.endswith(suf):
+            return suf
+    raise InputError(f"{path}: unsupported file type (use .nii, .nii.gz, .mgz, .mgh or .nrrd)")
+
+
+def _sitk_to_ras_affine(img) -> np.ndarray:
+    direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)
+    aff = np.eye(4)
+    aff[:3, :3] = direction @ np.diag(img.GetSpacing())
+    aff[:3, 3] = img.GetOrigin()
+    return LPS_TO_RAS @ aff
+
+
+def read_volume(path: os.PathLike | str, what: str = "image") -> Volume:
+    """Read a 3D volume; 4D with a single frame is squeezed. Raises ``InputError`` with one clear line."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{what} file not found: {path}")
+    if not path.is_file():
+        raise InputError(f"{what} path is not a file: {path}")
+    suf = suffix_of(path)
+    try:
+        if suf in (".nrrd", ".nhdr"):
+            import SimpleITK as sitk
+
+            img = sitk.ReadImage(str(path))
+            if img.GetNumberOfComponentsPerPixel() != 1:
+                raise InputError(f"{path}: {what} has {img.GetNumberOfComponentsPerPixel()} components per voxel; "
+                                 "a scalar volume is needed")
+            if img.GetDimension() != 3:
+                raise InputError(f"{path}: {what} is {img.GetDimension()}D; a 3D volume is needed")
+            data = sitk.GetArrayFromImage(img).transpose(2, 1, 0)
+            vol = Volume(np.ascontiguousarray(data), _sitk_to_ras_affine(img), None, path)
+        else:
+            import nibabel as nib
+
+            img = nib.load(str(path))
+            data = np.asanyarray(img.dataobj)
+            vol = Volume(data, np.asarray(img.affine, dtype=np.float64), img.header, path)
+    except InputError:
+        raise
+    except Exception as exc:  # corrupt or unreadable file: one line, no traceback
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"cannot read {what} {path}: {detail}") from None
+    while vol.data.ndim > 3 and vol.data.shape[-1] == 1:
+        vol.data = vol.data[..., 0]
+    if vol.data.ndim != 3:
+        raise InputError(f"{path}: {what} has shape {vol.data.shape}; a 3D volume is needed")
+    if min(vol.data.shape) < 2:
+        raise InputError(f"{path}: {what} has shape {vol.data.shape}; a 3D volume is needed, not a 2D slice")
+    if not np.issubdtype(vol.data.dtype, np.number) or np.issubdtype(vol.data.dtype, np.complexfloating):
+        raise InputError(f"{path}: {what} has voxel type {vol.data.dtype}; a real scalar type is needed")
+    if not np.all(np.isfinite(vol.affine)) or abs(np.linalg.det(vol.affine[:3, :3])) < 1e-9:
+        raise InputError(f"{path}: {what} has a degenerate voxel-to-world affine")
+    return vol
+
+
+def check_image_values(vol: Volume, what: str = "image") -> None:
+    """An input scan read from disk must be finite and not constant (``checks.check_image``, named by its path)."""
+    from USBLib.imaging.checks import check_image
+
+    check_image(vol.data, None, f"{vol.path}: {what}" if vol.path else what)
+
+
+@contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; rename it onto ``target`` only if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(target.suffixes) or ".tmp"
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name.split('.')[0]}.", suffix=suffix, dir=target.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _write_to(path: Path, fmt: str, data: np.ndarray, affine: np.ndarray, header: Any) -> None:
+    if fmt in (".nrrd", ".nhdr"):
+        import SimpleITK as sitk
+
+        img = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))
+        lps = LPS_TO_RAS @ affine
+        spacing = np.linalg.norm(lps[:3, :3], axis=0)
+        img.SetSpacing(spacing.tolist())
+        img.SetDirection((lps[:3, :3] / spacing).ravel().tolist())
+        img.SetOrigin(lps[:3, 3].tolist())
+        sitk.WriteImage(img, str(path), useCompression=True)
+        return
+    import nibabel as nib
+
+    if fmt in (".mgz", ".mgh"):
+        img = nib.MGHImage(data, affine)
+    else:
+        hdr = header.copy() if isinstance(header, nib.Nifti1Header) else None
+        img = nib.Nifti1Image(data, affine, header=hdr)
+        img.set_data_dtype(data.dtype)
+        if hdr is not None:
+            img.header.set_slope_inter(1.0, 0.0)
+            img.set_sform(affine, code=int(hdr["sform_code"]) or 1)
+            img.set_qform(affine, code=int(hdr["qform_code"]) or 1)
+    nib.save(img, str(path))
+
+
+def write_volume(path: os.PathLike | str, data: np.ndarray, affine: np.ndarray, header: Any = None) -> Path:
+    """Write ``data`` with ``affine`` (and the source header's codes for NIfTI) atomically; returns the path."""
+    path = Path(path)
+    fmt = suffix_of(path)
+    with atomic_path(path) as tmp:
+        _write_to(tmp, fmt, data, affine, header)
+    return path
+
+
+def sidecar_path(path: os.PathLike | str) -> Path:
+    """``out.nii.gz`` -> ``out.json`` (BIDS-style sidecar)."""
+    path = Path(path)
+    return path.with_name(path.name[: -len(suffix_of(path))] + ".json")
+
+
+def write_json(path: os.PathLike | str, payload: dict) -> Path:
+    """Write a JSON file atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return path
+
+
+def write_result(out: os.PathLike | str, data: np.ndarray, affine: np.ndarray, header: Any, provenance: dict,
+                 inputs: dict[str, Any], extra: dict | None = None) -> dict:
+    """Write an output volume, then its sidecar (provenance, inputs' and output's sha256); returns the sidecar.
+
+    The image is written first and the sidecar last, both atomically, so a sidecar always describes a complete
+    output: a run that dies in between leaves an output without sidecar, which resuming redoes.
+    """
+    import time
+
+    from USBLib.hashing import sha256_of
+
+    out = Path(out)
+    write_volume(out, data, affine, header)
+    sidecar = dict(provenance)
+    sidecar["inputs"] = {k: {"path": str(v), "sha256": sha256_of(Path(v))} for k, v in inputs.items() if v is not None}
+    sidecar["output"] = str(out)
+    sidecar["output_sha256"] = sha256_of(out)
+    sidecar["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    sidecar.update(extra or {})
+    write_json(sidecar_path(out), sidecar)
+    return sidecar
+
+
+def cast_like(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Cast float results to an input's dtype: rounded and clipped to the range of integer types."""
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(values), info.min, info.max).astype(dtype)
+    if dtype == np.bool_:
+        return values > 0.5
+    return values.astype(dtype)
