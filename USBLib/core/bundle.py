@@ -31,17 +31,24 @@ REQUIRED_KEYS = ("schema_version", "name", "tier", "model_space", "intensity", "
 
 @dataclass
 class ModelBundle:
-    """A verified model bundle. ``config`` is the parsed ``bundle.json``; file paths are resolved under ``root``."""
+    """A verified model bundle. ``config`` is the parsed ``bundle.json``; file paths are resolved under ``root``.
+
+    Args:
+        root: the bundle folder.
+        config: the parsed ``bundle.json`` (checked by ``load``; see ``REQUIRED_KEYS``).
+    """
 
     root: Path
     config: dict[str, Any] = field(repr=False)
 
     @property
     def name(self) -> str:
+        """The bundle's ``name`` in ``bundle.json``."""
         return self.config["name"]
 
     @property
     def tier(self) -> str:
+        """The bundle's size tier (``tier`` in ``bundle.json``, e.g. ``tiny``)."""
         return self.config["tier"]
 
     @property
@@ -51,18 +58,26 @@ class ModelBundle:
 
     @property
     def grid_shape(self) -> tuple[int, int, int]:
+        """Shape (I, J, K) in voxels of the model grid (``model_space.shape``)."""
         return tuple(int(s) for s in self.config["model_space"]["shape"])  # type: ignore[return-value]
 
     @property
     def grid_affine(self) -> np.ndarray:
+        """4x4 voxel-to-RAS affine (mm) of the model grid (``model_space.affine``, template space), float64."""
         return np.asarray(self.config["model_space"]["affine"], dtype=np.float64)
 
     @property
     def spacing(self) -> tuple[float, float, float]:
+        """Voxel size of the model grid in mm per axis (column norms of ``grid_affine``)."""
         return tuple(float(s) for s in np.linalg.norm(self.grid_affine[:3, :3], axis=0))  # type: ignore[return-value]
 
     def path(self, key: str) -> Path:
-        """Path of a file named in ``model_space`` (``template``, ``brain_mask``) or ``networks``."""
+        """Path of a file named in ``model_space`` (``template``, ``brain_mask``) or ``networks``.
+
+        Args:
+            key: a network name (``autoencoder``, ``unet_lesion``, ``unet_brain``) for its weights, ``local`` for the
+                local stage's weights, or a ``model_space`` key such as ``template`` or ``brain_mask``.
+        """
         if key in self.config["networks"]:
             return self.root / self.config["networks"][key]["weights"]
         if key == LOCAL:
@@ -70,17 +85,28 @@ class ModelBundle:
         return self.root / self.config["model_space"][key]
 
     def defaults(self, task: str) -> dict[str, Any]:
-        """Default sampling settings of one task."""
+        """Default sampling settings of one task (a copy of ``defaults[task]`` in ``bundle.json``).
+
+        Args:
+            task: one of ``TASKS``: ``heal``, ``embed``, ``generate``, ``generate_from_mask``.
+        """
         return dict(self.config["defaults"][task])
 
     def load_state_dict(self, network: str) -> dict[str, Any]:
-        """Weights of one network as a tensor dict, read with safetensors (no pickle)."""
+        """Weights of one network as a tensor dict, read with safetensors (no pickle); tensors are on the CPU.
+
+        Args:
+            network: a name in ``NETWORK_NAMES``, or ``local`` (see ``path``).
+        """
         from safetensors.torch import load_file
 
         return load_file(str(self.path(network)))
 
     def parameter_counts(self) -> dict[str, int]:
-        """Number of parameters per network, counted from the safetensors headers without loading tensors."""
+        """Number of parameters per network, counted from the safetensors headers without loading tensors.
+
+        Returns network name -> count, for ``NETWORK_NAMES`` and, when present, ``local``.
+        """
         from safetensors import safe_open
 
         counts = {}
@@ -124,7 +150,15 @@ def _check_config(config: Mapping[str, Any], where: Path) -> None:
 
 
 def verify(root: Path, config: Mapping[str, Any]) -> None:
-    """Check that every file listed in ``config['files']`` exists and matches its sha256."""
+    """Check that every file listed in ``config['files']`` exists and matches its sha256.
+
+    Also checks that every network's weights, the template and the brain mask (and the local weights, when present)
+    are listed, and that no listed name leaves the bundle folder. Raises ``BundleError`` on the first problem.
+
+    Args:
+        root: the bundle folder.
+        config: the parsed ``bundle.json``.
+    """
     listed = dict(config["files"])
     needed = [config["networks"][n]["weights"] for n in NETWORK_NAMES]
     needed += [config["model_space"][k] for k in ("template", "brain_mask")]
@@ -144,7 +178,11 @@ def verify(root: Path, config: Mapping[str, Any]) -> None:
 
 
 def bundle_dirs() -> dict[str, Path]:
-    """Installed bundles by name: folders under ``USBLib/models`` and under each path in ``$USB_MODELS``."""
+    """Installed bundles by name: folders under ``USBLib/models`` and under each path in ``$USB_MODELS``.
+
+    Returns folder name -> folder, for folders that hold a ``bundle.json``; the first folder found for a name wins
+    (``USBLib/models`` first, then ``$USB_MODELS`` in order).
+    """
     roots = [MODELS_DIR] + [Path(p) for p in os.environ.get("USB_MODELS", "").split(os.pathsep) if p]
     found: dict[str, Path] = {}
     for root in roots:
@@ -164,7 +202,12 @@ def default_bundle_name() -> str | None:
 
 
 def resolve(model: str | os.PathLike | None) -> Path:
-    """Folder of a bundle given by name, by path, or None for the default."""
+    """Folder of a bundle given by name, by path, or None for the default.
+
+    Args:
+        model: None, ``""`` or ``"default"`` for the default bundle; a bundle folder; a path to its ``bundle.json``;
+            or the name of an installed bundle (see ``bundle_dirs``). Raises ``BundleError`` if none fits.
+    """
     if model is None or str(model) in ("", "default"):
         name = default_bundle_name()
         if name is None or name not in bundle_dirs():
@@ -184,7 +227,14 @@ def resolve(model: str | os.PathLike | None) -> Path:
 
 
 def load(model: str | os.PathLike | None = None) -> ModelBundle:
-    """Read and verify a bundle by name or path; ``None`` means the default model."""
+    """Read and verify a bundle by name or path; ``None`` means the default model.
+
+    Raises ``BundleError`` for invalid JSON, a missing key, an unsupported schema, a model grid not divisible by
+    the autoencoder x U-Net downsampling, or a missing or changed file.
+
+    Args:
+        model: a bundle name, folder or ``bundle.json`` path, or None (see ``resolve``).
+    """
     root = resolve(model)
     cfg_path = root / BUNDLE_FILE
     if not cfg_path.is_file():
@@ -202,7 +252,18 @@ def load(model: str | os.PathLike | None = None) -> ModelBundle:
 
 def write(root: Path, config: dict[str, Any], state_dicts: Mapping[str, Mapping[str, Any]],
           extra_files: Mapping[str, Path] | None = None, card: str | None = None) -> ModelBundle:
-    """Write a bundle: weights as safetensors, extra files copied, sha256 of each recorded in bundle.json."""
+    """Write a bundle: weights as safetensors, extra files copied, sha256 of each recorded in bundle.json.
+
+    Returns the written bundle, read back and verified with ``load``.
+
+    Args:
+        root: the bundle folder, created if needed.
+        config: the ``bundle.json`` content; ``schema_version``, the weights names and ``files`` are filled in here
+            (on a copy).
+        state_dicts: network name -> tensor dict for every name in ``NETWORK_NAMES``, plus ``local`` optionally.
+        extra_files: bundle file name -> source file (e.g. the template and brain mask), copied into ``root``.
+        card: text of ``MODEL_CARD.md``, or None to write none.
+    """
     import shutil
 
     from safetensors.torch import save_file

@@ -12,7 +12,12 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """``auto`` takes CUDA, then Apple MPS, then the CPU; an explicit device that is absent is an input error."""
+    """``auto`` takes CUDA, then Apple MPS, then the CPU; an explicit device that is absent is an input error.
+
+    Args:
+        name: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (case-insensitive; empty or None means ``auto``).
+            Raises ``InputError`` for an unknown or unavailable device.
+    """
     name = (name or "auto").lower()
     if name not in DEVICE_CHOICES and not name.startswith("cuda:"):
         raise InputError(f"unknown device '{name}' (choose from {', '.join(DEVICE_CHOICES)})")
@@ -38,6 +43,12 @@ def use_onednn_convs(model: nn.Module) -> nn.Module:
 
     PyTorch sends small batch-1 3D convolutions to ``slow_conv3d``; oneDNN is 2-3x faster for the latent U-Nets
     and numerically the same (rel. L2 ~1e-6). Only this model's conv instances are changed, nothing global.
+
+    Calls that are not fp32 on the CPU with numeric zero padding keep PyTorch's own path; without oneDNN nothing
+    is changed. Returns ``model`` itself (modified in place).
+
+    Args:
+        model: any module; its ``nn.Conv3d`` instances are patched.
     """
     if torch.backends.mkldnn.is_available():
         for module in model.modules():

@@ -30,14 +30,29 @@ def _kwargs(cfg: Mapping[str, Any], allowed: set[str], what: str) -> dict[str, A
 
 
 def build_autoencoder(cfg: Mapping[str, Any]) -> nn.Module:
-    """MONAI AutoencoderKL for one-channel 3D images."""
+    """MONAI AutoencoderKL for one-channel 3D images.
+
+    It maps an image [B, 1, I, J, K] (model intensity units) to a latent [B, latent_channels, I/f, J/f, K/f] and
+    back, f = ``downsampling_factor``. Raises ``BundleError`` for an unknown hyper-parameter.
+
+    Args:
+        cfg: the ``networks.autoencoder`` section of ``bundle.json`` (keys in ``AE_KEYS``; ``weights`` is ignored).
+    """
     from monai.networks.nets import AutoencoderKL
 
     return AutoencoderKL(spatial_dims=3, in_channels=1, out_channels=1, **_kwargs(cfg, AE_KEYS, "autoencoder"))
 
 
 def build_unet(cfg: Mapping[str, Any], latent_channels: int) -> nn.Module:
-    """MONAI DiffusionModelUNet taking [noisy latent | condition latent] and predicting the noise."""
+    """MONAI DiffusionModelUNet taking [noisy latent | condition latent] and predicting the noise.
+
+    Input [B, 2C, i, j, k] (x_t or y_t concatenated with its condition on channels) and timesteps [B] (long);
+    output eps_hat [B, C, i, j, k]. Raises ``BundleError`` for an unknown hyper-parameter.
+
+    Args:
+        cfg: the ``networks.unet_lesion`` or ``networks.unet_brain`` section (keys in ``UNET_KEYS``).
+        latent_channels: C, the autoencoder's latent channels.
+    """
     from monai.networks.nets import DiffusionModelUNet
 
     return DiffusionModelUNet(spatial_dims=3, in_channels=2 * latent_channels, out_channels=latent_channels,
@@ -45,7 +60,14 @@ def build_unet(cfg: Mapping[str, Any], latent_channels: int) -> nn.Module:
 
 
 def build_all(networks_cfg: Mapping[str, Mapping[str, Any]]) -> dict[str, nn.Module]:
-    """Untrained networks for a bundle's ``networks`` section."""
+    """Untrained networks for a bundle's ``networks`` section.
+
+    Returns ``autoencoder``, ``unet_lesion`` (eps_x) and ``unet_brain`` (eps_y) by name.
+
+    Args:
+        networks_cfg: the ``networks`` section of ``bundle.json``; the U-Nets' channel count C is the autoencoder's
+            ``latent_channels`` (default 3).
+    """
     ae_cfg = networks_cfg["autoencoder"]
     latent_channels = int(ae_cfg.get("latent_channels", 3))
     return {"autoencoder": build_autoencoder(ae_cfg),
@@ -54,12 +76,23 @@ def build_all(networks_cfg: Mapping[str, Mapping[str, Any]]) -> dict[str, nn.Mod
 
 
 def downsampling_factor(networks_cfg: Mapping[str, Mapping[str, Any]]) -> int:
-    """Image-to-latent size ratio of the autoencoder (2 per level after the first)."""
+    """Image-to-latent size ratio f of the autoencoder (2 per level after the first): ``2 ** (levels - 1)``.
+
+    Args:
+        networks_cfg: the ``networks`` section of ``bundle.json``; its ``autoencoder.channels`` gives the levels.
+    """
     return 2 ** (len(networks_cfg["autoencoder"]["channels"]) - 1)
 
 
 def load_networks(bundle: ModelBundle, device: torch.device) -> dict[str, nn.Module]:
-    """Build the networks of a bundle and load its safetensors weights (strict), in eval mode on ``device``."""
+    """Build the networks of a bundle and load its safetensors weights (strict), in eval mode on ``device``.
+
+    Returns the networks of ``build_all`` with gradients off. Raises ``BundleError`` when weights do not fit.
+
+    Args:
+        bundle: a loaded, verified bundle.
+        device: where the networks are placed.
+    """
     nets = build_all(bundle.config["networks"])
     for name, net in nets.items():
         try:

@@ -23,7 +23,15 @@ def _noop() -> None:
 
 @dataclass
 class Denoisers:
-    """The two U-Nets, the noise schedule and the inference-time stabilisation of clean estimates."""
+    """The two U-Nets, the noise schedule and the inference-time stabilisation of clean estimates.
+
+    Args:
+        unet_lesion: USB_lesion, eps_x(x_t (+) y_t, t) (see ``networks.build_unet``).
+        unet_brain: USB_brain, eps_y(y_t (+) c, t) with c a lesion condition latent.
+        schedule: the bundle's noise schedule (cumulative signal rates alpha_bar_t).
+        latent_clip: (min, max) in latent units that every one-step clean estimate is clamped to (the bundle's
+            ``latent.clip``, the range seen in training), or None for no clamp.
+    """
 
     unet_lesion: nn.Module
     unet_brain: nn.Module
@@ -35,7 +43,17 @@ class Denoisers:
         return net(torch.cat([x_t, cond], dim=1), tt)
 
     def estimate(self, net: nn.Module, x_t: torch.Tensor, cond: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x0_hat, eps_hat) of one network at step t; x0_hat is clamped to the latent range seen in training."""
+        """(x0_hat, eps_hat) of one network at step t; x0_hat is clamped to the latent range seen in training.
+
+        When clamped, eps_hat is recomputed from the clamped x0_hat so the pair stays consistent with x_t. Both
+        outputs are [B, C, I, J, K].
+
+        Args:
+            net: ``unet_lesion`` or ``unet_brain``.
+            x_t: the noisy latent at step t (x_t or y_t), [B, C, I, J, K].
+            cond: the condition latent concatenated to ``x_t`` on channels, [B, C, I, J, K].
+            t: timestep, 0 .. T-1.
+        """
         eps = self._eps(net, x_t, cond, t)
         x0_hat = self.schedule.predict_x0(x_t, eps, t)
         if self.latent_clip is not None:
@@ -57,6 +75,18 @@ def generate(d: Denoisers, shape: tuple[int, ...], steps: int, generator: torch.
     At each step the lesion model sees the noisy brain latent (the paper's approximation of eq. 7) and gives
     x0_hat; the brain model is conditioned on that one-step estimate x0_hat (eq. C.1-C.6). ``sampler``: "ddim" or
     "dpm++2m" (second-order multistep: the same network calls, a more accurate step, so fewer steps suffice).
+
+    Both returned latents are the last step's clean estimates, [B, C, I, J, K] each.
+
+    Args:
+        d: the denoisers.
+        shape: latent shape (B, C, I, J, K).
+        steps: network calls per model, from t = T-1 (pure noise) to clean (see ``schedule.timesteps``).
+        generator: CPU generator for the initial noise x_T, y_T (drawn on the CPU, so results do not depend on
+            ``device``).
+        device: where the latents and networks are.
+        tick: called once per step.
+        sampler: ``ddim`` or ``dpm++2m``.
     """
     x = _noise(shape, generator, device=device)
     y = _noise(shape, generator, device=device)
@@ -74,7 +104,19 @@ def generate(d: Denoisers, shape: tuple[int, ...], steps: int, generator: torch.
 @torch.no_grad()
 def generate_from_mask(d: Denoisers, lesion_latent: torch.Tensor, steps: int, generator: torch.Generator,
                        tick: Tick = _noop, sampler: str = "ddim") -> torch.Tensor:
-    """Brain latent for a given lesion-mask latent x0 (eq. 9), from pure noise with the brain model only."""
+    """Brain latent for a given lesion-mask latent x0 (eq. 9), from pure noise with the brain model only.
+
+    Returns y0_hat, the last step's clean estimate, [B, C, I, J, K].
+
+    Args:
+        d: the denoisers.
+        lesion_latent: x0, the condition latent [B, C, I, J, K] (an encoded mask, or the empty-mask latent); the
+            noise is placed on its device.
+        steps: network calls, from t = T-1 to clean.
+        generator: CPU generator for the initial noise y_T.
+        tick: called once per step.
+        sampler: ``ddim`` or ``dpm++2m``.
+    """
     y = _noise(lesion_latent.shape, generator, like=lesion_latent)
     y0_hat = y
     history: dict = {}
@@ -95,6 +137,23 @@ def edit(d: Denoisers, y0: torch.Tensor, condition: torch.Tensor, start: int, st
     Each step forms lambda = lambda_diff (ACG, eq. 12) times ``lesion_weight`` (LCG, eq. 14, when given) and pulls
     the one-step estimate towards y0 (eq. 13/15, see ``guidance.apply_guidance``). ``acg=False`` switches the
     pull off (lambda = 0): the edit is tied to the input only through its start ``y_start = q(y0, start)``.
+
+    Steps are always deterministic DDIM. Returns the edited brain latent (the last guided y0_hat), [B, C, I, J, K].
+
+    Args:
+        d: the denoisers.
+        y0: the input's clean brain latent [B, C, I, J, K].
+        condition: the lesion condition latent c [B, C, I, J, K].
+        start: the timestep y0 is noised to and the first network call is made at (0 .. T-1; see
+            ``schedule.start_step``).
+        steps: network calls from ``start`` to clean (see ``schedule.timesteps``).
+        alpha0: alpha_0 of ACG (eq. 12), >= 0.
+        k: the decay of alpha_t over the edit (eq. 12, see ``guidance.acg_alpha``).
+        generator: CPU generator for the start noise.
+        lesion_weight: lambda_lesion [B, 1, I, J, K] in [0, 1] on the latent grid (``guidance.lcg_weight``),
+            multiplied into lambda_diff; None for no LCG.
+        tick: called once per step.
+        acg: whether the guidance pull is applied at all.
     """
     y = d.schedule.q_sample(y0, start, _noise(y0.shape, generator, like=y0))
     y0_hat = y
@@ -114,11 +173,29 @@ def heal(d: Denoisers, y0: torch.Tensor, empty_condition: torch.Tensor, start: i
          k: float, generator: torch.Generator, lesion_weight: torch.Tensor | None = None,
          tick: Tick = _noop) -> torch.Tensor:
     """Pathology -> healthy: condition on the empty-mask latent, ACG towards the input (optionally LCG freedom
-    inside a known lesion)."""
+    inside a known lesion).
+
+    ``edit`` with ``condition = empty_condition`` (ACG on); returns the healed brain latent [B, C, I, J, K].
+
+    Args:
+        y0: the input's clean brain latent [B, C, I, J, K].
+        empty_condition: the empty-mask latent [B, C, I, J, K].
+        lesion_weight: lambda_lesion [B, 1, I, J, K] of the known lesion, or None.
+        d, start, steps, alpha0, k, generator, tick: as in ``edit``.
+    """
     return edit(d, y0, empty_condition, start, steps, alpha0, k, generator, lesion_weight, tick)
 
 
 def embed(d: Denoisers, y0: torch.Tensor, lesion_latent: torch.Tensor, lesion_weight: torch.Tensor, start: int,
           steps: int, alpha0: float, k: float, generator: torch.Generator, tick: Tick = _noop) -> torch.Tensor:
-    """Healthy -> pathology: condition on the mask latent, ACG x LCG (eq. 15)."""
+    """Healthy -> pathology: condition on the mask latent, ACG x LCG (eq. 15).
+
+    ``edit`` with ``condition = lesion_latent`` (ACG on); returns the edited brain latent [B, C, I, J, K].
+
+    Args:
+        y0: the input's clean brain latent [B, C, I, J, K].
+        lesion_latent: x0, the encoded target lesion mask [B, C, I, J, K].
+        lesion_weight: lambda_lesion [B, 1, I, J, K] in [0, 1] of the target lesion (eq. 14).
+        d, start, steps, alpha0, k, generator, tick: as in ``edit``.
+    """
     return edit(d, y0, lesion_latent, start, steps, alpha0, k, generator, lesion_weight, tick)

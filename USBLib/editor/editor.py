@@ -256,27 +256,51 @@ class Editor:
         prog = _Progress(progress, 2 + (n_latent + 2 if n_latent else 0) + n_local)
         generator = torch.Generator().manual_seed(int(seed))
 
+        mapping, brain, imap = self._registration_stage(image, affine, mask, brain_mask, seed, prog)
+        deviation = np.zeros((samples, *image.shape), np.float32)  # scan units, result = image + deviation
+        extra: dict[str, Any] = {}
+        if latent:
+            deviation += self._latent_stage(task, image, mapping, imap, mask, settings, samples, generator, prog)
+            extra.update(start_step=start_step_of(settings, self.bundle), network_steps=n_latent)
+        if n_local:
+            deviation += self._local_stage(task, image, affine, imap, mask, deviation.mean(axis=0), settings,
+                                           samples, generator, prog)
+            extra["local_boxes"] = n_local
+        result, uncertainty, weight = self._fusion_stage(task, image, affine, mask, brain, deviation, settings, prog)
+        extra.update({"intensity_map": {"low": imap.low, "high": imap.high},
+                      "mask_voxels": int(mask.sum()) if mask is not None else 0,
+                      "edit_region_voxels": int((weight > 0).sum())})
+        provenance = self._provenance(task, settings, seed, samples, prog.timings, mapping, extra=extra)
+        return EditResult(result, affine.copy(), mask, uncertainty, provenance)
+
+    # ----------------------------------------------------------------- edit stages
+    def _registration_stage(self, image: np.ndarray, affine: np.ndarray, mask: np.ndarray | None,
+                            brain_mask: np.ndarray | None, seed: int, prog: "_Progress"):
+        """Scan -> model mapping, the scan's brain [I, J, K] bool, and the intensity map fitted in that brain;
+        refuses a lesion mask outside the brain."""
         prog.stage("registering to the model template")
         mapping = self._map(image, affine, brain_mask, seed)
         brain = self._native_brain(mapping, brain_mask)
         _check_inside_brain(image, mask, brain)
         imap = IntensityMap.fit(image, brain, self.bundle.config["intensity"])
         prog.tick()
+        return mapping, brain, imap
 
-        deviation = np.zeros((samples, *image.shape), np.float32)  # scan units, result = image + deviation
-        extra: dict[str, Any] = {}
-        if stages in ("latent", "both"):
-            deviation += self._latent_stage(task, image, mapping, imap, mask, settings, samples, generator, prog)
-            extra["start_step"] = start_step_of(settings, self.bundle)
-            extra["network_steps"] = n_latent
-        if stages in ("local", "both"):
-            prog.stage("local stage")
-            current = np.asarray(image, np.float32) + deviation.mean(axis=0)
-            local = self.local.deviation((current - imap.low) / imap.units_per_model_unit, mask, _spacing(affine),
-                                         task, _local_settings(settings), generator, samples, prog.tick, imap.clip)
-            deviation += np.stack([imap.delta_to_native(d) for d in local])
-            extra["local_boxes"] = n_local
+    def _local_stage(self, task: str, image: np.ndarray, affine: np.ndarray, imap: IntensityMap,
+                     mask: np.ndarray, previous: np.ndarray, settings: dict[str, Any], samples: int, generator,
+                     prog: "_Progress") -> np.ndarray:
+        """PathoSyn's local stage on the scan with the earlier stages' mean deviation ``previous`` [I, J, K]
+        applied: deviations [samples, I, J, K] in scan units, zero outside the lesion boxes."""
+        prog.stage("local stage")
+        current = np.asarray(image, np.float32) + previous
+        local = self.local.deviation((current - imap.low) / imap.units_per_model_unit, mask, _spacing(affine),
+                                     task, _local_settings(settings), generator, samples, prog.tick, imap.clip)
+        return np.stack([imap.delta_to_native(d) for d in local])
 
+    def _fusion_stage(self, task: str, image: np.ndarray, affine: np.ndarray, mask: np.ndarray | None,
+                      brain: np.ndarray, deviation: np.ndarray, settings: dict[str, Any], prog: "_Progress"):
+        """Seam-aware fusion of the mean deviation into the scan: (result [I, J, K] in the scan's units,
+        uncertainty (weighted std over samples, or None for one sample), edit weight [I, J, K] in [0, 1])."""
         prog.stage("fusing into the scan")
         dilation = float(settings.get("dilation_mm", 0.0))
         core = None
@@ -286,16 +310,11 @@ class Editor:
             core = fusion_core(mask, _spacing(affine), dilation)
         weight = edit_weight(mask, brain, _spacing(affine), dilation, float(settings["margin_mm"]), core)
         result = fuse(image, deviation.mean(axis=0), weight)
-        uncertainty = (weight * deviation.std(axis=0)).astype(np.float32) if samples > 1 else None
+        uncertainty = (weight * deviation.std(axis=0)).astype(np.float32) if deviation.shape[0] > 1 else None
         prog.tick()
         prog.stage("")
-        extra.update({"intensity_map": {"low": imap.low, "high": imap.high},
-                      "mask_voxels": int(mask.sum()) if mask is not None else 0,
-                      "edit_region_voxels": int((weight > 0).sum())})
-        provenance = self._provenance(task, settings, seed, samples, prog.timings, mapping, extra=extra)
-        return EditResult(result, affine.copy(), mask, uncertainty, provenance)
+        return result, uncertainty, weight
 
-    # ----------------------------------------------------------------- edit stages
     def _edit_inputs(self, task: str, image, affine, mask, brain_mask, mask_affine, resample_mask: bool):
         """Checked image, float64 affine, binary mask (None when absent or empty for heal), brain mask."""
         image = check_image(image, affine)

@@ -16,21 +16,38 @@ from scipy import ndimage
 
 @dataclass(frozen=True)
 class Box:
-    """Voxel window ``start`` .. ``start + shape`` (may extend past the volume) and its group label."""
+    """Voxel window ``start`` .. ``start + shape`` (may extend past the volume) and its group label.
+
+    Args:
+        start: voxel index (i, j, k) of the window's first corner; may be negative.
+        shape: window size in voxels per axis.
+        label: the group's label in the map returned by ``group_labels`` / ``lesion_boxes``.
+    """
 
     start: tuple[int, int, int]
     shape: tuple[int, int, int]
     label: int
 
     def read(self, volume: np.ndarray, fill: float = 0.0) -> np.ndarray:
-        """The window's voxels, padded with ``fill`` where it leaves the volume."""
+        """The window's voxels, padded with ``fill`` where it leaves the volume; returns [shape] in ``volume``'s dtype.
+
+        Args:
+            volume: array [I, J, K] on the grid the box was made on.
+            fill: value of window voxels outside the volume.
+        """
         out = np.full(self.shape, fill, dtype=volume.dtype)
         src, dst = self._slices(volume.shape)
         out[dst] = volume[src]
         return out
 
     def add_into(self, volume: np.ndarray, values: np.ndarray, where: np.ndarray) -> None:
-        """``volume[window][where] += values[where]`` for the part of the window inside the volume."""
+        """``volume[window][where] += values[where]`` for the part of the window inside the volume (in place).
+
+        Args:
+            volume: array [I, J, K] to add into, modified in place.
+            values: window values [shape].
+            where: bool [shape], the window voxels to add.
+        """
         src, dst = self._slices(volume.shape)
         sel = where[dst]
         volume[src][sel] += values[dst][sel]
@@ -44,7 +61,15 @@ class Box:
 def group_labels(mask: np.ndarray, context_vox: np.ndarray) -> tuple[np.ndarray, int]:
     """Labels of lesion groups: components whose context regions touch are one group. ``context_vox`` per axis.
 
-    Each group's label covers its lesions grown by the context (computed on the mask's bounding box only)."""
+    Each group's label covers its lesions grown by the context (computed on the mask's bounding box only).
+
+    Returns (labels, n): int32 [I, J, K] with 0 outside every group and 1..n inside, and the number of groups.
+
+    Args:
+        mask: lesion mask [I, J, K] (> 0 = lesion).
+        context_vox: context radius in voxels per axis (3 values; values below 1 count as 1); a voxel belongs to
+            a group when it lies within the ellipsoid of these radii around one of the group's lesion voxels.
+    """
     mask = np.asarray(mask) > 0
     labels = np.zeros(mask.shape, np.int32)
     if not mask.any():
@@ -63,6 +88,14 @@ def lesion_boxes(mask: np.ndarray, context_vox, multiple: int, min_side: int = 3
 
     ``context_vox``: voxels of context per axis on each side; sides are at least ``min_side`` voxels (on the
     network's ~1 mm grid, converted by the caller) and multiples of ``multiple``.
+
+    Returns (boxes, labels): one ``Box`` per group, centred on its label region, and the int32 label map [I, J, K].
+
+    Args:
+        mask: lesion mask [I, J, K] (> 0 = lesion) on the scan's grid.
+        context_vox: context in voxels per axis, a scalar or 3 values (see ``group_labels``).
+        multiple: box sides are rounded up to a multiple of this (the network's size multiple).
+        min_side: smallest box side in voxels, a scalar or 3 values.
     """
     context = np.broadcast_to(np.asarray(context_vox, float), (3,))
     labels, n = group_labels(mask, context)
@@ -81,7 +114,13 @@ def lesion_boxes(mask: np.ndarray, context_vox, multiple: int, min_side: int = 3
 
 
 def needs_resampling(spacing, low: float = 0.8, high: float = 1.2, anisotropy: float = 1.3) -> bool:
-    """Whether a scan's voxel spacing (mm per axis) is far enough from 1 mm isotropic to resample its boxes."""
+    """Whether a scan's voxel spacing (mm per axis) is far enough from 1 mm isotropic to resample its boxes.
+
+    Args:
+        spacing: voxel size in mm per axis, 3 values.
+        low, high: the accepted range of every voxel size, in mm.
+        anisotropy: the largest accepted ratio of largest to smallest voxel size.
+    """
     spacing = np.asarray(spacing, float)
     return bool(spacing.min() < low or spacing.max() > high or spacing.max() / spacing.min() > anisotropy)
 
@@ -90,7 +129,15 @@ def to_grid(volume: np.ndarray, shape, order: int) -> np.ndarray:
     """``volume`` resampled to ``shape`` over the same physical extent (voxel-centre aligned), float32.
 
     Axes that get coarser are low-pass filtered first (Gaussian, sigma 0.4 x the factor), so a thick voxel takes
-    the mean over its thickness rather than the value at its centre plane."""
+    the mean over its thickness rather than the value at its centre plane.
+
+    The first and last voxel centres of each axis map onto each other; values beyond the edge repeat the edge.
+
+    Args:
+        volume: values [I, J, K].
+        shape: target shape, 3 ints.
+        order: interpolation order, 0 nearest neighbour (no filtering) or 1 linear.
+    """
     factors = [(n - 1) / max(m - 1, 1) for n, m in zip(volume.shape, shape)]
     sigma = [0.4 * f if f > 1.01 else 0.0 for f in factors]
     if order > 0 and any(sigma):
@@ -100,7 +147,14 @@ def to_grid(volume: np.ndarray, shape, order: int) -> np.ndarray:
 
 
 def work_shape(box_shape, spacing, multiple: int, target_mm: float = 1.0) -> tuple[int, int, int]:
-    """Shape of a box on the ~``target_mm`` working grid, rounded up to ``multiple``."""
+    """Shape of a box on the ~``target_mm`` working grid, rounded up to ``multiple``.
+
+    Args:
+        box_shape: box size in native voxels per axis, 3 ints.
+        spacing: native voxel size in mm per axis, 3 values.
+        multiple: every side is at least this and a multiple of it.
+        target_mm: voxel size of the working grid, in mm.
+    """
     size = np.ceil(np.asarray(box_shape) * np.asarray(spacing, float) / target_mm).astype(int)
     size = np.maximum(size, multiple)
     return tuple(int(v) for v in -(-size // multiple) * multiple)

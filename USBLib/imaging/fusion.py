@@ -13,7 +13,13 @@ from USBLib.imaging.io import cast_like
 
 
 def dilate_mm(mask: np.ndarray, spacing, radius_mm: float) -> np.ndarray:
-    """Binary dilation by a physical radius (Euclidean distance on the voxel grid)."""
+    """Binary dilation by a physical radius (Euclidean distance on the voxel grid); returns bool [I, J, K].
+
+    Args:
+        mask: mask [I, J, K] (> 0 = inside).
+        spacing: voxel size in mm per axis, 3 values.
+        radius_mm: dilation radius in mm; <= 0 returns the mask unchanged (as bool).
+    """
     mask = np.asarray(mask) > 0
     if radius_mm <= 0 or not mask.any():
         return mask
@@ -24,6 +30,13 @@ def feather_weight(region: np.ndarray, spacing, width_mm: float) -> np.ndarray:
     """Weight in [0, 1]: 0 outside ``region``, rising with the distance from its border, 1 beyond ``width_mm``.
 
     The ramp is a smoothstep of the distance, so the weight and its first derivative are continuous at both ends.
+
+    Returns float32 [I, J, K].
+
+    Args:
+        region: mask [I, J, K] (> 0 = inside); the volume's edge counts as its border too.
+        spacing: voxel size in mm per axis, 3 values (distances are Euclidean, in mm).
+        width_mm: ramp width in mm; <= 0 gives the region itself as a 0/1 weight.
     """
     region = np.asarray(region) > 0
     if not region.any():
@@ -62,6 +75,17 @@ def edit_weight(mask: np.ndarray | None, brain: np.ndarray, spacing, dilation_mm
     same way over ``feather_mm`` beyond ``brain`` (a lesion at the brain's edge reaches at most one feather into
     the background). So the edit region is the grown mask + feather and nothing else. Without a mask
     (whole-brain edit): the brain, feathered inwards.
+
+    Returns float32 [I, J, K] on the scan's grid.
+
+    Args:
+        mask: lesion mask [I, J, K] (> 0 = lesion), or None / empty for a whole-brain edit.
+        brain: brain mask [I, J, K] (> 0 = brain).
+        spacing: voxel size in mm per axis, 3 values.
+        dilation_mm: growth of the mask, in mm, that forms the default ``core``.
+        feather_mm: width in mm of the smoothstep ramps (outside the core, beyond the brain, or inside the brain
+            without a mask).
+        core: region [I, J, K] of full weight instead of the grown mask (the lesion is always part of it), or None.
     """
     brain = np.asarray(brain) > 0
     if mask is None or not np.any(mask):
@@ -80,7 +104,15 @@ def edit_weight(mask: np.ndarray | None, brain: np.ndarray, spacing, dilation_mm
 
 def fuse(original: np.ndarray, deviation: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """``original + weight * deviation`` inside ``weight > 0``, cast to the original dtype; outside, the original
-    array's own values (bit for bit)."""
+    array's own values (bit for bit).
+
+    The sum is formed in float64 and cast with ``io.cast_like`` (integer types rounded and clipped to their range).
+
+    Args:
+        original: the scan [I, J, K] in its own dtype and units.
+        deviation: the additive edit [I, J, K] in the scan's units (edited - original before weighting).
+        weight: fusion weight [I, J, K] in [0, 1], e.g. from ``edit_weight``.
+    """
     out = np.array(original, copy=True)
     inside = weight > 0
     out[inside] = cast_like(np.asarray(original, dtype=np.float64)[inside] + weight[inside] * deviation[inside],

@@ -24,7 +24,14 @@ SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh", ".nrrd", ".nhdr")
 
 @dataclass
 class Volume:
-    """Voxel data with its IJK->RAS affine; ``header`` keeps the source header for faithful re-writing."""
+    """Voxel data with its IJK->RAS affine; ``header`` keeps the source header for faithful re-writing.
+
+    Args:
+        data: voxel values [I, J, K] in the file's own dtype and units (NIfTI slope/intercept applied by nibabel).
+        affine: 4x4 voxel-to-RAS affine (IJK -> RAS world coordinates, mm), float64.
+        header: the source nibabel header (NIfTI, MGH), or None (NRRD, or a volume built in memory).
+        path: the file the volume was read from, or None.
+    """
 
     data: np.ndarray
     affine: np.ndarray
@@ -33,10 +40,18 @@ class Volume:
 
     @property
     def spacing(self) -> np.ndarray:
+        """Voxel size [3] in mm along the I, J, K axes (column norms of the affine's 3x3 part)."""
         return np.linalg.norm(self.affine[:3, :3], axis=0)
 
 
 def suffix_of(path: os.PathLike | str) -> str:
+    """The supported suffix ``path`` ends with, lower case, longest match first (``.nii.gz`` before ``.nii``).
+
+    Args:
+        path: a file path or name; only the end of its name is looked at.
+
+    Raises ``InputError`` for an unsupported file type.
+    """
     name = str(path).lower()
     for suf in sorted(SUFFIXES, key=len, reverse=True):
         if name.endswith(suf):
@@ -53,7 +68,16 @@ def _sitk_to_ras_affine(img) -> np.ndarray:
 
 
 def read_volume(path: os.PathLike | str, what: str = "image") -> Volume:
-    """Read a 3D volume; 4D with a single frame is squeezed. Raises ``InputError`` with one clear line."""
+    """Read a 3D volume; 4D with a single frame is squeezed. Raises ``InputError`` with one clear line.
+
+    Returns a ``Volume`` with ``data`` [I, J, K] (at least 2 voxels per axis, the real scalar dtype the reader
+    returns) and a finite, invertible 4x4 voxel-to-RAS ``affine`` (mm). NRRD is read with SimpleITK and converted
+    from LPS to RAS and from SimpleITK's [K, J, I] array order to [I, J, K]; NIfTI and MGZ/MGH are read with nibabel.
+
+    Args:
+        path: a ``.nii``, ``.nii.gz``, ``.mgz``, ``.mgh``, ``.nrrd`` or ``.nhdr`` file.
+        what: the file's role, used in error messages (e.g. ``"image"``, ``"lesion mask"``).
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(f"{what} file not found: {path}")
@@ -97,7 +121,12 @@ def read_volume(path: os.PathLike | str, what: str = "image") -> Volume:
 
 
 def check_image_values(vol: Volume, what: str = "image") -> None:
-    """An input scan read from disk must be finite and not constant (``checks.check_image``, named by its path)."""
+    """An input scan read from disk must be finite and not constant (``checks.check_image``, named by its path).
+
+    Args:
+        vol: a volume from ``read_volume``; its ``data`` [I, J, K] is checked, not changed.
+        what: the file's role, used in the ``InputError`` message with the volume's path.
+    """
     from USBLib.imaging.checks import check_image
 
     check_image(vol.data, None, f"{vol.path}: {what}" if vol.path else what)
@@ -105,7 +134,14 @@ def check_image_values(vol: Volume, what: str = "image") -> None:
 
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it onto ``target`` only if the block succeeds."""
+    """Yield a temporary path beside ``target``; rename it onto ``target`` only if the block succeeds.
+
+    The temporary file is in the same folder (so the rename is atomic) and keeps ``target``'s suffixes, so writers
+    that choose the format by suffix still work; it is removed if the block raises.
+
+    Args:
+        target: the final file path; its folder is created if needed.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(target.suffixes) or ".tmp"
@@ -147,7 +183,18 @@ def _write_to(path: Path, fmt: str, data: np.ndarray, affine: np.ndarray, header
 
 
 def write_volume(path: os.PathLike | str, data: np.ndarray, affine: np.ndarray, header: Any = None) -> Path:
-    """Write ``data`` with ``affine`` (and the source header's codes for NIfTI) atomically; returns the path."""
+    """Write ``data`` with ``affine`` (and the source header's codes for NIfTI) atomically; returns the path.
+
+    The format follows the suffix: NIfTI keeps ``data``'s dtype, resets slope/intercept to 1/0 and sets both sform
+    and qform to ``affine`` (with the source header's codes, or 1); MGZ/MGH via nibabel; NRRD via SimpleITK
+    (converted to LPS, compressed).
+
+    Args:
+        path: output file with a supported suffix (see ``suffix_of``).
+        data: voxel values [I, J, K], written in their own dtype.
+        affine: 4x4 voxel-to-RAS affine (mm) of ``data``.
+        header: the source volume's header (only a ``nibabel.Nifti1Header`` is used, for NIfTI outputs), or None.
+    """
     path = Path(path)
     fmt = suffix_of(path)
     with atomic_path(path) as tmp:
@@ -156,13 +203,22 @@ def write_volume(path: os.PathLike | str, data: np.ndarray, affine: np.ndarray, 
 
 
 def sidecar_path(path: os.PathLike | str) -> Path:
-    """``out.nii.gz`` -> ``out.json`` (BIDS-style sidecar)."""
+    """``out.nii.gz`` -> ``out.json`` (BIDS-style sidecar).
+
+    Args:
+        path: a volume path with a supported suffix; the sidecar sits in the same folder.
+    """
     path = Path(path)
     return path.with_name(path.name[: -len(suffix_of(path))] + ".json")
 
 
 def write_json(path: os.PathLike | str, payload: dict) -> Path:
-    """Write a JSON file atomically."""
+    """Write a JSON file atomically (indented; values JSON cannot hold are written with ``str``); returns the path.
+
+    Args:
+        path: the JSON file to write.
+        payload: a JSON-serialisable dict.
+    """
     path = Path(path)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
@@ -175,6 +231,15 @@ def write_result(out: os.PathLike | str, data: np.ndarray, affine: np.ndarray, h
 
     The image is written first and the sidecar last, both atomically, so a sidecar always describes a complete
     output: a run that dies in between leaves an output without sidecar, which resuming redoes.
+
+    Args:
+        out: output volume path (format by suffix, see ``write_volume``); the sidecar is ``sidecar_path(out)``.
+        data: output voxel values [I, J, K].
+        affine: 4x4 voxel-to-RAS affine (mm) of ``data``.
+        header: the source volume's header, or None (see ``write_volume``).
+        provenance: the run's provenance record, copied into the sidecar first.
+        inputs: input role -> file path; each is recorded with its sha256 (None entries are skipped).
+        extra: further keys added last (they override earlier ones), or None.
     """
     import time
 
@@ -193,7 +258,13 @@ def write_result(out: os.PathLike | str, data: np.ndarray, affine: np.ndarray, h
 
 
 def cast_like(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Cast float results to an input's dtype: rounded and clipped to the range of integer types."""
+    """Cast float results to an input's dtype: rounded and clipped to the range of integer types.
+
+    Args:
+        values: float values of any shape, in the input's units.
+        dtype: the target dtype; integers are rounded and clipped to its range, bool is ``values > 0.5``, floats are
+            cast as they are.
+    """
     dtype = np.dtype(dtype)
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)

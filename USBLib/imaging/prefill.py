@@ -70,7 +70,17 @@ def _fill_box(values: np.ndarray, unknown: np.ndarray, order: int) -> np.ndarray
 
 
 def prefill(image: np.ndarray, mask: np.ndarray, method: str = "biharmonic") -> np.ndarray:
-    """``image`` (float32) with the ``mask`` voxels replaced by a smooth fill; ``none`` returns a float copy."""
+    """``image`` (float32) with the ``mask`` voxels replaced by a smooth fill; ``none`` returns a float copy.
+
+    Returns float32 [I, J, K], equal to ``image`` outside the mask (and on mask voxels on the volume's outer faces,
+    which stay as boundary values). Raises ``ValueError`` for an unknown method.
+
+    Args:
+        image: the scan [I, J, K] in its own units, any real dtype (solved in float64).
+        mask: lesion mask [I, J, K] (> 0 = voxels to fill).
+        method: ``none``, ``harmonic`` (Laplacian = 0 inside) or ``biharmonic`` (Laplacian^2 = 0 inside), see
+            ``settings.PREFILLS``.
+    """
     if method not in PREFILLS:
         raise ValueError(f"unknown prefill '{method}' (choose from {', '.join(PREFILLS)})")
     out = np.asarray(image, np.float32).copy()

@@ -19,7 +19,15 @@ _FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS
 
 @dataclass
 class SpaceMapping:
-    """Geometry linking a native grid and the model grid through a physical transform (model RAS -> native RAS)."""
+    """Geometry linking a native grid and the model grid through a physical transform (model RAS -> native RAS).
+
+    Args:
+        native_shape: shape (I, J, K) of the scan's own grid, in voxels.
+        native_affine: 4x4 voxel-to-RAS affine (mm) of the scan.
+        model_shape: shape of the model grid (the bundle's ``grid_shape``), in voxels.
+        model_affine: 4x4 voxel-to-RAS affine (mm) of the model grid (the bundle's ``grid_affine``, template space).
+        model_to_native: 4x4 map from model (template) RAS mm to scan RAS mm, as returned by ``register``.
+    """
 
     native_shape: tuple[int, int, int]
     native_affine: np.ndarray
@@ -28,10 +36,19 @@ class SpaceMapping:
     model_to_native: np.ndarray  # 4x4, RAS mm -> RAS mm
 
     def model_vox_to_native_vox(self) -> np.ndarray:
+        """4x4 voxel-to-voxel map, model IJK -> native IJK: ``inv(native_affine) @ model_to_native @ model_affine``."""
         return np.linalg.inv(self.native_affine) @ self.model_to_native @ self.model_affine
 
     def to_model(self, data: np.ndarray, order: int = 1, antialias: bool = True) -> np.ndarray:
-        """Resample a native-grid array onto the model grid (zeros outside the scan)."""
+        """Resample a native-grid array onto the model grid (zeros outside the scan); returns float32 [model_shape].
+
+        Args:
+            data: values [I, J, K] on the native grid (``native_shape``), any real dtype (computed in float32).
+            order: interpolation order, 0 nearest neighbour or 1 trilinear.
+            antialias: when ``order > 0``, first smooth ``data`` with a Gaussian of sigma
+                ``sqrt(r^2 - 1) / 2`` native voxels per axis, r from ``voxel_size_ratio`` (only where a model voxel
+                spans more than one native voxel; skipped when every sigma is <= 0.1).
+        """
         data = np.asarray(data, dtype=np.float32)
         if antialias and order > 0:
             ratio = voxel_size_ratio(self.model_affine, self.model_to_native, self.native_affine)
@@ -41,31 +58,71 @@ class SpaceMapping:
         return resample(data, self.model_vox_to_native_vox(), self.model_shape, order)
 
     def to_native(self, data: np.ndarray, order: int = 1) -> np.ndarray:
-        """Resample a model-grid array onto the native grid (zeros outside the model field of view)."""
+        """Resample a model-grid array onto the native grid (zeros outside the model field of view).
+
+        Returns float32 [native_shape]; no anti-aliasing filter is applied.
+
+        Args:
+            data: values on the model grid [model_shape], any real dtype (computed in float32).
+            order: interpolation order, 0 nearest neighbour or 1 trilinear.
+        """
         return resample(np.asarray(data, dtype=np.float32), np.linalg.inv(self.model_vox_to_native_vox()),
                         self.native_shape, order)
 
 
 def voxel_size_ratio(model_affine: np.ndarray, model_to_native: np.ndarray, native_affine: np.ndarray) -> np.ndarray:
-    """How many native voxels one model voxel spans along each native axis (for anti-aliasing)."""
+    """How many native voxels one model voxel spans along each native axis (for anti-aliasing).
+
+    Returns [3], per native axis the largest absolute entry of that row of the model-to-native voxel map.
+
+    Args:
+        model_affine: 4x4 voxel-to-RAS affine (mm) of the model grid.
+        model_to_native: 4x4 map from model RAS mm to native RAS mm.
+        native_affine: 4x4 voxel-to-RAS affine (mm) of the native grid.
+    """
     vox_map = np.linalg.inv(native_affine) @ model_to_native @ model_affine
     return np.abs(vox_map[:3, :3]).max(axis=1)
 
 
 def resample(data: np.ndarray, out_to_in_vox: np.ndarray, out_shape, order: int = 1) -> np.ndarray:
-    """``out[v] = data[M v]`` with ``M = out_to_in_vox`` (4x4 voxel map), linear or nearest interpolation."""
+    """``out[v] = data[M v]`` with ``M = out_to_in_vox`` (4x4 voxel map), linear or nearest interpolation.
+
+    Returns float32 [out_shape]; points that fall outside ``data`` get 0.
+
+    Args:
+        data: input values [I, J, K].
+        out_to_in_vox: 4x4 map from output voxel indices to input voxel indices.
+        out_shape: shape of the output grid, 3 ints.
+        order: 0 nearest neighbour or 1 linear (no spline pre-filter is applied, so higher orders are not exact
+            spline interpolation).
+    """
     return ndimage.affine_transform(data, out_to_in_vox[:3, :3], offset=out_to_in_vox[:3, 3],
                                     output_shape=tuple(int(s) for s in out_shape), order=order, mode="constant",
                                     cval=0.0, prefilter=False).astype(np.float32)
 
 
 def same_grid(shape_a, affine_a: np.ndarray, shape_b, affine_b: np.ndarray, tol: float = 1e-3) -> bool:
-    """Whether two volumes share shape and voxel-to-world affine (within ``tol`` mm)."""
+    """Whether two volumes share shape and voxel-to-world affine (within ``tol`` mm).
+
+    Args:
+        shape_a, shape_b: the two grid shapes, 3 ints each.
+        affine_a, affine_b: their 4x4 voxel-to-RAS affines (mm).
+        tol: absolute tolerance per affine entry (``np.allclose`` ``atol``).
+    """
     return tuple(shape_a) == tuple(shape_b) and np.allclose(affine_a, affine_b, atol=tol)
 
 
 def resample_mask_to(mask: np.ndarray, mask_affine: np.ndarray, shape, affine: np.ndarray) -> np.ndarray:
-    """Nearest-neighbour resampling of a mask onto another grid; the physical extents must overlap."""
+    """Nearest-neighbour resampling of a mask onto another grid; the physical extents must overlap.
+
+    Returns a uint8 {0, 1} mask [shape]. Raises ``InputError`` when a non-empty mask lands entirely outside the grid.
+
+    Args:
+        mask: mask values [I', J', K'] on its own grid; voxels > 0.5 count as inside.
+        mask_affine: 4x4 voxel-to-RAS affine (mm) of ``mask``.
+        shape: shape (I, J, K) of the target grid.
+        affine: 4x4 voxel-to-RAS affine (mm) of the target grid.
+    """
     vox_map = np.linalg.inv(mask_affine) @ affine
     out = resample(np.asarray(mask, dtype=np.float32), vox_map, shape, order=0)
     if mask.any() and not out.any():
@@ -114,6 +171,20 @@ def register(scan: np.ndarray, scan_affine: np.ndarray, template: np.ndarray, te
     (the scan is already in template space). A brain mask of the scan, when given, restricts the scan to the
     brain; otherwise the metric is evaluated inside the dilated template brain, which keeps skull and neck of
     an unstripped scan from dominating.
+
+    Returns the float64 4x4 ``model_to_native`` of a ``SpaceMapping`` (identity for ``none``). Raises ``InputError``
+    for an unknown mode or a failed registration.
+
+    Args:
+        scan: the scan [I, J, K] on its native grid, in its own units (computed in float32).
+        scan_affine: 4x4 voxel-to-RAS affine (mm) of ``scan``.
+        template: the bundle's template image on the model grid.
+        template_affine: 4x4 voxel-to-RAS affine (mm) of the template (the bundle's ``grid_affine``).
+        template_mask: brain mask on the template grid (> 0 = brain).
+        scan_brain_mask: brain mask [I, J, K] of the scan (> 0 = brain), or None for an unstripped scan.
+        mode: ``affine``, ``rigid`` or ``none`` (``REGISTRATION_MODES``).
+        seed: seed of the metric's random sampling; registration runs single-threaded, so a seed gives bitwise
+            reproducible results.
     """
     if mode not in REGISTRATION_MODES:
         raise InputError(f"unknown registration mode '{mode}' (choose from {', '.join(REGISTRATION_MODES)})")
