@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One device command (the `device` tool's `run`): train tier `base` on the lent GPU within MINUTES and bring the
-# bundle back through $OUT. Prepare here first (CPU), then run with carry [".whl", ".device_cache"]:
-#   ../shared/tools/device_wheels.sh monai nibabel einops
-#   USB_TRAINING_CACHE=.device_cache .venv/bin/python -m usb_training.data prepare --tier base --cache .device_cache
+# bundle back through $OUT. Prepare here first (CPU), then run with carry [".whl", ".device_cache"] (both git-ignored,
+# together < 64 MiB: the wheels ~7 MB, the prepared 1 mm sources ~40 MB; never the downloaded source archives):
+#   ../shared/tools/device_wheels.sh monai nibabel einops packaging
+#   .venv/bin/python -m usb_training.data prepare --tier base          # into ~/.cache/usb_training (downloads)
+#   mkdir -p .device_cache/prepared && cp -r ~/.cache/usb_training/prepared/160x192x160_1mm .device_cache/prepared/
 #   run: bash .ci/device_train_base.sh 8.5        (timeout_s 590)
 # Afterwards: `python -m usb_training.generation --model <files_at>/usb-base` here, and ship only if it beats tiny.
 set -euo pipefail

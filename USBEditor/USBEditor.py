@@ -23,7 +23,8 @@ from slicer.util import VTKObservationMixin
 
 from USBEditorLib import dependencies
 from USBLib.settings import FALLBACKS, RANGES
-from USBEditorLib.logic import (TASK_INFO, Device, EditorLogic, LocalMode, RunSettings, Stages, Task, USBEditorError,
+from USBEditorLib.logic import (TASK_INFO, Device, EditorLogic, LocalMode, RunSettings, Sampler, Stages, Task,
+                                USBEditorError,
                                 default_settings,
                                 describe_model, installed_models, load_mask, load_sample, missing_input,
                                 new_lesion_segmentation, segment_choices, segment_editor_node, show_comparison)
@@ -74,6 +75,7 @@ class USBEditorParameterNode:
     device: Device = Device.AUTO
     stages: Stages = Stages.DEFAULT
     localMode: LocalMode = LocalMode.DEFAULT
+    sampler: Sampler = Sampler.DEFAULT
     model: str = ""
     showComparison: bool = True
     resampleMask: bool = True
@@ -219,6 +221,7 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.framesSpinBox.enabled = p.task is Task.EMBED
         self.ui.stagesComboBox.enabled = edit and p.maskNode is not None
         self.ui.localModeComboBox.enabled = edit and p.maskNode is not None and p.stages is not Stages.LATENT
+        self.ui.samplerComboBox.enabled = not edit
         reason = missing_input(p.task, p.inputVolume, p.maskNode, p.segmentId)
         running = self._run is not None
         self.ui.applyButton.enabled = reason is None and not running
@@ -342,7 +345,8 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         settings = RunSettings(steps=int(p.steps), strength=p.strength, acg=bool(p.acg), alpha0=p.alpha0, k=p.k,
                                eta=p.eta,
-                               stages=p.stages.value, local_mode=p.localMode.value, samples=int(p.samples),
+                               stages=p.stages.value, local_mode=p.localMode.value, sampler=p.sampler.value,
+                               samples=int(p.samples),
                                seed=int(p.seed))
         info = TASK_INFO[p.task]
         mask = p.maskNode if info["mask"] != "unused" else None

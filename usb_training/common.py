@@ -108,8 +108,12 @@ class History:
 
 
 def plot_curves(data: Mapping[str, Any], out: Path, title: str) -> None:
-    """Training (smoothed) and validation losses against step, log scale."""
-    import matplotlib
+    """Training (smoothed) and validation losses against step, log scale. Skipped where matplotlib is not
+    installed (a lent GPU machine): the numbers are in history.json either way."""
+    try:
+        import matplotlib
+    except ImportError:
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -150,6 +154,14 @@ class Budget:
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
+
+    def progress_step(self, step: int, total: int) -> int:
+        """The step a schedule should use: ``step``, or under a time budget the share of ``total`` that the
+        elapsed share of the budget stands for when that is further (so learning-rate decay and phase changes
+        happen within the budget, not only at ``total``)."""
+        if self.limit is None:
+            return step
+        return max(step, min(total - 1, int(total * self.elapsed() / self.limit)))
 
 
 def warmup_cosine(step: int, total: int, base_lr: float, warmup: int, floor: float = 0.02) -> float:

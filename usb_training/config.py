@@ -51,7 +51,7 @@ TIERS: dict[str, dict[str, Any]] = {
         },
         "data": {"train": 4000, "val": 64, "healthy_fraction": 0.2, "seed": 0},
         "autoencoder": {"steps": 60000, "batch": 2, "patch": [96, 96, 96], "lr": 1e-4, "kl_weight": 1e-6,
-                        "mask_fraction": 0.3, "val_every": 2000},
+                        "mask_fraction": 0.3, "val_every": 2000, "warmup": 500, "full_volume_steps": 5000},
         "diffusion": {"steps": 150000, "batch": 8, "lr": 1e-4, "ema": 0.9999, "clean_condition_fraction": 0.2,
                       "val_every": 5000, "warmup": 1000, "min_snr_gamma": 5.0},
         "defaults": {

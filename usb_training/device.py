@@ -45,7 +45,7 @@ def run(cfg: dict[str, Any], cache: Path, work: Path, out: Path, minutes: float,
     train_autoencoder.train(cfg, work, max(0.1, 0.45 * (left() - reserve)), progress=False, device=device)
     timings["autoencoder_s"] = round(time.monotonic() - t, 1)
     t = time.monotonic()
-    latents.cache(cfg, work)
+    latents.cache(cfg, work, device=device, minutes=max(0.1, 0.08 * minutes))
     timings["latents_s"] = round(time.monotonic() - t, 1)
     t = time.monotonic()
     train_diffusion.train(cfg, work, max(0.1, left() - 0.04 * minutes), progress=False, device=device)
@@ -71,11 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=9.0, help="wall-time budget of the whole run")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                         help="processes that build the data set")
+    parser.add_argument("--train-samples", type=int, default=400,
+                        help="cap of the training set (the base tier's 1 mm samples are 15 MB each on disk)")
     parser.add_argument("--keep-local-from", type=Path, default=None)
     parser.add_argument("--overrides", default="{}", help="JSON merged into the tier's settings")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = parser.parse_args(argv)
     cfg = tier(args.tier, json.loads(args.overrides))
+    cfg["data"]["train"] = min(int(cfg["data"]["train"]), args.train_samples)
+    cfg["data"]["val"] = min(int(cfg["data"]["val"]), max(2, args.train_samples // 25))
     cfg["cache"] = str(args.cache)
     timings = run(cfg, args.cache, args.work, args.out, args.minutes, args.workers, args.keep_local_from,
                   args.device)

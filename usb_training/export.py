@@ -94,6 +94,10 @@ def model_card(name: str, facts: dict[str, Any], metrics: dict[str, Any]) -> str
         lines += [metrics["table_markdown"], ""]
     else:
         lines += ["Not evaluated yet: run `python -m usb_training.evaluate`.", ""]
+    if metrics.get("generation", {}) and metrics["generation"].get("table_markdown"):
+        lines += ["### Generation (`python -m usb_training.generation --pairs 16`)", "",
+                  metrics["generation"]["table_markdown"], "",
+                  "Pictures: `Resources/generated_pairs.png`, `Resources/generated_from_mask.png`.", ""]
     lines += ["## Limitations", "",
               "- Trained only on population templates with synthetic deformation and contrast; real scans differ.",
               "- Lesions are synthetic hypointense T1 lesions; other contrasts and lesion types are out of scope.",
@@ -103,7 +107,7 @@ def model_card(name: str, facts: dict[str, Any], metrics: dict[str, Any]) -> str
 
 
 LOCAL_DEFAULT_KEYS = ("stages", "local_mode", "local_steps", "local_strength", "dilation_mm", "margin_mm", "eta",
-                      "alpha0", "k")
+                      "alpha0", "k", "acg")
 
 
 def export(cfg: dict[str, Any], work: Path, out: Path, name: str, metrics: dict[str, Any] | None = None,
@@ -138,13 +142,18 @@ def export(cfg: dict[str, Any], work: Path, out: Path, name: str, metrics: dict[
         "networks": {k: dict(v, weights="") for k, v in cfg["networks"].items()},
         "defaults": cfg["defaults"],
         "training": facts,
-        "metrics": {k: v for k, v in (metrics or {}).items() if k != "table_markdown"},
+        "metrics": _without_tables(metrics or {}),
     }
     extra = {"template.nii.gz": space_dir / "template.nii.gz", "brain_mask.nii.gz": space_dir / "brain_mask.nii.gz"}
     card = model_card(name, facts, metrics or {})
     if keep_local_from is not None:
         card = _graft_local(bundle_mod.load(keep_local_from), config, state, card)
     return bundle_mod.write(Path(out), config, state, extra, card=card)
+
+
+def _without_tables(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Metrics for bundle.json: the numbers, without the rendered markdown tables (those go to the card)."""
+    return {k: _without_tables(v) if isinstance(v, dict) else v for k, v in metrics.items() if k != "table_markdown"}
 
 
 def _graft_local(source: bundle_mod.ModelBundle, config: dict[str, Any], state: dict[str, Any], card: str) -> str:
@@ -182,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--name", default=None)
     parser.add_argument("--metrics", type=Path, default=None, help="metrics.json written by evaluate")
+    parser.add_argument("--generation", type=Path, default=None, help="generation.json written by generation")
     parser.add_argument("--keep-local-from", type=Path, default=None,
                         help="bundle whose local stage (weights, settings, card section) the new bundle keeps")
     parser.add_argument("--defaults", type=Path, default=None,
@@ -193,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         best = json.loads(args.defaults.read_text())["best"]
         cfg["defaults"]["heal"].update({k: v for k, v in best.items() if k != "lesion_psnr"})
     metrics = json.loads(args.metrics.read_text()) if args.metrics else None
+    if args.generation:
+        metrics = dict(metrics or {}, generation=json.loads(args.generation.read_text()))
     b = export(cfg, args.work, args.out, args.name or args.out.name, metrics, keep_local_from=args.keep_local_from)
     print(b.root)
     return 0

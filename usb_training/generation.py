@@ -14,6 +14,7 @@ All on the model grid in model units (99th brain percentile = 1), against the he
   change against the mask, lesion/surround intensity ratio, and NCC of the brain as above.
 
     python -m usb_training.generation --model USBLib/models/usb-tiny [--pairs 16] [--out DIR]
+    python -m usb_training.generation --autoencoder RUN --tier tiny     # the round trip only, from a training run
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from scipy import ndimage
 from USBLib.core import bundle as bundle_mod
 from USBLib.editor.editor import Editor
 from USBLib.imaging.spatial import SpaceMapping, register
+from USBLib.settings import SAMPLERS
 
 from . import metrics
 from .data.dataset import TRAIN_SOURCES, prepared_sources
@@ -115,22 +117,42 @@ class Reference:
         return [make_sample(self.generator[i % len(self.generator)], 700_000 + i).mask for i in range(count)]
 
 
-def _round_trip(editor: Editor, image: np.ndarray, brain: np.ndarray) -> dict[str, float]:
-    recon = editor.decode(editor.encode(image[None].astype(np.float32)))[0]
+def _round_trip(round_trip, image: np.ndarray, brain: np.ndarray) -> dict[str, float]:
+    recon = round_trip(image.astype(np.float32))
     region = brain > 0
     return {"psnr": metrics.psnr(recon, image, region), "ssim": metrics.ssim(recon, image, region),
             "background": float(np.abs(recon[~region]).mean())}
 
 
-def reconstruction_by_source(editor: Editor, cfg: dict[str, Any], cache: Path, per_source: int = 3) -> dict[str, Any]:
-    """Autoencoder round trip per source: the template itself and ``per_source`` synthetic samples of it
-    (deformation, contrast, artefacts; lesion-free). PSNR/SSIM inside the brain, range 1."""
+def editor_round_trip(editor: Editor):
+    """decode(encode(volume)) of a bundle's autoencoder, for model-grid volumes [I, J, K]."""
+    return lambda volume: editor.decode(editor.encode(volume[None]))[0]
+
+
+def checkpoint_round_trip(cfg: dict[str, Any], work: Path):
+    """decode(encode(volume)) of the autoencoder in a training run folder (before any bundle exists)."""
+    from USBLib.core.networks import build_autoencoder
+
+    from .common import load_checkpoint
+    from .train_autoencoder import reconstruct
+
+    ae = build_autoencoder(cfg["networks"]["autoencoder"])
+    if load_checkpoint(Path(work) / "autoencoder", {"autoencoder": ae}) is None:
+        raise FileNotFoundError(f"no autoencoder checkpoint in {work}")
+    ae.eval()
+    return lambda volume: reconstruct(ae, volume)
+
+
+def reconstruction_by_source(round_trip, cfg: dict[str, Any], cache: Path, per_source: int = 3) -> dict[str, Any]:
+    """Autoencoder round trip (``editor_round_trip`` or ``checkpoint_round_trip``) per source: the template itself
+    and ``per_source`` synthetic samples of it (deformation, contrast, artefacts; lesion-free). PSNR/SSIM inside
+    the brain (range 1) and the background's mean |value|."""
     prepared = prepared_sources(cfg, cache)
     out: dict[str, Any] = {}
     for name in (HELD_OUT, *TRAIN_SOURCES):
         anatomy = Anatomy.load(prepared[name])
-        template = _round_trip(editor, anatomy.image, anatomy.brain)
-        rows = [_round_trip(editor, s.healthy, s.brain)
+        template = _round_trip(round_trip, anatomy.image, anatomy.brain)
+        rows = [_round_trip(round_trip, s.healthy, s.brain)
                 for s in (make_sample(anatomy, EVAL_SEED + 100 + i, lesion=False) for i in range(per_source))]
         out[name] = {"template": template,
                      "samples": {k: float(np.mean([r[k] for r in rows])) for k in rows[0]},
@@ -138,12 +160,14 @@ def reconstruction_by_source(editor: Editor, cfg: dict[str, Any], cache: Path, p
     return out
 
 
-def unconditional(editor: Editor, ref: Reference, pairs: int, seed: int = 0) -> tuple[dict[str, Any], list]:
-    """Generated pairs measured against the held-out population and the lesion generator."""
+def unconditional(editor: Editor, ref: Reference, pairs: int, seed: int = 0, steps: int | None = None,
+                  sampler: str | None = None) -> tuple[dict[str, Any], list]:
+    """Generated pairs measured against the held-out population and the lesion generator (``steps`` and
+    ``sampler``: None = the bundle's)."""
     affine = editor.bundle.grid_affine
     spacing = float(editor.bundle.spacing[0])
     t0 = time.perf_counter()
-    results = editor.generate(pairs, seed=seed)
+    results = editor.generate(pairs, seed=seed, steps=steps, sampler=sampler)
     seconds = (time.perf_counter() - t0) / pairs
     brain = editor.space["brain"] > 0
     nccs = [ref.mean_ncc(r.image, affine) for r in results]
@@ -157,14 +181,15 @@ def unconditional(editor: Editor, ref: Reference, pairs: int, seed: int = 0) -> 
             "lesions": _summary(generated), "generator_lesions": _summary(generator)}, results
 
 
-def from_mask(editor: Editor, ref: Reference, cases: int, seed: int = 0) -> tuple[dict[str, Any], list]:
+def from_mask(editor: Editor, ref: Reference, cases: int, seed: int = 0, steps: int | None = None,
+              sampler: str | None = None) -> tuple[dict[str, Any], list]:
     """Brains for held-out lesion masks, each against the same noise with the empty condition."""
     import torch
 
     from USBLib.core import tasks
 
     affine = editor.bundle.grid_affine
-    steps = int(editor.bundle.defaults("generate_from_mask")["steps"])
+    settings = editor._settings("generate_from_mask", steps=steps, sampler=sampler)
     held = ref.held
     brain = editor.space["brain"]
     rows, figures = [], []
@@ -177,7 +202,8 @@ def from_mask(editor: Editor, ref: Reference, cases: int, seed: int = 0) -> tupl
         lat = []
         for cond in conds:
             generator = torch.Generator().manual_seed(noise_seed)
-            lat.append(tasks.generate_from_mask(editor._denoisers(), cond[None], steps, generator))
+            lat.append(tasks.generate_from_mask(editor._denoisers(), cond[None], settings["steps"], generator,
+                                                sampler=settings["sampler"]))
         with_lesion, without = np.clip(editor.decode(torch.cat(lat)), 0, None) * brain
         lesion = mask > 0
         change = without - with_lesion
@@ -187,6 +213,8 @@ def from_mask(editor: Editor, ref: Reference, cases: int, seed: int = 0) -> tupl
                      "ratio": float(with_lesion[lesion].mean() / max(with_lesion[ring].mean(), 1e-6)),
                      "ncc": ref.mean_ncc(with_lesion, affine)})
         figures.append((with_lesion, without, mask))
+    if not rows:
+        raise ValueError("every held-out case had an empty lesion mask")
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} | {"cases": len(rows)}, figures
 
 
@@ -215,16 +243,18 @@ def montage(pairs: list, out: Path, title: str) -> Path:
 
 
 def run(model: Path | str, cfg: dict[str, Any], cache: Path, out: Path, pairs: int = 16, mask_cases: int = 8,
-        seed: int = 0) -> dict[str, Any]:
+        seed: int = 0, steps: int | None = None, sampler: str | None = None) -> dict[str, Any]:
     """Every generation measurement of a bundle; writes ``generation.json``, ``generation.md`` and montages."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     editor = Editor(bundle_mod.load(model), device="auto", registration="none")
     ref = Reference(cfg, cache)
     result: dict[str, Any] = {"held_out_source": HELD_OUT,
-                              "reconstruction": reconstruction_by_source(editor, cfg, cache)}
-    result["unconditional"], generated = unconditional(editor, ref, pairs, seed)
-    result["from_mask"], conditioned = from_mask(editor, ref, mask_cases, seed)
+                              "reconstruction": reconstruction_by_source(editor_round_trip(editor), cfg, cache)}
+    result["unconditional"], generated = unconditional(editor, ref, pairs, seed, steps, sampler)
+    result["from_mask"], conditioned = from_mask(editor, ref, mask_cases, seed, steps, sampler)
+    result["sampling"] = {k: v for k, v in editor._settings("generate", steps=steps, sampler=sampler).items()
+                          if k in ("steps", "sampler")}
     montage([(r.image, r.mask) for r in generated[:8]], out / "generated_pairs.png",
             f"{editor.bundle.name}: generated pairs (red: generated lesion mask)")
     montage([(img, mask) for img, _, mask in conditioned[:4]] + [(without, mask) for _, without, mask in conditioned[:4]],
@@ -236,18 +266,26 @@ def run(model: Path | str, cfg: dict[str, Any], cache: Path, out: Path, pairs: i
     return result
 
 
-def table(result: dict[str, Any]) -> str:
-    """Markdown summary of ``run``'s result."""
+def reconstruction_table(reconstruction: dict[str, Any]) -> list[str]:
+    """Markdown rows of ``reconstruction_by_source``."""
     lines = [f"Autoencoder round trip (model grid, brain voxels, range 1; held-out source `{HELD_OUT}`):", "",
              "| source | template PSNR dB | template SSIM | samples PSNR dB | samples SSIM | background |",
              "|---|---|---|---|---|---|"]
-    for name, r in result["reconstruction"].items():
+    for name, r in reconstruction.items():
         t, s = r["template"], r["samples"]
         lines.append(f"| {name}{' (held out)' if r['held_out'] else ''} | {t['psnr']:.2f} | {t['ssim']:.3f} | "
                      f"{s['psnr']:.2f} | {s['ssim']:.3f} | {s['background']:.4f} |")
+    return lines
+
+
+def table(result: dict[str, Any]) -> str:
+    """Markdown summary of ``run``'s result."""
+    lines = reconstruction_table(result["reconstruction"])
     u = result["unconditional"]
     g, r = u["lesions"], u["generator_lesions"]
-    lines += ["", f"Unconditional generation, {u['pairs']} pairs, {u['seconds_per_pair']:.1f} s per pair:", "",
+    sampling = result.get("sampling", {})
+    lines += ["", f"Unconditional generation, {u['pairs']} pairs, {u['seconds_per_pair']:.1f} s per pair "
+              f"({sampling.get('sampler', '?')}, {sampling.get('steps', '?')} steps):", "",
               f"- NCC with held-out brains after affine alignment: {u['ncc_mean']:.3f} (model template "
               f"{u['ncc_template']:.3f}; ratio {u['ncc_ratio']:.2f}, target >= 0.75)",
               f"- tissue fractions CSF/GM/WM (3-class GMM): generated {u['tissue_fractions']}, held-out "
@@ -271,13 +309,26 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="bundle folder or name (default: the default model)")
+    parser.add_argument("--autoencoder", type=Path, default=None,
+                        help="only the autoencoder round trip, from this training run folder (with --tier)")
+    parser.add_argument("--tier", default="tiny")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--out", type=Path, default=Path("usb_evaluation"))
     parser.add_argument("--pairs", type=int, default=16)
     parser.add_argument("--mask-cases", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the bundle's)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: the bundle's")
     args = parser.parse_args(argv)
+    if args.autoencoder is not None:
+        cfg = tier(args.tier)
+        rec = reconstruction_by_source(checkpoint_round_trip(cfg, args.autoencoder), cfg, args.cache)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "reconstruction.json").write_text(json.dumps(rec, indent=1))
+        print("\n".join(reconstruction_table(rec)))
+        return 0
     b = bundle_mod.load(args.model)
-    result = run(b.root, tier(b.tier), args.cache, args.out, args.pairs, args.mask_cases)
+    result = run(b.root, tier(b.tier), args.cache, args.out, args.pairs, args.mask_cases, steps=args.steps,
+                 sampler=args.sampler)
     print(result["table_markdown"])
     return 0
 

@@ -3,7 +3,8 @@
 Loss: L1 + ``kl_weight`` * KL, plus an optional patch adversarial loss (MONAI ``PatchDiscriminator`` +
 ``PatchAdversarialLoss``, off in the tiny tier). Learning rate: warm-up then cosine. Two phases: ``steps`` on
 random patches (batch of ``patch`` crops), then ``full_volume_steps`` on whole volumes one at a time, so that the
-GroupNorm statistics the decoder sees at inference (whole brain + black background) are the ones it trained on. No perceptual loss: every perceptual network needs weights that
+GroupNorm statistics the decoder sees at inference (whole brain + black background) are the ones it trained on.
+Under a time budget (``--minutes``) the phase change and the learning-rate decay follow the elapsed share of it. No perceptual loss: every perceptual network needs weights that
 must be downloaded, which this project does not do. After training, the latent scale factor is measured as
 1 / std of the posterior means of the training brains.
 
@@ -127,6 +128,8 @@ def train(cfg: dict[str, Any], work: Path, minutes: float | None = None, steps: 
 
         modules["discriminator"] = PatchDiscriminator(spatial_dims=3, channels=32, num_layers_d=3, in_channels=1)
         adv = PatchAdversarialLoss(criterion="least_squares")
+    for module in modules.values():  # on the device before the optimizer state is restored onto it
+        module.to(ctx.device)
     opt = adamw(ae.parameters(), float(c["lr"]))
     d_opt = adamw(modules["discriminator"].parameters(), float(c["lr"])) if adv_weight > 0 else None
     meta = load_checkpoint(folder, modules, opt) or {"step": 0}
@@ -146,8 +149,9 @@ def train(cfg: dict[str, Any], work: Path, minutes: float | None = None, steps: 
     model.train()
     bar = tqdm(total=total, initial=step, desc="autoencoder", disable=not (progress and ctx.main))
     while step < total and not distributed.any_rank(ctx, budget.over()):
-        set_lr(opt, warmup_cosine(step, total, float(c["lr"]), int(c.get("warmup", 0))))
-        if step < patch_steps:
+        at = budget.progress_step(step, total)
+        set_lr(opt, warmup_cosine(at, total, float(c["lr"]), int(c.get("warmup", 0))))
+        if at < patch_steps:
             x = random_patches(images, masks, int(c["batch"]), c["patch"], float(c["mask_fraction"]), rng)
         else:
             x = whole_volumes(images, masks, 1, float(c["mask_fraction"]), rng)

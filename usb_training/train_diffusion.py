@@ -103,7 +103,8 @@ def train(cfg: dict[str, Any], work: Path, minutes: float | None = None, steps: 
     train_lat = load_latents(work, "train")
     val_lat = load_latents(work, "val")[:32]
     channels = train_lat.shape[2]
-    nets = {name: build_unet(cfg["networks"][name], channels) for name in ("unet_lesion", "unet_brain")}
+    nets = {name: build_unet(cfg["networks"][name], channels).to(ctx.device)  # before the optimizer state
+            for name in ("unet_lesion", "unet_brain")}
     emas = {f"ema_{name}": AveragedModel(net) for name, net in nets.items()}
     params = [p for net in nets.values() for p in net.parameters()]
     opt = adamw(params, float(c["lr"]))
@@ -138,7 +139,7 @@ def train(cfg: dict[str, Any], work: Path, minutes: float | None = None, steps: 
         clean = torch.rand(batch, generator=gen) < float(c["clean_condition_fraction"])
         x0, y0, t, nx, ny, clean = (v.to(ctx.device) for v in (x0, y0, t, nx, ny, clean))
         lx, ly = paired_loss(wrapped["unet_lesion"], wrapped["unet_brain"], sched, x0, y0, t, nx, ny, clean, gamma)
-        set_lr(opt, warmup_cosine(step, total, float(c["lr"]), int(c.get("warmup", 100))))
+        set_lr(opt, warmup_cosine(budget.progress_step(step, total), total, float(c["lr"]), int(c.get("warmup", 100))))
         opt.zero_grad(set_to_none=True)
         (lx + ly).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -59,7 +59,8 @@ TASKS = ("heal", "embed", "generate", "generate_from_mask")
 def _child(config: str, task: str, device: str, max_steps: int | None, bundle_root: str) -> dict:
     import numpy as np
 
-    from USBLib import Editor, bundle
+    from USBLib import Editor
+    from USBLib.core import bundle
     from USBLib.resources import sample_files
     from USBLib.imaging.io import read_volume
 

@@ -32,6 +32,10 @@ def run(tmp_path_factory):
     space.mkdir(parents=True)
     nib.save(nib.Nifti1Image(anatomy.image, affine), str(space / "template.nii.gz"))
     nib.save(nib.Nifti1Image(anatomy.brain, affine), str(space / "brain_mask.nii.gz"))
+    from usb_training.data.sources import SOURCES
+
+    for name in SOURCES:  # every template source is the phantom (prepared: nothing is fetched)
+        anatomy.save(space / f"{name}.npz")
     steps = {"steps": 3, "strength": 0.3, "alpha0": 20.0, "k": 2.0, "eta": 1.0, "margin_mm": 6.0}
     cfg = tier("tiny", {"grid": {"shape": list(SHAPE), "spacing": SPACING},
                         "autoencoder": {"patch": [16, 16, 16], "val_every": 1},
@@ -98,6 +102,31 @@ def test_export_keeps_the_local_stage_of_an_existing_bundle(run, tmp_path):
     assert out.config["networks"]["autoencoder"]["latent_channels"] == cfg["networks"]["autoencoder"]["latent_channels"]
     assert "measured things" in (out.root / "MODEL_CARD.md").read_text()
     bundle_mod.load(out.root)  # checksums verify
+
+
+def test_generation_report_measures_a_bundle(run, tmp_path):
+    """``usb_training.generation`` end to end on a smoke bundle: every measurement, the tables and montages."""
+    from usb_training import generation
+
+    cfg, work, _ = run
+    if not (work / "bundle" / "bundle.json").is_file():
+        if not (work / "diffusion" / CHECKPOINT).is_file():
+            train_autoencoder.train(cfg, work, steps=1, progress=False)
+            latents.cache(cfg, work)
+            train_diffusion.train(cfg, work, steps=1, progress=False)
+        export.export(cfg, work, work / "bundle", "smoke")
+    result = generation.run(work / "bundle", cfg, work / "cache", tmp_path / "gen", pairs=2, mask_cases=2)
+    rec = result["reconstruction"]
+    assert set(rec) >= {"ixi555", "mni2009a"} and rec["ixi555"]["held_out"]
+    assert np.isfinite(rec["mni2009a"]["template"]["psnr"])
+    u = result["unconditional"]
+    assert u["pairs"] == 2 and -1 <= u["ncc_mean"] <= 1 and u["ncc_template"] > 0.8  # the template is one of them
+    assert len(u["tissue_fractions"]) == 3 and abs(sum(u["tissue_fractions"]) - 1) < 1e-3  # (rounded to 4 places)
+    assert {"components_median", "volume_ml_median", "in_wm"} <= set(u["generator_lesions"])
+    assert 0 <= result["from_mask"]["dice"] <= 1 and result["from_mask"]["cases"] >= 1
+    for name in ("generation.json", "generation.md", "generated_pairs.png", "generated_from_mask.png"):
+        assert (tmp_path / "gen" / name).is_file()
+    assert "NCC with held-out brains" in result["table_markdown"]
 
 
 def test_extract_takes_only_listed_members_from_wheels_and_sdists(tmp_path):

@@ -163,7 +163,8 @@ def test_generate_from_mask_on_reference_and_in_model_space(t1, logic, tiny_mode
 
 
 def test_generate_pairs_give_brains_and_lesion_segmentations(scene, logic, tiny_model):
-    out = logic.run(Task.GENERATE, settings=RunSettings(steps=2, samples=2), model=tiny_model)
+    out = logic.run(Task.GENERATE, settings=RunSettings(steps=2, samples=2, sampler="dpm++2m"), model=tiny_model)
+    assert out.provenance["settings"]["sampler"] == "dpm++2m"  # the panel's sampler reached the engine
     names = [n.GetName() for n in out.nodes]
     assert names == ["USB generated brain 1", "USB generated lesion 1", "USB generated brain 2", "USB generated lesion 2"]
     assert out.lesion.IsA("vtkMRMLSegmentationNode")

@@ -63,3 +63,54 @@ def test_lesion_filling_draws_from_white_matter():
     out = baselines.lesion_filling(image, lesion, brain, seed=1)
     assert abs(out[lesion > 0].mean() - 0.9) < 0.02
     assert np.array_equal(out[lesion == 0], image[lesion == 0])
+
+
+def test_ncc_is_invariant_to_gain_and_offset_and_signed():
+    from usb_training.generation import ncc
+
+    rng = np.random.default_rng(1)
+    a = rng.random((10, 10, 10))
+    region = np.ones(a.shape, bool)
+    assert ncc(a, 2 * a + 1, region) == pytest.approx(1.0)
+    assert ncc(a, -a, region) == pytest.approx(-1.0)
+    assert abs(ncc(a, rng.random(a.shape), region)) < 0.1
+
+
+def test_aligned_ncc_undoes_a_shift_that_raw_ncc_punishes():
+    from phantoms import brain_mask, grid_affine, phantom
+    from usb_training.generation import aligned_ncc, ncc
+
+    shape = (32, 40, 32)
+    affine = grid_affine(shape, 5.0)
+    brain = brain_mask(shape, affine) > 0
+    image = (phantom(shape, affine, skull=False, scale=1.0) * brain).astype(np.float32)
+    moved = np.roll(image, (2, -1, 1), axis=(0, 1, 2))
+    raw = ncc(moved, image, brain)
+    aligned = aligned_ncc(moved, image, brain, affine)
+    assert aligned > raw + 0.05 and aligned > 0.9, (raw, aligned)
+
+
+def test_mask_stats_count_26_connected_components_volume_and_tissue_share():
+    from usb_training.generation import mask_stats
+
+    mask = np.zeros((10, 10, 10), np.uint8)
+    mask[1, 1, 1] = mask[2, 2, 2] = 1  # diagonal neighbours: one component
+    mask[6:8, 6:8, 6:8] = 1  # 8 voxels, a second component
+    wm = np.zeros(mask.shape, bool)
+    wm[5:, 5:, 5:] = True
+    stats = mask_stats(mask, 2.0, wm, np.ones(mask.shape, bool))
+    assert stats["components"] == 2
+    assert stats["volume_ml"] == pytest.approx(10 * 8 / 1000)
+    assert stats["in_wm"] == pytest.approx(0.8) and stats["in_tissue"] == 1.0
+    empty = mask_stats(np.zeros_like(mask), 2.0, wm, wm)
+    assert empty["components"] == 0 and empty["volume_ml"] == 0 and empty["centroid_mm"] is None
+
+
+def test_tissue_fractions_recover_three_classes():
+    from usb_training.generation import tissue_fractions
+
+    rng = np.random.default_rng(2)
+    values = np.concatenate([rng.normal(0.2, 0.03, 2000), rng.normal(0.6, 0.03, 5000), rng.normal(0.95, 0.03, 3000)])
+    image = values.reshape(10, 10, 100).astype(np.float32)
+    fractions = tissue_fractions(image, np.ones(image.shape, bool))
+    assert fractions == pytest.approx([0.2, 0.5, 0.3], abs=0.02)

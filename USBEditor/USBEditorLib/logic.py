@@ -59,9 +59,9 @@ TASK_INFO: dict[Task, dict[str, Any]] = {
                              "seed"),
                  "suffix": "+ lesion"},
     Task.GENERATE_FROM_MASK: {"label": "Generate brain from mask", "volume": "optional", "mask": "required",
-                              "settings": ("steps", "samples", "seed")},
+                              "settings": ("steps", "sampler", "samples", "seed")},
     Task.GENERATE: {"label": "Generate brain + lesion pair", "volume": "unused", "mask": "unused",
-                    "settings": ("steps", "samples", "seed")},
+                    "settings": ("steps", "sampler", "samples", "seed")},
 }
 
 
@@ -89,6 +89,18 @@ class Stages(enum.Enum):
                 "both": "Both (latent, then local)"}[self.value]
 
 
+class Sampler(enum.Enum):
+    """The ODE solver of generation (``USBLib.settings``: ddim, dpm++2m); "" = the model's default."""
+
+    DEFAULT = ""
+    DDIM = "ddim"
+    DPM = "dpm++2m"
+
+    def label(self) -> str:
+        return {"": "Model default", "ddim": "DDIM (first order)", "dpm++2m": "DPM-Solver++ 2M (second order)"}[
+            self.value]
+
+
 class LocalMode(enum.Enum):
     """How the local stage makes its edit: a guided sample (texture) or the deterministic reconstruction."""
 
@@ -114,6 +126,7 @@ class RunSettings:
     eta: float = FALLBACKS["eta"]
     stages: str = ""       # "" = the model's default
     local_mode: str = ""
+    sampler: str = ""      # "" = the model's default
     samples: int = 1
     seed: int = 0
 

@@ -118,9 +118,21 @@ def _write_shard(anatomies: Sequence[Anatomy], k: int, size: int, shard: int, se
     (folder / "complete").write_text(f"{size} {seed} {healthy_fraction} {k}")
 
 
+_WORKER_ANATOMIES: Sequence[Anatomy] = ()
+
+
+def _init_worker(anatomies: Sequence[Anatomy]) -> None:
+    """A data-building process: the templates once (inherited, not pickled per job), one thread each."""
+    global _WORKER_ANATOMIES
+    import torch
+
+    torch.set_num_threads(1)
+    _WORKER_ANATOMIES = anatomies
+
+
 def _write_shard_job(job: tuple) -> int:
-    _write_shard(*job)
-    return job[1]
+    _write_shard(_WORKER_ANATOMIES, *job)
+    return job[0]
 
 
 def build(anatomies: Sequence[Anatomy], count: int, seed: int, healthy_fraction: float, out: Path,
@@ -142,8 +154,8 @@ def build(anatomies: Sequence[Anatomy], count: int, seed: int, healthy_fraction:
     if workers > 1 and len(todo) > 1:
         import multiprocessing
 
-        jobs = [(anatomies, k, size, shard, seed, healthy_fraction, out) for k, size in todo]
-        with multiprocessing.get_context("fork").Pool(min(workers, len(jobs))) as pool:
+        jobs = [(k, size, shard, seed, healthy_fraction, out) for k, size in todo]
+        with multiprocessing.get_context("fork").Pool(min(workers, len(jobs)), _init_worker, (anatomies,)) as pool:
             for _ in tqdm(pool.imap_unordered(_write_shard_job, jobs), total=len(jobs), desc=desc, leave=False):
                 pass
         return out

@@ -49,9 +49,10 @@ def _export(args) -> int:
         tuned = json.loads(args.tuning.read_text())
         best = tuned["best_heal"]
         defaults["heal"].update({"dilation_mm": best["dilation_mm"], "eta": best["eta"], "alpha0": best["alpha0"],
-                                 "margin_mm": best["margin_mm"]})
+                                 "acg": best["alpha0"] > 0, "margin_mm": best["margin_mm"]})
         emb = tuned["best_embed"]
-        defaults["embed"].update({"eta": emb["eta"], "alpha0": emb["alpha0"], "margin_mm": best["margin_mm"]})
+        defaults["embed"].update({"eta": emb["eta"], "alpha0": emb["alpha0"], "acg": emb["alpha0"] > 0,
+                                  "margin_mm": best["margin_mm"]})  # (in the tuning grid, alpha0 0 = ACG off)
     history = json.loads((args.work / "train" / "history.json").read_text())
     steps = history["train"][-1]["step"] if history["train"] else 0
     training = {"steps": steps, "hours": round(history.get("seconds", 0.0) / 3600, 2),

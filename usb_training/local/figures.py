@@ -32,7 +32,7 @@ def guidance_figure(model, out: Path, seed: int = 0) -> Path:
         vols, labels = [], []
         for eta in ETA:
             res = editor.embed(image.data, image.affine, target.data, alpha0=alpha0, eta=eta, seed=seed,
-                               local_mode="realism")
+                               local_mode="realism", acg=alpha0 > 0)
             vols.append(crop(res.image))
             labels.append(f"eta {eta:g}")
         title = "alpha0 0 (ACG off)" if alpha0 == 0 else f"alpha0 {alpha0:g}"
