@@ -174,6 +174,8 @@ def train(cfg: dict[str, Any], work: Path, minutes: float | None = None, steps: 
             loss = loss + adv_weight * adv(disc(recon)[-1], target_is_real=True, for_discriminator=False)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if float(c.get("grad_clip", 0.0)) > 0:  # batch-1 whole volumes give occasional large gradients
+            torch.nn.utils.clip_grad_norm_(ae.parameters(), float(c["grad_clip"]))
         opt.step()
         if adversarial:
             d_loss = 0.5 * (adv(disc(recon.detach())[-1], target_is_real=False, for_discriminator=True)
