@@ -27,9 +27,9 @@ TIERS: dict[str, dict[str, Any]] = {
                            "num_head_channels": [0, 0, 64], "norm_num_groups": 32},
         },
         "data": {"train": 3000, "val": 32, "healthy_fraction": 0.2, "seed": 0},
-        "autoencoder": {"steps": 1000, "batch": 4, "patch": [48, 48, 48], "lr": 1e-3, "kl_weight": 1e-8,
+        "autoencoder": {"steps": 3000, "batch": 4, "patch": [48, 48, 48], "lr": 1e-3, "kl_weight": 1e-8,
                         "log_var_init": -6.0, "mask_fraction": 0.25, "val_every": 250, "warmup": 100,
-                        "full_volume_steps": 1200, "grad_clip": 1.0},
+                        "full_volume_steps": 200, "full_volume_lr_scale": 0.05, "grad_clip": 1.0},
         "diffusion": {"steps": 12000, "batch": 4, "lr": 5e-4, "ema": 0.999, "clean_condition_fraction": 0.2,
                       "val_every": 250, "warmup": 200, "min_snr_gamma": 5.0},
         "defaults": {
