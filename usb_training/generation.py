@@ -104,7 +104,7 @@ class Reference:
         self.brains = [(held.image, held.brain)] + [(s.healthy, s.brain) for s in self.samples]
         self.wm = self.template.labels == WM
         self.tissue = (self.template.labels > 0) & (self.template.labels != CSF)
-        self.generator = [Anatomy.load(prepared[name]) for name in TRAIN_SOURCES]
+        self.cfg, self.cache = cfg, cache
 
     def mean_ncc(self, image: np.ndarray, affine: np.ndarray) -> float:
         return float(np.mean([aligned_ncc(image, ref, brain, affine, seed=i)
@@ -114,7 +114,10 @@ class Reference:
         return np.mean([tissue_fractions(img, brain) for img, brain in self.brains], 0).round(4).tolist()
 
     def generator_masks(self, count: int) -> list[np.ndarray]:
-        return [make_sample(self.generator[i % len(self.generator)], 700_000 + i).mask for i in range(count)]
+        """Lesion masks straight from the data generator (the same ones ``evaluate`` compares against)."""
+        from .evaluate import generator_masks
+
+        return generator_masks(self.cfg, self.cache, count)
 
 
 def _round_trip(round_trip, image: np.ndarray, brain: np.ndarray) -> dict[str, float]:
