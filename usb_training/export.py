@@ -12,6 +12,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from USBLib.core import bundle as bundle_mod
@@ -43,6 +44,18 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def latent_clip(work: Path, margin: float = 0.25) -> list[float]:
+    """The range of the cached training latents (first shard), widened by ``margin`` of the largest magnitude
+    on each side: the bundle's ``latent.clip``, which one-step clean estimates are clamped to at sampling time."""
+    files = sorted((Path(work) / "latents" / "train").glob("shard_[0-9][0-9][0-9].npy"))
+    if not files:
+        raise RuntimeError(f"no cached training latents in {work}; run the latents stage")
+    values = np.load(files[0], mmap_mode="r")
+    low, high = float(values.min()), float(values.max())
+    pad = margin * max(abs(low), abs(high))
+    return [round(low - pad, 3), round(high + pad, 3)]
+
+
 def training_facts(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
     """Data, steps, hours and hardware of a run, for bundle.json and the model card."""
     work = Path(work)
@@ -59,7 +72,8 @@ def training_facts(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
                        "divergence-free deformation; hypointense T1 encoding)",
         },
         "autoencoder": {"steps": ae_meta.get("step"), "hours": round(_hours(work / "autoencoder"), 3),
-                        "final_val": _final_val(work / "autoencoder"), "config": cfg["autoencoder"]},
+                        "final_val": _final_val(work / "autoencoder"), "config": cfg["autoencoder"],
+                        "network": cfg["networks"]["autoencoder"]},
         "diffusion": {"steps": diff_meta.get("step"), "hours": round(_hours(work / "diffusion"), 3),
                       "final_val": _final_val(work / "diffusion"), "config": cfg["diffusion"]},
         "hardware": f"{_cpu_name()}, {torch.get_num_threads()} threads, "
@@ -68,12 +82,21 @@ def training_facts(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
     }
 
 
+def _autoencoder_words(facts: dict[str, Any]) -> str:
+    net = facts["autoencoder"].get("network", {})
+    if net.get("kind") == "patch_kl":
+        return (f"a patch KL autoencoder ({net['latent_channels']} coefficients per {net['patch']}^3 patch, "
+                "started from their PCA, with a convolutional refinement)")
+    return "MONAI AutoencoderKL"
+
+
 def model_card(name: str, facts: dict[str, Any], metrics: dict[str, Any]) -> str:
     """Markdown model card: what the model is, its data, training cost, measured numbers, limitations."""
     data = facts["data"]
     lines = [f"# {name}", "",
              f"USB (unified brain-lesion synthesis and editing) model, tier `{facts['tier']}`. "
-             "Latent diffusion: MONAI AutoencoderKL + two DiffusionModelUNets (USB_lesion, USB_brain).", "",
+             f"Latent diffusion: {_autoencoder_words(facts)} + two MONAI DiffusionModelUNets (USB_lesion, USB_brain).",
+             "",
              "## Training data", "",
              *[f"- {k}: {v}" for k, v in data["healthy_sources"].items()],
              f"- held out: {data['held_out_source']}",
@@ -86,6 +109,8 @@ def model_card(name: str, facts: dict[str, Any], metrics: dict[str, Any]) -> str
              f"- autoencoder: {facts['autoencoder']['steps']} steps, {facts['autoencoder']['hours']} h, "
              f"final validation {facts['autoencoder']['final_val']}. L1 + KL; no perceptual loss (every perceptual "
              "network needs downloaded weights, which this project does not use); no adversarial loss in this tier.",
+             *(["- the reconstruction of the held-out template: `Resources/reconstruction.png`."]
+               if facts["autoencoder"].get("network", {}).get("kind") == "patch_kl" else []),
              f"- U-Nets: {facts['diffusion']['steps']} steps (batch {facts['diffusion']['config']['batch']}), "
              f"{facts['diffusion']['hours']} h, final validation {facts['diffusion']['final_val']}.",
              f"- hardware: {facts['hardware']}", "",
@@ -137,7 +162,7 @@ def export(cfg: dict[str, Any], work: Path, out: Path, name: str, metrics: dict[
         "model_space": {"shape": list(grid["shape"]), "affine": affine.tolist(), "template": "template.nii.gz",
                         "brain_mask": "brain_mask.nii.gz", "space": "MNI152NLin2009aSym"},
         "intensity": dict(INTENSITY),
-        "latent": {"scale_factor": float(ae_meta["scale_factor"]), "clip": [-6.0, 6.0]},
+        "latent": {"scale_factor": float(ae_meta["scale_factor"]), "clip": latent_clip(work)},
         "schedule": dict(SCHEDULE),
         "networks": {k: dict(v, weights="") for k, v in cfg["networks"].items()},
         "defaults": cfg["defaults"],

@@ -163,6 +163,18 @@ def reconstruction_by_source(round_trip, cfg: dict[str, Any], cache: Path, per_s
     return out
 
 
+def reconstruction_figure(round_trip, cfg: dict[str, Any], cache: Path, out: Path, title: str) -> Path:
+    """Orthogonal slices of the held-out template, its round trip and the difference (x 1, same grey scale as
+    the image), so that blur and a grey background show to the eye."""
+    from USBLib.apps.montage import save_montage
+
+    image = Anatomy.load(prepared_sources(cfg, cache)[HELD_OUT]).image.astype(np.float32)
+    recon = round_trip(image)
+    center = [int(c) for c in np.argwhere(image > 0).mean(0)]
+    return save_montage(out, [(f"{title}, held-out {HELD_OUT}", [image, recon, recon - image],
+                               ["original", "round trip", "difference"], center)], zoom=2)
+
+
 def unconditional(editor: Editor, ref: Reference, pairs: int, seed: int = 0, steps: int | None = None,
                   sampler: str | None = None) -> tuple[dict[str, Any], list]:
     """Generated pairs measured against the held-out population and the lesion generator (``steps`` and
@@ -254,6 +266,8 @@ def run(model: Path | str, cfg: dict[str, Any], cache: Path, out: Path, pairs: i
     ref = Reference(cfg, cache)
     result: dict[str, Any] = {"held_out_source": HELD_OUT,
                               "reconstruction": reconstruction_by_source(editor_round_trip(editor), cfg, cache)}
+    reconstruction_figure(editor_round_trip(editor), cfg, cache, out / "reconstruction.png",
+                          f"{editor.bundle.name} autoencoder")
     result["unconditional"], generated = unconditional(editor, ref, pairs, seed, steps, sampler)
     result["from_mask"], conditioned = from_mask(editor, ref, mask_cases, seed, steps, sampler)
     result["sampling"] = {k: v for k, v in editor._settings("generate", steps=steps, sampler=sampler).items()
@@ -324,8 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.autoencoder is not None:
         cfg = tier(args.tier)
-        rec = reconstruction_by_source(checkpoint_round_trip(cfg, args.autoencoder), cfg, args.cache)
+        round_trip = checkpoint_round_trip(cfg, args.autoencoder)
+        rec = reconstruction_by_source(round_trip, cfg, args.cache)
         args.out.mkdir(parents=True, exist_ok=True)
+        reconstruction_figure(round_trip, cfg, args.cache, args.out / "reconstruction.png", "autoencoder")
         (args.out / "reconstruction.json").write_text(json.dumps(rec, indent=1))
         print("\n".join(reconstruction_table(rec)))
         return 0

@@ -4,10 +4,17 @@ For a pair (x0 lesion latent, y0 brain latent) one timestep t and two noises giv
 predicts eps_x from [x_t | y_t]; USB_brain predicts eps_y from [y_t | c], where c is USB_lesion's one-step
 estimate x0_hat (detached), or with probability ``clean_condition_fraction`` the true x0, because the editing
 tasks condition on a clean mask latent. Loss = MSE(eps_x) + MSE(eps_y) (the paper's objective), each sample
-weighted by min(SNR_t, gamma) / SNR_t (min-SNR-gamma, Hang et al. 2023: the same optimum, faster convergence,
-``min_snr_gamma`` 0 turns it off). Learning rate: warm-up then cosine. EMA weights, with the decay ramped up as
-(1 + n) / (10 + n) so that a short run is not dominated by the initial weights, are what gets exported. The
-training latents are every cached shard (``latents.load_latents``).
+weighted by min-SNR-gamma (Hang et al. 2023: the same optimum, faster convergence; ``min_snr_gamma`` 0 turns it
+off).
+
+With the schedule's ``prediction_type`` ``v_prediction`` (the tiny tier's) the networks output
+v = sqrt(abar) eps - sqrt(1 - abar) x0 instead: the same denoising objective, reparameterised. Measured here: an
+eps model after 1 000 steps predicted the noise to MSE 0.02 at t = 900, which the clean estimate divides by
+sqrt(abar) ~ 0.006, and sampling diverged to latents 7x larger than the data; v keeps the estimate bounded.
+
+Learning rate: warm-up then cosine. EMA weights, with the decay ramped up as (1 + n) / (10 + n) so that a short
+run is not dominated by the initial weights, are what gets exported. The training latents are every cached shard
+(``latents.load_latents``).
 
     python -m usb_training.train_diffusion --tier tiny --work RUN [--minutes M] [--steps N]
 """
@@ -38,12 +45,25 @@ def q_sample(sched: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: tor
 
 
 def snr_weight(sched: NoiseSchedule, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Per-sample loss weight min(SNR_t, gamma) / SNR_t with SNR_t = abar_t / (1 - abar_t); ones if gamma <= 0."""
+    """Per-sample min-SNR-gamma loss weight, SNR_t = abar_t / (1 - abar_t): min(SNR_t, gamma) / SNR_t on the
+    eps loss, min(SNR_t, gamma) / (SNR_t + 1) on the v loss (both = min(SNR_t, gamma) on the x0 error); ones if
+    gamma <= 0."""
     if gamma <= 0:
         return torch.ones(t.shape, dtype=torch.float32, device=t.device)
     abar = sched.alphas_cumprod.to(t.device, torch.float32)[t]
     snr = abar / (1 - abar)
-    return torch.clamp(snr, max=gamma) / snr
+    return torch.clamp(snr, max=gamma) / (snr + 1 if sched.prediction_type == "v_prediction" else snr)
+
+
+def target_and_x0(sched: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, noise: torch.Tensor,
+                  output: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(regression target, one-step clean estimate) for a batched network ``output`` at timesteps ``t`` [B]:
+    the noise and (x_t - sqrt(1 - abar) eps_hat) / sqrt(abar) for ``epsilon``; v = sqrt(abar) noise -
+    sqrt(1 - abar) x0 and sqrt(abar) x_t - sqrt(1 - abar) v_hat for ``v_prediction``."""
+    abar = sched.alphas_cumprod.to(x0.device, x0.dtype)[t].view(-1, *([1] * (x0.dim() - 1)))
+    if sched.prediction_type == "v_prediction":
+        return abar.sqrt() * noise - (1 - abar).sqrt() * x0, abar.sqrt() * x_t - (1 - abar).sqrt() * output
+    return noise, (x_t - (1 - abar).sqrt() * output) / abar.sqrt()
 
 
 def _weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -56,13 +76,13 @@ def paired_loss(unet_lesion: torch.nn.Module, unet_brain: torch.nn.Module, sched
     """(lesion loss, brain loss) of eq. 10-11 for one batch; ``clean`` [B] bool picks the true x0 as condition;
     ``gamma`` > 0 weights each sample by min-SNR-gamma."""
     x_t, y_t = q_sample(sched, x0, t, noise_x), q_sample(sched, y0, t, noise_y)
-    eps_x = unet_lesion(torch.cat([x_t, y_t], 1), t)
-    abar = sched.alphas_cumprod.to(x0.device, x0.dtype)[t].view(-1, 1, 1, 1, 1)
-    x0_hat = ((x_t - (1 - abar).sqrt() * eps_x) / abar.sqrt()).detach()
-    cond = torch.where(clean.view(-1, 1, 1, 1, 1), x0, x0_hat)
-    eps_y = unet_brain(torch.cat([y_t, cond], 1), t)
+    out_x = unet_lesion(torch.cat([x_t, y_t], 1), t)
+    target_x, x0_hat = target_and_x0(sched, x0, x_t, noise_x, out_x, t)
+    cond = torch.where(clean.view(-1, 1, 1, 1, 1), x0, x0_hat.detach())
+    out_y = unet_brain(torch.cat([y_t, cond], 1), t)
+    target_y, _ = target_and_x0(sched, y0, y_t, noise_y, out_y, t)
     w = snr_weight(sched, t, gamma)
-    return _weighted_mse(eps_x, noise_x, w), _weighted_mse(eps_y, noise_y, w)
+    return _weighted_mse(out_x, target_x, w), _weighted_mse(out_y, target_y, w)
 
 
 @torch.no_grad()
@@ -126,7 +146,7 @@ def train(cfg: dict[str, Any], work: Path, minutes: float | None = None, steps: 
     def checkpoint() -> None:
         history.data["seconds"] = seconds_before + budget.elapsed()
         save_checkpoint(folder, modules, opt, {"step": step})
-        history.save("USB_lesion / USB_brain (eps MSE)")
+        history.save(f"USB_lesion / USB_brain ({sched.prediction_type} MSE)")
 
     bar = tqdm(total=total, initial=step, desc="diffusion", disable=not (progress and ctx.main))
     for net in nets.values():

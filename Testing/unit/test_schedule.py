@@ -81,3 +81,37 @@ def test_dpm_solver_2m_is_more_accurate_than_ddim_from_20_steps():
     assert ((modes - 1).abs() < 0.35).float().mean() > 0.95  # samples land on the modes (sd 0.1; x_T to 3 sd)
     with pytest.raises(ValueError, match="unknown sampler"):
         NoiseSchedule.from_config(CFG).solver_step(torch.zeros(1), torch.zeros(1), torch.zeros(1), 5, 2, "euler")
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_split_recovers_clean_latent_and_noise_from_the_true_output(prediction):
+    sched = NoiseSchedule.from_config({"prediction_type": prediction})
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 3, 4, 4, 4, generator=g) * 3, torch.randn(2, 3, 4, 4, 4, generator=g)
+    for t in (0, 500, 1023):
+        a = sched.alpha_bar(t)
+        x_t = sched.q_sample(x0, t, eps)
+        output = eps if prediction == "epsilon" else a ** 0.5 * eps - (1 - a) ** 0.5 * x0
+        x0_hat, eps_hat = sched.split(x_t, output, t)
+        assert torch.allclose(x0_hat, x0, atol=1e-3) and torch.allclose(eps_hat, eps, atol=1e-4)
+
+
+def test_v_prediction_bounds_the_clean_estimate_near_pure_noise():
+    """The same small output error near t = T: eps-prediction divides it by sqrt(a_T) ~ 0.006, v does not."""
+    g = torch.Generator().manual_seed(1)
+    x0, eps, err = torch.randn(1, 2, 8, 8, 8, generator=g), torch.randn(1, 2, 8, 8, 8, generator=g), 0.05
+    errors = {}
+    for prediction in ("epsilon", "v_prediction"):
+        sched = NoiseSchedule.from_config({"prediction_type": prediction})
+        t = 1023
+        a = sched.alpha_bar(t)
+        x_t = sched.q_sample(x0, t, eps)
+        true = eps if prediction == "epsilon" else a ** 0.5 * eps - (1 - a) ** 0.5 * x0
+        x0_hat, _ = sched.split(x_t, true + err, t)
+        errors[prediction] = float((x0_hat - x0).abs().mean())
+    assert errors["v_prediction"] < 0.1 < 5.0 < errors["epsilon"], errors
+
+
+def test_unknown_prediction_type_is_refused():
+    with pytest.raises(ValueError, match="prediction_type"):
+        NoiseSchedule.from_config({"prediction_type": "sample"})

@@ -29,6 +29,14 @@ REQUIRED_KEYS = ("schema_version", "name", "tier", "model_space", "intensity", "
                  "networks", "defaults", "files")
 
 
+def autoencoder_factor(ae_cfg: Mapping[str, Any]) -> int:
+    """Image-to-latent size ratio f of an autoencoder section of ``bundle.json``: ``patch`` for the patch
+    autoencoder (``kind: patch_kl``), else 2 per MONAI AutoencoderKL level after the first."""
+    if ae_cfg.get("kind", "monai_kl") == "patch_kl":
+        return int(ae_cfg["patch"])
+    return 2 ** (len(ae_cfg.get("channels", ())) - 1)
+
+
 @dataclass
 class ModelBundle:
     """A verified model bundle. ``config`` is the parsed ``bundle.json``; file paths are resolved under ``root``.
@@ -143,7 +151,7 @@ def _check_config(config: Mapping[str, Any], where: Path) -> None:
     if len(space.get("shape", ())) != 3 or np.asarray(space.get("affine", [])).shape != (4, 4):
         raise BundleError(f"{where}: model_space needs a 3D 'shape' and a 4x4 'affine'")
     nets = config["networks"]
-    factor = 2 ** (len(nets["autoencoder"].get("channels", ())) - 1) * 2 ** (len(nets["unet_brain"].get("channels", ())) - 1)
+    factor = autoencoder_factor(nets["autoencoder"]) * 2 ** (len(nets["unet_brain"].get("channels", ())) - 1)
     if any(int(s) % factor for s in space["shape"]):
         raise BundleError(f"{where}: model grid {space['shape']} is not divisible by {factor} "
                           "(autoencoder x U-Net downsampling)")

@@ -1,6 +1,7 @@
 """The three networks of USB, built from MONAI classes with hyper-parameters from ``bundle.json``.
 
-- ``autoencoder``: ``monai.networks.nets.AutoencoderKL``, image <-> latent (encode with the posterior mean).
+- ``autoencoder``: image <-> latent (encode with the posterior mean): ``monai.networks.nets.AutoencoderKL``
+  (``kind`` ``monai_kl``) or the patch KL autoencoder (``kind`` ``patch_kl``, ``patch_autoencoder.py``).
 - ``unet_lesion`` (USB_lesion): eps_x(x_t (+) y_t, t): the lesion model sees the noisy brain latent (paper eq. 8 note).
 - ``unet_brain`` (USB_brain): eps_y(y_t (+) c, t) with c the lesion condition latent (one-step x0 estimate,
   a given mask latent, or the empty-mask latent). (+) is channel concatenation.
@@ -12,17 +13,18 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from USBLib.core.bundle import ModelBundle
+from USBLib.core.bundle import ModelBundle, autoencoder_factor
 from USBLib.errors import BundleError
 
 AE_KEYS = {"channels", "num_res_blocks", "latent_channels", "norm_num_groups", "norm_eps", "attention_levels",
            "with_encoder_nonlocal_attn", "with_decoder_nonlocal_attn", "use_checkpoint", "include_fc"}
+PATCH_AE_KEYS = {"patch", "latent_channels", "refine_channels", "refine_blocks"}
 UNET_KEYS = {"channels", "num_res_blocks", "attention_levels", "norm_num_groups", "norm_eps", "num_head_channels",
              "resblock_updown", "use_flash_attention", "include_fc"}
 
 
 def _kwargs(cfg: Mapping[str, Any], allowed: set[str], what: str) -> dict[str, Any]:
-    unknown = set(cfg) - allowed - {"weights"}
+    unknown = set(cfg) - allowed - {"weights", "kind"}
     if unknown:
         raise BundleError(f"{what}: unknown hyper-parameters {sorted(unknown)}")
     out = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in allowed}
@@ -30,14 +32,23 @@ def _kwargs(cfg: Mapping[str, Any], allowed: set[str], what: str) -> dict[str, A
 
 
 def build_autoencoder(cfg: Mapping[str, Any]) -> nn.Module:
-    """MONAI AutoencoderKL for one-channel 3D images.
+    """The KL autoencoder for one-channel 3D images: MONAI AutoencoderKL (``kind`` ``monai_kl``, the default) or
+    the patch autoencoder (``kind`` ``patch_kl``, ``USBLib.core.patch_autoencoder``).
 
-    It maps an image [B, 1, I, J, K] (model intensity units) to a latent [B, latent_channels, I/f, J/f, K/f] and
+    Either maps an image [B, 1, I, J, K] (model intensity units) to a latent [B, latent_channels, I/f, J/f, K/f] and
     back, f = ``downsampling_factor``. Raises ``BundleError`` for an unknown hyper-parameter.
 
     Args:
-        cfg: the ``networks.autoencoder`` section of ``bundle.json`` (keys in ``AE_KEYS``; ``weights`` is ignored).
+        cfg: the ``networks.autoencoder`` section of ``bundle.json`` (keys in ``AE_KEYS`` or ``PATCH_AE_KEYS``;
+            ``weights`` is ignored).
     """
+    kind = cfg.get("kind", "monai_kl")
+    if kind == "patch_kl":
+        from USBLib.core.patch_autoencoder import PatchKLAutoencoder
+
+        return PatchKLAutoencoder(**_kwargs(cfg, PATCH_AE_KEYS, "autoencoder"))
+    if kind != "monai_kl":
+        raise BundleError(f"autoencoder: unknown kind '{kind}' (known: monai_kl, patch_kl)")
     from monai.networks.nets import AutoencoderKL
 
     return AutoencoderKL(spatial_dims=3, in_channels=1, out_channels=1, **_kwargs(cfg, AE_KEYS, "autoencoder"))
@@ -76,12 +87,12 @@ def build_all(networks_cfg: Mapping[str, Mapping[str, Any]]) -> dict[str, nn.Mod
 
 
 def downsampling_factor(networks_cfg: Mapping[str, Mapping[str, Any]]) -> int:
-    """Image-to-latent size ratio f of the autoencoder (2 per level after the first): ``2 ** (levels - 1)``.
+    """Image-to-latent size ratio f of the autoencoder (``bundle.autoencoder_factor``).
 
     Args:
-        networks_cfg: the ``networks`` section of ``bundle.json``; its ``autoencoder.channels`` gives the levels.
+        networks_cfg: the ``networks`` section of ``bundle.json``.
     """
-    return 2 ** (len(networks_cfg["autoencoder"]["channels"]) - 1)
+    return autoencoder_factor(networks_cfg["autoencoder"])
 
 
 def load_networks(bundle: ModelBundle, device: torch.device) -> dict[str, nn.Module]:

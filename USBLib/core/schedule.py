@@ -13,11 +13,21 @@ import numpy as np
 import torch
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # MONAI's names for what the U-Nets output
+
+
 @dataclass(frozen=True)
 class NoiseSchedule:
-    """Cumulative signal rates ``alpha_bar[t]`` for t = 0..T-1; ``alpha_bar(-1)`` is 1 (clean)."""
+    """Cumulative signal rates ``alpha_bar[t]`` for t = 0..T-1; ``alpha_bar(-1)`` is 1 (clean).
+
+    ``prediction_type``: what the U-Nets output. ``epsilon`` is the paper's eps_theta (eq. 10-11);
+    ``v_prediction`` is v = sqrt(a_t) eps - sqrt(1 - a_t) x0 (Salimans & Ho 2022), the same denoising objective
+    reparameterised so that the clean estimate stays bounded near t = T, where eps-prediction divides its error
+    by sqrt(a_t) ~ 0.006 (``split`` turns either output into the pair (x0_hat, eps_hat) that sampling uses).
+    """
 
     alphas_cumprod: torch.Tensor
+    prediction_type: str = "epsilon"
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "NoiseSchedule":
@@ -26,7 +36,10 @@ class NoiseSchedule:
         sched = DDPMScheduler(num_train_timesteps=int(cfg.get("num_train_timesteps", 1024)),
                               schedule=cfg.get("schedule", "linear_beta"),
                               beta_start=float(cfg.get("beta_start", 1e-4)), beta_end=float(cfg.get("beta_end", 0.02)))
-        return cls(alphas_cumprod=sched.alphas_cumprod.to(torch.float64))
+        prediction = str(cfg.get("prediction_type", "epsilon"))
+        if prediction not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction_type '{prediction}' (known: {', '.join(PREDICTION_TYPES)})")
+        return cls(alphas_cumprod=sched.alphas_cumprod.to(torch.float64), prediction_type=prediction)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -44,6 +57,15 @@ class NoiseSchedule:
         """One-step clean estimate x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t) (eq. C.3, C.5)."""
         a = self.alpha_bar(t)
         return (x_t - (1.0 - a) ** 0.5 * eps) / a ** 0.5
+
+    def split(self, x_t: torch.Tensor, output: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0_hat, eps_hat) from a network output at step t: eps_hat = output for ``epsilon``; for
+        ``v_prediction`` x0_hat = sqrt(a_t) x_t - sqrt(1 - a_t) v and eps_hat = sqrt(1 - a_t) x_t + sqrt(a_t) v.
+        All tensors [B, C, I, J, K]."""
+        if self.prediction_type == "v_prediction":
+            a = self.alpha_bar(t)
+            return a ** 0.5 * x_t - (1.0 - a) ** 0.5 * output, (1.0 - a) ** 0.5 * x_t + a ** 0.5 * output
+        return self.predict_x0(x_t, output, t), output
 
     def ddim_step(self, x0_hat: torch.Tensor, eps: torch.Tensor, t: int, s: int, eta: float = 0.0,
                   generator: torch.Generator | None = None) -> torch.Tensor:

@@ -39,6 +39,7 @@ class Denoisers:
     latent_clip: Optional[tuple[float, float]] = None
 
     def _eps(self, net: nn.Module, x_t: torch.Tensor, cond: torch.Tensor, t: int) -> torch.Tensor:
+        """The network's raw output (eps or v, see ``NoiseSchedule.prediction_type``) for [x_t | cond] at t."""
         tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
         return net(torch.cat([x_t, cond], dim=1), tt)
 
@@ -54,8 +55,7 @@ class Denoisers:
             cond: the condition latent concatenated to ``x_t`` on channels, [B, C, I, J, K].
             t: timestep, 0 .. T-1.
         """
-        eps = self._eps(net, x_t, cond, t)
-        x0_hat = self.schedule.predict_x0(x_t, eps, t)
+        x0_hat, eps = self.schedule.split(x_t, self._eps(net, x_t, cond, t), t)
         if self.latent_clip is not None:
             x0_hat = x0_hat.clamp(*self.latent_clip)
             eps = self.schedule.eps_from_x0(x_t, x0_hat, t) if t >= 0 else eps
