@@ -195,7 +195,10 @@ def test_ctrl_c_leaves_only_whole_files_and_the_rerun_resumes(tmp_path, tiny_bun
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "USBLib.apps.cli", "batch", str(root), "--out", str(out), "--model", str(tiny_bundle.root),
            "--steps", "40", "--device", "cpu", "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default in the child: a suite started in the background (``cmd &``) inherits SIGINT
+    # ignored, and Python then never raises KeyboardInterrupt (seen: the batch ran to the end with exit 0)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # interrupt right after the first scan is recorded, however slow the machine: no timing race (the
     # generous limit only turns a hung batch into a failure instead of a hung test)
     deadline = time.time() + 900
