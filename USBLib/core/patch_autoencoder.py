@@ -63,8 +63,7 @@ class PatchKLAutoencoder(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Images [B, 1, I, J, K] from latents [B, C, I/f, J/f, K/f]."""
         linear = self.decoder_linear(z)
-        upsampled = torch.repeat_interleave(torch.repeat_interleave(torch.repeat_interleave(
-            z, self.patch, 2), self.patch, 3), self.patch, 4)
+        upsampled = nn.functional.interpolate(z, scale_factor=self.patch, mode="nearest")
         features = self.refine_blocks(self.refine_in(torch.cat([linear, upsampled], 1)))
         return linear + self.refine_out(features)
 
