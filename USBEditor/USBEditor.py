@@ -76,6 +76,7 @@ class USBEditorParameterNode:
     stages: Stages = Stages.DEFAULT
     localMode: LocalMode = LocalMode.DEFAULT
     sampler: Sampler = Sampler.DEFAULT
+    lesionGuidance: Annotated[float, WithinRange(*RANGES["lesion_guidance"])] = FALLBACKS["lesion_guidance"]
     model: str = ""
     showComparison: bool = True
     resampleMask: bool = True
@@ -222,6 +223,7 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.stagesComboBox.enabled = edit and p.maskNode is not None
         self.ui.localModeComboBox.enabled = edit and p.maskNode is not None and p.stages is not Stages.LATENT
         self.ui.samplerComboBox.enabled = not edit
+        self.ui.lesionGuidanceSliderWidget.enabled = p.task is Task.GENERATE_FROM_MASK
         reason = missing_input(p.task, p.inputVolume, p.maskNode, p.segmentId)
         running = self._run is not None
         self.ui.applyButton.enabled = reason is None and not running
@@ -320,6 +322,7 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             setattr(p, key, getattr(settings, key))
         p.stages = Stages(settings.stages)
         p.localMode = LocalMode(settings.local_mode)
+        p.lesionGuidance = settings.lesion_guidance
         if not guidanceOnly:
             p.frames = 0
         p.guidanceTask = task.value
@@ -346,7 +349,7 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         settings = RunSettings(steps=int(p.steps), strength=p.strength, acg=bool(p.acg), alpha0=p.alpha0, k=p.k,
                                eta=p.eta,
                                stages=p.stages.value, local_mode=p.localMode.value, sampler=p.sampler.value,
-                               samples=int(p.samples),
+                               lesion_guidance=p.lesionGuidance, samples=int(p.samples),
                                seed=int(p.seed))
         info = TASK_INFO[p.task]
         mask = p.maskNode if info["mask"] != "unused" else None

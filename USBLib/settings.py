@@ -79,6 +79,10 @@ _SETTINGS = (
     Setting("sampler", "choice", "Generation: the ODE solver of the reverse diffusion. ddim = first order; "
             "dpm++2m = DPM-Solver++(2M), second order with the same network calls, so fewer steps suffice.",
             choices=SAMPLERS, fallback="ddim"),
+    Setting("lesion_guidance", "float", "Generation from a mask: how strongly the lesion is imprinted. The brain "
+            "model's estimate for the mask is pushed away from its estimate for an empty mask by this factor "
+            "(classifier-free guidance with the empty mask as the null condition); 0 = the paper's plain eq. 9.",
+            0.0, 10.0, fallback=0.0),
     Setting("samples", "int", "Number of samples averaged; with 2 or more an uncertainty map (per-voxel standard "
             "deviation) is written. For generation: the number of pairs.", 1, 64, fallback=1),
     Setting("seed", "int", "Random seed: the same seed and settings give the same result.", 0, 2**31 - 1,

@@ -145,9 +145,10 @@ def plot_curves(data: Mapping[str, Any], out: Path, title: str) -> None:
 class Budget:
     """Stops a loop after ``steps`` or ``minutes`` of wall time, whichever comes first."""
 
-    def __init__(self, minutes: float | None):
+    def __init__(self, minutes: float | None, first_step: int = 0):
         self.start = time.monotonic()
         self.limit = None if not minutes else minutes * 60.0
+        self.first_step = first_step
 
     def over(self) -> bool:
         return self.limit is not None and time.monotonic() - self.start > self.limit
@@ -162,6 +163,13 @@ class Budget:
         if self.limit is None:
             return step
         return max(step, min(total - 1, int(total * self.elapsed() / self.limit)))
+
+    def rewarm(self, step: int, warmup: int) -> float:
+        """Learning-rate factor in (0, 1]: after a resume (``first_step`` > 0) the rate ramps up again linearly
+        over ``warmup`` steps, so a run whose schedule had decayed does not jump back to a large rate at once."""
+        if self.first_step <= 0 or warmup <= 0:
+            return 1.0
+        return min(1.0, (step - self.first_step + 1) / warmup)
 
 
 def warmup_cosine(step: int, total: int, base_lr: float, warmup: int, floor: float = 0.02) -> float:

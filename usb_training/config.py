@@ -38,7 +38,7 @@ TIERS: dict[str, dict[str, Any]] = {
                      "fusion": "deviation", "prefill": "harmonic"},
             "embed": {"steps": 50, "strength": 0.6, "alpha0": 20.0, "k": 2.0, "eta": 1.0, "margin_mm": 6.0},
             "generate": {"steps": 25, "sampler": "dpm++2m"},
-            "generate_from_mask": {"steps": 25, "sampler": "dpm++2m"},
+            "generate_from_mask": {"steps": 25, "sampler": "dpm++2m", "lesion_guidance": 2.0},
         },
     },
     "base": {

@@ -77,10 +77,10 @@ def heal_methods(editor: Editor) -> dict[str, Callable[[Sample, int], np.ndarray
         "lesion filling (FSL-style)": lambda c, seed: baselines.lesion_filling(c.image, c.mask, c.brain, seed=seed),
         "biharmonic inpainting": lambda c, seed: baselines.biharmonic(c.image, c.mask),
         "USB (bundle defaults)": usb(),
-        "USB without pre-fill": usb(prefill="none"),
-        "USB without ACG": usb(acg=False),
-        "USB with LCG (eta 1)": usb(eta=1.0),
-        "USB without LCG (eta 0)": usb(eta=0.0),
+        "USB latent stage": usb(stages="latent"),
+        "USB latent without pre-fill": usb(stages="latent", prefill="none"),
+        "USB latent without ACG": usb(stages="latent", acg=False),
+        "USB latent without LCG (eta 0)": usb(stages="latent", eta=0.0),
     }
 
 
@@ -105,13 +105,14 @@ def evaluate_heal(editor: Editor, cases: list[Sample]) -> tuple[dict[str, dict[s
     return {name: {k: float(np.mean([r[k] for r in rs])) for k in rs[0]} for name, rs in rows.items()}, figure
 
 
-def evaluate_embed(editor: Editor, cases: list[Sample]) -> dict[str, float]:
-    """Healthy -> pathology on the held-out healthy brains with the cases' masks."""
+def evaluate_embed(editor: Editor, cases: list[Sample], **settings: Any) -> dict[str, float]:
+    """Healthy -> pathology on the held-out healthy brains with the cases' masks (``settings``: embed keywords
+    on top of the bundle's defaults, e.g. ``stages="latent"``)."""
     spacing = float(editor.bundle.spacing[0])
     margin = float(editor.bundle.defaults("embed")["margin_mm"])
     contrast_in, contrast_out, dices, outside = [], [], [], []
     for i, case in enumerate(tqdm(cases, desc="embed", leave=False)):
-        res = editor.embed(case.healthy, editor.bundle.grid_affine, case.mask, case.brain, seed=i)
+        res = editor.embed(case.healthy, editor.bundle.grid_affine, case.mask, case.brain, seed=i, **settings)
         lesion = case.mask > 0
         ring = ndimage.binary_dilation(lesion, iterations=3) & ~lesion & (case.brain > 0)
         contrast_out.append(float(res.image[lesion].mean() / max(res.image[ring].mean(), 1e-6)))
@@ -165,7 +166,8 @@ HEAL_COLUMNS = [("lesion_psnr", "PSNR lesion"), ("lesion_ssim", "SSIM lesion"), 
                 ("brain_psnr", "PSNR brain"), ("brain_ssim", "SSIM brain"), ("seconds", "s / case")]
 
 
-def table(heal: dict[str, dict[str, float]], embed: dict[str, float], gen: dict[str, Any] | None, cases: int) -> str:
+def table(heal: dict[str, dict[str, float]], embed: dict[str, dict[str, float]], gen: dict[str, Any] | None,
+          cases: int) -> str:
     """Markdown tables of the results."""
     lines = [f"Pathology -> healthy, held-out source `{HELD_OUT}`, {cases} cases (model grid, model units; "
              "higher PSNR/SSIM and lower L1 are better):", "",
@@ -173,10 +175,13 @@ def table(heal: dict[str, dict[str, float]], embed: dict[str, float], gen: dict[
              "|---|" + "---|" * len(HEAL_COLUMNS)]
     for name, scores in heal.items():
         lines.append(f"| {name} | " + " | ".join(f"{scores[k]:.4g}" for k, _ in HEAL_COLUMNS) + " |")
-    lines += ["", "Healthy -> pathology (same masks embedded into the lesion-free brains):", "",
-              f"- lesion/surround intensity ratio: USB {embed['lesion_contrast_usb']:.3f}, synthetic reference "
-              f"lesions {embed['lesion_contrast_reference']:.3f} (1 = invisible, lower = darker lesion)",
-              f"- location Dice (thresholded change vs mask): {embed['location_dice']:.3f}"]
+    lines += ["", "Healthy -> pathology (same masks embedded into the lesion-free brains; lesion/surround intensity "
+              "ratio: 1 = invisible, lower = darker lesion):", "",
+              "| method | lesion/surround | synthetic reference lesions | location Dice | largest change outside |",
+              "|---|---|---|---|---|"]
+    for name, e in embed.items():
+        lines.append(f"| {name} | {e['lesion_contrast_usb']:.3f} | {e['lesion_contrast_reference']:.3f} | "
+                     f"{e['location_dice']:.3f} | {e['outside_max_change']:.3g} |")
     if gen:
         g, r = gen["generated_masks"], gen["generator_masks"]
         lines += ["", f"Generation ({gen['samples']} pairs): KID {gen['kid']:.4g}, Gaussian MMD² {gen['mmd_gaussian']:.4g} "
@@ -203,7 +208,8 @@ def run(model: Path | str, samples: list[Sample], reference_masks: list[np.ndarr
     out.mkdir(parents=True, exist_ok=True)
     editor = Editor(bundle_mod.load(model), device="auto", registration="none")
     heal, figure = evaluate_heal(editor, samples)
-    embed = evaluate_embed(editor, samples)
+    embed = {"USB (bundle defaults)": evaluate_embed(editor, samples),
+             "USB latent stage": evaluate_embed(editor, samples, stages="latent")}
     gen = evaluate_generation(editor, samples, reference_masks, generate) if generate else None
     md = table(heal, embed, gen, len(samples))
     first = samples[0]

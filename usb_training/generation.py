@@ -197,14 +197,17 @@ def unconditional(editor: Editor, ref: Reference, pairs: int, seed: int = 0, ste
 
 
 def from_mask(editor: Editor, ref: Reference, cases: int, seed: int = 0, steps: int | None = None,
-              sampler: str | None = None) -> tuple[dict[str, Any], list]:
-    """Brains for held-out lesion masks, each against the same noise with the empty condition."""
+              sampler: str | None = None, lesion_guidance: float | None = None,
+              with_ncc: bool = True) -> tuple[dict[str, Any], list]:
+    """Brains for held-out lesion masks, each against the same noise with the empty condition (and no lesion
+    guidance). ``lesion_guidance``: None = the bundle's; ``with_ncc`` False skips the (slow) affine NCC."""
     import torch
 
     from USBLib.core import tasks
 
     affine = editor.bundle.grid_affine
-    settings = editor._settings("generate_from_mask", steps=steps, sampler=sampler)
+    settings = editor._settings("generate_from_mask", steps=steps, sampler=sampler, lesion_guidance=lesion_guidance)
+    guidance = float(settings.get("lesion_guidance", 0.0))
     held = ref.held
     brain = editor.space["brain"]
     rows, figures = [], []
@@ -215,10 +218,11 @@ def from_mask(editor: Editor, ref: Reference, cases: int, seed: int = 0, steps: 
         conds = torch.cat([editor.encode(mask[None].astype(np.float32)), editor.empty_condition()])
         noise_seed = seed + i
         lat = []
-        for cond in conds:
+        for cond, w in zip(conds, (guidance, 0.0)):  # (the empty mask has nothing to guide towards)
             generator = torch.Generator().manual_seed(noise_seed)
             lat.append(tasks.generate_from_mask(editor._denoisers(), cond[None], settings["steps"], generator,
-                                                sampler=settings["sampler"]))
+                                                sampler=settings["sampler"], guidance=w,
+                                                empty_latent=editor.empty_condition() if w else None))
         with_lesion, without = np.clip(editor.decode(torch.cat(lat)), 0, None) * brain
         lesion = mask > 0
         change = without - with_lesion
@@ -226,11 +230,12 @@ def from_mask(editor: Editor, ref: Reference, cases: int, seed: int = 0, steps: 
         threshold = 0.5 * np.percentile(np.abs(change[lesion]), 90)
         rows.append({"dice": metrics.dice(np.abs(change) > threshold, lesion) if threshold > 0 else 0.0,
                      "ratio": float(with_lesion[lesion].mean() / max(with_lesion[ring].mean(), 1e-6)),
-                     "ncc": ref.mean_ncc(with_lesion, affine)})
+                     **({"ncc": ref.mean_ncc(with_lesion, affine)} if with_ncc else {})})
         figures.append((with_lesion, without, mask))
     if not rows:
         raise ValueError("every held-out case had an empty lesion mask")
-    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} | {"cases": len(rows)}, figures
+    return ({k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+            | {"cases": len(rows), "lesion_guidance": guidance}), figures
 
 
 def montage(pairs: list, out: Path, title: str) -> Path:
@@ -314,7 +319,8 @@ def table(result: dict[str, Any]) -> str:
               f"- lesion volume in white matter: generated {g['in_wm']:.0%}, generator {r['in_wm']:.0%}; in brain "
               f"tissue: generated {g['in_tissue']:.0%}, generator {r['in_tissue']:.0%}"]
     m = result["from_mask"]
-    lines += ["", f"Generation from a mask ({m['cases']} held-out masks): Dice of the thresholded change "
+    lines += ["", f"Generation from a mask ({m['cases']} held-out masks, lesion guidance "
+              f"{m.get('lesion_guidance', 0.0):g}): Dice of the thresholded change "
               f"{m['dice']:.3f} (target >= 0.7), lesion/surround ratio {m['ratio']:.3f} (1 = invisible), "
               f"brain NCC {m['ncc']:.3f}"]
     return "\n".join(lines)

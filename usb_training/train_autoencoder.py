@@ -170,7 +170,7 @@ def train(cfg: dict[str, Any], work: Path, minutes: float | None = None, steps: 
     seconds_before = float(history.data["seconds"])
     step = int(meta["step"])
     rng = np.random.default_rng([seed, step, ctx.rank])
-    budget = Budget(minutes)
+    budget = Budget(minutes, first_step=step)
 
     def checkpoint(extra: dict[str, Any] | None = None) -> None:
         history.data["seconds"] = seconds_before + budget.elapsed()
@@ -181,7 +181,8 @@ def train(cfg: dict[str, Any], work: Path, minutes: float | None = None, steps: 
     bar = tqdm(total=total, initial=step, desc="autoencoder", disable=not (progress and ctx.main))
     while step < total and not distributed.any_rank(ctx, budget.over()):
         at = budget.progress_step(step, total)
-        lr = warmup_cosine(at, total, float(c["lr"]), int(c.get("warmup", 0)))
+        warmup = int(c.get("warmup", 0))
+        lr = warmup_cosine(at, total, float(c["lr"]), warmup) * budget.rewarm(step, warmup)
         set_lr(opt, lr if at < patch_steps else lr * float(c.get("full_volume_lr_scale", 1.0)))
         if at < patch_steps:
             x = random_patches(images, masks, int(c["batch"]), c["patch"], float(c["mask_fraction"]), rng,

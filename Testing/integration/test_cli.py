@@ -52,11 +52,15 @@ def test_generate_and_generate_from_mask(tiny_bundle, scan_files, tmp_path, caps
     assert names == ["g_001.nii.gz", "g_002.nii.gz", "m_001.nii.gz", "m_002.nii.gz"]
     assert set(np.unique(nib.load(str(tmp_path / "m_001.nii.gz")).get_fdata())) <= {0.0, 1.0}
     code, _, err = run(capsys, "generate-from-mask", "--mask", scan_files["mask"], "-o", tmp_path / "b.nii.gz",
-                       "--reference", scan_files["image"], "--model", tiny_bundle.root)
+                       "--reference", scan_files["image"], "--model", tiny_bundle.root, "--lesion-guidance", "2.5")
     assert code == 0, err
     ref = nib.load(str(scan_files["image"]))
     out = nib.load(str(tmp_path / "b.nii.gz"))
     assert out.shape == ref.shape and np.allclose(out.affine, ref.affine)
+    assert json.loads((tmp_path / "b.json").read_text())["settings"]["lesion_guidance"] == 2.5
+    code, _, err = run(capsys, "generate-from-mask", "--mask", scan_files["mask"], "-o", tmp_path / "c.nii.gz",
+                       "--model", tiny_bundle.root, "--lesion-guidance", "11")
+    assert code == 2 and "10" in err  # above the range: refused by the parser
 
 
 def test_info_prints_bundle_facts(tiny_bundle, capsys):

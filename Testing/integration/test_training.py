@@ -75,9 +75,10 @@ def test_every_stage_runs_resumes_exports_and_reloads(run):
     assert res.image.shape == SHAPE and np.isfinite(res.image).all()
 
     out = evaluate.run(work / "bundle", [case], [make_sample(anatomy, 4).mask], work / "eval", generate=2)
-    assert {"input (no change)", "biharmonic inpainting", "USB (bundle defaults)", "USB without ACG"} <= set(out["heal"])
+    assert {"input (no change)", "biharmonic inpainting", "USB (bundle defaults)", "USB latent without ACG"} <= set(out["heal"])
     assert out["heal"]["input (no change)"]["outside_max_change"] == 0.0
-    assert out["embed"]["outside_max_change"] == 0.0  # fusion leaves the outside bit for bit
+    assert {"USB (bundle defaults)", "USB latent stage"} == set(out["embed"])
+    assert all(e["outside_max_change"] == 0.0 for e in out["embed"].values())  # the outside stays bit for bit
     for name in ("metrics.json", "results.md", "heal_examples.png"):
         assert (work / "eval" / name).is_file()
 

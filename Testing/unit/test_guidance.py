@@ -126,3 +126,37 @@ def test_edit_acg_switch_and_alpha0_limit():
     assert torch.allclose(free, torch.ones_like(y0), atol=1e-4)
     partial = run(alpha0=1.0, k=2.0)  # |y0 - y0_hat| = 1: lambda = exp(-alpha_t) at every step
     assert 0.3 < partial.mean().item() < 0.9
+
+
+class _ConditionEcho(torch.nn.Module):
+    """A v-prediction 'brain model' whose clean estimate is its condition channels, whatever the noisy input."""
+
+    def __init__(self, schedule, channels: int):
+        super().__init__()
+        self.schedule, self.channels = schedule, channels
+
+    def forward(self, x, t):
+        y_t, cond = x[:, :self.channels], x[:, self.channels:]
+        a = torch.tensor([self.schedule.alpha_bar(int(v)) for v in t]).view(-1, 1, 1, 1, 1)
+        return (a.sqrt() * y_t - cond) / (1 - a).sqrt()  # v such that x0_hat = sqrt(a) y_t - sqrt(1-a) v = cond
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m"])
+def test_lesion_guidance_pushes_away_from_the_empty_mask(sampler):
+    """generate_from_mask with guidance w: y0 = y0(mask) + w (y0(mask) - y0(empty)); w = 0 is eq. 9."""
+    from USBLib.core.schedule import NoiseSchedule
+    from USBLib.core.tasks import Denoisers, generate_from_mask
+
+    schedule = NoiseSchedule.from_config({"num_train_timesteps": 100, "schedule": "linear_beta",
+                                          "prediction_type": "v_prediction"})
+    d = Denoisers(torch.nn.Identity(), _ConditionEcho(schedule, 2), schedule, latent_clip=(-5.0, 5.0))
+    lesion = torch.zeros(1, 2, 4, 4, 4)
+    lesion[..., 1:3, 1:3, 1:3] = 1.0
+    empty = torch.full((1, 2, 4, 4, 4), 0.2)
+    run = lambda w: generate_from_mask(d, lesion, 5, torch.Generator().manual_seed(0), sampler=sampler,  # noqa: E731
+                                       guidance=w, empty_latent=empty if w else None)
+    assert torch.allclose(run(0.0), lesion, atol=1e-5)
+    assert torch.allclose(run(2.0), lesion + 2.0 * (lesion - empty), atol=1e-5)
+    assert torch.allclose(run(10.0), (lesion + 10.0 * (lesion - empty)).clamp(-5.0, 5.0), atol=1e-5)  # clip holds
+    with pytest.raises(ValueError, match="empty-mask"):
+        generate_from_mask(d, lesion, 5, torch.Generator().manual_seed(0), guidance=1.0)

@@ -130,3 +130,64 @@ def test_edit_region_fades_out_beyond_the_brain():
     assert w[mask > 0].min() == 1.0
     assert w[20:23].any() and not w[23:].any()  # at most the feather beyond the brain
     assert np.array_equal(edit_weight(None, brain, (1, 1, 1), 1.0, 3.0) > 0, brain > 0)
+
+
+class _Recorder(torch.nn.Module):
+    """Wraps a network and keeps the spatial shape of every call's input."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net, self.shapes = net, []
+
+    def forward(self, x, t, class_labels=None):
+        self.shapes.append(tuple(x.shape[2:]))
+        return self.net(x, t, class_labels=class_labels)
+
+
+class _Pointwise(torch.nn.Module):
+    """A network whose output at a voxel depends only on that voxel's input (so windows must agree exactly)."""
+
+    def forward(self, x, t, class_labels=None):
+        return torch.tanh(x[:, 1:2] - 0.5 * x[:, 4:5]) + 1e-4 * t.float().view(-1, 1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("mode", ["fidelity", "realism"])
+def test_large_boxes_run_in_windows_that_stitch_back_in_place(mode):
+    schedule = NoiseSchedule.from_config({"num_train_timesteps": 100, "schedule": "linear_beta"})
+    gen = torch.Generator().manual_seed(3)
+    cond = torch.rand(1, 4, 40, 24, 16, generator=gen)
+    run = lambda net, window: sample_deviation(  # noqa: E731
+        net, schedule, cond, HEAL, mode=mode, alpha0=20.0, k=2.0, eta_weight=None, steps=2, strength=0.3,
+        generator=torch.Generator().manual_seed(0), window=window)
+    whole = _Recorder(_Pointwise())
+    tiled = _Recorder(_Pointwise())
+    one_call, windowed = run(whole, 64), run(tiled, 16)
+    assert set(whole.shapes) == {(40, 24, 16)}
+    assert tiled.shapes and all(max(s) <= 16 for s in tiled.shapes)
+    assert len(tiled.shapes) > len(whole.shapes)
+    assert torch.allclose(one_call, windowed, atol=1e-5)  # every window back where it came from
+
+
+def test_a_large_lesion_heals_in_bounded_windows():
+    """A lesion group bigger than the window (the 62 GB attention crash of a big lesion) runs window by window
+    through the real local U-Net, and the deviation still covers the whole lesion."""
+    from USBLib.editor.local.network import build_local_unet
+    from USBLib.editor.local.sampler import WINDOW
+    from USBLib.editor.local.stage import LocalSettings, LocalStage
+
+    torch.manual_seed(0)
+    network = {"channels": [8, 8, 8], "num_res_blocks": 1, "attention_levels": [False, False, False],
+               "norm_num_groups": 4}
+    net = _Recorder(build_local_unet(network).eval())
+    stage = LocalStage(net, {"network": network, "schedule": {"num_train_timesteps": 100,
+                                                              "schedule": "linear_beta"}}, torch.device("cpu"))
+    shape = (100, 100, 90)
+    mask = _ball(shape, (50, 50, 45), 32)
+    image = np.full(shape, 0.8, np.float32)
+    image[mask > 0] = 0.4
+    d = stage.deviation(image, mask, (1.0, 1.0, 1.0), "heal", LocalSettings(mode="fidelity"),
+                        torch.Generator().manual_seed(0))
+    assert max(max(s) for s in net.shapes) <= WINDOW and len(net.shapes) > 1
+    assert np.isfinite(d).all()
+    lesion = mask > 0
+    assert np.abs(d[0][lesion]).min() > 0 and np.abs(d[0][lesion]).mean() > 0.1  # the fill reaches the centre

@@ -59,7 +59,7 @@ TASK_INFO: dict[Task, dict[str, Any]] = {
                              "seed"),
                  "suffix": "+ lesion"},
     Task.GENERATE_FROM_MASK: {"label": "Generate brain from mask", "volume": "optional", "mask": "required",
-                              "settings": ("steps", "sampler", "samples", "seed")},
+                              "settings": ("steps", "sampler", "lesion_guidance", "samples", "seed")},
     Task.GENERATE: {"label": "Generate brain + lesion pair", "volume": "unused", "mask": "unused",
                     "settings": ("steps", "sampler", "samples", "seed")},
 }
@@ -127,6 +127,7 @@ class RunSettings:
     stages: str = ""       # "" = the model's default
     local_mode: str = ""
     sampler: str = ""      # "" = the model's default
+    lesion_guidance: float = FALLBACKS["lesion_guidance"]
     samples: int = 1
     seed: int = 0
 

@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", type=Path, help="scan whose space (and units) the output takes; the mask "
                                                   "must be on its grid")
     p.add_argument("--resample-mask", action="store_true", help="resample the mask onto the reference grid")
-    add_cli_options(p, ["sampler"])
+    add_cli_options(p, ["sampler", "lesion_guidance"])
     _common(p)
 
     p = sub.add_parser("batch", help="heal many scans (BIDS dataset, folder or CSV) into a BIDS derivatives folder",
@@ -241,7 +241,8 @@ def cmd_generate_from_mask(args) -> int:
         res = editor.generate_from_mask(mask.data, mask.affine, None if ref is None else ref.data,
                                         None if ref is None else ref.affine, steps=args.steps, seed=args.seed,
                                         samples=args.samples, resample_mask=args.resample_mask,
-                                        sampler=args.sampler, progress=bar)
+                                        sampler=args.sampler, lesion_guidance=args.lesion_guidance,
+                                        progress=bar)
     finally:
         bar.close()
     inputs = {"mask": args.mask, "reference": args.reference}

@@ -103,8 +103,14 @@ def generate(d: Denoisers, shape: tuple[int, ...], steps: int, generator: torch.
 
 @torch.no_grad()
 def generate_from_mask(d: Denoisers, lesion_latent: torch.Tensor, steps: int, generator: torch.Generator,
-                       tick: Tick = _noop, sampler: str = "ddim") -> torch.Tensor:
+                       tick: Tick = _noop, sampler: str = "ddim", guidance: float = 0.0,
+                       empty_latent: torch.Tensor | None = None) -> torch.Tensor:
     """Brain latent for a given lesion-mask latent x0 (eq. 9), from pure noise with the brain model only.
+
+    With ``guidance`` w > 0 (and ``empty_latent``, the empty-mask condition) every clean estimate is
+    y0_hat = y0_hat(x0) + w (y0_hat(x0) - y0_hat(empty)): classifier-free guidance with the empty mask as the
+    null condition, which strengthens what the mask changes (the lesion) and costs a second network call per step.
+    w = 0 is the paper's eq. 9.
 
     Returns y0_hat, the last step's clean estimate, [B, C, I, J, K].
 
@@ -116,12 +122,28 @@ def generate_from_mask(d: Denoisers, lesion_latent: torch.Tensor, steps: int, ge
         generator: CPU generator for the initial noise y_T.
         tick: called once per step.
         sampler: ``ddim`` or ``dpm++2m``.
+        guidance: w >= 0, the lesion guidance factor.
+        empty_latent: the empty-mask condition [1 or B, C, I, J, K]; required when ``guidance`` > 0.
     """
+    if guidance < 0:
+        raise ValueError("lesion guidance must be >= 0")
+    guided = guidance > 0
+    if guided and empty_latent is None:
+        raise ValueError("lesion guidance needs the empty-mask condition")
     y = _noise(lesion_latent.shape, generator, like=lesion_latent)
     y0_hat = y
     history: dict = {}
+    b = lesion_latent.shape[0]
+    conds = torch.cat([lesion_latent, empty_latent.to(lesion_latent).expand_as(lesion_latent)]) if guided else None
     for t, s in timesteps(d.schedule.num_train_timesteps - 1, steps):
-        y0_hat, eps = d.estimate(d.unet_brain, y, lesion_latent, t)
+        if guided:  # both conditions in one batch
+            x0_both, _ = d.estimate(d.unet_brain, torch.cat([y, y]), conds, t)
+            y0_hat = x0_both[:b] + guidance * (x0_both[:b] - x0_both[b:])
+            if d.latent_clip is not None:
+                y0_hat = y0_hat.clamp(*d.latent_clip)
+            eps = d.schedule.eps_from_x0(y, y0_hat, t)
+        else:
+            y0_hat, eps = d.estimate(d.unet_brain, y, lesion_latent, t)
         y = d.schedule.solver_step(y, y0_hat, eps, t, s, sampler, history)
         tick()
     return y0_hat

@@ -428,7 +428,7 @@ class Editor:
     def generate_from_mask(self, mask: np.ndarray, affine: np.ndarray, reference: np.ndarray | None = None,
                            reference_affine: np.ndarray | None = None, *, steps: int | None = None, seed: int = 0,
                            samples: int = 1, resample_mask: bool = False, sampler: str | None = None,
-                           progress: Progress | None = None) -> EditResult:
+                           lesion_guidance: float | None = None, progress: Progress | None = None) -> EditResult:
         """A brain showing the given lesion (eq. 9).
 
         Without ``reference`` the mask is taken to be in template space (any grid) and the brain is returned on
@@ -439,7 +439,7 @@ class Editor:
 
         from USBLib.core import tasks
 
-        settings = self._settings("generate_from_mask", steps=steps, sampler=sampler)
+        settings = self._settings("generate_from_mask", steps=steps, sampler=sampler, lesion_guidance=lesion_guidance)
         samples = _check_samples(samples)
         affine = np.asarray(affine, dtype=np.float64)
         if reference is not None:
@@ -466,8 +466,10 @@ class Editor:
         cond = self.encode(binary[None])
         prog.tick()
         prog.stage("denoising")
+        guidance = float(settings.get("lesion_guidance", FALLBACKS["lesion_guidance"]))
         lat = tasks.generate_from_mask(self._denoisers(), cond.expand(samples, *cond.shape[1:]).contiguous(),
-                                       settings["steps"], generator, prog.tick, sampler=settings["sampler"])
+                                       settings["steps"], generator, prog.tick, sampler=settings["sampler"],
+                                       guidance=guidance, empty_latent=self.empty_condition() if guidance else None)
         prog.stage("decoding")
         images = np.clip(self.decode(lat), 0.0, None) * self.space["brain"]
         prog.tick()

@@ -14,6 +14,10 @@ Two modes:
   ``steps`` guided DDIM steps (x0-prediction), which gives a sample with the texture and heterogeneity of the
   training deviations; clean estimates are clamped to the deviation range seen in training (inference-time
   stabilisation).
+
+Boxes with a side above ``WINDOW`` voxels are run through the network in overlapping windows (MONAI's
+``sliding_window_inference``, Gaussian blending): the U-Net's middle block attends over all its voxels, whose
+memory grows with the square of the box volume (a 160 x 200 x 160 box asked for 62 GB in one call).
 """
 from __future__ import annotations
 
@@ -25,6 +29,28 @@ from USBLib.editor.local.network import class_label
 
 MODES = ("fidelity", "realism")
 X0_CLIP = (-3.0, 3.0)  # scaled deviation range (|d| <= 1.5 model units)
+WINDOW = 64          # largest network window side in voxels (~1 mm); twice the 32-voxel training window
+WINDOW_OVERLAP = 0.5  # overlap of neighbouring windows (fraction of the window side)
+
+
+def predict_x0(net: torch.nn.Module, x: torch.Tensor, t: int, label: int, window: int = WINDOW) -> torch.Tensor:
+    """The network's clean estimate for input channels ``x`` [B, C, I, J, K] at step ``t`` with class ``label``.
+
+    Sides above ``window`` voxels are covered by overlapping windows of at most ``window`` voxels per side,
+    blended with Gaussian weights; a smaller input goes through in one call. Sides must be multiples of the
+    network's size multiple (the windows are then too when ``window`` is).
+    """
+    def run(inputs: torch.Tensor) -> torch.Tensor:
+        n = inputs.shape[0]
+        return net(inputs, torch.full((n,), int(t), device=inputs.device, dtype=torch.long),
+                   class_labels=torch.full((n,), int(label), device=inputs.device, dtype=torch.long))
+
+    if all(side <= window for side in x.shape[2:]):
+        return run(x)
+    from monai.inferers import sliding_window_inference
+
+    roi = tuple(min(int(side), int(window)) for side in x.shape[2:])
+    return sliding_window_inference(x, roi, 1, run, overlap=WINDOW_OVERLAP, mode="gaussian")
 
 
 def _guided(x0_hat: torch.Tensor, reference: torch.Tensor, alpha_t: float, lesion_weight: torch.Tensor | None,
@@ -40,7 +66,8 @@ def _guided(x0_hat: torch.Tensor, reference: torch.Tensor, alpha_t: float, lesio
 def sample_deviation(net: torch.nn.Module, schedule: NoiseSchedule, cond: torch.Tensor, direction: int, *,
                      mode: str, alpha0: float, k: float, eta_weight: torch.Tensor | None, steps: int,
                      strength: float, generator: torch.Generator, acg: bool = True,
-                     noise: torch.Tensor | None = None, reference: torch.Tensor | None = None) -> torch.Tensor:
+                     noise: torch.Tensor | None = None, reference: torch.Tensor | None = None,
+                     window: int = WINDOW) -> torch.Tensor:
     """Scaled deviation x0 [B, 1, I, J, K] for condition channels ``cond`` [B, 4, I, J, K].
 
     ``eta_weight``: LCG weight lambda_lesion [B or 1, 1, I, J, K] in [0, 1] (None = no LCG).
@@ -48,6 +75,7 @@ def sample_deviation(net: torch.nn.Module, schedule: NoiseSchedule, cond: torch.
     ``noise``: the realism mode's starting noise [B, 1, I, J, K] (default: drawn from ``generator``).
     ``reference``: the input scan in the same (scaled deviation) variable, which ACG holds the estimate to
     (default 0: the network's base is the input itself).
+    ``window``: largest side of one network call in voxels (``predict_x0``).
     """
     if mode not in MODES:
         raise ValueError(f"unknown local mode '{mode}'")
@@ -56,9 +84,7 @@ def sample_deviation(net: torch.nn.Module, schedule: NoiseSchedule, cond: torch.
     shape = (b, 1, *cond.shape[2:])
     x_zero = torch.zeros(shape, device=cond.device)
     ref = x_zero if reference is None else reference.to(cond.device).expand(shape)
-    det = torch.full((b,), class_label(direction, True), device=cond.device, dtype=torch.long)
-    x0 = net(torch.cat([x_zero, cond], 1), torch.full((b,), t_last, device=cond.device, dtype=torch.long),
-             class_labels=det)
+    x0 = predict_x0(net, torch.cat([x_zero, cond], 1), t_last, class_label(direction, True), window)
     x0 = _guided(x0, ref, acg_alpha(alpha0, k, 0, 1), eta_weight, acg)
     if mode == "fidelity":
         return x0
@@ -67,10 +93,8 @@ def sample_deviation(net: torch.nn.Module, schedule: NoiseSchedule, cond: torch.
         noise = torch.randn(shape, generator=generator, device="cpu")
     noise = noise.to(cond.device)
     x = schedule.q_sample(x0, start, noise)
-    cls = torch.full((b,), class_label(direction, False), device=cond.device, dtype=torch.long)
     for t, s in timesteps(start, steps):
-        x0_hat = net(torch.cat([x, cond], 1), torch.full((b,), t, device=cond.device, dtype=torch.long),
-                     class_labels=cls)
+        x0_hat = predict_x0(net, torch.cat([x, cond], 1), t, class_label(direction, False), window)
         x0_hat = _guided(x0_hat, ref, acg_alpha(alpha0, k, t, start), eta_weight, acg)
         eps = schedule.eps_from_x0(x, x0_hat, t)
         x = schedule.ddim_step(x0_hat, eps, t, s)
