@@ -77,6 +77,7 @@ class USBEditorParameterNode:
     localMode: LocalMode = LocalMode.DEFAULT
     sampler: Sampler = Sampler.DEFAULT
     lesionGuidance: Annotated[float, WithinRange(*RANGES["lesion_guidance"])] = FALLBACKS["lesion_guidance"]
+    lesionFusion: bool = FALLBACKS["lesion_fusion"]
     model: str = ""
     showComparison: bool = True
     resampleMask: bool = True
@@ -224,6 +225,7 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.localModeComboBox.enabled = edit and p.maskNode is not None and p.stages is not Stages.LATENT
         self.ui.samplerComboBox.enabled = not edit
         self.ui.lesionGuidanceSliderWidget.enabled = p.task is Task.GENERATE_FROM_MASK
+        self.ui.lesionFusionCheckBox.enabled = p.task is Task.GENERATE_FROM_MASK
         reason = missing_input(p.task, p.inputVolume, p.maskNode, p.segmentId)
         running = self._run is not None
         self.ui.applyButton.enabled = reason is None and not running
@@ -323,6 +325,7 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p.stages = Stages(settings.stages)
         p.localMode = LocalMode(settings.local_mode)
         p.lesionGuidance = settings.lesion_guidance
+        p.lesionFusion = settings.lesion_fusion
         if not guidanceOnly:
             p.frames = 0
         p.guidanceTask = task.value
@@ -349,7 +352,8 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         settings = RunSettings(steps=int(p.steps), strength=p.strength, acg=bool(p.acg), alpha0=p.alpha0, k=p.k,
                                eta=p.eta,
                                stages=p.stages.value, local_mode=p.localMode.value, sampler=p.sampler.value,
-                               lesion_guidance=p.lesionGuidance, samples=int(p.samples),
+                               lesion_guidance=p.lesionGuidance, lesion_fusion=bool(p.lesionFusion),
+                               samples=int(p.samples),
                                seed=int(p.seed))
         info = TASK_INFO[p.task]
         mask = p.maskNode if info["mask"] != "unused" else None

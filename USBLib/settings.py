@@ -81,8 +81,13 @@ _SETTINGS = (
             choices=SAMPLERS, fallback="ddim"),
     Setting("lesion_guidance", "float", "Generation from a mask: how strongly the lesion is imprinted. The brain "
             "model's estimate for the mask is pushed away from its estimate for an empty mask by this factor "
-            "(classifier-free guidance with the empty mask as the null condition); 0 = the paper's plain eq. 9.",
-            0.0, 10.0, fallback=0.0),
+            "(classifier-free guidance with the empty mask as the null condition); with lesion fusion off, 0 = the "
+            "paper's plain eq. 9.", 0.0, 10.0, fallback=0.0),
+    Setting("lesion_fusion", "bool", "Generation from a mask: generate a healthy brain and, from the same noise, "
+            "the lesion on the latent voxels the mask touches, and fuse the difference at the mask (grown by "
+            "dilation_mm, feathered over margin_mm): the rest of the brain is the healthy twin's. Off = the paper's "
+            "eq. 9, the whole brain conditioned on the mask (the lesion then also shifts distant anatomy).",
+            fallback=False),
     Setting("samples", "int", "Number of samples averaged; with 2 or more an uncertainty map (per-voxel standard "
             "deviation) is written. For generation: the number of pairs.", 1, 64, fallback=1),
     Setting("seed", "int", "Random seed: the same seed and settings give the same result.", 0, 2**31 - 1,
@@ -94,6 +99,12 @@ RANGES: dict[str, tuple[float, float]] = {s.name: (s.low, s.high) for s in _SETT
 FALLBACKS: dict[str, Any] = {s.name: s.fallback for s in _SETTINGS if s.fallback is not None}
 GUIDANCE = ("strength", "acg", "alpha0", "k", "eta", "margin_mm", "dilation_mm", "stages", "local_mode",
             "local_steps", "local_strength")
+
+
+def value_of(settings: Mapping[str, Any], key: str) -> Any:
+    """``settings[key]``, or the table's fallback for ``key`` where it is absent or None."""
+    given = settings.get(key)
+    return FALLBACKS[key] if given is None else given
 
 
 def validate(settings: dict[str, Any]) -> dict[str, Any]:

@@ -38,7 +38,8 @@ TIERS: dict[str, dict[str, Any]] = {
                      "fusion": "deviation", "prefill": "harmonic"},
             "embed": {"steps": 50, "strength": 0.6, "alpha0": 20.0, "k": 2.0, "eta": 1.0, "margin_mm": 6.0},
             "generate": {"steps": 25, "sampler": "dpm++2m"},
-            "generate_from_mask": {"steps": 25, "sampler": "dpm++2m", "lesion_guidance": 2.0},
+            "generate_from_mask": {"steps": 25, "sampler": "dpm++2m", "lesion_guidance": 2.0, "lesion_fusion": True,
+                                   "margin_mm": 3.0, "dilation_mm": 1.0},
         },
     },
     "base": {
@@ -61,7 +62,7 @@ TIERS: dict[str, dict[str, Any]] = {
             "heal": {"steps": 100, "strength": 0.3, "alpha0": 20.0, "k": 2.0, "eta": 1.0, "margin_mm": 6.0},
             "embed": {"steps": 100, "strength": 0.5, "alpha0": 20.0, "k": 2.0, "eta": 1.0, "margin_mm": 6.0},
             "generate": {"steps": 100},
-            "generate_from_mask": {"steps": 100},
+            "generate_from_mask": {"steps": 100, "lesion_fusion": True, "margin_mm": 3.0, "dilation_mm": 1.0},
         },
     },
 }

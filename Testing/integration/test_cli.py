@@ -57,7 +57,13 @@ def test_generate_and_generate_from_mask(tiny_bundle, scan_files, tmp_path, caps
     ref = nib.load(str(scan_files["image"]))
     out = nib.load(str(tmp_path / "b.nii.gz"))
     assert out.shape == ref.shape and np.allclose(out.affine, ref.affine)
-    assert json.loads((tmp_path / "b.json").read_text())["settings"]["lesion_guidance"] == 2.5
+    settings = json.loads((tmp_path / "b.json").read_text())["settings"]
+    assert settings["lesion_guidance"] == 2.5 and settings["lesion_fusion"] is False  # (the fallback: eq. 9)
+    code, _, err = run(capsys, "generate-from-mask", "--mask", scan_files["mask"], "-o", tmp_path / "d.nii.gz",
+                       "--model", tiny_bundle.root, "--lesion-fusion", "--margin", "5", "--dilation", "1")
+    assert code == 0, err
+    settings = json.loads((tmp_path / "d.json").read_text())["settings"]
+    assert settings["lesion_fusion"] is True and settings["margin_mm"] == 5.0 and settings["dilation_mm"] == 1.0
     code, _, err = run(capsys, "generate-from-mask", "--mask", scan_files["mask"], "-o", tmp_path / "c.nii.gz",
                        "--model", tiny_bundle.root, "--lesion-guidance", "11")
     assert code == 2 and "10" in err  # above the range: refused by the parser

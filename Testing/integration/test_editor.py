@@ -153,6 +153,32 @@ def test_generate_from_mask_in_model_space_and_reference_space(editor):
     assert ref.uncertainty is not None
 
 
+def test_lesion_fusion_changes_the_healthy_twin_only_at_the_mask(editor):
+    """With lesion fusion the brain for a mask is the empty-mask brain of the same noise outside the grown,
+    feathered mask; without it (the paper's eq. 9) the condition reaches the whole brain."""
+    import torch
+    from scipy import ndimage
+
+    from USBLib.core import tasks
+
+    _, mask, aff = make_scan()
+    fused = editor.generate_from_mask(mask, aff, seed=3, lesion_guidance=1.0, lesion_fusion=True, margin_mm=4.0,
+                                      dilation_mm=0.0)
+    whole = editor.generate_from_mask(mask, aff, seed=3, lesion_guidance=1.0)  # the fallback: eq. 9
+    settings = fused.provenance["settings"]
+    healthy = tasks.generate_from_mask(editor._denoisers(), editor.empty_condition(), settings["steps"],
+                                       torch.Generator().manual_seed(3), sampler=settings["sampler"])
+    twin = np.clip(editor.decode(healthy)[0], 0, None) * editor.space["brain"]
+    lesion = fused.mask > 0
+    spacing = np.linalg.norm(editor.bundle.grid_affine[:3, :3], axis=0)
+    far = ndimage.distance_transform_edt(~lesion, sampling=spacing) > 4.0 + 1e-6
+    np.testing.assert_allclose(fused.image[far], twin[far], atol=1e-4)  # (batched vs single network calls)
+    assert np.abs(fused.image[lesion] - twin[lesion]).max() > 1e-3  # the lesion is there
+    assert np.abs(whole.image[far] - twin[far]).max() > 1e-3  # eq. 9 moves the rest of the brain too
+    assert settings["lesion_fusion"] is True and settings["margin_mm"] == 4.0 and settings["dilation_mm"] == 0.0
+    assert whole.provenance["settings"]["lesion_fusion"] is False and "margin_mm" not in whole.provenance["settings"]
+
+
 def test_stages_run_alone(editor):
     """Each named stage of an edit can be called on its own: registration refuses a mask off the brain; fusion
     adds the mean deviation inside the edit region only and reports the samples' spread there."""

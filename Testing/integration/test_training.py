@@ -125,6 +125,7 @@ def test_generation_report_measures_a_bundle(run, tmp_path):
     assert len(u["tissue_fractions"]) == 3 and abs(sum(u["tissue_fractions"]) - 1) < 1e-3  # (rounded to 4 places)
     assert {"components_median", "volume_ml_median", "in_wm"} <= set(u["generator_lesions"])
     assert 0 <= result["from_mask"]["dice"] <= 1 and result["from_mask"]["cases"] >= 1
+    assert result["from_mask"]["lesion_fusion"] and 0 <= result["from_mask_eq9"]["dice"] <= 1  # both modes
     for name in ("generation.json", "generation.md", "generated_pairs.png", "generated_from_mask.png"):
         assert (tmp_path / "gen" / name).is_file()
     assert "NCC with held-out brains" in result["table_markdown"]

@@ -129,30 +129,41 @@ def test_edit_acg_switch_and_alpha0_limit():
 
 
 class _ConditionEcho(torch.nn.Module):
-    """A v-prediction 'brain model' whose clean estimate is its condition channels, whatever the noisy input."""
+    """A v-prediction 'brain model' whose clean estimate is its condition channels plus ``mix`` times the noisy
+    input (``mix`` = 0: the condition, whatever the input)."""
 
-    def __init__(self, schedule, channels: int):
+    def __init__(self, schedule, channels: int, mix: float = 0.0):
         super().__init__()
-        self.schedule, self.channels = schedule, channels
+        self.schedule, self.channels, self.mix = schedule, channels, mix
 
     def forward(self, x, t):
         y_t, cond = x[:, :self.channels], x[:, self.channels:]
         a = torch.tensor([self.schedule.alpha_bar(int(v)) for v in t]).view(-1, 1, 1, 1, 1)
-        return (a.sqrt() * y_t - cond) / (1 - a).sqrt()  # v such that x0_hat = sqrt(a) y_t - sqrt(1-a) v = cond
+        x0 = cond + self.mix * y_t
+        return (a.sqrt() * y_t - x0) / (1 - a).sqrt()  # v such that x0_hat = sqrt(a) y_t - sqrt(1-a) v = x0
+
+
+def _echo_case(mix: float = 0.0):
+    """Denoisers whose brain model echoes its condition (plus ``mix`` x its input), a cube lesion latent and an
+    empty-mask latent."""
+    from USBLib.core.schedule import NoiseSchedule
+    from USBLib.core.tasks import Denoisers
+
+    schedule = NoiseSchedule.from_config({"num_train_timesteps": 100, "schedule": "linear_beta",
+                                          "prediction_type": "v_prediction"})
+    d = Denoisers(torch.nn.Identity(), _ConditionEcho(schedule, 2, mix), schedule, latent_clip=(-5.0, 5.0))
+    lesion = torch.zeros(1, 2, 4, 4, 4)
+    lesion[..., 1:3, 1:3, 1:3] = 1.0
+    empty = torch.full((1, 2, 4, 4, 4), 0.2)
+    return d, lesion, empty
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpm++2m"])
 def test_lesion_guidance_pushes_away_from_the_empty_mask(sampler):
     """generate_from_mask with guidance w: y0 = y0(mask) + w (y0(mask) - y0(empty)); w = 0 is eq. 9."""
-    from USBLib.core.schedule import NoiseSchedule
-    from USBLib.core.tasks import Denoisers, generate_from_mask
+    from USBLib.core.tasks import generate_from_mask
 
-    schedule = NoiseSchedule.from_config({"num_train_timesteps": 100, "schedule": "linear_beta",
-                                          "prediction_type": "v_prediction"})
-    d = Denoisers(torch.nn.Identity(), _ConditionEcho(schedule, 2), schedule, latent_clip=(-5.0, 5.0))
-    lesion = torch.zeros(1, 2, 4, 4, 4)
-    lesion[..., 1:3, 1:3, 1:3] = 1.0
-    empty = torch.full((1, 2, 4, 4, 4), 0.2)
+    d, lesion, empty = _echo_case()
     run = lambda w: generate_from_mask(d, lesion, 5, torch.Generator().manual_seed(0), sampler=sampler,  # noqa: E731
                                        guidance=w, empty_latent=empty if w else None)
     assert torch.allclose(run(0.0), lesion, atol=1e-5)
@@ -160,3 +171,45 @@ def test_lesion_guidance_pushes_away_from_the_empty_mask(sampler):
     assert torch.allclose(run(10.0), (lesion + 10.0 * (lesion - empty)).clamp(-5.0, 5.0), atol=1e-5)  # clip holds
     with pytest.raises(ValueError, match="empty-mask"):
         generate_from_mask(d, lesion, 5, torch.Generator().manual_seed(0), guidance=1.0)
+
+
+def test_lesion_guided_is_cfg_without_a_prior_and_healthy_outside_it():
+    """y0 = e + (1 + w) P (m - e): P = 1 is y0(mask) + w (y0(mask) - y0(empty)); P = 0 is the healthy estimate."""
+    from USBLib.core.guidance import lesion_guided
+
+    m, e = torch.randn(2, 3, 4, 4, 4), torch.randn(2, 3, 4, 4, 4)
+    assert torch.allclose(lesion_guided(m, e, 2.0), m + 2.0 * (m - e), atol=1e-6)
+    assert torch.allclose(lesion_guided(m, e, 0.0), m, atol=1e-6)
+    prior = torch.zeros(2, 1, 4, 4, 4)
+    prior[..., :2] = 1.0
+    out = lesion_guided(m, e, 1.5, prior)
+    assert torch.equal(out[..., 2:], e[..., 2:])
+    assert torch.allclose(out[..., :2], (m + 1.5 * (m - e))[..., :2], atol=1e-6)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m"])
+def test_healthy_twin_is_the_empty_mask_brain_and_the_lesion_stays_in_its_prior(sampler):
+    """The batched twin equals two trajectories run one by one from the same noise: the healthy one is plain
+    generation with the empty mask, the lesioned one uses e + (1 + w) P (m - e) on its own noisy latent."""
+    from USBLib.core.guidance import lesion_guided
+    from USBLib.core.schedule import timesteps
+    from USBLib.core.tasks import generate_from_mask, generate_with_healthy_twin
+
+    d, lesion, empty = _echo_case(mix=0.3)  # the estimates depend on each trajectory's own noisy latent
+    prior = (lesion[:, :1] > 0).float()
+    lesioned, healthy = generate_with_healthy_twin(d, lesion, empty, prior, 5, torch.Generator().manual_seed(0),
+                                                   sampler=sampler, guidance=2.0)
+    alone = generate_from_mask(d, empty, 5, torch.Generator().manual_seed(0), sampler=sampler)
+    assert torch.allclose(healthy, alone, atol=1e-5)
+    y, history = torch.randn(lesion.shape, generator=torch.Generator().manual_seed(0)), {}
+    for t, s in timesteps(d.schedule.num_train_timesteps - 1, 5):  # the lesioned trajectory alone
+        m, _ = d.estimate(d.unet_brain, y, lesion, t)
+        e, _ = d.estimate(d.unet_brain, y, empty, t)
+        y0 = lesion_guided(m, e, 2.0, prior).clamp(-5.0, 5.0)
+        y = d.schedule.solver_step(y, y0, d.schedule.eps_from_x0(y, y0, t), t, s, sampler, history)
+    assert torch.allclose(lesioned, y0, atol=1e-5)
+    inside = prior.expand_as(lesion) > 0
+    assert torch.allclose(lesioned[~inside], healthy[~inside], atol=1e-5)  # healthy outside the prior
+    assert (lesioned[inside] - healthy[inside]).abs().min() > 0.5  # the lesion inside it
+    with pytest.raises(ValueError, match=">= 0"):
+        generate_with_healthy_twin(d, lesion, empty, prior, 5, torch.Generator().manual_seed(0), guidance=-1.0)

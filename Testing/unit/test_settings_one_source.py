@@ -19,7 +19,7 @@ from USBLib.settings import FALLBACKS, RANGES, SETTINGS, validate
 ROOT = Path(__file__).resolve().parents[2]
 MODULE = ROOT / "USBEditor"
 UI = MODULE / "Resources" / "UI" / "USBEditor.ui"
-PARAM_TO_SETTING = {"localMode": "local_mode", "lesionGuidance": "lesion_guidance"}
+PARAM_TO_SETTING = {"localMode": "local_mode", "lesionGuidance": "lesion_guidance", "lesionFusion": "lesion_fusion"}
 
 
 def _ui_bound() -> dict[str, ET.Element]:
@@ -41,14 +41,15 @@ def _prop(widget: ET.Element, name: str) -> str | None:
 
 def test_ui_widgets_use_the_settings_ranges_and_help():
     bound = {k: w for k, w in _ui_bound().items() if k in SETTINGS}
-    assert {"acg", "alpha0", "k", "eta", "steps", "strength", "samples", "seed", "lesion_guidance"} <= set(bound)
+    assert {"acg", "alpha0", "k", "eta", "steps", "strength", "samples", "seed", "lesion_guidance",
+            "lesion_fusion"} <= set(bound)
     for name, widget in bound.items():
         spec = SETTINGS[name]
         if spec.low is not None:
             assert float(_prop(widget, "minimum")) == spec.low, name
             assert float(_prop(widget, "maximum")) == spec.high, name
         assert _prop(widget, "toolTip") == spec.help, name
-    assert bound["acg"].get("class") == "QCheckBox"
+    assert bound["acg"].get("class") == bound["lesion_fusion"].get("class") == "QCheckBox"
 
 
 def test_parameter_node_takes_ranges_and_fallbacks_from_the_table():
@@ -59,6 +60,7 @@ def test_parameter_node_takes_ranges_and_fallbacks_from_the_table():
         assert f'WithinRange(*RANGES[\'{name}\'])' in fields[name], fields[name]
         assert fields[name].endswith(f"FALLBACKS['{name}']"), fields[name]
     assert fields["acg"].endswith("FALLBACKS['acg']")
+    assert fields["lesionFusion"] == "lesionFusion: bool = FALLBACKS['lesion_fusion']"
     assert fields["lesionGuidance"] == ("lesionGuidance: Annotated[float, WithinRange(*RANGES['lesion_guidance'])] = "
                                         "FALLBACKS['lesion_guidance']")
 
@@ -66,7 +68,7 @@ def test_parameter_node_takes_ranges_and_fallbacks_from_the_table():
 def test_run_settings_fields_default_to_the_fallbacks():
     text = (MODULE / "USBEditorLib" / "logic.py").read_text()
     block = text[text.index("class RunSettings"):text.index("def for_task")]
-    for name in ("steps", "strength", "acg", "alpha0", "k", "eta"):
+    for name in ("steps", "strength", "acg", "alpha0", "k", "eta", "lesion_guidance"):
         assert re.search(rf"^\s+{name}: \w+ = FALLBACKS\[\"{name}\"\]", block, re.M), name
 
 
@@ -116,4 +118,4 @@ def test_batch_settings_know_every_edit_setting():
     fields = {f.name for f in dataclasses.fields(BatchSettings)}
     assert {"strength", "acg", "alpha0", "k", "eta", "margin_mm", "dilation_mm", "stages", "local_mode",
             "local_steps", "local_strength", "prefill", "steps", "samples", "seed"} <= fields
-    assert set(FALLBACKS) - {"fusion", "sampler", "lesion_guidance"} <= fields  # (batch heals; these are for generation)
+    assert set(FALLBACKS) - {"fusion", "sampler", "lesion_guidance", "lesion_fusion"} <= fields  # (batch heals; these are for generation)

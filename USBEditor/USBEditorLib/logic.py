@@ -59,7 +59,8 @@ TASK_INFO: dict[Task, dict[str, Any]] = {
                              "seed"),
                  "suffix": "+ lesion"},
     Task.GENERATE_FROM_MASK: {"label": "Generate brain from mask", "volume": "optional", "mask": "required",
-                              "settings": ("steps", "sampler", "lesion_guidance", "samples", "seed")},
+                              "settings": ("steps", "sampler", "lesion_guidance", "lesion_fusion", "samples",
+                                           "seed")},
     Task.GENERATE: {"label": "Generate brain + lesion pair", "volume": "unused", "mask": "unused",
                     "settings": ("steps", "sampler", "samples", "seed")},
 }
@@ -128,13 +129,14 @@ class RunSettings:
     local_mode: str = ""
     sampler: str = ""      # "" = the model's default
     lesion_guidance: float = FALLBACKS["lesion_guidance"]
+    lesion_fusion: Optional[bool] = None  # None = the model's default
     samples: int = 1
     seed: int = 0
 
     def for_task(self, task: Task) -> dict[str, Any]:
         """The settings the task uses (the others do not apply to it)."""
         values = {key: getattr(self, key) for key in TASK_INFO[task]["settings"]}
-        return {key: value for key, value in values.items() if value != ""}
+        return {key: value for key, value in values.items() if value != "" and value is not None}
 
 
 @dataclass
@@ -186,7 +188,10 @@ def default_settings(task: Task, model: Optional[str] = None) -> RunSettings:
     for source in ("heal", task.value):  # generation tasks show the edit sliders at the heal defaults
         for key, value in bundle.defaults(source).items():
             if hasattr(settings, key):
-                setattr(settings, key, type(getattr(settings, key))(value))
+                current = getattr(settings, key)
+                setattr(settings, key, value if current is None else type(current)(value))
+    if settings.lesion_fusion is None:  # a bundle that does not say: the table's fallback (the GUI shows a value)
+        settings.lesion_fusion = FALLBACKS["lesion_fusion"]
     if bundle.has_local:  # where a person looks, the local stage samples texture (the bundle says which mode)
         settings.local_mode = str(bundle.config["local"].get("interactive_mode", "realism"))
     else:

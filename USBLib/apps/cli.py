@@ -87,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", type=Path, help="scan whose space (and units) the output takes; the mask "
                                                   "must be on its grid")
     p.add_argument("--resample-mask", action="store_true", help="resample the mask onto the reference grid")
-    add_cli_options(p, ["sampler", "lesion_guidance"])
+    add_cli_options(p, ["sampler", "lesion_guidance", "lesion_fusion", "margin_mm", "dilation_mm"],
+                    {"margin_mm": "Lesion fusion: feather width in mm beyond the (grown) mask; farther away the "
+                                  "brain is the healthy twin's.",
+                     "dilation_mm": "Lesion fusion: mm the mask is grown by before the lesion is fused."})
     _common(p)
 
     p = sub.add_parser("batch", help="heal many scans (BIDS dataset, folder or CSV) into a BIDS derivatives folder",
@@ -242,7 +245,8 @@ def cmd_generate_from_mask(args) -> int:
                                         None if ref is None else ref.affine, steps=args.steps, seed=args.seed,
                                         samples=args.samples, resample_mask=args.resample_mask,
                                         sampler=args.sampler, lesion_guidance=args.lesion_guidance,
-                                        progress=bar)
+                                        lesion_fusion=args.lesion_fusion, margin_mm=args.margin_mm,
+                                        dilation_mm=args.dilation_mm, progress=bar)
     finally:
         bar.close()
     inputs = {"mask": args.mask, "reference": args.reference}

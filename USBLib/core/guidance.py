@@ -70,3 +70,26 @@ def apply_guidance(y0_hat: torch.Tensor, y0: torch.Tensor, weight: torch.Tensor)
     clean latent, which removes noise wherever lambda ~ 1).
     """
     return y0_hat + weight * (y0 - y0_hat)
+
+
+def lesion_guided(with_mask: torch.Tensor, empty: torch.Tensor, guidance: float,
+                  prior: torch.Tensor | None = None) -> torch.Tensor:
+    """Clean estimate of a brain that shows the mask's lesion, from the brain model's two estimates on the same
+    noisy latent: y0_hat = y0_hat(empty) + (1 + w) P (y0_hat(mask) - y0_hat(empty)).
+
+    With P = 1 everywhere (``prior`` None) this is y0_hat(mask) + w (y0_hat(mask) - y0_hat(empty)):
+    classifier-free guidance with the empty mask as the null condition, and w = 0 is the paper's eq. 9. With the
+    lesion prior P (``lesion_prior``, 1 on every latent voxel the lesion touches) the mask's estimate counts only
+    there: elsewhere the brain follows the empty-mask (healthy) estimate, so the lesion does not drift the rest of
+    the anatomy.
+
+    Args:
+        with_mask: y0_hat(x0), the estimate conditioned on the mask latent, [B, C, I, J, K].
+        empty: y0_hat(empty), the estimate conditioned on the empty-mask latent, same shape.
+        guidance: w >= 0.
+        prior: P, [B, 1, I, J, K] in [0, 1] on the latent grid, or None for P = 1.
+    """
+    change = with_mask - empty
+    if prior is not None:
+        change = prior * change
+    return empty + (1.0 + guidance) * change

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from USBLib.core.guidance import acg_alpha, acg_weight, apply_guidance
+from USBLib.core.guidance import acg_alpha, acg_weight, apply_guidance, lesion_guided
 from USBLib.core.schedule import NoiseSchedule, timesteps
 
 Tick = Callable[[], None]
@@ -138,7 +138,7 @@ def generate_from_mask(d: Denoisers, lesion_latent: torch.Tensor, steps: int, ge
     for t, s in timesteps(d.schedule.num_train_timesteps - 1, steps):
         if guided:  # both conditions in one batch
             x0_both, _ = d.estimate(d.unet_brain, torch.cat([y, y]), conds, t)
-            y0_hat = x0_both[:b] + guidance * (x0_both[:b] - x0_both[b:])
+            y0_hat = lesion_guided(x0_both[:b], x0_both[b:], guidance)
             if d.latent_clip is not None:
                 y0_hat = y0_hat.clamp(*d.latent_clip)
             eps = d.schedule.eps_from_x0(y, y0_hat, t)
@@ -147,6 +147,53 @@ def generate_from_mask(d: Denoisers, lesion_latent: torch.Tensor, steps: int, ge
         y = d.schedule.solver_step(y, y0_hat, eps, t, s, sampler, history)
         tick()
     return y0_hat
+
+
+@torch.no_grad()
+def generate_with_healthy_twin(d: Denoisers, lesion_latent: torch.Tensor, empty_latent: torch.Tensor,
+                               prior: torch.Tensor, steps: int, generator: torch.Generator, tick: Tick = _noop,
+                               sampler: str = "ddim", guidance: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A brain showing the mask's lesion and its healthy twin, from the same noise (eq. 9 localised).
+
+    The twin follows the brain model under the empty-mask condition (a healthy brain for this noise). The lesioned
+    trajectory uses y0_hat = y0_hat(empty) + (1 + w) P (y0_hat(mask) - y0_hat(empty)) (``guidance.lesion_guided``):
+    the lesion model's estimate only where the lesion prior P is, the healthy estimate elsewhere, so the two
+    brains differ at the lesion and hardly anywhere else (the caller fuses the difference at the mask, PathoSyn's
+    additive deviation on stable anatomy). Three network calls per step, in one batch.
+
+    Returns (lesioned y0_hat, healthy y0_hat), each [B, C, I, J, K].
+
+    Args:
+        d: the denoisers.
+        lesion_latent: x0, the encoded mask [B, C, I, J, K]; the noise is placed on its device.
+        empty_latent: the empty-mask condition [1 or B, C, I, J, K].
+        prior: P, the lesion prior on the latent grid [B or 1, 1, I, J, K] in [0, 1] (``guidance.lesion_prior``).
+        steps: network calls per trajectory, from t = T-1 to clean.
+        generator: CPU generator for the initial noise (shared by both trajectories).
+        tick: called once per step.
+        sampler: ``ddim`` or ``dpm++2m``.
+        guidance: w >= 0, how strongly the lesion is imprinted inside P.
+    """
+    if guidance < 0:
+        raise ValueError("lesion guidance must be >= 0")
+    b = lesion_latent.shape[0]
+    empty = empty_latent.to(lesion_latent).expand_as(lesion_latent)
+    conds = torch.cat([lesion_latent, empty, empty])
+    prior = prior.to(lesion_latent)
+    noise = _noise(lesion_latent.shape, generator, like=lesion_latent)
+    y = torch.cat([noise, noise])  # [lesioned; healthy]
+    y0_hat = y
+    history: dict = {}
+    for t, s in timesteps(d.schedule.num_train_timesteps - 1, steps):
+        x0_all, _ = d.estimate(d.unet_brain, torch.cat([y[:b], y]), conds, t)
+        lesioned = lesion_guided(x0_all[:b], x0_all[b:2 * b], guidance, prior)
+        if d.latent_clip is not None:
+            lesioned = lesioned.clamp(*d.latent_clip)
+        y0_hat = torch.cat([lesioned, x0_all[2 * b:]])
+        eps = d.schedule.eps_from_x0(y, y0_hat, t)
+        y = d.schedule.solver_step(y, y0_hat, eps, t, s, sampler, history)
+        tick()
+    return y0_hat[:b], y0_hat[b:]
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from USBLib.errors import Cancelled, InputError
 from USBLib.imaging.checks import check_image, check_mask
 from USBLib.imaging.fusion import edit_weight, fuse
 from USBLib.imaging.intensity import IntensityMap
-from USBLib.settings import FALLBACKS, validate
+from USBLib.settings import validate, value_of
 from USBLib.imaging.spatial import SpaceMapping, register
 
 Progress = Callable[[int, int, str], Optional[bool]]
@@ -302,7 +302,7 @@ class Editor:
         """Seam-aware fusion of the mean deviation into the scan: (result [I, J, K] in the scan's units,
         uncertainty (weighted std over samples, or None for one sample), edit weight [I, J, K] in [0, 1])."""
         prog.stage("fusing into the scan")
-        dilation = float(settings.get("dilation_mm", 0.0))
+        dilation = float(value_of(settings, "dilation_mm"))
         core = None
         if mask is not None and task == "heal":
             from USBLib.editor.local.conditioning import fusion_core
@@ -363,7 +363,7 @@ class Editor:
 
         prog.stage("encoding")
         base = image  # what the diffusion starts from: the scan, or for heal the scan with its lesion pre-filled
-        if task == "heal" and mask is not None and settings.get("prefill", "none") != "none":
+        if task == "heal" and mask is not None and value_of(settings, "prefill") != "none":
             from USBLib.imaging.prefill import prefill
 
             base = prefill(image, mask, settings["prefill"])
@@ -374,7 +374,7 @@ class Editor:
         if mask is not None:
             pv, binary = self._model_mask(mapping, mask)
             prior = lesion_prior(torch.as_tensor(pv)[None, None].to(self.device), factor)
-            lesion_w = lcg_weight(prior, float(settings.get("eta", 0.0)))
+            lesion_w = lcg_weight(prior, float(value_of(settings, "eta")))
             cond = self.encode(binary[None]) if task == "embed" else self.empty_condition()
         else:
             cond = self.empty_condition()
@@ -428,18 +428,25 @@ class Editor:
     def generate_from_mask(self, mask: np.ndarray, affine: np.ndarray, reference: np.ndarray | None = None,
                            reference_affine: np.ndarray | None = None, *, steps: int | None = None, seed: int = 0,
                            samples: int = 1, resample_mask: bool = False, sampler: str | None = None,
-                           lesion_guidance: float | None = None, progress: Progress | None = None) -> EditResult:
+                           lesion_guidance: float | None = None, lesion_fusion: bool | None = None,
+                           margin_mm: float | None = None, dilation_mm: float | None = None,
+                           progress: Progress | None = None) -> EditResult:
         """A brain showing the given lesion (eq. 9).
 
         Without ``reference`` the mask is taken to be in template space (any grid) and the brain is returned on
         the model grid; with a reference scan the mask must lie on the reference's grid (or ``resample_mask``),
         and the brain is returned on that grid in the reference's intensity units.
+
+        ``lesion_fusion`` (default: the bundle's): generate a healthy brain for the noise and, from the same noise,
+        the brain with the lesion (the mask's estimate counts only on the latent voxels the lesion touches), then
+        fuse their difference into the healthy brain inside the mask grown by ``dilation_mm`` and feathered over
+        ``margin_mm`` (``tasks.generate_with_healthy_twin``). Off: the paper's eq. 9, the whole brain conditioned
+        on the mask. ``lesion_guidance`` w strengthens the lesion in both modes (``guidance.lesion_guided``).
         """
         import torch
 
-        from USBLib.core import tasks
-
-        settings = self._settings("generate_from_mask", steps=steps, sampler=sampler, lesion_guidance=lesion_guidance)
+        settings = self._settings("generate_from_mask", steps=steps, sampler=sampler, lesion_guidance=lesion_guidance,
+                                  lesion_fusion=lesion_fusion, margin_mm=margin_mm, dilation_mm=dilation_mm)
         samples = _check_samples(samples)
         affine = np.asarray(affine, dtype=np.float64)
         if reference is not None:
@@ -459,21 +466,10 @@ class Editor:
             mapping = SpaceMapping(tuple(mask.shape), affine, self.bundle.grid_shape, self.bundle.grid_affine,
                                    np.eye(4))
         prog.tick()
-        prog.stage("encoding")
-        _, binary = self._model_mask(mapping, mask)
+        pv, binary = self._model_mask(mapping, mask)
         if not binary.any():
             raise InputError("the lesion mask lies outside the model's field of view")
-        cond = self.encode(binary[None])
-        prog.tick()
-        prog.stage("denoising")
-        guidance = float(settings.get("lesion_guidance", FALLBACKS["lesion_guidance"]))
-        lat = tasks.generate_from_mask(self._denoisers(), cond.expand(samples, *cond.shape[1:]).contiguous(),
-                                       settings["steps"], generator, prog.tick, sampler=settings["sampler"],
-                                       guidance=guidance, empty_latent=self.empty_condition() if guidance else None)
-        prog.stage("decoding")
-        images = np.clip(self.decode(lat), 0.0, None) * self.space["brain"]
-        prog.tick()
-        prog.stage("")
+        images = self._brains_for_mask(pv, binary, settings, samples, generator, prog)
         uncertainty = images.std(axis=0) if samples > 1 else None
         image = images.mean(axis=0)
         prov = self._provenance("generate_from_mask", settings, seed, samples, prog.timings,
@@ -485,6 +481,52 @@ class Editor:
         native = imap.to_native(mapping.to_native(image))
         unc = None if uncertainty is None else imap.delta_to_native(mapping.to_native(uncertainty))
         return EditResult(native.astype(np.float32), np.asarray(reference_affine, float).copy(), mask, unc, prov)
+
+    def _brains_for_mask(self, pv: np.ndarray, binary: np.ndarray, settings: dict[str, Any], samples: int,
+                         generator, prog: "_Progress") -> np.ndarray:
+        """Brains [samples, I, J, K] on the model grid (model units, zero outside the brain) for the lesion mask
+        ``binary`` (partial-volume ``pv``), both [I, J, K] on the model grid. Records the effective
+        ``lesion_guidance`` and ``lesion_fusion`` in ``settings``."""
+        import torch
+
+        from USBLib.core import tasks
+
+        prog.stage("encoding")
+        cond = self.encode(binary[None])
+        cond = cond.expand(samples, *cond.shape[1:]).contiguous()
+        prog.tick()
+        prog.stage("denoising")
+        guidance = settings["lesion_guidance"] = float(value_of(settings, "lesion_guidance"))
+        fused = settings["lesion_fusion"] = bool(value_of(settings, "lesion_fusion"))
+        if fused:
+            settings["dilation_mm"] = float(value_of(settings, "dilation_mm"))
+        else:  # (they shape the fusion only)
+            settings.pop("dilation_mm", None)
+            settings.pop("margin_mm", None)
+        if fused:
+            from USBLib.core.guidance import lesion_prior
+            from USBLib.core.networks import downsampling_factor
+
+            prior = lesion_prior(torch.as_tensor(pv)[None, None].to(self.device),
+                                 downsampling_factor(self.bundle.config["networks"]))
+            lesioned, healthy = tasks.generate_with_healthy_twin(
+                self._denoisers(), cond, self.empty_condition(), prior, settings["steps"], generator, prog.tick,
+                sampler=settings["sampler"], guidance=guidance)
+            lat = torch.cat([lesioned, healthy])
+        else:
+            lat = tasks.generate_from_mask(self._denoisers(), cond, settings["steps"], generator, prog.tick,
+                                           sampler=settings["sampler"], guidance=guidance,
+                                           empty_latent=self.empty_condition() if guidance else None)
+        prog.stage("decoding")
+        images = self.decode(lat)
+        if fused:  # the lesion's deviation from the healthy twin, fused at the mask as an embed is
+            weight = edit_weight(binary, self.space["brain"], _spacing(self.bundle.grid_affine),
+                                 settings["dilation_mm"], float(settings["margin_mm"]))
+            healthy_images = images[samples:]
+            images = healthy_images + weight * (images[:samples] - healthy_images)
+        prog.tick()
+        prog.stage("")
+        return np.clip(images, 0.0, None) * self.space["brain"]
 
     # ----------------------------------------------------------------- provenance
     def _provenance(self, task: str, settings: dict, seed: int, samples: int, timings: dict,
@@ -546,13 +588,10 @@ def _check_inside_brain(image: np.ndarray, mask: np.ndarray | None, brain: np.nd
 def _local_settings(settings: dict[str, Any]):
     from USBLib.editor.local.stage import LocalSettings
 
-    def value(key: str):
-        return settings[key] if settings.get(key) is not None else FALLBACKS[key]
-
-    return LocalSettings(mode=value("local_mode"), steps=int(value("local_steps")),
-                         strength=float(value("local_strength")), dilation_mm=float(value("dilation_mm")),
-                         alpha0=float(settings["alpha0"]), k=float(settings["k"]), eta=float(value("eta")),
-                         acg=bool(settings["acg"]))
+    return LocalSettings(mode=value_of(settings, "local_mode"), steps=int(value_of(settings, "local_steps")),
+                         strength=float(value_of(settings, "local_strength")),
+                         dilation_mm=float(value_of(settings, "dilation_mm")), alpha0=float(settings["alpha0"]),
+                         k=float(settings["k"]), eta=float(value_of(settings, "eta")), acg=bool(settings["acg"]))
 
 
 def _local_box_count(mask: np.ndarray | None, affine: np.ndarray) -> int:
