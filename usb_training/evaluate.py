@@ -5,8 +5,10 @@
   baselines: untouched input, FSL-style lesion filling, biharmonic inpainting.
 - Healthy -> pathology: lesion contrast (lesion / surrounding tissue), location fidelity (Dice of the
   thresholded difference against the mask) and the largest change outside the edit region.
-- Generation: KID and Gaussian MMD on features of the trained encoder (generated vs held-out brains), and
-  lesion-mask statistics (volume, count, centroid) against the lesion generator's.
+- Generation (``--generate``, 16 pairs by default): NCC of each generated brain with held-out brains after affine
+  alignment against the model template's NCC, tissue fractions, lesion-mask statistics against the lesion
+  generator's (``usb_training.generation``, which also measures the autoencoder and generation from a mask), and
+  KID / Gaussian MMD on features of the trained encoder.
 All computed on the model grid in model intensity units (99th brain percentile = 1, so PSNR uses range 1).
 
     python -m usb_training.evaluate --model USBLib/models/usb-tiny [--cases 8] [--out DIR]
@@ -149,9 +151,17 @@ def _mask_stats(masks: list[np.ndarray], spacing: float) -> dict[str, float]:
             "centroid_mm_mean": [round(float(v), 1) for v in cents_arr.mean(0)]}
 
 
-def evaluate_generation(editor: Editor, cases: list[Sample], generator_masks: list[np.ndarray], n: int) -> dict[str, Any]:
-    """KID / MMD of generated brains against held-out brains, and generated lesion-mask statistics."""
-    results = editor.generate(n, seed=0)
+def evaluate_generation(editor: Editor, cases: list[Sample], generator_masks: list[np.ndarray], n: int,
+                        reference=None) -> dict[str, Any]:
+    """Generated pairs against held-out brains: KID / MMD on encoder features and generated lesion-mask statistics;
+    with ``reference`` (a ``generation.Reference``) also the NCC with held-out brains after affine alignment, the
+    tissue fractions and the lesion statistics against the generator's (``generation.unconditional``)."""
+    if reference is not None:
+        from .generation import unconditional
+
+        population, results = unconditional(editor, reference, n)
+    else:
+        population, results = None, editor.generate(n, seed=0)
     brains = np.stack([r.image for r in results]).astype(np.float32)
     masks = [r.mask for r in results]
     real = np.stack([c.healthy for c in cases]).astype(np.float32)
@@ -159,7 +169,7 @@ def evaluate_generation(editor: Editor, cases: list[Sample], generator_masks: li
     spacing = float(editor.bundle.spacing[0])
     return {"kid": metrics.polynomial_mmd2(f_gen, f_real), "mmd_gaussian": metrics.gaussian_mmd2(f_gen, f_real),
             "generated_masks": _mask_stats(masks, spacing), "generator_masks": _mask_stats(generator_masks, spacing),
-            "samples": n}
+            "samples": n, **({"population": population} if population is not None else {})}
 
 
 HEAL_COLUMNS = [("lesion_psnr", "PSNR lesion"), ("lesion_ssim", "SSIM lesion"), ("lesion_l1", "L1 lesion"),
@@ -191,6 +201,15 @@ def table(heal: dict[str, dict[str, float]], embed: dict[str, dict[str, float]],
                   f"- lesion count: generated {g['count_mean']:.2f} (empty {g['empty_fraction']:.0%}), "
                   f"generator {r['count_mean']:.2f} (empty {r['empty_fraction']:.0%})",
                   f"- centroid mm: generated {g['centroid_mm_mean']}, generator {r['centroid_mm_mean']}"]
+        if "population" in gen:
+            p = gen["population"]
+            lines += [f"- NCC with held-out brains after affine alignment: {p['ncc_mean']:.3f} (model template "
+                      f"{p['ncc_template']:.3f}; ratio {p['ncc_ratio']:.2f}, target >= 0.75)",
+                      f"- tissue fractions CSF/GM/WM: generated {p['tissue_fractions']}, held-out "
+                      f"{p['tissue_fractions_held_out']}",
+                      f"- lesion components (median): generated {p['lesions']['components_median']:.0f}, generator "
+                      f"{p['generator_lesions']['components_median']:.0f}; in white matter: generated "
+                      f"{p['lesions']['in_wm']:.0%}, generator {p['generator_lesions']['in_wm']:.0%}"]
     return "\n".join(lines)
 
 
@@ -202,15 +221,17 @@ def generator_masks(cfg: dict[str, Any], cache: Path, count: int = 16) -> list[n
 
 
 def run(model: Path | str, samples: list[Sample], reference_masks: list[np.ndarray], out: Path,
-        generate: int = 8) -> dict[str, Any]:
-    """Evaluate a bundle on ``samples``; writes ``metrics.json``, ``results.md`` and ``heal_examples.png``."""
+        generate: int = 16, reference=None) -> dict[str, Any]:
+    """Evaluate a bundle on ``samples``; writes ``metrics.json``, ``results.md`` and ``heal_examples.png``.
+    ``generate``: generated pairs (0 = none); ``reference``: a ``generation.Reference`` for the population
+    measures of those pairs (NCC, tissue fractions, lesion statistics), or None for KID/MMD only."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     editor = Editor(bundle_mod.load(model), device="auto", registration="none")
     heal, figure = evaluate_heal(editor, samples)
     embed = {"USB (bundle defaults)": evaluate_embed(editor, samples),
              "USB latent stage": evaluate_embed(editor, samples, stages="latent")}
-    gen = evaluate_generation(editor, samples, reference_masks, generate) if generate else None
+    gen = evaluate_generation(editor, samples, reference_masks, generate, reference) if generate else None
     md = table(heal, embed, gen, len(samples))
     first = samples[0]
     center = np.argwhere(first.mask).mean(0).astype(int)
@@ -236,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--out", type=Path, default=Path("usb_evaluation"))
     parser.add_argument("--cases", type=int, default=8)
-    parser.add_argument("--generate", type=int, default=8, help="generated pairs for KID/MMD (0 = skip)")
+    parser.add_argument("--generate", type=int, default=16,
+                        help="generated pairs for NCC, tissue fractions, lesion statistics, KID/MMD (0 = skip)")
     parser.add_argument("--native", action="store_true", help="native-space heal/embed evaluation (see above)")
     parser.add_argument("--per-site", type=int, default=2, help="--native: cases per lesion site (6 sites)")
     args = parser.parse_args(argv)
@@ -245,7 +267,12 @@ def main(argv: list[str] | None = None) -> int:
         return _native_main(b, args.cache, args.per_site, args.out)
     cfg = tier(args.tier or b.tier)
     samples = held_out_cases(cfg, args.cache, args.cases)
-    result = run(b.root, samples, generator_masks(cfg, args.cache), args.out, args.generate)
+    reference = None
+    if args.generate:
+        from .generation import Reference
+
+        reference = Reference(cfg, args.cache)
+    result = run(b.root, samples, generator_masks(cfg, args.cache), args.out, args.generate, reference)
     print(result["table_markdown"])
     print(f"written: {args.out / 'metrics.json'}, {args.out / 'results.md'}, {args.out / 'heal_examples.png'}")
     return 0

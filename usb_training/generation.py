@@ -199,10 +199,11 @@ def unconditional(editor: Editor, ref: Reference, pairs: int, seed: int = 0, ste
 
 def from_mask(editor: Editor, ref: Reference, cases: int, seed: int = 0, steps: int | None = None,
               sampler: str | None = None, lesion_guidance: float | None = None, lesion_fusion: bool | None = None,
-              with_ncc: bool = True) -> tuple[dict[str, Any], list]:
+              with_ncc: bool = True, healthy_cache: dict[int, np.ndarray] | None = None) -> tuple[dict[str, Any], list]:
     """Brains for held-out lesion masks (``Editor.generate_from_mask``, the product's path), each against the
     brain the same noise gives with the empty condition (eq. 9 without a lesion). ``lesion_guidance`` /
-    ``lesion_fusion``: None = the bundle's; ``with_ncc`` False skips the (slow) affine NCC."""
+    ``lesion_fusion``: None = the bundle's; ``with_ncc`` False skips the (slow) affine NCC; ``healthy_cache``
+    (noise seed -> healthy brain) lets a second call with the same seeds and steps reuse those brains."""
     import torch
 
     from USBLib.core import tasks
@@ -221,9 +222,13 @@ def from_mask(editor: Editor, ref: Reference, cases: int, seed: int = 0, steps: 
                                                 sampler=settings["sampler"],
                                                 lesion_guidance=value_of(settings, "lesion_guidance"),
                                                 lesion_fusion=value_of(settings, "lesion_fusion")).image
-        healthy = tasks.generate_from_mask(editor._denoisers(), editor.empty_condition(), settings["steps"],
-                                           torch.Generator().manual_seed(noise_seed), sampler=settings["sampler"])
-        without = np.clip(editor.decode(healthy)[0], 0, None) * brain
+        without = None if healthy_cache is None else healthy_cache.get(noise_seed)
+        if without is None:
+            healthy = tasks.generate_from_mask(editor._denoisers(), editor.empty_condition(), settings["steps"],
+                                               torch.Generator().manual_seed(noise_seed), sampler=settings["sampler"])
+            without = np.clip(editor.decode(healthy)[0], 0, None) * brain
+            if healthy_cache is not None:
+                healthy_cache[noise_seed] = without
         lesion = mask > 0
         change = without - with_lesion
         ring = ndimage.binary_dilation(lesion, iterations=3) & ~lesion & (brain > 0)
@@ -277,10 +282,12 @@ def run(model: Path | str, cfg: dict[str, Any], cache: Path, out: Path, pairs: i
     reconstruction_figure(editor_round_trip(editor), cfg, cache, out / "reconstruction.png",
                           f"{editor.bundle.name} autoencoder")
     result["unconditional"], generated = unconditional(editor, ref, pairs, seed, steps, sampler)
-    result["from_mask"], conditioned = from_mask(editor, ref, mask_cases, seed, steps, sampler)
+    healthy: dict[int, np.ndarray] = {}
+    result["from_mask"], conditioned = from_mask(editor, ref, mask_cases, seed, steps, sampler,
+                                                 healthy_cache=healthy)
     if result["from_mask"]["lesion_fusion"]:  # the paper's eq. 9 alone, for comparison (no NCC: same brains)
         result["from_mask_eq9"], _ = from_mask(editor, ref, mask_cases, seed, steps, sampler, lesion_fusion=False,
-                                               with_ncc=False)
+                                               with_ncc=False, healthy_cache=healthy)
     result["sampling"] = {k: v for k, v in editor._settings("generate", steps=steps, sampler=sampler).items()
                           if k in ("steps", "sampler")}
     montage([(r.image, r.mask) for r in generated[:8]], out / "generated_pairs.png",

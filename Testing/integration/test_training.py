@@ -74,11 +74,17 @@ def test_every_stage_runs_resumes_exports_and_reloads(run):
     res = editor.heal(case.image, loaded.grid_affine, case.mask, case.brain)
     assert res.image.shape == SHAPE and np.isfinite(res.image).all()
 
-    out = evaluate.run(work / "bundle", [case], [make_sample(anatomy, 4).mask], work / "eval", generate=2)
+    from usb_training.generation import Reference
+
+    out = evaluate.run(work / "bundle", [case], [make_sample(anatomy, 4).mask], work / "eval", generate=2,
+                       reference=Reference(cfg, work / "cache"))
     assert {"input (no change)", "biharmonic inpainting", "USB (bundle defaults)", "USB latent without ACG"} <= set(out["heal"])
     assert out["heal"]["input (no change)"]["outside_max_change"] == 0.0
     assert {"USB (bundle defaults)", "USB latent stage"} == set(out["embed"])
     assert all(e["outside_max_change"] == 0.0 for e in out["embed"].values())  # the outside stays bit for bit
+    population = out["generation"]["population"]  # the generation measures, not only KID
+    assert population["pairs"] == 2 and population["ncc_template"] > 0.8 and -1 <= population["ncc_mean"] <= 1
+    assert "NCC with held-out brains" in out["table_markdown"]
     for name in ("metrics.json", "results.md", "heal_examples.png"):
         assert (work / "eval" / name).is_file()
 
