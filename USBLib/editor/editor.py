@@ -499,11 +499,6 @@ class Editor:
         guidance = settings["lesion_guidance"] = float(value_of(settings, "lesion_guidance"))
         fused = settings["lesion_fusion"] = bool(value_of(settings, "lesion_fusion"))
         if fused:
-            settings["dilation_mm"] = float(value_of(settings, "dilation_mm"))
-        else:  # (they shape the fusion only)
-            settings.pop("dilation_mm", None)
-            settings.pop("margin_mm", None)
-        if fused:
             from USBLib.core.guidance import lesion_prior
             from USBLib.core.networks import downsampling_factor
 
@@ -513,7 +508,10 @@ class Editor:
                 self._denoisers(), cond, self.empty_condition(), prior, settings["steps"], generator, prog.tick,
                 sampler=settings["sampler"], guidance=guidance)
             lat = torch.cat([lesioned, healthy])
+            settings["dilation_mm"] = float(value_of(settings, "dilation_mm"))
         else:
+            settings.pop("dilation_mm", None)  # (they shape the fusion only)
+            settings.pop("margin_mm", None)
             lat = tasks.generate_from_mask(self._denoisers(), cond, settings["steps"], generator, prog.tick,
                                            sampler=settings["sampler"], guidance=guidance,
                                            empty_latent=self.empty_condition() if guidance else None)
