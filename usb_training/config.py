@@ -38,7 +38,7 @@ TIERS: dict[str, dict[str, Any]] = {
                      "fusion": "deviation", "prefill": "harmonic"},
             "embed": {"steps": 50, "strength": 0.6, "alpha0": 20.0, "k": 2.0, "eta": 1.0, "margin_mm": 6.0},
             # generation: deterministic DDIM, 50 steps (NCC with held-out brains +0.015 over DPM-Solver++(2M) at 25
-            # and 50 steps on two checkpoints; 8.7 s per pair on 2 cores)
+            # steps on three checkpoints, and over 50 steps on one; 8.7 s per pair on 2 cores)
             "generate": {"steps": 50, "sampler": "ddim"},
             "generate_from_mask": {"steps": 50, "sampler": "ddim", "lesion_guidance": 2.0, "lesion_fusion": True,
                                    "margin_mm": 3.0, "dilation_mm": 1.0},

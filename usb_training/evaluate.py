@@ -202,14 +202,9 @@ def table(heal: dict[str, dict[str, float]], embed: dict[str, dict[str, float]],
                   f"generator {r['count_mean']:.2f} (empty {r['empty_fraction']:.0%})",
                   f"- centroid mm: generated {g['centroid_mm_mean']}, generator {r['centroid_mm_mean']}"]
         if "population" in gen:
-            p = gen["population"]
-            lines += [f"- NCC with held-out brains after affine alignment: {p['ncc_mean']:.3f} (model template "
-                      f"{p['ncc_template']:.3f}; ratio {p['ncc_ratio']:.2f}, target >= 0.75)",
-                      f"- tissue fractions CSF/GM/WM: generated {p['tissue_fractions']}, held-out "
-                      f"{p['tissue_fractions_held_out']}",
-                      f"- lesion components (median): generated {p['lesions']['components_median']:.0f}, generator "
-                      f"{p['generator_lesions']['components_median']:.0f}; in white matter: generated "
-                      f"{p['lesions']['in_wm']:.0%}, generator {p['generator_lesions']['in_wm']:.0%}"]
+            from .generation import population_lines
+
+            lines += population_lines(gen["population"])
     return "\n".join(lines)
 
 

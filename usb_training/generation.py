@@ -313,24 +313,30 @@ def reconstruction_table(reconstruction: dict[str, Any]) -> list[str]:
     return lines
 
 
+def population_lines(u: dict[str, Any]) -> list[str]:
+    """Markdown bullet lines of ``unconditional``'s measures: NCC against the template's, tissue fractions, lesion
+    statistics against the generator's."""
+    g, r = u["lesions"], u["generator_lesions"]
+    return [f"- NCC with held-out brains after affine alignment: {u['ncc_mean']:.3f} (model template "
+            f"{u['ncc_template']:.3f}; ratio {u['ncc_ratio']:.2f}, target >= 0.75)",
+            f"- tissue fractions CSF/GM/WM (3-class GMM): generated {u['tissue_fractions']}, held-out "
+            f"{u['tissue_fractions_held_out']}",
+            f"- lesion components (median): generated {g['components_median']:.0f}, generator "
+            f"{r['components_median']:.0f}",
+            f"- lesion volume ml (median): generated {g['volume_ml_median']:.1f}, generator "
+            f"{r['volume_ml_median']:.1f} (5-95 %: {r['volume_ml_p5_p95'][0]:.1f}-{r['volume_ml_p5_p95'][1]:.1f})",
+            f"- lesion volume in white matter: generated {g['in_wm']:.0%}, generator {r['in_wm']:.0%}; in brain "
+            f"tissue: generated {g['in_tissue']:.0%}, generator {r['in_tissue']:.0%}"]
+
+
 def table(result: dict[str, Any]) -> str:
     """Markdown summary of ``run``'s result."""
     lines = reconstruction_table(result["reconstruction"])
     u = result["unconditional"]
-    g, r = u["lesions"], u["generator_lesions"]
     sampling = result.get("sampling", {})
     lines += ["", f"Unconditional generation, {u['pairs']} pairs, {u['seconds_per_pair']:.1f} s per pair "
               f"({sampling.get('sampler', '?')}, {sampling.get('steps', '?')} steps):", "",
-              f"- NCC with held-out brains after affine alignment: {u['ncc_mean']:.3f} (model template "
-              f"{u['ncc_template']:.3f}; ratio {u['ncc_ratio']:.2f}, target >= 0.75)",
-              f"- tissue fractions CSF/GM/WM (3-class GMM): generated {u['tissue_fractions']}, held-out "
-              f"{u['tissue_fractions_held_out']}",
-              f"- lesion components (median): generated {g['components_median']:.0f}, generator "
-              f"{r['components_median']:.0f}",
-              f"- lesion volume ml (median): generated {g['volume_ml_median']:.1f}, generator "
-              f"{r['volume_ml_median']:.1f} (5-95 %: {r['volume_ml_p5_p95'][0]:.1f}-{r['volume_ml_p5_p95'][1]:.1f})",
-              f"- lesion volume in white matter: generated {g['in_wm']:.0%}, generator {r['in_wm']:.0%}; in brain "
-              f"tissue: generated {g['in_tissue']:.0%}, generator {r['in_tissue']:.0%}"]
+              *population_lines(u)]
     m = result["from_mask"]
     fused = " fused into a healthy twin" if m.get("lesion_fusion") else " (eq. 9, whole brain conditioned)"
     lines += ["", f"Generation from a mask ({m['cases']} held-out masks, lesion guidance "
