@@ -3,8 +3,9 @@ evaluation), resumable: each stage continues from its checkpoint.
 
     python -m usb_training run --tier tiny --work RUN --out USBLib/models/usb-tiny \
         [--ae-minutes 25 --diffusion-minutes 45] [--skip-eval]
-Stages one by one: ``python -m usb_training.data generate``, ``usb_training.train_autoencoder``,
-``usb_training.train_diffusion``, ``usb_training.export``, ``usb_training.evaluate``.
+Stages one by one: ``python -m usb_training.data generate``, ``usb_training.latent.train_autoencoder``,
+``usb_training.latent.latents``, ``usb_training.latent.train_diffusion``, ``usb_training.latent.export``,
+``usb_training.evaluation.evaluate``.
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import json
 import time
 from pathlib import Path
 
-from .config import tier
-from .paths import DEFAULT_CACHE
+from .base.config import tier
+from .base.paths import DEFAULT_CACHE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = tier(args.tier)
     cfg["cache"] = str(args.cache)
-    from . import export, latents, train_autoencoder, train_diffusion
+    from .latent import export, latents, train_autoencoder, train_diffusion
     from .data.dataset import build_datasets
 
     t0 = time.monotonic()
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     export.export(cfg, args.work, args.out, name)
     print(f"[{time.monotonic() - t0:7.0f} s] exported {args.out}", flush=True)
     if not args.skip_eval:
-        from . import evaluate
+        from .evaluation import evaluate
 
         samples = evaluate.held_out_cases(cfg, args.cache, args.eval_cases)
         metrics = evaluate.run(args.out, samples, evaluate.generator_masks(cfg, args.cache), args.work / "evaluation")

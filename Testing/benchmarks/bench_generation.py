@@ -3,7 +3,7 @@
     python Testing/benchmarks/bench_generation.py [--model USBLib/models/usb-tiny] [--steps 10 20 50] [--repeat 2]
 
 Each configuration runs ``--repeat`` times after one warm-up; min / median / max wall seconds are printed as a
-markdown table. Quality of the same settings: ``python -m usb_training.generation --steps N --sampler S``.
+markdown table. Quality of the same settings: ``python -m usb_training.evaluation.generation --steps N --sampler S``.
 """
 from __future__ import annotations
 

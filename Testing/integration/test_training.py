@@ -13,11 +13,12 @@ import pytest
 from phantoms import phantom_anatomy
 from USBLib.core import bundle as bundle_mod
 from USBLib.editor.editor import Editor
-from usb_training import evaluate, export, latents, train_autoencoder, train_diffusion
-from usb_training.common import CHECKPOINT, load_checkpoint
-from usb_training.config import tier
+from usb_training.base.common import CHECKPOINT, load_checkpoint
+from usb_training.base.config import tier
 from usb_training.data.sources import _extract
 from usb_training.data.synth import build, make_sample
+from usb_training.evaluation import evaluate
+from usb_training.latent import export, latents, train_autoencoder, train_diffusion
 
 SHAPE, SPACING = (32, 48, 32), 5.0
 
@@ -74,7 +75,7 @@ def test_every_stage_runs_resumes_exports_and_reloads(run):
     res = editor.heal(case.image, loaded.grid_affine, case.mask, case.brain)
     assert res.image.shape == SHAPE and np.isfinite(res.image).all()
 
-    from usb_training.generation import Reference
+    from usb_training.evaluation.generation import Reference
 
     out = evaluate.run(work / "bundle", [case], [make_sample(anatomy, 4).mask], work / "eval", generate=2,
                        reference=Reference(cfg, work / "cache"))
@@ -112,8 +113,8 @@ def test_export_keeps_the_local_stage_of_an_existing_bundle(run, tmp_path):
 
 
 def test_generation_report_measures_a_bundle(run, tmp_path):
-    """``usb_training.generation`` end to end on a smoke bundle: every measurement, the tables and montages."""
-    from usb_training import generation
+    """``usb_training.evaluation.generation`` end to end on a smoke bundle: every measurement, the tables and montages."""
+    from usb_training.evaluation import generation
 
     cfg, work, _ = run
     if not (work / "bundle" / "bundle.json").is_file():
@@ -160,7 +161,7 @@ def test_extract_takes_only_listed_members_from_wheels_and_sdists(tmp_path):
 def test_device_run_trains_every_stage_within_its_budget_from_a_carried_cache(tmp_path):
     """The GPU script's code path on the CPU with a tiny configuration: the prepared cache only (no fetching),
     data built by 2 worker processes, both trainings, latents, a bundle with timings."""
-    from usb_training import device
+    from usb_training.latent import device
     from usb_training.data.sources import SOURCES
 
     anatomy, affine = phantom_anatomy(SHAPE, SPACING)

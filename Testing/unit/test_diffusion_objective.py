@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from USBLib.core.schedule import NoiseSchedule
-from usb_training.train_diffusion import q_sample, snr_weight, target_and_x0
+from usb_training.latent.train_diffusion import q_sample, snr_weight, target_and_x0
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])

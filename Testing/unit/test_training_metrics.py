@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from usb_training import baselines, metrics
+from usb_training.base import baselines, metrics
 
 
 def test_l1_psnr_on_a_constant_offset():
@@ -66,7 +66,7 @@ def test_lesion_filling_draws_from_white_matter():
 
 
 def test_ncc_is_invariant_to_gain_and_offset_and_signed():
-    from usb_training.generation import ncc
+    from usb_training.evaluation.generation import ncc
 
     rng = np.random.default_rng(1)
     a = rng.random((10, 10, 10))
@@ -78,7 +78,7 @@ def test_ncc_is_invariant_to_gain_and_offset_and_signed():
 
 def test_aligned_ncc_undoes_a_shift_that_raw_ncc_punishes():
     from phantoms import brain_mask, grid_affine, phantom
-    from usb_training.generation import aligned_ncc, ncc
+    from usb_training.evaluation.generation import aligned_ncc, ncc
 
     shape = (32, 40, 32)
     affine = grid_affine(shape, 5.0)
@@ -91,7 +91,7 @@ def test_aligned_ncc_undoes_a_shift_that_raw_ncc_punishes():
 
 
 def test_mask_stats_count_26_connected_components_volume_and_tissue_share():
-    from usb_training.generation import mask_stats
+    from usb_training.evaluation.generation import mask_stats
 
     mask = np.zeros((10, 10, 10), np.uint8)
     mask[1, 1, 1] = mask[2, 2, 2] = 1  # diagonal neighbours: one component
@@ -107,7 +107,7 @@ def test_mask_stats_count_26_connected_components_volume_and_tissue_share():
 
 
 def test_tissue_fractions_recover_three_classes():
-    from usb_training.generation import tissue_fractions
+    from usb_training.evaluation.generation import tissue_fractions
 
     rng = np.random.default_rng(2)
     values = np.concatenate([rng.normal(0.2, 0.03, 2000), rng.normal(0.6, 0.03, 5000), rng.normal(0.95, 0.03, 3000)])

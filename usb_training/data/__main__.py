@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import tier
-from ..paths import DEFAULT_CACHE
+from ..base.config import tier
+from ..base.paths import DEFAULT_CACHE
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ from scipy import ndimage
 from USBLib.imaging.intensity import IntensityMap
 from USBLib.imaging.spatial import SpaceMapping, register
 
-from ..config import INTENSITY, grid_affine
+from ..base.config import INTENSITY, grid_affine
 from .sources import SOURCES, fetch
 
 CSF, GM, WM, DEEP_GM = 1, 2, 3, 4

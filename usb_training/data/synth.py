@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from USBLib.imaging.intensity import IntensityMap
 
-from ..config import INTENSITY
+from ..base.config import INTENSITY
 from .anatomy import artefacts, healthy
 from .lesions import random_lesions
 from .pathology import lesion_deviation

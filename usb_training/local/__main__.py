@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..paths import DEFAULT_CACHE
+from ..base.paths import DEFAULT_CACHE
 
 TRAIN_SOURCES = ["mni2009a", "mni2009c", "fsaverage"]  # ixi555 is held out (usb_training.data.sources.HELD_OUT)
 
@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", type=Path, help="export: the bundle to add the local stage to")
     parser.add_argument("--out", type=Path, help="export: bundle folder to write (may be --source)")
     parser.add_argument("--tuning", type=Path, help="export: tuning.json of usb_training.local.tune")
-    parser.add_argument("--metrics", type=Path, help="export: native_metrics.json of usb_training.evaluate --native")
+    parser.add_argument("--metrics", type=Path,
+                        help="export: native_metrics.json of usb_training.evaluation.evaluate --native")
     args = parser.parse_args(argv)
     if args.command == "export":
         return _export(args)

@@ -15,7 +15,7 @@ from scipy import ndimage
 
 from USBLib.imaging.intensity import IntensityMap
 
-from ..config import INTENSITY
+from ..base.config import INTENSITY
 from ..data.prepare import CSF, Anatomy, _native
 from ..data.sources import fetch
 

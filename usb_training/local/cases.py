@@ -14,7 +14,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from ..data.prepare import CSF, GM, WM, Anatomy
+from ..data.prepare import CSF, DEEP_GM, GM, WM, Anatomy
 from .crops import _NoLesion, _artefacts, paint_lesion
 
 SITES = ("deep_wm", "periventricular", "juxtacortical", "thalamus", "cerebellum", "large")
@@ -35,6 +35,8 @@ class NativeCase:
     brain: np.ndarray    # uint8
     labels: np.ndarray   # tissue classes (prepare.CSF/GM/WM/DEEP_GM)
     affine: np.ndarray
+    hasty: np.ndarray | None = None  # yardstick: the exact mask eroded by one voxel (``hasty_mask``)
+    contrast: str = "template"       # yardstick: "template" (the source's T1) or "labels" (label-driven)
 
 
 def _site_pool(labels: np.ndarray, brain: np.ndarray, ras: np.ndarray, site: str) -> np.ndarray:
@@ -106,3 +108,251 @@ def native_cases(anatomy: Anatomy, anatomy_affine: np.ndarray, per_site: int, se
     """``per_site`` cases at each site, seeds ``seed``, ``seed + 1``, ..."""
     return [native_case(anatomy, anatomy_affine, site, seed + i * len(sites) + j)
             for i in range(per_site) for j, site in enumerate(sites)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The heal yardstick's cases (``usb_training.evaluation.native``)
+#
+# Unlike ``native_case`` above, a yardstick case
+# - gives the anatomy its own smooth non-linear deformation (random anisotropic scale/shear plus an integrated
+#   stationary velocity field of up to ~4 mm, composed with the oblique scanner grid so the template is resampled
+#   only once), and, for part of the cases, label-driven contrast (``data.anatomy.synthesize_contrast``, random
+#   class levels, deep grey matter its own class between GM and WM);
+# - draws lesions with a wider partial-volume edge (Gaussian sigma 1.2-1.8 voxels): the darkening reaches 2-3
+#   voxels past the drawn 0.5 iso-surface;
+# - carries two masks: the exact one (the 0.5 iso-surface) and a hasty one (the exact mask eroded by one voxel,
+#   6-neighbourhood; a component that would vanish keeps its deepest voxels);
+# - covers the sites of ``YARDSTICK_SITES``. Deep grey matter is located by MNI coordinates: the sources' tissue
+#   maps are CSF/GM/WM only (IXI555, MNI2009a/c), so thalamus, putamen and caudate are ellipsoids around their
+#   MNI152 centres (``NUCLEI``, both hemispheres), followed through the deformation; on fsaverage, whose aseg has a
+#   deep-GM class, the ellipsoids are intersected with that class. The cerebellum is MNI z < -25, y < -45. The
+#   sources lie in MNI space (IXI555 and the 2009 templates: MNI152; fsaverage: MNI305, within a few mm).
+# ----------------------------------------------------------------------------------------------------------------
+
+YARDSTICK_SITES = ("deep_wm", "periventricular", "juxtacortical", "thalamus", "putamen", "caudate", "cortex",
+                   "cerebellum", "large", "multiple", "border")
+SITE_GROUPS = {"thalamus": "deep_gm", "putamen": "deep_gm", "caudate": "deep_gm"}
+# MNI152 centre (right hemisphere; mirrored in x) and semi-axes (mm) of the deep grey nuclei
+NUCLEI = {"thalamus": ((11.0, -18.0, 7.0), (6.0, 11.0, 8.0)),
+          "putamen": ((25.0, 2.0, 1.0), (4.5, 12.0, 8.0)),
+          "caudate": ((13.0, 12.0, 10.0), (3.5, 7.0, 7.0))}
+EDGE_SIGMA = (1.2, 1.8)      # voxels: the soft edge of the lesion (darkening reaches 2-3 voxels past the mask)
+
+
+def site_group(site: str) -> str:
+    """The reporting group of a yardstick site (thalamus, putamen and caudate are ``deep_gm``)."""
+    return SITE_GROUPS.get(site, site)
+
+
+def hasty_mask(mask: np.ndarray) -> np.ndarray:
+    """The exact mask eroded by one voxel (6-neighbourhood; the image faces do not erode it); a component that
+    would vanish keeps its deepest voxels, as a hasty rater still marks every lesion. uint8."""
+    m = np.asarray(mask) > 0
+    out = ndimage.binary_erosion(m, border_value=1)
+    labels, n = ndimage.label(m)
+    kept = ndimage.label(out)[0] > 0
+    for comp, box in enumerate(ndimage.find_objects(labels), start=1):
+        region = labels[box] == comp
+        if not (kept[box] & region).any():
+            depth = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1, 1:-1]
+            out[box] |= region & (depth >= depth.max())
+    return out.astype(np.uint8)
+
+
+def _nuclei_map(mni: np.ndarray, site: str, shrink: float = 1.0) -> np.ndarray:
+    centre, radii = NUCLEI[site]
+    out = np.zeros(mni.shape[:-1], bool)
+    for sign in (1.0, -1.0):
+        c = np.array([sign * centre[0], centre[1], centre[2]], np.float32)
+        out |= (((mni - c) / (np.asarray(radii, np.float32) * shrink)) ** 2).sum(-1) <= 1.0
+    return out
+
+
+def _yardstick_pool(labels: np.ndarray, brain: np.ndarray, mni: np.ndarray, site: str,
+                    depth: np.ndarray) -> np.ndarray:
+    wm, gm = labels == WM, labels == GM
+    csf = labels == CSF
+    if site in NUCLEI:
+        pool = _nuclei_map(mni, site, 0.6) & brain & (depth > 12)
+        if (labels == DEEP_GM).any():  # fsaverage's aseg: the nuclei themselves
+            pool &= labels == DEEP_GM
+    elif site == "periventricular":
+        ventricles = csf & (depth > 15)
+        pool = wm & (ndimage.distance_transform_edt(~ventricles) <= 4) if ventricles.any() else wm & (depth > 20)
+    elif site == "juxtacortical":
+        pool = wm & ndimage.binary_dilation(gm, iterations=2) & (depth > 6) & (mni[..., 2] > 0)
+    elif site == "cortex":
+        pool = gm & (depth > 3) & (depth < 9) & (mni[..., 2] > -10)
+    elif site == "cerebellum":
+        pool = (gm | wm) & (mni[..., 2] < -25) & (mni[..., 1] < -45) & (np.abs(mni[..., 0]) > 10) & (depth > 5)
+    elif site == "large":
+        pool = wm & (depth > 18) & (mni[..., 2] > 5)
+    elif site == "border":
+        pool = wm & (depth > 8) & (mni[..., 2] > 25)
+    else:  # deep_wm, multiple
+        pool = wm & (depth > 10) & ~ndimage.binary_dilation(csf, iterations=4)
+        if site == "deep_wm":
+            pool &= ~_nuclei_map(mni, "thalamus", 1.3) & ~_nuclei_map(mni, "putamen", 1.3)
+    return pool if pool.any() else wm & (depth > 10)
+
+
+def _shape_for(kind: str, rng: np.random.Generator) -> tuple[str, float]:
+    if kind == "large":
+        return str(rng.choice(["wedge", "blob", "cluster"])), float(rng.uniform(7, 13))
+    if kind == "periventricular":
+        return str(rng.choice(["periventricular", "blob"], p=[0.6, 0.4])), float(np.exp(rng.uniform(np.log(2), np.log(9))))
+    if kind == "small":
+        return "blob", float(rng.uniform(2.0, 4.5))
+    if kind == "cortex":
+        return "blob", float(np.exp(rng.uniform(np.log(2.0), np.log(6))))
+    if kind in NUCLEI:
+        return str(rng.choice(["blob", "cluster"], p=[0.7, 0.3])), float(np.exp(rng.uniform(np.log(2.5), np.log(7))))
+    return str(rng.choice(["blob", "cluster"], p=[0.7, 0.3])), float(np.exp(rng.uniform(np.log(2.0), np.log(12))))
+
+
+def paint_wide_lesion(img: np.ndarray, lab: np.ndarray, centre: np.ndarray, kind: str, rng: np.random.Generator,
+                      max_fraction: float = 0.12) -> tuple[np.ndarray, np.ndarray]:
+    """(soft extent, deviation) of one lesion of ``kind`` at ``centre`` (voxels) in a box of tissue image ``img``
+    with classes ``lab``: like ``crops.paint_lesion`` but with a soft edge of sigma ``EDGE_SIGMA`` voxels, so the
+    darkening reaches 2-3 voxels past the 0.5 iso-surface (the drawn mask). Raises ``_NoLesion``."""
+    from ..data.lesions import SHAPES, divergence_free_flow
+    from ..data.pathology import lesion_deviation
+    from ..data.warp import sampling_coords, warp
+    from .crops import MAX_LEVEL, TISSUE, VISIBLE_P, VISIBLE_RATIO
+
+    shape = img.shape
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"), -1)
+    tissue = ndimage.gaussian_filter(np.isin(lab, TISSUE).astype(np.float32), 0.7)
+    for _ in range(12):
+        name, radius = _shape_for(kind, rng)
+        raw = SHAPES[name](grid, centre, radius, lab, rng)
+        if not raw.any():
+            continue
+        flow = divergence_free_flow(shape, rng, rng.uniform(0.3, 1.0) * min(4.0, 0.5 * radius + 1), 8)
+        moved = warp(raw.astype(np.float32), sampling_coords(shape, None, flow))
+        soft = np.clip(ndimage.gaussian_filter(moved, rng.uniform(*EDGE_SIGMA)), 0, 1) * tissue
+        binary = soft >= 0.5
+        if 6 <= binary.sum() <= max_fraction * binary.size:
+            break
+    else:
+        raise _NoLesion()
+    deviation = lesion_deviation(img, soft, binary, lab, rng)
+    if rng.random() < VISIBLE_P:
+        ratio = float(np.mean((img + deviation)[binary]) / max(float(np.mean(img[binary])), 1e-6))
+        if ratio < 0.97:
+            deviation *= float(np.clip((1.0 - rng.uniform(*VISIBLE_RATIO)) / (1.0 - ratio), 0.3, 3.0))
+    deviation = np.clip(deviation, -img, MAX_LEVEL - img)
+    return soft.astype(np.float32), deviation.astype(np.float32)
+
+
+def _deformed_sampling(anatomy: Anatomy, anatomy_affine: np.ndarray, affine: np.ndarray, shape,
+                       rng: np.random.Generator) -> np.ndarray:
+    """Anatomy voxel coordinates [3, *shape] to sample for every scan voxel: the scan grid, then a random smooth
+    deformation of the anatomy (affine scale/shear/rotation plus an integrated stationary velocity field)."""
+    from ..data.warp import integrate_velocity, random_affine, sampling_coords, smooth_field
+
+    ashape = anatomy.image.shape
+    velocity = smooth_field(ashape, 3, int(rng.integers(9, 14)), rng)
+    velocity = velocity / velocity.abs().amax().clamp_min(1e-6) * rng.uniform(2.5, 4.0)
+    coords = sampling_coords(ashape, random_affine(rng, 5.0, 0.08, 0.05, 2.0), integrate_velocity(velocity))
+    coords = coords[0].numpy()  # [3, *ashape]: deformed anatomy voxel -> template voxel
+    to_anat = np.linalg.inv(anatomy_affine) @ affine
+    ijk = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"))
+    pos = np.einsum("ij,j...->i...", to_anat[:3, :3].astype(np.float32), ijk) \
+        + to_anat[:3, 3].astype(np.float32)[:, None, None, None]
+    return np.stack([ndimage.map_coordinates(c, pos, order=1, mode="nearest") for c in coords])
+
+
+def yardstick_case(anatomy: Anatomy, anatomy_affine: np.ndarray, site: str, seed: int,
+                   synth: bool | None = None, shape=SHAPE) -> NativeCase:
+    """One yardstick case (see the section comment above); deterministic in ``seed``. ``synth``: label-driven
+    contrast (default: every other seed; always for fsaverage, whose own T1 is a blurred average)."""
+    from ..data.anatomy import LABELS_ONLY, synthesize_contrast
+    from .crops import _artefacts
+
+    rng = np.random.default_rng(seed)
+    synth = (seed % 2 == 1) if synth is None else synth
+    synth = synth or anatomy.name in LABELS_ONLY
+    rot = Rotation.from_euler("xyz", rng.uniform(-10, 10, 3), degrees=True).as_matrix()
+    com = np.array(ndimage.center_of_mass(anatomy.brain > 0))
+    centre_ras = (anatomy_affine @ np.append(com, 1.0))[:3] + rng.uniform(-4, 4, 3)
+    affine = np.eye(4)
+    affine[:3, :3] = rot
+    affine[:3, 3] = centre_ras - rot @ ((np.asarray(shape) - 1) / 2.0)
+    src = _deformed_sampling(anatomy, anatomy_affine, affine, shape, rng)
+    sample = lambda a, order: ndimage.map_coordinates(np.asarray(a, np.float32), src, order=order,  # noqa: E731
+                                                      mode="constant", cval=0.0)
+    brain = sample(anatomy.brain, 1) > 0.5
+    labels = sample(anatomy.labels, 0).astype(np.uint8) * brain
+    labels[brain & (labels == 0)] = CSF
+    mni = (np.moveaxis(src, 0, -1) @ anatomy_affine[:3, :3].T.astype(np.float32)
+           + anatomy_affine[:3, 3].astype(np.float32))
+    own = None if synth else np.clip(sample(anatomy.image, 1), 0, None)
+    del src
+    if not (labels == DEEP_GM).any():  # deep grey matter as its own class (label-driven contrast, pools)
+        nuclei = np.zeros(shape, bool)
+        for name in NUCLEI:
+            nuclei |= _nuclei_map(mni, name)
+        labels[nuclei & np.isin(labels, (GM, WM))] = DEEP_GM
+    if synth:
+        image = synthesize_contrast(labels, brain, rng)
+    else:
+        image = own ** float(rng.uniform(0.8, 1.25)) * brain
+    depth = ndimage.distance_transform_edt(brain)
+    pool_site = "multiple" if site == "multiple" else site
+    pool = np.flatnonzero(_yardstick_pool(labels, brain, mni, pool_site, depth))
+    kind = {"multiple": "small", "border": "deep_wm", "juxtacortical": "deep_wm"}.get(site, site)
+    count = int(rng.integers(3, 7)) if site == "multiple" else 1
+    size = 80 if site == "large" else 64
+    soft = np.zeros(shape, np.float32)
+    deviation = np.zeros(shape, np.float32)
+    centres: list[np.ndarray] = []
+    for _ in range(40 * count):
+        if len(centres) == count:
+            break
+        centre = np.array(np.unravel_index(pool[rng.integers(pool.size)], shape))
+        if any(np.linalg.norm(centre - c) < 14 for c in centres):
+            continue
+        lo = np.clip(centre - size // 2, 0, np.asarray(shape) - size)
+        box = tuple(slice(a, a + size) for a in lo)
+        try:
+            soft_b, dev_b = paint_wide_lesion(image[box], labels[box], (centre - lo).astype(np.float32), kind, rng)
+        except _NoLesion:
+            continue
+        soft[box] = np.maximum(soft[box], soft_b)
+        deviation[box] += dev_b
+        centres.append(centre)
+    if not centres:
+        raise RuntimeError(f"no {site} lesion could be placed")
+    deviation = np.clip(deviation, -image, None)
+    healthy, lesioned = _artefacts([image, np.clip(image + deviation, 0, None)], brain.astype(np.float32), rng)
+    healthy, lesioned = (np.clip(np.rint(x * UNITS), 0, 32767).astype(np.float32) for x in (healthy, lesioned))
+    mask = (soft >= 0.5).astype(np.uint8)
+    arrays = [healthy, lesioned, mask, soft, brain.astype(np.uint8), labels]
+    if site == "border":  # cut the field of view through the lesion along the scan axis closest to superior
+        axis = int(np.argmax(np.abs(affine[2, :3])))
+        inds = np.nonzero(mask)[axis]
+        if affine[2, axis] > 0:
+            cut = int(np.median(inds)) + 1
+            arrays = [a.take(np.arange(cut), axis=axis) for a in arrays]
+        else:
+            cut = int(np.median(inds))
+            arrays = [a.take(np.arange(cut, shape[axis]), axis=axis) for a in arrays]
+            shift = np.eye(4)
+            shift[axis, 3] = cut
+            affine = affine @ shift
+    healthy, lesioned, mask, soft, brain_u8, labels = arrays
+    return NativeCase(f"{anatomy.name}-{site}-{seed}", site, healthy, lesioned, mask, soft, brain_u8, labels,
+                      affine, hasty=hasty_mask(mask), contrast="labels" if synth else "template")
+
+
+def yardstick_sites(count: int, sites=YARDSTICK_SITES) -> list[str]:
+    """The site of each of ``count`` cases: the sites in turn."""
+    return [sites[i % len(sites)] for i in range(count)]
+
+
+def yardstick_cases(anatomy: Anatomy, anatomy_affine: np.ndarray, count: int, seed: int, sites=YARDSTICK_SITES):
+    """``count`` yardstick cases, generated one at a time (a generator: each whole scan is ~100 MB): case ``i``
+    has site ``sites[i % len(sites)]``, seed ``seed + i``, label-driven contrast when ``seed + i`` is odd."""
+    for i, site in enumerate(yardstick_sites(count, sites)):
+        yield yardstick_case(anatomy, anatomy_affine, site, seed + i)

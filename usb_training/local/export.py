@@ -14,7 +14,8 @@ from typing import Any, Mapping
 from USBLib.core import bundle as bundle_mod
 from USBLib.editor.local.conditioning import DEVIATION_SCALE
 
-from ..common import module_weights
+from ..base.card import CARD_END, CARD_START
+from ..base.common import module_weights
 
 LOCAL_DEFAULTS = {
     "heal": {"stages": "local", "local_mode": "fidelity", "local_steps": 4, "local_strength": 0.3,
@@ -22,10 +23,6 @@ LOCAL_DEFAULTS = {
     "embed": {"stages": "local", "local_mode": "fidelity", "local_steps": 4, "local_strength": 0.3,
               "dilation_mm": 1.0, "margin_mm": 2.0},
 }
-
-
-CARD_START = "<!-- local stage: written by usb_training.local.export -->"
-CARD_END = "<!-- end of local stage -->"
 
 
 def card_section(config: Mapping[str, Any], table_md: str | None) -> str:
@@ -53,7 +50,7 @@ def card_section(config: Mapping[str, Any], table_md: str | None) -> str:
              f"interactive (Slicer, demo) mode {local.get('interactive_mode')}. Chosen on native validation cases "
              "from the training sources (`usb_training.local.tune`).", ""]
     if table_md:
-        lines += ["### Measured (held-out source, native space: `python -m usb_training.evaluate --native "
+        lines += ["### Measured (held-out source, native space: `python -m usb_training.evaluation.evaluate --native "
                   "--per-site 2`)", "", table_md, "",
                   "Pictures: `Resources/evaluation_heal_native.png`, `Resources/evaluation_embed_native.png`, "
                   "`Resources/guidance_embed.png`.", ""]

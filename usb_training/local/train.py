@@ -26,7 +26,7 @@ from USBLib.editor.local.conditioning import DEVIATION_SCALE, EMBED, HEAL, condi
 from USBLib.editor.local.network import build_local_unet, class_label
 from USBLib.core.schedule import NoiseSchedule
 
-from ..common import Budget, History, adamw, load_checkpoint, save_checkpoint, set_threads
+from ..base.common import Budget, History, adamw, load_checkpoint, save_checkpoint, set_threads
 from .shards import load_shards
 
 LOCAL_CONFIG: dict[str, Any] = {

@@ -25,7 +25,7 @@ from USBLib.editor.local.stage import LocalSettings
 from USBLib.editor.editor import Editor
 
 from .cases import NativeCase
-from .scores import embed_scores, gmm_classes, heal_scores
+from ..base.scores import embed_scores, gmm_classes, heal_scores
 
 VALIDATION_SEED = 500_000
 HEAL_GRID = {"dilation_mm": [0.0, 1.0, 2.0, 3.0], "guidance": [(1.0, 20.0), (1.0, 0.0), (0.0, 20.0)],
@@ -87,7 +87,7 @@ def tune_embed(editor: Editor, cases: list[NativeCase], dilation_mm: float, marg
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..paths import DEFAULT_CACHE
+    from ..base.paths import DEFAULT_CACHE
     from .anatomies import native_affine, native_anatomies
     from .cases import native_cases
 

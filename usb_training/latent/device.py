@@ -8,7 +8,7 @@ and exports a bundle (keeping the local stage of ``--keep-local-from``) to ``--o
 back). ``timings.json`` beside the bundle says where the time went. Resumable like every stage: a second command
 with the same ``--work`` continues.
 
-    python -m usb_training.device --tier base --cache .device_cache --work /tmp/run --out $OUT/usb-base \\
+    python -m usb_training.latent.device --tier base --cache .device_cache --work /tmp/run --out $OUT/usb-base \\
         --minutes 9 [--keep-local-from USBLib/models/usb-tiny] [--overrides '{"data": {"train": 2000}}']
 
 ``.ci/device_train_base.sh`` is the whole device command line.
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import tier
+from ..base.config import tier
 
 
 def run(cfg: dict[str, Any], cache: Path, work: Path, out: Path, minutes: float, workers: int,
@@ -30,7 +30,7 @@ def run(cfg: dict[str, Any], cache: Path, work: Path, out: Path, minutes: float,
     """Data -> autoencoder -> latents -> U-Nets -> bundle within ``minutes`` of wall time (data and export
     included); returns the timings."""
     from . import export, latents, train_autoencoder, train_diffusion
-    from .data.dataset import build_datasets
+    from ..data.dataset import build_datasets
 
     t0 = time.monotonic()
     timings: dict[str, Any] = {"budget_minutes": minutes}

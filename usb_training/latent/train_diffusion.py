@@ -16,7 +16,7 @@ Learning rate: warm-up then cosine. EMA weights, with the decay ramped up as (1 
 run is not dominated by the initial weights, are what gets exported. The training latents are every cached shard
 (``latents.load_latents``).
 
-    python -m usb_training.train_diffusion --tier tiny --work RUN [--minutes M] [--steps N]
+    python -m usb_training.latent.train_diffusion --tier tiny --work RUN [--minutes M] [--steps N]
 """
 from __future__ import annotations
 
@@ -32,10 +32,10 @@ from USBLib.core.networks import build_unet
 from USBLib.core.schedule import NoiseSchedule
 
 from . import distributed
-from .common import (Budget, History, adamw, load_checkpoint, save_checkpoint, seed_everything, set_lr,
+from ..base.common import (Budget, History, adamw, load_checkpoint, save_checkpoint, seed_everything, set_lr,
                      set_threads, stage_main, warmup_cosine)
+from ..base.config import SCHEDULE
 from .latents import load_latents
-from .config import SCHEDULE
 
 
 def q_sample(sched: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 (never the held-out evaluation source): a grid over strength, fusion mode, lesion pre-fill and LCG eta,
 scored by inside-lesion PSNR against the lesion-free truth.
 
-    python -m usb_training.tune --model BUNDLE --tier tiny [--cases 4] --out tuned.json
+    python -m usb_training.latent.tune --model BUNDLE --tier tiny [--cases 4] --out tuned.json
 """
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ import numpy as np
 from USBLib.core import bundle as bundle_mod
 from USBLib.editor.editor import Editor
 
-from . import metrics
-from .data.dataset import TRAIN_SOURCES, prepared_sources
-from .data.prepare import Anatomy
-from .data.synth import Sample, make_sample
+from ..base import metrics
+from ..data.dataset import TRAIN_SOURCES, prepared_sources
+from ..data.prepare import Anatomy
+from ..data.synth import Sample, make_sample
 
 TUNE_SEED = 800_000
 GRID = {"strength": [0.2, 0.3, 0.5], "fusion": ["deviation", "replace"], "prefill": ["none", "harmonic", "biharmonic"],
@@ -50,8 +50,8 @@ def tune_heal(editor: Editor, cases: list[Sample], grid: dict[str, list] = GRID)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import tier
-    from .paths import DEFAULT_CACHE
+    from ..base.config import tier
+    from ..base.paths import DEFAULT_CACHE
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)

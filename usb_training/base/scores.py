@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from .. import metrics
+from . import metrics
 
 STRUCT = ndimage.generate_binary_structure(3, 3)
 
@@ -115,3 +115,43 @@ def embed_scores(out: np.ndarray, healthy: np.ndarray, mask: np.ndarray, brain: 
         "mean_abs_change_ring_3_8": float(np.abs(change[far]).mean()),
         "changed_voxels": int((o != h).sum()),
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The heal yardstick (``usb_training.evaluation.native``): scored where the lesion is
+# ----------------------------------------------------------------------------------------------------------------
+
+CHANGE_TOL = 0.01  # of the truth's 99th brain percentile: a voxel the lesion changed by less is "unchanged"
+
+
+def changed_region(lesioned: np.ndarray, truth: np.ndarray, brain: np.ndarray, mask: np.ndarray | None = None,
+                   tol: float = CHANGE_TOL) -> np.ndarray:
+    """Every brain voxel the lesion changed: |lesioned - truth| > ``tol`` x the truth's 99th brain percentile
+    (mask and partial-volume rim), plus the exact ``mask`` when given. bool."""
+    brain = np.asarray(brain) > 0
+    scale = float(np.percentile(truth[brain], 99))
+    out = (np.abs(np.asarray(lesioned, np.float64) - truth) > tol * scale) & brain
+    return out | (np.asarray(mask) > 0) if mask is not None else out
+
+
+def yardstick_scores(out: np.ndarray, truth: np.ndarray, changed: np.ndarray, drawn: np.ndarray,
+                     brain: np.ndarray) -> dict[str, float]:
+    """Scores of a healed scan ``out`` against the lesion-free ``truth`` where the lesion is.
+
+    - ``psnr``: PSNR over ``changed`` (every voxel the lesion changed, ``changed_region``), range 1 = the truth's
+      99th brain percentile; ``psnr_mask``: over the ``drawn`` mask only (the older, secondary score);
+    - ``mean_ratio``: the fill's mean / the truth's mean over ``changed``;
+    - ``texture``: high-pass local SD inside ``changed`` against the ring 3-8 voxels around it (``texture_ratio``),
+      of ``out`` divided by that of the truth (1 = the truth's texture; << 1 a smooth blob); ``texture_truth``:
+      the truth's own ratio."""
+    changed = np.asarray(changed) > 0
+    brain = np.asarray(brain) > 0
+    scale = float(np.percentile(truth[brain], 99))
+    o, t = np.asarray(out, np.float64) / scale, np.asarray(truth, np.float64) / scale
+    around = ring(changed, 3, 8, brain)
+    t_truth = texture_ratio(t, changed, around)
+    return {"psnr": metrics.psnr(o, t, changed),
+            "psnr_mask": metrics.psnr(o, t, np.asarray(drawn) > 0),
+            "mean_ratio": float(o[changed].mean() / max(t[changed].mean(), 1e-9)),
+            "texture": texture_ratio(o, changed, around) / max(t_truth, 1e-9),
+            "texture_truth": t_truth}

@@ -7,17 +7,17 @@
   thresholded difference against the mask) and the largest change outside the edit region.
 - Generation (``--generate``, 16 pairs by default): NCC of each generated brain with held-out brains after affine
   alignment against the model template's NCC, tissue fractions, lesion-mask statistics against the lesion
-  generator's (``usb_training.generation``, which also measures the autoencoder and generation from a mask), and
-  KID / Gaussian MMD on features of the trained encoder.
+  generator's (``usb_training.evaluation.generation``, which also measures the autoencoder and generation from a
+  mask), and KID / Gaussian MMD on features of the trained encoder.
 All computed on the model grid in model intensity units (99th brain percentile = 1, so PSNR uses range 1).
 
-    python -m usb_training.evaluate --model USBLib/models/usb-tiny [--cases 8] [--out DIR]
+    python -m usb_training.evaluation.evaluate --model USBLib/models/usb-tiny [--cases 8] [--out DIR]
 
 ``--native`` evaluates instead what a user gets from heal and embed: whole scans of the held-out source on an
 oblique 1 mm scanner grid, through the public API, both stages and the classical fillers side by side
-(``usb_training.local.evaluate``):
+(``usb_training.evaluation.native``):
 
-    python -m usb_training.evaluate --native [--per-site 2] [--out DIR]
+    python -m usb_training.evaluation.evaluate --native [--per-site 2] [--out DIR]
 """
 from __future__ import annotations
 
@@ -36,11 +36,12 @@ from USBLib.imaging.fusion import dilate_mm
 from USBLib.apps.montage import save_montage
 from USBLib.editor.editor import Editor
 
-from . import baselines, metrics
-from .data.dataset import prepared_sources
-from .data.prepare import Anatomy
-from .data.sources import HELD_OUT
-from .data.synth import Sample, make_sample
+from ..base import baselines, metrics
+from ..data.dataset import prepared_sources
+from ..data.prepare import Anatomy
+from ..data.sources import HELD_OUT
+from ..data.synth import Sample, make_sample
+from .generation import Reference, generator_masks, population_lines, unconditional
 
 EVAL_SEED = 900_000  # far from every training seed
 
@@ -157,8 +158,6 @@ def evaluate_generation(editor: Editor, cases: list[Sample], generator_masks: li
     with ``reference`` (a ``generation.Reference``) also the NCC with held-out brains after affine alignment, the
     tissue fractions and the lesion statistics against the generator's (``generation.unconditional``)."""
     if reference is not None:
-        from .generation import unconditional
-
         population, results = unconditional(editor, reference, n)
     else:
         population, results = None, editor.generate(n, seed=0)
@@ -202,17 +201,8 @@ def table(heal: dict[str, dict[str, float]], embed: dict[str, dict[str, float]],
                   f"generator {r['count_mean']:.2f} (empty {r['empty_fraction']:.0%})",
                   f"- centroid mm: generated {g['centroid_mm_mean']}, generator {r['centroid_mm_mean']}"]
         if "population" in gen:
-            from .generation import population_lines
-
             lines += population_lines(gen["population"])
     return "\n".join(lines)
-
-
-def generator_masks(cfg: dict[str, Any], cache: Path, count: int = 16) -> list[np.ndarray]:
-    """Lesion masks straight from the data generator (training sources), the reference for generated masks."""
-    anatomies = [Anatomy.load(p) for k, p in prepared_sources(cfg, cache).items()
-                 if k not in (HELD_OUT, "template", "brain_mask")]
-    return [make_sample(anatomies[i % len(anatomies)], 700_000 + i).mask for i in range(count)]
 
 
 def run(model: Path | str, samples: list[Sample], reference_masks: list[np.ndarray], out: Path,
@@ -243,8 +233,8 @@ def run(model: Path | str, samples: list[Sample], reference_masks: list[np.ndarr
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import tier
-    from .paths import DEFAULT_CACHE
+    from ..base.config import tier
+    from ..base.paths import DEFAULT_CACHE
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="bundle folder or name (default: the default model)")
@@ -264,8 +254,6 @@ def main(argv: list[str] | None = None) -> int:
     samples = held_out_cases(cfg, args.cache, args.cases)
     reference = None
     if args.generate:
-        from .generation import Reference
-
         reference = Reference(cfg, args.cache)
     result = run(b.root, samples, generator_masks(cfg, args.cache), args.out, args.generate, reference)
     print(result["table_markdown"])
@@ -274,10 +262,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _native_main(b: bundle_mod.ModelBundle, cache: Path, per_site: int, out: Path) -> int:
-    from .local.anatomies import native_affine, native_anatomies
-    from .local.cases import native_cases
-    from .local.evaluate import EVAL_SEED as NATIVE_SEED
-    from .local.evaluate import run as run_native
+    from ..local.anatomies import native_affine, native_anatomies
+    from ..local.cases import native_cases
+    from .native import EVAL_SEED as NATIVE_SEED
+    from .native import run as run_native
 
     anatomy = native_anatomies(cache, [HELD_OUT])[HELD_OUT]
     cases = native_cases(anatomy, native_affine(cache, HELD_OUT), per_site, NATIVE_SEED)

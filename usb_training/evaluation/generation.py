@@ -14,8 +14,8 @@ All on the model grid in model units (99th brain percentile = 1), against the he
   lesion, so the change the mask causes is measured directly: Dice of the thresholded change against the mask,
   lesion/surround intensity ratio, and NCC of the brain as above.
 
-    python -m usb_training.generation --model USBLib/models/usb-tiny [--pairs 16] [--out DIR]
-    python -m usb_training.generation --autoencoder RUN --tier tiny     # the round trip only, from a training run
+    python -m usb_training.evaluation.generation --model USBLib/models/usb-tiny [--pairs 16] [--out DIR]
+    python -m usb_training.evaluation.generation --autoencoder RUN --tier tiny   # the round trip only, from a run
 """
 from __future__ import annotations
 
@@ -33,12 +33,12 @@ from USBLib.editor.editor import Editor
 from USBLib.imaging.spatial import SpaceMapping, register
 from USBLib.settings import SAMPLERS, value_of
 
-from . import metrics
-from .data.dataset import TRAIN_SOURCES, prepared_sources
-from .data.prepare import CSF, WM, Anatomy
-from .data.sources import HELD_OUT
-from .data.synth import Sample, make_sample
-from .local.scores import gmm_classes
+from ..base import metrics
+from ..data.dataset import TRAIN_SOURCES, prepared_sources
+from ..data.prepare import CSF, WM, Anatomy
+from ..data.sources import HELD_OUT
+from ..data.synth import Sample, make_sample
+from ..base.scores import gmm_classes
 
 EVAL_SEED = 910_000  # far from every training seed
 CONNECTIVITY = np.ones((3, 3, 3), bool)
@@ -93,6 +93,13 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "empty_fraction": float(np.mean([r["volume_ml"] == 0 for r in rows]))}
 
 
+def generator_masks(cfg: dict[str, Any], cache: Path, count: int = 16) -> list[np.ndarray]:
+    """Lesion masks straight from the data generator (training sources), the reference for generated masks."""
+    anatomies = [Anatomy.load(p) for k, p in prepared_sources(cfg, cache).items()
+                 if k not in (HELD_OUT, "template", "brain_mask")]
+    return [make_sample(anatomies[i % len(anatomies)], 700_000 + i).mask for i in range(count)]
+
+
 class Reference:
     """The held-out population (the held-out template and deformed samples of it) and the model template's
     tissue maps, on the model grid."""
@@ -116,8 +123,6 @@ class Reference:
 
     def generator_masks(self, count: int) -> list[np.ndarray]:
         """Lesion masks straight from the data generator (the same ones ``evaluate`` compares against)."""
-        from .evaluate import generator_masks
-
         return generator_masks(self.cfg, self.cache, count)
 
 
@@ -137,8 +142,8 @@ def checkpoint_round_trip(cfg: dict[str, Any], work: Path):
     """decode(encode(volume)) of the autoencoder in a training run folder (before any bundle exists)."""
     from USBLib.core.networks import build_autoencoder
 
-    from .common import load_checkpoint
-    from .train_autoencoder import reconstruct
+    from ..base.common import load_checkpoint
+    from ..latent.train_autoencoder import reconstruct
 
     ae = build_autoencoder(cfg["networks"]["autoencoder"])
     if load_checkpoint(Path(work) / "autoencoder", {"autoencoder": ae}) is None:
@@ -355,8 +360,8 @@ def table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import tier
-    from .paths import DEFAULT_CACHE
+    from ..base.config import tier
+    from ..base.paths import DEFAULT_CACHE
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="bundle folder or name (default: the default model)")

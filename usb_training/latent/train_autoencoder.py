@@ -19,7 +19,7 @@ and the decay follow the elapsed share of it. No perceptual loss: every perceptu
 be downloaded, which this project does not do. After training, the latent scale factor is measured as 1 / std of
 the posterior means of the training brains.
 
-    python -m usb_training.train_autoencoder --tier tiny --work RUN [--minutes M] [--steps N]
+    python -m usb_training.latent.train_autoencoder --tier tiny --work RUN [--minutes M] [--steps N]
 """
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ from tqdm import tqdm
 from USBLib.core.networks import build_autoencoder
 
 from . import distributed
-from .common import (Budget, History, adamw, load_checkpoint, save_checkpoint, seed_everything, set_lr,
+from ..base.common import (Budget, History, adamw, load_checkpoint, save_checkpoint, seed_everything, set_lr,
                      set_threads, stage_main, warmup_cosine)
-from .data.synth import load
+from ..data.synth import load
 
 
 def kl_loss(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

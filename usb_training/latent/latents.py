@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from USBLib.core.networks import build_autoencoder
 
-from .common import load_checkpoint, set_threads
-from .data.synth import finished_shards
+from ..base.common import load_checkpoint, set_threads
+from ..data.synth import finished_shards
 
 
 @torch.no_grad()
@@ -102,10 +102,10 @@ def cache(cfg: dict[str, Any], work: Path, max_shards: int | None = None, device
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m usb_training.latents --tier tiny --work RUN [--max-shards N]``"""
+    """``python -m usb_training.latent.latents --tier tiny --work RUN [--max-shards N]``"""
     import argparse
 
-    from .config import tier
+    from ..base.config import tier
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tier", default="tiny")

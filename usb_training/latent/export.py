@@ -2,7 +2,7 @@
 and brain mask, ``bundle.json`` (hyper-parameters, scale factor, schedule, defaults, training facts, metrics)
 and ``MODEL_CARD.md``.
 
-    python -m usb_training.export --tier tiny --work RUN --out USBLib/models/usb-tiny [--name usb-tiny]
+    python -m usb_training.latent.export --tier tiny --work RUN --out USBLib/models/usb-tiny [--name usb-tiny]
 """
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ import torch
 
 from USBLib.core import bundle as bundle_mod
 
-from .common import HISTORY, load_checkpoint, module_weights
-from .config import INTENSITY, SCHEDULE
-from .data.dataset import TRAIN_SOURCES
-from .data.sources import HELD_OUT, SOURCES
+from ..base.card import CARD_END, CARD_START
+from ..base.common import HISTORY, load_checkpoint, module_weights
+from ..base.config import INTENSITY, SCHEDULE
+from ..data.dataset import TRAIN_SOURCES
+from ..data.sources import HELD_OUT, SOURCES
 
 
 def _hours(folder: Path) -> float:
@@ -118,9 +119,9 @@ def model_card(name: str, facts: dict[str, Any], metrics: dict[str, Any]) -> str
     if metrics.get("table_markdown"):
         lines += [metrics["table_markdown"], ""]
     else:
-        lines += ["Not evaluated yet: run `python -m usb_training.evaluate`.", ""]
+        lines += ["Not evaluated yet: run `python -m usb_training.evaluation.evaluate`.", ""]
     if metrics.get("generation", {}) and metrics["generation"].get("table_markdown"):
-        lines += ["### Generation (`python -m usb_training.generation --pairs 16`)", "",
+        lines += ["### Generation (`python -m usb_training.evaluation.generation --pairs 16`)", "",
                   metrics["generation"]["table_markdown"], "",
                   "Pictures: `Resources/generated_pairs.png`, `Resources/generated_from_mask.png`.", ""]
     lines += ["## Limitations", "",
@@ -184,8 +185,6 @@ def _without_tables(metrics: dict[str, Any]) -> dict[str, Any]:
 def _graft_local(source: bundle_mod.ModelBundle, config: dict[str, Any], state: dict[str, Any], card: str) -> str:
     """Carry the local stage of ``source`` into a new latent-stage bundle (config and state changed in place);
     returns the model card with the source's local-stage section appended."""
-    from .local.export import CARD_END, CARD_START
-
     if not source.has_local:
         raise RuntimeError(f"{source.root} has no local stage to keep")
     state[bundle_mod.LOCAL] = source.load_state_dict(bundle_mod.LOCAL)
@@ -206,8 +205,8 @@ def _ema(folder: Path, net: str) -> dict[str, torch.Tensor]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import tier
-    from .paths import DEFAULT_CACHE
+    from ..base.config import tier
+    from ..base.paths import DEFAULT_CACHE
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tier", default="tiny")
@@ -220,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-local-from", type=Path, default=None,
                         help="bundle whose local stage (weights, settings, card section) the new bundle keeps")
     parser.add_argument("--defaults", type=Path, default=None,
-                        help="JSON from usb_training.tune: its best heal settings become the bundle's defaults")
+                        help="JSON from usb_training.latent.tune: its best heal settings become the bundle's defaults")
     args = parser.parse_args(argv)
     cfg = tier(args.tier)
     cfg["cache"] = str(args.cache)

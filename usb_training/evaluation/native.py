@@ -6,7 +6,7 @@ latent stage alone, the local stage alone (fidelity and realism), both stages. E
 bundle's mode), the latent stage, both. Scores: ``scores.heal_scores`` / ``scores.embed_scores``; a PNG per
 task for a person to look at.
 
-    python -m usb_training.evaluate --native [--model M] [--per-site 2] [--out DIR]
+    python -m usb_training.evaluation.evaluate --native [--model M] [--per-site 2] [--out DIR]
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from tqdm import tqdm
 from USBLib.editor.editor import Editor
 from USBLib.imaging.prefill import prefill
 
-from .. import baselines
-from .cases import NativeCase
-from .scores import STRUCT, embed_scores, gmm_classes, heal_scores
+from ..base import baselines
+from ..base.scores import STRUCT, embed_scores, gmm_classes, heal_scores
+from ..local.cases import NativeCase
 
 EVAL_SEED = 910_000
 

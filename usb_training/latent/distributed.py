@@ -1,7 +1,8 @@
 """Single-process or ``torchrun`` DDP training: device, rank, model wrapping and rank-0-only side effects.
 
-    torchrun --nproc_per_node=8 -m usb_training.train_diffusion --tier base --work RUN
-    torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 -m usb_training.train_diffusion ...
+    torchrun --nproc_per_node=8 -m usb_training.latent.train_diffusion --tier base --work RUN
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
+        -m usb_training.latent.train_diffusion ...
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """README figure: one embed on the bundled sample across ACG alpha0 and LCG eta, so the sliders' effect on the
 local stage can be seen (realism mode, same seed).
 
-    python -m usb_training.local.figures [--model M] [--out Resources/guidance_embed.png]
+    python -m usb_training.evaluation.figures [--model M] [--out Resources/guidance_embed.png]
 """
 from __future__ import annotations
 

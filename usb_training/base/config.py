@@ -33,7 +33,7 @@ TIERS: dict[str, dict[str, Any]] = {
         "diffusion": {"steps": 12000, "batch": 4, "lr": 5e-4, "ema": 0.999, "clean_condition_fraction": 0.2,
                       "val_every": 250, "warmup": 200, "min_snr_gamma": 5.0},
         "defaults": {
-            # latent heal: the settings usb_training.tune chose on validation cases for the previous tiny model
+            # latent heal: the settings usb_training.latent.tune chose on validation cases for the previous tiny model
             "heal": {"steps": 50, "strength": 0.3, "alpha0": 20.0, "k": 2.0, "eta": 1.0, "margin_mm": 6.0,
                      "fusion": "deviation", "prefill": "harmonic"},
             "embed": {"steps": 50, "strength": 0.6, "alpha0": 20.0, "k": 2.0, "eta": 1.0, "margin_mm": 6.0},

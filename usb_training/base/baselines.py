@@ -1,0 +1,139 @@
+"""Classical pathology -> healthy baselines: FSL-style lesion filling, biharmonic inpainting, and the heal
+yardstick's classical set (NAWM constant, biharmonic of the mask grown by 0-3 voxels, the local stage's own base,
+the atlas fill)."""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+
+def white_matter(image: np.ndarray, brain: np.ndarray, lesion: np.ndarray) -> np.ndarray:
+    """Normal-appearing white matter: brain voxels outside the lesion brighter than the brain's 60th percentile
+    (T1: white matter is the brightest tissue)."""
+    inside = (brain > 0) & (lesion == 0)
+    return inside & (image > np.percentile(image[inside], 60))
+
+
+def lesion_filling(image: np.ndarray, lesion: np.ndarray, brain: np.ndarray, shell_vox: int = 4,
+                   seed: int = 0) -> np.ndarray:
+    """Like FSL's ``lesion_filling``: each lesion (connected component) is filled with intensities drawn from
+    the distribution (mean, sd) of the normal-appearing white matter around it; falls back to all NAWM."""
+    rng = np.random.default_rng(seed)
+    out = image.astype(np.float32).copy()
+    nawm = white_matter(image, brain, lesion)
+    labels, n = ndimage.label(lesion > 0)
+    for comp in range(1, n + 1):
+        region = labels == comp
+        shell = ndimage.binary_dilation(region, iterations=shell_vox) & nawm
+        values = image[shell] if shell.sum() >= 10 else image[nawm]
+        out[region] = rng.normal(values.mean(), values.std(), int(region.sum()))
+    return out
+
+
+def biharmonic(image: np.ndarray, lesion: np.ndarray, margin: int = 4) -> np.ndarray:
+    """Biharmonic inpainting of the lesion (scikit-image), solved on the lesion's bounding box plus a margin."""
+    from skimage.restoration import inpaint_biharmonic
+
+    out = image.astype(np.float32).copy()
+    labels, n = ndimage.label(ndimage.binary_dilation(lesion > 0, iterations=margin))
+    for box in ndimage.find_objects(labels):
+        box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
+        out[box] = inpaint_biharmonic(image[box].astype(np.float64), lesion[box] > 0).astype(np.float32)
+    out[lesion == 0] = image[lesion == 0]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The heal yardstick's classical set (``usb_training.evaluation.native``): every filler a user could run. Each
+# returns float32 ``image`` with only its own region rewritten (bit for bit equal elsewhere).
+# ----------------------------------------------------------------------------------------------------------------
+
+STRUCT26 = ndimage.generate_binary_structure(3, 3)
+
+
+def grown(mask: np.ndarray, voxels: int, brain: np.ndarray | None = None) -> np.ndarray:
+    """``mask`` grown by ``voxels`` steps of the 26-neighbourhood, within ``brain`` when given (bool)."""
+    out = np.asarray(mask) > 0
+    if voxels > 0:
+        out = ndimage.binary_dilation(out, STRUCT26, iterations=int(voxels))
+    return out & (np.asarray(brain) > 0) if brain is not None else out
+
+
+def nawm_constant(image: np.ndarray, lesion: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """The lesion filled with one value: the mean of the scan's normal-appearing white matter
+    (``white_matter``)."""
+    out = np.asarray(image, np.float32).copy()
+    region = np.asarray(lesion) > 0
+    out[region] = np.float32(image[white_matter(image, brain, lesion)].mean())
+    return out
+
+
+def _faces(region: np.ndarray) -> np.ndarray:
+    face = np.zeros(region.shape, bool)
+    for axis in range(3):
+        for end in (0, -1):
+            idx = [slice(None)] * 3
+            idx[axis] = end
+            face[tuple(idx)] = True
+    return face & region
+
+
+def biharmonic_fill(image: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """Biharmonic fill of ``region`` (``USBLib.imaging.prefill``, the engine's solver). Region voxels on the
+    volume's faces, which that solver keeps as boundary values, take the value of the nearest filled voxel
+    inside (a lesion cut by the field of view is filled too)."""
+    from USBLib.imaging.prefill import prefill
+
+    region = np.asarray(region) > 0
+    out = prefill(np.asarray(image, np.float32), region, "biharmonic")
+    face = _faces(region)
+    if face.any():
+        _, idx = ndimage.distance_transform_edt(face, return_indices=True)
+        out[face] = out[tuple(i[face] for i in idx)]
+    return out
+
+
+def biharmonic_grown(image: np.ndarray, lesion: np.ndarray, brain: np.ndarray, voxels: int) -> np.ndarray:
+    """Biharmonic fill of the lesion grown by ``voxels`` (26-neighbourhood) within the brain."""
+    return biharmonic_fill(image, grown(lesion, voxels, brain))
+
+
+def stage_base(image: np.ndarray, lesion: np.ndarray, dilation: int) -> np.ndarray:
+    """The local stage's own base, verbatim: ``classical_fill`` of ``fill_region(mask, HEAL, dilation)`` (the
+    mask grown with the 18-neighbourhood, not cut to the brain; ``USBLib.editor.local.conditioning``)."""
+    from USBLib.editor.local.conditioning import HEAL, classical_fill, fill_region
+
+    return classical_fill(np.asarray(image, np.float32), fill_region(lesion, HEAL, int(dilation)))
+
+
+def atlas_fit(image: np.ndarray, priors: np.ndarray, shell: np.ndarray, brain: np.ndarray,
+              ridge: float = 0.05) -> np.ndarray:
+    """Class means mu_k such that sum_k p_k mu_k fits ``image`` on ``shell`` in least squares, pulled (ridge) towards
+    the same fit over the whole brain so that a class absent from the shell keeps a sensible mean. ``priors``:
+    [K, I, J, K] tissue probabilities on the scan's grid."""
+    brain = np.asarray(brain) > 0
+    idx = np.flatnonzero(brain)
+    if idx.size > 200_000:
+        idx = np.sort(np.random.default_rng(0).choice(idx, 200_000, replace=False))
+    p_all = priors.reshape(len(priors), -1)[:, idx].T.astype(np.float64)
+    v_all = np.asarray(image, np.float64).ravel()[idx]
+    mu0 = np.linalg.lstsq(p_all, v_all, rcond=None)[0]
+    s = np.asarray(shell) > 0
+    a = priors[:, s].T.astype(np.float64)
+    b = np.asarray(image, np.float64)[s]
+    gram = a.T @ a
+    lam = ridge * max(float(np.trace(gram)) / len(priors), 1e-9)
+    return np.linalg.solve(gram + lam * np.eye(len(priors)), a.T @ b + lam * mu0)
+
+
+def atlas_fill(image: np.ndarray, lesion: np.ndarray, brain: np.ndarray, priors: np.ndarray, grow: int = 2,
+               shell: tuple[int, int] = (2, 10)) -> np.ndarray:
+    """Atlas fill: the lesion grown by ``grow`` voxels (26-neighbourhood, within the brain) filled with
+    sum_k p_k mu_k, ``priors`` [K, ...] registered tissue probabilities (e.g. CSF/GM/WM) on the scan's grid and
+    mu_k fitted (``atlas_fit``) on the brain voxels ``shell[0]``-``shell[1]`` steps outside the lesion."""
+    region = grown(lesion, grow, brain)
+    ring = grown(lesion, shell[1], brain) & ~grown(lesion, shell[0])
+    mu = atlas_fit(image, priors, ring, brain)
+    out = np.asarray(image, np.float32).copy()
+    out[region] = (priors[:, region].T.astype(np.float64) @ mu).astype(np.float32)
+    return out
