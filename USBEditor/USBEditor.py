@@ -404,7 +404,8 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if self._parameterNode.showComparison and outputs.volume is not None:
                     show_comparison(outputs.volume, run.volume_node)
                 names = ", ".join(node.GetName() for node in outputs.nodes if not node.IsA("vtkMRMLSequenceBrowserNode"))
-                self.ui.statusLabel.text = _("Done in {s:.0f} s: {names}").format(s=outputs.seconds, names=names)
+                self.ui.statusLabel.text = " ".join([_("Done in {s:.0f} s: {names}").format(s=outputs.seconds, names=names),
+                                                     *(note[:1].upper() + note[1:] + "." for note in outputs.notes)])
         except Exception as exc:  # already shown by tryWithErrorDisplay
             self.ui.statusLabel.text = str(exc)
         finally:

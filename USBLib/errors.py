@@ -15,3 +15,12 @@ class BundleError(USBError):
 
 class Cancelled(USBError):
     """The run was cancelled by the progress callback or by Ctrl-C; nothing was written."""
+
+
+class OutputError(USBError):
+    """An output cannot be written (full disk, read-only or forbidden folder): the user's environment, not an
+    internal failure. The CLI exits with code 2 and names the output the user asked for."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's time limit, ``kill``), handled exactly as Ctrl-C: clean up, write nothing."""

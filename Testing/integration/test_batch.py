@@ -181,7 +181,10 @@ def test_torchrun_ranks_pick_their_shard(monkeypatch):
     assert torchrun_shard("cpu") == ("3/4", "cpu")
 
 
-def test_ctrl_c_leaves_only_whole_files_and_the_rerun_resumes(tmp_path, tiny_bundle):
+@pytest.mark.parametrize("signame,code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_ctrl_c_and_sigterm_leave_only_whole_files_and_the_rerun_resumes(tmp_path, tiny_bundle, signame, code):
+    """Ctrl-C, and SIGTERM (a scheduler's time limit, ``kill``) alike: whole files only, the scan being worked on
+    recorded as not done, and the same command finishes the batch."""
     import signal
     import subprocess
     import sys
@@ -206,9 +209,9 @@ def test_ctrl_c_leaves_only_whole_files_and_the_rerun_resumes(tmp_path, tiny_bun
         assert proc.poll() is None, "the batch ended before any scan was recorded"
         assert time.time() < deadline, "no scan finished within 15 minutes"
         time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, signame))
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     assert "finished scans are kept" in err
     outputs = sorted(out.rglob("*_desc-healed_T1w.nii.gz"))
     done = [p for p in outputs if p.with_name(p.name.replace(".nii.gz", ".json")).is_file()]
@@ -219,6 +222,10 @@ def test_ctrl_c_leaves_only_whole_files_and_the_rerun_resumes(tmp_path, tiny_bun
             assert json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())["output_sha256"] == sha(path)
     assert not [p for p in out.rglob(".*") if p.name != ".bidsignore"], "temporary files left behind"
     assert (out / "qc" / "index.html").is_file()
+    stopped = {k: r["status"] for k, r in records(out).items()}
+    assert list(stopped.values()).count("cancelled") <= 1  # the scan being worked on (if the signal hit one)
+    assert all(status in ("healed", "cancelled") for status in stopped.values())
     assert main(cmd[3:]) == 0  # the same command resumes
     statuses = {k: r["status"] for k, r in records(out).items()}
     assert len(statuses) == 8 and list(statuses.values()).count("up-to-date") == len(done)
+    assert "cancelled" not in statuses.values()  # the interrupted scan was healed by the rerun

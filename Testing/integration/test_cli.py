@@ -69,13 +69,27 @@ def test_generate_and_generate_from_mask(tiny_bundle, scan_files, tmp_path, caps
     assert code == 2 and "10" in err  # above the range: refused by the parser
 
 
-def test_info_prints_bundle_facts(tiny_bundle, capsys):
+def test_info_prints_bundle_facts_as_tables(tiny_bundle, capsys):
     code, stdout, _ = run(capsys, "info", "--model", tiny_bundle.root)
     assert code == 0
     assert "tiny-test (tier test)" in stdout and "32 x 40 x 32 voxels at 5 x 5 x 5 mm" in stdout
-    assert "heal" in stdout and "alpha0=20.0" in stdout and "unet_brain" in stdout
+    assert "unet_brain" in stdout and "Metrics: none recorded" in stdout
+    lines = stdout.splitlines()
+    header = next(line for line in lines if line.split()[:1] == ["setting"])
+    assert header.split()[1:3] == ["heal", "embed"]
+    assert next(line for line in lines if line.split()[:1] == ["alpha0"]).split()[1:3] == ["20", "20"]
+    assert "{" not in stdout and "alpha0=" not in stdout  # a table for a person, not Python dicts
     code, stdout, _ = run(capsys, "info", "--model", tiny_bundle.root, "--json")
     assert json.loads(stdout)["name"] == "tiny-test"
+
+
+def test_info_of_the_shipped_model_shows_the_heal_and_embed_tables(capsys):
+    code, stdout, _ = run(capsys, "info")
+    assert code == 0
+    rows = {line.strip().split("  ")[0]: line.split() for line in stdout.splitlines() if line.startswith("  ")}
+    assert {"biharmonic inpainting", "USB (bundle defaults)"} <= set(rows)
+    assert 10 < float(rows["biharmonic inpainting"][2]) < 40  # its lesion PSNR in dB, a number in its column
+    assert "lesion PSNR dB" in stdout and "location Dice" in stdout and "NCC" in stdout
 
 
 def _write(path, data, affine=np.eye(4) * 3):
@@ -115,7 +129,9 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, message, tiny_
     elif case == "empty_mask":
         mask = _write(tmp_path / "m.nii.gz", np.zeros(ref.shape, np.uint8), ref.affine)
     elif case == "nonbinary":
-        mask = _write(tmp_path / "m.nii.gz", (nib.load(str(mask)).get_fdata() * 3).astype(np.uint8), ref.affine)
+        soft = nib.load(str(mask)).get_fdata().astype(np.float32)
+        soft[soft > 0] = np.linspace(0.2, 1.0, int((soft > 0).sum()))  # a probability map: refused, not guessed
+        mask = _write(tmp_path / "m.nii.gz", soft, ref.affine)
     elif case == "grid":
         mask = _write(tmp_path / "m.nii.gz", np.ones((10, 10, 10), np.uint8), ref.affine)
     elif case == "outside":

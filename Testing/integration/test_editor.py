@@ -109,8 +109,9 @@ def test_bad_inputs(editor, case, message):
         img[3, 3, 3] = np.nan
     elif case == "constant":
         img = np.full_like(img, 7)
-    elif case == "nonbinary":
+    elif case == "nonbinary":  # two lesion labels: which one is the lesion is not for the engine to guess
         mask = mask * 2
+        mask[tuple(np.argwhere(mask)[0])] = 1
     elif case == "grid":
         mask = mask[:-1]
     elif case == "outside":
@@ -186,12 +187,12 @@ def test_stages_run_alone(editor):
 
     img, mask, aff = make_scan()
     prog = _Progress(None, 10)
-    mapping, brain, imap = editor._registration_stage(img, aff, mask, None, 0, prog)
+    mapping, brain, imap = editor._registration_stage("heal", img, aff, mask, None, 0, prog)
     assert brain.shape == img.shape and brain[mask > 0].all() and imap.high > imap.low
     off = np.zeros_like(mask)
     off[0, 0, 0] = 1
     with pytest.raises(InputError, match="outside the brain"):
-        editor._registration_stage(img, aff, off, None, 0, prog)
+        editor._registration_stage("heal", img, aff, off, None, 0, prog)
     deviation = np.stack([np.full(img.shape, 10.0, np.float32), np.full(img.shape, 30.0, np.float32)])
     settings = editor._settings("embed")
     result, uncertainty, weight = editor._fusion_stage("embed", img, aff, mask, brain, deviation, settings, prog)

@@ -99,7 +99,7 @@ def test_bundle_schema_2_round_trip_and_info(local_bundle, capsys):
     assert "local" in b.parameter_counts()
     assert usb_main(["info", "--model", str(b.root)]) == 0
     out = capsys.readouterr().out
-    assert "local:" in out and "latent + local" in out
+    assert "local stage" in out and "latent + local" in out
     cfg = json.loads((b.root / "bundle.json").read_text())
     (b.root / cfg["local"]["weights"]).write_bytes(b"broken")
     with pytest.raises(bundle_mod.BundleError, match="checksum"):

@@ -151,6 +151,11 @@ class Outputs:
     provenance: dict = field(default_factory=dict)
     seconds: float = 0.0
 
+    @property
+    def notes(self) -> list[str]:
+        """What the engine adjusted and the user should know (e.g. the part of an embed mask outside the brain)."""
+        return list(self.provenance.get("notes", []))
+
 
 @dataclass
 class Run:

@@ -6,6 +6,8 @@ checksum + settings). A scan whose output and sidecar still match all of these i
 Files are written to a temporary name and renamed, image first and sidecar last, so an interrupted run
 never leaves a half-written file. Every scan's outcome is a record in ``qc/records/<key>.json``; the report
 ``qc/index.html`` is rebuilt from all records, so shards of one batch (``--shard i/n``) share one report.
+A scan interrupted by Ctrl-C or SIGTERM is recorded as ``cancelled`` (not done: the next run heals it); a scan
+whose output cannot be written (full disk, read-only folder) is ``failed`` with ``cause`` ``"output"``.
 """
 from __future__ import annotations
 
@@ -21,10 +23,11 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 
 from USBLib.apps.batch_inputs import Subject
-from USBLib.errors import USBError
+from USBLib.errors import OutputError, USBError
 from USBLib.imaging.io import read_volume, sidecar_path, write_json, write_result
 
-STATUSES = ("healed", "up-to-date", "copied", "no-mask", "failed")
+STATUSES = ("healed", "up-to-date", "copied", "no-mask", "failed", "cancelled")
+OUTPUT_CAUSE = "output"  # Record.cause of a scan whose output could not be written
 BIDS_VERSION = "1.9.0"
 
 
@@ -51,6 +54,7 @@ class BatchSettings:
     seed: int = 0
     registration: str = "affine"
     resample_mask: bool = False
+    mask_threshold: Optional[float] = None  # binarise soft masks at this value (None: masks must be binary)
     without_mask: str = "skip"  # "skip" or "copy"
     qc: bool = True
 
@@ -75,12 +79,22 @@ class Record:
     seconds: Optional[float] = None
     lesion_ml: Optional[float] = None
     qc: Optional[str] = None
+    cause: Optional[str] = None  # OUTPUT_CAUSE when the output could not be written (the environment, not the scan)
     finished: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+
+def cancelled_record(subject: Subject, out_root: Path) -> Record:
+    """The record of a scan a Ctrl-C or SIGTERM interrupted: not done, so the next run heals it."""
+    return Record(subject.key, "cancelled", "interrupted (Ctrl-C or SIGTERM) before its output was written; "
+                  "the next run heals it", str(subject.image), str(subject.mask) if subject.mask else None,
+                  str(Path(out_root) / subject.out_dir / subject.output_name))
 
 
 def batch_key(bundle_sha256: str, settings: BatchSettings) -> str:
     """Identifies what an output was made with: the model's checksum and every setting that changes voxels."""
     relevant = dict(settings.edit_options(), registration=settings.registration, model=bundle_sha256)
+    if settings.mask_threshold is not None:  # (absent otherwise: keys of earlier batches stay valid)
+        relevant["mask_threshold"] = settings.mask_threshold
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -179,10 +193,13 @@ def heal_subject(editor, subject: Subject, out_root: Path, settings: BatchSettin
                          dict(extra, Description="T1w without a lesion mask, copied unchanged"))
             record.status, record.message = "copied", "no lesion mask: copied unchanged"
             return record
+        from USBLib.imaging.checks import threshold_mask
+
         mask = read_volume(subject.mask, "lesion mask")
-        result = editor.heal(vol.data, vol.affine, mask.data, mask_affine=mask.affine, **settings.edit_options())
+        result = editor.heal(vol.data, vol.affine, threshold_mask(mask.data, settings.mask_threshold),
+                             mask_affine=mask.affine, **settings.edit_options())
         lesion_ml = float(result.mask.sum() * abs(np.linalg.det(vol.affine[:3, :3])) / 1000.0)
-        write_result(output, result.image, vol.affine, vol.header, result.provenance,
+        write_result(output, vol.as_in_file(result.image), vol.affine, vol.header, result.provenance,
                      {"image": subject.image, "mask": subject.mask}, dict(extra, lesion_volume_ml=round(lesion_ml, 4)))
         record.status, record.lesion_ml = "healed", lesion_ml
         record.message = f"edit region {result.provenance.get('edit_region_voxels', 0)} voxels"
@@ -195,6 +212,7 @@ def heal_subject(editor, subject: Subject, out_root: Path, settings: BatchSettin
         return record
     except USBError as exc:
         record.status, record.message = "failed", " ".join(str(exc).split())
+        record.cause = OUTPUT_CAUSE if isinstance(exc, OutputError) else None
         return record
     except Exception as exc:  # an unexpected failure of one scan must not stop the batch
         record.status, record.message = "failed", f"internal error: {type(exc).__name__}: {exc}"
@@ -212,8 +230,12 @@ _WORKER_EDITOR = None
 
 
 def _init_worker(model: Optional[str], device: str, registration: str, threads: int, gpus) -> None:
-    """Pool initializer: one GPU per worker (when there are GPUs), then the worker's own Editor."""
+    """Pool initializer: one GPU per worker (when there are GPUs), SIGTERM as Ctrl-C (so that a terminated worker
+    removes its temporary files), then the worker's own Editor."""
     global _WORKER_EDITOR
+    from USBLib.apps.signals import terminate_as_interrupt
+
+    terminate_as_interrupt()
     if gpus is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus.get())
     os.environ["USB_THREADS"] = str(threads)
@@ -231,13 +253,20 @@ def _work(args) -> Record:
 def run_batch(subjects: Sequence[Subject], out_root: Path, settings: BatchSettings, key: str, jobs: int = 1,
               source: Optional[Path] = None, gpu_count: int = 0) -> Iterator[Record]:
     """Heal ``subjects``; yields each record as it finishes (and saves it). ``jobs`` > 1 runs worker processes,
-    one GPU each when ``gpu_count`` > 0."""
+    one GPU each when ``gpu_count`` > 0.
+
+    On Ctrl-C or SIGTERM (``KeyboardInterrupt``) the scans being worked on are recorded as ``cancelled`` and the
+    interrupt goes on to the caller; a record that cannot be saved raises ``OutputError``."""
     if jobs <= 1:
         from USBLib.editor.editor import Editor
 
         editor = Editor(settings.model, device=settings.device, registration=settings.registration)
         for subject in subjects:
-            record = heal_subject(editor, subject, out_root, settings, key, source)
+            try:
+                record = heal_subject(editor, subject, out_root, settings, key, source)
+            except KeyboardInterrupt:
+                _save_cancelled(out_root, [subject])
+                raise
             save_record(out_root, record)
             yield record
         return
@@ -265,6 +294,22 @@ def run_batch(subjects: Sequence[Subject], out_root: Path, settings: BatchSettin
                                     str(subject.image))
                 save_record(out_root, record)
                 yield record
-        except KeyboardInterrupt:
+        except BaseException:  # Ctrl-C, SIGTERM, or a record that cannot be written: stop the workers
+            running = [subject for future, subject in futures.items() if future.running()]
             pool.shutdown(wait=False, cancel_futures=True)
+            # Ctrl-C reaches the workers through the process group, SIGTERM only this process: pass it on (the
+            # workers treat it as Ctrl-C and remove their temporary files). The executor has no public handle on
+            # its processes; ``_processes`` is CPython's (present since 3.2).
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.terminate()
+            _save_cancelled(out_root, running)
             raise
+
+
+def _save_cancelled(out_root: Path, subjects: Sequence[Subject]) -> None:
+    """Record ``subjects`` as cancelled, as far as the disk allows (an interrupt must not turn into an error)."""
+    for subject in subjects:
+        try:
+            save_record(out_root, cancelled_record(subject, out_root))
+        except OutputError:
+            return

@@ -1,22 +1,25 @@
 """``usb``: the command line of the USB engine.
 
-Exit codes: 0 success, 2 bad input or usage, 1 internal failure, 130 cancelled (Ctrl-C). Errors are one line
-on stderr; ``--debug`` shows the traceback of an internal failure. Outputs are written only when a run has
-finished (temporary file, then rename), each with a JSON provenance sidecar.
+Exit codes: 0 success, 2 bad input, usage or environment (an output that cannot be written: full disk,
+read-only folder), 1 internal failure, 130 cancelled (Ctrl-C), 143 terminated (SIGTERM, handled as Ctrl-C).
+Errors are one line on stderr; ``--debug`` shows the traceback of an internal failure. Outputs are written only
+when a run has finished (temporary file, then rename), each with a JSON provenance sidecar.
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from USBLib.errors import BundleError, Cancelled, InputError, USBError
+from USBLib.errors import BundleError, Cancelled, InputError, OutputError, Terminated, USBError
 from USBLib.apps.progress_bar import ProgressBar
+from USBLib.apps.signals import terminate_as_interrupt
 from USBLib.imaging.io import write_result
 from USBLib.settings import SETTINGS, add_cli_options
 
-EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_CANCELLED = 0, 1, 2, 130
+EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_CANCELLED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 PROG = "usb"
 
 
@@ -25,14 +28,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_INPUT, f"{self.prog}: error: {message}\n")
 
 
-def _common(p: argparse.ArgumentParser, samples: bool = True) -> None:
+def _common(p: argparse.ArgumentParser, samples: bool = True, uncertainty: bool = True) -> None:
     p.add_argument("--model", help="bundle name or folder (default: the installed default model)")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or mps")
     p.add_argument("--seed", type=int, default=0, help=SETTINGS["seed"].help + " (default 0)")
     add_cli_options(p, ["steps"])
     if samples:
         p.add_argument("--samples", type=int, default=1, help=SETTINGS["samples"].help + " (default 1)")
-        p.add_argument("--uncertainty", type=Path, help="write the per-voxel std of the samples here")
+        if uncertainty:
+            p.add_argument("--uncertainty", type=Path, help="write the per-voxel std of the samples here "
+                                                            "(needs --samples 2 or more)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks of internal failures")
 
@@ -40,6 +45,12 @@ def _common(p: argparse.ArgumentParser, samples: bool = True) -> None:
 def _edit_options(p: argparse.ArgumentParser, eta: bool) -> None:
     p.add_argument("--brain-mask", type=Path, help="brain mask of the input (also helps registration)")
     _guidance_options(p, eta)
+
+
+def _mask_threshold_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mask-threshold", type=float, metavar="T",
+                   help="binarise a soft (probabilistic) lesion mask: voxels >= T are lesion (default: the mask must "
+                        "be binary, i.e. its non-zero voxels share one value, as 0/1 or 0/255)")
 
 
 def _guidance_options(p: argparse.ArgumentParser, eta: bool) -> None:
@@ -64,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", type=Path)
     p.add_argument("-o", "--output", type=Path, required=True)
     p.add_argument("--mask", type=Path, help="lesion mask (edit stays inside it); without: the whole brain")
+    _mask_threshold_option(p)
     _edit_options(p, eta=False)
     _common(p)
 
@@ -71,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", type=Path)
     p.add_argument("--mask", type=Path, required=True, help="lesion mask to embed")
     p.add_argument("-o", "--output", type=Path, required=True)
+    _mask_threshold_option(p)
     _edit_options(p, eta=True)
     _common(p)
 
@@ -87,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", type=Path, help="scan whose space (and units) the output takes; the mask "
                                                   "must be on its grid")
     p.add_argument("--resample-mask", action="store_true", help="resample the mask onto the reference grid")
+    _mask_threshold_option(p)
     add_cli_options(p, ["sampler", "lesion_guidance", "lesion_fusion", "margin_mm", "dilation_mm"],
                     {"margin_mm": "Lesion fusion: feather width in mm beyond the (grown) mask; farther away the "
                                   "brain is the healthy twin's.",
@@ -96,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("batch", help="heal many scans (BIDS dataset, folder or CSV) into a BIDS derivatives folder",
                        description="Heal every T1w scan that has a lesion mask; resumable, parallel, with an HTML "
                                    "QC report (OUT/qc/index.html). Exit code 0: every scan healed or up to date "
-                                   "(scans without a mask are reported, not failed); 3: some scans failed.")
+                                   "(scans without a mask are reported, not failed); 3: some scans failed; 2: bad "
+                                   "input, or outputs cannot be written (full disk, read-only folder: the batch "
+                                   "stops); 130/143: cancelled by Ctrl-C/SIGTERM (the same command resumes).")
     p.add_argument("source", type=Path, help="BIDS dataset, folder of scans, or CSV with image,mask[,id] columns")
     p.add_argument("--out", type=Path, required=True, help="derivatives folder to write (created if needed)")
     p.add_argument("--masks", type=Path, help="where the lesion masks are (a BIDS derivatives dataset or folder; "
@@ -111,12 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--without-mask", choices=("skip", "copy"), default="skip",
                    help="scans without a lesion mask: skip them (default) or copy them unchanged")
     p.add_argument("--no-qc", action="store_true", help="no montages (the HTML report is still written)")
+    _mask_threshold_option(p)
     _guidance_options(p, eta=False)
-    _common(p)
+    _common(p, uncertainty=False)
 
     p = sub.add_parser("info", help="describe a model bundle")
     p.add_argument("--model", help="bundle name or folder (default: the installed default model)")
-    p.add_argument("--json", action="store_true", help="print bundle.json as it is")
+    p.add_argument("--json", action="store_true", help="print bundle.json as it is (machine-readable)")
     p.add_argument("--debug", action="store_true")
 
     p = sub.add_parser("demo", help="heal and embed a lesion on the bundled sample scan")
@@ -139,7 +156,7 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def _check_outputs(inputs: Sequence[Path | None], outputs: Sequence[Path | None]) -> None:
-    from USBLib.imaging.io import suffix_of
+    from USBLib.imaging.io import check_writable, suffix_of
 
     outs = [o for o in outputs if o is not None]
     for out in outs:
@@ -151,6 +168,8 @@ def _check_outputs(inputs: Sequence[Path | None], outputs: Sequence[Path | None]
             raise InputError(f"output {out} is a folder")
     if len({str(o.resolve()) for o in outs}) != len(outs):
         raise InputError("two outputs have the same path")
+    for out in outs:  # before the work starts, not after it
+        check_writable(out)
 
 
 def _load_image(path: Path, what: str = "input image"):
@@ -159,6 +178,26 @@ def _load_image(path: Path, what: str = "input image"):
     vol = read_volume(path, what)
     check_image_values(vol, what)
     return vol
+
+
+def _read_mask(path: Path, threshold: float | None):
+    """The lesion mask file as a ``Volume``, binarised at ``threshold`` when one is given (``--mask-threshold``)."""
+    from USBLib.imaging.checks import threshold_mask
+    from USBLib.imaging.io import read_volume
+
+    vol = read_volume(path, "lesion mask")
+    vol.data = threshold_mask(vol.data, threshold)
+    return vol
+
+
+def _check_uncertainty(args) -> None:
+    if args.uncertainty is not None and args.samples < 2:
+        raise InputError("--uncertainty needs --samples 2 or more (the spread of one sample is zero)")
+
+
+def _print_notes(result) -> None:
+    for note in result.provenance.get("notes", []):
+        print(f"{PROG}: note: {note}", file=sys.stderr)
 
 
 def _editor(args):
@@ -177,8 +216,9 @@ def cmd_edit(args, task: str) -> int:
     from USBLib.imaging.io import read_volume
 
     _check_outputs([args.input, args.mask, args.brain_mask], [args.output, args.uncertainty])
+    _check_uncertainty(args)
     vol = _load_image(args.input)
-    mask = read_volume(args.mask, "lesion mask") if args.mask else None
+    mask = _read_mask(args.mask, args.mask_threshold) if args.mask else None
     brain = read_volume(args.brain_mask, "brain mask") if args.brain_mask else None
     if brain is not None and not (brain.data.shape == vol.data.shape):
         raise InputError("brain mask is on a different grid than the image")
@@ -194,12 +234,12 @@ def cmd_edit(args, task: str) -> int:
                      resample_mask=args.resample_mask, progress=bar, **_local_options(args), **extra)
     finally:
         bar.close()
+    _print_notes(result)
     inputs = {"image": args.input, "mask": args.mask, "brain_mask": args.brain_mask}
-    write_result(args.output, result.image, vol.affine, vol.header, result.provenance, inputs)
+    write_result(args.output, vol.as_in_file(result.image), vol.affine, vol.header, result.provenance, inputs)
     if args.uncertainty is not None:
-        unc = result.uncertainty if result.uncertainty is not None else result.image * 0.0
-        write_result(args.uncertainty, unc.astype("float32"), vol.affine, None,
-                      dict(result.provenance, kind="uncertainty (std over samples)"), inputs)
+        write_result(args.uncertainty, vol.as_in_file(result.uncertainty.astype("float32")), vol.affine, None,
+                     dict(result.provenance, kind="uncertainty (std over samples)"), inputs)
     print(args.output)
     return EXIT_OK
 
@@ -233,10 +273,9 @@ def cmd_generate(args) -> int:
 
 
 def cmd_generate_from_mask(args) -> int:
-    from USBLib.imaging.io import read_volume
-
     _check_outputs([args.mask, args.reference], [args.output, args.uncertainty])
-    mask = read_volume(args.mask, "lesion mask")
+    _check_uncertainty(args)
+    mask = _read_mask(args.mask, args.mask_threshold)
     ref = _load_image(args.reference, "reference image") if args.reference else None
     editor = _editor(args)
     bar = ProgressBar(args.quiet, "generate-from-mask")
@@ -251,11 +290,12 @@ def cmd_generate_from_mask(args) -> int:
         bar.close()
     inputs = {"mask": args.mask, "reference": args.reference}
     header = None if ref is None else ref.header
-    data = res.image if ref is None else _like(res.image, ref.data.dtype)
+    data = res.image if ref is None else ref.as_in_file(_like(res.image, ref.data.dtype))
     write_result(args.output, data, res.affine, header, res.provenance, inputs)
     if args.uncertainty is not None:
-        unc = res.uncertainty if res.uncertainty is not None else res.image * 0.0
-        write_result(args.uncertainty, unc.astype("float32"), res.affine, None, res.provenance, inputs)
+        unc = res.uncertainty.astype("float32")
+        write_result(args.uncertainty, unc if ref is None else ref.as_in_file(unc), res.affine, None,
+                     dict(res.provenance, kind="uncertainty (std over samples)"), inputs)
     print(args.output)
     return EXIT_OK
 
@@ -269,41 +309,11 @@ def _like(values, dtype):
 def cmd_info(args) -> int:
     import json
 
+    from USBLib.apps.info import describe
     from USBLib.core import bundle as bundle_mod
 
     b = bundle_mod.load(args.model)
-    if args.json:
-        print(json.dumps(b.config, indent=2))
-        return EXIT_OK
-    cfg = b.config
-    counts = b.parameter_counts()
-    lines = [f"model:      {b.name} (tier {b.tier})", f"folder:     {b.root}",
-             f"grid:       {' x '.join(map(str, b.grid_shape))} voxels at "
-             f"{' x '.join(f'{s:g}' for s in b.spacing)} mm",
-             "parameters: " + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in counts.items()),
-             f"latent:     scale factor {cfg['latent']['scale_factor']:.4g}"
-             + (f", clip {cfg['latent']['clip']}" if cfg['latent'].get('clip') else ""),
-             f"schedule:   {cfg['schedule'].get('schedule', 'linear_beta')}, T = "
-             f"{cfg['schedule'].get('num_train_timesteps')}, beta {cfg['schedule'].get('beta_start')}"
-             f"..{cfg['schedule'].get('beta_end')}"]
-    if b.has_local:
-        local = cfg[bundle_mod.LOCAL]
-        lines.append(f"local:      deviation U-Net {local['network']['channels']} at the scan's own resolution "
-                     f"(~1 mm boxes), {local['schedule'].get('num_train_timesteps')} steps; "
-                     f"interactive mode {local.get('interactive_mode', 'fidelity')}")
-    else:
-        lines.append("local:      none (schema 1 bundle: latent stage only)")
-    lines.append(f"stages:     {'latent + local' if b.has_local else 'latent'} (bundle schema {cfg['schema_version']})")
-    lines.append("defaults:")
-    for task, values in cfg["defaults"].items():
-        lines.append(f"  {task:<19} " + ", ".join(f"{k}={v}" for k, v in values.items()))
-    metrics = cfg.get("metrics") or {}
-    lines.append("metrics:" + ("" if metrics else " none recorded"))
-    for key, value in metrics.items():
-        lines.append(f"  {key}: {value}")
-    if cfg.get("training"):
-        lines.append("training:   " + "; ".join(f"{k}: {v}" for k, v in cfg["training"].items()))
-    print("\n".join(lines))
+    print(json.dumps(b.config, indent=2) if args.json else describe(b), end="\n" if args.json else "")
     return EXIT_OK
 
 
@@ -318,9 +328,8 @@ def cmd_batch(args) -> int:
     from USBLib.apps.batch import BatchSettings
     from USBLib.apps.batch_run import run_cli
 
-    if args.uncertainty is not None:
-        raise InputError("--uncertainty is not available in batch mode")
     settings = BatchSettings(model=args.model, device=args.device, steps=args.steps, strength=args.strength,
+                             mask_threshold=args.mask_threshold,
                              alpha0=args.alpha0, k=args.k, eta=args.eta, margin_mm=args.margin_mm, prefill=args.prefill,
                              **_local_options(args), samples=args.samples, seed=args.seed, registration=args.registration,
                              resample_mask=args.resample_mask, without_mask=args.without_mask, qc=not args.no_qc)
@@ -337,17 +346,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"heal": lambda a: cmd_edit(a, "heal"), "embed": lambda a: cmd_edit(a, "embed"),
                 "generate": cmd_generate, "generate-from-mask": cmd_generate_from_mask, "info": cmd_info,
                 "demo": cmd_demo, "batch": cmd_batch}
+    previous = terminate_as_interrupt()
     try:
         from USBLib.editor.editor import threads_from_env
 
         threads_from_env()
         return commands[args.command](args)
-    except (InputError, BundleError) as exc:
+    except (InputError, BundleError, OutputError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_INPUT
-    except (Cancelled, KeyboardInterrupt):
+    except (Cancelled, KeyboardInterrupt) as exc:
         print(f"{PROG}: cancelled; no output was written", file=sys.stderr)
-        return EXIT_CANCELLED
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_CANCELLED
     except USBError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_INTERNAL
@@ -357,6 +367,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: internal error: {type(exc).__name__}: {exc} (rerun with --debug for details)",
               file=sys.stderr)
         return EXIT_INTERNAL
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ from typing import Sequence
 
 import numpy as np
 
+from USBLib.imaging.io import atomic_path
+
 
 def _slices(vol: np.ndarray, center: Sequence[int]) -> list[np.ndarray]:
     i, j, k = (int(c) for c in center)
@@ -56,6 +58,6 @@ def save_montage(path: Path, rows: Sequence[tuple[str, Sequence[np.ndarray], Seq
             x += tile.shape[1] + 6
         y += h
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
     return path

@@ -243,12 +243,14 @@ class Editor:
         fusion -> provenance."""
         import torch
 
-        image, affine, mask, brain_mask = self._edit_inputs(task, image, affine, mask, brain_mask, mask_affine,
-                                                            resample_mask)
+        original, affine, mask, brain_mask = self._edit_inputs(task, image, affine, mask, brain_mask, mask_affine,
+                                                               resample_mask)
+        image, offset = offset_free(original)  # every stage works on the offset-free scan; fusion on the original
         settings = self._settings(task, **given)
         samples = _check_samples(samples)
         stages = self._stages(settings, mask)
         settings["stages"] = stages
+        check_sampling(self.bundle, task, samples, stages, settings.get("local_mode"))
         latent = stages in ("latent", "both")
         n_latent = self._network_steps(settings, start_step_of(settings, self.bundle)) if latent else 0
         n_local = _local_box_count(mask, affine) if stages in ("local", "both") else 0
@@ -256,9 +258,13 @@ class Editor:
         prog = _Progress(progress, 2 + (n_latent + 2 if n_latent else 0) + n_local)
         generator = torch.Generator().manual_seed(int(seed))
 
-        mapping, brain, imap = self._registration_stage(image, affine, mask, brain_mask, seed, prog)
+        mapping, brain, imap = self._registration_stage(task, image, affine, mask, brain_mask, seed, prog)
+        extra: dict[str, Any] = {"intensity_offset": offset} if offset else {}
+        content = None
+        if task == "embed":
+            mask, content, notes = _confine_to_brain(image, affine, mask, brain)
+            extra.update({"notes": notes} if notes else {})
         deviation = np.zeros((samples, *image.shape), np.float32)  # scan units, result = image + deviation
-        extra: dict[str, Any] = {}
         if latent:
             deviation += self._latent_stage(task, image, mapping, imap, mask, settings, samples, generator, prog)
             extra.update(start_step=start_step_of(settings, self.bundle), network_steps=n_latent)
@@ -266,22 +272,25 @@ class Editor:
             deviation += self._local_stage(task, image, affine, imap, mask, deviation.mean(axis=0), settings,
                                            samples, generator, prog)
             extra["local_boxes"] = n_local
-        result, uncertainty, weight = self._fusion_stage(task, image, affine, mask, brain, deviation, settings, prog)
-        extra.update({"intensity_map": {"low": imap.low, "high": imap.high},
+        result, uncertainty, weight = self._fusion_stage(task, original, affine, mask, brain, deviation, settings,
+                                                         prog, content)
+        extra.update({"intensity_map": {"low": imap.low + offset, "high": imap.high + offset},
                       "mask_voxels": int(mask.sum()) if mask is not None else 0,
                       "edit_region_voxels": int((weight > 0).sum())})
         provenance = self._provenance(task, settings, seed, samples, prog.timings, mapping, extra=extra)
         return EditResult(result, affine.copy(), mask, uncertainty, provenance)
 
     # ----------------------------------------------------------------- edit stages
-    def _registration_stage(self, image: np.ndarray, affine: np.ndarray, mask: np.ndarray | None,
+    def _registration_stage(self, task: str, image: np.ndarray, affine: np.ndarray, mask: np.ndarray | None,
                             brain_mask: np.ndarray | None, seed: int, prog: "_Progress"):
         """Scan -> model mapping, the scan's brain [I, J, K] bool, and the intensity map fitted in that brain;
-        refuses a lesion mask outside the brain."""
+        refuses a lesion mask to heal that lies outside the brain (an embed mask is cut to the brain instead,
+        ``_confine_to_brain``)."""
         prog.stage("registering to the model template")
         mapping = self._map(image, affine, brain_mask, seed)
         brain = self._native_brain(mapping, brain_mask)
-        _check_inside_brain(image, mask, brain)
+        if task == "heal":
+            _check_inside_brain(image, mask, brain)
         imap = IntensityMap.fit(image, brain, self.bundle.config["intensity"])
         prog.tick()
         return mapping, brain, imap
@@ -298,9 +307,12 @@ class Editor:
         return np.stack([imap.delta_to_native(d) for d in local])
 
     def _fusion_stage(self, task: str, image: np.ndarray, affine: np.ndarray, mask: np.ndarray | None,
-                      brain: np.ndarray, deviation: np.ndarray, settings: dict[str, Any], prog: "_Progress"):
+                      brain: np.ndarray, deviation: np.ndarray, settings: dict[str, Any], prog: "_Progress",
+                      content: np.ndarray | None = None):
         """Seam-aware fusion of the mean deviation into the scan: (result [I, J, K] in the scan's units,
-        uncertainty (weighted std over samples, or None for one sample), edit weight [I, J, K] in [0, 1])."""
+        uncertainty (weighted std over samples, or None for one sample), edit weight [I, J, K] in [0, 1]).
+        ``content`` [I, J, K] bool, when given: the only voxels the edit may change (image content above the
+        background; an embedded lesion is never painted into the air)."""
         prog.stage("fusing into the scan")
         dilation = float(value_of(settings, "dilation_mm"))
         core = None
@@ -309,6 +321,8 @@ class Editor:
 
             core = fusion_core(mask, _spacing(affine), dilation)
         weight = edit_weight(mask, brain, _spacing(affine), dilation, float(settings["margin_mm"]), core)
+        if content is not None:
+            weight = weight * content
         result = fuse(image, deviation.mean(axis=0), weight)
         uncertainty = (weight * deviation.std(axis=0)).astype(np.float32) if deviation.shape[0] > 1 else None
         prog.tick()
@@ -449,8 +463,9 @@ class Editor:
                                   lesion_fusion=lesion_fusion, margin_mm=margin_mm, dilation_mm=dilation_mm)
         samples = _check_samples(samples)
         affine = np.asarray(affine, dtype=np.float64)
+        offset = 0.0
         if reference is not None:
-            reference = check_image(reference, reference_affine)
+            reference, offset = offset_free(check_image(reference, reference_affine))
             mask = check_mask(mask, reference.shape, affine, np.asarray(reference_affine, float), resample_mask)
         else:
             mask = check_mask(mask, np.shape(mask), affine, affine, False)
@@ -478,7 +493,7 @@ class Editor:
             return EditResult(image.astype(np.float32), self.bundle.grid_affine.copy(), binary.astype(np.uint8),
                               None if uncertainty is None else uncertainty.astype(np.float32), prov)
         imap = IntensityMap.fit(reference, self._native_brain(mapping, None), self.bundle.config["intensity"])
-        native = imap.to_native(mapping.to_native(image))
+        native = imap.to_native(mapping.to_native(image)) + np.float32(offset)
         unc = None if uncertainty is None else imap.delta_to_native(mapping.to_native(uncertainty))
         return EditResult(native.astype(np.float32), np.asarray(reference_affine, float).copy(), mask, unc, prov)
 
@@ -581,6 +596,75 @@ def _check_inside_brain(image: np.ndarray, mask: np.ndarray | None, brain: np.nd
     if on_tissue < 0.2:
         raise InputError(f"the lesion mask lies outside the brain (only {on_tissue:.0%} of it on image "
                          "content above the background); check that mask and image belong together")
+
+
+def offset_free(image: np.ndarray) -> tuple[np.ndarray, float]:
+    """The scan shifted so that its minimum is 0, and that minimum (in the scan's units).
+
+    A scan is a scan whatever its intensity offset (pipelines write scans shifted below zero, e.g. by -500): every
+    stage works on ``image - minimum``, and the edit (a deviation in the scan's units) is fused into the scan as it
+    was, so ``a * x + b`` (a > 0) gives ``a * result + b``. A scan whose minimum is 0 is returned as it is.
+
+    Args:
+        image: the scan [I, J, K] in its own dtype and units.
+
+    Returns ``(shifted [I, J, K] float64, or ``image`` itself when the minimum is 0; the minimum as a float)``.
+    """
+    low = float(np.min(image))
+    if low == 0.0:
+        return image, 0.0
+    return np.asarray(image, np.float64) - low, low
+
+
+MIN_EMBED_MM3 = 8.0  # a lesion mask with less than this inside the brain is refused: too small to embed
+
+
+def _confine_to_brain(image: np.ndarray, affine: np.ndarray, mask: np.ndarray, brain: np.ndarray):
+    """Embed: a lesion belongs to brain tissue. The mask is cut to the brain (the registered template's brain, or the
+    given brain mask) on image content above the background (the floor of ``_check_inside_brain``), and the edit
+    may change image content only, so that nothing is painted into the air around a skull-stripped brain.
+
+    Returns ``(mask [I, J, K] uint8, content [I, J, K] bool: voxels above the background, notes)``: ``notes`` holds
+    one line saying how much of the mask was dropped (empty when nothing was). Raises ``InputError`` when less than
+    ``MIN_EMBED_MM3`` of the mask is left.
+    """
+    values = np.asarray(image, np.float64)
+    floor = values.min() + 0.01 * (np.percentile(values[brain], 99) - values.min())
+    content = values > floor
+    kept = (mask > 0) & brain & content
+    voxel_mm3 = float(abs(np.linalg.det(np.asarray(affine)[:3, :3])))
+    total, inside = int((mask > 0).sum()), int(kept.sum())
+    if inside * voxel_mm3 < MIN_EMBED_MM3:
+        raise InputError(f"the lesion mask lies outside the brain (only {inside * voxel_mm3:.1f} mm3 of its "
+                         f"{total * voxel_mm3:.0f} mm3 on brain tissue; at least {MIN_EMBED_MM3:g} mm3 is needed to "
+                         "embed a lesion)")
+    notes = []
+    if inside < total:
+        notes.append(f"{1 - inside / total:.0%} of the lesion mask ({(total - inside) * voxel_mm3 / 1000:.2f} ml) lies "
+                     f"outside the brain and was dropped; the lesion embedded is {inside * voxel_mm3 / 1000:.2f} ml")
+    return kept.astype(np.uint8), content, notes
+
+
+def check_sampling(bundle: bundle_mod.ModelBundle, task: str, samples: int, stages: str | None,
+                   local_mode: str | None) -> None:
+    """Refuse several samples of an edit whose every stage is deterministic (the ``fidelity`` local stage alone):
+    they would be identical, their mean the one result and their uncertainty map zero everywhere.
+
+    Args:
+        bundle: the model; its defaults for ``task`` fill ``stages`` and ``local_mode`` when they are None.
+        task: ``"heal"`` or ``"embed"``.
+        samples: number of samples asked for.
+        stages, local_mode: the settings asked for, or None for the bundle's defaults.
+    """
+    if samples < 2:
+        return
+    defaults = bundle.defaults(task)
+    stages = stages or defaults.get("stages") or ("local" if bundle.has_local else "latent")
+    local_mode = local_mode or defaults.get("local_mode") or "fidelity"
+    if stages == "local" and local_mode == "fidelity":
+        raise InputError(f"{samples} samples would be identical: the 'fidelity' local stage is deterministic, so the "
+                         "uncertainty map would be zero; for samples that differ use local mode 'realism' or stages "
+                         "'latent' or 'both'")
 
 
 def _local_settings(settings: dict[str, Any]):

@@ -34,23 +34,45 @@ def check_image(image: np.ndarray, affine: np.ndarray | None = None, what: str =
     return image
 
 
+def threshold_mask(mask: np.ndarray, threshold: float | None) -> np.ndarray:
+    """A soft (probabilistic) mask made binary: 1 where ``mask >= threshold``; with ``threshold`` None, ``mask``
+    as it is (``check_mask`` then decides whether it is binary).
+
+    Args:
+        mask: mask values of any shape (a lesion probability map, a 0/255 label, ...).
+        threshold: the value from which a voxel counts as lesion (e.g. 0.5 for a probability map), or None.
+    """
+    if threshold is None:
+        return mask
+    mask = np.asarray(mask)
+    if np.issubdtype(mask.dtype, np.floating) and not np.all(np.isfinite(mask)):
+        raise InputError("lesion mask contains NaN or Inf voxels")
+    return (mask >= float(threshold)).astype(np.uint8)
+
+
 def check_mask(mask: np.ndarray, shape, mask_affine, affine, resample_mask: bool,
                what: str = "lesion mask") -> np.ndarray:
     """A binary mask on the image's grid (``shape``, ``affine``), as uint8 {0, 1}. A mask on another grid is
-    resampled (nearest neighbour) only when ``resample_mask``; ``mask_affine`` None means the image's grid."""
+    resampled (nearest neighbour) only when ``resample_mask``; ``mask_affine`` None means the image's grid.
+
+    Binary means: every non-zero voxel has one and the same value (0/1, 0/255, a label map of one label, as
+    Slicer's labelmaps); a mask with several non-zero values (a probability map, several labels) is refused with a
+    pointer to ``--mask-threshold`` (``threshold_mask``).
+    """
     mask = squeeze_3d(mask, what)
     if np.issubdtype(mask.dtype, np.floating) and not np.all(np.isfinite(mask)):
         raise InputError(f"{what} contains NaN or Inf voxels")
     values = np.unique(mask)
-    if not set(values.tolist()) <= {0, 1}:
+    nonzero = values[values != 0]
+    if len(nonzero) > 1:
         shown = ", ".join(f"{v:g}" for v in values[:5])
-        raise InputError(f"{what} is not binary (values {shown}{', ...' if len(values) > 5 else ''}); "
-                         "give a 0/1 mask")
+        raise InputError(f"{what} is not binary (values {shown}{', ...' if len(values) > 5 else ''}); give a mask "
+                         "whose lesion voxels share one value, or binarise it with --mask-threshold T")
     if mask_affine is None:
         mask_affine = affine
     if not same_grid(mask.shape, mask_affine, shape, affine):
         if not resample_mask:
             raise InputError(f"{what} is on a different grid than the image (shape {tuple(mask.shape)} vs "
                              f"{tuple(shape)}); pass --resample-mask to resample it")
-        mask = resample_mask_to(mask, mask_affine, shape, affine)
-    return (mask > 0).astype(np.uint8)
+        mask = resample_mask_to((mask != 0).astype(np.uint8), mask_affine, shape, affine)
+    return (mask != 0).astype(np.uint8)

@@ -2,10 +2,13 @@
 
 A volume is ``(data [I,J,K], affine 4x4 IJK->RAS mm)``, the nibabel convention. NRRD goes through SimpleITK
 (LPS) and is converted to RAS here. Writes go to a temporary file in the target folder and are renamed into
-place, so an interrupted run never leaves a half-written output.
+place, so an interrupted run never leaves a half-written output; the renamed file gets the mode a plain write
+would give it (0666 less the umask). A write that fails for the user's environment (full disk, read-only or
+forbidden folder) raises ``OutputError`` naming the output, and leaves no temporary file behind.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -16,7 +19,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from USBLib.errors import InputError
+from USBLib.errors import InputError, OutputError
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh", ".nrrd", ".nhdr")
@@ -31,12 +34,20 @@ class Volume:
         affine: 4x4 voxel-to-RAS affine (IJK -> RAS world coordinates, mm), float64.
         header: the source nibabel header (NIfTI, MGH), or None (NRRD, or a volume built in memory).
         path: the file the volume was read from, or None.
+        file_shape: the array shape in the file (e.g. [I, J, K, 1] for a singleton 4-D scan), or None when it is
+            ``data``'s own shape; ``as_in_file`` gives results that shape back.
     """
 
     data: np.ndarray
     affine: np.ndarray
     header: Any = field(default=None, repr=False)
     path: Path | None = None
+    file_shape: tuple[int, ...] | None = None
+
+    def as_in_file(self, values: np.ndarray) -> np.ndarray:
+        """``values`` [I, J, K] on this volume's grid, reshaped to the file's own shape (a singleton 4-D scan
+        gives a singleton 4-D output)."""
+        return values if self.file_shape is None else np.reshape(values, self.file_shape)
 
     @property
     def spacing(self) -> np.ndarray:
@@ -107,8 +118,9 @@ def read_volume(path: os.PathLike | str, what: str = "image") -> Volume:
     except Exception as exc:  # corrupt or unreadable file: one line, no traceback
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"cannot read {what} {path}: {detail}") from None
-    while vol.data.ndim > 3 and vol.data.shape[-1] == 1:
-        vol.data = vol.data[..., 0]
+    if vol.data.ndim > 3 and vol.data.shape[3:] == (1,) * (vol.data.ndim - 3):
+        vol.file_shape = tuple(vol.data.shape)
+        vol.data = vol.data.reshape(vol.data.shape[:3])
     if vol.data.ndim != 3:
         raise InputError(f"{path}: {what} has shape {vol.data.shape}; a 3D volume is needed")
     if min(vol.data.shape) < 2:
@@ -132,26 +144,81 @@ def check_image_values(vol: Volume, what: str = "image") -> None:
     check_image(vol.data, None, f"{vol.path}: {what}" if vol.path else what)
 
 
+def plain_file_mode() -> int:
+    """The mode an ordinary ``open(path, "w")`` gives a new file: 0o666 less the process umask.
+
+    Read from ``/proc/self/status`` where it is there (Linux), so that the umask is never changed, not even briefly.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _cannot_write(target: Path, exc: BaseException) -> OutputError:
+    """``OutputError`` naming the user's ``target`` (never the temporary file) and the system's reason."""
+    reason = getattr(exc, "strerror", None)
+    if not reason:
+        text = str(exc).strip()
+        reason = text.splitlines()[0] if text else type(exc).__name__
+    return OutputError(f"cannot write {target}: {reason}")
+
+
+def check_writable(target: os.PathLike | str) -> None:
+    """Refuse, before any work starts, an output whose folder cannot be written (read-only, not ours).
+
+    The nearest existing folder on the way to ``target`` must accept a new file: that is tried for real (a
+    temporary file, removed at once), because permission bits do not tell about read-only file systems or ACLs.
+    Raises ``OutputError`` naming ``target``.
+
+    Args:
+        target: the output file the user asked for; its folder need not exist yet.
+    """
+    target = Path(target)
+    folder = target.parent.resolve() if str(target.parent) else Path.cwd()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputError(f"cannot write {target}: {folder} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".usb-write-check.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise _cannot_write(target, exc) from None
+
+
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it onto ``target`` only if the block succeeds.
 
     The temporary file is in the same folder (so the rename is atomic) and keeps ``target``'s suffixes, so writers
-    that choose the format by suffix still work; it is removed if the block raises.
+    that choose the format by suffix still work; it is removed if the block raises. Before the rename it gets the
+    mode of a plain write (``plain_file_mode``), not the private 0600 of a temporary file. An ``OSError`` of the
+    write (full disk, read-only folder, no permission) becomes ``OutputError`` naming ``target``.
 
     Args:
         target: the final file path; its folder is created if needed.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(target.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name.split('.')[0]}.", suffix=suffix, dir=target.parent)
-    os.close(fd)
+    tmp = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name.split('.')[0]}.", suffix=suffix, dir=target.parent)
+        os.close(fd)
         yield Path(tmp)
+        os.chmod(tmp, plain_file_mode())
         os.replace(tmp, target)
+    except OSError as exc:
+        raise _cannot_write(target, exc) from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
@@ -165,7 +232,10 @@ def _write_to(path: Path, fmt: str, data: np.ndarray, affine: np.ndarray, header
         img.SetSpacing(spacing.tolist())
         img.SetDirection((lps[:3, :3] / spacing).ravel().tolist())
         img.SetOrigin(lps[:3, 3].tolist())
-        sitk.WriteImage(img, str(path), useCompression=True)
+        try:
+            sitk.WriteImage(img, str(path), useCompression=True)
+        except RuntimeError as exc:  # SimpleITK reports a failed write (e.g. a full disk) as RuntimeError
+            raise OSError(errno.EIO, _sitk_reason(exc)) from None
         return
     import nibabel as nib
 
@@ -180,6 +250,15 @@ def _write_to(path: Path, fmt: str, data: np.ndarray, affine: np.ndarray, header
             img.set_sform(affine, code=int(hdr["sform_code"]) or 1)
             img.set_qform(affine, code=int(hdr["qform_code"]) or 1)
     nib.save(img, str(path))
+
+
+def _sitk_reason(exc: RuntimeError) -> str:
+    """The useful line of a SimpleITK write error (its message is a multi-line ITK exception dump)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for line in lines:
+        if "space" in line.lower() or "permission" in line.lower() or "read-only" in line.lower():
+            return line
+    return lines[-1] if lines else "write failed"
 
 
 def write_volume(path: os.PathLike | str, data: np.ndarray, affine: np.ndarray, header: Any = None) -> Path:
@@ -240,13 +319,23 @@ def write_result(out: os.PathLike | str, data: np.ndarray, affine: np.ndarray, h
         provenance: the run's provenance record, copied into the sidecar first.
         inputs: input role -> file path; each is recorded with its sha256 (None entries are skipped).
         extra: further keys added last (they override earlier ones), or None.
+
+    Raises ``OutputError`` when either file cannot be written; then neither is left behind.
     """
+    out = Path(out)
+    write_volume(out, data, affine, header)
+    try:
+        return _write_sidecar(out, provenance, inputs, extra)
+    except OutputError:
+        out.unlink(missing_ok=True)  # an output without its sidecar is not a result: leave neither
+        raise
+
+
+def _write_sidecar(out: Path, provenance: dict, inputs: dict[str, Any], extra: dict | None) -> dict:
     import time
 
     from USBLib.hashing import sha256_of
 
-    out = Path(out)
-    write_volume(out, data, affine, header)
     sidecar = dict(provenance)
     sidecar["inputs"] = {k: {"path": str(v), "sha256": sha256_of(Path(v))} for k, v in inputs.items() if v is not None}
     sidecar["output"] = str(out)
