@@ -191,3 +191,34 @@ def test_a_large_lesion_heals_in_bounded_windows():
     assert np.isfinite(d).all()
     lesion = mask > 0
     assert np.abs(d[0][lesion]).min() > 0 and np.abs(d[0][lesion]).mean() > 0.1  # the fill reaches the centre
+
+
+def test_a_lesion_at_the_image_border_is_filled_from_tissue_not_from_black():
+    """The box of a lesion that touches the border reaches past the image; it is continued with the edge tissue
+    (zero padding filled the border slice at about half the truth's intensity). With the network's output at zero
+    (MONAI zero-initialises the last layer) the heal is the stage's classical base alone."""
+    from USBLib.editor.local.network import build_local_unet
+    from USBLib.editor.local.stage import LocalSettings, LocalStage
+
+    network = {"channels": [8, 8], "num_res_blocks": 1, "attention_levels": [False, False], "norm_num_groups": 4}
+    stage = LocalStage(build_local_unet(network).eval(), {"network": network, "schedule": {
+        "num_train_timesteps": 100, "schedule": "linear_beta"}}, torch.device("cpu"))
+    shape = (40, 40, 40)
+    image = np.full(shape, 0.8, np.float32)
+    mask = np.zeros(shape, np.uint8)
+    mask[:5, 16:24, 16:24] = 1  # touches the i = 0 face
+    image[mask > 0] = 0.3
+    d = stage.deviation(image, mask, (1.0, 1.0, 1.0), "heal", LocalSettings(mode="fidelity", dilation_mm=0.0),
+                        torch.Generator().manual_seed(0))
+    healed = image + d[0]
+    assert np.allclose(healed[mask > 0], 0.8, atol=0.02), healed[:5, 20, 20]
+
+
+def test_box_read_edge_continues_the_edge_voxels():
+    volume = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    box = Box((-2, 1, 3), (5, 3, 5), 1)
+    window = box.read_edge(volume)
+    assert window.shape == (5, 3, 5)
+    np.testing.assert_array_equal(window[2:, :, :3], volume[:3, 1:4, 3:6])  # the inside, as it is
+    np.testing.assert_array_equal(window[0], window[2])                    # before the first slice: the first slice
+    np.testing.assert_array_equal(window[:, :, 3], window[:, :, 2])        # past the last: the last

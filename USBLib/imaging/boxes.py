@@ -40,6 +40,17 @@ class Box:
         out[dst] = volume[src]
         return out
 
+    def read_edge(self, volume: np.ndarray) -> np.ndarray:
+        """The window's voxels, continued past the volume's edge by repeating the edge voxels (not zeros): a fill
+        near the image border then sees tissue, not a black frame, around it. Returns [shape] in ``volume``'s dtype.
+
+        Args:
+            volume: array [I, J, K] on the grid the box was made on; the window must overlap it.
+        """
+        src, dst = self._slices(volume.shape)
+        pad = [(d.start, n - d.stop) for d, n in zip(dst, self.shape)]
+        return np.pad(volume[src], pad, mode="edge")
+
     def add_into(self, volume: np.ndarray, values: np.ndarray, where: np.ndarray) -> None:
         """``volume[window][where] += values[where]`` for the part of the window inside the volume (in place).
 

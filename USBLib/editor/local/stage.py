@@ -86,9 +86,12 @@ class LocalStage:
         dilation = int(round(settings.dilation_mm / float(np.mean(grid_mm)))) if task == "heal" else 0
         for box in boxes:
             group = box.read(labels) == box.label
-            raw = box.read(np.asarray(image, np.float32))
+            # past the image border the scan and its lesion go on as at the border, so that the fill is anchored
+            # in the tissue around the lesion, not in a black frame or a dark lesion edge
+            group_edge = box.read_edge(labels) == box.label
+            raw = box.read_edge(np.asarray(image, np.float32))
             img = np.clip(raw, *clip)
-            lesion = (box.read(mask) > 0) & group
+            lesion = (box.read_edge(mask) > 0) & group_edge
             if resample:
                 shape = work_shape(box.shape, spacing, self.multiple)
                 img_w = to_grid(img, shape, 1)
