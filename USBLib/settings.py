@@ -24,6 +24,7 @@ LOCAL_MODES = ("fidelity", "realism")
 PREFILLS = ("none", "harmonic", "biharmonic")
 FUSION_MODES = ("deviation", "replace")
 SAMPLERS = ("ddim", "dpm++2m")
+GROWTHS = ("fixed", "rim")
 
 
 @dataclass(frozen=True)
@@ -66,12 +67,17 @@ _SETTINGS = (
             "mask; every voxel farther away is the input's own.", 0.0, 50.0, fallback=3.0, flag="--margin"),
     Setting("dilation_mm", "float", "mm the mask is grown by before editing (real masks miss the lesion's "
             "partial-volume rim); the edit rewrites this region fully.", 0.0, 10.0, fallback=0.0, flag="--dilation"),
+    Setting("growth", "choice", "Heal: how the mask grows before the fill. fixed = by dilation_mm everywhere; rim = "
+            "only into the voxels around the mask that look like lesion (darker than the tissue around it), at most "
+            "dilation_mm: healthy tissue next to a tight mask stays as it is.", choices=GROWTHS, fallback="fixed"),
     Setting("stages", "choice", "latent: the USB latent model (2 mm grid, whole-brain context); local: the local "
             "deviation model at the scan's own resolution; both: latent, then local.", choices=STAGES),
-    Setting("local_mode", "choice", "Local stage: fidelity = deterministic reconstruction (best PSNR), realism = a "
-            "guided sample with texture.", choices=LOCAL_MODES, fallback="fidelity"),
-    Setting("local_steps", "int", "Local stage, realism: denoising steps.", 1, 100, fallback=4),
-    Setting("local_strength", "float", "Local stage, realism: noise level of the sample.", 0.01, 1.0, fallback=0.3),
+    Setting("local_mode", "choice", "Local stage: fidelity = deterministic reconstruction (best PSNR); realism = "
+            "heal: the same reconstruction with the scan's grain synthesized into the fill (noise synthesis), embed: "
+            "a guided sample with texture.", choices=LOCAL_MODES, fallback="fidelity"),
+    Setting("local_steps", "int", "Local stage, realism (embed): denoising steps.", 1, 100, fallback=4),
+    Setting("local_strength", "float", "Local stage, realism (embed): noise level of the sample.", 0.01, 1.0,
+            fallback=0.3),
     Setting("prefill", "choice", "Smooth fill of the lesion before the latent diffusion starts (heal).",
             choices=PREFILLS, fallback="none"),
     Setting("fusion", "choice", "How the latent result enters the scan: as a deviation from the decoded input "
@@ -97,7 +103,7 @@ _SETTINGS = (
 SETTINGS: dict[str, Setting] = {s.name: s for s in _SETTINGS}
 RANGES: dict[str, tuple[float, float]] = {s.name: (s.low, s.high) for s in _SETTINGS if s.low is not None}
 FALLBACKS: dict[str, Any] = {s.name: s.fallback for s in _SETTINGS if s.fallback is not None}
-GUIDANCE = ("strength", "acg", "alpha0", "k", "eta", "margin_mm", "dilation_mm", "stages", "local_mode",
+GUIDANCE = ("strength", "acg", "alpha0", "k", "eta", "margin_mm", "dilation_mm", "growth", "stages", "local_mode",
             "local_steps", "local_strength")
 
 

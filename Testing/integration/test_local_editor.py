@@ -49,9 +49,11 @@ def test_every_stage_keeps_geometry_and_the_outside(local_editor, stages, task):
 
 def test_local_stage_on_a_coarse_scan_runs_on_a_1mm_box(local_editor):
     img, mask, aff = make_scan("axial")  # 3.5 mm voxels: boxes are resampled to about 1 mm and back
-    res = local_editor.heal(img, aff, mask, stages="local", local_mode="realism", samples=2, seed=3)
+    res = local_editor.embed(img, aff, mask, stages="local", local_mode="realism", samples=2, seed=3)
     assert res.uncertainty is not None and res.uncertainty.shape == img.shape
     assert res.uncertainty[mask > 0].max() > 0 and not res.uncertainty[~_reach(mask, aff, 2.0 + 8.0)].any()
+    healed = local_editor.heal(img, aff, mask, stages="local", local_mode="realism", seed=3)
+    assert healed.provenance["texture"].startswith("noise synthesis")
 
 
 def test_defaults_come_from_the_bundle_and_heal_without_mask_is_latent(local_editor):

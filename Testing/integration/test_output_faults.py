@@ -202,7 +202,9 @@ def test_uncertainty_needs_samples_that_can_differ(tiny_bundle, scan_files, tmp_
     assert not (tmp_path / "h.nii.gz").exists() and not (tmp_path / "u.nii.gz").exists()
 
 
-def test_deterministic_local_stage_refuses_several_samples_and_realism_gives_a_map(tmp_path):
+def test_deterministic_local_stage_refuses_several_samples_and_the_latent_stage_gives_a_map(tmp_path):
+    """The local stage's heal is one deterministic reconstruction (realism only adds synthesized noise): several
+    samples are refused with the mode that gives a map; with the latent stage the samples differ."""
     import phantoms
     from USBLib import Editor
     from USBLib.errors import InputError
@@ -212,5 +214,9 @@ def test_deterministic_local_stage_refuses_several_samples_and_realism_gives_a_m
     img, mask, aff = make_scan(dtype=np.float32)
     with pytest.raises(InputError, match="identical.*realism"):
         editor.heal(img, aff, mask, stages="local", local_mode="fidelity", samples=3)
-    res = editor.heal(img, aff, mask, stages="local", local_mode="realism", samples=2, seed=1)
+    with pytest.raises(InputError, match="synthesized noise.*'both'"):
+        editor.heal(img, aff, mask, stages="local", local_mode="realism", samples=2)
+    res = editor.heal(img, aff, mask, stages="both", steps=2, samples=2, seed=1)
     assert res.uncertainty is not None and res.uncertainty.max() > 0
+    embedded = editor.embed(img, aff, mask, stages="local", local_mode="realism", samples=2, seed=1)
+    assert embedded.uncertainty is not None and embedded.uncertainty.max() > 0

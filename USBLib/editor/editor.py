@@ -202,7 +202,7 @@ class Editor:
              acg: bool | None = None, margin_mm: float | None = None, prefill: str | None = None,
              stages: str | None = None,
              local_mode: str | None = None, local_steps: int | None = None, local_strength: float | None = None,
-             dilation_mm: float | None = None, samples: int = 1, seed: int = 0,
+             dilation_mm: float | None = None, growth: str | None = None, samples: int = 1, seed: int = 0,
              mask_affine: np.ndarray | None = None, resample_mask: bool = False,
              progress: Progress | None = None) -> EditResult:
         """Pathology -> healthy. With ``mask`` the edit stays inside the mask grown by ``dilation_mm`` plus a
@@ -213,10 +213,12 @@ class Editor:
         ``fidelity`` (deterministic reconstruction) or ``realism`` (a guided sample, ``local_steps`` DDIM steps
         from ``local_strength``). ``prefill`` (latent stage: ``none``, ``harmonic``, ``biharmonic``) replaces
         the lesion by a smooth fill before the latent diffusion starts. ``acg``: Anatomy Consistency Guidance on
-        or off (``alpha0``/``k`` shape it; see ``USBLib.settings`` for every setting's range and meaning)."""
+        or off (``alpha0``/``k`` shape it; see ``USBLib.settings`` for every setting's range and meaning). ``growth``:
+        ``fixed`` (the mask grown by ``dilation_mm``) or ``rim`` (grown only into its lesion-like rim, at most
+        ``dilation_mm``; ``USBLib.imaging.rim``)."""
         return self._edit("heal", image, affine, mask, brain_mask, steps=steps, strength=strength, alpha0=alpha0,
                           k=k, eta=eta, acg=acg, margin_mm=margin_mm, prefill=prefill, stages=stages, local_mode=local_mode,
-                          local_steps=local_steps, local_strength=local_strength, dilation_mm=dilation_mm,
+                          local_steps=local_steps, local_strength=local_strength, dilation_mm=dilation_mm, growth=growth,
                           samples=samples, seed=seed, mask_affine=mask_affine, resample_mask=resample_mask,
                           progress=progress)
 
@@ -264,16 +266,20 @@ class Editor:
         if task == "embed":
             mask, content, notes = _confine_to_brain(image, affine, mask, brain)
             extra.update({"notes": notes} if notes else {})
+        region = self._fill_region(task, image, affine, mask, brain, settings)
         deviation = np.zeros((samples, *image.shape), np.float32)  # scan units, result = image + deviation
         if latent:
             deviation += self._latent_stage(task, image, mapping, imap, mask, settings, samples, generator, prog)
             extra.update(start_step=start_step_of(settings, self.bundle), network_steps=n_latent)
         if n_local:
             deviation += self._local_stage(task, image, affine, imap, mask, deviation.mean(axis=0), settings,
-                                           samples, generator, prog)
+                                           samples, generator, prog, region)
             extra["local_boxes"] = n_local
+            if task == "heal" and value_of(settings, "local_mode") == "realism":
+                deviation = self._texture_stage(image, affine, mask, brain, deviation, settings, seed, region)
+                extra["texture"] = "noise synthesis (the scan's grain matched inside the fill region)"
         result, uncertainty, weight = self._fusion_stage(task, original, affine, mask, brain, deviation, settings,
-                                                         prog, content)
+                                                         prog, content, region)
         extra.update({"intensity_map": {"low": imap.low + offset, "high": imap.high + offset},
                       "mask_voxels": int(mask.sum()) if mask is not None else 0,
                       "edit_region_voxels": int((weight > 0).sum())})
@@ -295,28 +301,59 @@ class Editor:
         prog.tick()
         return mapping, brain, imap
 
+    def _fill_region(self, task: str, image: np.ndarray, affine: np.ndarray, mask: np.ndarray | None,
+                     brain: np.ndarray, settings: dict[str, Any]) -> np.ndarray | None:
+        """Heal with ``growth`` ``rim``: the region the heal rewrites, the mask grown into its lesion-like rim
+        (at most ``dilation_mm``), [I, J, K] bool; None otherwise (the mask grown by ``dilation_mm``)."""
+        if task != "heal" or mask is None or value_of(settings, "growth") != "rim":
+            return None
+        from USBLib.imaging.rim import rim_region
+
+        return rim_region(image, mask, brain, _spacing(affine), float(value_of(settings, "dilation_mm")))
+
     def _local_stage(self, task: str, image: np.ndarray, affine: np.ndarray, imap: IntensityMap,
                      mask: np.ndarray, previous: np.ndarray, settings: dict[str, Any], samples: int, generator,
-                     prog: "_Progress") -> np.ndarray:
+                     prog: "_Progress", region: np.ndarray | None = None) -> np.ndarray:
         """PathoSyn's local stage on the scan with the earlier stages' mean deviation ``previous`` [I, J, K]
-        applied: deviations [samples, I, J, K] in scan units, zero outside the lesion boxes."""
+        applied: deviations [samples, I, J, K] in scan units, zero outside the lesion boxes. ``region``: the fill
+        region [I, J, K] of a heal (None: the mask grown by ``dilation_mm``)."""
         prog.stage("local stage")
         current = np.asarray(image, np.float32) + previous
         local = self.local.deviation((current - imap.low) / imap.units_per_model_unit, mask, _spacing(affine),
-                                     task, _local_settings(settings), generator, samples, prog.tick, imap.clip)
+                                     task, _local_settings(settings, task), generator, samples, prog.tick,
+                                     imap.clip, region)
         return np.stack([imap.delta_to_native(d) for d in local])
+
+    @staticmethod
+    def _texture_stage(image: np.ndarray, affine: np.ndarray, mask: np.ndarray, brain: np.ndarray,
+                       deviation: np.ndarray, settings: dict[str, Any], seed: int,
+                       region: np.ndarray | None) -> np.ndarray:
+        """Heal, ``realism``: noise synthesis on the reconstruction (``USBLib.imaging.texture``): each sample's
+        fill gets the grain of the scan around it, seeded. Returns the deviations [samples, I, J, K] with it."""
+        from USBLib.editor.local.conditioning import fusion_core
+        from USBLib.imaging.texture import matched_noise
+
+        spacing = _spacing(affine)
+        if region is None:
+            region = fusion_core(mask, spacing, float(value_of(settings, "dilation_mm")))
+        out = deviation.copy()
+        for i in range(deviation.shape[0]):
+            healed = np.asarray(image, np.float32) + deviation[i]
+            out[i] += matched_noise(healed, region, brain, spacing, np.random.default_rng([int(seed), i]))
+        return out
 
     def _fusion_stage(self, task: str, image: np.ndarray, affine: np.ndarray, mask: np.ndarray | None,
                       brain: np.ndarray, deviation: np.ndarray, settings: dict[str, Any], prog: "_Progress",
-                      content: np.ndarray | None = None):
+                      content: np.ndarray | None = None, region: np.ndarray | None = None):
         """Seam-aware fusion of the mean deviation into the scan: (result [I, J, K] in the scan's units,
         uncertainty (weighted std over samples, or None for one sample), edit weight [I, J, K] in [0, 1]).
         ``content`` [I, J, K] bool, when given: the only voxels the edit may change (image content above the
-        background; an embedded lesion is never painted into the air)."""
+        background; an embedded lesion is never painted into the air). ``region``: a heal's fill region when it is
+        not the mask grown by ``dilation_mm`` (``growth`` ``rim``); it is rewritten fully."""
         prog.stage("fusing into the scan")
         dilation = float(value_of(settings, "dilation_mm"))
-        core = None
-        if mask is not None and task == "heal":
+        core = region
+        if core is None and mask is not None and task == "heal":
             from USBLib.editor.local.conditioning import fusion_core
 
             core = fusion_core(mask, _spacing(affine), dilation)
@@ -647,8 +684,9 @@ def _confine_to_brain(image: np.ndarray, affine: np.ndarray, mask: np.ndarray, b
 
 def check_sampling(bundle: bundle_mod.ModelBundle, task: str, samples: int, stages: str | None,
                    local_mode: str | None) -> None:
-    """Refuse several samples of an edit whose every stage is deterministic (the ``fidelity`` local stage alone):
-    they would be identical, their mean the one result and their uncertainty map zero everywhere.
+    """Refuse several samples of an edit whose every stage is deterministic: the local stage alone in ``fidelity``
+    mode, or for heal in either mode (a heal's ``realism`` adds synthesized noise to the same reconstruction, which
+    is no uncertainty): the samples would be identical up to that noise, their uncertainty map meaningless.
 
     Args:
         bundle: the model; its defaults for ``task`` fill ``stages`` and ``local_mode`` when they are None.
@@ -665,12 +703,19 @@ def check_sampling(bundle: bundle_mod.ModelBundle, task: str, samples: int, stag
         raise InputError(f"{samples} samples would be identical: the 'fidelity' local stage is deterministic, so the "
                          "uncertainty map would be zero; for samples that differ use local mode 'realism' or stages "
                          "'latent' or 'both'")
+    if stages == "local" and task == "heal":
+        raise InputError(f"{samples} samples of a local-stage heal differ only by synthesized noise (its reconstruction "
+                         "is deterministic), so their spread is no uncertainty; for an uncertainty map use stages "
+                         "'both' or 'latent'")
 
 
-def _local_settings(settings: dict[str, Any]):
+def _local_settings(settings: dict[str, Any], task: str = "heal"):
+    """The local stage's settings; a heal's ``realism`` is the ``fidelity`` reconstruction here, its texture is
+    synthesized afterwards (``Editor._texture_stage``)."""
     from USBLib.editor.local.stage import LocalSettings
 
-    return LocalSettings(mode=value_of(settings, "local_mode"), steps=int(value_of(settings, "local_steps")),
+    mode = "fidelity" if task == "heal" else value_of(settings, "local_mode")
+    return LocalSettings(mode=mode, steps=int(value_of(settings, "local_steps")),
                          strength=float(value_of(settings, "local_strength")),
                          dilation_mm=float(value_of(settings, "dilation_mm")), alpha0=float(settings["alpha0"]),
                          k=float(settings["k"]), eta=float(value_of(settings, "eta")), acg=bool(settings["acg"]))

@@ -41,13 +41,15 @@ def classical_fill(image: np.ndarray, region: np.ndarray) -> np.ndarray:
 
 
 def condition(image: np.ndarray, mask: np.ndarray, direction: int, dilation: int,
-              fill: np.ndarray | None = None) -> np.ndarray:
+              fill: np.ndarray | None = None, region: np.ndarray | None = None) -> np.ndarray:
     """Network condition channels [4, I, J, K] (image, mask, fill region, classical fill).
 
     ``fill`` may be passed when already computed (training caches it); for embed the fill is the image.
+    ``region``: a heal's fill region when it is not ``fill_region(mask, direction, dilation)`` (e.g. grown into
+    the lesion's rim only, ``USBLib.imaging.rim``).
     """
     image = np.asarray(image, np.float32)
-    region = fill_region(mask, direction, dilation)
+    region = fill_region(mask, direction, dilation) if region is None or direction == EMBED else np.asarray(region) > 0
     if direction == EMBED:
         fill = image
     elif fill is None:

@@ -64,9 +64,12 @@ class LocalStage:
 
     def deviation(self, image: np.ndarray, mask: np.ndarray, spacing, task: str, settings: LocalSettings,
                   generator: torch.Generator, samples: int = 1,
-                  tick: Optional[Callable[[], None]] = None, clip: tuple[float, float] = (0.0, 1.5)) -> np.ndarray:
+                  tick: Optional[Callable[[], None]] = None, clip: tuple[float, float] = (0.0, 1.5),
+                  region: Optional[np.ndarray] = None) -> np.ndarray:
         """Deviation [samples, I, J, K] (model units) for ``image`` [I, J, K] (model units, not clipped) and its
         lesion ``mask``; zero outside the lesion groups' context regions. ``task``: ``heal`` or ``embed``.
+        ``region``: a heal's fill region [I, J, K] on the scan's grid (e.g. ``USBLib.imaging.rim``), or None for
+        the mask grown by ``settings.dilation_mm``.
 
         The network sees the image clipped to ``clip`` (its training range); for heal, the clipped-off part of
         the fill region is added back to the deviation, so the result is the healed clipped image there."""
@@ -92,16 +95,21 @@ class LocalStage:
             raw = box.read_edge(np.asarray(image, np.float32))
             img = np.clip(raw, *clip)
             lesion = (box.read_edge(mask) > 0) & group_edge
+            region_box = None if region is None else ((box.read_edge(region) > 0) & group_edge) | lesion
+            region_w = None
             if resample:
                 shape = work_shape(box.shape, spacing, self.multiple)
                 img_w = to_grid(img, shape, 1)
                 lesion_w = _resampled_mask(lesion, shape)
+                if region_box is not None:
+                    region_w = (to_grid(region_box.astype(np.float32), shape, 1) >= 0.5) | lesion_w
             else:
                 shape = tuple(int(-(-s // self.multiple) * self.multiple) for s in box.shape)
                 pad = [(0, a - b) for a, b in zip(shape, box.shape)]
                 img_w = np.pad(img, pad, mode="edge")
                 lesion_w = np.pad(lesion, pad)
-            cond = condition(img_w, lesion_w, direction, dilation)
+                region_w = None if region_box is None else np.pad(region_box, pad)
+            cond = condition(img_w, lesion_w, direction, dilation, region=region_w)
             weight = None
             if settings.eta > 0:
                 weight = torch.from_numpy(np.clip(1.0 - settings.eta * lesion_prior(cond[2] > 0), 0.0, 1.0))

@@ -1,0 +1,54 @@
+"""The fill region of a heal grown into the lesion's dark rim only (``USBLib.imaging.rim``)."""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from USBLib.imaging.rim import rim_region
+
+SHAPE = (48, 48, 48)
+
+
+def _lesion(radius_mask: float, rim: float, noise: float = 0.02, seed: int = 0):
+    """White matter (1.0) with a dark lesion (0.5) whose darkening fades out over ``rim`` voxels past a ball of
+    ``radius_mask`` voxels; the drawn mask is that ball."""
+    zz, yy, xx = np.indices(SHAPE)
+    r = np.sqrt((zz - 24) ** 2 + (yy - 24) ** 2 + (xx - 24) ** 2)
+    darkening = np.clip((radius_mask + rim - r) / rim, 0.0, 1.0) if rim > 0 else (r <= radius_mask).astype(float)
+    image = 1.0 - 0.5 * darkening + np.random.default_rng(seed).normal(0, noise, SHAPE)
+    return image.astype(np.float32), (r <= radius_mask).astype(np.uint8), r
+
+
+def test_the_region_follows_a_dark_rim_and_stops_at_healthy_tissue():
+    image, mask, r = _lesion(6.0, 3.0)
+    brain = np.ones(SHAPE, bool)
+    region = rim_region(image, mask, brain, (1.0, 1.0, 1.0), max_mm=4.0)
+    assert region[mask > 0].all()
+    assert region[(r > 6.0) & (r <= 7.5)].mean() > 0.9   # the darkest part of the rim is rewritten
+    assert not region[r > 9.5].any()                      # healthy tissue beyond the rim stays
+
+
+def test_a_mask_drawn_larger_than_the_lesion_does_not_grow():
+    image, _, r = _lesion(5.0, 0.0)
+    big = (r <= 8.0).astype(np.uint8)  # drawn generously: the tissue around it is healthy
+    region = rim_region(image, big, np.ones(SHAPE, bool), (1.0, 1.0, 1.0), max_mm=3.0)
+    assert (region & ~(big > 0)).sum() <= 0.02 * big.sum()
+
+
+def test_dark_tissue_next_to_the_lesion_is_not_taken_for_rim():
+    """A ventricle (CSF, darker than the lesion) beside the lesion: where the tissue beyond is as dark, it stays."""
+    image, mask, r = _lesion(5.0, 0.0, noise=0.01)
+    csf = np.zeros(SHAPE, bool)
+    csf[:, :, 31:] = True  # a dark slab 2 voxels from the lesion's edge, reaching past the reference shell
+    image[csf] = 0.2
+    region = rim_region(image, mask, np.ones(SHAPE, bool), (1.0, 1.0, 1.0), max_mm=3.0)
+    assert not (region & csf).any()
+
+
+def test_no_growth_limit_gives_the_mask_and_outside_the_brain_nothing_grows():
+    image, mask, r = _lesion(6.0, 3.0)
+    assert np.array_equal(rim_region(image, mask, np.ones(SHAPE, bool), (1, 1, 1), 0.0), mask > 0)
+    brain = np.ones(SHAPE, bool)
+    brain[:, :, 28:] = False
+    region = rim_region(image, mask, brain, (1, 1, 1), 4.0)
+    assert not (region & ~brain & ~(mask > 0)).any()
