@@ -204,12 +204,13 @@ def test_demo_without_default_model_says_so(monkeypatch, tmp_path, capsys):
 def test_demo_runs_on_sample_with_given_model(tiny_bundle, tmp_path, capsys):
     code, stdout, err = run(capsys, "demo", "--out", tmp_path / "demo", "--model", tiny_bundle.root, "--quiet")
     assert code == 0, err
-    for name in ("sample_healed.nii.gz", "sample_embedded.nii.gz", "montage.png", "sample_healed.json"):
+    for name in ("sample_healed.nii.gz", "sample_embedded.nii.gz", "montage.png", "closeup.png", "sample_healed.json"):
         assert (tmp_path / "demo" / name).is_file()
-    assert "montage" in stdout
+    assert "montage" in stdout and "closeup" in stdout
     from PIL import Image
 
     assert Image.open(tmp_path / "demo" / "montage.png").size[0] > 300
+    assert Image.open(tmp_path / "demo" / "closeup.png").size[1] > 200  # two rows of lesion close-ups
 
 
 def test_console_script_runs_as_a_process(tiny_bundle):

@@ -9,12 +9,14 @@ from USBLib.resources import sample_files
 
 def run_demo(out: Path, model=None, device: str = "auto", seed: int = 0, steps: int | None = None,
              quiet: bool = False) -> dict[str, Path]:
-    """Run both edits on the sample, write NIfTI outputs, sidecars and ``montage.png``; print where they are."""
+    """Run both edits on the sample, write NIfTI outputs, sidecars, ``montage.png`` (whole slices) and
+    ``closeup.png`` (each lesion and 25 mm around it, twice the size); print where they are."""
     import sys
 
     from USBLib.apps.progress_bar import ProgressBar
     from USBLib.imaging.io import read_volume, write_result
     from USBLib.apps.montage import save_montage
+    from USBLib.apps.qc_report import lesion_row
     from USBLib.editor.editor import Editor
 
     editor = Editor(model, device=device)  # fails first, and clearly, when no model is installed
@@ -46,6 +48,10 @@ def run_demo(out: Path, model=None, device: str = "auto", seed: int = 0, steps: 
         center = np.round(np.argwhere(np.asarray(mask) > 0).mean(axis=0)).astype(int)
         rows.append((title, [src, res_f, res_f - src], ["input", "output", "difference"], center))
     written["montage"] = save_montage(out / "montage.png", rows)
+    written["closeup"] = save_montage(out / "closeup.png", [
+        lesion_row(title, src, np.asarray(res.image, np.float32), np.asarray(mask), image.affine,
+                   ["input", "output", "difference"])
+        for title, res, mask in (("heal", healed, lesion.data), ("embed", embedded, target.data))], zoom=2)
     for key, path in written.items():
         print(f"{key:>9}: {path}", file=sys.stdout)
     return written

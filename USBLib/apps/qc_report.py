@@ -16,9 +16,10 @@ from USBLib.apps.montage import save_montage
 CONTEXT_MM = 25.0
 
 
-def lesion_montage(path: Path, key: str, before: np.ndarray, after: np.ndarray, mask: np.ndarray,
-                   affine: np.ndarray) -> Path:
-    """PNG: axial, coronal and sagittal slices through the lesion's centre, cropped to the lesion + 25 mm."""
+def lesion_row(title: str, before: np.ndarray, after: np.ndarray, mask: np.ndarray, affine: np.ndarray,
+               labels: Sequence[str] = ("before", "after", "difference (after - before)")):
+    """A ``save_montage`` row of before / after / difference, cropped to the lesion + ``CONTEXT_MM`` and centred
+    on it (the whole scan through its centre when the mask is empty)."""
     spacing = np.linalg.norm(np.asarray(affine, float)[:3, :3], axis=0)
     ijk = np.argwhere(mask > 0)
     if len(ijk) == 0:  # no lesion: the whole scan through its centre
@@ -31,8 +32,13 @@ def lesion_montage(path: Path, key: str, before: np.ndarray, after: np.ndarray, 
         center = np.round(ijk.mean(axis=0)).astype(int) - lo
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
     b, a = np.asarray(before, np.float32)[box], np.asarray(after, np.float32)[box]
-    return save_montage(path, [(key, [b, a, a - b], ["before", "after", "difference (after - before)"], center)],
-                        zoom=2)
+    return title, [b, a, a - b], list(labels), center
+
+
+def lesion_montage(path: Path, key: str, before: np.ndarray, after: np.ndarray, mask: np.ndarray,
+                   affine: np.ndarray) -> Path:
+    """PNG: axial, coronal and sagittal slices through the lesion's centre, cropped to the lesion + 25 mm."""
+    return save_montage(path, [lesion_row(key, before, after, mask, affine)], zoom=2)
 
 
 def write_report(out_root: Path, records: Sequence[dict[str, Any]], settings: dict[str, Any]) -> Path:

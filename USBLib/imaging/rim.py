@@ -4,7 +4,9 @@ A drawn lesion mask misses the partial-volume rim: the darkening goes on one to 
 growth of the mask (the older default, 2 mm) rewrites the rim, but around a tight mask it also replaces healthy
 tissue by a smooth guess, and around a hasty mask it is too short. Here the region grows from the mask, step by
 step, into the neighbouring voxels that look like lesion: darker (for a T1-hypointense lesion) than the tissue
-around the lesion by more than a fraction ``tau`` of the lesion's contrast, up to ``max_mm`` from the mask.
+around the lesion by more than a fraction ``tau`` of the lesion's contrast, then by one voxel more all round, so
+that the fill starts on flat healthy tissue (a drawn edge is rarely exact to the voxel): a biharmonic fill carries the slope of its boundary inwards, and a boundary
+on the fading edge of the darkening makes the whole fill too dark. All of it within ``max_mm`` of the mask.
 Voxels that look like the surrounding tissue stay as they are, and so do voxels darker than the lesion itself (a
 ventricle or sulcus next to it: a partial-volume rim lies between the lesion's level and the tissue's). The
 lesion's level is the median of the mask's core (its inner half), so a generously drawn mask is measured by its
@@ -21,7 +23,7 @@ from scipy import ndimage
 
 REFERENCE_SHELL_MM = (1.0, 4.0)  # beyond the growth limit: where the reference tissue level is measured
 REFERENCE_SIGMA_MM = 2.0
-DEFAULT_TAU = 0.2
+DEFAULT_TAU = 0.1
 MAX_BEYOND_LESION = 0.25  # a rim voxel may be darker than the lesion's median by at most this part of the contrast
 MIN_CONTRAST_NOISE = 4.0  # no growth unless the lesion's contrast is this many noise SDs
 
@@ -69,7 +71,8 @@ def rim_region(image: np.ndarray, mask: np.ndarray, brain: np.ndarray, spacing, 
     sign, size = np.sign(contrast), np.abs(contrast)
     lesion_like = ((reference - smooth) * sign > tau * size) & ((smooth - level) * sign > -MAX_BEYOND_LESION * size) \
         & (size > MIN_CONTRAST_NOISE * noise)
-    candidates = tissue & (dist > 0) & (dist <= max_mm + 1e-6) & lesion_like
+    within = tissue & (dist > 0) & (dist <= max_mm + 1e-6)
+    candidates = within & (dist <= max_mm - spacing.min() + 1e-6) & lesion_like  # (the last voxel: the buffer)
 
     region = les.copy()
     step = ndimage.generate_binary_structure(3, 2)
@@ -78,6 +81,7 @@ def rim_region(image: np.ndarray, mask: np.ndarray, brain: np.ndarray, spacing, 
         if not grown.any():
             break
         region |= grown
+    region |= ndimage.binary_dilation(region, step) & within  # one voxel onto healthy tissue
     out = lesion.copy()
     out[box] = region
     return out
