@@ -128,9 +128,9 @@ class LocalStage:
             d = x0[:, 0].float().cpu().numpy() / self.scale + base_shift  # deviation from the input
             clipped_off = None  # heal: the part of the fill region the clip took off, given back
             if direction == DIRECTIONS["heal"]:
-                region = to_grid(cond[2], box.shape, 0) > 0 if resample else \
+                filled = to_grid(cond[2], box.shape, 0) > 0 if resample else \
                     cond[2][tuple(slice(0, s) for s in box.shape)] > 0
-                clipped_off = np.where(region, img - raw, 0.0)
+                clipped_off = np.where(filled, img - raw, 0.0)
             for i in range(samples):
                 di = d[min(i, draws - 1)]
                 di = to_grid(di, box.shape, 1) if resample else di[tuple(slice(0, s) for s in box.shape)]
