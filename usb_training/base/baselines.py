@@ -68,29 +68,24 @@ def nawm_constant(image: np.ndarray, lesion: np.ndarray, brain: np.ndarray) -> n
     return out
 
 
-def _faces(region: np.ndarray) -> np.ndarray:
-    face = np.zeros(region.shape, bool)
-    for axis in range(3):
-        for end in (0, -1):
-            idx = [slice(None)] * 3
-            idx[axis] = end
-            face[tuple(idx)] = True
-    return face & region
-
-
 def biharmonic_fill(image: np.ndarray, region: np.ndarray) -> np.ndarray:
-    """Biharmonic fill of ``region`` (``USBLib.imaging.prefill``, the engine's solver). Region voxels on the
-    volume's faces, which that solver keeps as boundary values, take the value of the nearest filled voxel
-    inside (a lesion cut by the field of view is filled too)."""
+    """Biharmonic fill of ``region`` (``USBLib.imaging.prefill``, the engine's solver). That solver keeps region
+    voxels on the volume's faces as known boundary values, which drags the fill of a lesion cut by the field of
+    view towards the lesion; here such a region is first mirrored across the face (symmetric padding of the image
+    and the region, wider than the region's extent), so the fill meets the face with a zero normal derivative."""
     from USBLib.imaging.prefill import prefill
 
     region = np.asarray(region) > 0
-    out = prefill(np.asarray(image, np.float32), region, "biharmonic")
-    face = _faces(region)
-    if face.any():
-        _, idx = ndimage.distance_transform_edt(face, return_indices=True)
-        out[face] = out[tuple(i[face] for i in idx)]
-    return out
+    image = np.asarray(image, np.float32)
+    pads = []
+    for axis in range(3):
+        extent = np.flatnonzero(region.any(axis=tuple(a for a in range(3) if a != axis)))
+        width = int(extent[-1] - extent[0] + 3) if extent.size else 0
+        pads.append((width if region.take(0, axis).any() else 0, width if region.take(-1, axis).any() else 0))
+    if not any(sum(p) for p in pads):
+        return prefill(image, region, "biharmonic")
+    out = prefill(np.pad(image, pads, mode="symmetric"), np.pad(region, pads, mode="symmetric"), "biharmonic")
+    return np.ascontiguousarray(out[tuple(slice(a, a + n) for (a, _), n in zip(pads, image.shape))])
 
 
 def biharmonic_grown(image: np.ndarray, lesion: np.ndarray, brain: np.ndarray, voxels: int) -> np.ndarray:

@@ -135,7 +135,7 @@ def changed_region(lesioned: np.ndarray, truth: np.ndarray, brain: np.ndarray, m
 
 
 def yardstick_scores(out: np.ndarray, truth: np.ndarray, changed: np.ndarray, drawn: np.ndarray,
-                     brain: np.ndarray) -> dict[str, float]:
+                     brain: np.ndarray, scale: float | None = None) -> dict[str, float]:
     """Scores of a healed scan ``out`` against the lesion-free ``truth`` where the lesion is.
 
     - ``psnr``: PSNR over ``changed`` (every voxel the lesion changed, ``changed_region``), range 1 = the truth's
@@ -143,10 +143,12 @@ def yardstick_scores(out: np.ndarray, truth: np.ndarray, changed: np.ndarray, dr
     - ``mean_ratio``: the fill's mean / the truth's mean over ``changed``;
     - ``texture``: high-pass local SD inside ``changed`` against the ring 3-8 voxels around it (``texture_ratio``),
       of ``out`` divided by that of the truth (1 = the truth's texture; << 1 a smooth blob); ``texture_truth``:
-      the truth's own ratio."""
+      the truth's own ratio.
+
+    ``scale``: the truth's 99th brain percentile when the arrays are a crop (``scoring_box``) of the scan."""
     changed = np.asarray(changed) > 0
     brain = np.asarray(brain) > 0
-    scale = float(np.percentile(truth[brain], 99))
+    scale = float(np.percentile(truth[brain], 99)) if scale is None else float(scale)
     o, t = np.asarray(out, np.float64) / scale, np.asarray(truth, np.float64) / scale
     around = ring(changed, 3, 8, brain)
     t_truth = texture_ratio(t, changed, around)
@@ -155,3 +157,10 @@ def yardstick_scores(out: np.ndarray, truth: np.ndarray, changed: np.ndarray, dr
             "mean_ratio": float(o[changed].mean() / max(t[changed].mean(), 1e-9)),
             "texture": texture_ratio(o, changed, around) / max(t_truth, 1e-9),
             "texture_truth": t_truth}
+
+
+def scoring_box(changed: np.ndarray, pad: int = 16) -> tuple[slice, ...]:
+    """Bounding box of ``changed`` plus ``pad`` voxels (the ring 3-8 and the texture filter fit inside): the
+    yardstick scores of a crop equal those of the whole scan."""
+    found = ndimage.find_objects((np.asarray(changed) > 0).astype(np.uint8))[0]
+    return tuple(slice(max(s.start - pad, 0), min(s.stop + pad, n)) for s, n in zip(found, changed.shape))

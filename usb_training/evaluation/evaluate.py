@@ -14,10 +14,12 @@ All computed on the model grid in model intensity units (99th brain percentile =
     python -m usb_training.evaluation.evaluate --model USBLib/models/usb-tiny [--cases 8] [--out DIR]
 
 ``--native`` evaluates instead what a user gets from heal and embed: whole scans of the held-out source on an
-oblique 1 mm scanner grid, through the public API, both stages and the classical fillers side by side
-(``usb_training.evaluation.native``):
+oblique 1 mm scanner grid, through the public API: the heal yardstick (exact and hasty masks, scored over every
+voxel the lesion changed, against every classical filler with paired bootstrap intervals; USB configurations from
+the command line) and the native embed evaluation (``usb_training.evaluation.native``):
 
-    python -m usb_training.evaluation.evaluate --native [--per-site 2] [--out DIR]
+    python -m usb_training.evaluation.evaluate --native [--cases 24] [--usb "d1=dilation_mm:1"] [--segment]
+        [--source ixi555] [--embed stages|defaults|none] [--out DIR]
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from USBLib.editor.editor import Editor
 from ..base import baselines, metrics
 from ..data.dataset import prepared_sources
 from ..data.prepare import Anatomy
-from ..data.sources import HELD_OUT
+from ..data.sources import HELD_OUT, SOURCES
 from ..data.synth import Sample, make_sample
 from .generation import Reference, generator_masks, population_lines, unconditional
 
@@ -241,17 +243,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tier", default=None, help="tier of the data grid (default: the bundle's)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--out", type=Path, default=Path("usb_evaluation"))
-    parser.add_argument("--cases", type=int, default=8)
+    parser.add_argument("--cases", type=int, default=None, help="cases (default 8; --native: 24)")
     parser.add_argument("--generate", type=int, default=16,
                         help="generated pairs for NCC, tissue fractions, lesion statistics, KID/MMD (0 = skip)")
     parser.add_argument("--native", action="store_true", help="native-space heal/embed evaluation (see above)")
-    parser.add_argument("--per-site", type=int, default=2, help="--native: cases per lesion site (6 sites)")
+    parser.add_argument("--per-site", type=int, default=None,
+                        help="--native: cases per lesion site (11 sites; instead of --cases)")
+    parser.add_argument("--usb", action="append", default=[], metavar="NAME=key:value,...",
+                        help="--native: a USB heal configuration besides the bundle defaults, as Editor.heal "
+                             "keywords (repeatable), e.g. --usb 'd1=dilation_mm:1' --usb 'realism=local_mode:realism'")
+    parser.add_argument("--source", default=HELD_OUT, choices=sorted(SOURCES),
+                        help=f"--native: anatomy of the cases (default the held-out {HELD_OUT}; a training source "
+                             "gives in-distribution numbers, for tuning)")
+    parser.add_argument("--segment", action="store_true",
+                        help="--native: downstream segmentation check (Atropos with the 'evaluation' extra)")
+    parser.add_argument("--embed", default="stages", choices=["stages", "defaults", "none"],
+                        help="--native: embed methods (local realism/fidelity and latent, the bundle's, none)")
+    parser.add_argument("--seed", type=int, default=None, help="--native: first case seed (default 910000)")
     args = parser.parse_args(argv)
     b = bundle_mod.load(args.model)
     if args.native:
-        return _native_main(b, args.cache, args.per_site, args.out)
+        return _native_main(b, args)
     cfg = tier(args.tier or b.tier)
-    samples = held_out_cases(cfg, args.cache, args.cases)
+    samples = held_out_cases(cfg, args.cache, args.cases or 8)
     reference = None
     if args.generate:
         reference = Reference(cfg, args.cache)
@@ -261,17 +275,29 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _native_main(b: bundle_mod.ModelBundle, cache: Path, per_site: int, out: Path) -> int:
+def _native_main(b: bundle_mod.ModelBundle, args: argparse.Namespace) -> int:
     from ..local.anatomies import native_affine, native_anatomies
-    from ..local.cases import native_cases
+    from ..local.cases import YARDSTICK_SITES, yardstick_cases
     from .native import EVAL_SEED as NATIVE_SEED
     from .native import run as run_native
+    from .native import usb_configs
 
-    anatomy = native_anatomies(cache, [HELD_OUT])[HELD_OUT]
-    cases = native_cases(anatomy, native_affine(cache, HELD_OUT), per_site, NATIVE_SEED)
-    result = run_native(b, cases, out)
+    configs = usb_configs(args.usb)
+    count = args.per_site * len(YARDSTICK_SITES) if args.per_site else (args.cases or 24)
+    held_out = args.source == HELD_OUT
+    if not held_out:
+        print(f"WARNING: --source {args.source} is a training source: these numbers are in-distribution "
+              f"(for tuning only; the yardstick is the held-out {HELD_OUT})")
+    anatomy = native_anatomies(args.cache, [args.source])[args.source]
+    seed = NATIVE_SEED if args.seed is None else args.seed
+    cases = yardstick_cases(anatomy, native_affine(args.cache, args.source), count, seed)
+    result = run_native(b, cases, args.out, configs, cache=args.cache, source=args.source, held_out=held_out,
+                        embed=args.embed, segment=args.segment)
     print(result["table_markdown"])
-    print(f"written: {out / 'native_metrics.json'}, {out / 'native_results.md'}, figures {result['figures']}")
+    if not held_out:
+        print(f"WARNING: in-distribution numbers (training source {args.source})")
+    print(f"{result['cases']} cases in {result['seconds'] / 60:.1f} min; written: {args.out / 'native_metrics.json'}, "
+          f"{args.out / 'native_results.md'}, figures {result['figures']}")
     return 0
 
 

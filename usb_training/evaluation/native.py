@@ -1,54 +1,253 @@
-"""Native-space evaluation of heal and embed through the public API (``USBLib.editor.editor.Editor``), on whole
-scans of the held-out source with lesions whose darkening reaches past the drawn mask.
+"""Native-space yardstick for heal, and the native embed evaluation, through the public API
+(``USBLib.editor.editor.Editor``) on whole scans a user would bring.
 
-Heal, side by side: the input, FSL-style filling, biharmonic inpainting of the mask dilated by 2 voxels, the
-latent stage alone, the local stage alone (fidelity and realism), both stages. Embed: the local stage (the
-bundle's mode), the latent stage, both. Scores: ``scores.heal_scores`` / ``scores.embed_scores``; a PNG per
-task for a person to look at.
+Read the numbers with this in mind: every source here is a *population template*, an average of hundreds of brains,
+and a population template is smoother than any individual brain (blurred sulci, no individual grain, tissue
+interiors flatter than a real scan's). Template- or prior-driven methods look better on it than they will on a real
+individual scan, and the held-out IXI555 template is still a template. The yardstick makes the held-out anatomy as
+unlike the training templates as it can (its own smooth non-linear deformation, label-driven contrast for every
+other case, ``usb_training.local.cases.yardstick_case``); it cannot make it an individual.
 
-    python -m usb_training.evaluation.evaluate --native [--model M] [--per-site 2] [--out DIR]
+Heal (the yardstick, issues #21 and #25):
+
+- cases: ``--cases`` (24) scans of the held-out source over the sites of ``cases.YARDSTICK_SITES`` (deep and
+  periventricular WM, juxtacortical, thalamus / putamen / caudate located by MNI coordinates, cortex, cerebellum,
+  large territorial, several small lesions, a lesion cut by the field of view), darkening 2-3 voxels past the mask;
+- every case is healed twice: with the exact mask (the 0.5 iso-surface) and a hasty one (eroded by one voxel);
+- scores where the lesion is (``scores.yardstick_scores``): PSNR over every voxel the lesion changed (mask and rim),
+  the fill's mean / the truth's there, the texture relative to the truth's; mask-only PSNR as a secondary column;
+- the classical set (``CLASSICAL``): NAWM constant, FSL-style, biharmonic of the mask and of the mask grown by 2 and
+  3, the local stage's own base, an atlas fill (MNI2009a tissue maps through the engine's registration);
+- USB configurations: the bundle defaults plus ``--usb NAME=key:value,...`` (``Editor.heal`` keywords);
+- statistics: per configuration, the paired difference to the best classical filler of each case and to the filler
+  chosen in advance (``PRESET``: biharmonic of the mask grown by 3), seeded bootstrap 95 % intervals (cases
+  resampled), the worst case, per-site means, exact / hasty / both;
+- optional (``--segment``): the downstream segmentation check of ``usb_training.evaluation.segment``.
+
+Embed (as before): the local stage, the latent stage, both, on the same cases with the exact masks.
+
+    python -m usb_training.evaluation.evaluate --native [--cases 24] [--usb "d1=dilation_mm:1"] [--segment]
+        [--source ixi555] [--embed stages|defaults|none] [--out DIR]
 """
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 from tqdm import tqdm
 
 from USBLib.editor.editor import Editor
-from USBLib.imaging.prefill import prefill
 
 from ..base import baselines
-from ..base.scores import STRUCT, embed_scores, gmm_classes, heal_scores
-from ..local.cases import NativeCase
+from ..base.scores import changed_region, embed_scores, scoring_box, yardstick_scores
+from ..local.cases import NativeCase, site_group
 
 EVAL_SEED = 910_000
+PRESET = "biharmonic, mask + 3 vox"   # the single classical filler chosen in advance
+BOOTSTRAP = 10_000
+ATLAS_SOURCE = "mni2009a"             # the bundle template's own tissue maps (a training source)
 
 
-def heal_methods(editor: Editor, stages: bool = True) -> dict[str, Callable[[NativeCase, int], np.ndarray]]:
-    """Every pathology -> healthy method under test, as f(case, seed) -> healed scan."""
-    from scipy import ndimage
+# ----------------------------------------------------------------------------------------------------------------
+# USB configurations from the command line
+# ----------------------------------------------------------------------------------------------------------------
 
-    def usb(**settings):
-        return lambda c, seed: editor.heal(c.lesioned, c.affine, c.mask, seed=seed, **settings).image
+def parse_value(text: str) -> Any:
+    """``true``/``false`` -> bool, then int, then float, else the string itself."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text.strip())
+        except ValueError:
+            pass
+    return text.strip()
 
-    methods: dict[str, Callable[[NativeCase, int], np.ndarray]] = {
-        "input (no change)": lambda c, seed: c.lesioned.copy(),
-        "FSL-style lesion filling": lambda c, seed: baselines.lesion_filling(c.lesioned, c.mask, c.brain, seed=seed),
-        "biharmonic, mask + 2 vox": lambda c, seed: prefill(
-            c.lesioned, ndimage.binary_dilation(c.mask > 0, STRUCT, iterations=2) & (c.brain > 0), "biharmonic"),
+
+def parse_usb(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"NAME=key:value,key:value"`` -> (``"USB NAME"``, {key: value}) for ``Editor.heal``; ``"NAME"`` or
+    ``"NAME="`` alone is the bundle defaults under that name. Raises ``ValueError`` on a malformed setting."""
+    name, _, body = spec.partition("=")
+    name = name.strip()
+    if not name:
+        raise ValueError(f"--usb {spec!r}: a configuration needs a name (NAME=key:value,...)")
+    settings: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in body.split(","))):
+        key, sep, value = item.partition(":")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"--usb {spec!r}: {item!r} is not key:value")
+        settings[key.strip()] = parse_value(value)
+    return (name if name.startswith("USB") else f"USB {name}"), settings
+
+
+def usb_configs(specs: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The bundle defaults (``USB defaults``) plus one configuration per ``--usb`` spec."""
+    out: dict[str, dict[str, Any]] = {"USB defaults": {}}
+    for spec in specs:
+        name, settings = parse_usb(spec)
+        out[name] = settings
+    return out
+
+
+def check_usb_settings(editor: Editor, configs: dict[str, dict[str, Any]]) -> None:
+    """Fail before any case is built when a configuration names an unknown or invalid heal setting."""
+    import inspect
+
+    from USBLib.settings import validate
+
+    known = set(inspect.signature(editor.heal).parameters) - {"image", "affine", "mask", "brain_mask", "seed",
+                                                              "progress", "samples", "mask_affine",
+                                                              "resample_mask"}
+    for name, settings in configs.items():
+        unknown = set(settings) - known
+        if unknown:
+            raise ValueError(f"{name}: unknown heal setting(s) {sorted(unknown)}; known: {sorted(known)}")
+        validate(dict(editor.bundle.defaults("heal"), **settings))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The classical set
+# ----------------------------------------------------------------------------------------------------------------
+
+def atlas_priors(cache: Path, grid_shape, grid_affine: np.ndarray, source: str = ATLAS_SOURCE) -> np.ndarray:
+    """[3, *grid_shape] float32 CSF/GM/WM probabilities of a training source (MNI2009a: nilearn's GM/WM maps,
+    CSF = 1 - GM - WM) resampled onto the bundle's model grid (trilinear, anti-aliased)."""
+    import nibabel as nib
+
+    from USBLib.imaging.spatial import SpaceMapping
+
+    from ..data.sources import fetch
+
+    paths = fetch(cache, [source])[source]
+    maps = []
+    for key in ("gm", "wm"):
+        img = nib.load(str(paths[key]))
+        data = np.asarray(img.dataobj, np.float32)
+        maps.append(data / 255.0 if data.max() > 1.5 else data)
+        affine = img.affine
+    mapping = SpaceMapping(tuple(maps[0].shape), np.asarray(affine, float), tuple(grid_shape),
+                           np.asarray(grid_affine, float), np.eye(4))
+    gm, wm = (np.clip(mapping.to_model(m), 0, 1) for m in maps)
+    return np.stack([np.clip(1 - gm - wm, 0, 1), gm, wm]).astype(np.float32)
+
+
+def _heal_inputs(case: NativeCase) -> np.ndarray:
+    """The scan exactly as ``Editor.heal`` registers it (checked, offset-free), so ``Editor._map`` is shared."""
+    from USBLib.editor.editor import offset_free
+    from USBLib.imaging.checks import check_image
+
+    return offset_free(check_image(case.lesioned, case.affine))[0]
+
+
+def native_priors(editor: Editor, case: NativeCase, model_priors: np.ndarray, seed: int) -> np.ndarray:
+    """The model-grid tissue maps mapped into the case's scan through the engine's own registration
+    (``Editor._map``, the mapping the heal of this case reuses)."""
+    mapping = editor._map(_heal_inputs(case), np.asarray(case.affine, float), None, seed)
+    return np.stack([mapping.to_native(p) for p in model_priors])
+
+
+def classical_fillers(dilation: int) -> dict[str, Callable[[NativeCase, np.ndarray, dict], np.ndarray]]:
+    """Every classical filler under test, as f(case, drawn mask, context) -> healed scan; ``context`` holds
+    ``seed`` and ``priors`` (the atlas maps on the scan's grid). ``dilation``: the local stage's fill dilation
+    (voxels) for its own base."""
+    return {
+        "NAWM constant": lambda c, m, ctx: baselines.nawm_constant(c.lesioned, m, c.brain),
+        "FSL-style lesion filling": lambda c, m, ctx: baselines.lesion_filling(c.lesioned, m, c.brain,
+                                                                              seed=ctx["seed"]),
+        "biharmonic, mask": lambda c, m, ctx: baselines.biharmonic_grown(c.lesioned, m, c.brain, 0),
+        "biharmonic, mask + 2 vox": lambda c, m, ctx: baselines.biharmonic_grown(c.lesioned, m, c.brain, 2),
+        PRESET: lambda c, m, ctx: baselines.biharmonic_grown(c.lesioned, m, c.brain, 3),
+        f"local stage base (d={dilation}, 18-nbh)": lambda c, m, ctx: baselines.stage_base(c.lesioned, m, dilation),
+        "atlas fill (MNI2009a, mask + 2)": lambda c, m, ctx: baselines.atlas_fill(c.lesioned, m, c.brain,
+                                                                                  ctx["priors"], grow=2),
     }
-    if stages:
-        methods.update({"USB latent stage": usb(stages="latent"),
-                        "USB local, fidelity": usb(stages="local", local_mode="fidelity"),
-                        "USB local, realism": usb(stages="local", local_mode="realism"),
-                        "USB both, fidelity": usb(stages="both", local_mode="fidelity")})
-    else:
-        methods["USB defaults"] = usb()
-    return methods
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Statistics
+# ----------------------------------------------------------------------------------------------------------------
+
+def bootstrap_ci(values, clusters=None, seed: int = 0, n: int = BOOTSTRAP, level: float = 0.95
+                 ) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values``; with ``clusters`` (one id per value) whole
+    clusters (cases) are resampled, so that a case's exact and hasty rows stay together. Seeded."""
+    v = np.asarray(values, np.float64)
+    ids = np.arange(len(v)) if clusters is None else np.unique(np.asarray(clusters), return_inverse=True)[1]
+    k = int(ids.max()) + 1
+    sums, counts = np.bincount(ids, v, k), np.bincount(ids, minlength=k).astype(np.float64)
+    pick = np.random.default_rng(seed).integers(0, k, (n, k))
+    means = sums[pick].sum(1) / counts[pick].sum(1)
+    a = (1 - level) / 2
+    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def summarise(rows: list[dict[str, Any]], classical: list[str], usb: list[str], key: str = "psnr",
+              seed: int = 0) -> dict[str, Any]:
+    """Per USB configuration and mask subset (exact, hasty, both): the paired difference to the best classical
+    filler of each (case, mask) and to ``PRESET``, with bootstrap intervals, the worst case, per-site means."""
+    table: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        table.setdefault((r["case"], r["mask"]), {})[r["method"]] = r[key]
+    meta = {(r["case"], r["mask"]): r for r in rows}
+    pairs = sorted(table)
+    best = {p: max(table[p][m] for m in classical) for p in pairs}
+    best_name = {p: max(classical, key=lambda m: table[p][m]) for p in pairs}
+    out: dict[str, Any] = {"best_classical": {f"{c}/{m}": [best_name[(c, m)], best[(c, m)]] for c, m in pairs},
+                           "configs": {}}
+    for name in usb:
+        per: dict[str, Any] = {}
+        for subset, keep in (("exact", ("exact",)), ("hasty", ("hasty",)), ("both", ("exact", "hasty"))):
+            sel = [p for p in pairs if p[1] in keep and name in table[p]]
+            if not sel:
+                continue
+            cases = [p[0] for p in sel]
+            d_best = [table[p][name] - best[p] for p in sel]
+            d_pre = [table[p][name] - table[p][PRESET] for p in sel]
+            worst = int(np.argmin(d_best))
+            sites: dict[str, list] = {}
+            for p, d, dp in zip(sel, d_best, d_pre):
+                sites.setdefault(site_group(meta[p]["site"]), []).append((d, dp, table[p][name], best[p]))
+            per[subset] = {
+                "n": len(sel), "usb": float(np.mean([table[p][name] for p in sel])),
+                "best_classical": float(np.mean([best[p] for p in sel])),
+                "preset": float(np.mean([table[p][PRESET] for p in sel])),
+                "vs_best": float(np.mean(d_best)), "vs_best_ci": bootstrap_ci(d_best, cases, seed),
+                "vs_preset": float(np.mean(d_pre)), "vs_preset_ci": bootstrap_ci(d_pre, cases, seed),
+                "worst": float(d_best[worst]), "worst_case": f"{sel[worst][0]} ({sel[worst][1]})",
+                "worst_vs_preset": float(min(d_pre)),
+                "sites": {s: {"n": len(v), "vs_best": float(np.mean([x[0] for x in v])),
+                              "vs_preset": float(np.mean([x[1] for x in v])),
+                              "usb": float(np.mean([x[2] for x in v])),
+                              "best_classical": float(np.mean([x[3] for x in v]))} for s, v in sites.items()},
+            }
+        out["configs"][name] = per
+    return out
+
+
+def method_means(rows: list[dict[str, Any]], keys: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """{method: {mask: {key: mean}}} over the cases."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for r in rows:
+        out.setdefault(r["method"], {}).setdefault(r["mask"], {})
+    for method, masks in out.items():
+        for mask in masks:
+            sel = [r for r in rows if r["method"] == method and r["mask"] == mask]
+            masks[mask] = {k: float(np.nanmean([r[k] for r in sel])) for k in keys if k in sel[0]}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------------------
+
+def _crop(vol: np.ndarray, centre: np.ndarray, half: int = 28) -> np.ndarray:
+    pad = np.pad(np.asarray(vol, np.float32), half)  # a lesion at the field of view's edge still gets a full tile
+    c = np.asarray(centre) + half
+    return pad[tuple(slice(int(a) - half, int(a) + half) for a in c)].copy()
 
 
 def embed_methods(editor: Editor, stages: bool = True) -> dict[str, Callable[[NativeCase, int], np.ndarray]]:
@@ -62,110 +261,273 @@ def embed_methods(editor: Editor, stages: bool = True) -> dict[str, Callable[[Na
             "USB latent stage": usb(stages="latent")}
 
 
-def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
-    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-
-
-def evaluate(editor: Editor, cases: list[NativeCase], stages: bool = True,
-             figure_cases: int = 3) -> dict[str, Any]:
-    """Per-method mean and per-case scores for heal and embed, and the outputs for the figures."""
-    heal = heal_methods(editor, stages)
-    embed = embed_methods(editor, stages)
-    per_case: dict[str, dict[str, list]] = {"heal": {m: [] for m in heal}, "embed": {m: [] for m in embed}}
+def evaluate(editor: Editor, cases: Iterable[NativeCase], configs: dict[str, dict[str, Any]],
+             model_priors: np.ndarray, embed: str = "stages", segment_cache: Path | None = None,
+             figure_cases: int = 4, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Heal every case with every classical filler and USB configuration, exact and hasty masks; embed with
+    ``embed`` (``stages``: local realism / fidelity / latent, ``defaults``: the bundle's, ``none``)."""
+    dilation = int(round(float(editor.bundle.defaults("heal").get("dilation_mm", 2.0))))
+    fillers = classical_fillers(dilation)
+    emb = {} if embed == "none" else embed_methods(editor, embed == "stages")
+    rows: list[dict[str, Any]] = []
+    embed_rows: dict[str, list] = {m: [] for m in emb}
     shown: list[dict[str, Any]] = []
+    seg_kind = None
+    if segment_cache is not None:
+        from .segment import seg_scores, segment, segment_box, segmenter
+
+        seg_kind = segmenter()
     for i, case in enumerate(tqdm(cases, desc="cases", leave=False)):
-        gmm = gmm_classes(case.healthy[case.brain > 0])
+        t_case = time.perf_counter()
+        seed = i
+        changed = changed_region(case.lesioned, case.healthy, case.brain, case.mask)
+        sbox = scoring_box(changed)
+        scale = float(np.percentile(case.healthy[case.brain > 0], 99))
+        spacing = np.linalg.norm(np.asarray(case.affine)[:3, :3], axis=0)
+        t0 = time.perf_counter()
+        ctx = {"seed": seed, "priors": native_priors(editor, case, model_priors, seed)}
+        register_s = time.perf_counter() - t0
+        base = {"case": case.name, "site": case.site, "group": site_group(case.site), "contrast": case.contrast,
+                "changed_voxels": int(changed.sum()), "mask_voxels": int(case.mask.sum())}
+        truth_seg = None
+        if segment_cache is not None:
+            box = segment_box(case.mask, spacing)
+            seg = lambda x: segment(x[box], case.brain[box], segment_cache)  # noqa: E731
+            truth_seg = seg(case.healthy)
+            lesioned_seg = seg_scores(seg(case.lesioned), truth_seg, case.mask[box], spacing)
         outs: dict[str, np.ndarray] = {}
-        for name, method in heal.items():
+        for mask_name, drawn in (("exact", case.mask), ("hasty", case.hasty)):
+            methods: list[tuple[str, str, Callable[[], np.ndarray]]] = [
+                ("classical", n, (lambda f=f: f(case, drawn, ctx))) for n, f in fillers.items()]
+            methods += [("usb", n, (lambda s=s: editor.heal(case.lesioned, case.affine, drawn, seed=seed,
+                                                            **s).image)) for n, s in configs.items()]
+            methods.append(("input", "input (no change)", lambda: case.lesioned.copy()))
+            for kind, name, run_method in methods:
+                t0 = time.perf_counter()
+                failed = None
+                try:
+                    out = np.asarray(run_method(), np.float32)
+                except Exception as exc:  # noqa: BLE001  a crash is a result: scored as the unchanged input
+                    failed = f"{type(exc).__name__}: {exc}"
+                    out = np.asarray(case.lesioned, np.float32)
+                    if log:
+                        log(f"FAILED {name} on {case.name} ({mask_name} mask): {failed}")
+                seconds = time.perf_counter() - t0
+                row = dict(base, mask=mask_name, method=name, kind=kind, seconds=seconds,
+                           **yardstick_scores(out[sbox], case.healthy[sbox], changed[sbox], drawn[sbox],
+                                              case.brain[sbox], scale))
+                if failed:
+                    row["failed"] = failed
+                if truth_seg is not None:
+                    row.update(lesioned_seg if kind == "input" else
+                               seg_scores(seg(out), truth_seg, case.mask[box], spacing))
+                rows.append(row)
+                if i < figure_cases and kind != "input":
+                    outs[f"{mask_name}/{name}"] = out
+        for name, method in emb.items():
             t0 = time.perf_counter()
-            out = method(case, i)
-            row = heal_scores(out, case.healthy, case.mask, case.brain, gmm)
-            row["seconds"] = time.perf_counter() - t0
-            per_case["heal"][name].append(dict(row, case=case.name))
-            outs["heal/" + name] = out
-        for name, method in embed.items():
-            t0 = time.perf_counter()
-            out = method(case, i)
+            out = method(case, seed)
             row = embed_scores(out, case.healthy, case.mask, case.brain, case.lesioned)
             row["seconds"] = time.perf_counter() - t0
-            per_case["embed"][name].append(dict(row, case=case.name))
-            outs["embed/" + name] = out
+            embed_rows[name].append(dict(row, case=case.name))
+            if i < figure_cases:
+                outs[f"embed/{name}"] = out
         if i < figure_cases:
-            shown.append({"case": case, "outs": outs})
-    means = {task: {m: _mean([{k: v for k, v in r.items() if k != "case"} for r in rows])
-                    for m, rows in methods.items()} for task, methods in per_case.items()}
-    return {"mean": means, "per_case": per_case, "shown": shown}
+            centre = np.round(np.argwhere(case.mask > 0).mean(0)).astype(int)
+            exact = [r for r in rows if r["case"] == case.name and r["mask"] == "exact"]
+            best = max((r for r in exact if r["kind"] == "classical"), key=lambda r: r["psnr"])
+            shown.append({"name": case.name, "site": case.site,
+                          "truth": _crop(case.healthy, centre), "lesioned": _crop(case.lesioned, centre),
+                          "best": (best["method"], _crop(outs["exact/" + best["method"]], centre)),
+                          "usb": {n: _crop(outs["exact/" + n], centre) for n in configs},
+                          "embed": {n: _crop(outs["embed/" + n], centre) for n in emb}})
+        if log:
+            exact = {r["method"]: r["psnr"] for r in rows if r["case"] == case.name and r["mask"] == "exact"}
+            best_c = max(exact[n] for n in fillers)
+            log(f"case {i} {case.name} ({case.contrast}): best classical {best_c:.2f} dB, "
+                + ", ".join(f"{n} {exact[n]:.2f}" for n in configs)
+                + f" (registration {register_s:.1f} s, case {time.perf_counter() - t_case:.0f} s)")
+    return {"rows": rows, "embed_rows": embed_rows, "shown": shown, "classical": list(fillers),
+            "usb": list(configs), "segmenter": seg_kind}
 
 
-def best_classical(per_case: dict[str, list[dict]], key: str = "psnr_lesion") -> list[float]:
-    """Per case, the best score of the classical fillers (FSL-style, biharmonic)."""
-    names = [n for n in per_case if n.startswith(("FSL", "biharmonic"))]
-    return [max(per_case[n][i][key] for n in names) for i in range(len(per_case[names[0]]))]
-
-
-def figures(shown: list[dict[str, Any]], out: Path) -> dict[str, Path]:
-    """``heal_native.png`` and ``embed_native.png``: one row per method (input, results, truth, difference),
-    one column block per case (axial, coronal, sagittal through the lesion's centre, 56 mm around it)."""
+def figure(shown: list[dict[str, Any]], out: Path) -> Path:
+    """``heal_yardstick.png``: one column block per case (axial, coronal, sagittal, 56 mm around the lesion),
+    rows truth / lesioned / best classical / each USB configuration (exact masks) / USB - truth."""
     from USBLib.apps.montage import save_montage
 
-    half = 28
-
-    def crop(vol: np.ndarray, centre: np.ndarray) -> np.ndarray:
-        lo = np.clip(centre - half, 0, np.asarray(vol.shape) - 2 * half)
-        return vol[tuple(slice(a, a + 2 * half) for a in lo)]
-
-    centres = [np.round(np.argwhere(item["case"].mask > 0).mean(0)).astype(int) for item in shown]
-    sites = [item["case"].site for item in shown]
-    written = {}
-    for task, first, truth in (("heal", "lesioned", "healthy"), ("embed", "healthy", "lesioned")):
-        names = [k.split("/", 1)[1] for k in shown[0]["outs"] if k.startswith(task + "/")]
-        names = [n for n in names if not n.startswith("input")]
-        main = next((n for n in names if n.startswith("USB local")), names[-1])
-        rows = [("input", [crop(getattr(it["case"], first), c) for it, c in zip(shown, centres)])]
-        rows += [(n, [crop(it["outs"][f"{task}/{n}"], c) for it, c in zip(shown, centres)]) for n in names]
-        rows.append(("truth" if task == "heal" else "generator's lesion",
-                     [crop(getattr(it["case"], truth), c) for it, c in zip(shown, centres)]))
-        rows.append((f"difference: {main} - {'truth' if task == 'heal' else 'input'}",
-                     [crop(it["outs"][f"{task}/{main}"] - getattr(it["case"], truth if task == "heal" else first), c)
-                      for it, c in zip(shown, centres)]))
-        montage_rows = [(title, vols, [("difference " if title.startswith("difference") else "") + s
-                                       for s in sites], np.array([half] * 3)) for title, vols in rows]
-        written[task] = save_montage(out / f"{task}_native.png", montage_rows, zoom=2)
-    return written
+    centre = np.array([28] * 3)
+    labels = [f"{s['site']}" for s in shown]
+    rows = [("truth", [s["truth"] for s in shown], labels, centre),
+            ("lesioned", [s["lesioned"] for s in shown], labels, centre),
+            ("best classical", [s["best"][1] for s in shown], [f"{s['best'][0]}" for s in shown], centre)]
+    names = list(shown[0]["usb"])
+    for n in names:
+        rows.append((n, [s["usb"][n] for s in shown], labels, centre))
+    rows.append((f"{names[0]} - truth", [s["usb"][names[0]] - s["truth"] for s in shown],
+                 ["difference " + lab for lab in labels], centre))
+    return save_montage(out / "heal_yardstick.png", rows, zoom=2)
 
 
-def table(result: dict[str, Any], n_cases: int) -> str:
-    """Markdown tables of the mean scores."""
-    heal_keys = ["psnr_lesion", "psnr_lesion_brats", "ssim_lesion", "psnr_ring", "mean_ratio", "texture_ratio",
-                 "texture_ratio_truth", "tissue_agreement", "seconds"]
-    lines = [f"Heal, {n_cases} held-out native cases (mean):", "",
-             "| method | " + " | ".join(heal_keys) + " |", "|---" * (len(heal_keys) + 1) + "|"]
-    for name, row in result["mean"]["heal"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{row[k]:.3f}" for k in heal_keys) + " |")
-    best = best_classical(result["per_case"]["heal"])
-    lines += ["", f"best classical filler per case (psnr_lesion): mean {np.mean(best):.2f} dB", ""]
-    for name, rows in result["per_case"]["heal"].items():
-        if name.startswith("USB"):
-            diff = [r["psnr_lesion"] - b for r, b in zip(rows, best)]
-            lines.append(f"- {name}: {np.mean(diff):+.2f} dB vs best classical (worst case {min(diff):+.2f} dB)")
-    embed_keys = ["lesion_surround_ratio", "reference_ratio", "dice_change", "cv_lesion", "cv_reference",
-                  "mean_abs_change_ring_3_8", "seconds"]
-    lines += ["", f"Embed, {n_cases} held-out native cases (mean):", "",
-              "| method | " + " | ".join(embed_keys) + " |", "|---" * (len(embed_keys) + 1) + "|"]
-    for name, row in result["mean"]["embed"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{row[k]:.3f}" for k in embed_keys) + " |")
+def embed_figure(shown: list[dict[str, Any]], out: Path) -> Path | None:
+    from USBLib.apps.montage import save_montage
+
+    if not shown or not shown[0]["embed"]:
+        return None
+    centre = np.array([28] * 3)
+    labels = [s["site"] for s in shown]
+    rows = [("healthy input", [s["truth"] for s in shown], labels, centre)]
+    rows += [(n, [s["embed"][n] for s in shown], labels, centre) for n in shown[0]["embed"]]
+    rows.append(("generator's lesion", [s["lesioned"] for s in shown], labels, centre))
+    return save_montage(out / "embed_native.png", rows, zoom=2)
+
+
+def _ci(v: tuple[float, float]) -> str:
+    return f"[{v[0]:+.2f}, {v[1]:+.2f}]"
+
+
+def table(result: dict[str, Any]) -> str:
+    """The text tables of a yardstick run."""
+    s = result["summary"]
+    means = result["means"]
+    lines = [f"Heal yardstick: {result['cases']} cases of {result['source']}"
+             f"{' (held out)' if result['held_out'] else ' (TRAINING SOURCE: in-distribution)'}, "
+             "exact and hasty masks. PSNR (dB) over every voxel the lesion changed (mask and rim); "
+             "mask-only PSNR secondary; mean = fill mean / truth mean there; texture = high-pass SD inside vs "
+             "the ring around, relative to the truth's (1 = right).", "",
+             "| method | PSNR exact | PSNR hasty | mask-only PSNR exact | mask-only hasty | mean exact | mean hasty "
+             "| texture exact | s / heal |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, masks in means.items():
+        e, h = masks.get("exact", {}), masks.get("hasty", {})
+        lines.append(f"| {name} | {e.get('psnr', np.nan):.2f} | {h.get('psnr', np.nan):.2f} | "
+                     f"{e.get('psnr_mask', np.nan):.2f} | {h.get('psnr_mask', np.nan):.2f} | "
+                     f"{e.get('mean_ratio', np.nan):.3f} | {h.get('mean_ratio', np.nan):.3f} | "
+                     f"{e.get('texture', np.nan):.2f} | {e.get('seconds', np.nan):.1f} |")
+    first = next(iter(s["configs"].values()))
+    lines += ["", f"best classical per case (max over {len(result['classical'])} fillers): exact "
+              f"{first['exact']['best_classical']:.2f} dB, hasty {first['hasty']['best_classical']:.2f} dB; "
+              f"'{PRESET}' (chosen in advance): exact {first['exact']['preset']:.2f}, hasty "
+              f"{first['hasty']['preset']:.2f}", "",
+              "Paired differences, PSNR over the changed voxels (dB; bootstrap 95 % interval over cases, "
+              f"{BOOTSTRAP} resamples, seeded):", "",
+              "| USB configuration | masks | n | USB | USB - best classical | 95 % CI | worst (case) "
+              f"| USB - {PRESET} | 95 % CI | worst |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, per in s["configs"].items():
+        for subset, v in per.items():
+            lines.append(f"| {name} | {subset} | {v['n']} | {v['usb']:.2f} | {v['vs_best']:+.2f} | "
+                         f"{_ci(v['vs_best_ci'])} | {v['worst']:+.2f} ({v['worst_case']}) | {v['vs_preset']:+.2f} | "
+                         f"{_ci(v['vs_preset_ci'])} | {v['worst_vs_preset']:+.2f} |")
+    groups = list(next(iter(s["configs"].values()))["both"]["sites"])
+    lines += ["", "Per site (mean over the site's cases; USB - best classical, dB; exact / hasty):", "",
+              "| site | n | best classical exact | " + " | ".join(f"{n} exact | {n} hasty" for n in s["configs"])
+              + " |", "|---|---|---|" + "---|---|" * len(s["configs"])]
+    for g in groups:
+        ex = first["exact"]["sites"].get(g)
+        cells = []
+        for per in s["configs"].values():
+            cells += [f"{per[m]['sites'][g]['vs_best']:+.2f}" if g in per[m]["sites"] else ""
+                      for m in ("exact", "hasty")]
+        lines.append(f"| {g} | {ex['n'] if ex else 0} | {ex['best_classical'] if ex else np.nan:.2f} | "
+                     + " | ".join(cells) + " |")
+    failures = [r for r in result["rows"] if r.get("failed")]
+    if failures:
+        lines += ["", f"FAILURES ({len(failures)} runs, scored as the unchanged input):"]
+        lines += [f"- {r['method']} on {r['case']} ({r['mask']}): {r['failed']}" for r in failures]
+    wins: dict[str, int] = {}
+    for name, _ in s["best_classical"].values():
+        wins[name] = wins.get(name, 0) + 1
+    lines += ["", "best classical filler, how often (case x mask): "
+              + ", ".join(f"{k} {v}" for k, v in sorted(wins.items(), key=lambda kv: -kv[1]))]
+    if result.get("segmenter"):
+        keys = ["seg_agree_mask", "seg_agree_ring", "seg_dvol_box_ml", "seg_dvol_10mm_ml"]
+        lines += ["", f"Downstream segmentation ({result['segmenter']}, on the lesion + 30 mm box; agreement with "
+                  "the truth's labels, |dGM|+|dWM| ml), exact masks:", "",
+                  "| method | agree in mask | agree ring 1-3 | dvol box (~brain) ml | dvol 10 mm ml |",
+                  "|---|---|---|---|---|"]
+        for name, masks in means.items():
+            e = masks.get("exact", {})
+            if "seg_agree_mask" in e:
+                lines.append(f"| {name} | " + " | ".join(f"{e[k]:.3f}" for k in keys) + " |")
+        seg_sites: dict[str, dict[str, list]] = {}
+        for r in result["rows"]:
+            if r["mask"] == "exact" and "seg_dvol_10mm_ml" in r:
+                seg_sites.setdefault(r["group"], {}).setdefault(r["method"], []).append(r["seg_dvol_10mm_ml"])
+        methods = list(means)
+        lines += ["", "dvol within 10 mm (ml) per site, exact masks:", "",
+                  "| site | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+        for g, per_m in seg_sites.items():
+            lines.append(f"| {g} | " + " | ".join(f"{np.mean(per_m[m]):.2f}" if m in per_m else "" for m in methods)
+                         + " |")
+    if result.get("embed"):
+        keys = ["lesion_surround_ratio", "reference_ratio", "dice_change", "cv_lesion", "cv_reference",
+                "mean_abs_change_ring_3_8", "seconds"]
+        lines += ["", f"Embed, {result['cases']} native cases, exact masks (mean):", "",
+                  "| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        for name, row in result["embed"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{row[k]:.3f}" for k in keys) + " |")
     return "\n".join(lines)
 
 
-def run(model: Any, cases: list[NativeCase], out: Path, stages: bool = True) -> dict[str, Any]:
-    """Evaluate a bundle on ``cases``; writes ``native_metrics.json``, ``native_results.md`` and the PNGs."""
+def engine_state() -> dict[str, str]:
+    """Where the engine ran from: the ``USBLib`` folder imported, its checkout's commit and a digest of uncommitted
+    changes under ``USBLib`` (the numbers belong to that engine)."""
+    import hashlib
+    import subprocess
+
+    import USBLib
+
+    package = Path(USBLib.__file__).resolve().parent
+    out = {"usblib": str(package), "commit": "not a git checkout"}
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package, capture_output=True, text=True, timeout=30)
+        if head.returncode == 0:
+            diff = subprocess.run(["git", "diff", "HEAD", "--", "."], cwd=package, capture_output=True,
+                                  timeout=30).stdout
+            out.update(commit=head.stdout.strip(), uncommitted_diff_sha1=hashlib.sha1(diff).hexdigest() if diff else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+def run(model: Any, cases: Iterable[NativeCase], out: Path, configs: dict[str, dict[str, Any]] | None = None,
+        cache: Path | None = None, source: str = "ixi555", held_out: bool = True, embed: str = "stages",
+        segment: bool = False, model_priors: np.ndarray | None = None, seed: int = 0,
+        log: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Run the yardstick on ``cases``; writes ``native_metrics.json``, ``native_results.md``,
+    ``heal_yardstick.png`` (and ``embed_native.png``). ``model_priors``: the atlas maps on the model grid
+    (default: MNI2009a's from ``cache``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    editor = Editor(model, device="auto")
-    result = evaluate(editor, cases, stages)
-    paths = figures(result.pop("shown"), out)
-    md = table(result, len(cases))
-    result.update({"cases": len(cases), "table_markdown": md, "figures": {k: str(v) for k, v in paths.items()}})
-    (out / "native_metrics.json").write_text(json.dumps(result, indent=1))
+    editor = model if isinstance(model, Editor) else Editor(model, device="auto")
+    configs = configs or {"USB defaults": {}}
+    check_usb_settings(editor, configs)
+    if model_priors is None:
+        from ..base.paths import DEFAULT_CACHE
+
+        model_priors = atlas_priors(cache or DEFAULT_CACHE, editor.bundle.grid_shape, editor.bundle.grid_affine)
+    t0 = time.perf_counter()
+    res = evaluate(editor, cases, configs, model_priors, embed,
+                   (Path(cache or out) / "segmentations") if segment else None, log=log)
+    rows = res["rows"]
+    n = len({r["case"] for r in rows})
+    keys = ["psnr", "psnr_mask", "mean_ratio", "texture", "texture_truth", "seconds", "seg_agree_mask",
+            "seg_agree_ring", "seg_dvol_box_ml", "seg_dvol_10mm_ml"]
+    result: dict[str, Any] = {
+        "source": source, "held_out": held_out, "cases": n, "classical": res["classical"], "usb": res["usb"],
+        "usb_settings": configs, "preset": PRESET, "segmenter": res["segmenter"],
+        "means": method_means(rows, keys),
+        "summary": summarise(rows, res["classical"], res["usb"], seed=seed),
+        "embed": {m: {k: float(np.mean([r[k] for r in rs])) for k in rs[0] if k != "case"}
+                  for m, rs in res["embed_rows"].items() if rs},
+        "rows": rows, "embed_rows": res["embed_rows"], "seconds": time.perf_counter() - t0,
+        "engine": engine_state(),
+    }
+    paths = {"heal": figure(res["shown"], out)} if res["shown"] else {}
+    emb = embed_figure(res["shown"], out)
+    if emb is not None:
+        paths["embed"] = emb
+    md = table(result)
+    result.update({"table_markdown": md, "figures": {k: str(v) for k, v in paths.items()}})
+    (out / "native_metrics.json").write_text(json.dumps(result, indent=1, default=float))
     (out / "native_results.md").write_text(md + "\n")
     return result

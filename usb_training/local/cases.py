@@ -193,14 +193,19 @@ def _yardstick_pool(labels: np.ndarray, brain: np.ndarray, mni: np.ndarray, site
         pool = wm & (depth > 10) & ~ndimage.binary_dilation(csf, iterations=4)
         if site == "deep_wm":
             pool &= ~_nuclei_map(mni, "thalamus", 1.3) & ~_nuclei_map(mni, "putamen", 1.3)
-    return pool if pool.any() else wm & (depth > 10)
+    for fallback in (wm & (depth > 10), wm, brain):  # small or unusual anatomies (test phantoms)
+        if pool.any():
+            break
+        pool = fallback
+    return pool
 
 
 def _shape_for(kind: str, rng: np.random.Generator) -> tuple[str, float]:
     if kind == "large":
         return str(rng.choice(["wedge", "blob", "cluster"])), float(rng.uniform(7, 13))
     if kind == "periventricular":
-        return str(rng.choice(["periventricular", "blob"], p=[0.6, 0.4])), float(np.exp(rng.uniform(np.log(2), np.log(9))))
+        name = str(rng.choice(["periventricular", "blob"], p=[0.6, 0.4]))
+        return name, float(np.exp(rng.uniform(np.log(2), np.log(9))))
     if kind == "small":
         return "blob", float(rng.uniform(2.0, 4.5))
     if kind == "cortex":
@@ -303,7 +308,7 @@ def yardstick_case(anatomy: Anatomy, anatomy_affine: np.ndarray, site: str, seed
     pool = np.flatnonzero(_yardstick_pool(labels, brain, mni, pool_site, depth))
     kind = {"multiple": "small", "border": "deep_wm", "juxtacortical": "deep_wm"}.get(site, site)
     count = int(rng.integers(3, 7)) if site == "multiple" else 1
-    size = 80 if site == "large" else 64
+    size = min(80 if site == "large" else 64, *shape)
     soft = np.zeros(shape, np.float32)
     deviation = np.zeros(shape, np.float32)
     centres: list[np.ndarray] = []

@@ -1,0 +1,189 @@
+"""The heal yardstick (``usb_training.evaluation.native``) on the analytic phantom with a random-init bundle: the
+cases (exact and hasty masks, a rim past the exact mask, a lesion cut by the field of view), the score over the
+changed voxels, the classical fillers' regions, the bootstrap, the ``--usb`` parser and one end-to-end run.
+No network, no shipped data."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+import phantoms
+from USBLib.editor.editor import Editor
+from usb_training.base import baselines
+from usb_training.base.scores import changed_region, scoring_box, yardstick_scores
+from usb_training.evaluation import native
+from usb_training.local.cases import hasty_mask, yardstick_case
+
+SHAPE = (56, 64, 56)
+
+
+@pytest.fixture(scope="module")
+def anatomy():
+    return phantoms.phantom_anatomy(shape=(64, 72, 64), spacing=2.5)
+
+
+@pytest.fixture(scope="module")
+def case(anatomy):
+    return yardstick_case(*anatomy, "deep_wm", seed=3, shape=SHAPE)
+
+
+def _priors(case) -> np.ndarray:
+    """CSF/GM/WM probabilities from the case's own labels, blurred (a stand-in for registered atlas maps)."""
+    maps = [ndimage.gaussian_filter((case.labels == k).astype(np.float32), 1.5) for k in (1, 2, 3)]
+    total = np.maximum(sum(maps), 1e-6)
+    return np.stack([m / total for m in maps])
+
+
+def test_cases_have_exact_and_hasty_masks_and_a_rim_past_the_exact_mask(case):
+    exact, hasty = case.mask > 0, case.hasty > 0
+    assert exact.sum() >= 6 and hasty.any()
+    assert not (hasty & ~exact).any() and hasty.sum() < exact.sum()
+    changed = changed_region(case.lesioned, case.healthy, case.brain)
+    outside = changed & ~exact
+    assert outside.any()
+    reach = ndimage.distance_transform_edt(~exact)[outside]
+    assert reach.max() >= 2.0  # the darkening reaches past the drawn mask
+    assert case.healthy.shape == case.lesioned.shape == SHAPE
+    assert np.array_equal(case.healthy, np.rint(case.healthy))  # scanner units, int16-valued
+    assert case.contrast in ("template", "labels")
+
+
+def test_hasty_mask_keeps_every_lesion_and_a_border_lesion_touches_the_face(anatomy):
+    dots = np.zeros((20, 20, 20), np.uint8)
+    dots[5, 5, 5] = 1
+    dots[10:15, 10:15, 10:15] = 1
+    hasty = hasty_mask(dots)
+    assert hasty[5, 5, 5] == 1 and hasty[10:15, 10:15, 10:15].sum() == 27
+    border = yardstick_case(*anatomy, "border", seed=5, shape=SHAPE)
+    faces = [border.mask.take(end, axis).any() for axis in range(3) for end in (0, -1)]
+    assert any(faces) and border.hasty.any()
+    assert min(border.mask.shape) < min(SHAPE) or border.mask.shape != SHAPE
+
+
+def test_rim_score_covers_the_rim(case):
+    changed = changed_region(case.lesioned, case.healthy, case.brain, case.mask)
+    assert (changed >= (case.mask > 0)).all() and (changed & (case.mask == 0)).any()
+    mask_only = case.lesioned.copy()
+    mask_only[case.mask > 0] = case.healthy[case.mask > 0]  # perfect inside the drawn mask, rim left dark
+    s = yardstick_scores(mask_only, case.healthy, changed, case.mask, case.brain)
+    assert s["psnr_mask"] == float("inf") and np.isfinite(s["psnr"])
+    box = scoring_box(changed)
+    scale = float(np.percentile(case.healthy[case.brain > 0], 99))
+    cropped = yardstick_scores(mask_only[box], case.healthy[box], changed[box], case.mask[box], case.brain[box], scale)
+    assert cropped == s  # scores of the scoring box equal those of the whole scan
+    perfect = yardstick_scores(case.healthy, case.healthy, changed, case.mask, case.brain)
+    assert perfect["psnr"] == float("inf") and perfect["mean_ratio"] == pytest.approx(1.0)
+    assert perfect["texture"] == pytest.approx(1.0)
+
+
+def test_classical_fillers_leave_the_outside_of_their_region_bit_for_bit(case):
+    ctx = {"seed": 0, "priors": _priors(case)}
+    fillers = native.classical_fillers(dilation=2)
+    from USBLib.editor.local.conditioning import HEAL, fill_region
+
+    for drawn in (case.mask, case.hasty):
+        regions = {"NAWM constant": drawn > 0, "FSL-style lesion filling": drawn > 0,
+                   "biharmonic, mask": baselines.grown(drawn, 0, case.brain),
+                   "biharmonic, mask + 2 vox": baselines.grown(drawn, 2, case.brain),
+                   native.PRESET: baselines.grown(drawn, 3, case.brain),
+                   "local stage base (d=2, 18-nbh)": fill_region(drawn, HEAL, 2),
+                   "atlas fill (MNI2009a, mask + 2)": baselines.grown(drawn, 2, case.brain)}
+        assert set(regions) == set(fillers)
+        for name, fill in fillers.items():
+            out = fill(case, drawn, ctx)
+            region = regions[name]
+            assert out.dtype == np.float32 and out.shape == case.lesioned.shape
+            assert np.array_equal(out[~region], case.lesioned[~region].astype(np.float32)), name
+            assert not np.array_equal(out[region], case.lesioned[region]), name
+
+
+def test_biharmonic_fills_a_lesion_on_the_volume_face():
+    image = np.full((20, 20, 20), 100.0, np.float32)
+    image[:4, 8:12, 8:12] = 10.0  # a dark lesion cut by the face i = 0
+    mask = (image < 50).astype(np.uint8)
+    out = baselines.biharmonic_grown(image, mask, np.ones_like(mask), 0)
+    assert np.allclose(out, 100.0, atol=1e-3)
+
+
+def test_atlas_fit_recovers_class_means():
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet([1, 1, 1], (30, 30, 30)).transpose(3, 0, 1, 2).astype(np.float32)
+    image = (p * np.array([100.0, 500.0, 900.0])[:, None, None, None]).sum(0)
+    brain = np.ones(image.shape, bool)
+    shell = np.zeros(image.shape, bool)
+    shell[5:25, 5:25, 5:10] = True
+    assert np.allclose(baselines.atlas_fit(image, p, shell, brain), [100, 500, 900], atol=1e-3)
+
+
+def test_bootstrap_interval_contains_the_mean():
+    rng = np.random.default_rng(1)
+    values = rng.normal(0.7, 2.0, 24)
+    lo, hi = native.bootstrap_ci(values, seed=0)
+    assert lo < values.mean() < hi and hi - lo < 3.0
+    assert native.bootstrap_ci(values, seed=0) == (lo, hi)  # seeded
+    paired = np.concatenate([values, values + 0.3])
+    lo2, hi2 = native.bootstrap_ci(paired, clusters=np.tile(np.arange(24), 2), seed=0)
+    assert lo2 < paired.mean() < hi2
+
+
+def test_usb_parser():
+    assert native.parse_usb("local d1=dilation_mm:1") == ("USB local d1", {"dilation_mm": 1})
+    name, settings = native.parse_usb("realism=local_mode:realism, acg:false,alpha0:2.5,local_steps:8")
+    assert name == "USB realism"
+    assert settings == {"local_mode": "realism", "acg": False, "alpha0": 2.5, "local_steps": 8}
+    assert isinstance(settings["local_steps"], int) and isinstance(settings["acg"], bool)
+    assert native.parse_usb("plain") == ("USB plain", {})
+    for bad in ("=dilation_mm:1", "x=dilation_mm", "x=dilation_mm:"):
+        with pytest.raises(ValueError):
+            native.parse_usb(bad)
+    configs = native.usb_configs(["d1=dilation_mm:1", "d3=dilation_mm:3.0"])
+    assert list(configs) == ["USB defaults", "USB d1", "USB d3"] and configs["USB d3"] == {"dilation_mm": 3.0}
+
+
+@pytest.fixture(scope="module")
+def local_editor(tmp_path_factory):
+    bundle = phantoms.make_bundle(tmp_path_factory.mktemp("bundles") / "tiny-yardstick", local=True)
+    return Editor(bundle, device="cpu", registration="none")
+
+
+def test_usb_settings_are_checked_before_any_case(local_editor):
+    native.check_usb_settings(local_editor, native.usb_configs(["d1=dilation_mm:1"]))
+    with pytest.raises(ValueError, match="unknown heal setting"):
+        native.check_usb_settings(local_editor, native.usb_configs(["x=dilatoin_mm:1"]))
+    from USBLib.errors import InputError
+
+    with pytest.raises(InputError):
+        native.check_usb_settings(local_editor, native.usb_configs(["x=dilation_mm:-4"]))
+
+
+def test_yardstick_end_to_end_on_the_phantom(anatomy, local_editor, tmp_path):
+    cases = [yardstick_case(*anatomy, site, seed=10 + i, shape=SHAPE) for i, site in enumerate(("deep_wm", "cortex"))]
+    shape = local_editor.bundle.grid_shape
+    priors = np.stack([np.full(shape, v, np.float32) for v in (0.2, 0.3, 0.5)])
+    configs = native.usb_configs(["d1=dilation_mm:1"])
+    result = native.run(local_editor, cases, tmp_path, configs, embed="none", model_priors=priors, log=None)
+    assert result["cases"] == 2 and len(result["rows"]) == 2 * 2 * (7 + 2 + 1)
+    for name in ("USB defaults", "USB d1"):
+        per = result["summary"]["configs"][name]
+        assert set(per) == {"exact", "hasty", "both"} and per["both"]["n"] == 4
+        lo, hi = per["both"]["vs_best_ci"]
+        assert lo <= per["both"]["vs_best"] <= hi
+    assert "USB d1" in result["table_markdown"] and "hasty" in result["table_markdown"]
+    assert (tmp_path / "native_metrics.json").is_file() and (tmp_path / "heal_yardstick.png").is_file()
+
+
+def test_segmentation_fallback_and_scores(case, monkeypatch, tmp_path):
+    from usb_training.evaluation import segment
+
+    monkeypatch.setattr(segment, "segmenter", lambda: "kmeans-fallback")
+    box = segment.segment_box(case.mask, (1.0, 1.0, 1.0), margin_mm=12)
+    truth = segment.segment(case.healthy[box], case.brain[box], tmp_path)
+    assert set(np.unique(truth)) <= {0, 1, 2, 3} and (truth[case.brain[box] == 0] == 0).all()
+    assert len(list(tmp_path.glob("*.npz"))) == 1
+    assert np.array_equal(segment.segment(case.healthy[box], case.brain[box], tmp_path), truth)  # cached, same
+    same = segment.seg_scores(truth, truth, case.mask[box], (1.0, 1.0, 1.0))
+    assert same["seg_agree_mask"] == 1.0 and same["seg_dvol_box_ml"] == 0.0 and same["seg_dvol_10mm_ml"] == 0.0
+    lesioned = segment.seg_scores(segment.segment(case.lesioned[box], case.brain[box]), truth, case.mask[box],
+                                  (1.0, 1.0, 1.0))
+    assert lesioned["seg_agree_mask"] < 1.0
