@@ -7,6 +7,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 
 import phantoms
@@ -121,3 +122,75 @@ def test_cli_stage_options_and_provenance(tmp_path, scan_files):
     src = nib.load(str(scan_files["image"]))
     res = nib.load(str(out))
     np.testing.assert_allclose(res.affine, src.affine)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A bundle whose local network reads the template's tissue prior (``local.inputs`` with prior channels)
+
+PRIOR_INPUTS = ["mask", "region", "fill", "prior_t1", "prior_csf", "prior_gm", "prior_wm"]
+
+
+@pytest.fixture(scope="module")
+def prior_bundle(local_bundle, tmp_path_factory):
+    """The random-init local bundle with a 7-input local network and a tissue-prior file on its model grid."""
+    from USBLib.editor.local.network import build_local_unet
+
+    root = tmp_path_factory.mktemp("bundles") / "tiny-prior"
+    config = json.loads(json.dumps(local_bundle.config))
+    template = np.asarray(nib.load(str(local_bundle.path("template"))).dataobj, np.float32)
+    brain = np.asarray(nib.load(str(local_bundle.path("brain_mask"))).dataobj) > 0
+    tissue = np.stack([brain & (template < 0.6), brain & (template >= 0.6) & (template < 0.9),
+                       brain & (template >= 0.9)], -1).astype(np.float32)
+    root.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(tissue, local_bundle.grid_affine), str(root / "tissue_prior.nii.gz"))
+    config["local"].update({"inputs": PRIOR_INPUTS, "prior": {"tissue": "tissue_prior.nii.gz", "t1": "template"}})
+    torch.manual_seed(0)
+    net = build_local_unet(config["local"]["network"], len(PRIOR_INPUTS))
+    with torch.no_grad():  # a non-zero output layer, so that the prior can change the result
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    state = {name: local_bundle.load_state_dict(name) for name in bundle_mod.NETWORK_NAMES}
+    state["local"] = net.state_dict()
+    extra = {name: local_bundle.root / name for name in config["files"] if not name.endswith(".safetensors")}
+    extra["tissue_prior.nii.gz"] = root / "tissue_prior.nii.gz"
+    return bundle_mod.write(root, config, state, extra)
+
+
+def test_a_prior_bundle_reads_the_registered_template_maps_in_each_box(prior_bundle, monkeypatch):
+    from USBLib.editor.local.stage import LocalStage
+    from USBLib.imaging.boxes import lesion_boxes
+
+    editor = Editor(prior_bundle, device="cpu")
+    assert editor.local.needs_prior
+    seen = {}
+    original = LocalStage.deviation
+
+    def spy(self, *args, **kwargs):
+        seen["prior"] = kwargs.get("prior")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LocalStage, "deviation", spy)
+    img, mask, aff = make_scan("oblique")
+    res = editor.heal(img, aff, mask, seed=2, dilation_mm=2.0, margin_mm=2.0)
+    assert res.image.shape == img.shape and (res.image != img).any()
+    prior = seen["prior"]
+    mapping = editor._map(img, aff, None, 2)  # the same registration (cached for this scan)
+    np.testing.assert_allclose(prior.mapping.model_to_native, mapping.model_to_native)
+    maps = np.concatenate([editor.space["template"][None],
+                           np.moveaxis(np.asarray(nib.load(str(prior_bundle.path("local_prior"))).dataobj), -1, 0)])
+    box = lesion_boxes(mask, [4, 4, 4], 1, min_side=[4, 4, 4])[0][0]
+    whole = np.stack([mapping.to_native(m) for m in maps])
+    window = tuple(slice(max(s, 0), s + n) for s, n in zip(box.start, box.shape))
+    got = prior.read(box)[(slice(None),) + tuple(slice(w.start - s, w.stop - s) for w, s in zip(window, box.start))]
+    np.testing.assert_allclose(got, whole[(slice(None),) + window], atol=1e-5)
+    assert got[1:].max() > 0.5  # the tissue maps reach the lesion's box
+
+
+def test_a_prior_bundle_refuses_a_local_stage_without_its_prior(prior_bundle):
+    editor = Editor(prior_bundle, device="cpu")
+    img, mask, aff = make_scan("axial")
+    from USBLib.editor.local.stage import LocalSettings
+
+    with pytest.raises(ValueError, match="tissue prior"):
+        editor.local.deviation(img.astype(np.float32) / img.max(), mask, (3.5, 3.5, 3.5), "heal", LocalSettings(),
+                               torch.Generator().manual_seed(0))

@@ -1,58 +1,149 @@
-"""The local stage's training pipeline on a phantom anatomy: paired crops (healthy, lesioned, drawn mask),
-shards, a short resumable training run, export into a bundle that the engine then runs."""
+"""The local stage's training pipeline on a phantom anatomy: windows shaped like inference boxes (healthy,
+lesioned, drawn mask, fill region, classical fill, template prior) from deformed scenes, shards, batches, the loss,
+a short resumable training run, export into a bundle that the engine then runs with its tissue prior."""
 from __future__ import annotations
 
 import json
 
+import nibabel as nib
 import numpy as np
+import pytest
+import torch
+from scipy import ndimage
 
 import phantoms
-from usb_training.local.crops import VISIBLE_RATIO, make_crop
+from usb_training.data.prepare import CSF, GM, WM
+from usb_training.local.batches import Batch, WindowPool, loss_terms, make_batch
+from usb_training.local.crops import MAX_LEVEL, VISIBLE_RATIO
 from usb_training.local.export import export_local
-from usb_training.local.shards import load_shards, write_shards
+from usb_training.local.priors import LICENCE_FILE, TISSUE_FILE
+from usb_training.local.shards import ShardView, load_shards, write_shard, write_shards
 from usb_training.local.train import LOCAL_CONFIG, train
+from usb_training.local.windows import MAX_SIDE, Source, WindowMaker
+from USBLib.core.schedule import NoiseSchedule
 from USBLib.editor.editor import Editor
+from USBLib.editor.local.conditioning import classical_fill
 
 TINY = json.loads(json.dumps(LOCAL_CONFIG))
 TINY["network"] = {"channels": [8, 16], "num_res_blocks": 1, "attention_levels": [False, False], "norm_num_groups": 8}
-TINY["train"].update({"batch": 2, "window": 16, "warmup": 1, "checkpoint_minutes": 0.0})
+TINY["train"].update({"batch": 2, "batch_voxels": 2 * 32 ** 3, "warmup": 1, "checkpoint_minutes": 0.0})
 
 
-def _anatomy():
-    anatomy, _ = phantoms.phantom_anatomy(shape=(64, 72, 64), spacing=2.5)
-    return anatomy
+def _one_hot_prior(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    return np.stack([image, labels == CSF, labels == GM, labels == WM]).astype(np.float32)
 
 
-def test_crops_pair_a_healthy_and_a_lesioned_brain_with_a_drawn_mask():
-    rng = np.random.default_rng(0)
-    anatomy = _anatomy()
-    crops = [make_crop(anatomy, rng, size=32) for _ in range(4)]
-    for c in crops:
-        lesion = c.soft >= 0.5
-        assert c.mask.any() and lesion.any()
-        assert c.lesioned[lesion].mean() < c.healthy[lesion].mean()  # hypointense
-        far = c.soft == 0
-        assert np.allclose(c.lesioned[far], c.healthy[far], atol=1e-5)  # the same artefacts on both copies
-        rim = (c.soft > 0.05) & (c.soft < 0.5)
-        assert rim.any()  # darkening past the 0.5 iso-surface
-        assert c.dilation in (0, 1, 2, 3)
-    ratios = [c.lesioned[c.soft >= 0.5].mean() / c.healthy[c.soft >= 0.5].mean() for c in crops]
+@pytest.fixture(scope="module")
+def maker():
+    anatomy, affine = phantoms.phantom_anatomy(shape=(64, 72, 64), spacing=2.5)
+    source = Source(anatomy, np.zeros(anatomy.labels.shape, np.uint8), affine)
+    return WindowMaker([source], {"phantom": (_one_hot_prior(anatomy.image, anatomy.labels), affine)}, 4)
+
+
+@pytest.fixture(scope="module")
+def windows(maker):
+    return list(maker.windows(np.random.default_rng(0), 6, per_scene=3))
+
+
+def test_windows_are_inference_boxes_with_a_paired_lesion_a_fill_and_a_prior(windows):
+    ratios = []
+    for w in windows:
+        shape = w.healthy.shape
+        assert all(s % 4 == 0 and 32 <= s <= MAX_SIDE for s in shape), shape
+        assert w.mask.any() and not (w.mask & ~w.region).any()  # the fill region holds the drawn mask
+        lesion = w.soft >= 0.5
+        assert w.lesioned[lesion].mean() < w.healthy[lesion].mean()  # hypointense
+        ratios.append(w.lesioned[lesion].mean() / w.healthy[lesion].mean())
+        far = ~ndimage.binary_dilation(w.soft > 0, iterations=3)  # (past the artefacts' blur)
+        np.testing.assert_allclose(w.lesioned[far], w.healthy[far], atol=1e-5)  # the same artefacts on both
+        np.testing.assert_allclose(w.fill[~w.region], np.clip(w.lesioned, 0, MAX_LEVEL)[~w.region], atol=1e-6)
+        if list(shape) == [-(-s // 4) * 4 for s in w.info["box"]]:  # a whole box: the stage's own fill
+            np.testing.assert_allclose(w.fill, classical_fill(np.clip(w.lesioned, 0, MAX_LEVEL), w.region), atol=1e-5)
+        assert w.prior.shape == (4, *shape) and 0 <= w.prior[1:].min() and w.prior[1:].max() <= 1
+        assert {"site", "source", "prior", "contrast", "mask_kind", "region_kind", "box"} <= set(w.info)
     assert min(ratios) < VISIBLE_RATIO[1] + 0.05
 
 
-def test_shards_train_resume_export_and_run(tmp_path, tiny_bundle):
+def test_shards_keep_windows_of_every_shape(windows, tmp_path):
+    write_shard(windows, tmp_path / "windows" / "shard_0_0000")
+    views = load_shards(tmp_path / "windows", {})
+    view = views["shard_0_0000"]
+    assert isinstance(view, ShardView) and len(view) == len(windows)
+    for i, w in enumerate(windows):
+        got = view.window(i)
+        assert view.shape(i) == w.healthy.shape
+        np.testing.assert_allclose(got["healthy"], w.healthy, atol=2e-3)
+        np.testing.assert_allclose(got["prior"], w.prior, atol=3e-3)
+        assert np.array_equal(got["mask"], w.mask) and np.array_equal(got["region"], w.region)
+        assert view.info[i] == w.info
+
+
+def test_batches_have_one_shape_and_mostly_heal_fidelity(windows, tmp_path):
+    write_shard(windows, tmp_path / "shard_0_0000")
+    pool = WindowPool(load_shards(tmp_path, {}))
+    schedule = NoiseSchedule.from_config(TINY["schedule"])
+    rng = np.random.default_rng(0)
+    heal_det = []
+    for _ in range(60):
+        batch = make_batch(pool, rng, TINY, schedule)
+        assert batch.x.shape[1] == 1 + len(TINY["inputs"]) and batch.x.shape[0] <= TINY["train"]["batch"]
+        assert batch.x.shape[2:] == batch.target.shape[2:] == batch.mask.shape[2:]
+        assert np.prod(batch.x.shape[2:]) * batch.x.shape[0] <= max(TINY["train"]["batch_voxels"],
+                                                                   np.prod(batch.x.shape[2:]))
+        heal_det += [d == 0 and k for d, k in zip(batch.directions, batch.deterministic)]
+        for i, det in enumerate(batch.deterministic):
+            if det:
+                assert not batch.x[i, 0].any() and int(batch.t[i]) == schedule.num_train_timesteps - 1
+    assert 0.45 < np.mean(heal_det) < 0.8  # 0.75 x 0.85 = 64 % heal-fidelity windows
+
+
+def test_the_mean_level_term_is_the_squared_error_of_the_mask_mean():
+    target = torch.zeros(2, 1, 4, 4, 4)
+    mask = torch.zeros_like(target)
+    mask[0, 0, 1:3, 1:3, 1:3] = 1.0  # the second window has no mask voxels: it adds nothing
+    pred = target + 0.3 * mask
+    batch = Batch(torch.zeros(2, 2, 4, 4, 4), torch.zeros(2), torch.zeros(2), target, torch.ones_like(target),
+                  mask, [0, 0], [True, True])
+    voxel, level = loss_terms(pred, batch)
+    assert level.item() == pytest.approx(0.09)
+    assert voxel.item() == pytest.approx((8 * (0.09 + 0.15)) / 128)
+
+
+def _prior_files(bundle, folder):
+    template = np.asarray(nib.load(str(bundle.path("template"))).dataobj, np.float32)
+    brain = np.asarray(nib.load(str(bundle.path("brain_mask"))).dataobj) > 0
+    tissue = np.stack([brain & (template < 0.6), brain & (template >= 0.6) & (template < 0.9),
+                       brain & (template >= 0.9)], -1).astype(np.float32)
+    folder.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(tissue, bundle.grid_affine), str(folder / TISSUE_FILE))
+    (folder / LICENCE_FILE).write_text("phantom prior, for tests only\n")
+    return {TISSUE_FILE: folder / TISSUE_FILE, LICENCE_FILE: folder / LICENCE_FILE}
+
+
+def test_shards_train_resume_export_and_run(maker, tmp_path, tiny_bundle):
     work = tmp_path / "run"
-    written = write_shards([_anatomy()], work / "crops", seed=1, count=4, shard_size=2, size=32)
-    assert len(written) == 2 and len(load_shards(work / "crops", {})) == 2
+    written = write_shards(maker, work / "windows", seed=1, count=4, shard_size=2, per_scene=2)
+    assert len(written) == 2 and len(load_shards(work / "windows", {})) == 2
     out = train(work, steps=2, cfg=TINY, log_every=1)
-    meta_first = json.loads((out / "history.json").read_text())
-    assert meta_first["train"][-1]["step"] == 2
+    assert json.loads((out / "history.json").read_text())["train"][-1]["step"] == 2
     train(work, steps=3, cfg=TINY, log_every=1)  # resumes from the checkpoint: one more step
     assert json.loads((out / "history.json").read_text())["train"][-1]["step"] == 3
-    bundle = export_local(tiny_bundle.root, out, tmp_path / "with-local", training={"steps": 3})
-    assert bundle.has_local and bundle.config["local"]["training"]["steps"] == 3
+    other = json.loads(json.dumps(TINY))
+    other["inputs"] = ["image", "mask", "region", "fill"]
+    with pytest.raises(ValueError, match="another inputs"):  # never continue another network's weights or EMA
+        train(work, steps=4, cfg=other)
+    bundle = export_local(tiny_bundle.root, out, tmp_path / "with-local", training={"steps": 3},
+                          prior_files=_prior_files(tiny_bundle, tmp_path / "prior"))
+    local = bundle.config["local"]
+    assert bundle.has_local and local["training"]["steps"] == 3 and local["inputs"] == TINY["inputs"]
+    assert local["prior"]["tissue"] == TISSUE_FILE and bundle.path("local_prior").is_file()
+    assert TISSUE_FILE in bundle.config["files"] and LICENCE_FILE in bundle.config["files"]
     from conftest import make_scan
 
-    img, mask, aff = make_scan("axial")
-    res = Editor(bundle, device="cpu").heal(img, aff, mask, seed=0)
+    img, mask, aff = make_scan("oblique")
+    editor = Editor(bundle, device="cpu")
+    res = editor.heal(img, aff, mask, seed=0)
     assert res.provenance["settings"]["stages"] == "local" and res.image.shape == img.shape
+    assert editor.local.needs_prior
+    emb = editor.embed(img, aff, mask, seed=0, local_mode="realism", local_steps=2)
+    assert emb.image.shape == img.shape

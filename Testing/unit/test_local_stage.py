@@ -222,3 +222,119 @@ def test_box_read_edge_continues_the_edge_voxels():
     np.testing.assert_array_equal(window[2:, :, :3], volume[:3, 1:4, 3:6])  # the inside, as it is
     np.testing.assert_array_equal(window[0], window[2])                    # before the first slice: the first slice
     np.testing.assert_array_equal(window[:, :, 3], window[:, :, 2])        # past the last: the last
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input channels per bundle (``local.inputs``) and the template's tissue prior
+
+
+def test_the_default_inputs_are_the_four_condition_channels_themselves():
+    from USBLib.editor.local.conditioning import BASE_INPUTS, input_names, needs_prior, network_input
+
+    assert input_names({}) == BASE_INPUTS and not needs_prior(BASE_INPUTS)
+    img = np.full((16, 16, 16), 0.8, np.float32)
+    mask = _ball(img.shape, (8, 8, 8), 3)
+    cond = condition(img, mask, HEAL, 1)
+    assert network_input(cond, BASE_INPUTS) is cond  # bundles without the key see exactly what they saw
+    with pytest.raises(ValueError):
+        input_names({"inputs": ["mask", "region"]})  # no base
+    with pytest.raises(ValueError):
+        input_names({"inputs": ["fill", "colour"]})
+
+
+def test_the_heal_input_without_image_shows_no_lesion_intensities():
+    """Review M3: with the lesion voided (no raw image channel) the heal input is the same whatever the lesion's
+    darkness inside the fill region, so the network cannot brighten more for a darker lesion."""
+    from USBLib.editor.local.conditioning import PRIOR_INPUTS, network_input
+
+    rng = np.random.default_rng(0)
+    healthy = ndimage.gaussian_filter(rng.uniform(0.6, 1.0, (24, 24, 24)), 2).astype(np.float32)
+    mask = _ball(healthy.shape, (12, 12, 12), 3)
+    region = fill_region(mask, HEAL, 2)
+    names = ("mask", "region", "fill") + PRIOR_INPUTS
+    prior = rng.uniform(0, 1, (4, 24, 24, 24)).astype(np.float32)
+    inputs = []
+    for k in (0.5, 1.0, 1.5):  # the lesion's deviation scaled inside the fill region
+        lesioned = np.where(region, healthy - k * 0.3 * region, healthy).astype(np.float32)
+        inputs.append(network_input(condition(lesioned, mask, HEAL, 2), names, prior))
+    assert inputs[0].shape == (len(names), 24, 24, 24)
+    np.testing.assert_array_equal(inputs[0], inputs[1])
+    np.testing.assert_array_equal(inputs[1], inputs[2])
+    np.testing.assert_array_equal(inputs[0][3:], prior)
+
+
+def _mapping(native_shape=(40, 44, 36), angle=12.0):
+    from scipy.spatial.transform import Rotation
+
+    from USBLib.imaging.spatial import SpaceMapping
+
+    model_affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    model_affine[:3, 3] = [-30, -34, -28]
+    native_affine = np.eye(4)
+    native_affine[:3, :3] = Rotation.from_euler("z", angle, degrees=True).as_matrix() * 1.1
+    native_affine[:3, 3] = [-22, -25, -18]
+    model_to_native = np.eye(4)
+    model_to_native[:3, 3] = [1.5, -2.0, 0.5]
+    return SpaceMapping(native_shape, native_affine, (32, 36, 30), model_affine, model_to_native)
+
+
+def test_the_prior_read_in_a_box_is_the_registered_maps_there():
+    from USBLib.editor.local.prior import TissuePrior
+    from USBLib.imaging.boxes import Box
+
+    rng = np.random.default_rng(0)
+    maps = ndimage.gaussian_filter(rng.uniform(0, 1, (4, 32, 36, 30)), (0, 2, 2, 2)).astype(np.float32)
+    mapping = _mapping()
+    prior = TissuePrior(maps, mapping)
+    whole = np.stack([mapping.to_native(m) for m in maps])
+    inside = Box((4, 6, 2), (20, 24, 28), 1)
+    np.testing.assert_allclose(prior.read(inside), whole[:, 4:24, 6:30, 2:30], atol=1e-5)
+    past = Box((-6, 30, 20), (16, 20, 24), 1)  # reaches past the scan: the template is read there too
+    got = prior.read(past)
+    assert got.shape == (4, 16, 20, 24)
+    np.testing.assert_allclose(got[:, 6:, :14, :16], whole[:, :10, 30:44, 20:36], atol=1e-5)
+
+
+class _Inputs(torch.nn.Module):
+    """Keeps every call's input channels; outputs zero (the stage's base)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, t, class_labels=None):
+        self.calls.append(x.detach().clone())
+        return torch.zeros_like(x[:, :1])
+
+
+def test_a_prior_network_reads_the_prior_of_each_box_and_refuses_to_run_without():
+    from USBLib.editor.local.conditioning import PRIOR_INPUTS
+    from USBLib.editor.local.prior import TissuePrior
+    from USBLib.editor.local.stage import LocalSettings, LocalStage
+
+    names = ["mask", "region", "fill", *PRIOR_INPUTS]
+    net = _Inputs()
+    stage = LocalStage(net, {"inputs": names, "network": {"channels": [8, 8, 8]},
+                             "schedule": {"num_train_timesteps": 100, "schedule": "linear_beta"}},
+                       torch.device("cpu"))
+    assert stage.needs_prior
+    mapping = _mapping()
+    rng = np.random.default_rng(1)
+    maps = rng.uniform(0, 1, (4, 32, 36, 30)).astype(np.float32)
+    image = np.full(mapping.native_shape, 0.8, np.float32)
+    mask = _ball(image.shape, (20, 22, 18), 3)
+    image[mask > 0] = 0.3
+    settings = LocalSettings(mode="fidelity", dilation_mm=0.0)
+    with pytest.raises(ValueError, match="tissue prior"):
+        stage.deviation(image, mask, (1.1, 1.1, 1.1), "heal", settings, torch.Generator().manual_seed(0))
+    prior = TissuePrior(maps, mapping)
+    d = stage.deviation(image, mask, (1.1, 1.1, 1.1), "heal", settings, torch.Generator().manual_seed(0),
+                        prior=prior)
+    assert np.isfinite(d).all() and len(net.calls) == 1
+    x = net.calls[0][0].numpy()
+    assert x.shape[0] == 1 + len(names)
+    box = lesion_boxes(mask, np.ceil(10.0 / 1.1), 1, min_side=np.ceil(32.0 / 1.1).astype(int))[0][0]
+    assert x.shape[1:] == tuple(-(-s // 4) * 4 for s in box.shape)  # padded at the far end to the size multiple
+    inside = (slice(None),) + tuple(slice(0, s) for s in box.shape)
+    np.testing.assert_allclose(x[4:][inside], prior.read(box), atol=1e-6)  # the prior channels, box by box
+    assert np.array_equal(x[1][inside[1:]] > 0, box.read_edge(mask) > 0)

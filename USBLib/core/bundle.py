@@ -19,6 +19,7 @@ from USBLib.hashing import sha256_of  # noqa: F401  (re-exported: bundle checksu
 SCHEMA_VERSION = 2
 SUPPORTED_SCHEMAS = (1, 2)  # version 1: latent stage only; version 2 adds the optional ``local`` section
 LOCAL = "local"             # bundle.json section and weights name of the local stage (PathoSyn)
+LOCAL_PRIOR = "local_prior"  # ``path`` key of the local stage's tissue-prior maps (``local.prior.tissue``)
 BUNDLE_FILE = "bundle.json"
 CARD_FILE = "MODEL_CARD.md"
 NETWORK_NAMES = ("autoencoder", "unet_lesion", "unet_brain")
@@ -84,12 +85,15 @@ class ModelBundle:
 
         Args:
             key: a network name (``autoencoder``, ``unet_lesion``, ``unet_brain``) for its weights, ``local`` for the
-                local stage's weights, or a ``model_space`` key such as ``template`` or ``brain_mask``.
+                local stage's weights, ``local_prior`` for its tissue-prior maps (bundles whose local network reads
+                them), or a ``model_space`` key such as ``template`` or ``brain_mask``.
         """
         if key in self.config["networks"]:
             return self.root / self.config["networks"][key]["weights"]
         if key == LOCAL:
             return self.root / self.config[LOCAL]["weights"]
+        if key == LOCAL_PRIOR:
+            return self.root / self.config[LOCAL]["prior"]["tissue"]
         return self.root / self.config["model_space"][key]
 
     def defaults(self, task: str) -> dict[str, Any]:
@@ -141,6 +145,9 @@ def _check_config(config: Mapping[str, Any], where: Path) -> None:
         missing = [k for k in ("weights", "network", "schedule") if k not in config[LOCAL]]
         if missing:
             raise BundleError(f"{where}: the '{LOCAL}' section lacks {', '.join(missing)}")
+        prior = config[LOCAL].get("prior")
+        if prior is not None and not (isinstance(prior, dict) and isinstance(prior.get("tissue"), str)):
+            raise BundleError(f"{where}: the '{LOCAL}' section's 'prior' must name its 'tissue' file")
     for net in NETWORK_NAMES:
         if net not in config["networks"] or "weights" not in config["networks"][net]:
             raise BundleError(f"{where}: bundle.json has no weights entry for network '{net}'")
@@ -160,8 +167,9 @@ def _check_config(config: Mapping[str, Any], where: Path) -> None:
 def verify(root: Path, config: Mapping[str, Any]) -> None:
     """Check that every file listed in ``config['files']`` exists and matches its sha256.
 
-    Also checks that every network's weights, the template and the brain mask (and the local weights, when present)
-    are listed, and that no listed name leaves the bundle folder. Raises ``BundleError`` on the first problem.
+    Also checks that every network's weights, the template and the brain mask (and the local weights and tissue
+    prior, when present) are listed, and that no listed name leaves the bundle folder. Raises ``BundleError`` on
+    the first problem.
 
     Args:
         root: the bundle folder.
@@ -172,6 +180,8 @@ def verify(root: Path, config: Mapping[str, Any]) -> None:
     needed += [config["model_space"][k] for k in ("template", "brain_mask")]
     if LOCAL in config:
         needed.append(config[LOCAL]["weights"])
+        if config[LOCAL].get("prior"):  # the local network's tissue-prior maps (``USBLib.editor.local.prior``)
+            needed.append(config[LOCAL]["prior"]["tissue"])
     for name in needed:
         if name not in listed:
             raise BundleError(f"{root}: '{name}' is not listed with a sha256 in bundle.json")

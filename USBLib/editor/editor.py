@@ -273,7 +273,7 @@ class Editor:
             extra.update(start_step=start_step_of(settings, self.bundle), network_steps=n_latent)
         if n_local:
             deviation += self._local_stage(task, image, affine, imap, mask, deviation.mean(axis=0), settings,
-                                           samples, generator, prog, region)
+                                           samples, generator, prog, region, mapping)
             extra["local_boxes"] = n_local
             if task == "heal" and value_of(settings, "local_mode") == "realism":
                 deviation = self._texture_stage(image, affine, mask, brain, deviation, settings, seed, region)
@@ -313,16 +313,31 @@ class Editor:
 
     def _local_stage(self, task: str, image: np.ndarray, affine: np.ndarray, imap: IntensityMap,
                      mask: np.ndarray, previous: np.ndarray, settings: dict[str, Any], samples: int, generator,
-                     prog: "_Progress", region: np.ndarray | None = None) -> np.ndarray:
+                     prog: "_Progress", region: np.ndarray | None = None,
+                     mapping: SpaceMapping | None = None) -> np.ndarray:
         """PathoSyn's local stage on the scan with the earlier stages' mean deviation ``previous`` [I, J, K]
         applied: deviations [samples, I, J, K] in scan units, zero outside the lesion boxes. ``region``: the fill
         region [I, J, K] of a heal (None: the mask grown by ``dilation_mm``)."""
         prog.stage("local stage")
         current = np.asarray(image, np.float32) + previous
+        prior = self._local_prior(mapping) if self.local.needs_prior else None
         local = self.local.deviation((current - imap.low) / imap.units_per_model_unit, mask, _spacing(affine),
                                      task, _local_settings(settings, task), generator, samples, prog.tick,
-                                     imap.clip, region)
+                                     imap.clip, region, prior=prior)
         return np.stack([imap.delta_to_native(d) for d in local])
+
+    def _local_prior(self, mapping: SpaceMapping | None):
+        """The template's tissue prior on the scan's grid (``USBLib.editor.local.prior.TissuePrior``), for a local
+        network that reads it: the bundle's maps carried by this scan's registration ``mapping`` (from the edit's
+        registration stage)."""
+        from USBLib.editor.local.prior import TissuePrior, load_prior_maps
+
+        if mapping is None:
+            raise RuntimeError("the local stage's tissue prior needs the scan's registration")
+        maps = getattr(self, "_prior_maps", None)
+        if maps is None:
+            maps = self._prior_maps = load_prior_maps(self.space["template"], self.bundle.path(bundle_mod.LOCAL_PRIOR))
+        return TissuePrior(maps, mapping)
 
     @staticmethod
     def _texture_stage(image: np.ndarray, affine: np.ndarray, mask: np.ndarray, brain: np.ndarray,

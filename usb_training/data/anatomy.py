@@ -35,13 +35,21 @@ class SpatialSettings:
     flip: float = 0.5
 
 
+def random_deformation(shape, rng: np.random.Generator, s: SpatialSettings = SpatialSettings()):
+    """A random deformation of a grid of ``shape`` (voxels): ``(matrix, displacement)``, the 4x4 voxel affine about
+    the grid's centre and the integrated stationary velocity field's displacement [1, 3, *shape] (torch, voxels),
+    such that ``sampling_coords(shape, matrix, displacement)`` gives, for every deformed voxel, the template voxel
+    it shows."""
+    velocity = smooth_field(shape, 3, s.svf_control_vox, rng)
+    velocity = velocity / velocity.abs().amax().clamp_min(1e-6) * rng.uniform(0.0, s.svf_max_vox)
+    matrix = random_affine(rng, s.rotation_deg, s.scale, s.shear, s.translation_vox)
+    return matrix, integrate_velocity(velocity)
+
+
 def deform(anatomy: Anatomy, rng: np.random.Generator, s: SpatialSettings = SpatialSettings()) -> Healthy:
     """Randomly deformed copy of a template: affine then an integrated stationary velocity field."""
     shape = anatomy.image.shape
-    velocity = smooth_field(shape, 3, s.svf_control_vox, rng)
-    velocity = velocity / velocity.abs().amax().clamp_min(1e-6) * rng.uniform(0.0, s.svf_max_vox)
-    coords = sampling_coords(shape, random_affine(rng, s.rotation_deg, s.scale, s.shear, s.translation_vox),
-                             integrate_velocity(velocity))
+    coords = sampling_coords(shape, *random_deformation(shape, rng, s))
     brain = warp(anatomy.brain.astype(np.float32), coords) > 0.5
     image = warp(anatomy.image, coords) * brain
     labels = warp(anatomy.labels.astype(np.float32), coords, order=0).astype(np.uint8) * brain
@@ -95,5 +103,5 @@ def artefacts(images: list[np.ndarray], brain: np.ndarray, seed: int) -> list[np
     return out
 
 
-__all__ = ["Healthy", "SpatialSettings", "deform", "synthesize_contrast", "healthy", "artefacts",
+__all__ = ["Healthy", "SpatialSettings", "random_deformation", "deform", "synthesize_contrast", "healthy", "artefacts",
            "CSF", "GM", "WM", "DEEP_GM"]

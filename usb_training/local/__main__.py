@@ -1,8 +1,10 @@
-"""``python -m usb_training.local {data,train,export}``: crop shards from the training sources; the local
+"""``python -m usb_training.local {data,train,export}``: training windows from the training sources; the local
 network; a bundle with the local stage added (defaults from a tuning run of ``usb_training.local.tune``)."""
 from __future__ import annotations
 
 import argparse
+import json
+from collections import Counter
 from pathlib import Path
 
 from ..base.paths import DEFAULT_CACHE
@@ -16,9 +18,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, required=True, help="run folder (outside the repository)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--count", type=int, default=1024, help="data: crops to write with this seed")
+    parser.add_argument("--count", type=int, default=4096, help="data: windows to write with this seed")
+    parser.add_argument("--workers", type=int, default=1, help="data: shard-writing processes")
     parser.add_argument("--minutes", type=float, default=None, help="train: wall-time budget of this run")
-    parser.add_argument("--steps", type=int, default=None, help="train: total steps")
+    parser.add_argument("--steps", type=int, default=None, help="train: total steps (the LR schedule's length)")
     parser.add_argument("--source", type=Path, help="export: the bundle to add the local stage to")
     parser.add_argument("--out", type=Path, help="export: bundle folder to write (may be --source)")
     parser.add_argument("--tuning", type=Path, help="export: tuning.json of usb_training.local.tune")
@@ -28,11 +31,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "export":
         return _export(args)
     if args.command == "data":
-        from .anatomies import native_anatomies
-        from .shards import write_shards
+        from USBLib.editor.local.network import size_multiple
 
-        anatomies = list(native_anatomies(args.cache, TRAIN_SOURCES).values())
-        print(len(write_shards(anatomies, args.work / "crops", args.seed, args.count)), "shards")
+        from .priors import PRIOR_SOURCES, prior_maps
+        from .shards import write_shards
+        from .train import LOCAL_CONFIG
+        from .windows import WindowMaker, training_sources
+
+        maker = WindowMaker(training_sources(args.cache, TRAIN_SOURCES),
+                            {name: prior_maps(args.cache, name) for name in PRIOR_SOURCES},
+                            size_multiple(LOCAL_CONFIG["network"]))
+        written = write_shards(maker, args.work / "windows", args.seed, args.count, workers=args.workers)
+        print(len(written), "shards")
     else:
         from .train import train
 
@@ -40,9 +50,53 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _export(args) -> int:
-    import json
+def data_summary(folder: Path) -> dict:
+    """Counts of the training windows in ``folder`` by site, source, contrast, mask kind and region kind."""
+    from .shards import load_shards
 
+    infos = [info for view in load_shards(folder, {}).values() for info in view.info]
+    out: dict = {"windows": len(infos)}
+    for key in ("site", "source", "contrast", "mask_kind", "region_kind"):
+        out[key] = dict(sorted(Counter(str(i[key]) for i in infos).items()))
+    return out
+
+
+def training_facts(work: Path) -> dict:
+    """The ``local.training`` facts of a run: steps (the checkpoint's), hours, shares and the data."""
+    from safetensors import safe_open
+
+    from ..base.common import CHECKPOINT
+
+    train_dir = work / "train"
+    with safe_open(str(train_dir / CHECKPOINT), framework="pt") as fh:
+        steps = int(json.loads(fh.metadata()["meta"])["step"])
+    history = json.loads((train_dir / "history.json").read_text())
+    cfg = json.loads((train_dir / "config.json").read_text())
+    tc = cfg["train"]
+    heal_det = [row["heal_det"] for row in history["train"] if "heal_det" in row]
+    data = data_summary(work / "windows")
+    facts = {"steps": steps, "hours": round(history.get("seconds", 0.0) / 3600, 2),
+             "hardware": "2-core Intel Xeon CPU, no GPU", "sources": TRAIN_SOURCES, "held_out": "ixi555",
+             "target": cfg.get("target"), "ema": f"{tc['ema']}, from step 0 (no earlier weights)",
+             "heal_fidelity_share": round(tc["heal_fraction"] * tc["deterministic"]["heal"], 3),
+             "heal_fidelity_share_seen": round(sum(heal_det) / len(heal_det), 3) if heal_det else None,
+             "mean_level_weight": tc["mean_weight"], "windows": data,
+             "data": f"{data['windows']} windows shaped like inference boxes (lesion group + 10 mm, sides 32-64 "
+                     "voxels) at 1 mm from deformed mni2009a/mni2009c (whole head) and fsaverage anatomies "
+                     "(affine + velocity field), label-driven contrast on "
+                     f"{data['contrast'].get('labels', 0)} of them; sites {data['site']}; drawn masks "
+                     f"{data['mask_kind']}; fill regions {data['region_kind']}; the template prior from a "
+                     "different anatomy with 2-4 mm / 3-5 degree misregistration. ixi555 held out. No real "
+                     "individual scans.",
+             "note": "clean retrain from step 0 with the final target and a fresh EMA; heal input without lesion "
+                     "intensities"}
+    note = train_dir / "NOTE.txt"
+    if note.is_file():
+        facts["note"] += "; " + note.read_text().strip()
+    return facts
+
+
+def _export(args) -> int:
     from .export import LOCAL_DEFAULTS, export_local
 
     defaults = json.loads(json.dumps(LOCAL_DEFAULTS))
@@ -54,20 +108,13 @@ def _export(args) -> int:
         emb = tuned["best_embed"]
         defaults["embed"].update({"eta": emb["eta"], "alpha0": emb["alpha0"], "acg": emb["alpha0"] > 0,
                                   "margin_mm": best["margin_mm"]})  # (in the tuning grid, alpha0 0 = ACG off)
-    history = json.loads((args.work / "train" / "history.json").read_text())
-    steps = history["train"][-1]["step"] if history["train"] else 0
-    training = {"steps": steps, "hours": round(history.get("seconds", 0.0) / 3600, 2),
-                "hardware": "2-core Intel Xeon CPU, no GPU", "sources": TRAIN_SOURCES, "held_out": "ixi555"}
     metrics, table = None, None
     if args.metrics:
         native = json.loads(args.metrics.read_text())
         metrics = {"cases": native["cases"], "held_out_source": "ixi555", "mean": native["mean"]}
         table = native.get("table_markdown")
-    note = (args.work / "train" / "NOTE.txt")
-    if note.is_file():
-        training["note"] = note.read_text().strip()
-    print(export_local(args.source, args.work / "train", args.out, defaults, training, metrics=metrics,
-                       table_md=table).root)
+    print(export_local(args.source, args.work / "train", args.out, defaults, training_facts(args.work),
+                       metrics=metrics, table_md=table, cache=args.cache).root)
     return 0
 
 

@@ -1,90 +1,24 @@
-"""Paired crops for the local stage: healthy, lesioned (healthy + deviation) and a drawn mask that, like a real
-one, misses or overshoots the partial-volume rim.
+"""Lesions painted into healthy tissue, and scanner artefacts shared by a healthy and a lesioned copy.
 
-One crop: pick a lesion site (deep or periventricular white matter, juxtacortical, deep grey matter, any
-tissue, or a large territorial lesion), cut a box around it from a native 1 mm anatomy, flip/permute its axes,
-give it the template's contrast (gamma) or a label-driven one, paint a synthetic lesion (shape generators of
-``usb_training.data.lesions``, divergence-free deformation, soft edge whose darkening reaches 1-2 voxels past
-the 0.5 iso-surface), add the same scanner artefacts to both copies, then perturb the mask the user would draw
-(eroded, dilated or shifted by 1-2 voxels). Sizes are in 1 mm voxels.
+``paint_lesion`` makes one synthetic lesion of a site's kind (shape generators of ``usb_training.data.lesions``,
+divergence-free deformation, soft edge whose darkening reaches 1-2 voxels past the 0.5 iso-surface);
+``_artefacts`` puts the same bias field, gamma, blur and Rician noise on both copies. The local stage's training
+windows (``windows``) and its native validation cases (``cases``) are built from them. Sizes are in 1 mm voxels.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
-from USBLib.editor.local.conditioning import HEAL, classical_fill, fill_region
-
-from ..data.anatomy import synthesize_contrast
 from ..data.lesions import SHAPES, divergence_free_flow
 from ..data.pathology import lesion_deviation
-from ..data.prepare import CSF, DEEP_GM, GM, WM, Anatomy
+from ..data.prepare import DEEP_GM, GM, WM
 from ..data.warp import sampling_coords, warp
 
-SITES = {"deep_wm": 0.25, "periventricular": 0.2, "juxtacortical": 0.2, "deep_gm": 0.08, "any_tissue": 0.15,
-         "large": 0.12}
 TISSUE = (GM, WM, DEEP_GM)
-DILATION_P = {0: 0.15, 1: 0.3, 2: 0.35, 3: 0.2}
 VISIBLE_P = 0.85              # share of lesions rescaled to a mean lesion/tissue ratio in VISIBLE_RATIO
 VISIBLE_RATIO = (0.5, 0.9)
 MAX_LEVEL = 1.5               # model units (the intensity map's clip)
-
-
-@dataclass
-class Crop:
-    """One training triplet (model units, 1 mm): float32 images, uint8 masks; ``dilation`` of ``fill``."""
-
-    healthy: np.ndarray
-    lesioned: np.ndarray
-    mask: np.ndarray      # the drawn (perturbed) mask
-    soft: np.ndarray      # the true lesion extent (partial volume), for loss weights and metrics
-    fill: np.ndarray      # biharmonic fill of ``lesioned`` over the mask dilated by ``dilation``
-    dilation: int
-    site: str
-
-
-def _pool(labels: np.ndarray, brain: np.ndarray, site: str) -> np.ndarray:
-    wm, gm = labels == WM, labels == GM
-    if site == "periventricular":
-        ventricles = (labels == CSF) & ndimage.binary_erosion(brain, iterations=12)
-        near = ndimage.distance_transform_edt(~ventricles) <= 5 if ventricles.any() else wm
-        pool = wm & near
-    elif site == "juxtacortical":
-        pool = wm & ndimage.binary_dilation(gm, iterations=2)
-    elif site == "deep_gm":
-        pool = labels == DEEP_GM
-        if not pool.any():
-            pool = wm & ndimage.binary_erosion(brain, iterations=20)
-    elif site == "any_tissue":
-        pool = np.isin(labels, TISSUE)
-    else:
-        pool = wm & ndimage.binary_erosion(brain, iterations=6)
-    return pool if pool.any() else wm
-
-
-def _box(arr: np.ndarray, start: np.ndarray, size: int) -> np.ndarray:
-    out = np.zeros((size,) * 3, arr.dtype)
-    src = tuple(slice(max(s, 0), min(s + size, n)) for s, n in zip(start, arr.shape))
-    dst = tuple(slice(a.start - s, a.stop - s) for a, s in zip(src, start))
-    out[dst] = arr[src]
-    return out
-
-
-def _perturb_mask(binary: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    r = rng.random()
-    out = binary.copy()
-    if r < 0.3:
-        return out
-    steps = int(rng.integers(1, 3))
-    if r < 0.55:
-        out = ndimage.binary_erosion(binary, iterations=steps)
-    elif r < 0.8:
-        out = ndimage.binary_dilation(binary, iterations=steps)
-    else:
-        out = np.roll(binary, int(rng.choice([-steps, steps])), axis=int(rng.integers(3)))
-    return out if out.sum() >= 2 else binary.copy()
 
 
 def _artefacts(images: list[np.ndarray], head: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
@@ -146,43 +80,5 @@ def paint_lesion(img: np.ndarray, lab: np.ndarray, centre: np.ndarray, site: str
     return soft.astype(np.float32), binary, deviation.astype(np.float32)
 
 
-def make_crop(anatomy: Anatomy, rng: np.random.Generator, size: int = 48) -> Crop:
-    """One random triplet from one anatomy (see the module docstring); a new site is drawn when no lesion fits."""
-    for _ in range(20):
-        try:
-            return _make_crop(anatomy, rng, size)
-        except _NoLesion:
-            continue
-    raise RuntimeError(f"no lesion could be placed in {anatomy.name}")
-
-
 class _NoLesion(Exception):
-    pass
-
-
-def _make_crop(anatomy: Anatomy, rng: np.random.Generator, size: int) -> Crop:
-    site = str(rng.choice(list(SITES), p=list(SITES.values())))
-    labels, brain = anatomy.labels, anatomy.brain > 0
-    pool = np.flatnonzero(_pool(labels, brain, site))
-    centre = np.array(np.unravel_index(pool[rng.integers(pool.size)], labels.shape))
-    offset = rng.integers(-6, 7, 3) if site != "large" else rng.integers(-3, 4, 3)
-    start = centre - size // 2 + offset
-    img, br, lab = (_box(a, start, size) for a in (anatomy.image, anatomy.brain, anatomy.labels))
-    for axis in range(3):
-        if rng.random() < 0.5:
-            img, br, lab = (np.flip(a, axis) for a in (img, br, lab))
-    perm = rng.permutation(3)
-    img, br, lab = (np.ascontiguousarray(np.transpose(a, perm)) for a in (img, br, lab))
-    br = br > 0
-    if anatomy.name == "fsaverage" or rng.random() < 0.3:
-        img = synthesize_contrast(lab, br, rng)
-    else:
-        img = np.clip(img, 0, None) ** float(np.exp(rng.normal(0, 0.12)))
-    head = (img > 0.01) | br
-    lesion_centre = np.array([size // 2] * 3, np.float32) - offset
-    soft, binary, deviation = paint_lesion(img, lab, lesion_centre, site, rng)
-    healthy, lesioned = _artefacts([img, np.clip(img + deviation, 0, None)], head.astype(np.float32), rng)
-    drawn = _perturb_mask(binary, rng).astype(np.uint8)
-    dilation = int(rng.choice(list(DILATION_P), p=list(DILATION_P.values())))
-    fill = classical_fill(lesioned, fill_region(drawn, HEAL, dilation))
-    return Crop(healthy, lesioned, drawn, soft.astype(np.float32), fill, dilation, site)
+    """No lesion of the asked kind fits at the asked place (``paint_lesion``): draw another site."""

@@ -1,8 +1,10 @@
 """Add a trained local stage to a model bundle (bundle schema 2): weights, its config and per-task defaults.
 
 The latent-stage files of the source bundle are copied unchanged; ``bundle.json`` gains the ``local`` section
-(network, schedule, deviation scale, training summary) and the local settings in ``defaults.heal`` /
-``defaults.embed``; every file's sha256 is recomputed.
+(network, schedule, deviation scale, input channels, training summary) and the local settings in
+``defaults.heal`` / ``defaults.embed``; every file's sha256 is recomputed. A network that reads the template's
+tissue prior gets its maps as bundle files: ``local.prior.tissue`` (MNI2009c CSF/GM/WM on the bundle's model grid,
+``priors.tissue_file``) with its licence notice; its T1 channel is the bundle's own template.
 """
 from __future__ import annotations
 
@@ -11,11 +13,17 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
+
 from USBLib.core import bundle as bundle_mod
-from USBLib.editor.local.conditioning import DEVIATION_SCALE
+from USBLib.editor.local.conditioning import BASE_INPUTS, DEVIATION_SCALE, input_names, needs_prior
 
 from ..base.card import CARD_END, CARD_START
 from ..base.common import module_weights
+from .priors import LICENCE_FILE, TISSUE_FILE, tissue_file
+
+PRIOR_DESCRIPTION = ("ICBM 2009c Nonlinear Asymmetric MNI152 CSF/GM/WM probabilities (niworkflows 0.0.5) on the "
+                     "model grid")
 
 LOCAL_DEFAULTS = {
     "heal": {"stages": "local", "local_mode": "fidelity", "local_steps": 4, "local_strength": 0.3,
@@ -30,19 +38,24 @@ def card_section(config: Mapping[str, Any], table_md: str | None) -> str:
     local = config["local"]
     t = local.get("training", {})
     heal, embed = config["defaults"]["heal"], config["defaults"]["embed"]
+    names = list(input_names(local))
+    inputs = ", ".join(["x_t"] + names)
+    prior = local.get("prior")
     lines = [CARD_START, "## Local stage (PathoSyn at the scan's own resolution)", "",
              f"- network: MONAI DiffusionModelUNet 3D {local['network']['channels']}, "
-             f"{local['network'].get('num_res_blocks', 1)} res block per level, no attention, 4 class labels "
-             "(heal/embed x sample/deterministic); input [x_t | image, drawn mask, fill region, biharmonic fill]; "
-             f"predicts the deviation from the fill channel, scaled by {local.get('deviation_scale', 2.0)}; "
-             f"noise schedule {local['schedule']}.",
-             "- data: 48³ crops at 1 mm from mni2009a and mni2009c (whole head) and fsaverage (label-driven "
-             "contrast), one synthetic lesion per crop at a site (deep/periventricular WM, juxtacortical, deep GM, "
-             "any tissue, large territorial) with a partial-volume rim past the mask; drawn masks exact, eroded, "
-             "dilated or shifted by 1-2 voxels; the same scanner artefacts on healthy and lesioned copies. "
-             "ixi555 held out. No real individual scans.",
-             f"- training: {t.get('steps', '?')} steps of batch 4 (32³ windows), {t.get('hours', '?')} h on "
-             f"{t.get('hardware', 'CPU')}; {t.get('note', '')}".rstrip("; "),
+             f"{local['network'].get('num_res_blocks', 1)} res block per level, attention only in MONAI's middle "
+             "block (over the whole window), 4 class labels (heal/embed x sample/deterministic); input "
+             f"[{inputs}]; predicts the deviation from the fill channel, scaled by "
+             f"{local.get('deviation_scale', 2.0)}; "
+             f"noise schedule {local['schedule']}."
+             + (" The heal input shows no lesion intensities (no raw image channel: the image voided inside the "
+                "fill region is the fill channel)." if "image" not in names else ""),
+             *([f"- tissue prior: {prior.get('description', '')} ({prior['tissue']}, licence in "
+                f"{prior.get('licence', '')}) and the bundle's template T1, carried into each lesion box by the "
+                "affine registration to the template."] if prior else []),
+             f"- data: {t.get('data', 'see usb_training.local')}",
+             f"- training: {t.get('steps', '?')} steps, {t.get('hours', '?')} h on {t.get('hardware', 'CPU')}; "
+             f"{t.get('note', '')}".rstrip("; "),
              f"- defaults: heal stages {heal.get('stages')}, mode {heal.get('local_mode')}, dilation "
              f"{heal.get('dilation_mm')} mm, feather {heal.get('margin_mm')} mm, alpha0 {heal.get('alpha0')}, "
              f"eta {heal.get('eta')}; embed mode {embed.get('local_mode')}, dilation {embed.get('dilation_mm')} mm, "
@@ -73,8 +86,13 @@ def _with_section(card: str | None, section: str) -> str:
 def export_local(source: Path, train_dir: Path, out: Path, defaults: Mapping[str, Mapping[str, Any]] | None = None,
                  training: Mapping[str, Any] | None = None, weights: str = "ema",
                  interactive_mode: str = "realism", metrics: Mapping[str, Any] | None = None,
-                 table_md: str | None = None) -> bundle_mod.ModelBundle:
-    """Write ``out``: the bundle at ``source`` plus the local network of ``train_dir`` (its EMA weights)."""
+                 table_md: str | None = None, cache: Path | None = None,
+                 prior_files: Mapping[str, Path] | None = None) -> bundle_mod.ModelBundle:
+    """Write ``out``: the bundle at ``source`` plus the local network of ``train_dir`` (its EMA weights).
+
+    For a network that reads the tissue prior: ``prior_files`` (``TISSUE_FILE`` and ``LICENCE_FILE`` -> files to
+    ship), or else they are made from the training ``cache`` (default ``usb_training.base.paths.DEFAULT_CACHE``)
+    by ``priors.tissue_file`` on the bundle's model grid."""
     src = bundle_mod.load(source)
     out = Path(out)
     if out.resolve() != src.root.resolve():
@@ -86,6 +104,21 @@ def export_local(source: Path, train_dir: Path, out: Path, defaults: Mapping[str
     config["local"] = {"weights": "local.safetensors", "network": train_cfg["network"],
                        "schedule": train_cfg["schedule"], "deviation_scale": DEVIATION_SCALE,
                        "interactive_mode": interactive_mode, "training": dict(training or {})}
+    names = input_names(train_cfg)
+    if names != BASE_INPUTS:
+        config["local"]["inputs"] = list(names)
+    for name in (TISSUE_FILE, LICENCE_FILE):  # a previous local stage's prior files go with it
+        config["files"].pop(name, None)
+        (out / name).unlink(missing_ok=True)
+    new_files: dict[str, Path] = {}
+    if needs_prior(names):
+        from ..base.paths import DEFAULT_CACHE
+
+        space = config["model_space"]
+        new_files = dict(prior_files) if prior_files else tissue_file(
+            cache or DEFAULT_CACHE, space["shape"], np.asarray(space["affine"], float), out)
+        config["local"]["prior"] = {"tissue": TISSUE_FILE, "classes": ["csf", "gm", "wm"], "t1": "template",
+                                    "licence": LICENCE_FILE, "description": PRIOR_DESCRIPTION}
     for task, values in (defaults or LOCAL_DEFAULTS).items():
         config["defaults"][task].update(values)
     if metrics is not None:
@@ -93,6 +126,7 @@ def export_local(source: Path, train_dir: Path, out: Path, defaults: Mapping[str
     state = {name: src.load_state_dict(name) for name in bundle_mod.NETWORK_NAMES}
     state[bundle_mod.LOCAL] = module_weights(Path(train_dir), weights)
     extra = {name: out / name for name in config["files"] if not name.endswith(".safetensors")}
+    extra.update(new_files)
     card = (out / bundle_mod.CARD_FILE).read_text() if (out / bundle_mod.CARD_FILE).is_file() else None
     card = _with_section(card, card_section(config, table_md))
     return bundle_mod.write(out, config, state, extra_files=extra, card=card)

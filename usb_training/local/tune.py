@@ -43,8 +43,10 @@ def _prepared(editor: Editor, image: np.ndarray, case: NativeCase):
 def _local(editor: Editor, image: np.ndarray, case: NativeCase, task: str, imap: IntensityMap,
            settings: LocalSettings, seed: int) -> np.ndarray:
     spacing = np.linalg.norm(case.affine[:3, :3], axis=0)
+    prior = editor._local_prior(editor._map(image, case.affine, None, 0)) if editor.local.needs_prior else None
     d = editor.local.deviation((np.asarray(image, np.float32) - imap.low) / imap.units_per_model_unit, case.mask,
-                               spacing, task, settings, torch.Generator().manual_seed(seed), clip=imap.clip)
+                               spacing, task, settings, torch.Generator().manual_seed(seed), clip=imap.clip,
+                               prior=prior)
     return imap.delta_to_native(d[0])
 
 

@@ -10,7 +10,14 @@ Everything here works on one box in model intensity units (the scan's 99th brain
   rim outside the region) rather than the whole fill: ``d`` = healthy - base.
 - embed (direction 1): ``image`` is the healthy scan and the base; ``d`` = lesioned - healthy.
 
-Channels, shape [4, I, J, K] float32: image, drawn mask, fill region, classical fill.
+Channels of ``condition``, shape [4, I, J, K] float32: image, drawn mask, fill region, classical fill.
+
+A bundle's ``local.inputs`` names the channels its network reads, in order (``network_input``): without the key,
+the four above (``BASE_INPUTS``, the shipped ``usb-tiny``). Bundles may add the template's tissue prior
+(``PRIOR_INPUTS``: template T1 in model units and CSF/GM/WM probabilities, registered into the box, see
+``USBLib.editor.local.prior``) and leave out the raw ``image``: for heal the image with its lesion voided (set to
+the base inside the fill region) is the classical-fill channel itself (the base equals the image outside the
+region), and for embed the image is the base too, so a network without ``image`` sees no lesion intensities.
 """
 from __future__ import annotations
 
@@ -20,6 +27,9 @@ from scipy import ndimage
 HEAL, EMBED = 0, 1
 DIRECTIONS = {"heal": HEAL, "embed": EMBED}
 N_CHANNELS = 4
+BASE_INPUTS = ("image", "mask", "region", "fill")  # the channels of ``condition``, in its order
+PRIOR_INPUTS = ("prior_t1", "prior_csf", "prior_gm", "prior_wm")  # ``prior.TissuePrior.read``'s order
+KNOWN_INPUTS = BASE_INPUTS + PRIOR_INPUTS
 DEVIATION_SCALE = 2.0  # the diffusion runs on d * scale (deviations are mostly within +-0.6 model units)
 
 
@@ -79,3 +89,35 @@ def lesion_prior(region: np.ndarray, sigma_vox: float = 1.0) -> np.ndarray:
     region = np.asarray(region) > 0
     soft = ndimage.gaussian_filter(region.astype(np.float32), sigma_vox) if sigma_vox > 0 else region.astype(np.float32)
     return np.clip(np.maximum(soft * 2.0, region), 0.0, 1.0).astype(np.float32)
+
+
+def input_names(local_config) -> tuple[str, ...]:
+    """The channels a bundle's local network reads, in order: ``local.inputs``, or ``BASE_INPUTS`` without it.
+    Raises ``ValueError`` for an unknown or repeated name or a list without the ``fill`` channel (the base)."""
+    names = tuple(local_config.get("inputs", BASE_INPUTS))
+    unknown = [n for n in names if n not in KNOWN_INPUTS]
+    if unknown or len(set(names)) != len(names) or "fill" not in names:
+        raise ValueError(f"local inputs {list(names)} must be distinct names from {list(KNOWN_INPUTS)} and "
+                         "include 'fill'")
+    return names
+
+
+def needs_prior(names) -> bool:
+    """Whether any of the input ``names`` is a tissue-prior channel."""
+    return any(n in PRIOR_INPUTS for n in names)
+
+
+def network_input(cond: np.ndarray, names, prior: np.ndarray | None = None) -> np.ndarray:
+    """The network's condition channels [len(names), I, J, K] float32 from ``condition``'s four channels ``cond``
+    [4, I, J, K] and, when ``names`` asks for them, the tissue prior [4, I, J, K] (``PRIOR_INPUTS`` order).
+
+    For ``BASE_INPUTS`` this is ``cond`` itself (the same array, so bundles without the key are unchanged)."""
+    names = tuple(names)
+    if names == BASE_INPUTS:
+        return cond
+    channels = dict(zip(BASE_INPUTS, cond))
+    if needs_prior(names):
+        if prior is None:
+            raise ValueError("this local network reads the tissue prior, and none was given")
+        channels.update(zip(PRIOR_INPUTS, np.asarray(prior, np.float32)))
+    return np.stack([channels[n] for n in names]).astype(np.float32, copy=False)

@@ -29,7 +29,7 @@ from USBLib.editor.local.network import class_label
 
 MODES = ("fidelity", "realism")
 X0_CLIP = (-3.0, 3.0)  # scaled deviation range (|d| <= 1.5 model units)
-WINDOW = 64          # largest network window side in voxels (~1 mm); twice the 32-voxel training window
+WINDOW = 64          # largest network window side in voxels (~1 mm); the largest training window side too
 WINDOW_OVERLAP = 0.5  # overlap of neighbouring windows (fraction of the window side)
 
 
@@ -68,7 +68,8 @@ def sample_deviation(net: torch.nn.Module, schedule: NoiseSchedule, cond: torch.
                      strength: float, generator: torch.Generator, acg: bool = True,
                      noise: torch.Tensor | None = None, reference: torch.Tensor | None = None,
                      window: int = WINDOW) -> torch.Tensor:
-    """Scaled deviation x0 [B, 1, I, J, K] for condition channels ``cond`` [B, 4, I, J, K].
+    """Scaled deviation x0 [B, 1, I, J, K] for condition channels ``cond`` [B, C, I, J, K] (the network's inputs
+    after x_t, ``conditioning.network_input``).
 
     ``eta_weight``: LCG weight lambda_lesion [B or 1, 1, I, J, K] in [0, 1] (None = no LCG).
     ``alpha0``, ``k``: ACG (eq. 12); alpha_t = alpha0 exp(-k t / T) with T the first sampling step.

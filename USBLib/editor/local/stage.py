@@ -2,7 +2,8 @@
 
 Input and output live on the scan's own grid in model intensity units (``USBLib.imaging.intensity``): the stage returns
 the deviation d (result = image + d) for each of ``samples`` draws; the caller converts it to the scan's units
-and fuses it (``USBLib.imaging.fusion``). Nothing here reads files or knows about registration.
+and fuses it (``USBLib.imaging.fusion``). Nothing here reads files or knows about registration: a network that
+reads the template's tissue prior gets it from the caller as a ``prior.TissuePrior`` (the maps and the mapping).
 """
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ import torch
 
 from USBLib.core.schedule import NoiseSchedule
 from USBLib.imaging.boxes import lesion_boxes, needs_resampling, to_grid, work_shape
-from USBLib.editor.local.conditioning import DEVIATION_SCALE, DIRECTIONS, condition, lesion_prior
+from USBLib.editor.local.conditioning import (DEVIATION_SCALE, DIRECTIONS, condition, input_names, lesion_prior,
+                                              needs_prior, network_input)
 from USBLib.editor.local.network import build_local_unet, size_multiple
+from USBLib.editor.local.prior import TissuePrior
 from USBLib.editor.local.sampler import sample_deviation
 
 CONTEXT_MM = 10.0   # context around each lesion group, per side
-MIN_SIDE_MM = 32.0  # smallest box side (the network's training window)
+MIN_SIDE_MM = 32.0  # smallest box side (training windows are boxes of the same kind)
 
 
 @dataclass(frozen=True)
@@ -43,13 +46,17 @@ class LocalStage:
         self.net, self.config, self.device = net, dict(config), device
         self.schedule = NoiseSchedule.from_config(config["schedule"])
         self.multiple = size_multiple(config["network"])
+        self.inputs = input_names(config)  # the condition channels the network reads, in order
 
     @classmethod
     def from_state_dict(cls, config: Mapping[str, Any], state: Mapping[str, torch.Tensor],
                         device: torch.device) -> "LocalStage":
         from USBLib.errors import BundleError
 
-        net = build_local_unet(config["network"])
+        try:
+            net = build_local_unet(config["network"], len(input_names(config)))
+        except ValueError as exc:
+            raise BundleError(f"the local stage's config is invalid ({exc})") from None
         try:
             net.load_state_dict(dict(state), strict=True)
         except RuntimeError as exc:
@@ -65,15 +72,18 @@ class LocalStage:
     def deviation(self, image: np.ndarray, mask: np.ndarray, spacing, task: str, settings: LocalSettings,
                   generator: torch.Generator, samples: int = 1,
                   tick: Optional[Callable[[], None]] = None, clip: tuple[float, float] = (0.0, 1.5),
-                  region: Optional[np.ndarray] = None) -> np.ndarray:
+                  region: Optional[np.ndarray] = None, prior: Optional[TissuePrior] = None) -> np.ndarray:
         """Deviation [samples, I, J, K] (model units) for ``image`` [I, J, K] (model units, not clipped) and its
         lesion ``mask``; zero outside the lesion groups' context regions. ``task``: ``heal`` or ``embed``.
         ``region``: a heal's fill region [I, J, K] on the scan's grid (e.g. ``USBLib.imaging.rim``), or None for
-        the mask grown by ``settings.dilation_mm``.
+        the mask grown by ``settings.dilation_mm``. ``prior``: the template's tissue prior on the scan's grid
+        (``USBLib.editor.local.prior``), needed when the network reads it (``needs_prior``), else ignored.
 
         The network sees the image clipped to ``clip`` (its training range); for heal, the clipped-off part of
         the fill region is added back to the deviation, so the result is the healed clipped image there."""
         direction = DIRECTIONS[task]
+        if self.needs_prior and prior is None:
+            raise ValueError("this local network reads the template's tissue prior; pass it as `prior`")
         spacing = np.asarray(spacing, float)
         resample = needs_resampling(spacing)
         grid_mm = np.ones(3) if resample else spacing
@@ -96,25 +106,31 @@ class LocalStage:
             img = np.clip(raw, *clip)
             lesion = (box.read_edge(mask) > 0) & group_edge
             region_box = None if region is None else ((box.read_edge(region) > 0) & group_edge) | lesion
-            region_w = None
+            region_w = prior_w = None
+            prior_box = prior.read(box) if self.needs_prior else None
             if resample:
                 shape = work_shape(box.shape, spacing, self.multiple)
                 img_w = to_grid(img, shape, 1)
                 lesion_w = _resampled_mask(lesion, shape)
                 if region_box is not None:
                     region_w = (to_grid(region_box.astype(np.float32), shape, 1) >= 0.5) | lesion_w
+                if prior_box is not None:
+                    prior_w = np.stack([to_grid(p, shape, 1) for p in prior_box])
             else:
                 shape = tuple(int(-(-s // self.multiple) * self.multiple) for s in box.shape)
                 pad = [(0, a - b) for a, b in zip(shape, box.shape)]
                 img_w = np.pad(img, pad, mode="edge")
                 lesion_w = np.pad(lesion, pad)
                 region_w = None if region_box is None else np.pad(region_box, pad)
+                if prior_box is not None:
+                    prior_w = np.pad(prior_box, [(0, 0)] + pad, mode="edge")
             cond = condition(img_w, lesion_w, direction, dilation, region=region_w)
+            inputs = network_input(cond, self.inputs, prior_w)
             weight = None
             if settings.eta > 0:
                 weight = torch.from_numpy(np.clip(1.0 - settings.eta * lesion_prior(cond[2] > 0), 0.0, 1.0))
                 weight = weight[None, None].to(self.device)
-            cond_t = torch.from_numpy(cond)[None].expand(draws, *cond.shape).contiguous().to(self.device)
+            cond_t = torch.from_numpy(inputs)[None].expand(draws, *inputs.shape).contiguous().to(self.device)
             noise = None
             if field is not None:
                 noise = np.stack([_noise_window(box, f, pad, generator) for f in field])[:, None]
@@ -140,6 +156,11 @@ class LocalStage:
             if tick is not None:
                 tick()
         return out
+
+    @property
+    def needs_prior(self) -> bool:
+        """Whether the network reads the template's tissue prior (the bundle's ``local.inputs``)."""
+        return needs_prior(self.inputs)
 
     @property
     def scale(self) -> float:
