@@ -139,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="heal and embed a lesion on the bundled sample scan")
     p.add_argument("--out", type=Path, default=Path("usb_demo_output"), help="output folder")
     _common(p, samples=False)
+
+    p = sub.add_parser("web", help="serve the USB Editor as a web page (needs the [web] extra; docs/web.md)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--host", default="127.0.0.1", help="other than 127.0.0.1: anyone on that network can use it")
+    p.add_argument("--model", help="bundle name or folder (default: the installed default model)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--max-upload-mb", type=float, default=512, help="largest file the page accepts (default 512)")
     return parser
 
 
@@ -324,6 +331,17 @@ def cmd_demo(args) -> int:
     return EXIT_OK
 
 
+def cmd_web(args) -> int:
+    import importlib  # loaded by name: the engine does not depend on the web front end
+
+    try:
+        serve = importlib.import_module("USBWeb.server").serve
+    except ImportError as exc:
+        raise InputError(f"usb web needs the [web] extra ({(exc.name or str(exc)).split('.')[0]} is missing): "
+                         "install with pip install 'usb-slicer[web]'") from None
+    return serve(args.host, args.port, model=args.model, device=args.device, max_upload_mb=args.max_upload_mb)
+
+
 def cmd_batch(args) -> int:
     from USBLib.apps.batch import BatchSettings
     from USBLib.apps.batch_run import run_cli
@@ -345,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     commands = {"heal": lambda a: cmd_edit(a, "heal"), "embed": lambda a: cmd_edit(a, "embed"),
                 "generate": cmd_generate, "generate-from-mask": cmd_generate_from_mask, "info": cmd_info,
-                "demo": cmd_demo, "batch": cmd_batch}
+                "demo": cmd_demo, "batch": cmd_batch, "web": cmd_web}
     previous = terminate_as_interrupt()
     try:
         from USBLib.editor.editor import threads_from_env

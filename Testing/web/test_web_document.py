@@ -1,0 +1,119 @@
+"""The web page's document on a real MRML scene (slicer-core, headless as in Testing/slicer): the sample with its
+lesion, masks on another grid resampled or refused as in the Slicer module, unreadable and MGZ scans, and the
+download (NIfTI + sidecar, no server path). No browser, no worker run."""
+from __future__ import annotations
+
+import json
+import zipfile
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+pytest.importorskip("slicer", reason="the web page's logic needs slicer-core (pip install -e '.[test]')")
+
+import phantoms  # noqa: E402
+import slicer  # noqa: E402
+from conftest import SCAN_SHAPE, make_scan  # noqa: E402
+
+from USBEditorLib import logic as L  # noqa: E402
+from USBLib.resources import sample_files  # noqa: E402
+from USBWeb.document import Document, Result  # noqa: E402
+
+
+@pytest.fixture
+def doc(scene):
+    return Document()
+
+
+@pytest.fixture
+def phantom_files(tmp_path):
+    """A phantom scan, its lesion on the same grid, the lesion on a coarser grid, and a mask far away."""
+    img, mask, aff = make_scan()
+    coarse = aff.copy()
+    coarse[:3, :3] *= 2.0
+    shape = tuple(s // 2 for s in SCAN_SHAPE)
+    far = np.eye(4)
+    far[:3, 3] = 900.0  # a metre away from the scan
+    files = {"scan": (img, aff), "mask": (mask, aff),
+             "coarse": (phantoms.sphere_mask(shape, coarse, (28.0, 5.0, 20.0), 9.0), coarse),
+             "far": (np.ones((4, 4, 4), np.uint8), far)}
+    paths = {}
+    for name, (data, affine) in files.items():
+        paths[name] = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(data, affine), str(paths[name]))
+    return paths
+
+
+def test_sample_comes_with_its_lesion_and_its_own_name(doc):
+    volume = doc.load_sample()
+    expected = int((np.asarray(nib.load(str(sample_files()["lesion"])).dataobj) > 0).sum())
+    assert volume.GetName() == "sample_T1w" and doc.lesion_voxels() == expected
+    assert doc.source["name"] == "sample_T1w.nii.gz" and len(doc.source["sha256"]) == 64
+    assert slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLLabelMapVolumeNode") is None  # the mask went into the segment
+    doc.load_sample()
+    assert doc.volume.GetName() == "sample_T1w"  # the previous one is gone, so no "_1"
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 1
+    doc.clear_lesion()
+    assert doc.lesion_voxels() == 0
+
+
+def test_masks_on_another_grid_are_resampled_or_refused_as_in_slicer(doc, phantom_files):
+    doc.load_scan(phantom_files["scan"], "T1.nii.gz")
+    same = doc.import_mask(phantom_files["mask"])
+    assert same == int(nib.load(str(phantom_files["mask"])).get_fdata().sum())
+    assert doc.import_mask(phantom_files["coarse"], resample=True) > 0
+    with pytest.raises(L.USBEditorError, match="another image grid"):
+        doc.import_mask(phantom_files["coarse"], resample=False)
+    with pytest.raises(L.USBEditorError, match="does not overlap"):
+        doc.import_mask(phantom_files["far"], resample=True)
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeNode") == 0  # refused masks leave nothing
+
+
+def test_unreadable_scan_is_one_line_and_keeps_the_current_scan(doc, tmp_path, phantom_files):
+    doc.load_scan(phantom_files["scan"], "T1.nii.gz")
+    bad = tmp_path / "upload-7" / "broken.nii.gz"
+    bad.parent.mkdir()
+    bad.write_bytes(b"this is not a NIfTI file" * 50)
+    with pytest.raises(L.USBEditorError) as info:
+        doc.load_scan(bad, "broken.nii.gz")
+    assert "broken.nii.gz" in str(info.value) and "\n" not in str(info.value) and str(tmp_path) not in str(info.value)
+    assert doc.volume.GetName() == "T1" and slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 1
+
+
+def test_mgz_scan_is_read_with_its_geometry(doc, tmp_path, phantom_files):
+    img, _mask, aff = make_scan("oblique")
+    path = tmp_path / "T1.mgz"
+    nib.save(nib.MGHImage(img.astype(np.float32), aff), str(path))
+    volume = doc.load_scan(path, "T1.mgz")
+    np.testing.assert_allclose(L.ijk_to_ras(volume), aff, atol=1e-4)
+    np.testing.assert_allclose(L.volume_to_array(volume)[0], img)
+
+
+def test_download_is_nifti_with_a_sidecar_and_no_server_path(doc, tmp_path, phantom_files):
+    volume = doc.load_scan(phantom_files["scan"], "T1.nii.gz")
+    data, affine = L.volume_to_array(volume)
+    node = slicer.util.addVolumeFromArray(np.ascontiguousarray((data + 1).transpose(2, 1, 0)), ijkToRAS=affine,
+                                          name="T1 healed")
+    mask = (nib.load(str(phantom_files["mask"])).get_fdata() > 0).astype(np.uint8)
+    spread = slicer.util.addVolumeFromArray(np.ascontiguousarray(mask.transpose(2, 1, 0).astype(np.float32)),
+                                            ijkToRAS=affine, name="T1 healed uncertainty")
+    provenance = {"task": "heal", "model": {"name": "usb-tiny", "path": "/opt/models/usb-tiny"}, "seed": 0}
+    outputs = L.Outputs(volume=node, uncertainty=spread, nodes=[node, spread], provenance=provenance)
+    doc.set_result(Result(outputs, L.Task.HEAL, (mask, affine)))
+    assert spread.GetDisplayNode().GetApplyThreshold()  # zero spread is transparent over the scan
+    archive = doc.export_result(tmp_path)
+    with zipfile.ZipFile(archive) as zf:
+        names = sorted(zf.namelist())
+        sidecar = json.loads(zf.read("T1_healed.json"))
+        zf.extractall(tmp_path / "out")
+    assert names == ["T1_healed.json", "T1_healed.nii.gz", "T1_healed_lesion_mask.nii.gz",
+                     "T1_healed_uncertainty.json", "T1_healed_uncertainty.nii.gz"]
+    out = nib.load(str(tmp_path / "out" / "T1_healed.nii.gz"))
+    np.testing.assert_allclose(out.affine, affine, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(out.dataobj), data + 1)
+    assert sidecar["task"] == "heal" and sidecar["inputs"]["image"]["name"] == "T1.nii.gz"
+    text = json.dumps(sidecar)
+    assert "/opt/" not in text and str(tmp_path) not in text and sidecar["model"]["path"] == "usb-tiny"
+    doc.clear_result()
+    assert not slicer.mrmlScene.IsNodePresent(node) and not slicer.mrmlScene.IsNodePresent(spread)

@@ -1,0 +1,61 @@
+"""The web page's file handling without a browser: safe names, size limit, refused types, messages without paths,
+download tokens, the private folder's lifetime, and the page's form over USBLib.settings."""
+from __future__ import annotations
+
+import stat
+
+import pytest
+
+pytest.importorskip("trame_slicer", reason="the web page needs the [web] extra (pip install -e '.[test]')")
+
+from USBWeb.server import host_warning, is_loopback  # noqa: E402
+from USBWeb.uploads import MASK_SUFFIXES, PrivateFolder, UploadError, one_line, safe_stem, suffix  # noqa: E402
+
+
+@pytest.fixture
+def private():
+    folder = PrivateFolder(limit_mb=1)
+    yield folder
+    folder.remove()
+
+
+def test_upload_gets_a_safe_name_in_a_private_folder(private):
+    path = private.save_upload({"name": "../../etc/My Scan (1).nii.gz", "size": 3, "content": b"abc"})
+    assert path.parent.parent == private.path and path.name == "My_Scan_1.nii.gz" and path.read_bytes() == b"abc"
+    assert stat.S_IMODE(private.path.stat().st_mode) == 0o700
+    assert private.save_upload({"name": "mask.seg.nrrd", "content": [b"a", b"b"]}, MASK_SUFFIXES).name \
+        == "mask.seg.nrrd"
+
+
+@pytest.mark.parametrize("client_file, words", [
+    ({"name": "big.nii.gz", "size": 2 * 2**20, "content": b"x"}, "limited to 1 MB"),
+    ({"name": "notes.txt", "content": b"x"}, "not a file type"),
+    ({"name": "empty.nii", "content": b""}, "is empty"),
+])
+def test_refused_uploads_say_why_in_one_line(private, client_file, words):
+    with pytest.raises(UploadError, match=words):
+        private.save_upload(client_file)
+    assert not any(private.path.rglob("*.*"))
+
+
+def test_messages_never_name_a_server_path(private):
+    message = f"Failed to load node from file: {private.path}/upload-1/T1.nii.gz\nsecond line"
+    assert one_line(message, private.path) == "Failed to load node from file: T1.nii.gz"
+    assert one_line("cannot open /home/alice/data/scan.nii.gz for reading") == "Cannot open scan.nii.gz for reading"
+    assert suffix("a.SEG.nrrd", MASK_SUFFIXES) == ".seg.nrrd" and safe_stem("x/y.nii", ".nii") == "y"
+
+
+def test_downloads_are_opaque_tokens_and_the_folder_goes(private):
+    out = private.new_folder("result") / "r.zip"
+    out.write_bytes(b"zip")
+    token = private.publish(out)
+    assert "/" not in token and str(private.path) not in token and private.published(token) == out
+    assert private.published("guess") is None
+    private.remove()
+    assert not private.path.exists() and private.published(token) is None
+
+
+def test_only_loopback_listens_without_a_warning():
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and not is_loopback("0.0.0.0")
+    assert host_warning("127.0.0.1", 8080) is None
+    assert "there is no login" in host_warning("0.0.0.0", 8080)

@@ -1,0 +1,261 @@
+"""The page's data on the MRML scene: one scan, its editable lesion segment, and the latest result.
+
+Everything goes through ``USBEditorLib.logic`` (Slicer's readers, ``mask_from_node`` for masks on another grid,
+``new_lesion_segmentation``, ``load_sample``) so the page accepts and refuses exactly what the Slicer module does.
+Needs ``slicer.mrmlScene`` and ``slicer.app`` (``USBWeb.slicer_env``), not trame: it is tested headless.
+"""
+from __future__ import annotations
+
+import os
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+import slicer
+from USBEditorLib import logic as L
+
+from .slicer_env import node_name
+from .uploads import suffix
+
+UNCERTAINTY_COLORS = "vtkMRMLPETProceduralColorNodePET-Heat"
+
+
+@dataclass
+class Result:
+    """A finished run's nodes, what it used, and how long it took."""
+
+    outputs: L.Outputs
+    task: L.Task
+    mask: Optional[tuple[np.ndarray, np.ndarray]] = None  # (mask [I,J,K], affine) the run used
+    engine_seconds: float = 0.0  # the model's stages (provenance timings)
+    nodes: list = field(default_factory=list)
+
+    @property
+    def volume(self):
+        return self.outputs.volume
+
+    @property
+    def uncertainty(self):
+        return self.outputs.uncertainty
+
+
+def public_provenance(value: Any) -> Any:
+    """The provenance record with every absolute path reduced to its last part (the browser never sees where the
+    server keeps files)."""
+    if isinstance(value, dict):
+        return {k: public_provenance(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [public_provenance(v) for v in value]
+    if isinstance(value, str) and os.path.isabs(value) and os.sep in value.strip(os.sep):
+        return Path(value).name
+    return value
+
+
+def file_stem(name: str) -> str:
+    """A node name as a file name: ``sample_T1w healed`` -> ``sample_T1w_healed``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "result"
+
+
+def read_node(path: Path, labelmap: bool):
+    """A scan (``labelmap`` False) or mask node from a file with Slicer's readers (``USBEditorLib.logic.load_mask``
+    for masks), or None when the file cannot be read. MGZ/MGH, which the ``slicer-core`` wheel's readers lack (full
+    Slicer reads them), go through the engine's reader and ``slicer.util.addVolumeFromArray``."""
+    ext = suffix(path.name, (".mgz", ".mgh"))
+    if ext:
+        from USBLib.errors import InputError
+        from USBLib.imaging.io import read_volume
+
+        try:
+            vol = read_volume(path, "mask" if labelmap else "scan")
+        except InputError:
+            return None
+        data = vol.data.astype(np.uint8 if vol.data.dtype == bool else vol.data.dtype)
+        node = slicer.util.addVolumeFromArray(
+            np.ascontiguousarray(data.transpose(2, 1, 0)), ijkToRAS=vol.affine,
+            name=slicer.mrmlScene.GenerateUniqueName(path.name[: -len(ext)]),
+            nodeClassName="vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode")
+        node.CreateDefaultDisplayNodes()
+        return node
+    try:
+        return L.load_mask(str(path)) if labelmap else slicer.util.loadVolume(str(path))
+    except (RuntimeError, L.USBEditorError):  # slicer.util's "Failed to load node from file: <path>"
+        return None
+
+
+class Document:
+    """The scan, its lesion segment and the latest result; each load replaces all three."""
+
+    def __init__(self) -> None:
+        self.volume = None
+        self.segmentation = None
+        self.segment_id = ""
+        self.result: Optional[Result] = None
+        self.source: dict[str, str] = {}  # the file the scan came from: name (as the browser named it), sha256
+
+    # ---- scan
+    def load_scan(self, path: Path, source_name: str = "") -> Any:
+        """Load a scan with Slicer's reader (MGZ, which ``slicer-core`` cannot read, with the engine's reader);
+        raises ``USBEditorError`` with one line; on failure the current scan stays."""
+        node = self._read_scan(Path(path))
+        try:
+            L.volume_to_array(node)  # refuses several components, as Apply would
+        except L.USBEditorError:
+            slicer.mrmlScene.RemoveNode(node)
+            raise
+        self._replace(node, source_name or Path(path).name, path)
+        return node
+
+    def _read_scan(self, path: Path):
+        node = read_node(path, labelmap=False)
+        if node is None or node.GetImageData() is None:
+            raise L.USBEditorError(f"Could not read '{path.name}' as a scan: it is not a NIfTI, NRRD or MGZ image.")
+        return node
+
+    def load_sample(self) -> Any:
+        """The bundled sample scan with its lesion in the lesion segment (``USBEditorLib.logic.load_sample``)."""
+        volume, labelmap = L.load_sample()
+        try:
+            mask, _name = L.mask_from_node(labelmap, None, volume, True)
+        finally:
+            slicer.mrmlScene.RemoveNode(labelmap)
+        from USBLib.resources import sample_files
+
+        self._replace(volume, sample_files()["image"].name, sample_files()["image"])
+        self._set_mask(mask)
+        return volume
+
+    def _replace(self, volume, source_name: str, path: Path) -> None:
+        """``volume`` becomes the scan, named after its file (the previous scan, lesion and result go)."""
+        from USBLib.hashing import sha256_of
+
+        self.clear_result()
+        for node in (self.segmentation, self.volume):
+            if node is not None and node is not volume:
+                slicer.mrmlScene.RemoveNode(node)
+        volume.SetName(file_stem(node_name(source_name)))  # not "T1_1": the previous scan is gone
+        self.volume, self.source = volume, {"name": source_name, "sha256": sha256_of(Path(path))}
+        self.segmentation, self.segment_id = L.new_lesion_segmentation(volume)
+
+    # ---- lesion
+    def import_mask(self, path: Path, resample: bool = True) -> int:
+        """Put a mask file into the lesion segment; a mask on another grid is resampled (nearest neighbour) when
+        ``resample``, else refused, and one that does not overlap the scan is refused, as in the Slicer module.
+        Returns the number of lesion voxels."""
+        if self.volume is None:
+            raise L.USBEditorError("Load a scan first: the mask is placed on it.")
+        path = Path(path)
+        node = read_node(path, labelmap=True)
+        if node is None:
+            raise L.USBEditorError(f"Could not read '{path.name}' as a mask: it is not a NIfTI, NRRD or MGZ "
+                                   "image or a .seg.nrrd segmentation.")
+        try:
+            mask, _name = L.mask_from_node(node, None, self.volume, resample)
+        finally:
+            slicer.mrmlScene.RemoveNode(node)
+        return self._set_mask(mask)
+
+    def _set_mask(self, mask: np.ndarray) -> int:
+        """Replace the lesion segment by ``mask`` [I,J,K] on the scan's grid."""
+        if mask.any():
+            slicer.util.updateSegmentBinaryLabelmapFromArray(
+                np.ascontiguousarray(mask.transpose(2, 1, 0).astype(np.uint8)), self.segmentation, self.segment_id,
+                self.volume)
+        else:
+            self.clear_lesion()
+        return self.lesion_voxels()
+
+    def clear_lesion(self) -> None:
+        """Empty the lesion segment."""
+        if self.segmentation is not None:
+            segmentation = self.segmentation.GetSegmentation()
+            segmentation.RemoveSegment(self.segment_id)
+            segmentation.AddEmptySegment(self.segment_id, "lesion", L.LESION_COLOR)
+
+    def lesion_voxels(self) -> int:
+        """Voxels in the lesion segment."""
+        if self.segmentation is None:
+            return 0
+        labelmap = slicer.util.arrayFromSegmentInternalBinaryLabelmap(self.segmentation, self.segment_id)
+        if labelmap is None:
+            return 0
+        value = self.segmentation.GetSegmentation().GetSegment(self.segment_id).GetLabelValue()
+        return int(np.count_nonzero(labelmap == value))
+
+    # ---- result
+    def set_result(self, result: Result) -> None:
+        """Keep ``result`` (its nodes are in the scene) and drop the previous one."""
+        self.clear_result()
+        result.nodes = [n for n in result.outputs.nodes if n is not None]
+        for node in result.nodes:  # "T1 healed", not "T1 healed_1": the previous result is gone
+            plain = re.sub(r"_\d+$", "", node.GetName())
+            if plain != node.GetName() and slicer.mrmlScene.GetFirstNodeByName(plain) is None:
+                node.SetName(plain)
+        if result.uncertainty is not None and result.uncertainty.GetDisplayNode() is not None:
+            display = result.uncertainty.GetDisplayNode()
+            display.SetAndObserveColorNodeID(UNCERTAINTY_COLORS)
+            display.AutoWindowLevelOn()
+            display.AutoThresholdOff()  # zero spread is transparent: the scan shows around the edit
+            display.SetThreshold(1e-6, float(slicer.util.arrayFromVolume(result.uncertainty).max()) + 1.0)
+            display.ApplyThresholdOn()
+        self.result = result
+
+    def clear_result(self) -> None:
+        """Remove the latest result's nodes from the scene."""
+        if self.result is not None:
+            for node in self.result.nodes:
+                if slicer.mrmlScene.IsNodePresent(node):
+                    slicer.mrmlScene.RemoveNode(node)
+        self.result = None
+
+    def export(self) -> "Export":
+        """What the download holds, copied out of the scene (so it can be written in another thread)."""
+        if self.result is None or self.result.volume is None:
+            raise L.USBEditorError("There is no result to download yet.")
+        images = [(file_stem(self.result.volume.GetName()), *L.volume_to_array(self.result.volume), None)]
+        if self.result.uncertainty is not None:
+            images.append((f"{images[0][0]}_uncertainty", *L.volume_to_array(self.result.uncertainty),
+                           "uncertainty (std over samples)"))
+        return Export(images, self.result.mask, public_provenance(self.result.outputs.provenance), dict(self.source))
+
+    def export_result(self, folder: Path) -> Path:
+        """``export().write(folder)``: the zip to download."""
+        return self.export().write(folder)
+
+
+@dataclass
+class Export:
+    """The download of a result: its images (name, data, affine, kind), the mask the run used, the provenance."""
+
+    images: list[tuple[str, np.ndarray, np.ndarray, Optional[str]]]
+    mask: Optional[tuple[np.ndarray, np.ndarray]]
+    provenance: dict[str, Any]
+    source: dict[str, str]
+
+    def write(self, folder: Path) -> Path:
+        """The result as NIfTI with its provenance sidecar (and the uncertainty map and the lesion mask, when there
+        are), zipped into one file in ``folder``; returns the zip."""
+        from USBLib.hashing import sha256_of
+        from USBLib.imaging.io import sidecar_path, write_result, write_volume
+
+        stem = self.images[0][0]
+        written: list[Path] = []
+        inputs: dict[str, Any] = {"image": self.source}
+        if self.mask is not None:
+            mask_path = write_volume(folder / f"{stem}_lesion_mask.nii.gz", self.mask[0].astype(np.uint8),
+                                     self.mask[1])
+            inputs["mask"] = {"name": mask_path.name, "sha256": sha256_of(mask_path)}
+            written.append(mask_path)
+        for name, data, affine, kind in self.images:
+            out = folder / f"{name}.nii.gz"
+            extra = {"output": out.name, "inputs": inputs, **({"kind": kind} if kind else {})}
+            write_result(out, data, affine, None, self.provenance, {}, extra)
+            written += [out, sidecar_path(out)]
+        archive = folder / f"{stem}.zip"
+        with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:  # .nii.gz is compressed already
+            for path in written:
+                zf.write(path, path.name)
+        return archive
