@@ -1,8 +1,13 @@
 """Shared fixtures: a tiny random-init bundle and phantom scans written as real files."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one thread each (also for their subprocesses)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("USB_THREADS", "1")
 
 import nibabel as nib
 import numpy as np
