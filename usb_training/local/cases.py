@@ -15,6 +15,7 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from ..data.prepare import CSF, DEEP_GM, GM, WM, Anatomy
+from .masks import eroded_keeping_components
 from .crops import _NoLesion, _artefacts, paint_lesion
 
 SITES = ("deep_wm", "periventricular", "juxtacortical", "thalamus", "cerebellum", "large")
@@ -147,16 +148,7 @@ def site_group(site: str) -> str:
 def hasty_mask(mask: np.ndarray) -> np.ndarray:
     """The exact mask eroded by one voxel (6-neighbourhood; the image faces do not erode it); a component that
     would vanish keeps its deepest voxels, as a hasty rater still marks every lesion. uint8."""
-    m = np.asarray(mask) > 0
-    out = ndimage.binary_erosion(m, border_value=1)
-    labels, n = ndimage.label(m)
-    kept = ndimage.label(out)[0] > 0
-    for comp, box in enumerate(ndimage.find_objects(labels), start=1):
-        region = labels[box] == comp
-        if not (kept[box] & region).any():
-            depth = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1, 1:-1]
-            out[box] |= region & (depth >= depth.max())
-    return out.astype(np.uint8)
+    return eroded_keeping_components(mask, 1).astype(np.uint8)
 
 
 def _nuclei_map(mni: np.ndarray, site: str, shrink: float = 1.0) -> np.ndarray:
