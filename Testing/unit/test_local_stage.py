@@ -197,12 +197,9 @@ def test_a_lesion_at_the_image_border_is_filled_from_tissue_not_from_black():
     """The box of a lesion that touches the border reaches past the image; it is continued with the edge tissue
     (zero padding filled the border slice at about half the truth's intensity). With the network's output at zero
     (MONAI zero-initialises the last layer) the heal is the stage's classical base alone."""
-    from USBLib.editor.local.network import build_local_unet
-    from USBLib.editor.local.stage import LocalSettings, LocalStage
+    from USBLib.editor.local.stage import LocalSettings
 
-    network = {"channels": [8, 8], "num_res_blocks": 1, "attention_levels": [False, False], "norm_num_groups": 4}
-    stage = LocalStage(build_local_unet(network).eval(), {"network": network, "schedule": {
-        "num_train_timesteps": 100, "schedule": "linear_beta"}}, torch.device("cpu"))
+    stage = _zero_output_stage()
     shape = (40, 40, 40)
     image = np.full(shape, 0.8, np.float32)
     mask = np.zeros(shape, np.uint8)
@@ -338,3 +335,31 @@ def test_a_prior_network_reads_the_prior_of_each_box_and_refuses_to_run_without(
     inside = (slice(None),) + tuple(slice(0, s) for s in box.shape)
     np.testing.assert_allclose(x[4:][inside], prior.read(box), atol=1e-6)  # the prior channels, box by box
     assert np.array_equal(x[1][inside[1:]] > 0, box.read_edge(mask) > 0)
+
+
+def _zero_output_stage():
+    """A local stage whose network outputs zero (MONAI zero-initialises its last layer): its heal is the base."""
+    from USBLib.editor.local.network import build_local_unet
+    from USBLib.editor.local.stage import LocalStage
+
+    network = {"channels": [8, 8], "num_res_blocks": 1, "attention_levels": [False, False], "norm_num_groups": 4}
+    return LocalStage(build_local_unet(network).eval(), {"network": network, "schedule": {
+        "num_train_timesteps": 100, "schedule": "linear_beta"}}, torch.device("cpu"))
+
+
+def test_several_lesion_groups_heal_box_by_box():
+    """Three lesions far apart: three boxes, each healed from its own surroundings (a name reused inside the box
+    loop once made every box after the first fail)."""
+    from USBLib.editor.local.stage import LocalSettings
+
+    stage = _zero_output_stage()
+    shape = (120, 120, 100)
+    image = np.full(shape, 0.8, np.float32)
+    mask = np.zeros(shape, np.uint8)
+    for c in [(20, 20, 20), (90, 90, 70), (30, 95, 50)]:
+        mask[c[0] - 2:c[0] + 2, c[1] - 2:c[1] + 2, c[2] - 2:c[2] + 2] = 1
+    image[mask > 0] = 0.3
+    d = stage.deviation(image, mask, (1.0, 1.0, 1.0), "heal", LocalSettings(mode="fidelity", dilation_mm=1.0),
+                        torch.Generator().manual_seed(0))
+    healed = image + d[0]
+    assert np.allclose(healed[mask > 0], 0.8, atol=0.02)  # the network's output is zero: the base fills all three

@@ -59,15 +59,22 @@ def _site_pool(labels: np.ndarray, brain: np.ndarray, ras: np.ndarray, site: str
     return pool if pool.any() else wm & (depth > 10)
 
 
-def native_case(anatomy: Anatomy, anatomy_affine: np.ndarray, site: str, seed: int, shape=SHAPE) -> NativeCase:
-    """A scan of ``anatomy`` with one lesion at ``site`` (see module docstring); deterministic in ``seed``."""
-    rng = np.random.default_rng(seed)
+def _scanner_grid(anatomy: Anatomy, anatomy_affine: np.ndarray, shape, rng: np.random.Generator) -> np.ndarray:
+    """A 1 mm scanner grid of ``shape`` around the brain: rotated up to 10 deg per axis, centred within 4 mm of the
+    brain's centre of mass. Returns its 4x4 voxel-to-RAS affine."""
     rot = Rotation.from_euler("xyz", rng.uniform(-10, 10, 3), degrees=True).as_matrix()
     com = np.array(ndimage.center_of_mass(anatomy.brain > 0))
     centre_ras = (anatomy_affine @ np.append(com, 1.0))[:3] + rng.uniform(-4, 4, 3)
     affine = np.eye(4)
     affine[:3, :3] = rot
     affine[:3, 3] = centre_ras - rot @ ((np.asarray(shape) - 1) / 2.0)
+    return affine
+
+
+def native_case(anatomy: Anatomy, anatomy_affine: np.ndarray, site: str, seed: int, shape=SHAPE) -> NativeCase:
+    """A scan of ``anatomy`` with one lesion at ``site`` (see module docstring); deterministic in ``seed``."""
+    rng = np.random.default_rng(seed)
+    affine = _scanner_grid(anatomy, anatomy_affine, shape, rng)
     to_anat = np.linalg.inv(anatomy_affine) @ affine
     sample = lambda a, order: ndimage.affine_transform(a.astype(np.float32), to_anat[:3, :3], to_anat[:3, 3],  # noqa: E731
                                                        output_shape=shape, order=order)
@@ -270,12 +277,7 @@ def yardstick_case(anatomy: Anatomy, anatomy_affine: np.ndarray, site: str, seed
     rng = np.random.default_rng(seed)
     synth = (seed % 2 == 1) if synth is None else synth
     synth = synth or anatomy.name in LABELS_ONLY
-    rot = Rotation.from_euler("xyz", rng.uniform(-10, 10, 3), degrees=True).as_matrix()
-    com = np.array(ndimage.center_of_mass(anatomy.brain > 0))
-    centre_ras = (anatomy_affine @ np.append(com, 1.0))[:3] + rng.uniform(-4, 4, 3)
-    affine = np.eye(4)
-    affine[:3, :3] = rot
-    affine[:3, 3] = centre_ras - rot @ ((np.asarray(shape) - 1) / 2.0)
+    affine = _scanner_grid(anatomy, anatomy_affine, shape, rng)
     src = _deformed_sampling(anatomy, anatomy_affine, affine, shape, rng)
     sample = lambda a, order: ndimage.map_coordinates(np.asarray(a, np.float32), src, order=order,  # noqa: E731
                                                       mode="constant", cval=0.0)
