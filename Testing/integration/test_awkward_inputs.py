@@ -112,3 +112,22 @@ def test_embed_refuses_a_mask_with_too_little_brain(local_bundle, tmp_path, caps
                        local_bundle.root, "--device", "cpu", "--quiet")
     assert code == 2 and "outside the brain" in err and "needed to embed" in err
     assert not (tmp_path / "e.nii.gz").exists()
+
+
+def test_an_8_mm3_mask_on_a_grid_of_slightly_less_than_1_mm_is_embedded_and_a_smaller_one_refused():
+    """The 8 mm3 floor is not defeated by rounding (8 voxels of 0.99999 mm3 were refused as 'outside the brain');
+    a mask wholly in the brain but too small says so."""
+    from USBLib.editor.editor import _confine_to_brain
+    from USBLib.errors import InputError
+
+    image = np.zeros((12, 12, 12), np.float32)
+    image[2:10, 2:10, 2:10] = 100.0
+    brain = image > 0
+    affine = np.diag([0.99999 ** (1 / 3)] * 3 + [1.0])
+    mask = np.zeros(image.shape, np.uint8)
+    mask[4:6, 4:6, 4:6] = 1
+    kept, _, notes = _confine_to_brain(image, affine, mask, brain)
+    assert kept.sum() == 8 and not notes
+    mask[5, 5, 5] = 0
+    with pytest.raises(InputError, match="too small to embed"):
+        _confine_to_brain(image, affine, mask, brain)

@@ -49,16 +49,21 @@ def _outside(mask: np.ndarray, spacing, defaults: dict) -> np.ndarray:
     return ~dilate_mm(mask > 0, spacing, reach)
 
 
+def _painted(truth: np.ndarray, core: np.ndarray, depth: float, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """``truth`` with a lesion of relative darkness ``depth`` at ``core``, softened 1-2 voxels past it; returns
+    the lesioned scan and the soft lesion profile (0..1, > 0 where the lesion changed the scan)."""
+    soft = np.clip(ndimage.gaussian_filter(core.astype(np.float32), 1.2) * 1.4, 0, 1)
+    return np.rint(truth * (1 - depth * soft)).astype(dtype), soft
+
+
 @pytest.fixture(scope="module")
 def rim_case(sample):
     """A lesion painted into healthy white matter of the sample, darkening 1-2 voxels past the drawn mask (the
     mask is its core eroded by one voxel, as a hasty drawing misses the partial-volume rim). Truth = the sample."""
     img, target = sample["image"], sample["embed"]
     truth = np.asarray(img.data, np.float32)
-    core = target.data > 0
-    soft = np.clip(ndimage.gaussian_filter(core.astype(np.float32), 1.2) * 1.4, 0, 1)
-    lesioned = np.rint(truth * (1 - 0.45 * soft)).astype(img.data.dtype)
-    drawn = ndimage.binary_erosion(core).astype(np.uint8)
+    lesioned, _ = _painted(truth, target.data > 0, 0.45, img.data.dtype)
+    drawn = ndimage.binary_erosion(target.data > 0).astype(np.uint8)
     return truth, lesioned, drawn, img
 
 
@@ -97,6 +102,31 @@ def test_local_heal_makes_the_lesion_and_its_rim_healthy(shipped, rim_case):
                 (("input", lesioned), ("usb", res.image))}
     assert ring_err["usb"] < RING_MAX_ERROR_RATIO * ring_err["input"], ring_err  # the rim the mask missed heals too
     assert abs(res.image[lesion].mean() / truth[lesion].mean() - 1) < MEAN_TOLERANCE
+
+
+DARKNESS = (0.3, 0.6)  # relative lesion darkening of the probe
+DARKER_MAX_BRIGHTENING = 0.005  # heal mean / truth mean may rise at most this much when the lesion is darker
+
+
+def test_a_darker_lesion_never_heals_brighter_and_the_exact_mask_never_heals_worse(shipped, sample):
+    """The darkness probe (#21): the same lesion painted darker must not come out brighter (a network that reads
+    the lesion's intensity as a cue brightened more the darker the lesion); and the exact mask heals at least as
+    well as the same mask eroded by a voxel (#25: a fixed growth replaced healthy tissue by a worse guess)."""
+    img, target = sample["image"], sample["embed"]
+    truth = np.asarray(img.data, np.float32)
+    core = target.data > 0
+    scale = float(np.percentile(truth[truth > 0], 99))
+    means, psnr = {}, {}
+    for depth in DARKNESS:
+        lesioned, _ = _painted(truth, core, depth, img.data.dtype)
+        healed = shipped.heal(lesioned, img.affine, core.astype(np.uint8), seed=0).image
+        means[depth] = float(healed[core].mean() / truth[core].mean())
+        if depth == DARKNESS[0]:
+            changed = lesioned != img.data  # every voxel the lesion changed: the mask and its rim
+            hasty = shipped.heal(lesioned, img.affine, ndimage.binary_erosion(core).astype(np.uint8), seed=0).image
+            psnr = {name: _psnr(x, truth, changed, scale) for name, x in (("exact", healed), ("hasty", hasty))}
+    assert means[DARKNESS[1]] <= means[DARKNESS[0]] + DARKER_MAX_BRIGHTENING, means
+    assert psnr["exact"] >= psnr["hasty"], psnr
 
 
 def test_latent_stage_still_brightens_the_lesion(shipped, sample):

@@ -45,3 +45,14 @@ def test_two_lesions_an_edge_lesion_and_the_trivial_cases():
     assert np.array_equal(prefill(LINEAR, mask, "none"), LINEAR)
     with pytest.raises(ValueError, match="unknown prefill"):
         prefill(LINEAR, mask, "median")
+
+
+@pytest.mark.parametrize("method", ["harmonic", "biharmonic"])
+def test_a_lesion_on_the_volume_face_is_filled_there_too(method):
+    """Face voxels are filled from a mirrored boundary, not kept at their lesion values: a trend along the face
+    (none across it) is reproduced on the face slice itself."""
+    along = (-J + 0.5 * K + 100.0).astype(np.float32)  # constant across the i = 0 face
+    mask = box_mask(slice(0, 5), slice(10, 18), slice(8, 14))
+    out = prefill(np.where(mask > 0, 20.0, along).astype(np.float32), mask, method)
+    np.testing.assert_allclose(out[mask > 0], along[mask > 0], atol=1e-2)
+    assert np.array_equal(out[mask == 0], along[mask == 0])

@@ -1,6 +1,8 @@
 """Evaluation metrics against hand-computed values, and the classical baselines."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -114,3 +116,24 @@ def test_tissue_fractions_recover_three_classes():
     image = values.reshape(10, 10, 100).astype(np.float32)
     fractions = tissue_fractions(image, np.ones(image.shape, bool))
     assert fractions == pytest.approx([0.2, 0.5, 0.3], abs=0.02)
+
+
+def test_paired_comparison_of_two_yardstick_runs(tmp_path, capsys):
+    """``evaluation.compare`` matches rows on case and mask: B - A per subset with a bootstrap interval and the
+    number of wins; a missing method or disjoint cases is a one-line error, exit 2."""
+    from usb_training.evaluation import compare
+
+    def run(name: str, shift: dict[str, float]) -> str:
+        rows = [{"case": f"c{i}", "site": "deep_wm", "mask": m, "method": "USB defaults", "mean_ratio": 1.0,
+                 "psnr": 20.0 + i + shift[m]} for i in range(6) for m in ("exact", "hasty")]
+        path = tmp_path / name / "native_metrics.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps({"rows": rows}))
+        return f"{path}:USB defaults"
+
+    a, b = run("old", {"exact": 0.0, "hasty": 0.0}), run("new", {"exact": 1.0, "hasty": -0.5})
+    assert compare.main([a, b]) == 0
+    out = capsys.readouterr().out
+    assert "| exact | 6 | +1.00 | [+1.00, +1.00]" in out and "| hasty | 6 | -0.50" in out and "| 6/12 |" in out
+    assert compare.main([a, b.replace("USB defaults", "USB other")]) == 2
+    assert "has no method 'USB other'" in capsys.readouterr().err

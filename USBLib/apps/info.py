@@ -88,6 +88,9 @@ def metric_lines(metrics: Mapping[str, Any]) -> list[str]:
         lines += _method_table("Embed (lesion/surround intensity ratio: lower is darker)", metrics["embed"],
                                EMBED_COLUMNS) + [""]
         shown.add("embed")
+    if isinstance(metrics.get("heal_yardstick"), Mapping):
+        lines += _yardstick_lines(metrics["heal_yardstick"]) + [""]
+        shown.add("heal_yardstick")
     if isinstance(metrics.get("generation"), Mapping):
         lines += _generation_lines(metrics["generation"]) + [""]
         shown.add("generation")
@@ -95,6 +98,19 @@ def metric_lines(metrics: Mapping[str, Any]) -> list[str]:
     if rest:
         lines += ["Evaluation: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in rest.items()), ""]
     return lines
+
+
+def _yardstick_lines(yardstick: Mapping[str, Any]) -> list[str]:
+    """The heal yardstick (native space, exact and hasty masks): USB's PSNR and its paired differences."""
+    rows = [[name, f"{v['psnr_db']:.2f}",
+             f"{v['vs_best_classical_db']:+.2f} [{v['vs_best_classical_ci'][0]:+.2f}, {v['vs_best_classical_ci'][1]:+.2f}]",
+             f"{v['worst_vs_best_classical_db']:+.2f}",
+             f"{v['vs_chosen_filler_db']:+.2f} [{v['vs_chosen_filler_ci'][0]:+.2f}, {v['vs_chosen_filler_ci'][1]:+.2f}]"]
+            for name, v in yardstick.get("configs", {}).items()]
+    head = (f"Heal yardstick ({yardstick.get('source')}, {yardstick.get('cases')} cases x exact and hasty masks; "
+            "PSNR dB over every voxel the lesion changed; 95 % intervals)")
+    return [head] + table(["USB", "PSNR", "- best classical per case", "worst", f"- {yardstick.get('chosen_filler')}"],
+                          rows)
 
 
 def defaults_table(defaults: Mapping[str, Mapping[str, Any]]) -> list[str]:

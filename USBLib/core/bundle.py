@@ -268,7 +268,7 @@ def load(model: str | os.PathLike | None = None) -> ModelBundle:
     return ModelBundle(root=root, config=config)
 
 
-def write(root: Path, config: dict[str, Any], state_dicts: Mapping[str, Mapping[str, Any]],
+def write(root: Path, config: dict[str, Any], state_dicts: Mapping[str, Mapping[str, Any] | str | Path],
           extra_files: Mapping[str, Path] | None = None, card: str | None = None) -> ModelBundle:
     """Write a bundle: weights as safetensors, extra files copied, sha256 of each recorded in bundle.json.
 
@@ -278,7 +278,8 @@ def write(root: Path, config: dict[str, Any], state_dicts: Mapping[str, Mapping[
         root: the bundle folder, created if needed.
         config: the ``bundle.json`` content; ``schema_version``, the weights names and ``files`` are filled in here
             (on a copy).
-        state_dicts: network name -> tensor dict for every name in ``NETWORK_NAMES``, plus ``local`` optionally.
+        state_dicts: network name -> tensor dict for every name in ``NETWORK_NAMES``, plus ``local`` optionally;
+            or a path to an existing safetensors file, copied byte for byte (an unchanged network keeps its bytes).
         extra_files: bundle file name -> source file (e.g. the template and brain mask), copied into ``root``.
         card: text of ``MODEL_CARD.md``, or None to write none.
     """
@@ -291,18 +292,22 @@ def write(root: Path, config: dict[str, Any], state_dicts: Mapping[str, Mapping[
     config = json.loads(json.dumps(config))  # deep copy, JSON-clean
     config["schema_version"] = SCHEMA_VERSION
     files: dict[str, str] = {}
-    for net in NETWORK_NAMES:
+    def save(net: str) -> str:
         fname = f"{net}.safetensors"
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dicts[net].items()}
-        save_file(tensors, str(root / fname), metadata={"network": net, "bundle": config.get("name", "")})
-        config["networks"][net]["weights"] = fname
+        weights = state_dicts[net]
+        if isinstance(weights, (str, Path)):
+            if Path(weights).resolve() != (root / fname).resolve():
+                shutil.copyfile(weights, root / fname)
+        else:
+            tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
+            save_file(tensors, str(root / fname), metadata={"network": net, "bundle": config.get("name", "")})
         files[fname] = sha256_of(root / fname)
+        return fname
+
+    for net in NETWORK_NAMES:
+        config["networks"][net]["weights"] = save(net)
     if LOCAL in state_dicts:
-        fname = f"{LOCAL}.safetensors"
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dicts[LOCAL].items()}
-        save_file(tensors, str(root / fname), metadata={"network": LOCAL, "bundle": config.get("name", "")})
-        config.setdefault(LOCAL, {})["weights"] = fname
-        files[fname] = sha256_of(root / fname)
+        config.setdefault(LOCAL, {})["weights"] = save(LOCAL)
     for name, src in (extra_files or {}).items():
         if Path(src).resolve() != (root / name).resolve():
             shutil.copyfile(src, root / name)

@@ -686,7 +686,10 @@ def _confine_to_brain(image: np.ndarray, affine: np.ndarray, mask: np.ndarray, b
     kept = (mask > 0) & brain & content
     voxel_mm3 = float(abs(np.linalg.det(np.asarray(affine)[:3, :3])))
     total, inside = int((mask > 0).sum()), int(kept.sum())
-    if inside * voxel_mm3 < MIN_EMBED_MM3:
+    if inside * voxel_mm3 < MIN_EMBED_MM3 * (1 - 1e-3):  # (8 voxels of 0.99999 mm3 are 8 mm3)
+        if inside == total:
+            raise InputError(f"the lesion mask is too small to embed ({total * voxel_mm3:.1f} mm3; at least "
+                             f"{MIN_EMBED_MM3:g} mm3 is needed)")
         raise InputError(f"the lesion mask lies outside the brain (only {inside * voxel_mm3:.1f} mm3 of its "
                          f"{total * voxel_mm3:.0f} mm3 on brain tissue; at least {MIN_EMBED_MM3:g} mm3 is needed to "
                          "embed a lesion)")

@@ -7,6 +7,8 @@ deviation, removed before the generative model works). The fill touches only mas
 Both fills solve a sparse linear system per connected lesion on its bounding box plus a margin:
 harmonic: discrete Laplacian = 0 inside the mask; biharmonic: minimum of the squared discrete Laplacian
 (the normal equations give Laplacian^2 = 0 inside), which reproduces linear and quadratic intensity trends.
+Where a lesion reaches the volume's outer face the Laplacian there mirrors the face (zero normal derivative,
+Neumann), so face voxels are filled like the rest instead of keeping their lesion values as a boundary.
 """
 from __future__ import annotations
 
@@ -21,14 +23,16 @@ _DIRECT_LIMIT = 60_000  # unknowns up to which a direct sparse solve is used
 
 
 def _laplacian_rows(shape: tuple[int, ...], rows: np.ndarray) -> sparse.csr_matrix:
-    """7-point Laplacian rows (flat indices ``rows``) over a box of ``shape``; every row's neighbours are inside."""
+    """7-point Laplacian rows (flat indices ``rows``) over a box of ``shape``. A neighbour past the box's face is
+    the voxel itself (a mirrored face: the diagonal becomes -5, -4, ...); rows on faces shared with other voxels of
+    the volume are never asked for (``_interior``)."""
     coords = np.stack(np.unravel_index(rows, shape), axis=1)
     r = [np.arange(len(rows))]
     c = [rows]
     v = [np.full(len(rows), -6.0)]
     for axis, step in _OFFSETS:
         nb = coords.copy()
-        nb[:, axis] += step
+        nb[:, axis] = np.clip(nb[:, axis] + step, 0, shape[axis] - 1)
         r.append(np.arange(len(rows)))
         c.append(np.ravel_multi_index(tuple(nb.T), shape))
         v.append(np.ones(len(rows)))
@@ -36,9 +40,19 @@ def _laplacian_rows(shape: tuple[int, ...], rows: np.ndarray) -> sparse.csr_matr
                              shape=(len(rows), int(np.prod(shape))))
 
 
-def _interior(shape: tuple[int, ...]) -> np.ndarray:
-    inside = np.zeros(shape, bool)
-    inside[1:-1, 1:-1, 1:-1] = True
+def _interior(shape: tuple[int, ...], open_faces: tuple[tuple[bool, bool], ...] = ((False, False),) * 3
+              ) -> np.ndarray:
+    """Voxels whose Laplacian may be used: all but the box's faces, except faces that are the volume's own outer
+    faces (``open_faces[axis] = (low, high)``), where the Laplacian mirrors."""
+    inside = np.ones(shape, bool)
+    for axis, (low, high) in enumerate(open_faces):
+        index = [slice(None)] * 3
+        if not low:
+            index[axis] = 0
+            inside[tuple(index)] = False
+        if not high:
+            index[axis] = shape[axis] - 1
+            inside[tuple(index)] = False
     return inside
 
 
@@ -49,8 +63,8 @@ def _solve(a: sparse.csr_matrix, b: np.ndarray, x0: np.ndarray) -> np.ndarray:
     return x
 
 
-def _fill_box(values: np.ndarray, unknown: np.ndarray, order: int) -> np.ndarray:
-    """Fill ``unknown`` voxels of a box; voxels on the box's faces must be known."""
+def _fill_box(values: np.ndarray, unknown: np.ndarray, order: int, interior: np.ndarray) -> np.ndarray:
+    """Fill ``unknown`` voxels of a box; voxels outside ``interior`` (the box's inner faces) must be known."""
     shape = values.shape
     flat = values.ravel().astype(np.float64)
     unk = np.flatnonzero(unknown)
@@ -60,7 +74,7 @@ def _fill_box(values: np.ndarray, unknown: np.ndarray, order: int) -> np.ndarray
         lap = _laplacian_rows(shape, unk)
         a, b = lap[:, unk], -(lap[:, known] @ flat[known])
     else:  # biharmonic: every Laplacian row touching an unknown, least squares
-        touching = ndimage.binary_dilation(unknown) & _interior(shape)
+        touching = ndimage.binary_dilation(unknown) & interior
         lap = _laplacian_rows(shape, np.flatnonzero(touching))
         lu, lk = lap[:, unk], lap[:, known]
         a, b = (lu.T @ lu).tocsr(), -(lu.T @ (lk @ flat[known]))
@@ -72,8 +86,8 @@ def _fill_box(values: np.ndarray, unknown: np.ndarray, order: int) -> np.ndarray
 def prefill(image: np.ndarray, mask: np.ndarray, method: str = "biharmonic") -> np.ndarray:
     """``image`` (float32) with the ``mask`` voxels replaced by a smooth fill; ``none`` returns a float copy.
 
-    Returns float32 [I, J, K], equal to ``image`` outside the mask (and on mask voxels on the volume's outer faces,
-    which stay as boundary values). Raises ``ValueError`` for an unknown method.
+    Returns float32 [I, J, K], equal to ``image`` outside the mask; mask voxels on the volume's outer faces are
+    filled too (mirrored boundary). Raises ``ValueError`` for an unknown method.
 
     Args:
         image: the scan [I, J, K] in its own units, any real dtype (solved in float64).
@@ -92,7 +106,11 @@ def prefill(image: np.ndarray, mask: np.ndarray, method: str = "biharmonic") -> 
     labels, _ = ndimage.label(ndimage.binary_dilation(lesion, iterations=margin))
     for box in ndimage.find_objects(labels):
         box = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(box, lesion.shape))
-        unknown = lesion[box] & _interior(lesion[box].shape)  # a lesion on the volume's edge keeps its face voxels
+        open_faces = tuple((s.start == 0, s.stop == n) for s, n in zip(box, lesion.shape))
+        interior = _interior(lesion[box].shape, open_faces)
+        unknown = lesion[box] & interior
+        if unknown.all():
+            continue  # nothing known to fill from (the mask covers the whole volume)
         if unknown.any():
-            out[box] = _fill_box(out[box], unknown, order).astype(np.float32)
+            out[box] = _fill_box(out[box], unknown, order, interior).astype(np.float32)
     return out

@@ -326,7 +326,12 @@ def evaluate(editor: Editor, cases: Iterable[NativeCase], configs: dict[str, dic
                     outs[f"{mask_name}/{name}"] = out
         for name, method in emb.items():
             t0 = time.perf_counter()
-            out = method(case, seed)
+            try:
+                out = method(case, seed)
+            except Exception as exc:  # noqa: BLE001  one refused or crashed embed must not lose the run: logged
+                if log:
+                    log(f"FAILED embed {name} on {case.name}: {type(exc).__name__}: {exc}")
+                continue
             row = embed_scores(out, case.healthy, case.mask, case.brain, case.lesioned)
             row["seconds"] = time.perf_counter() - t0
             embed_rows[name].append(dict(row, case=case.name))
@@ -340,7 +345,7 @@ def evaluate(editor: Editor, cases: Iterable[NativeCase], configs: dict[str, dic
                           "truth": _crop(case.healthy, centre), "lesioned": _crop(case.lesioned, centre),
                           "best": (best["method"], _crop(outs["exact/" + best["method"]], centre)),
                           "usb": {n: _crop(outs["exact/" + n], centre) for n in configs},
-                          "embed": {n: _crop(outs["embed/" + n], centre) for n in emb}})
+                          "embed": {n: _crop(outs["embed/" + n], centre) for n in emb if "embed/" + n in outs}})
         if log:
             exact = {r["method"]: r["psnr"] for r in rows if r["case"] == case.name and r["mask"] == "exact"}
             best_c = max(exact[n] for n in fillers)

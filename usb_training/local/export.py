@@ -25,9 +25,9 @@ from .priors import LICENCE_FILE, TISSUE_FILE, tissue_file
 PRIOR_DESCRIPTION = ("ICBM 2009c Nonlinear Asymmetric MNI152 CSF/GM/WM probabilities (niworkflows 0.0.5) on the "
                      "model grid")
 
-LOCAL_DEFAULTS = {
+LOCAL_DEFAULTS = {  # heal: rim growth at most 3 mm, chosen on the training source MNI2009c (docs/model.md)
     "heal": {"stages": "local", "local_mode": "fidelity", "local_steps": 4, "local_strength": 0.3,
-             "dilation_mm": 2.0, "margin_mm": 2.0, "eta": 1.0},
+             "dilation_mm": 3.0, "margin_mm": 3.0, "growth": "rim", "eta": 1.0},
     "embed": {"stages": "local", "local_mode": "fidelity", "local_steps": 4, "local_strength": 0.3,
               "dilation_mm": 1.0, "margin_mm": 2.0},
 }
@@ -60,8 +60,9 @@ def card_section(config: Mapping[str, Any], table_md: str | None) -> str:
              f"{heal.get('dilation_mm')} mm, feather {heal.get('margin_mm')} mm, alpha0 {heal.get('alpha0')}, "
              f"eta {heal.get('eta')}; embed mode {embed.get('local_mode')}, dilation {embed.get('dilation_mm')} mm, "
              f"feather {embed.get('margin_mm')} mm, alpha0 {embed.get('alpha0')}, eta {embed.get('eta')}; "
-             f"interactive (Slicer, demo) mode {local.get('interactive_mode')}. Chosen on native validation cases "
-             "from the training sources (`usb_training.local.tune`).", ""]
+             f"interactive (Slicer, demo) mode {local.get('interactive_mode')}. Heal growth chosen with the heal "
+             "yardstick on the training source MNI2009c (`evaluate --native --source mni2009c`), never on the held-out "
+             "source.", ""]
     if table_md:
         lines += ["### Measured (held-out source, native space: `python -m usb_training.evaluation.evaluate --native "
                   "--per-site 2`)", "", table_md, "",
@@ -122,8 +123,9 @@ def export_local(source: Path, train_dir: Path, out: Path, defaults: Mapping[str
     for task, values in (defaults or LOCAL_DEFAULTS).items():
         config["defaults"][task].update(values)
     if metrics is not None:
-        config.setdefault("metrics", {})["native_edits"] = dict(metrics)
-    state = {name: src.load_state_dict(name) for name in bundle_mod.NETWORK_NAMES}
+        config.setdefault("metrics", {})["heal_yardstick"] = dict(metrics)
+    state: dict[str, Any] = {name: src.root / src.config["networks"][name]["weights"]  # unchanged: same bytes
+                             for name in bundle_mod.NETWORK_NAMES}
     state[bundle_mod.LOCAL] = module_weights(Path(train_dir), weights)
     extra = {name: out / name for name in config["files"] if not name.endswith(".safetensors")}
     extra.update(new_files)
