@@ -49,6 +49,9 @@ def _outside(mask: np.ndarray, spacing, defaults: dict) -> np.ndarray:
     return ~dilate_mm(mask > 0, spacing, reach)
 
 
+RIM_DEPTH = 0.45  # relative darkening of the painted lesion
+
+
 def _painted(truth: np.ndarray, core: np.ndarray, depth: float, dtype) -> tuple[np.ndarray, np.ndarray]:
     """``truth`` with a lesion of relative darkness ``depth`` at ``core``, softened 1-2 voxels past it; returns
     the lesioned scan and the soft lesion profile (0..1, > 0 where the lesion changed the scan)."""
@@ -62,9 +65,16 @@ def rim_case(sample):
     mask is its core eroded by one voxel, as a hasty drawing misses the partial-volume rim). Truth = the sample."""
     img, target = sample["image"], sample["embed"]
     truth = np.asarray(img.data, np.float32)
-    lesioned, _ = _painted(truth, target.data > 0, 0.45, img.data.dtype)
+    lesioned, _ = _painted(truth, target.data > 0, RIM_DEPTH, img.data.dtype)
     drawn = ndimage.binary_erosion(target.data > 0).astype(np.uint8)
     return truth, lesioned, drawn, img
+
+
+@pytest.fixture(scope="module")
+def rim_heal(shipped, rim_case):
+    """The default heal of ``rim_case`` with its hasty (drawn) mask: shared by the rim and exact-vs-hasty tests."""
+    _, lesioned, drawn, img = rim_case
+    return shipped.heal(lesioned, img.affine, drawn, seed=0)
 
 
 def _psnr(a, b, region, scale):
@@ -81,12 +91,12 @@ def test_default_model_card_and_metrics(shipped):
     assert b.config["metrics"]["generation"]["reconstruction"], "the shipped bundle carries its evaluation"
 
 
-def test_local_heal_makes_the_lesion_and_its_rim_healthy(shipped, rim_case):
+def test_local_heal_makes_the_lesion_and_its_rim_healthy(shipped, rim_case, rim_heal):
     from USBLib.imaging.prefill import prefill
 
     truth, lesioned, drawn, img = rim_case
     assert shipped.bundle.has_local and shipped.bundle.defaults("heal")["stages"] == "local"
-    res = shipped.heal(lesioned, img.affine, drawn, seed=0)
+    res = rim_heal
     assert res.image.shape == truth.shape and res.image.dtype == lesioned.dtype
     outside = _outside(drawn, img.spacing, shipped.bundle.defaults("heal"))
     assert np.array_equal(res.image[outside], lesioned[outside])
@@ -104,11 +114,12 @@ def test_local_heal_makes_the_lesion_and_its_rim_healthy(shipped, rim_case):
     assert abs(res.image[lesion].mean() / truth[lesion].mean() - 1) < MEAN_TOLERANCE
 
 
-DARKNESS = (0.3, 0.6)  # relative lesion darkening of the probe
+DARKNESS = (0.3, RIM_DEPTH)  # relative lesion darkening of the probe (the darker one: the rim case's)
 DARKER_MAX_BRIGHTENING = 0.005  # heal mean / truth mean may rise at most this much when the lesion is darker
 
 
-def test_a_darker_lesion_never_heals_brighter_and_the_exact_mask_never_heals_worse(shipped, sample):
+def test_a_darker_lesion_never_heals_brighter_and_the_exact_mask_never_heals_worse(shipped, sample, rim_case,
+                                                                                    rim_heal):
     """The darkness probe (#21): the same lesion painted darker must not come out brighter (a network that reads
     the lesion's intensity as a cue brightened more the darker the lesion); and the exact mask heals at least as
     well as the same mask eroded by a voxel (#25: a fixed growth replaced healthy tissue by a worse guess)."""
@@ -121,10 +132,11 @@ def test_a_darker_lesion_never_heals_brighter_and_the_exact_mask_never_heals_wor
         lesioned, _ = _painted(truth, core, depth, img.data.dtype)
         healed = shipped.heal(lesioned, img.affine, core.astype(np.uint8), seed=0).image
         means[depth] = float(healed[core].mean() / truth[core].mean())
-        if depth == DARKNESS[0]:
+        if depth == RIM_DEPTH:  # the rim case: its hasty mask is the exact one eroded by a voxel
+            assert np.array_equal(lesioned, rim_case[1])
             changed = lesioned != img.data  # every voxel the lesion changed: the mask and its rim
-            hasty = shipped.heal(lesioned, img.affine, ndimage.binary_erosion(core).astype(np.uint8), seed=0).image
-            psnr = {name: _psnr(x, truth, changed, scale) for name, x in (("exact", healed), ("hasty", hasty))}
+            psnr = {name: _psnr(x, truth, changed, scale) for name, x in (("exact", healed),
+                                                                          ("hasty", rim_heal.image))}
     assert means[DARKNESS[1]] <= means[DARKNESS[0]] + DARKER_MAX_BRIGHTENING, means
     assert psnr["exact"] >= psnr["hasty"], psnr
 
