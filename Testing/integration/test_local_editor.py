@@ -53,6 +53,7 @@ def test_local_stage_on_a_coarse_scan_runs_on_a_1mm_box(local_editor):
     res = local_editor.embed(img, aff, mask, stages="local", local_mode="realism", samples=2, seed=3)
     assert res.uncertainty is not None and res.uncertainty.shape == img.shape
     assert res.uncertainty[mask > 0].max() > 0 and not res.uncertainty[~_reach(mask, aff, 2.0 + 8.0)].any()
+    assert res.provenance["texture"].startswith("noise synthesis")  # embed's realism gets the scan's grain too
     healed = local_editor.heal(img, aff, mask, stages="local", local_mode="realism", seed=3)
     assert healed.provenance["texture"].startswith("noise synthesis")
 

@@ -97,6 +97,22 @@ def test_batches_have_one_shape_and_mostly_heal_fidelity(windows, tmp_path):
     assert 0.45 < np.mean(heal_det) < 0.8  # 0.75 x 0.85 = 64 % heal-fidelity windows
 
 
+def test_a_prior_base_pool_gives_the_prior_fill_of_each_window(windows, tmp_path):
+    from USBLib.editor.local.conditioning import prior_fill
+    from usb_training.local.crops import MAX_LEVEL
+
+    write_shard(windows, tmp_path / "shard_0_0000")
+    shards = load_shards(tmp_path, {})
+    stored, pool = WindowPool(shards), WindowPool(shards, "prior")
+    w = pool.window(0)
+    expected = prior_fill(np.clip(w["lesioned"], 0.0, MAX_LEVEL), w["region"], w["prior"])
+    np.testing.assert_array_equal(w["fill"], expected)
+    assert not np.array_equal(w["fill"], stored.window(0)["fill"])  # not the stored biharmonic fill
+    assert pool.window(0)["fill"] is pool.window(0)["fill"]  # made once
+    with pytest.raises(ValueError, match="unknown base"):
+        WindowPool(shards, "atlas")
+
+
 def test_the_mean_level_term_is_the_squared_error_of_the_mask_mean():
     target = torch.zeros(2, 1, 4, 4, 4)
     mask = torch.zeros_like(target)

@@ -187,3 +187,19 @@ def test_segmentation_fallback_and_scores(case, monkeypatch, tmp_path):
     lesioned = segment.seg_scores(segment.segment(case.lesioned[box], case.brain[box]), truth, case.mask[box],
                                   (1.0, 1.0, 1.0))
     assert lesioned["seg_agree_mask"] < 1.0
+
+
+def test_downstream_tables_pair_usb_with_the_best_classical_filler_per_score():
+    rows = []
+    for c in range(3):
+        for mask in ("exact", "hasty"):
+            for method, agree, dvol in (("A", 0.6, 0.5), ("B", 0.7, 0.9), ("USB", 0.8 + 0.01 * c, 0.2)):
+                rows.append({"case": f"c{c}", "mask": mask, "method": method, "group": "deep_wm",
+                             "seg_agree_mask": agree, "seg_agree_ring": agree, "seg_dvol_box_ml": dvol,
+                             "seg_dvol_10mm_ml": dvol})
+    result = {"rows": rows, "classical": ["A", "B"], "usb": ["USB"], "segmenter": "atropos"}
+    means = native.method_means(rows, list(native.SEG_KEYS))
+    text = "\n".join(native.downstream_lines(result, means))
+    assert text.count("USB - best classical filler") == 2  # exact and hasty apart
+    # agreement is compared with B (the higher), volume error with A (the lower): +0.11 and -0.30
+    assert "agree_mask +0.110" in text and "vs B" in text and "dvol_10mm_ml -0.300" in text and "vs A" in text

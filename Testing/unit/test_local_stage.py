@@ -363,3 +363,39 @@ def test_several_lesion_groups_heal_box_by_box():
                         torch.Generator().manual_seed(0))
     healed = image + d[0]
     assert np.allclose(healed[mask > 0], 0.8, atol=0.02)  # the network's output is zero: the base fills all three
+
+
+def test_prior_fill_follows_the_tissue_classes_into_the_region_and_keeps_the_outside():
+    from USBLib.editor.local.conditioning import classical_fill, condition, prior_fill
+
+    shape = (32, 32, 32)
+    gm = np.zeros(shape, np.float32)
+    gm[:, :16] = 1.0  # grey matter on one side of a plane, white matter on the other
+    prior = np.stack([np.zeros(shape, np.float32), gm, 1.0 - gm, 0.5 + 0.3 * (1 - gm)])
+    rng = np.random.default_rng(0)
+    healthy = (0.6 * gm + 0.9 * (1 - gm) + rng.normal(0, 0.01, shape)).astype(np.float32)
+    region = _ball(shape, (16, 16, 16), 7) > 0  # across the boundary
+    lesioned = np.where(region, 0.3, healthy).astype(np.float32)
+    base = prior_fill(lesioned, region, prior)
+    assert np.array_equal(base[~region], lesioned[~region])  # outside the region: the scan itself
+    err_prior = np.abs(base - healthy)[region].mean()
+    err_biharmonic = np.abs(classical_fill(lesioned, region) - healthy)[region].mean()
+    assert err_prior < 0.02 and err_prior < 0.5 * err_biharmonic
+    cond = condition(lesioned, region, HEAL, 0, region=region, base="prior", prior=prior)
+    np.testing.assert_array_equal(cond[3], base)
+    with pytest.raises(ValueError, match="needs the tissue prior"):
+        condition(lesioned, region, HEAL, 0, region=region, base="prior")
+    # no tissue around the region in the prior: the biharmonic fill
+    np.testing.assert_array_equal(prior_fill(lesioned, region, np.zeros_like(prior)),
+                                  classical_fill(lesioned, region))
+
+
+def test_a_prior_base_stage_needs_the_prior_and_an_unknown_base_is_a_bundle_error():
+    from USBLib.errors import BundleError
+    from USBLib.editor.local.stage import LocalStage
+
+    config = {"network": {"channels": [8, 8, 8]}, "schedule": {"num_train_timesteps": 100, "schedule": "linear_beta"}}
+    assert LocalStage(_Inputs(), dict(config, base="prior"), torch.device("cpu")).needs_prior
+    assert not LocalStage(_Inputs(), config, torch.device("cpu")).needs_prior
+    with pytest.raises(BundleError, match="base 'atlas' is unknown"):
+        LocalStage(_Inputs(), dict(config, base="atlas"), torch.device("cpu"))

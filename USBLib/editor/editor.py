@@ -275,7 +275,7 @@ class Editor:
             deviation += self._local_stage(task, image, affine, imap, mask, deviation.mean(axis=0), settings,
                                            samples, generator, prog, region, mapping)
             extra["local_boxes"] = n_local
-            if task == "heal" and value_of(settings, "local_mode") == "realism":
+            if value_of(settings, "local_mode") == "realism":  # heal and embed: the scan's grain in the edit
                 deviation = self._texture_stage(image, affine, mask, brain, deviation, settings, seed, region)
                 extra["texture"] = "noise synthesis (the scan's grain matched inside the fill region)"
         result, uncertainty, weight = self._fusion_stage(task, original, affine, mask, brain, deviation, settings,
@@ -343,8 +343,10 @@ class Editor:
     def _texture_stage(image: np.ndarray, affine: np.ndarray, mask: np.ndarray, brain: np.ndarray,
                        deviation: np.ndarray, settings: dict[str, Any], seed: int,
                        region: np.ndarray | None) -> np.ndarray:
-        """Heal, ``realism``: noise synthesis on the reconstruction (``USBLib.imaging.texture``): each sample's
-        fill gets the grain of the scan around it, seeded. Returns the deviations [samples, I, J, K] with it."""
+        """``realism``: noise synthesis on the reconstruction (``USBLib.imaging.texture``): each sample's fill
+        region (heal: the filled lesion; embed: the embedded one) gets the grain of the scan around it, seeded, as
+        much as its own fine detail lacks (an embed's sampled deviation may carry some). Returns the deviations
+        [samples, I, J, K] with it."""
         from USBLib.editor.local.conditioning import fusion_core
         from USBLib.imaging.texture import matched_noise
 

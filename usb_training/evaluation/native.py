@@ -250,12 +250,17 @@ def _crop(vol: np.ndarray, centre: np.ndarray, half: int = 28) -> np.ndarray:
     return pad[tuple(slice(int(a) - half, int(a) + half) for a in c)].copy()
 
 
-def embed_methods(editor: Editor, stages: bool = True) -> dict[str, Callable[[NativeCase, int], np.ndarray]]:
+def embed_methods(editor: Editor, kind: str = "stages") -> dict[str, Callable[[NativeCase, int], np.ndarray]]:
+    """The embeds under test, as f(case, seed) -> embedded scan: ``stages`` (local realism, local fidelity, the
+    latent stage), ``defaults`` (the bundle's), ``realism`` (the bundle's and the local realism mode, the one a
+    person looking at the result gets in the Slicer module and the demo)."""
     def usb(**settings):
         return lambda c, seed: editor.embed(c.healthy, c.affine, c.mask, seed=seed, **settings).image
 
-    if not stages:
+    if kind == "defaults":
         return {"USB defaults": usb()}
+    if kind == "realism":
+        return {"USB defaults": usb(), "USB local, realism": usb(stages="local", local_mode="realism")}
     return {"USB local, realism": usb(stages="local", local_mode="realism"),
             "USB local, fidelity": usb(stages="local", local_mode="fidelity"),
             "USB latent stage": usb(stages="latent")}
@@ -265,10 +270,11 @@ def evaluate(editor: Editor, cases: Iterable[NativeCase], configs: dict[str, dic
              model_priors: np.ndarray, embed: str = "stages", segment_cache: Path | None = None,
              figure_cases: int = 4, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Heal every case with every classical filler and USB configuration, exact and hasty masks; embed with
-    ``embed`` (``stages``: local realism / fidelity / latent, ``defaults``: the bundle's, ``none``)."""
+    ``embed`` (``stages``: local realism / fidelity / latent, ``defaults``: the bundle's, ``realism``: the bundle's
+    and local realism, ``none``)."""
     dilation = int(round(float(editor.bundle.defaults("heal").get("dilation_mm", 2.0))))
     fillers = classical_fillers(dilation)
-    emb = {} if embed == "none" else embed_methods(editor, embed == "stages")
+    emb = {} if embed == "none" else embed_methods(editor, embed)
     rows: list[dict[str, Any]] = []
     embed_rows: dict[str, list] = {m: [] for m in emb}
     shown: list[dict[str, Any]] = []
@@ -444,33 +450,65 @@ def table(result: dict[str, Any]) -> str:
     lines += ["", "best classical filler, how often (case x mask): "
               + ", ".join(f"{k} {v}" for k, v in sorted(wins.items(), key=lambda kv: -kv[1]))]
     if result.get("segmenter"):
-        keys = ["seg_agree_mask", "seg_agree_ring", "seg_dvol_box_ml", "seg_dvol_10mm_ml"]
+        lines += downstream_lines(result, means)
+    if result.get("embed"):
+        keys = ["lesion_surround_ratio", "reference_ratio", "dice_change", "dice_reference", "cv_lesion",
+                "cv_reference", "mean_abs_change_ring_3_8", "seconds"]
+        lines += ["", f"Embed, {result['cases']} native cases, exact masks (mean):", "",
+                  "| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        for name, row in result["embed"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{row[k]:.3f}" if k in row else "" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+SEG_KEYS = ("seg_agree_mask", "seg_agree_ring", "seg_dvol_box_ml", "seg_dvol_10mm_ml")
+SEG_HIGHER_BETTER = {"seg_agree_mask": True, "seg_agree_ring": True, "seg_dvol_box_ml": False,
+                     "seg_dvol_10mm_ml": False}
+
+
+def downstream_lines(result: dict[str, Any], means: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """The downstream segmentation tables, exact and hasty masks apart: every method's means, then each USB
+    configuration against the best classical filler of each score (by its mean over the cases), paired over the
+    cases with bootstrap 95 % intervals."""
+    lines: list[str] = []
+    classical = [m for m in result["classical"]]
+    for mask in ("exact", "hasty"):
+        if not any("seg_agree_mask" in masks.get(mask, {}) for masks in means.values()):
+            continue
         lines += ["", f"Downstream segmentation ({result['segmenter']}, on the lesion + 30 mm box; agreement with "
-                  "the truth's labels, |dGM|+|dWM| ml), exact masks:", "",
+                  f"the truth's labels, |dGM|+|dWM| ml), {mask} masks:", "",
                   "| method | agree in mask | agree ring 1-3 | dvol box (~brain) ml | dvol 10 mm ml |",
                   "|---|---|---|---|---|"]
         for name, masks in means.items():
-            e = masks.get("exact", {})
+            e = masks.get(mask, {})
             if "seg_agree_mask" in e:
-                lines.append(f"| {name} | " + " | ".join(f"{e[k]:.3f}" for k in keys) + " |")
+                lines.append(f"| {name} | " + " | ".join(f"{e[k]:.3f}" for k in SEG_KEYS) + " |")
+        rows = [r for r in result["rows"] if r["mask"] == mask and "seg_agree_mask" in r]
+        per = {(r["case"], r["method"]): r for r in rows}
+        cases = sorted({r["case"] for r in rows})
+        for name in result["usb"]:
+            parts = []
+            for key in SEG_KEYS[:2] + SEG_KEYS[3:]:
+                pick = max if SEG_HIGHER_BETTER[key] else min
+                best = pick((m for m in classical if all((c, m) in per for c in cases)),
+                            key=lambda m: np.mean([per[(c, m)][key] for c in cases]), default=None)
+                if best is None or not all((c, name) in per for c in cases):
+                    continue
+                d = [per[(c, name)][key] - per[(c, best)][key] for c in cases]
+                lo, hi = bootstrap_ci(d)
+                parts.append(f"{key.removeprefix('seg_')} {np.mean(d):+.3f} [{lo:+.3f}, {hi:+.3f}] vs {best}")
+            if parts:
+                lines += ["", f"{name} - best classical filler ({mask} masks, n = {len(cases)}): " + "; ".join(parts)]
         seg_sites: dict[str, dict[str, list]] = {}
-        for r in result["rows"]:
-            if r["mask"] == "exact" and "seg_dvol_10mm_ml" in r:
-                seg_sites.setdefault(r["group"], {}).setdefault(r["method"], []).append(r["seg_dvol_10mm_ml"])
+        for r in rows:
+            seg_sites.setdefault(r["group"], {}).setdefault(r["method"], []).append(r["seg_dvol_10mm_ml"])
         methods = list(means)
-        lines += ["", "dvol within 10 mm (ml) per site, exact masks:", "",
+        lines += ["", f"dvol within 10 mm (ml) per site, {mask} masks:", "",
                   "| site | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
         for g, per_m in seg_sites.items():
             lines.append(f"| {g} | " + " | ".join(f"{np.mean(per_m[m]):.2f}" if m in per_m else "" for m in methods)
                          + " |")
-    if result.get("embed"):
-        keys = ["lesion_surround_ratio", "reference_ratio", "dice_change", "cv_lesion", "cv_reference",
-                "mean_abs_change_ring_3_8", "seconds"]
-        lines += ["", f"Embed, {result['cases']} native cases, exact masks (mean):", "",
-                  "| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-        for name, row in result["embed"].items():
-            lines.append(f"| {name} | " + " | ".join(f"{row[k]:.3f}" for k in keys) + " |")
-    return "\n".join(lines)
+    return lines
 
 
 def engine_state() -> dict[str, str]:

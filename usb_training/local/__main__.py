@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="data: shard-writing processes")
     parser.add_argument("--minutes", type=float, default=None, help="train: wall-time budget of this run")
     parser.add_argument("--steps", type=int, default=None, help="train: total steps (the LR schedule's length)")
+    parser.add_argument("--base", choices=["biharmonic", "prior"], default=None,
+                        help="train: the heal's base the network corrects (a new run folder's; default biharmonic)")
     parser.add_argument("--source", type=Path, help="export: the bundle to add the local stage to")
     parser.add_argument("--out", type=Path, help="export: bundle folder to write (may be --source)")
     parser.add_argument("--tuning", type=Path, help="export: tuning.json of usb_training.local.tune")
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from .train import train
 
-        print(train(args.work, args.minutes, args.steps, args.seed))
+        print(train(args.work, args.minutes, args.steps, args.seed, base=args.base))
     return 0
 
 

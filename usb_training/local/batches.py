@@ -10,7 +10,7 @@ Per window: a direction (heal with probability ``heal_fraction``) and a mode (de
 ``deterministic[direction]``: x_t = 0 at t = T - 1, the fidelity estimate; otherwise the forward-diffused target at
 a uniform t). The condition channels are ``conditioning.network_input`` of the bundle's input names, exactly as
 the stage builds them: for heal the fill region's base (the stored biharmonic fill of the clipped lesioned
-window); for embed the clipped healthy window. The target is x0 = s (truth - base) from step 0.
+window, or with the ``prior`` base ``conditioning.prior_fill`` of it); for embed the clipped healthy window. The target is x0 = s (truth - base) from step 0.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch
 from scipy import ndimage
 
 from USBLib.core.schedule import NoiseSchedule
-from USBLib.editor.local.conditioning import DEVIATION_SCALE, EMBED, HEAL, network_input
+from USBLib.editor.local.conditioning import BASES, DEVIATION_SCALE, EMBED, HEAL, network_input, prior_fill
 from USBLib.editor.local.network import class_label
 
 from .crops import MAX_LEVEL
@@ -49,16 +49,32 @@ class Batch:
 
 
 class WindowPool:
-    """Every window of the loaded shards, grouped by its sides up to order."""
+    """Every window of the loaded shards, grouped by its sides up to order. ``base``: how the heal's base (the
+    ``fill`` a window gives) is made (``conditioning.BASES``): ``biharmonic`` is stored in the shards; ``prior``
+    is made from the window's clipped lesioned scan, region and tissue prior on first use and kept in memory."""
 
-    def __init__(self, shards: dict[str, ShardView]):
+    def __init__(self, shards: dict[str, ShardView], base: str = "biharmonic"):
+        if base not in BASES:
+            raise ValueError(f"unknown base '{base}' (known: {', '.join(BASES)})")
+        self.base = base
         self.items = [(view, i) for view in shards.values() for i in range(len(view))]
         self.buckets: dict[tuple[int, ...], list[int]] = {}
         for n, (view, i) in enumerate(self.items):
             self.buckets.setdefault(tuple(sorted(view.shape(i))), []).append(n)
+        self._fills: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def window(self, n: int) -> dict[str, np.ndarray]:
+        """Window ``n`` (``ShardView.window``) with its ``fill`` made by the pool's base."""
+        view, i = self.items[n]
+        w = view.window(i)
+        if self.base == "prior":
+            if n not in self._fills:
+                self._fills[n] = prior_fill(np.clip(w["lesioned"], 0.0, MAX_LEVEL), w["region"], w["prior"])
+            w["fill"] = self._fills[n]
+        return w
 
 
 def _oriented(window: dict[str, np.ndarray], perm, flips) -> dict[str, np.ndarray]:
@@ -87,7 +103,7 @@ def draw_windows(pool: WindowPool, rng: np.random.Generator, batch: int, batch_v
         own = view.shape(i)
         perms = [p for p in itertools.permutations(range(3)) if tuple(own[a] for a in p) == target]
         perm = perms[int(rng.integers(len(perms)))]
-        out.append(_oriented(view.window(i), perm, rng.random(3) < 0.5))
+        out.append(_oriented(pool.window(m), perm, rng.random(3) < 0.5))
     return out
 
 

@@ -108,11 +108,14 @@ def export_local(source: Path, train_dir: Path, out: Path, defaults: Mapping[str
     names = input_names(train_cfg)
     if names != BASE_INPUTS:
         config["local"]["inputs"] = list(names)
+    base = train_cfg.get("base", "biharmonic")
+    if base != "biharmonic":
+        config["local"]["base"] = base
     for name in (TISSUE_FILE, LICENCE_FILE):  # a previous local stage's prior files go with it
         config["files"].pop(name, None)
         (out / name).unlink(missing_ok=True)
     new_files: dict[str, Path] = {}
-    if needs_prior(names):
+    if needs_prior(names, base):
         from ..base.paths import DEFAULT_CACHE
 
         space = config["model_space"]

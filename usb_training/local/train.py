@@ -40,6 +40,7 @@ TARGET = "healthy (embed: lesioned) - classical base, from step 0"
 LOCAL_CONFIG: dict[str, Any] = {
     "inputs": INPUTS,
     "target": TARGET,
+    "base": "biharmonic",  # how the heal's base is made (USBLib.editor.local.conditioning.BASES)
     # MONAI's middle block always attends over the whole window (4096 positions at 64^3): one 64-channel head
     # costs a quarter less than the default 8-channel heads there
     "network": {"channels": [16, 32, 64], "num_res_blocks": 1, "attention_levels": [False, False, False],
@@ -50,7 +51,8 @@ LOCAL_CONFIG: dict[str, Any] = {
               "heal_fraction": 0.75, "deterministic": {"heal": 0.85, "embed": 0.4}, "mean_weight": 1.0,
               "checkpoint_minutes": 4.0},
 }
-IDENTITY = ("inputs", "target", "network", "schedule")  # what a checkpoint must share with the config to resume
+IDENTITY = ("inputs", "target", "base", "network", "schedule")  # what a checkpoint must share with the config to resume
+IDENTITY_DEFAULTS = {"base": "biharmonic"}  # what a run folder written before the key existed was made with
 
 
 def _lr(step: int, tc: dict) -> float:
@@ -75,7 +77,7 @@ def _config(out: Path, cfg: dict) -> dict:
     path = out / "config.json"
     if path.is_file() and (out / "checkpoint.safetensors").is_file():
         before = json.loads(path.read_text())
-        changed = [k for k in IDENTITY if before.get(k) != json.loads(json.dumps(cfg.get(k)))]
+        changed = [k for k in IDENTITY if before.get(k, IDENTITY_DEFAULTS.get(k)) != json.loads(json.dumps(cfg.get(k)))]
         if changed:
             raise ValueError(f"{out} holds a checkpoint trained with another {', '.join(changed)}; "
                              "train a new network in a new work folder")
@@ -84,11 +86,14 @@ def _config(out: Path, cfg: dict) -> dict:
 
 
 def train(work: Path, minutes: float | None = None, steps: int | None = None, seed: int = 0,
-          cfg: dict | None = None, log_every: int = 50) -> Path:
-    """Train (or continue training) in ``<work>/train`` on the shards in ``<work>/windows``; returns the folder."""
+          cfg: dict | None = None, log_every: int = 50, base: str | None = None) -> Path:
+    """Train (or continue training) in ``<work>/train`` on the shards in ``<work>/windows``; returns the folder.
+    ``base``: the heal's base (``conditioning.BASES``; default the config's), fixed for a run folder."""
     cfg = copy.deepcopy(cfg or LOCAL_CONFIG)
     if steps is not None:
         cfg["train"]["steps"] = int(steps)
+    if base is not None:
+        cfg["base"] = base
     tc = cfg["train"]
     work = Path(work)
     out = work / "train"
@@ -117,7 +122,7 @@ def train(work: Path, minutes: float | None = None, steps: int | None = None, se
             before = len(shards)
             load_shards(work / "windows", shards)
             if len(shards) != before or pool is None:
-                pool = WindowPool(shards)
+                pool = WindowPool(shards, cfg.get("base", "biharmonic"))
             if not len(pool):
                 raise RuntimeError(f"no window shards in {work / 'windows'}")
         for group in opt.param_groups:

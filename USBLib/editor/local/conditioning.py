@@ -12,6 +12,10 @@ Everything here works on one box in model intensity units (the scan's 99th brain
 
 Channels of ``condition``, shape [4, I, J, K] float32: image, drawn mask, fill region, classical fill.
 
+A bundle's ``local.base`` says how the heal's base is made (``BASES``): ``biharmonic`` (the default, above) or
+``prior`` (``prior_fill``: the template's tissue classes with means fitted around the region, plus the biharmonic
+fill of what they leave unexplained; it needs the tissue prior).
+
 A bundle's ``local.inputs`` names the channels its network reads, in order (``network_input``): without the key,
 the four above (``BASE_INPUTS``, the shipped ``usb-tiny``). Bundles may add the template's tissue prior
 (``PRIOR_INPUTS``: template T1 in model units and CSF/GM/WM probabilities, registered into the box, see
@@ -31,6 +35,10 @@ BASE_INPUTS = ("image", "mask", "region", "fill")  # the channels of ``condition
 PRIOR_INPUTS = ("prior_t1", "prior_csf", "prior_gm", "prior_wm")  # ``prior.TissuePrior.read``'s order
 KNOWN_INPUTS = BASE_INPUTS + PRIOR_INPUTS
 DEVIATION_SCALE = 2.0  # the diffusion runs on d * scale (deviations are mostly within +-0.6 model units)
+BASES = ("biharmonic", "prior")  # how a heal's base is made (``classical_fill``, ``prior_fill``)
+PRIOR_SHELL_VOX = (1.0, 8.0)  # prior_fill: the class means are fitted on tissue this many voxels outside the region
+PRIOR_MIN_SHELL = 30          # fewer tissue voxels there: the biharmonic fill alone
+PRIOR_RIDGE = 0.05            # pull of the shell's class means towards the whole box's
 
 
 def fill_region(mask: np.ndarray, direction: int, dilation: int) -> np.ndarray:
@@ -50,18 +58,62 @@ def classical_fill(image: np.ndarray, region: np.ndarray) -> np.ndarray:
     return prefill(image, region, "biharmonic")
 
 
+def prior_fill(image: np.ndarray, region: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """Prior-guided fill of ``region``: inside it sum_k p_k mu_k + r, where p_k are the template's CSF/GM/WM
+    probabilities registered into the box, mu_k class means fitted in least squares on the tissue 1-8 voxels
+    outside the region (pulled towards the fit over the whole box, so that a class absent there keeps a sensible
+    mean), and r the biharmonic fill of the residual image - sum_k p_k mu_k from outside the region (so the fill
+    meets the scan at the region's edge). Outside the region: ``image`` itself. Falls back to ``classical_fill``
+    where the box has too little tissue around the region.
+
+    Args:
+        image: the box [I, J, K] (model units).
+        region: the fill region [I, J, K] (> 0 = filled).
+        prior: the tissue prior [4, I, J, K] in ``PRIOR_INPUTS`` order (template T1, CSF, GM, WM).
+    Returns:
+        float32 [I, J, K].
+    """
+    from USBLib.imaging.prefill import prefill
+
+    image = np.asarray(image, np.float32)
+    region = np.asarray(region) > 0
+    classes = np.asarray(prior, np.float64)[1:4]
+    tissue = (classes.sum(0) > 0.5) & ~region
+    dist = ndimage.distance_transform_edt(~region)
+    shell = tissue & (dist > PRIOR_SHELL_VOX[0]) & (dist <= PRIOR_SHELL_VOX[1])
+    if not region.any() or int(shell.sum()) < PRIOR_MIN_SHELL:
+        return classical_fill(image, region)
+    everywhere = classes[:, tissue].T
+    anchor = np.linalg.lstsq(everywhere, image[tissue].astype(np.float64), rcond=None)[0]
+    a, b = classes[:, shell].T, image[shell].astype(np.float64)
+    gram = a.T @ a
+    lam = PRIOR_RIDGE * max(float(np.trace(gram)) / len(gram), 1e-9)
+    mu = np.linalg.solve(gram + lam * np.eye(len(gram)), a.T @ b + lam * anchor)
+    model = np.tensordot(mu, classes, axes=1).astype(np.float32)
+    residual = prefill(image - model, region, "biharmonic")
+    return np.where(region, model + residual, image).astype(np.float32)
+
+
 def condition(image: np.ndarray, mask: np.ndarray, direction: int, dilation: int,
-              fill: np.ndarray | None = None, region: np.ndarray | None = None) -> np.ndarray:
+              fill: np.ndarray | None = None, region: np.ndarray | None = None, base: str = "biharmonic",
+              prior: np.ndarray | None = None) -> np.ndarray:
     """Network condition channels [4, I, J, K] (image, mask, fill region, classical fill).
 
     ``fill`` may be passed when already computed (training caches it); for embed the fill is the image.
     ``region``: a heal's fill region when it is not ``fill_region(mask, direction, dilation)`` (e.g. grown into
-    the lesion's rim only, ``USBLib.imaging.rim``).
+    the lesion's rim only, ``USBLib.imaging.rim``). ``base``: how a heal's fill is made (``BASES``); ``prior``
+    (the box's tissue prior [4, I, J, K]) is needed for ``prior``.
     """
     image = np.asarray(image, np.float32)
     region = fill_region(mask, direction, dilation) if region is None or direction == EMBED else np.asarray(region) > 0
+    if base not in BASES:
+        raise ValueError(f"unknown local base '{base}' (known: {', '.join(BASES)})")
     if direction == EMBED:
         fill = image
+    elif fill is None and base == "prior":
+        if prior is None:
+            raise ValueError("the 'prior' base needs the tissue prior")
+        fill = prior_fill(image, region, prior)
     elif fill is None:
         fill = classical_fill(image, region)
     return np.stack([image, (np.asarray(mask) > 0).astype(np.float32), region.astype(np.float32),
@@ -102,9 +154,9 @@ def input_names(local_config) -> tuple[str, ...]:
     return names
 
 
-def needs_prior(names) -> bool:
-    """Whether any of the input ``names`` is a tissue-prior channel."""
-    return any(n in PRIOR_INPUTS for n in names)
+def needs_prior(names, base: str = "biharmonic") -> bool:
+    """Whether any of the input ``names`` is a tissue-prior channel, or the ``base`` is made from the prior."""
+    return any(n in PRIOR_INPUTS for n in names) or base == "prior"
 
 
 def network_input(cond: np.ndarray, names, prior: np.ndarray | None = None) -> np.ndarray:

@@ -15,8 +15,8 @@ import torch
 
 from USBLib.core.schedule import NoiseSchedule
 from USBLib.imaging.boxes import lesion_boxes, needs_resampling, to_grid, work_shape
-from USBLib.editor.local.conditioning import (DEVIATION_SCALE, DIRECTIONS, condition, input_names, lesion_prior,
-                                              needs_prior, network_input)
+from USBLib.editor.local.conditioning import (BASES, DEVIATION_SCALE, DIRECTIONS, condition, input_names,
+                                              lesion_prior, needs_prior, network_input)
 from USBLib.editor.local.network import build_local_unet, size_multiple
 from USBLib.editor.local.prior import TissuePrior
 from USBLib.editor.local.sampler import sample_deviation
@@ -47,6 +47,11 @@ class LocalStage:
         self.schedule = NoiseSchedule.from_config(config["schedule"])
         self.multiple = size_multiple(config["network"])
         self.inputs = input_names(config)  # the condition channels the network reads, in order
+        self.base = str(config.get("base", "biharmonic"))  # how a heal's base is made (conditioning.BASES)
+        if self.base not in BASES:
+            from USBLib.errors import BundleError
+
+            raise BundleError(f"the local stage's base '{self.base}' is unknown (known: {', '.join(BASES)})")
 
     @classmethod
     def from_state_dict(cls, config: Mapping[str, Any], state: Mapping[str, torch.Tensor],
@@ -124,7 +129,7 @@ class LocalStage:
                 region_w = None if region_box is None else np.pad(region_box, pad)
                 if prior_box is not None:
                     prior_w = np.pad(prior_box, [(0, 0)] + pad, mode="edge")
-            cond = condition(img_w, lesion_w, direction, dilation, region=region_w)
+            cond = condition(img_w, lesion_w, direction, dilation, region=region_w, base=self.base, prior=prior_w)
             inputs = network_input(cond, self.inputs, prior_w)
             weight = None
             if settings.eta > 0:
@@ -160,7 +165,7 @@ class LocalStage:
     @property
     def needs_prior(self) -> bool:
         """Whether the network reads the template's tissue prior (the bundle's ``local.inputs``)."""
-        return needs_prior(self.inputs)
+        return needs_prior(self.inputs, self.base)
 
     @property
     def scale(self) -> float:
