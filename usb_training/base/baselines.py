@@ -113,12 +113,10 @@ def atlas_fit(image: np.ndarray, priors: np.ndarray, shell: np.ndarray, brain: n
     p_all = priors.reshape(len(priors), -1)[:, idx].T.astype(np.float64)
     v_all = np.asarray(image, np.float64).ravel()[idx]
     mu0 = np.linalg.lstsq(p_all, v_all, rcond=None)[0]
+    from USBLib.editor.local.conditioning import fit_class_means
+
     s = np.asarray(shell) > 0
-    a = priors[:, s].T.astype(np.float64)
-    b = np.asarray(image, np.float64)[s]
-    gram = a.T @ a
-    lam = ridge * max(float(np.trace(gram)) / len(priors), 1e-9)
-    return np.linalg.solve(gram + lam * np.eye(len(priors)), a.T @ b + lam * mu0)
+    return fit_class_means(priors[:, s].T, np.asarray(image)[s], mu0, ridge)
 
 
 def atlas_fill(image: np.ndarray, lesion: np.ndarray, brain: np.ndarray, priors: np.ndarray, grow: int = 2,

@@ -471,7 +471,7 @@ def downstream_lines(result: dict[str, Any], means: dict[str, dict[str, dict[str
     configuration against the best classical filler of each score (by its mean over the cases), paired over the
     cases with bootstrap 95 % intervals."""
     lines: list[str] = []
-    classical = [m for m in result["classical"]]
+    classical = list(result["classical"])
     for mask in ("exact", "hasty"):
         if not any("seg_agree_mask" in masks.get(mask, {}) for masks in means.values()):
             continue

@@ -58,6 +58,23 @@ def classical_fill(image: np.ndarray, region: np.ndarray) -> np.ndarray:
     return prefill(image, region, "biharmonic")
 
 
+def fit_class_means(probabilities: np.ndarray, values: np.ndarray, anchor: np.ndarray, ridge: float) -> np.ndarray:
+    """Class means mu [K] such that probabilities @ mu fits ``values`` in least squares, pulled towards ``anchor``
+    [K] by a ridge of ``ridge`` x the mean diagonal of the Gram matrix (a class absent from the voxels keeps the
+    anchor's mean).
+
+    Args:
+        probabilities: [N, K] class probabilities of N voxels.
+        values: [N] their intensities.
+        anchor: [K] the means to fall back on (e.g. a fit over a larger region).
+        ridge: the pull towards ``anchor`` (0: plain least squares).
+    """
+    a, b = np.asarray(probabilities, np.float64), np.asarray(values, np.float64)
+    gram = a.T @ a
+    lam = ridge * max(float(np.trace(gram)) / len(gram), 1e-9)
+    return np.linalg.solve(gram + lam * np.eye(len(gram)), a.T @ b + lam * np.asarray(anchor, np.float64))
+
+
 def prior_fill(image: np.ndarray, region: np.ndarray, prior: np.ndarray) -> np.ndarray:
     """Prior-guided fill of ``region``: inside it sum_k p_k mu_k + r, where p_k are the template's CSF/GM/WM
     probabilities registered into the box, mu_k class means fitted in least squares on the tissue 1-8 voxels
@@ -83,12 +100,8 @@ def prior_fill(image: np.ndarray, region: np.ndarray, prior: np.ndarray) -> np.n
     shell = tissue & (dist > PRIOR_SHELL_VOX[0]) & (dist <= PRIOR_SHELL_VOX[1])
     if not region.any() or int(shell.sum()) < PRIOR_MIN_SHELL:
         return classical_fill(image, region)
-    everywhere = classes[:, tissue].T
-    anchor = np.linalg.lstsq(everywhere, image[tissue].astype(np.float64), rcond=None)[0]
-    a, b = classes[:, shell].T, image[shell].astype(np.float64)
-    gram = a.T @ a
-    lam = PRIOR_RIDGE * max(float(np.trace(gram)) / len(gram), 1e-9)
-    mu = np.linalg.solve(gram + lam * np.eye(len(gram)), a.T @ b + lam * anchor)
+    anchor = np.linalg.lstsq(classes[:, tissue].T, image[tissue].astype(np.float64), rcond=None)[0]
+    mu = fit_class_means(classes[:, shell].T, image[shell], anchor, PRIOR_RIDGE)
     model = np.tensordot(mu, classes, axes=1).astype(np.float32)
     residual = prefill(image - model, region, "biharmonic")
     return np.where(region, model + residual, image).astype(np.float32)
