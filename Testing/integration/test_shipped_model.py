@@ -164,6 +164,11 @@ def test_embed_gives_a_visible_lesion_where_the_mask_is(shipped, sample):
     change = np.abs(res.image.astype(np.float64) - img.data) / scale > 0.05
     dice = 2 * (change & inside).sum() / (change.sum() + inside.sum())
     assert dice > EMBED_MIN_DICE, dice
+    # the default embed is a realism sample; its level is the deterministic estimate's (sampler.anchor_level)
+    assert shipped.bundle.defaults("embed")["local_mode"] == "realism"
+    flat = shipped.embed(img.data, img.affine, target.data, seed=0, local_mode="fidelity").image
+    assert abs(res.image[inside].mean() / flat[inside].mean() - 1.0) < 0.02
+    assert res.image[inside].std() > flat[inside].std()  # with heterogeneity that the estimate lacks
 
 
 def _ncc(a: np.ndarray, b: np.ndarray, region: np.ndarray) -> float:

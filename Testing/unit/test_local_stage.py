@@ -151,6 +151,41 @@ class _Pointwise(torch.nn.Module):
         return torch.tanh(x[:, 1:2] - 0.5 * x[:, 4:5]) + 1e-4 * t.float().view(-1, 1, 1, 1, 1)
 
 
+class _DarkerSample(torch.nn.Module):
+    """Stands in for a network whose samples drift darker than its conditional mean: the deterministic class
+    gives 0.2 everywhere, the sampling class -0.1 plus a fixed texture."""
+
+    def __init__(self, texture: torch.Tensor):
+        super().__init__()
+        self.texture = texture
+
+    def forward(self, x, t, class_labels=None):
+        if int(class_labels[0]) >= 2:  # deterministic (fidelity) label
+            return torch.full_like(x[:, :1], 0.2)
+        return (-0.1 + self.texture).expand_as(x[:, :1]).clone()
+
+
+def test_a_realism_sample_keeps_its_texture_at_the_fidelity_level_over_the_region():
+    schedule = NoiseSchedule.from_config({"num_train_timesteps": 100, "schedule": "linear_beta"})
+    region = np.zeros((16, 16, 16), bool)
+    region[4:12, 4:12, 4:12] = True
+    weight = torch.from_numpy(lesion_prior(region))[None, None]
+    texture = 0.1 * torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    run = lambda level: sample_deviation(  # noqa: E731
+        _DarkerSample(texture), schedule, torch.zeros(1, 4, 16, 16, 16), EMBED, mode="realism", alpha0=20.0,
+        k=2.0, eta_weight=None, steps=2, strength=0.3, generator=torch.Generator().manual_seed(0), acg=False,
+        level_weight=level)[0, 0]
+    drawn, anchored = run(None), run(weight)
+    w = weight[0, 0]
+    assert float((w * drawn).sum() / w.sum()) < 0.0  # the sample as drawn is darker than the fidelity estimate
+    assert abs(float((w * anchored).sum() / w.sum()) - 0.2) < 1e-4  # anchored: the fidelity level over the region
+    inside = torch.from_numpy(region)
+    assert torch.allclose(anchored[inside] - anchored[inside].mean(), drawn[inside] - drawn[inside].mean(),
+                          atol=1e-5)  # the texture inside is the sample's
+    far = w < 1e-4
+    assert far.sum() > 1000 and torch.allclose(anchored[far], drawn[far], atol=1e-4)  # nothing moves far outside
+
+
 @pytest.mark.parametrize("mode", ["fidelity", "realism"])
 def test_large_boxes_run_in_windows_that_stitch_back_in_place(mode):
     schedule = NoiseSchedule.from_config({"num_train_timesteps": 100, "schedule": "linear_beta"})

@@ -28,7 +28,9 @@ PRIOR_DESCRIPTION = ("ICBM 2009c Nonlinear Asymmetric MNI152 CSF/GM/WM probabili
 LOCAL_DEFAULTS = {  # heal: rim growth at most 3 mm, chosen on the training source MNI2009c (docs/model.md)
     "heal": {"stages": "local", "local_mode": "fidelity", "local_steps": 4, "local_strength": 0.3,
              "dilation_mm": 3.0, "margin_mm": 3.0, "growth": "rim", "eta": 1.0},
-    "embed": {"stages": "local", "local_mode": "fidelity", "local_steps": 4, "local_strength": 0.3,
+    # embed: realism (a sample at the fidelity estimate's level) is as dark as fidelity and has the heterogeneity
+    # of the reference lesions, on the training source MNI2009c (docs/model.md)
+    "embed": {"stages": "local", "local_mode": "realism", "local_steps": 4, "local_strength": 0.3,
               "dilation_mm": 1.0, "margin_mm": 2.0},
 }
 

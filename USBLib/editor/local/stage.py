@@ -135,6 +135,7 @@ class LocalStage:
             if settings.eta > 0:
                 weight = torch.from_numpy(np.clip(1.0 - settings.eta * lesion_prior(cond[2] > 0), 0.0, 1.0))
                 weight = weight[None, None].to(self.device)
+            level = torch.from_numpy(lesion_prior(cond[2] > 0))[None, None] if settings.mode == "realism" else None
             cond_t = torch.from_numpy(inputs)[None].expand(draws, *inputs.shape).contiguous().to(self.device)
             noise = None
             if field is not None:
@@ -145,7 +146,7 @@ class LocalStage:
             x0 = sample_deviation(self.net, self.schedule, cond_t, direction, mode=settings.mode,
                                   alpha0=settings.alpha0, k=settings.k, eta_weight=weight, steps=settings.steps,
                                   strength=settings.strength, generator=generator, acg=settings.acg, noise=noise,
-                                  reference=reference)
+                                  reference=reference, level_weight=level)
             d = x0[:, 0].float().cpu().numpy() / self.scale + base_shift  # deviation from the input
             clipped_off = None  # heal: the part of the fill region the clip took off, given back
             if direction == DIRECTIONS["heal"]:
