@@ -25,7 +25,8 @@ from USBLib.editor.editor import Editor
 from USBLib.editor.local.conditioning import classical_fill
 
 TINY = json.loads(json.dumps(LOCAL_CONFIG))
-TINY["network"] = {"channels": [8, 16], "num_res_blocks": 1, "attention_levels": [False, False], "norm_num_groups": 8}
+TINY["network"] = {"channels": [8, 8, 16], "num_res_blocks": 1, "attention_levels": [False, False, False],
+                   "norm_num_groups": 8}  # three levels: the middle block attends at 1/4 resolution (phantoms.TINY_LOCAL)
 TINY["train"].update({"batch": 2, "batch_voxels": 2 * 32 ** 3, "warmup": 1, "checkpoint_minutes": 0.0})
 
 
