@@ -14,7 +14,7 @@ from USBLib.imaging.fusion import dilate_mm
 from USBLib.imaging.io import read_volume
 from USBLib.editor.editor import Editor
 
-STEPS = 20  # latent stage: fewer than the defaults, to keep CI short; the direction must already be right
+STEPS = 10  # latent stage: fewer than the defaults, to keep CI short; the direction must already be right
 HEAL_MARGIN_DB = 3.0   # local heal vs biharmonic inpainting of the mask grown by 2 voxels (measured +7.0 dB)
 EMBED_MAX_RATIO = 0.9  # lesion / surround mean intensity of an embedded lesion
 EMBED_MIN_DICE = 0.6   # thresholded change vs the mask
