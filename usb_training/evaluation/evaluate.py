@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="--native: downstream segmentation check (Atropos with the 'evaluation' extra)")
     parser.add_argument("--embed", default="stages", choices=["stages", "defaults", "realism", "none"],
                         help="--native: embed methods (local realism/fidelity and latent; the bundle's; the "
-                             "bundle's and local realism; none)")
+                             "bundle's and the other local mode; none)")
     parser.add_argument("--seed", type=int, default=None, help="--native: first case seed (default 910000)")
     args = parser.parse_args(argv)
     b = bundle_mod.load(args.model)

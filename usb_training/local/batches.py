@@ -10,7 +10,8 @@ Per window: a direction (heal with probability ``heal_fraction``) and a mode (de
 ``deterministic[direction]``: x_t = 0 at t = T - 1, the fidelity estimate; otherwise the forward-diffused target at
 a uniform t). The condition channels are ``conditioning.network_input`` of the bundle's input names, exactly as
 the stage builds them: for heal the fill region's base (the stored biharmonic fill of the clipped lesioned
-window, or with the ``prior`` base ``conditioning.prior_fill`` of it); for embed the clipped healthy window. The target is x0 = s (truth - base) from step 0.
+window, or with the ``prior`` base ``conditioning.prior_fill`` of it); for embed the clipped healthy window. The
+target is x0 = s (truth - base) from step 0.
 """
 from __future__ import annotations
 

@@ -131,11 +131,11 @@ class LocalStage:
                     prior_w = np.pad(prior_box, [(0, 0)] + pad, mode="edge")
             cond = condition(img_w, lesion_w, direction, dilation, region=region_w, base=self.base, prior=prior_w)
             inputs = network_input(cond, self.inputs, prior_w)
+            x_lesion = lesion_prior(cond[2] > 0)  # the smoothed fill region: LCG's weight and realism's level
             weight = None
             if settings.eta > 0:
-                weight = torch.from_numpy(np.clip(1.0 - settings.eta * lesion_prior(cond[2] > 0), 0.0, 1.0))
-                weight = weight[None, None].to(self.device)
-            level = torch.from_numpy(lesion_prior(cond[2] > 0))[None, None] if settings.mode == "realism" else None
+                weight = torch.from_numpy(np.clip(1.0 - settings.eta * x_lesion, 0.0, 1.0))[None, None].to(self.device)
+            level = torch.from_numpy(x_lesion)[None, None] if settings.mode == "realism" else None
             cond_t = torch.from_numpy(inputs)[None].expand(draws, *inputs.shape).contiguous().to(self.device)
             noise = None
             if field is not None:
