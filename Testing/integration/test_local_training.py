@@ -65,6 +65,21 @@ def test_windows_are_inference_boxes_with_a_paired_lesion_a_fill_and_a_prior(win
     assert min(ratios) < VISIBLE_RATIO[1] + 0.05
 
 
+def test_site_weights_steer_the_lesion_sites_and_bad_weights_are_refused(maker):
+    """``data --sites``: a data round aimed at some sites (e.g. deep grey matter) draws only from the weights given."""
+    from usb_training.local.__main__ import _site_weights
+    from usb_training.local.sites import SITES
+
+    only = {site: 0.0 for site in SITES} | {"cortical": 1.0}
+    aimed = WindowMaker(maker.sources, maker.priors, 4, only)
+    assert {w.info["site"] for w in aimed.windows(np.random.default_rng(1), 3, per_scene=3)} == {"cortical"}
+    mixed = WindowMaker(maker.sources, maker.priors, 4, _site_weights("deep_gm=0.35,cortical=0.15"))
+    assert sum(mixed.site_weights.values()) == pytest.approx(1.0)
+    assert mixed.site_weights["deep_gm"] > SITES["deep_gm"] and mixed.site_weights["deep_wm"] < SITES["deep_wm"]
+    with pytest.raises(ValueError, match="site weights"):
+        WindowMaker(maker.sources, maker.priors, 4, {"thalamus": 1.0})
+
+
 def test_shards_keep_windows_of_every_shape(windows, tmp_path):
     write_shard(windows, tmp_path / "windows" / "shard_0_0000")
     views = load_shards(tmp_path / "windows", {})

@@ -78,7 +78,7 @@ def test_every_stage_runs_resumes_exports_and_reloads(run):
     from usb_training.evaluation.generation import Reference
 
     out = evaluate.run(work / "bundle", [case], [make_sample(anatomy, 4).mask], work / "eval", generate=2,
-                       reference=Reference(cfg, work / "cache"))
+                       reference=Reference(cfg, work / "cache", count=2, generator_count=4))
     assert {"input (no change)", "biharmonic inpainting", "USB (bundle defaults)", "USB latent without ACG"} <= set(out["heal"])
     assert out["heal"]["input (no change)"]["outside_max_change"] == 0.0
     assert {"USB (bundle defaults)", "USB latent stage"} == set(out["embed"])
@@ -117,13 +117,15 @@ def test_generation_report_measures_a_bundle(run, tmp_path):
     from usb_training.evaluation import generation
 
     cfg, work, _ = run
+    small = generation.Reference(cfg, work / "cache", count=2, generator_count=4)  # the report, not the statistics
     if not (work / "bundle" / "bundle.json").is_file():
         if not (work / "diffusion" / CHECKPOINT).is_file():
             train_autoencoder.train(cfg, work, steps=1, progress=False)
             latents.cache(cfg, work)
             train_diffusion.train(cfg, work, steps=1, progress=False)
         export.export(cfg, work, work / "bundle", "smoke")
-    result = generation.run(work / "bundle", cfg, work / "cache", tmp_path / "gen", pairs=2, mask_cases=2)
+    result = generation.run(work / "bundle", cfg, work / "cache", tmp_path / "gen", pairs=2, mask_cases=2,
+                               reference=small, per_source=1)
     rec = result["reconstruction"]
     assert set(rec) >= {"ixi555", "mni2009a"} and rec["ixi555"]["held_out"]
     assert np.isfinite(rec["mni2009a"]["template"]["psnr"])

@@ -3,8 +3,8 @@
 A reconstruction that is best on average (a conditional mean, a classical fill) is smoother than the scan around
 it, and a radiologist sees a smooth patch at once. This adds zero-mean Gaussian noise inside the fill region,
 with the amount chosen so that the fill's fine detail (the high-pass: the scan minus its 1-voxel Gaussian blur)
-has the same robust SD as in the brain ring around the region; the noise fades out over about a voxel at the
-region's edge. It is synthesized noise, not recovered anatomy: it makes the fill look like the scan and costs a
+has ``GRAIN_SCALE`` times the robust SD of the brain ring around the region; the noise fades out over about a
+voxel at the region's edge. It is synthesized noise, not recovered anatomy: it makes the fill look like the scan and costs a
 little PSNR against the truth.
 """
 from __future__ import annotations
@@ -15,6 +15,11 @@ from scipy import ndimage
 HIGH_PASS_SIGMA_VOX = 1.0
 RING_MM = (1.0, 5.0)     # the ring around the fill region whose detail is matched
 FEATHER_SIGMA_VOX = 0.75
+# The fraction of the ring's fine-detail SD the fill region is given. The ring around a lesion site carries more
+# detail than the site itself (tissue edges; the truth's own ratio is 0.86-0.94 on the yardstick), so matching
+# the ring fully overshot the truth's texture: 1.04 of it on the tuning source MNI2009c (24 heals), 0.99 at 0.9,
+# where the PSNR cost against fidelity fell from 1.26 to 1.03 dB (0.8: texture 0.94, cost 0.82).
+GRAIN_SCALE = 0.9
 
 
 def robust_sd(values: np.ndarray) -> float:
@@ -63,7 +68,7 @@ def matched_noise(healed: np.ndarray, region: np.ndarray, brain: np.ndarray, spa
     ring = (np.asarray(brain)[box] > 0) & (dist > RING_MM[0]) & (dist <= RING_MM[1])
     if ring.sum() < 20:
         return out
-    target, present = robust_sd(detail[ring]), robust_sd(detail[reg])
+    target, present = GRAIN_SCALE * robust_sd(detail[ring]), robust_sd(detail[reg])
     sigma = np.sqrt(max(target ** 2 - present ** 2, 0.0)) / _white_noise_gain()
     weight = np.clip(ndimage.gaussian_filter(reg.astype(np.float32), FEATHER_SIGMA_VOX) * 2.0, 0.0, 1.0)
     weight[reg] = 1.0

@@ -104,7 +104,9 @@ class Reference:
     """The held-out population (the held-out template and deformed samples of it) and the model template's
     tissue maps, on the model grid."""
 
-    def __init__(self, cfg: dict[str, Any], cache: Path, count: int = 4):
+    def __init__(self, cfg: dict[str, Any], cache: Path, count: int = 4, generator_count: int = 16):
+        """``count``: held-out brains (the template and ``count`` - 1 deformed samples of it); ``generator_count``:
+        the least number of generator masks generated lesions are compared with."""
         prepared = prepared_sources(cfg, cache)
         self.held = held = Anatomy.load(prepared[HELD_OUT])
         self.template = Anatomy.load(prepared["mni2009a"])
@@ -112,7 +114,7 @@ class Reference:
         self.brains = [(held.image, held.brain)] + [(s.healthy, s.brain) for s in self.samples]
         self.wm = self.template.labels == WM
         self.tissue = (self.template.labels > 0) & (self.template.labels != CSF)
-        self.cfg, self.cache = cfg, cache
+        self.cfg, self.cache, self.generator_count = cfg, cache, int(generator_count)
 
     def mean_ncc(self, image: np.ndarray, affine: np.ndarray) -> float:
         return float(np.mean([aligned_ncc(image, ref, brain, affine, seed=i)
@@ -195,7 +197,8 @@ def unconditional(editor: Editor, ref: Reference, pairs: int, seed: int = 0, ste
     template_ncc = ref.mean_ncc(ref.template.image, affine)
     fractions = np.mean([tissue_fractions(r.image, brain) for r in results], 0).round(4).tolist()
     generated = [mask_stats(r.mask, spacing, ref.wm, ref.tissue) for r in results]
-    generator = [mask_stats(m, spacing, ref.wm, ref.tissue) for m in ref.generator_masks(max(pairs, 16))]
+    generator = [mask_stats(m, spacing, ref.wm, ref.tissue)
+                 for m in ref.generator_masks(max(pairs, ref.generator_count))]
     return {"pairs": pairs, "seconds_per_pair": seconds, "ncc_mean": float(np.mean(nccs)),
             "ncc_template": template_ncc, "ncc_ratio": float(np.mean(nccs) / max(template_ncc, 1e-9)),
             "tissue_fractions": fractions, "tissue_fractions_held_out": ref.fractions(),
@@ -276,14 +279,18 @@ def montage(pairs: list, out: Path, title: str) -> Path:
 
 
 def run(model: Path | str, cfg: dict[str, Any], cache: Path, out: Path, pairs: int = 16, mask_cases: int = 8,
-        seed: int = 0, steps: int | None = None, sampler: str | None = None) -> dict[str, Any]:
-    """Every generation measurement of a bundle; writes ``generation.json``, ``generation.md`` and montages."""
+        seed: int = 0, steps: int | None = None, sampler: str | None = None,
+        reference: Reference | None = None, per_source: int = 3) -> dict[str, Any]:
+    """Every generation measurement of a bundle; writes ``generation.json``, ``generation.md`` and montages.
+    ``reference``: the held-out population (default ``Reference(cfg, cache)``); ``per_source``: synthetic samples
+    per source in the autoencoder round trip (``reconstruction_by_source``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     editor = Editor(bundle_mod.load(model), device="auto", registration="none")
-    ref = Reference(cfg, cache)
+    ref = Reference(cfg, cache) if reference is None else reference
     result: dict[str, Any] = {"held_out_source": HELD_OUT,
-                              "reconstruction": reconstruction_by_source(editor_round_trip(editor), cfg, cache)}
+                              "reconstruction": reconstruction_by_source(editor_round_trip(editor), cfg, cache,
+                                                                         per_source)}
     reconstruction_figure(editor_round_trip(editor), cfg, cache, out / "reconstruction.png",
                           f"{editor.bundle.name} autoencoder")
     result["unconditional"], generated = unconditional(editor, ref, pairs, seed, steps, sampler)

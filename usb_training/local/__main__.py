@@ -12,6 +12,19 @@ from ..base.paths import DEFAULT_CACHE
 TRAIN_SOURCES = ["mni2009a", "mni2009c", "fsaverage"]  # ixi555 is held out (usb_training.data.sources.HELD_OUT)
 
 
+def _site_weights(text: str) -> dict[str, float]:
+    """``SITE=W,SITE=W`` -> {site: weight} (argparse type of ``--sites``; sites of ``sites.SITES``)."""
+    from .sites import SITES
+
+    try:
+        weights = {k.strip(): float(v) for k, v in (item.split("=") for item in text.split(",") if item.strip())}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SITE=WEIGHT,...; got {text!r}") from None
+    if set(weights) - set(SITES) or min(weights.values(), default=0.0) < 0:
+        raise argparse.ArgumentTypeError(f"sites are {', '.join(SITES)} with weights >= 0; got {text!r}")
+    return weights
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m usb_training.local", description=__doc__)
     parser.add_argument("command", choices=["data", "train", "export"])
@@ -20,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--count", type=int, default=4096, help="data: windows to write with this seed")
     parser.add_argument("--workers", type=int, default=1, help="data: shard-writing processes")
+    parser.add_argument("--sites", type=_site_weights, default=None, metavar="SITE=W,...",
+                        help="data: lesion-site weights overriding the default mix for the sites named "
+                             "(e.g. deep_gm=0.35,cortical=0.15)")
     parser.add_argument("--minutes", type=float, default=None, help="train: wall-time budget of this run")
     parser.add_argument("--steps", type=int, default=None, help="train: total steps (the LR schedule's length)")
     parser.add_argument("--base", choices=["biharmonic", "prior"], default=None,
@@ -42,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
         maker = WindowMaker(training_sources(args.cache, TRAIN_SOURCES),
                             {name: prior_maps(args.cache, name) for name in PRIOR_SOURCES},
-                            size_multiple(LOCAL_CONFIG["network"]))
+                            size_multiple(LOCAL_CONFIG["network"]), args.sites)
         written = write_shards(maker, args.work / "windows", args.seed, args.count, workers=args.workers)
         print(len(written), "shards")
     else:

@@ -78,10 +78,19 @@ class WindowMaker:
         sources: the anatomies (``Source``).
         priors: prior source name -> (maps [4, ...], affine) on a model grid (``priors.prior_maps``).
         multiple: the network's size multiple (box sides are multiples of it).
+        site_weights: lesion site -> relative weight, overriding ``SITES`` for the sites it names (e.g. more deep
+            grey matter for a data round aimed at it); renormalised.
     """
 
-    def __init__(self, sources: list[Source], priors: dict[str, tuple[np.ndarray, np.ndarray]], multiple: int = 4):
+    def __init__(self, sources: list[Source], priors: dict[str, tuple[np.ndarray, np.ndarray]], multiple: int = 4,
+                 site_weights: dict[str, float] | None = None):
         self.sources, self.priors, self.multiple = sources, priors, int(multiple)
+        weights = {**SITES, **(site_weights or {})}
+        unknown = set(weights) - set(SITES)
+        if unknown or min(weights.values()) < 0 or sum(weights.values()) <= 0:
+            raise ValueError(f"site weights must be >= 0 over the sites {sorted(SITES)}; got {weights}")
+        total = sum(weights.values())
+        self.site_weights = {site: w / total for site, w in weights.items()}
 
     def scene(self, rng: np.random.Generator) -> tuple[Scene, Source]:
         """A new deformed anatomy from a source drawn uniformly, and that source."""
@@ -99,7 +108,7 @@ class WindowMaker:
         """One window from a scene of ``src`` (a site where no lesion fits gets new centres, then another site)."""
         for attempt in range(30):
             if attempt % 6 == 0:  # a site keeps its share: new centres first, another site after six misses
-                site = str(rng.choice(list(SITES), p=list(SITES.values())))
+                site = str(rng.choice(list(self.site_weights), p=list(self.site_weights.values())))
             try:
                 return self._window(scene, src.pools[site], site, rng)
             except _NoLesion:
