@@ -34,6 +34,17 @@ SITES = {"deep_wm": 0.20, "periventricular": 0.18, "juxtacortical": 0.12, "corti
 PAINT_KIND = {"large": "large", "periventricular": "periventricular"}  # others: "deep_wm" (blobs, clusters)
 
 
+def site_mix(overrides: dict[str, float] | None = None) -> dict[str, float]:
+    """The lesion-site probabilities: ``SITES`` with the weights of ``overrides`` for the sites it names (e.g. more
+    deep grey matter for a data round aimed at it), renormalised. Raises ValueError for an unknown site, a negative
+    weight or all weights zero."""
+    weights = {**SITES, **(overrides or {})}
+    if set(weights) - set(SITES) or min(weights.values()) < 0 or sum(weights.values()) <= 0:
+        raise ValueError(f"site weights must be >= 0 over the sites {', '.join(SITES)}; got {overrides}")
+    total = sum(weights.values())
+    return {site: w / total for site, w in weights.items()}
+
+
 def _aseg_codes(aseg: np.ndarray) -> np.ndarray:
     out = np.zeros(aseg.shape, np.uint8)
     for code, values in STRUCTURES.items():

@@ -32,7 +32,7 @@ from ..data.prepare import Anatomy
 from .crops import MAX_LEVEL, _artefacts, _NoLesion, paint_lesion
 from .masks import draw_mask, draw_region_kind, fixed_fill_region, rim_fill_region
 from .scenes import Scene
-from .sites import PAINT_KIND, SITES, site_pools
+from .sites import PAINT_KIND, site_mix, site_pools
 
 SYNTH_FRACTION = 0.5   # label-driven contrast for sources with a usable T1 (LABELS_ONLY sources: always)
 MAX_SIDE = WINDOW      # largest window side (the stage's network window)
@@ -78,19 +78,14 @@ class WindowMaker:
         sources: the anatomies (``Source``).
         priors: prior source name -> (maps [4, ...], affine) on a model grid (``priors.prior_maps``).
         multiple: the network's size multiple (box sides are multiples of it).
-        site_weights: lesion site -> relative weight, overriding ``SITES`` for the sites it names (e.g. more deep
-            grey matter for a data round aimed at it); renormalised.
+        site_weights: lesion site -> relative weight, overriding ``SITES`` for the sites it names
+            (``sites.site_mix``).
     """
 
     def __init__(self, sources: list[Source], priors: dict[str, tuple[np.ndarray, np.ndarray]], multiple: int = 4,
                  site_weights: dict[str, float] | None = None):
         self.sources, self.priors, self.multiple = sources, priors, int(multiple)
-        weights = {**SITES, **(site_weights or {})}
-        unknown = set(weights) - set(SITES)
-        if unknown or min(weights.values()) < 0 or sum(weights.values()) <= 0:
-            raise ValueError(f"site weights must be >= 0 over the sites {sorted(SITES)}; got {weights}")
-        total = sum(weights.values())
-        self.site_weights = {site: w / total for site, w in weights.items()}
+        self.site_weights = site_mix(site_weights)
 
     def scene(self, rng: np.random.Generator) -> tuple[Scene, Source]:
         """A new deformed anatomy from a source drawn uniformly, and that source."""
