@@ -69,7 +69,8 @@ _SETTINGS = (
             "partial-volume rim); the edit rewrites this region fully.", 0.0, 10.0, fallback=0.0, flag="--dilation"),
     Setting("growth", "choice", "Heal: how the mask grows before the fill. fixed = by dilation_mm everywhere; rim = "
             "only into the voxels around the mask that look like lesion (darker than the tissue around it), at most "
-            "dilation_mm: healthy tissue next to a tight mask stays as it is.", choices=GROWTHS, fallback="fixed"),
+            "dilation_mm: healthy tissue next to a tight mask stays as it is. With either, CSF beside the lesion (darker "
+            "than the lesion itself) keeps its values.", choices=GROWTHS, fallback="fixed"),
     Setting("stages", "choice", "latent: the USB latent model (2 mm grid, whole-brain context); local: the local "
             "deviation model at the scan's own resolution; both: latent, then local.", choices=STAGES),
     Setting("local_mode", "choice", "Local stage: fidelity = deterministic reconstruction (best PSNR); realism = "

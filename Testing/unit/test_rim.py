@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from USBLib.imaging.rim import rim_region
+from USBLib.imaging.rim import darker_than_lesion, rim_region
 
 SHAPE = (48, 48, 48)
 
@@ -53,3 +53,36 @@ def test_no_growth_limit_gives_the_mask_and_outside_the_brain_nothing_grows():
     brain[:, :, 28:] = False
     region = rim_region(image, mask, brain, (1, 1, 1), 4.0)
     assert not (region & ~brain & ~(mask > 0)).any()
+
+
+def test_a_ventricle_beside_the_lesion_is_marked_to_keep_and_the_rim_is_not():
+    """``darker_than_lesion``: the CSF slab next to the lesion (darker than the lesion) is kept out of the edit,
+    within the reach only; the lesion's partial-volume rim (between the lesion's level and the tissue's) is not."""
+    image, mask, r = _lesion(5.0, 2.0, noise=0.01)
+    csf = np.zeros(SHAPE, bool)
+    csf[:, :, 31:] = True
+    image[csf] = 0.2
+    keep = darker_than_lesion(image, mask, np.ones(SHAPE, bool), (1.0, 1.0, 1.0), 3.0, reach_mm=6.0)
+    dist = ndimage.distance_transform_edt(mask == 0)
+    assert keep[csf & (dist <= 6.0)].all()
+    assert not keep[~csf].any()  # neither the lesion nor its rim nor the white matter
+    assert not keep[dist > 6.0 + 1e-6].any()
+    bright = 2.0 - image  # the same scene with a bright lesion: the slab is now brighter than the lesion
+    assert np.array_equal(darker_than_lesion(bright, mask, np.ones(SHAPE, bool), (1, 1, 1), 3.0, 6.0), keep)
+
+
+def test_the_rim_of_a_dark_lesion_is_not_kept_beside_a_paler_one():
+    """Several lesions in one mask, one much darker than the other: each is measured on its own, so the dark one's
+    partial-volume rim (darker than the pale lesion, not than its own) is rewritten, not kept."""
+    zz, yy, xx = np.indices(SHAPE)
+    image = np.full(SHAPE, 1.0, np.float32) + np.random.default_rng(1).normal(0, 0.01, SHAPE).astype(np.float32)
+    mask = np.zeros(SHAPE, np.uint8)
+    rims = np.zeros(SHAPE, bool)
+    for centre, depth in (((24, 24, 14), 0.15), ((24, 24, 32), 0.6)):
+        r = np.sqrt((zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2)
+        image *= 1 - depth * np.clip((6.0 - r) / 2.0, 0, 1)  # core r <= 4, rim fading to 6
+        mask[r <= 4.0] = 1
+        if depth > 0.5:
+            rims = (r > 4.0) & (r < 5.5)
+    keep = darker_than_lesion(image, mask, np.ones(SHAPE, bool), (1.0, 1.0, 1.0), 3.0, reach_mm=6.0)
+    assert not keep[rims].any()

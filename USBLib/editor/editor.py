@@ -366,7 +366,8 @@ class Editor:
         uncertainty (weighted std over samples, or None for one sample), edit weight [I, J, K] in [0, 1]).
         ``content`` [I, J, K] bool, when given: the only voxels the edit may change (image content above the
         background; an embedded lesion is never painted into the air). ``region``: a heal's fill region when it is
-        not the mask grown by ``dilation_mm`` (``growth`` ``rim``); it is rewritten fully."""
+        not the mask grown by ``dilation_mm`` (``growth`` ``rim``); it is rewritten fully, except (heal) the voxels
+        darker than the lesion itself (``rim.darker_than_lesion``: CSF beside it), which keep their values."""
         prog.stage("fusing into the scan")
         dilation = float(value_of(settings, "dilation_mm"))
         core = region
@@ -375,6 +376,11 @@ class Editor:
 
             core = fusion_core(mask, _spacing(affine), dilation)
         weight = edit_weight(mask, brain, _spacing(affine), dilation, float(settings["margin_mm"]), core)
+        if task == "heal" and mask is not None:  # CSF beside the lesion stays as it is (``rim.darker_than_lesion``)
+            from USBLib.imaging.rim import darker_than_lesion
+
+            weight = weight * ~darker_than_lesion(image, mask, brain, _spacing(affine), dilation,
+                                                  dilation + float(settings["margin_mm"]))
         if content is not None:
             weight = weight * content
         result = fuse(image, deviation.mean(axis=0), weight)
