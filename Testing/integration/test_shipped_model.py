@@ -141,7 +141,6 @@ def test_a_darker_lesion_never_heals_brighter_and_the_exact_mask_never_heals_wor
     assert psnr["exact"] >= psnr["hasty"], psnr
 
 
-
 VENTRICLE_MAX_ERROR_RATIO = 2.0  # heal vs lesioned input, mean error on the ventricle beside the lesion (measured
 #                                   1.45; 4.73 before ``rim.darker_than_lesion``: the fill painted tissue over it)
 
@@ -178,6 +177,7 @@ def test_the_ventricle_beside_a_small_lesion_stays_a_ventricle(shipped, sample):
     changed = lesioned != img.data
     scale = float(np.percentile(truth[truth > 0], 99))
     assert _psnr(healed, truth, changed, scale) > _psnr(lesioned, truth, changed, scale) + 3.0
+
 
 def test_latent_stage_still_brightens_the_lesion(shipped, sample):
     img, lesion = sample["image"], sample["lesion"]

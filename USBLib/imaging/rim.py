@@ -75,12 +75,18 @@ def rim_region(image: np.ndarray, mask: np.ndarray, brain: np.ndarray, spacing, 
     return out
 
 
+def _box_reach(spacing: np.ndarray, max_mm: float, reach_mm: float = 0.0) -> np.ndarray:
+    """Voxels per axis around a lesion that ``_lesion_statistics`` reads: the reference shell and its smoothing,
+    and at least ``reach_mm`` + 1 mm."""
+    return np.ceil(max(max_mm + REFERENCE_SHELL_MM[1] + 2 * REFERENCE_SIGMA_MM, reach_mm + 1.0) / spacing).astype(int)
+
+
 def _lesion_statistics(image, lesion, brain, spacing, max_mm: float, reach_mm: float = 0.0):
     """What ``rim_region`` measures around a lesion, on a box around it (at least ``reach_mm`` past the lesion):
     (box, lesion, tissue, distance from the lesion in mm, the image smoothed by 0.5 voxel, the reference tissue level
     per voxel, the lesion's level (median of its core), the noise SD), or None when there is no reference shell."""
     spacing = np.asarray(spacing, float)
-    reach = np.ceil(max(max_mm + REFERENCE_SHELL_MM[1] + 2 * REFERENCE_SIGMA_MM, reach_mm + 1.0) / spacing).astype(int)
+    reach = _box_reach(spacing, max_mm, reach_mm)
     found = ndimage.find_objects(lesion.astype(np.uint8))[0]
     box = tuple(slice(max(s.start - r, 0), min(s.stop + r, n)) for s, r, n in zip(found, reach, lesion.shape))
     les = lesion[box]
@@ -120,10 +126,10 @@ def darker_than_lesion(image: np.ndarray, mask: np.ndarray, brain: np.ndarray, s
         reach_mm: how far from the mask to look, in mm (the fill region's growth plus its feather).
     """
     lesion = np.asarray(mask) > 0
-    keep = np.zeros(lesion.shape, bool)
-    near_any = np.zeros(lesion.shape, bool)
+    near_any = np.zeros(lesion.shape, bool)  # within reach of some lesion
+    vetoed = np.zeros(lesion.shape, bool)    # not beyond some lesion within reach of it
     spacing = np.asarray(spacing, float)
-    pad = np.ceil(max(max_mm + REFERENCE_SHELL_MM[1] + 2 * REFERENCE_SIGMA_MM, reach_mm + 1.0) / spacing).astype(int)
+    pad = _box_reach(spacing, max(max_mm, 0.0), reach_mm)
     labels, _ = ndimage.label(lesion, ndimage.generate_binary_structure(3, 3))
     for index, found in enumerate(ndimage.find_objects(labels), start=1):
         # this lesion alone, on a crop that holds everything _lesion_statistics reads
@@ -137,7 +143,6 @@ def darker_than_lesion(image: np.ndarray, mask: np.ndarray, brain: np.ndarray, s
         near = (dist > 0) & (dist <= reach_mm + 1e-6) & ~lesion[box]
         contrast = float(np.median(reference[(dist > 0) & (dist <= 2.0)])) - level
         beyond = (level - smooth) * np.sign(contrast) > MAX_BEYOND_LESION * abs(contrast) + 2.0 * noise
-        first = near & ~near_any[box]
-        keep[box] = np.where(first, beyond, np.where(near, keep[box] & beyond, keep[box]))
         near_any[box] |= near
-    return keep
+        vetoed[box] |= near & ~beyond
+    return near_any & ~vetoed
