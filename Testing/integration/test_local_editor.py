@@ -48,6 +48,38 @@ def test_every_stage_keeps_geometry_and_the_outside(local_editor, stages, task):
         assert res.provenance["local_boxes"] == 1
 
 
+def test_a_scan_that_comes_again_is_not_registered_again(local_bundle, monkeypatch):
+    """Going back and forth between scans (Slicer, a script) reuses their registrations; another seed or an edited
+    scan is registered afresh, and the least recently used registration is the one let go."""
+    import USBLib.editor.editor as editor_mod
+
+    calls = []
+    original = editor_mod.register
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(editor_mod, "register", counting)
+    monkeypatch.setattr(editor_mod, "MAPPINGS_KEPT", 2)
+    editor = Editor(local_bundle, device="cpu")
+    a, mask_a, aff_a = make_scan("oblique")
+    b, mask_b, aff_b = make_scan("axial")
+    first = editor.heal(a, aff_a, mask_a, stages="local", seed=1)
+    editor.embed(b, aff_b, mask_b, stages="local", seed=1)
+    again = editor.heal(a, aff_a, mask_a, stages="local", seed=1)
+    assert len(calls) == 2
+    np.testing.assert_array_equal(first.image, again.image)
+    editor._map(a, aff_a, None, 2)  # the registration is seeded: a new one, and b (used least recently) goes
+    editor._map(a, aff_a, None, 1)
+    assert len(calls) == 3
+    editor._map(b, aff_b, None, 1)
+    edited = a.copy()
+    edited[mask_a > 0] += 1
+    editor._map(edited, aff_a, None, 1)
+    assert len(calls) == 5
+
+
 def test_local_stage_on_a_coarse_scan_runs_on_a_1mm_box(local_editor):
     img, mask, aff = make_scan("axial")  # 3.5 mm voxels: boxes are resampled to about 1 mm and back
     res = local_editor.embed(img, aff, mask, stages="local", local_mode="realism", samples=2, seed=3)

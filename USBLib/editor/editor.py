@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -22,6 +23,8 @@ from USBLib.imaging.fusion import edit_weight, fuse
 from USBLib.imaging.intensity import IntensityMap
 from USBLib.settings import validate, value_of
 from USBLib.imaging.spatial import SpaceMapping, register
+
+MAPPINGS_KEPT = 8  # registrations an Editor keeps for scans that come again (each a few hundred bytes)
 
 Progress = Callable[[int, int, str], Optional[bool]]
 
@@ -79,7 +82,7 @@ class Editor:
         self._nets: dict[str, Any] | None = None
         self._space: dict[str, np.ndarray] | None = None
         self._empty_latent = None
-        self._last_mapping: tuple[str, SpaceMapping] | None = None
+        self._mappings: OrderedDict[str, SpaceMapping] = OrderedDict()  # the last MAPPINGS_KEPT registrations
         self._local = None
 
     # ----------------------------------------------------------------- model pieces
@@ -151,16 +154,20 @@ class Editor:
 
     # ----------------------------------------------------------------- geometry
     def _map(self, image: np.ndarray, affine: np.ndarray, brain_mask: np.ndarray | None, seed: int) -> SpaceMapping:
-        """Scan <-> model mapping; the last one is reused when the same scan comes again (progression series)."""
+        """Scan <-> model mapping; reused when the same scan comes again with the same settings (a progression
+        series, or a person going back and forth between a few scans): the last ``MAPPINGS_KEPT`` are kept."""
         key = _fingerprint(image, np.asarray(affine, float), brain_mask, seed, self.registration)
-        if self._last_mapping is not None and self._last_mapping[0] == key:
-            return self._last_mapping[1]
+        if key in self._mappings:
+            self._mappings.move_to_end(key)
+            return self._mappings[key]
         space = self.space
         transform = register(image, affine, space["template"], self.bundle.grid_affine, space["brain"],
                              brain_mask, self.registration, seed)
         mapping = SpaceMapping(tuple(image.shape), np.asarray(affine, float), self.bundle.grid_shape,
                                self.bundle.grid_affine, transform)
-        self._last_mapping = (key, mapping)
+        self._mappings[key] = mapping
+        while len(self._mappings) > MAPPINGS_KEPT:
+            self._mappings.popitem(last=False)
         return mapping
 
     def _native_brain(self, mapping: SpaceMapping, brain_mask: np.ndarray | None) -> np.ndarray:
