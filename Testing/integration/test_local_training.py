@@ -4,6 +4,7 @@ a short resumable training run, export into a bundle that the engine then runs w
 from __future__ import annotations
 
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -12,7 +13,9 @@ import torch
 from scipy import ndimage
 
 import phantoms
+from usb_training.base.common import module_weights
 from usb_training.data.prepare import CSF, GM, WM
+from usb_training.local.__main__ import training_facts
 from usb_training.local.batches import Batch, WindowPool, loss_terms, make_batch
 from usb_training.local.crops import MAX_LEVEL, VISIBLE_RATIO
 from usb_training.local.export import export_local
@@ -170,6 +173,22 @@ def test_shards_train_resume_export_and_run(maker, tmp_path, tiny_bundle):
     assert bundle.has_local and local["training"]["steps"] == 3 and local["inputs"] == TINY["inputs"]
     assert local["prior"]["tissue"] == TISSUE_FILE and bundle.path("local_prior").is_file()
     assert TISSUE_FILE in bundle.config["files"] and LICENCE_FILE in bundle.config["files"]
+    # a new run folder warm-started from the exported network: its weights at its step, then on from there
+    warm = tmp_path / "warm"
+    shutil.copytree(work / "windows", warm / "windows")
+    warm_out = train(warm, steps=3, cfg=TINY, warm_from=bundle.root)  # already at step 3: no step to take
+    shipped = bundle.load_state_dict("local")
+    for name in ("model", "ema"):
+        kept = module_weights(warm_out, name)
+        assert kept.keys() == shipped.keys() and all(torch.equal(kept[k], shipped[k]) for k in shipped)
+    train(warm, steps=4, cfg=TINY, log_every=1, warm_from=bundle.root)
+    history = json.loads((warm_out / "history.json").read_text())
+    assert history["warm_start"]["step"] == 3 and [row["step"] for row in history["train"]] == [4]
+    facts = training_facts(warm)  # what an export of this run writes into the bundle
+    assert facts["steps"] == 4 and "warm restart" in facts["note"] and "step 3" in facts["ema"]
+    assert not torch.equal(module_weights(warm_out, "model")["conv_in.conv.weight"], shipped["conv_in.conv.weight"])
+    with pytest.raises(ValueError, match="another inputs"):  # never start from another network's weights
+        train(tmp_path / "warm-other", steps=4, cfg=other, warm_from=bundle.root)
     from conftest import make_scan
 
     img, mask, aff = make_scan("oblique")

@@ -85,6 +85,24 @@ def test_pathology_is_hypointense_smooth_and_local(phantom):
         assert np.corrcoef(a, b)[0, 1] > 0.5
 
 
+def test_a_lesion_in_grey_matter_never_brightens_it():
+    """The lesion's levels are set against the white matter; where it reaches grey matter darker than its border
+    level, the old model painted a bright halo (a T1-hyperintense lesion). It must only darken."""
+    labels = np.full((24, 24, 24), WM, np.uint8)
+    labels[:, :12] = GM
+    healthy = np.where(labels == WM, 1.0, 0.45).astype(np.float32)
+    grid = np.stack(np.meshgrid(*[np.arange(24.0)] * 3, indexing="ij"), -1)
+    soft = np.clip(6.0 - np.linalg.norm(grid - 11.5, axis=-1), 0, 1).astype(np.float32)  # straddles GM and WM
+    binary = (soft >= 0.5).astype(np.uint8)
+    darkened_gm = 0
+    for seed in range(12):
+        dev = pathology.lesion_deviation(healthy, soft, binary, labels, np.random.default_rng(seed))
+        assert dev.max() <= 0.0, f"seed {seed}: a lesion brightened the tissue by {dev.max():.3f}"
+        assert dev[(labels == WM) & (binary > 0)].mean() < -0.1
+        darkened_gm += int(dev[(labels == GM) & (binary > 0)].min() < -0.05)
+    assert darkened_gm >= 3  # a dark core still shows in grey matter (a mild lesion's does not, as on real T1)
+
+
 def test_sample_healthy_and_lesioned_agree_away_from_the_lesion(phantom):
     s = make_sample(phantom, 7, lesion=True)
     assert s.mask.dtype == np.uint8 and set(np.unique(s.mask)) <= {0, 1} and s.mask.any()

@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="train: total steps (the LR schedule's length)")
     parser.add_argument("--base", choices=["biharmonic", "prior"], default=None,
                         help="train: the heal's base the network corrects (a new run folder's; default biharmonic)")
+    parser.add_argument("--warm-from", default=None, metavar="BUNDLE",
+                        help="train: start a new run folder from this bundle's local network (its weights and step "
+                             "count; the LR schedule goes on to --steps) instead of step 0")
     parser.add_argument("--source", type=Path, help="export: the bundle to add the local stage to")
     parser.add_argument("--out", type=Path, help="export: bundle folder to write (may be --source)")
     parser.add_argument("--tuning", type=Path, help="export: tuning.json of usb_training.local.tune")
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from .train import train
 
-        print(train(args.work, args.minutes, args.steps, args.seed, base=args.base))
+        print(train(args.work, args.minutes, args.steps, args.seed, base=args.base, warm_from=args.warm_from))
     return 0
 
 
@@ -107,6 +110,11 @@ def training_facts(work: Path) -> dict:
                      "individual scans.",
              "note": "clean retrain from step 0 with the final target and a fresh EMA; heal input without lesion "
                      "intensities"}
+    warm = history.get("warm_start")
+    if warm:  # the weights and EMA came from a bundle's network, trained on other windows
+        facts["ema"] = f"{tc['ema']}, carried over from {warm['bundle']} (step {warm['step']})"
+        facts["note"] = (f"warm restart of {warm['bundle']}'s local network at step {warm['step']} on these windows "
+                         f"(steps {warm['step']}-{steps}; hours: this run only); heal input without lesion intensities")
     note = train_dir / "NOTE.txt"
     if note.is_file():
         facts["note"] += "; " + note.read_text().strip()

@@ -13,6 +13,10 @@ Loss: MSE + 0.5 L1 on x0, weighted 10x on the lesion's true extent and the fill 
 Resumable: model, EMA, optimizer moments, step and the data position are checkpointed (safetensors) every few
 minutes into ``<work>/train``; a run stops at its wall-time budget and the next one continues. A run refuses to
 continue a checkpoint made with another network, inputs or target (start a new work folder instead).
+
+Warm restart (``warm_from``): a new run folder can start from a bundle's local network instead of step 0: model and
+EMA from its weights, the step count from its ``local.training.steps`` (the LR schedule goes on from there to
+``steps``), fresh optimizer moments; ``history.json`` records where it came from (``warm_start``).
 """
 from __future__ import annotations
 
@@ -85,10 +89,33 @@ def _config(out: Path, cfg: dict) -> dict:
     return cfg
 
 
+def _warm_start(net: torch.nn.Module, ema: torch.nn.Module, bundle_ref: Path | str, cfg: dict) -> int:
+    """Load a bundle's local network into ``net`` and ``ema``; returns the step it was trained to."""
+    from USBLib.core import bundle as bundle_mod
+
+    bundle = bundle_mod.load(bundle_ref)
+    local = bundle.config.get(bundle_mod.LOCAL)
+    if not local:
+        raise ValueError(f"{bundle.root} has no local stage to start from")
+    made = {"network": (local["network"], cfg["network"]), "schedule": (local["schedule"], cfg["schedule"]),
+            "inputs": (list(input_names(local)), list(input_names(cfg))),
+            "base": (local.get("base", IDENTITY_DEFAULTS["base"]), cfg.get("base", IDENTITY_DEFAULTS["base"]))}
+    changed = [k for k, (theirs, ours) in made.items() if json.loads(json.dumps(ours)) != theirs]
+    if changed:
+        raise ValueError(f"{bundle.root}'s local network has another {', '.join(changed)}; it cannot start this run")
+    weights = bundle.load_state_dict(bundle_mod.LOCAL)
+    net.load_state_dict(weights, strict=True)
+    ema.load_state_dict(weights, strict=True)
+    return int(local.get("training", {}).get("steps", 0))
+
+
 def train(work: Path, minutes: float | None = None, steps: int | None = None, seed: int = 0,
-          cfg: dict | None = None, log_every: int = 50, base: str | None = None) -> Path:
+          cfg: dict | None = None, log_every: int = 50, base: str | None = None,
+          warm_from: Path | str | None = None) -> Path:
     """Train (or continue training) in ``<work>/train`` on the shards in ``<work>/windows``; returns the folder.
-    ``base``: the heal's base (``conditioning.BASES``; default the config's), fixed for a run folder."""
+    ``base``: the heal's base (``conditioning.BASES``; default the config's), fixed for a run folder.
+    ``warm_from``: a bundle (folder or name) whose local network a run folder without a checkpoint starts from
+    (its network, inputs, target and base must be this config's); ignored once the folder has a checkpoint."""
     cfg = copy.deepcopy(cfg or LOCAL_CONFIG)
     if steps is not None:
         cfg["train"]["steps"] = int(steps)
@@ -106,10 +133,13 @@ def train(work: Path, minutes: float | None = None, steps: int | None = None, se
     ema.load_state_dict(net.state_dict())  # the EMA starts here, at step 0 of this network
     ema.requires_grad_(False)
     opt = adamw(net.parameters(), tc["lr"])
-    meta = load_checkpoint(out, {"model": net, "ema": ema}, opt) or {"step": 0}
-    step = int(meta["step"])
-    schedule = NoiseSchedule.from_config(cfg["schedule"])
+    meta = load_checkpoint(out, {"model": net, "ema": ema}, opt)
     history = History(out)
+    if meta is None and warm_from is not None:
+        meta = {"step": _warm_start(net, ema, warm_from, cfg)}
+        history.data["warm_start"] = {"bundle": str(warm_from), "step": meta["step"]}
+    step = int((meta or {"step": 0})["step"])
+    schedule = NoiseSchedule.from_config(cfg["schedule"])
     budget = Budget(minutes)
     shards: dict = {}
     pool: WindowPool | None = None
