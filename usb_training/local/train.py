@@ -115,7 +115,7 @@ def train(work: Path, minutes: float | None = None, steps: int | None = None, se
     """Train (or continue training) in ``<work>/train`` on the shards in ``<work>/windows``; returns the folder.
     ``base``: the heal's base (``conditioning.BASES``; default the config's), fixed for a run folder.
     ``warm_from``: a bundle (folder or name) whose local network a run folder without a checkpoint starts from
-    (its network, inputs, target and base must be this config's); ignored once the folder has a checkpoint."""
+    (its network, inputs, noise schedule and base must be this config's); ignored once the folder has a checkpoint."""
     cfg = copy.deepcopy(cfg or LOCAL_CONFIG)
     if steps is not None:
         cfg["train"]["steps"] = int(steps)
