@@ -198,3 +198,28 @@ def test_shards_train_resume_export_and_run(maker, tmp_path, tiny_bundle):
     assert editor.local.needs_prior
     emb = editor.embed(img, aff, mask, seed=0, local_mode="realism", local_steps=2)
     assert emb.image.shape == img.shape
+
+
+def test_batches_from_loader_processes_train_and_a_gpu_run_comes_back_as_an_exportable_run(maker, tmp_path,
+                                                                                           monkeypatch):
+    """``train --loader-workers`` (the GPU machine's batch makers) trains; ``device_carry pack`` / ``unpack`` carry a
+    run's EMA weights (split into parts), config, history and windows' summary back into a run folder that
+    ``training_facts`` (the export) reads as it was."""
+    from usb_training.local import device_carry
+
+    work = tmp_path / "machine" / "a"
+    write_shards(maker, work / "windows", seed=2, count=4, shard_size=2, per_scene=2)
+    out = train(work, steps=2, cfg=TINY, log_every=1, loader_workers=1)
+    history = json.loads((out / "history.json").read_text())
+    assert [row["step"] for row in history["train"]] == [1, 2] and "CPU" in history["hardware"]
+    with pytest.raises(ValueError, match="wall-time budget"):
+        train(tmp_path / "unbudgeted", steps=1, cfg=TINY, fit_schedule=True)
+    monkeypatch.setattr(device_carry, "PART_BYTES", 4096)  # several parts, as a large network's are
+    carried = device_carry.pack(tmp_path / "machine", tmp_path / "carried")
+    assert len([p for p in carried if p.name.startswith("a_ema_")]) > 1
+    (run,) = device_carry.unpack(tmp_path / "carried", tmp_path / "here")
+    ema = module_weights(out, "ema")
+    kept = module_weights(run / "train", "ema")
+    assert kept.keys() == ema.keys() and all(torch.equal(kept[k], ema[k]) for k in ema)
+    facts = training_facts(run)
+    assert facts["steps"] == 2 and facts["windows"]["windows"] == 4 and facts["hardware"] == history["hardware"]

@@ -139,3 +139,27 @@ def test_build_grows_by_shards_and_readers_see_only_finished_ones(phantom, tmp_p
     assert np.array_equal(np.array(images[0:3]), first[:3])  # finished shards are kept as they were
     with pytest.raises(IndexError):
         images[8]
+
+
+def test_the_device_cache_carries_the_training_sources_in_float16_and_never_the_held_out_one(tmp_path):
+    """``device_carry pack-cache`` / ``unpack-cache``: what window generation reads on a lent GPU machine comes back
+    as float32 within float16's rounding, labels exact, and the held-out source's anatomy never travels."""
+    from usb_training.local.device_carry import pack_cache, unpack_cache
+
+    rng = np.random.default_rng(0)
+    native = tmp_path / "cache" / "prepared" / "native1mm"
+    native.mkdir(parents=True)
+    (tmp_path / "cache" / "prepared" / "prior").mkdir()
+    image = rng.uniform(0, 1.1, (16, 18, 20)).astype(np.float32)
+    labels = rng.integers(0, 4, image.shape).astype(np.uint8)
+    np.savez(native / "mni2009c.npz", image=image, labels=labels, affine=np.eye(4))
+    np.savez(native / "mni2009c_sites.npz", sites=labels)
+    np.savez(native / "ixi555.npz", image=image, labels=labels, affine=np.eye(4))
+    np.savez(tmp_path / "cache" / "prepared" / "prior" / "mni2009a_80x96x80_2mm.npz", maps=image[None], affine=np.eye(4))
+    back = unpack_cache(pack_cache(tmp_path / "cache", tmp_path / "carry" / "cache.tar.xz"), tmp_path / "there")
+    assert sorted(p.name for p in (back / "prepared" / "native1mm").iterdir()) == ["mni2009c.npz", "mni2009c_sites.npz"]
+    with np.load(back / "prepared" / "native1mm" / "mni2009c.npz") as z:
+        assert z["image"].dtype == np.float32 and np.abs(z["image"] - image).max() <= 1e-3
+        assert np.array_equal(z["labels"], labels) and np.array_equal(z["affine"], np.eye(4))
+    with np.load(back / "prepared" / "prior" / "mni2009a_80x96x80_2mm.npz") as z:
+        assert z["maps"].dtype == np.float32 and z["maps"].shape == (1, *image.shape)

@@ -42,6 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm-from", default=None, metavar="BUNDLE",
                         help="train: start a new run folder from this bundle's local network (its weights and step "
                              "count; the LR schedule goes on to --steps) instead of step 0")
+    parser.add_argument("--device", default="cpu", help="train: cpu or cuda (a new run's device; default cpu)")
+    parser.add_argument("--loader-workers", type=int, default=0,
+                        help="train: processes making batches (for a GPU; 0: in the training loop)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="train: windows per batch (of 32^3 voxels; larger windows fewer), a new run's")
+    parser.add_argument("--channels", default=None, metavar="C1,C2,C3",
+                        help="train: the network's channels per level, a new run's (default 16,32,64)")
+    parser.add_argument("--fit-schedule", action="store_true",
+                        help="train: end the learning-rate decay with --minutes (a one-off run)")
     parser.add_argument("--source", type=Path, help="export: the bundle to add the local stage to")
     parser.add_argument("--out", type=Path, help="export: bundle folder to write (may be --source)")
     parser.add_argument("--tuning", type=Path, help="export: tuning.json of usb_training.local.tune")
@@ -66,8 +75,32 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from .train import train
 
-        print(train(args.work, args.minutes, args.steps, args.seed, base=args.base, warm_from=args.warm_from))
+        print(train(args.work, args.minutes, args.steps, args.seed, cfg=_train_config(args), base=args.base,
+                    warm_from=args.warm_from, device=args.device, loader_workers=args.loader_workers,
+                    fit_schedule=args.fit_schedule))
     return 0
+
+
+def _train_config(args) -> dict:
+    """``train.LOCAL_CONFIG`` with the network's channels and the batch size of the command line."""
+    import copy
+
+    from .train import LOCAL_CONFIG
+
+    cfg = copy.deepcopy(LOCAL_CONFIG)
+    if args.channels:
+        channels = [int(c) for c in args.channels.split(",")]
+        if len(channels) != len(cfg["network"]["channels"]) or min(channels) < 8 or any(c % 8 for c in channels):
+            raise SystemExit(f"--channels: {len(cfg['network']['channels'])} multiples of 8, e.g. 16,32,64")
+        cfg["network"]["channels"] = channels
+        cfg["network"]["num_head_channels"] = [0] * (len(channels) - 1) + [channels[-1]]  # one head in the middle
+    if args.batch:
+        cfg["train"]["batch"] = int(args.batch)
+        cfg["train"]["batch_voxels"] = int(args.batch) * 32 ** 3
+    return cfg
+
+
+WINDOWS_SUMMARY = "windows.json"  # a run folder's copy of data_summary, for a run whose windows stayed elsewhere
 
 
 def data_summary(folder: Path) -> dict:
@@ -94,9 +127,10 @@ def training_facts(work: Path) -> dict:
     cfg = json.loads((train_dir / "config.json").read_text())
     tc = cfg["train"]
     heal_det = [row["heal_det"] for row in history["train"] if "heal_det" in row]
-    data = data_summary(work / "windows")
+    kept = train_dir / WINDOWS_SUMMARY
+    data = json.loads(kept.read_text()) if kept.is_file() else data_summary(work / "windows")
     facts = {"steps": steps, "hours": round(history.get("seconds", 0.0) / 3600, 2),
-             "hardware": "2-core Intel Xeon CPU, no GPU", "sources": TRAIN_SOURCES, "held_out": "ixi555",
+             "hardware": history.get("hardware", "2-core Intel Xeon CPU, no GPU"), "sources": TRAIN_SOURCES, "held_out": "ixi555",
              "target": cfg.get("target"), "ema": f"{tc['ema']}, from step 0 (no earlier weights)",
              "heal_fidelity_share": round(tc["heal_fraction"] * tc["deterministic"]["heal"], 3),
              "heal_fidelity_share_seen": round(sum(heal_det) / len(heal_det), 3) if heal_det else None,

@@ -28,7 +28,7 @@ from USBLib.editor.local.conditioning import BASES, DEVIATION_SCALE, EMBED, HEAL
 from USBLib.editor.local.network import class_label
 
 from .crops import MAX_LEVEL
-from .shards import ShardView
+from .shards import ShardView, load_shards
 
 INTENSITY_SCALE = (0.95, 1.05)
 
@@ -47,6 +47,14 @@ class Batch:
     mask: torch.Tensor
     directions: list[int]
     deterministic: list[bool]
+
+    def to(self, device: torch.device) -> "Batch":
+        """This batch with its tensors on ``device``."""
+        if device.type == "cpu":
+            return self
+        move = lambda v: v.to(device, non_blocking=True)  # noqa: E731
+        return Batch(move(self.x), move(self.t), move(self.classes), move(self.target), move(self.weight),
+                     move(self.mask), self.directions, self.deterministic)
 
 
 class WindowPool:
@@ -158,3 +166,39 @@ def loss_terms(pred: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Te
     has = (count > 0).float()
     level = (mean_err.square() * has).sum() / has.sum().clamp_min(1.0)
     return voxel, level
+
+
+class BatchStream(torch.utils.data.IterableDataset):
+    """Endless training batches (``make_batch``) made in ``workers`` loader processes, for a trainer whose network
+    step is faster than one process makes batches (a GPU). Each worker draws from its own random stream
+    (seed, first step, worker) and re-reads ``folder`` every ``reload_every`` batches, so shards that generators
+    add while the run goes on are used."""
+
+    def __init__(self, folder, cfg: dict, seed: int, step: int, workers: int, reload_every: int = 50):
+        super().__init__()
+        self.folder, self.cfg, self.seed, self.step = folder, cfg, seed, step
+        self.workers, self.reload_every = int(workers), int(reload_every)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        if info is None and self.workers > 0:  # the trainer's end: the loader processes
+            loader = torch.utils.data.DataLoader(self, batch_size=None, num_workers=self.workers, prefetch_factor=4,
+                                                 persistent_workers=True, multiprocessing_context="fork")
+            yield from loader
+            return
+        torch.set_num_threads(1)
+        rng = np.random.default_rng([self.seed, self.step, info.id if info else 0])
+        schedule = NoiseSchedule.from_config(self.cfg["schedule"])
+        shards: dict[str, ShardView] = {}
+        pool: WindowPool | None = None
+        made = 0
+        while True:
+            if made % self.reload_every == 0:
+                before = len(shards)
+                load_shards(self.folder, shards)
+                if pool is None or len(shards) != before:
+                    pool = WindowPool(shards, self.cfg.get("base", "biharmonic"))
+                if not len(pool):
+                    raise RuntimeError(f"no window shards in {self.folder}")
+            yield make_batch(pool, rng, self.cfg, schedule)
+            made += 1

@@ -14,6 +14,11 @@ Resumable: model, EMA, optimizer moments, step and the data position are checkpo
 minutes into ``<work>/train``; a run stops at its wall-time budget and the next one continues. A run refuses to
 continue a checkpoint made with another network, inputs or target (start a new work folder instead).
 
+On a GPU (``device="cuda"``) the batches are made by ``loader_workers`` processes (``batches.BatchStream``, each
+with its own random stream, re-reading the shard folder as generators fill it) and ``fit_schedule`` ends the cosine
+learning-rate decay with the run's wall-time budget (``Budget.progress_step``), for a one-off run whose speed is
+not known in advance; ``history.json`` records the device.
+
 Warm restart (``warm_from``): a new run folder can start from a bundle's local network instead of step 0: model and
 EMA from its weights, the step count from its ``local.training.steps`` (the LR schedule goes on from there to
 ``steps``), fresh optimizer moments; ``history.json`` records where it came from (``warm_start``).
@@ -23,6 +28,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -35,8 +41,8 @@ from USBLib.core.schedule import NoiseSchedule
 from USBLib.editor.local.conditioning import input_names
 from USBLib.editor.local.network import build_local_unet
 
-from ..base.common import Budget, History, adamw, load_checkpoint, save_checkpoint, set_threads
-from .batches import WindowPool, loss_terms, make_batch
+from ..base.common import CHECKPOINT, Budget, History, adamw, load_checkpoint, save_checkpoint, set_threads
+from .batches import BatchStream, WindowPool, loss_terms, make_batch
 from .shards import load_shards
 
 INPUTS = ["mask", "region", "fill", "prior_t1", "prior_csf", "prior_gm", "prior_wm"]
@@ -109,13 +115,25 @@ def _warm_start(net: torch.nn.Module, ema: torch.nn.Module, bundle_ref: Path | s
     return int(local.get("training", {}).get("steps", 0))
 
 
+def device_name(device: torch.device) -> str:
+    """Words for the hardware a run trains on (the model card's)."""
+    if device.type == "cuda":
+        return f"one {torch.cuda.get_device_name(device)} GPU"
+    return f"{len(os.sched_getaffinity(0))}-core CPU, no GPU"
+
+
 def train(work: Path, minutes: float | None = None, steps: int | None = None, seed: int = 0,
           cfg: dict | None = None, log_every: int = 50, base: str | None = None,
-          warm_from: Path | str | None = None) -> Path:
+          warm_from: Path | str | None = None, device: str = "cpu", loader_workers: int = 0,
+          fit_schedule: bool = False) -> Path:
     """Train (or continue training) in ``<work>/train`` on the shards in ``<work>/windows``; returns the folder.
     ``base``: the heal's base (``conditioning.BASES``; default the config's), fixed for a run folder.
     ``warm_from``: a bundle (folder or name) whose local network a run folder without a checkpoint starts from
-    (its network, inputs, noise schedule and base must be this config's); ignored once the folder has a checkpoint."""
+    (its network, inputs, noise schedule and base must be this config's); ignored once the folder has a checkpoint.
+    ``device``: where the network trains ("cpu" or "cuda"); ``loader_workers`` > 0 makes the batches in that many
+    processes (``batches.BatchStream``) instead of in the training loop. ``fit_schedule``: the learning rate follows
+    the share of ``minutes`` spent when that is further along than the step count (the schedule ends with the
+    budget); needs ``minutes``."""
     cfg = copy.deepcopy(cfg or LOCAL_CONFIG)
     if steps is not None:
         cfg["train"]["steps"] = int(steps)
@@ -126,29 +144,45 @@ def train(work: Path, minutes: float | None = None, steps: int | None = None, se
     out = work / "train"
     out.mkdir(parents=True, exist_ok=True)
     cfg = _config(out, cfg)
+    if fit_schedule and not minutes:
+        raise ValueError("fit_schedule needs a wall-time budget (minutes)")
     set_threads()
     torch.manual_seed(seed)
-    net = use_onednn_convs(build_local_unet(cfg["network"], len(input_names(cfg))))  # batch-1 windows: oneDNN
+    dev = torch.device(device)
+    net = build_local_unet(cfg["network"], len(input_names(cfg)))
+    if dev.type == "cpu":
+        net = use_onednn_convs(net)  # batch-1 windows: oneDNN
     ema = build_local_unet(cfg["network"], len(input_names(cfg)))
     ema.load_state_dict(net.state_dict())  # the EMA starts here, at step 0 of this network
     ema.requires_grad_(False)
-    opt = adamw(net.parameters(), tc["lr"])
-    meta = load_checkpoint(out, {"model": net, "ema": ema}, opt)
+    meta = load_checkpoint(out, {"model": net, "ema": ema})
     history = History(out)
     if meta is None and warm_from is not None:
         meta = {"step": _warm_start(net, ema, warm_from, cfg)}
         history.data["warm_start"] = {"bundle": str(warm_from), "step": meta["step"]}
+    net.to(dev)
+    ema.to(dev)
+    opt = adamw(net.parameters(), tc["lr"])
+    if (out / CHECKPOINT).is_file():
+        load_checkpoint(out, {}, opt)  # the optimizer moments, once the parameters are on their device
+    history.data.setdefault("hardware", device_name(dev))
     step = int((meta or {"step": 0})["step"])
     schedule = NoiseSchedule.from_config(cfg["schedule"])
     budget = Budget(minutes)
     shards: dict = {}
     pool: WindowPool | None = None
+    stream = iter(BatchStream(work / "windows", cfg, seed, step, loader_workers)) if loader_workers > 0 else None
     rng = np.random.default_rng([seed, step])
+    ema_params, net_params = list(ema.parameters()), list(net.parameters())
     last_ckpt = time.monotonic()
     running: dict[str, list[float]] = {"loss": [], "voxel": [], "level": [], "heal_det": [], "seconds": [],
                                        "cpu_seconds": []}
+
+    def lr_step(s: int) -> int:  # the step the learning-rate schedule reads: warm-up by steps, decay by time share
+        return budget.progress_step(s, tc["steps"]) if fit_schedule and s >= tc["warmup"] else s
+
     while step < tc["steps"] and not budget.over():
-        if step % 200 == 0 or pool is None:
+        if stream is None and (step % 200 == 0 or pool is None):
             before = len(shards)
             load_shards(work / "windows", shards)
             if len(shards) != before or pool is None:
@@ -156,9 +190,9 @@ def train(work: Path, minutes: float | None = None, steps: int | None = None, se
             if not len(pool):
                 raise RuntimeError(f"no window shards in {work / 'windows'}")
         for group in opt.param_groups:
-            group["lr"] = _lr(step, tc)
+            group["lr"] = _lr(lr_step(step), tc)
         started, cpu_started = time.perf_counter(), time.process_time()
-        batch = make_batch(pool, rng, cfg, schedule)
+        batch = (make_batch(pool, rng, cfg, schedule) if stream is None else next(stream)).to(dev)
         pred = net(batch.x, batch.t, class_labels=batch.classes)
         voxel, level = loss_terms(pred, batch)
         loss = voxel + tc["mean_weight"] * level
@@ -168,8 +202,8 @@ def train(work: Path, minutes: float | None = None, steps: int | None = None, se
         opt.step()
         with torch.no_grad():
             decay = min(tc["ema"], (1 + step) / (10 + step))
-            for pe, p in zip(ema.parameters(), net.parameters()):
-                pe.mul_(decay).add_(p.detach(), alpha=1 - decay)
+            torch._foreach_mul_(ema_params, decay)
+            torch._foreach_add_(ema_params, net_params, alpha=1 - decay)
         step += 1
         running["loss"].append(loss.item())
         running["voxel"].append(voxel.item())
@@ -178,12 +212,15 @@ def train(work: Path, minutes: float | None = None, steps: int | None = None, se
         running["seconds"].append(time.perf_counter() - started)
         running["cpu_seconds"].append(time.process_time() - cpu_started)
         if step % log_every == 0:
-            _log(history, step, running, f"lr {_lr(step, tc):.2e} windows {len(pool)} {budget.elapsed():.0f}s")
+            _log(history, step, running, f"lr {_lr(lr_step(step), tc):.2e} windows "
+                 f"{len(pool) if pool else 'in loaders'} {budget.elapsed():.0f}s")
         if time.monotonic() - last_ckpt > tc["checkpoint_minutes"] * 60:
             history.data["seconds"] = history.data.get("seconds", 0.0) + (time.monotonic() - last_ckpt)
-            save_checkpoint(out, {"model": net, "ema": ema}, opt, {"step": step, "windows": len(pool)})
+            save_checkpoint(out, {"model": net, "ema": ema}, opt, {"step": step, "windows": len(pool) if pool else 0})
             history.save("local deviation network")
             last_ckpt = time.monotonic()
+    if stream is not None:
+        stream.close()  # ends the loader processes
     if running["loss"]:
         _log(history, step, running, "(end of this run)")
     history.data["seconds"] = history.data.get("seconds", 0.0) + (time.monotonic() - last_ckpt)
