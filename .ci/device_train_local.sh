@@ -2,7 +2,8 @@
 # One device command (the `device` tool's `run`): train the local stage's network from step 0 on the lent GPU within
 # SECONDS and bring the runs back through $OUT. Windows are generated on the machine's cores (`usb_training.local
 # data`, GEN_WORKERS processes) while two networks train on the GPU on the same, growing window folder: run "a" with
-# the shipped size (channels 16,32,64) and run "b" wider (32,64,128), each making its batches in LOADERS processes
+# the shipped size (channels 16,32,64) and run "b" with B_ARGS (default: wider, --channels 32,64,128; any other
+# `train` options for a new run folder, e.g. "--base prior"), each making its batches in LOADERS processes
 # and ending its learning-rate decay with its budget (`train --fit-schedule`). At the end each run's EMA weights,
 # config, history and the windows' summary go to $OUT (`usb_training.local.device_carry pack`).
 # Prepare here first (CPU), then run with carry [".whl", ".device_cache"] (both git-ignored, ~21 MB together):
@@ -16,7 +17,7 @@
 set -u
 total=${1:-530}; device=${2:-cuda}
 out=${OUT:-/tmp/out}; cache=/tmp/usb_local_cache; work=${WORK:-/tmp/usb_local_train}
-gen_workers=${GEN_WORKERS:-10}; loaders=${LOADERS:-2}; batch=${BATCH:-16}
+gen_workers=${GEN_WORKERS:-10}; loaders=${LOADERS:-2}; batch=${BATCH:-16}; b_args=${B_ARGS:---channels 32,64,128}
 export USB_THREADS=${USB_THREADS:-2} PYTHONUNBUFFERED=1
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
@@ -43,7 +44,8 @@ common=(--device "$device" --loader-workers "$loaders" --batch "$batch" --steps 
         --fit-schedule)
 python3 -m usb_training.local train --work "$work/a" "${common[@]}" > "$out/train_a.log" 2>&1 &
 ta=$!
-python3 -m usb_training.local train --work "$work/b" "${common[@]}" --channels 32,64,128 > "$out/train_b.log" 2>&1 &
+# shellcheck disable=SC2086  # B_ARGS is a list of options
+python3 -m usb_training.local train --work "$work/b" "${common[@]}" $b_args > "$out/train_b.log" 2>&1 &
 tb=$!
 while kill -0 $ta 2>/dev/null || kill -0 $tb 2>/dev/null; do
   sleep 5
