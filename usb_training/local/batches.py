@@ -168,6 +168,18 @@ def loss_terms(pred: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Te
     return voxel, level
 
 
+def refreshed_pool(folder, shards: dict[str, ShardView], pool: WindowPool | None, base: str) -> WindowPool:
+    """``pool`` after adding the complete shards of ``folder`` not yet in ``shards`` (a new pool when any came, or
+    when there is none yet). Raises ``RuntimeError`` when the folder holds no shard."""
+    before = len(shards)
+    load_shards(folder, shards)
+    if pool is None or len(shards) != before:
+        pool = WindowPool(shards, base)
+    if not len(pool):
+        raise RuntimeError(f"no window shards in {folder}")
+    return pool
+
+
 class BatchStream(torch.utils.data.IterableDataset):
     """Endless training batches (``make_batch``) made in ``workers`` loader processes, for a trainer whose network
     step is faster than one process makes batches (a GPU). Each worker draws from its own random stream
@@ -194,11 +206,6 @@ class BatchStream(torch.utils.data.IterableDataset):
         made = 0
         while True:
             if made % self.reload_every == 0:
-                before = len(shards)
-                load_shards(self.folder, shards)
-                if pool is None or len(shards) != before:
-                    pool = WindowPool(shards, self.cfg.get("base", "biharmonic"))
-                if not len(pool):
-                    raise RuntimeError(f"no window shards in {self.folder}")
+                pool = refreshed_pool(self.folder, shards, pool, self.cfg.get("base", "biharmonic"))
             yield make_batch(pool, rng, self.cfg, schedule)
             made += 1

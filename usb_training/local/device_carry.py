@@ -70,7 +70,6 @@ def unpack_cache(archive: Path, cache: Path) -> Path:
 def pack(work: Path, out: Path) -> list[Path]:
     """Write the carry files of every run under ``work`` into ``out``; returns them."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     from ..base.common import CHECKPOINT, module_weights
     from .__main__ import WINDOWS_SUMMARY, data_summary
@@ -93,15 +92,17 @@ def pack(work: Path, out: Path) -> list[Path]:
             for key in sorted(weights):
                 tensor = weights[key].contiguous()
                 if part and size + tensor.numel() * tensor.element_size() > PART_BYTES:
-                    written.append(_save(save_file, part, out / f"{run.name}_ema_{k}.safetensors", meta))
+                    written.append(_save(part, out / f"{run.name}_ema_{k}.safetensors", meta))
                     part, size, k = {}, 0, k + 1
                 part[key] = tensor
                 size += tensor.numel() * tensor.element_size()
-            written.append(_save(save_file, part, out / f"{run.name}_ema_{k}.safetensors", meta))
+            written.append(_save(part, out / f"{run.name}_ema_{k}.safetensors", meta))
     return written + [out / RUNS_ARCHIVE]
 
 
-def _save(save_file, tensors: dict, path: Path, meta: str) -> Path:
+def _save(tensors: dict, path: Path, meta: str) -> Path:
+    from safetensors.torch import save_file
+
     save_file(tensors, str(path), metadata={"meta": meta})
     return path
 

@@ -42,8 +42,7 @@ from USBLib.editor.local.conditioning import input_names
 from USBLib.editor.local.network import build_local_unet
 
 from ..base.common import CHECKPOINT, Budget, History, adamw, load_checkpoint, save_checkpoint, set_threads
-from .batches import BatchStream, WindowPool, loss_terms, make_batch
-from .shards import load_shards
+from .batches import BatchStream, WindowPool, loss_terms, make_batch, refreshed_pool
 
 INPUTS = ["mask", "region", "fill", "prior_t1", "prior_csf", "prior_gm", "prior_wm"]
 TARGET = "healthy (embed: lesioned) - classical base, from step 0"
@@ -183,12 +182,7 @@ def train(work: Path, minutes: float | None = None, steps: int | None = None, se
 
     while step < tc["steps"] and not budget.over():
         if stream is None and (step % 200 == 0 or pool is None):
-            before = len(shards)
-            load_shards(work / "windows", shards)
-            if len(shards) != before or pool is None:
-                pool = WindowPool(shards, cfg.get("base", "biharmonic"))
-            if not len(pool):
-                raise RuntimeError(f"no window shards in {work / 'windows'}")
+            pool = refreshed_pool(work / "windows", shards, pool, cfg.get("base", "biharmonic"))
         for group in opt.param_groups:
             group["lr"] = _lr(lr_step(step), tc)
         started, cpu_started = time.perf_counter(), time.process_time()
