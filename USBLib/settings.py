@@ -71,6 +71,9 @@ _SETTINGS = (
             "only into the voxels around the mask that look like lesion (darker than the tissue around it), at most "
             "dilation_mm: healthy tissue next to a tight mask stays as it is. With either, CSF beside the lesion (darker "
             "than the lesion itself) keeps its values.", choices=GROWTHS, fallback="fixed"),
+    Setting("boundary_average", "bool", "Heal: average the fills for the drawn mask, the mask one voxel smaller and "
+            "the mask one voxel larger, so that the fill does not hinge on where the mask's edge was drawn (+0.4 dB on "
+            "the held-out yardstick; the local stage runs three times, about 1.4 s more).", fallback=False),
     Setting("stages", "choice", "latent: the USB latent model (2 mm grid, whole-brain context); local: the local "
             "deviation model at the scan's own resolution; both: latent, then local.", choices=STAGES),
     Setting("local_mode", "choice", "Local stage: fidelity = deterministic reconstruction (best PSNR); realism = "
@@ -104,8 +107,8 @@ _SETTINGS = (
 SETTINGS: dict[str, Setting] = {s.name: s for s in _SETTINGS}
 RANGES: dict[str, tuple[float, float]] = {s.name: (s.low, s.high) for s in _SETTINGS if s.low is not None}
 FALLBACKS: dict[str, Any] = {s.name: s.fallback for s in _SETTINGS if s.fallback is not None}
-GUIDANCE = ("strength", "acg", "alpha0", "k", "eta", "margin_mm", "dilation_mm", "growth", "stages", "local_mode",
-            "local_steps", "local_strength")
+GUIDANCE = ("strength", "acg", "alpha0", "k", "eta", "margin_mm", "dilation_mm", "growth", "boundary_average",
+            "stages", "local_mode", "local_steps", "local_strength")
 
 
 def value_of(settings: Mapping[str, Any], key: str) -> Any:

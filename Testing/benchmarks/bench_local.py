@@ -40,7 +40,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     variants = {"heal (defaults)": ("heal", {}), "heal, realism": ("heal", {"local_mode": "realism"}),
-                "embed (defaults)": ("embed", {})}
+                "heal, drawn mask only": ("heal", {"boundary_average": False}), "embed (defaults)": ("embed", {})}
     results = {}
     for name, (task, extra) in variants.items():
         runs = []
@@ -51,7 +51,7 @@ def main() -> int:
         secs = sorted(r["seconds"] for r in runs)
         results[name] = {"seconds_min": secs[0], "seconds_median": secs[len(secs) // 2], "seconds_max": secs[-1],
                          "peak_rss_gib": max(r["peak_rss_gib"] for r in runs), "timings": runs[0]["timings"]}
-        print(f"{name:<18} {secs[0]:6.1f} / {secs[len(secs) // 2]:6.1f} / {secs[-1]:6.1f} s (min/median/max), "
+        print(f"{name:<22} {secs[0]:6.1f} / {secs[len(secs) // 2]:6.1f} / {secs[-1]:6.1f} s (min/median/max), "
               f"peak RSS {results[name]['peak_rss_gib']:.2f} GiB, stages {runs[0]['timings']}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))

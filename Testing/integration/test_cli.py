@@ -23,7 +23,8 @@ def test_heal_embed_write_outputs_with_geometry_and_sidecar(tiny_bundle, scan_fi
     out = tmp_path / "out" / "healed.nii.gz"
     code, stdout, err = run(capsys, "heal", scan_files["image"], "--mask", scan_files["mask"], "-o", out,
                             "--model", tiny_bundle.root, "--device", "cpu", "--seed", "3", "--steps", "2",
-                            "--samples", "2", "--uncertainty", tmp_path / "unc.nii.gz", "--prefill", "biharmonic")
+                            "--samples", "2", "--uncertainty", tmp_path / "unc.nii.gz", "--prefill", "biharmonic",
+                            "--boundary-average")
     assert code == 0, err
     assert stdout.strip() == str(out)
     src, res = nib.load(str(scan_files["image"])), nib.load(str(out))
@@ -32,6 +33,8 @@ def test_heal_embed_write_outputs_with_geometry_and_sidecar(tiny_bundle, scan_fi
     side = json.loads(out.with_name("healed.json").read_text())
     assert side["task"] == "heal" and side["seed"] == 3 and side["settings"]["steps"] == 2
     assert side["settings"]["prefill"] == "biharmonic" and side["output_sha256"] == bundle_mod.sha256_of(out)
+    drawn, eroded, grown = side["boundary_masks_voxels"]  # three masks, their edits averaged
+    assert side["settings"]["boundary_average"] is True and eroded < drawn < grown
     assert side["inputs"]["image"]["sha256"] == bundle_mod.sha256_of(scan_files["image"])
     assert {"torch", "monai", "python"} <= set(side["software"])
     assert nib.load(str(tmp_path / "unc.nii.gz")).get_fdata().max() > 0

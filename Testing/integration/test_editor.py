@@ -181,8 +181,8 @@ def test_lesion_fusion_changes_the_healthy_twin_only_at_the_mask(editor):
 
 
 def test_stages_run_alone(editor):
-    """Each named stage of an edit can be called on its own: registration refuses a mask off the brain; fusion
-    adds the mean deviation inside the edit region only and reports the samples' spread there."""
+    """Each named stage of an edit can be called on its own: registration refuses a mask off the brain; the edit
+    weight and the fusion add the mean deviation inside the edit region only and report the samples' spread there."""
     from USBLib.editor.editor import _Progress
 
     img, mask, aff = make_scan()
@@ -195,7 +195,8 @@ def test_stages_run_alone(editor):
         editor._registration_stage("heal", img, aff, off, None, 0, prog)
     deviation = np.stack([np.full(img.shape, 10.0, np.float32), np.full(img.shape, 30.0, np.float32)])
     settings = editor._settings("embed")
-    result, uncertainty, weight = editor._fusion_stage("embed", img, aff, mask, brain, deviation, settings, prog)
+    weight = editor._edit_weight("embed", img, aff, mask, brain, settings)
+    result, uncertainty = editor._fusion_stage(img, weight * deviation, weight > 0, prog)
     assert np.array_equal(result[weight == 0], img[weight == 0])
     inside = (weight == 1) & (mask > 0)
     assert inside.any() and np.allclose(result[inside], img[inside] + 20.0, atol=1)

@@ -51,6 +51,7 @@ class BatchSettings:
     local_strength: Optional[float] = None
     dilation_mm: Optional[float] = None
     growth: Optional[str] = None
+    boundary_average: Optional[bool] = None
     samples: int = 1
     seed: int = 0
     registration: str = "affine"
@@ -64,7 +65,8 @@ class BatchSettings:
                 "acg": self.acg, "margin_mm": self.margin_mm, "prefill": self.prefill, "stages": self.stages,
                 "local_mode": self.local_mode, "local_steps": self.local_steps, "local_strength": self.local_strength,
                 "dilation_mm": self.dilation_mm, "samples": self.samples, "seed": self.seed,
-                "resample_mask": self.resample_mask, **({"growth": self.growth} if self.growth else {})}
+                "resample_mask": self.resample_mask, **({"growth": self.growth} if self.growth else {}),
+                **({} if self.boundary_average is None else {"boundary_average": self.boundary_average})}
 
 
 @dataclass

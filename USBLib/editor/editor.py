@@ -209,8 +209,8 @@ class Editor:
              acg: bool | None = None, margin_mm: float | None = None, prefill: str | None = None,
              stages: str | None = None,
              local_mode: str | None = None, local_steps: int | None = None, local_strength: float | None = None,
-             dilation_mm: float | None = None, growth: str | None = None, samples: int = 1, seed: int = 0,
-             mask_affine: np.ndarray | None = None, resample_mask: bool = False,
+             dilation_mm: float | None = None, growth: str | None = None, boundary_average: bool | None = None,
+             samples: int = 1, seed: int = 0, mask_affine: np.ndarray | None = None, resample_mask: bool = False,
              progress: Progress | None = None) -> EditResult:
         """Pathology -> healthy. With ``mask`` the edit stays inside the mask grown by ``dilation_mm`` plus a
         ``margin_mm`` feather; without, it is a whole-brain latent edit.
@@ -222,12 +222,14 @@ class Editor:
         the lesion by a smooth fill before the latent diffusion starts. ``acg``: Anatomy Consistency Guidance on
         or off (``alpha0``/``k`` shape it; see ``USBLib.settings`` for every setting's range and meaning). ``growth``:
         ``fixed`` (the mask grown by ``dilation_mm``) or ``rim`` (grown only into its lesion-like rim, at most
-        ``dilation_mm``; ``USBLib.imaging.rim``)."""
+        ``dilation_mm``; ``USBLib.imaging.rim``). ``boundary_average``: average the edits for the drawn mask, it a
+        voxel smaller and a voxel larger (``USBLib.imaging.mask_edges``; the latent stage runs once, the local stage
+        and fusion once per mask); the edit region is then the union of the three."""
         return self._edit("heal", image, affine, mask, brain_mask, steps=steps, strength=strength, alpha0=alpha0,
                           k=k, eta=eta, acg=acg, margin_mm=margin_mm, prefill=prefill, stages=stages, local_mode=local_mode,
                           local_steps=local_steps, local_strength=local_strength, dilation_mm=dilation_mm, growth=growth,
-                          samples=samples, seed=seed, mask_affine=mask_affine, resample_mask=resample_mask,
-                          progress=progress)
+                          boundary_average=boundary_average, samples=samples, seed=seed, mask_affine=mask_affine,
+                          resample_mask=resample_mask, progress=progress)
 
     def embed(self, image: np.ndarray, affine: np.ndarray, mask: np.ndarray, brain_mask: np.ndarray | None = None,
               *, steps: int | None = None, strength: float | None = None, alpha0: float | None = None,
@@ -263,8 +265,9 @@ class Editor:
         latent = stages in ("latent", "both")
         n_latent = self._network_steps(settings, start_step_of(settings, self.bundle)) if latent else 0
         n_local = _local_box_count(mask, affine) if stages in ("local", "both") else 0
-        # ticks: registration, fusion; latent: encoding, each step, decoding; local: each lesion group
-        prog = _Progress(progress, 2 + (n_latent + 2 if n_latent else 0) + n_local)
+        n_masks = len(self._edit_masks(task, mask, affine, settings))
+        # ticks: registration, fusion; latent: encoding, each step, decoding; local: each lesion group per mask
+        prog = _Progress(progress, 2 + (n_latent + 2 if n_latent else 0) + n_local * n_masks)
         generator = torch.Generator().manual_seed(int(seed))
 
         mapping, brain, imap = self._registration_stage(task, image, affine, mask, brain_mask, seed, prog)
@@ -273,23 +276,40 @@ class Editor:
         if task == "embed":
             mask, content, notes = _confine_to_brain(image, affine, mask, brain)
             extra.update({"notes": notes} if notes else {})
-        region = self._fill_region(task, image, affine, mask, brain, settings)
-        deviation = np.zeros((samples, *image.shape), np.float32)  # scan units, result = image + deviation
+        latent_deviation = np.zeros((samples, *image.shape), np.float32)  # scan units, result = image + deviation
         if latent:
-            deviation += self._latent_stage(task, image, mapping, imap, mask, settings, samples, generator, prog)
+            latent_deviation += self._latent_stage(task, image, mapping, imap, mask, settings, samples, generator, prog)
             extra.update(start_step=start_step_of(settings, self.bundle), network_steps=n_latent)
-        if n_local:
-            deviation += self._local_stage(task, image, affine, imap, mask, deviation.mean(axis=0), settings,
-                                           samples, generator, prog, region, mapping)
-            extra["local_boxes"] = n_local
-            if value_of(settings, "local_mode") == "realism":  # heal and embed: the scan's grain in the edit
-                deviation = self._texture_stage(image, affine, mask, brain, deviation, settings, seed, region)
-                extra["texture"] = "noise synthesis (the scan's grain matched inside the fill region)"
-        result, uncertainty, weight = self._fusion_stage(task, original, affine, mask, brain, deviation, settings,
-                                                         prog, content, region)
+        variants = self._edit_masks(task, mask, affine, settings, original, brain)
+        if len(variants) > 1:
+            extra["boundary_masks_voxels"] = [int(v.sum()) for v in variants]
+        effect = np.zeros((samples, *image.shape), np.float32)  # weight x deviation, averaged over the masks
+        reach = np.zeros(image.shape, bool)  # the voxels any of the masks' edits may change
+        mean_deviation = np.zeros_like(effect)  # the deviations averaged over the masks, unweighted
+        for index, variant in enumerate(variants):
+            deviation = latent_deviation.copy()
+            region = self._fill_region(task, image, affine, variant, brain, settings)
+            if n_local:
+                local_generator = torch.Generator().manual_seed(int(seed)) if len(variants) > 1 else generator
+                deviation += self._local_stage(task, image, affine, imap, variant, deviation.mean(axis=0), settings,
+                                               samples, local_generator, prog, region, mapping)
+                extra["local_boxes"] = n_local
+            prog.stage("fusing into the scan")
+            weight = self._edit_weight(task, original, affine, variant, brain, settings, content, region)
+            effect += weight * deviation / np.float32(len(variants))
+            mean_deviation += deviation / np.float32(len(variants))
+            reach |= weight > 0
+            if index == 0:  # the drawn mask's: where the grain goes
+                drawn_region, drawn_weight = region, weight
+        if n_local and value_of(settings, "local_mode") == "realism":  # heal and embed: the scan's grain in the edit
+            # once, on the masks' mean: noise drawn per mask and averaged would lose a third of its grain or more
+            textured = self._texture_stage(image, affine, mask, brain, mean_deviation, settings, seed, drawn_region)
+            effect += drawn_weight * (textured - mean_deviation)
+            extra["texture"] = "noise synthesis (the scan's grain matched inside the fill region)"
+        result, uncertainty = self._fusion_stage(original, effect, reach, prog)
         extra.update({"intensity_map": {"low": imap.low + offset, "high": imap.high + offset},
                       "mask_voxels": int(mask.sum()) if mask is not None else 0,
-                      "edit_region_voxels": int((weight > 0).sum())})
+                      "edit_region_voxels": int(reach.sum())})
         provenance = self._provenance(task, settings, seed, samples, prog.timings, mapping, extra=extra)
         return EditResult(result, affine.copy(), mask, uncertainty, provenance)
 
@@ -366,16 +386,34 @@ class Editor:
             out[i] += matched_noise(healed, region, brain, spacing, np.random.default_rng([int(seed), i]))
         return out
 
-    def _fusion_stage(self, task: str, image: np.ndarray, affine: np.ndarray, mask: np.ndarray | None,
-                      brain: np.ndarray, deviation: np.ndarray, settings: dict[str, Any], prog: "_Progress",
-                      content: np.ndarray | None = None, region: np.ndarray | None = None):
-        """Seam-aware fusion of the mean deviation into the scan: (result [I, J, K] in the scan's units,
-        uncertainty (weighted std over samples, or None for one sample), edit weight [I, J, K] in [0, 1]).
-        ``content`` [I, J, K] bool, when given: the only voxels the edit may change (image content above the
-        background; an embedded lesion is never painted into the air). ``region``: a heal's fill region when it is
-        not the mask grown by ``dilation_mm`` (``growth`` ``rim``); it is rewritten fully, except (heal) the voxels
-        darker than the lesion itself (``rim.darker_than_lesion``: CSF beside it), which keep their values."""
-        prog.stage("fusing into the scan")
+    def _edit_masks(self, task: str, mask: np.ndarray | None, affine: np.ndarray, settings: dict[str, Any],
+                    image: np.ndarray | None = None, brain: np.ndarray | None = None) -> list:
+        """The masks an edit's local stage and fusion run for: a heal with ``boundary_average`` and a mask, the
+        drawn mask and it a voxel smaller and larger (``USBLib.imaging.mask_edges``; the larger one never takes in
+        the CSF beside the lesion, ``rim.darker_than_lesion`` as the fusion keeps it), whose edits are averaged;
+        otherwise the mask alone. Without ``image`` and ``brain`` [I, J, K]: placeholders of the right number."""
+        if task != "heal" or mask is None or not value_of(settings, "boundary_average"):
+            return [mask]
+        if image is None or brain is None:
+            return [None] * 3
+        from USBLib.imaging.mask_edges import boundary_masks
+        from USBLib.imaging.rim import darker_than_lesion
+
+        dilation = float(value_of(settings, "dilation_mm"))
+        csf = darker_than_lesion(image, mask, brain, _spacing(affine), dilation,
+                                 dilation + float(settings["margin_mm"]))
+        return [m.astype(np.uint8) for m in boundary_masks(mask, _spacing(affine), keep_out=csf)]
+
+    @staticmethod
+    def _edit_weight(task: str, image: np.ndarray, affine: np.ndarray, mask: np.ndarray | None, brain: np.ndarray,
+                     settings: dict[str, Any], content: np.ndarray | None = None,
+                     region: np.ndarray | None = None) -> np.ndarray:
+        """Seam-aware fusion weight [I, J, K] in [0, 1] of one mask's edit (``USBLib.imaging.fusion.edit_weight``).
+        ``image``: the scan in its own units. ``content`` [I, J, K] bool, when given: the only voxels the edit may
+        change (image content above the background; an embedded lesion is never painted into the air). ``region``: a
+        heal's fill region when it is not the mask grown by ``dilation_mm`` (``growth`` ``rim``); it is rewritten
+        fully, except (heal) the voxels darker than the lesion itself (``rim.darker_than_lesion``: CSF beside it),
+        which keep their values."""
         dilation = float(value_of(settings, "dilation_mm"))
         core = region
         if core is None and mask is not None and task == "heal":
@@ -390,11 +428,20 @@ class Editor:
                                                   dilation + float(settings["margin_mm"]))
         if content is not None:
             weight = weight * content
-        result = fuse(image, deviation.mean(axis=0), weight)
-        uncertainty = (weight * deviation.std(axis=0)).astype(np.float32) if deviation.shape[0] > 1 else None
+        return weight
+
+    @staticmethod
+    def _fusion_stage(image: np.ndarray, effect: np.ndarray, reach: np.ndarray, prog: "_Progress"):
+        """Fusion of the weighted deviations ``effect`` [samples, I, J, K] (edit weight x deviation, scan units)
+        into the scan ``image`` [I, J, K] (its own dtype) inside ``reach`` [I, J, K] bool: (result [I, J, K],
+        uncertainty: the std of the weighted deviation over samples, or None for one sample). Every voxel outside
+        ``reach`` is the scan's own value, bit for bit."""
+        prog.stage("fusing into the scan")
+        result = fuse(image, effect.mean(axis=0), reach.astype(np.float32))
+        uncertainty = (reach * effect.std(axis=0)).astype(np.float32) if effect.shape[0] > 1 else None
         prog.tick()
         prog.stage("")
-        return result, uncertainty, weight
+        return result, uncertainty
 
     def _edit_inputs(self, task: str, image, affine, mask, brain_mask, mask_affine, resample_mask: bool):
         """Checked image, float64 affine, binary mask (None when absent or empty for heal), brain mask."""

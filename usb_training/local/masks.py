@@ -12,27 +12,13 @@ import numpy as np
 from scipy import ndimage
 
 from USBLib.editor.local.conditioning import HEAL, fill_region
+from USBLib.imaging.mask_edges import eroded_keeping_components
 from USBLib.imaging.rim import rim_region
 
 MASK_KINDS = {"exact": 0.3, "hasty": 0.25, "tight": 0.05, "generous": 0.2, "generous2": 0.1, "shifted": 0.1}
 RIM_FRACTION = 0.5                          # share of fill regions grown into the rim (the rest: fixed growth)
 FIXED_DILATION_P = {0: 0.1, 1: 0.25, 2: 0.45, 3: 0.2}  # voxels (1 mm), the engine's dilation_mm
 RIM_MAX_MM_P = {2.0: 0.7, 3.0: 0.3}
-
-
-def eroded_keeping_components(mask: np.ndarray, steps: int) -> np.ndarray:
-    """``mask`` eroded ``steps`` times (6-neighbourhood); a component that would vanish keeps its deepest voxels
-    (a hasty rater still marks every lesion). bool."""
-    m = np.asarray(mask) > 0
-    out = ndimage.binary_erosion(m, iterations=steps, border_value=1)
-    labels, _ = ndimage.label(m)
-    kept = ndimage.label(out)[0] > 0
-    for comp, box in enumerate(ndimage.find_objects(labels), start=1):
-        region = labels[box] == comp
-        if not (kept[box] & region).any():
-            depth = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1, 1:-1]
-            out[box] |= region & (depth >= depth.max())
-    return out
 
 
 def draw_mask(binary: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, str]:
