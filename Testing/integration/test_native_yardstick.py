@@ -11,7 +11,8 @@ from scipy import ndimage
 import phantoms
 from USBLib.editor.editor import Editor
 from usb_training.base import baselines
-from usb_training.base.scores import changed_region, scoring_box, yardstick_scores
+from usb_training.base.scores import (CHANGE_TOL, COLLATERAL_REACH, changed_region, ring, scoring_box,
+                                      yardstick_scores)
 from usb_training.evaluation import native
 from usb_training.local.cases import hasty_mask, yardstick_case
 
@@ -74,7 +75,17 @@ def test_rim_score_covers_the_rim(case):
     assert cropped == s  # scores of the scoring box equal those of the whole scan
     perfect = yardstick_scores(case.healthy, case.healthy, changed, case.mask, case.brain)
     assert perfect["psnr"] == float("inf") and perfect["mean_ratio"] == pytest.approx(1.0)
-    assert perfect["texture"] == pytest.approx(1.0)
+    assert perfect["texture"] == pytest.approx(1.0) and perfect["collateral"] == 0.0
+    assert s["collateral"] < 100 * CHANGE_TOL  # the lesion left the tissue around its changes as it was
+    # a fill that is perfect where the lesion is but paints over the healthy tissue around it: PSNR cannot see
+    # that, the collateral score does
+    around = ring(changed, 0, 2, case.brain)
+    painted = case.healthy.copy()
+    painted[around] += 0.1 * scale
+    spilled = yardstick_scores(painted, case.healthy, changed, case.mask, case.brain)
+    assert spilled["psnr"] == float("inf")
+    share = around.sum() / ring(changed, 0, COLLATERAL_REACH, case.brain).sum()
+    assert spilled["collateral"] == pytest.approx(10 * share, rel=1e-3)
 
 
 def test_classical_fillers_leave_the_outside_of_their_region_bit_for_bit(case):

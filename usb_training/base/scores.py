@@ -12,6 +12,7 @@ from scipy import ndimage
 from . import metrics
 
 STRUCT = ndimage.generate_binary_structure(3, 3)
+COLLATERAL_REACH = 6  # voxels outside the lesion's changes where ``yardstick_scores`` looks for collateral change
 
 
 def ring(mask: np.ndarray, inner: int, outer: int, within: np.ndarray | None = None) -> np.ndarray:
@@ -146,7 +147,11 @@ def yardstick_scores(out: np.ndarray, truth: np.ndarray, changed: np.ndarray, dr
     - ``mean_ratio``: the fill's mean / the truth's mean over ``changed``;
     - ``texture``: high-pass local SD inside ``changed`` against the ring 3-8 voxels around it (``texture_ratio``),
       of ``out`` divided by that of the truth (1 = the truth's texture; << 1 a smooth blob); ``texture_truth``:
-      the truth's own ratio.
+      the truth's own ratio;
+    - ``collateral``: what the heal did to healthy tissue around the lesion, which PSNR over ``changed`` cannot see:
+      the mean |out - truth| over the brain voxels 1-``COLLATERAL_REACH`` voxels outside ``changed`` (the lesion left
+      them as they were), in % of the range (0 = untouched; a fill painted over a ventricle beside the lesion shows
+      here).
 
     ``scale``: the truth's 99th brain percentile when the arrays are a crop (``scoring_box``) of the scan."""
     changed = np.asarray(changed) > 0
@@ -159,7 +164,8 @@ def yardstick_scores(out: np.ndarray, truth: np.ndarray, changed: np.ndarray, dr
             "psnr_mask": metrics.psnr(o, t, np.asarray(drawn) > 0),
             "mean_ratio": float(o[changed].mean() / max(t[changed].mean(), 1e-9)),
             "texture": texture_ratio(o, changed, around) / max(t_truth, 1e-9),
-            "texture_truth": t_truth}
+            "texture_truth": t_truth,
+            "collateral": float(100 * np.abs(o - t)[ring(changed, 0, COLLATERAL_REACH, brain)].mean())}
 
 
 def scoring_box(changed: np.ndarray, pad: int = 16) -> tuple[slice, ...]:

@@ -408,15 +408,17 @@ def table(result: dict[str, Any]) -> str:
              f"{' (held out)' if result['held_out'] else ' (TRAINING SOURCE: in-distribution)'}, "
              "exact and hasty masks. PSNR (dB) over every voxel the lesion changed (mask and rim); "
              "mask-only PSNR secondary; mean = fill mean / truth mean there; texture = high-pass SD inside vs "
-             "the ring around, relative to the truth's (1 = right).", "",
+             "the ring around, relative to the truth's (1 = right); collateral = mean |change| of the healthy tissue "
+             "1-6 voxels around the lesion's changes, % of the range (0 = untouched).", "",
              "| method | PSNR exact | PSNR hasty | mask-only PSNR exact | mask-only hasty | mean exact | mean hasty "
-             "| texture exact | s / heal |", "|---|---|---|---|---|---|---|---|---|"]
+             "| texture exact | collateral exact / hasty | s / heal |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, masks in means.items():
         e, h = masks.get("exact", {}), masks.get("hasty", {})
         lines.append(f"| {name} | {e.get('psnr', np.nan):.2f} | {h.get('psnr', np.nan):.2f} | "
                      f"{e.get('psnr_mask', np.nan):.2f} | {h.get('psnr_mask', np.nan):.2f} | "
                      f"{e.get('mean_ratio', np.nan):.3f} | {h.get('mean_ratio', np.nan):.3f} | "
-                     f"{e.get('texture', np.nan):.2f} | {e.get('seconds', np.nan):.1f} |")
+                     f"{e.get('texture', np.nan):.2f} | {e.get('collateral', np.nan):.2f} / "
+                     f"{h.get('collateral', np.nan):.2f} | {e.get('seconds', np.nan):.1f} |")
     first = next(iter(s["configs"].values()))
     lines += ["", f"best classical per case (max over {len(result['classical'])} fillers): exact "
               f"{first['exact']['best_classical']:.2f} dB, hasty {first['hasty']['best_classical']:.2f} dB; "
@@ -556,7 +558,7 @@ def run(model: Any, cases: Iterable[NativeCase], out: Path, configs: dict[str, d
                    (Path(cache or out) / "segmentations") if segment else None, log=log)
     rows = res["rows"]
     n = len({r["case"] for r in rows})
-    keys = ["psnr", "psnr_mask", "mean_ratio", "texture", "texture_truth", "seconds", "seg_agree_mask",
+    keys = ["psnr", "psnr_mask", "mean_ratio", "texture", "texture_truth", "collateral", "seconds", "seg_agree_mask",
             "seg_agree_ring", "seg_dvol_box_ml", "seg_dvol_10mm_ml"]
     result: dict[str, Any] = {
         "source": source, "held_out": held_out, "cases": n, "classical": res["classical"], "usb": res["usb"],
