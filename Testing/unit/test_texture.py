@@ -23,7 +23,7 @@ def test_the_fill_gets_the_calibrated_share_of_the_grain_of_the_ring_around_it()
     textured = image + noise
     ring = (ndimage.distance_transform_edt(~region) > 1) & (ndimage.distance_transform_edt(~region) <= 5)
     inside, around = robust_sd(high_pass(textured)[region]), robust_sd(high_pass(textured)[ring])
-    assert abs(inside / around - GRAIN_SCALE) < 0.1  # (0.9: the ring's detail, tissue edges included, scaled)
+    assert abs(inside / around - GRAIN_SCALE) < 0.1  # (a share of the ring's detail, which has tissue edges)
     assert abs(float(noise[region].mean())) < 0.01  # zero mean: the level of the fill stays
     far = ndimage.distance_transform_edt(~region) > 3
     assert not noise[far].any()
