@@ -265,7 +265,7 @@ class Editor:
         latent = stages in ("latent", "both")
         n_latent = self._network_steps(settings, start_step_of(settings, self.bundle)) if latent else 0
         n_local = _local_box_count(mask, affine) if stages in ("local", "both") else 0
-        n_masks = len(self._edit_masks(task, mask, affine, settings))
+        n_masks = 3 if _averages_boundary(task, mask, settings) else 1
         # ticks: registration, fusion; latent: encoding, each step, decoding; local: each lesion group per mask
         prog = _Progress(progress, 2 + (n_latent + 2 if n_latent else 0) + n_local * n_masks)
         generator = torch.Generator().manual_seed(int(seed))
@@ -386,16 +386,15 @@ class Editor:
             out[i] += matched_noise(healed, region, brain, spacing, np.random.default_rng([int(seed), i]))
         return out
 
-    def _edit_masks(self, task: str, mask: np.ndarray | None, affine: np.ndarray, settings: dict[str, Any],
-                    image: np.ndarray | None = None, brain: np.ndarray | None = None) -> list:
+    @staticmethod
+    def _edit_masks(task: str, mask: np.ndarray | None, affine: np.ndarray, settings: dict[str, Any],
+                    image: np.ndarray, brain: np.ndarray) -> list:
         """The masks an edit's local stage and fusion run for: a heal with ``boundary_average`` and a mask, the
         drawn mask and it a voxel smaller and larger (``USBLib.imaging.mask_edges``; the larger one never takes in
         the CSF beside the lesion, ``rim.darker_than_lesion`` as the fusion keeps it), whose edits are averaged;
-        otherwise the mask alone. Without ``image`` and ``brain`` [I, J, K]: placeholders of the right number."""
-        if task != "heal" or mask is None or not value_of(settings, "boundary_average"):
+        otherwise the mask alone. ``image``: the scan in its own units, ``brain`` its brain mask [I, J, K]."""
+        if not _averages_boundary(task, mask, settings):
             return [mask]
-        if image is None or brain is None:
-            return [None] * 3
         from USBLib.imaging.mask_edges import boundary_masks
         from USBLib.imaging.rim import darker_than_lesion
 
@@ -799,6 +798,12 @@ def _local_settings(settings: dict[str, Any], task: str = "heal"):
                          strength=float(value_of(settings, "local_strength")),
                          dilation_mm=float(value_of(settings, "dilation_mm")), alpha0=float(settings["alpha0"]),
                          k=float(settings["k"]), eta=float(value_of(settings, "eta")), acg=bool(settings["acg"]))
+
+
+def _averages_boundary(task: str, mask: np.ndarray | None, settings: dict[str, Any]) -> bool:
+    """Whether an edit averages the edits of the mask's boundary variants (a heal with a mask and
+    ``boundary_average``; ``Editor._edit_masks``)."""
+    return task == "heal" and mask is not None and bool(value_of(settings, "boundary_average"))
 
 
 def _local_box_count(mask: np.ndarray | None, affine: np.ndarray) -> int:
