@@ -135,6 +135,15 @@ def test_the_default_heal_averages_the_heals_of_the_mask_a_voxel_smaller_and_lar
     assert not np.array_equal(rim_heal.image, singles[0].image)
 
 
+def test_a_heal_never_makes_the_scan_darker(rim_case, rim_heal):
+    """A T1-hypointense lesion only darkened the voxels it touched, so a heal brightens only (``editor._signed``):
+    where a fill would dip below the scan (at the rim's healthy edge, beside a ventricle) the scan keeps its value.
+    The exact mask and a lesion beside a ventricle are checked in the tests below."""
+    _, lesioned, drawn, _ = rim_case
+    assert np.all(rim_heal.image >= lesioned)
+    assert (rim_heal.image > lesioned).sum() > drawn.sum()  # the lesion and the rim past the mask were brightened
+
+
 GRAIN_KEPT = 0.9  # realism's fine detail in the fill, boundary-averaged / drawn mask alone (measured 0.96; noise
 #                   drawn per mask and averaged: texture 0.78 of the truth's instead of 0.99 on the held-out yardstick)
 
@@ -174,6 +183,7 @@ def test_a_darker_lesion_never_heals_brighter_and_the_exact_mask_never_heals_wor
         lesioned, _ = _painted(truth, core, depth, img.data.dtype)
         healed = shipped.heal(lesioned, img.affine, core.astype(np.uint8), seed=0).image
         means[depth] = float(healed[core].mean() / truth[core].mean())
+        assert np.all(healed >= lesioned)  # a heal brightens only (``editor._signed``)
         if depth == RIM_DEPTH:  # the rim case: its hasty mask is the exact one eroded by a voxel
             assert np.array_equal(lesioned, rim_case[1])
             changed = lesioned != img.data  # every voxel the lesion changed: the mask and its rim
@@ -213,6 +223,7 @@ def test_the_ventricle_beside_a_small_lesion_stays_a_ventricle(shipped, sample):
     core, ventricle = _beside_the_ventricle(truth, sample["lesion"].data > 0)
     lesioned, _ = _painted(truth, core, RIM_DEPTH, img.data.dtype)
     healed = shipped.heal(lesioned, img.affine, core.astype(np.uint8), seed=0).image
+    assert np.all(healed >= lesioned)  # the fill's dip at the ventricle's edge is not written (``editor._signed``)
     error = {name: float(np.abs(np.asarray(x, np.float32) - truth)[ventricle].mean())
              for name, x in (("heal", healed), ("input", lesioned))}
     assert error["heal"] <= VENTRICLE_MAX_ERROR_RATIO * error["input"], error

@@ -296,7 +296,7 @@ class Editor:
                 extra["local_boxes"] = n_local
             prog.stage("fusing into the scan")
             weight = self._edit_weight(task, original, affine, variant, brain, settings, content, region)
-            effect += weight * deviation / np.float32(len(variants))
+            effect += _signed(task, weight * deviation) / np.float32(len(variants))
             mean_deviation += deviation / np.float32(len(variants))
             reach |= weight > 0
             if index == 0:  # the drawn mask's: where the grain goes
@@ -304,7 +304,8 @@ class Editor:
         if n_local and value_of(settings, "local_mode") == "realism":  # heal and embed: the scan's grain in the edit
             # once, on the masks' mean: noise drawn per mask and averaged would lose a third of its grain or more
             textured = self._texture_stage(image, affine, mask, brain, mean_deviation, settings, seed, drawn_region)
-            effect += drawn_weight * (textured - mean_deviation)
+            # only where the edit is synthetic: a voxel the heal left as the scan (``_signed``) has the scan's grain
+            effect += drawn_weight * (textured - mean_deviation) * (effect != 0)
             extra["texture"] = "noise synthesis (the scan's grain matched inside the fill region)"
         result, uncertainty = self._fusion_stage(original, effect, reach, prog)
         extra.update({"intensity_map": {"low": imap.low + offset, "high": imap.high + offset},
@@ -798,6 +799,14 @@ def _local_settings(settings: dict[str, Any], task: str = "heal"):
                          strength=float(value_of(settings, "local_strength")),
                          dilation_mm=float(value_of(settings, "dilation_mm")), alpha0=float(settings["alpha0"]),
                          k=float(settings["k"]), eta=float(value_of(settings, "eta")), acg=bool(settings["acg"]))
+
+
+def _signed(task: str, effect: np.ndarray) -> np.ndarray:
+    """One mask's weighted deviation [samples, I, J, K] (scan units) with the sign its task allows: a heal of a
+    T1-hypointense lesion brightens only (the lesion made every voxel it touched darker, so a voxel its heal would
+    make darker than the scan is one where the fill is wrong and the scan is the better estimate: it keeps its
+    value); an embed keeps its deviation as it is. Noise synthesis (``realism``) comes afterwards and may darken."""
+    return np.maximum(effect, np.float32(0)) if task == "heal" else effect
 
 
 def _averages_boundary(task: str, mask: np.ndarray | None, settings: dict[str, Any]) -> bool:
