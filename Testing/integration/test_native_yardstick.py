@@ -109,6 +109,21 @@ def test_classical_fillers_leave_the_outside_of_their_region_bit_for_bit(case):
             assert not np.array_equal(out[region], case.lesioned[region]), name
 
 
+def test_brighten_only_fillers_are_the_fills_never_below_the_scan(case):
+    """``--classical-brighten-only``: each classical filler given USB's rule that a heal never darkens a voxel;
+    some plain fills do dip below the scan (a fixed growth spreads the lesion's darkness into healthy tissue)."""
+    ctx = {"seed": 0, "priors": _priors(case)}
+    plain, rule = native.classical_fillers(2), native.classical_fillers(2, brighten_only=True)
+    assert set(plain) == set(rule)
+    lesioned = case.lesioned.astype(np.float32)
+    dipped = 0
+    for name in plain:
+        fill, kept = plain[name](case, case.mask, ctx), rule[name](case, case.mask, ctx)
+        assert np.array_equal(kept, np.maximum(fill, lesioned)), name
+        dipped += int((fill < lesioned).any())
+    assert dipped >= 1
+
+
 def test_biharmonic_fills_a_lesion_on_the_volume_face():
     image = np.full((20, 20, 20), 100.0, np.float32)
     image[:4, 8:12, 8:12] = 10.0  # a dark lesion cut by the face i = 0

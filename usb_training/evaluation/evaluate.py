@@ -261,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="--native: embed methods (local realism/fidelity and latent; the bundle's; the "
                              "bundle's and the other local mode; none)")
     parser.add_argument("--seed", type=int, default=None, help="--native: first case seed (default 910000)")
+    parser.add_argument("--classical-brighten-only", action="store_true",
+                        help="--native: give every classical filler USB's rule that a heal never darkens a voxel "
+                             "(max(fill, lesioned scan))")
     args = parser.parse_args(argv)
     b = bundle_mod.load(args.model)
     if args.native:
@@ -293,7 +296,7 @@ def _native_main(b: bundle_mod.ModelBundle, args: argparse.Namespace) -> int:
     seed = NATIVE_SEED if args.seed is None else args.seed
     cases = yardstick_cases(anatomy, native_affine(args.cache, args.source), count, seed)
     result = run_native(b, cases, args.out, configs, cache=args.cache, source=args.source, held_out=held_out,
-                        embed=args.embed, segment=args.segment)
+                        embed=args.embed, segment=args.segment, brighten_only=args.classical_brighten_only)
     print(result["table_markdown"])
     if not held_out:
         print(f"WARNING: in-distribution numbers (training source {args.source})")

@@ -150,10 +150,21 @@ def native_priors(editor: Editor, case: NativeCase, model_priors: np.ndarray, se
     return np.stack([mapping.to_native(p) for p in model_priors])
 
 
-def classical_fillers(dilation: int) -> dict[str, Callable[[NativeCase, np.ndarray, dict], np.ndarray]]:
+def classical_fillers(dilation: int, brighten_only: bool = False
+                      ) -> dict[str, Callable[[NativeCase, np.ndarray, dict], np.ndarray]]:
     """Every classical filler under test, as f(case, drawn mask, context) -> healed scan; ``context`` holds
     ``seed`` and ``priors`` (the atlas maps on the scan's grid). ``dilation``: the local stage's fill dilation
-    (voxels) for its own base."""
+    (voxels) for its own base. ``brighten_only``: each filler given USB's rule that a heal never darkens a voxel
+    (the result is max(fill, lesioned scan); ``USBLib.editor.editor._signed``), the fairer yardstick for that rule."""
+    fillers = _classical_fillers(dilation)
+    if not brighten_only:
+        return fillers
+    return {name: (lambda c, m, ctx, f=f: np.maximum(np.asarray(f(c, m, ctx), np.float32),
+                                                     np.asarray(c.lesioned, np.float32)))
+            for name, f in fillers.items()}
+
+
+def _classical_fillers(dilation: int) -> dict[str, Callable[[NativeCase, np.ndarray, dict], np.ndarray]]:
     return {
         "NAWM constant": lambda c, m, ctx: baselines.nawm_constant(c.lesioned, m, c.brain),
         "FSL-style lesion filling": lambda c, m, ctx: baselines.lesion_filling(c.lesioned, m, c.brain,
@@ -271,12 +282,14 @@ def embed_methods(editor: Editor, kind: str = "stages") -> dict[str, Callable[[N
 
 def evaluate(editor: Editor, cases: Iterable[NativeCase], configs: dict[str, dict[str, Any]],
              model_priors: np.ndarray, embed: str = "stages", segment_cache: Path | None = None,
-             figure_cases: int = 4, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+             figure_cases: int = 4, log: Callable[[str], None] | None = None,
+             brighten_only: bool = False) -> dict[str, Any]:
     """Heal every case with every classical filler and USB configuration, exact and hasty masks; embed with
     ``embed`` (``stages``: local realism / fidelity / latent, ``defaults``: the bundle's, ``realism``: the bundle's
-    and local realism, ``none``)."""
+    and local realism, ``none``). ``brighten_only``: the classical fillers never darken a voxel
+    (``classical_fillers``)."""
     dilation = int(round(float(editor.bundle.defaults("heal").get("dilation_mm", 2.0))))
-    fillers = classical_fillers(dilation)
+    fillers = classical_fillers(dilation, brighten_only)
     emb = {} if embed == "none" else embed_methods(editor, embed)
     rows: list[dict[str, Any]] = []
     embed_rows: dict[str, list] = {m: [] for m in emb}
@@ -420,7 +433,8 @@ def table(result: dict[str, Any]) -> str:
                      f"{e.get('texture', np.nan):.2f} | {e.get('collateral', np.nan):.2f} / "
                      f"{h.get('collateral', np.nan):.2f} | {e.get('seconds', np.nan):.1f} |")
     first = next(iter(s["configs"].values()))
-    lines += ["", f"best classical per case (max over {len(result['classical'])} fillers): exact "
+    lines += ["", f"best classical per case (max over {len(result['classical'])} fillers"
+              f"{', each brightening only' if result.get('classical_brighten_only') else ''}): exact "
               f"{first['exact']['best_classical']:.2f} dB, hasty {first['hasty']['best_classical']:.2f} dB; "
               f"'{PRESET}' (chosen in advance): exact {first['exact']['preset']:.2f}, hasty "
               f"{first['hasty']['preset']:.2f}", "",
@@ -540,10 +554,10 @@ def engine_state() -> dict[str, str]:
 def run(model: Any, cases: Iterable[NativeCase], out: Path, configs: dict[str, dict[str, Any]] | None = None,
         cache: Path | None = None, source: str = "ixi555", held_out: bool = True, embed: str = "stages",
         segment: bool = False, model_priors: np.ndarray | None = None, seed: int = 0,
-        log: Callable[[str], None] | None = print) -> dict[str, Any]:
+        log: Callable[[str], None] | None = print, brighten_only: bool = False) -> dict[str, Any]:
     """Run the yardstick on ``cases``; writes ``native_metrics.json``, ``native_results.md``,
     ``heal_yardstick.png`` (and ``embed_native.png``). ``model_priors``: the atlas maps on the model grid
-    (default: MNI2009a's from ``cache``)."""
+    (default: MNI2009a's from ``cache``). ``brighten_only``: the classical fillers never darken a voxel."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     editor = model if isinstance(model, Editor) else Editor(model, device="auto")
@@ -555,7 +569,7 @@ def run(model: Any, cases: Iterable[NativeCase], out: Path, configs: dict[str, d
         model_priors = atlas_priors(cache or DEFAULT_CACHE, editor.bundle.grid_shape, editor.bundle.grid_affine)
     t0 = time.perf_counter()
     res = evaluate(editor, cases, configs, model_priors, embed,
-                   (Path(cache or out) / "segmentations") if segment else None, log=log)
+                   (Path(cache or out) / "segmentations") if segment else None, log=log, brighten_only=brighten_only)
     rows = res["rows"]
     n = len({r["case"] for r in rows})
     keys = ["psnr", "psnr_mask", "mean_ratio", "texture", "texture_truth", "collateral", "seconds", "seg_agree_mask",
@@ -563,6 +577,7 @@ def run(model: Any, cases: Iterable[NativeCase], out: Path, configs: dict[str, d
     result: dict[str, Any] = {
         "source": source, "held_out": held_out, "cases": n, "classical": res["classical"], "usb": res["usb"],
         "usb_settings": configs, "preset": PRESET, "segmenter": res["segmenter"],
+        "classical_brighten_only": brighten_only,
         "means": method_means(rows, keys),
         "summary": summarise(rows, res["classical"], res["usb"], seed=seed),
         "embed": {m: {k: float(np.mean([r[k] for r in rs])) for k in rs[0] if k != "case"}
