@@ -95,8 +95,10 @@ def test_defaults_come_from_the_bundle_and_heal_without_mask_is_latent(local_edi
     res = local_editor.heal(img, aff, mask, seed=0)
     assert res.provenance["settings"]["stages"] == "local"
     assert res.provenance["settings"]["local_mode"] == "fidelity"
+    assert np.all(res.image >= img)  # the heal of a drawn lesion brightens only (``editor._signed``)
     whole = local_editor.heal(img, aff, None, seed=0, steps=2)
     assert whole.provenance["settings"]["stages"] == "latent"
+    assert (whole.image < img).any()  # a whole-brain latent edit is not one-sided: mostly healthy tissue
     assert local_editor.interactive_local_mode() == "realism"
 
 
@@ -227,3 +229,20 @@ def test_a_prior_bundle_refuses_a_local_stage_without_its_prior(prior_bundle):
     with pytest.raises(ValueError, match="tissue prior"):
         editor.local.deviation(img.astype(np.float32) / img.max(), mask, (3.5, 3.5, 3.5), "heal", LocalSettings(),
                                torch.Generator().manual_seed(0))
+
+
+def test_only_the_heal_of_a_drawn_lesion_is_one_sided_and_its_grain_goes_where_its_edit_is():
+    """``_signed``: a heal with a mask keeps only its brightening (each sample on its own); an embed and a heal
+    without a mask keep their deviations. ``_with_grain``: a heal's synthesized grain only where its edit is not
+    zero (a voxel left as the scan has the scan's own grain); an embed's everywhere it is given."""
+    from USBLib.editor.editor import _signed, _with_grain
+
+    edit = np.array([[[[-2.0, 0.0, 3.0]]], [[[1.0, -1.0, 0.5]]]], np.float32)  # [samples, I, J, K]
+    mask = np.ones(edit.shape[1:], np.uint8)
+    assert np.array_equal(_signed("heal", mask, edit), np.maximum(edit, 0))
+    assert np.array_equal(_signed("embed", mask, edit), edit)
+    assert np.array_equal(_signed("heal", None, edit), edit)
+    grain = np.full_like(edit, 0.25)
+    healed = _with_grain("heal", _signed("heal", mask, edit), grain)
+    assert np.array_equal(healed, [[[[0.0, 0.0, 3.25]]], [[[1.25, 0.0, 0.75]]]])
+    assert np.array_equal(_with_grain("embed", edit, grain), edit + grain)

@@ -139,9 +139,8 @@ def test_a_heal_never_makes_the_scan_darker(rim_case, rim_heal):
     """A T1-hypointense lesion only darkened the voxels it touched, so a heal brightens only (``editor._signed``):
     where a fill would dip below the scan (at the rim's healthy edge, beside a ventricle) the scan keeps its value.
     The exact mask and a lesion beside a ventricle are checked in the tests below."""
-    _, lesioned, drawn, _ = rim_case
+    _, lesioned, _, _ = rim_case
     assert np.all(rim_heal.image >= lesioned)
-    assert (rim_heal.image > lesioned).sum() > drawn.sum()  # the lesion and the rim past the mask were brightened
 
 
 GRAIN_KEPT = 0.9  # realism's fine detail in the fill, boundary-averaged / drawn mask alone (measured 0.96; noise

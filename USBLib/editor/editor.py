@@ -296,7 +296,7 @@ class Editor:
                 extra["local_boxes"] = n_local
             prog.stage("fusing into the scan")
             weight = self._edit_weight(task, original, affine, variant, brain, settings, content, region)
-            effect += _signed(task, weight * deviation) / np.float32(len(variants))
+            effect += _signed(task, variant, weight * deviation) / np.float32(len(variants))
             mean_deviation += deviation / np.float32(len(variants))
             reach |= weight > 0
             if index == 0:  # the drawn mask's: where the grain goes
@@ -304,8 +304,7 @@ class Editor:
         if n_local and value_of(settings, "local_mode") == "realism":  # heal and embed: the scan's grain in the edit
             # once, on the masks' mean: noise drawn per mask and averaged would lose a third of its grain or more
             textured = self._texture_stage(image, affine, mask, brain, mean_deviation, settings, seed, drawn_region)
-            # only where the edit is synthetic: a voxel the heal left as the scan (``_signed``) has the scan's grain
-            effect += drawn_weight * (textured - mean_deviation) * (effect != 0)
+            effect = _with_grain(task, effect, drawn_weight * (textured - mean_deviation))
             extra["texture"] = "noise synthesis (the scan's grain matched inside the fill region)"
         result, uncertainty = self._fusion_stage(original, effect, reach, prog)
         extra.update({"intensity_map": {"low": imap.low + offset, "high": imap.high + offset},
@@ -434,8 +433,8 @@ class Editor:
     def _fusion_stage(image: np.ndarray, effect: np.ndarray, reach: np.ndarray, prog: "_Progress"):
         """Fusion of the weighted deviations ``effect`` [samples, I, J, K] (edit weight x deviation, scan units)
         into the scan ``image`` [I, J, K] (its own dtype) inside ``reach`` [I, J, K] bool: (result [I, J, K],
-        uncertainty: the std of the weighted deviation over samples, or None for one sample). Every voxel outside
-        ``reach`` is the scan's own value, bit for bit."""
+        uncertainty: the std over samples of the weighted deviation as ``_signed`` left it, or None for one sample).
+        Every voxel outside ``reach`` is the scan's own value, bit for bit."""
         prog.stage("fusing into the scan")
         result = fuse(image, effect.mean(axis=0), reach.astype(np.float32))
         uncertainty = (reach * effect.std(axis=0)).astype(np.float32) if effect.shape[0] > 1 else None
@@ -801,12 +800,21 @@ def _local_settings(settings: dict[str, Any], task: str = "heal"):
                          k=float(settings["k"]), eta=float(value_of(settings, "eta")), acg=bool(settings["acg"]))
 
 
-def _signed(task: str, effect: np.ndarray) -> np.ndarray:
-    """One mask's weighted deviation [samples, I, J, K] (scan units) with the sign its task allows: a heal of a
-    T1-hypointense lesion brightens only (the lesion made every voxel it touched darker, so a voxel its heal would
-    make darker than the scan is one where the fill is wrong and the scan is the better estimate: it keeps its
-    value); an embed keeps its deviation as it is. Noise synthesis (``realism``) comes afterwards and may darken."""
-    return np.maximum(effect, np.float32(0)) if task == "heal" else effect
+def _signed(task: str, mask: np.ndarray | None, effect: np.ndarray) -> np.ndarray:
+    """One mask's weighted deviation [samples, I, J, K] (scan units) with the sign its task allows: the heal of a
+    drawn T1-hypointense lesion brightens only (the lesion made every voxel it touched darker, so a voxel its heal
+    would make darker than the scan is one where the fill is wrong and the scan is the better estimate: it keeps its
+    value), each sample on its own; an embed, and a heal without a mask (a latent edit of the whole brain, mostly
+    healthy tissue), keep their deviations as they are. ``realism``'s zero-mean grain comes afterwards and may
+    darken a voxel."""
+    return np.maximum(effect, np.float32(0)) if task == "heal" and mask is not None else effect
+
+
+def _with_grain(task: str, effect: np.ndarray, grain: np.ndarray) -> np.ndarray:
+    """``realism``: the weighted edits ``effect`` [samples, I, J, K] (scan units, after ``_signed``) with the
+    synthesized ``grain`` (same shape, weighted) added; a heal's grain only where its edit is not zero, since a voxel
+    that ``_signed`` left as the scan already has the scan's own grain."""
+    return effect + grain * ((effect != 0) if task == "heal" else np.float32(1))
 
 
 def _averages_boundary(task: str, mask: np.ndarray | None, settings: dict[str, Any]) -> bool:

@@ -165,6 +165,7 @@ def classical_fillers(dilation: int, brighten_only: bool = False
 
 
 def _classical_fillers(dilation: int) -> dict[str, Callable[[NativeCase, np.ndarray, dict], np.ndarray]]:
+    """The classical fillers as users run them (``classical_fillers``)."""
     return {
         "NAWM constant": lambda c, m, ctx: baselines.nawm_constant(c.lesioned, m, c.brain),
         "FSL-style lesion filling": lambda c, m, ctx: baselines.lesion_filling(c.lesioned, m, c.brain,
