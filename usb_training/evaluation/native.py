@@ -156,17 +156,7 @@ def classical_fillers(dilation: int, brighten_only: bool = False
     ``seed`` and ``priors`` (the atlas maps on the scan's grid). ``dilation``: the local stage's fill dilation
     (voxels) for its own base. ``brighten_only``: each filler given USB's rule that a heal never darkens a voxel
     (the result is max(fill, lesioned scan); ``USBLib.editor.editor._signed``), the fairer yardstick for that rule."""
-    fillers = _classical_fillers(dilation)
-    if not brighten_only:
-        return fillers
-    return {name: (lambda c, m, ctx, f=f: np.maximum(np.asarray(f(c, m, ctx), np.float32),
-                                                     np.asarray(c.lesioned, np.float32)))
-            for name, f in fillers.items()}
-
-
-def _classical_fillers(dilation: int) -> dict[str, Callable[[NativeCase, np.ndarray, dict], np.ndarray]]:
-    """The classical fillers as users run them (``classical_fillers``)."""
-    return {
+    fillers: dict[str, Callable[[NativeCase, np.ndarray, dict], np.ndarray]] = {
         "NAWM constant": lambda c, m, ctx: baselines.nawm_constant(c.lesioned, m, c.brain),
         "FSL-style lesion filling": lambda c, m, ctx: baselines.lesion_filling(c.lesioned, m, c.brain,
                                                                               seed=ctx["seed"]),
@@ -177,6 +167,11 @@ def _classical_fillers(dilation: int) -> dict[str, Callable[[NativeCase, np.ndar
         "atlas fill (MNI2009a, mask + 2)": lambda c, m, ctx: baselines.atlas_fill(c.lesioned, m, c.brain,
                                                                                   ctx["priors"], grow=2),
     }
+    if not brighten_only:
+        return fillers
+    return {name: (lambda c, m, ctx, f=f: np.maximum(np.asarray(f(c, m, ctx), np.float32),
+                                                     np.asarray(c.lesioned, np.float32)))
+            for name, f in fillers.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
