@@ -3,6 +3,8 @@ lesioned, drawn mask, fill region, classical fill, template prior) from deformed
 a short resumable training run, export into a bundle that the engine then runs with its tissue prior."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import shutil
 
@@ -34,7 +36,10 @@ TINY["train"].update({"batch": 2, "batch_voxels": 2 * 32 ** 3, "warmup": 1, "che
 
 
 def _one_hot_prior(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    return np.stack([image, labels == CSF, labels == GM, labels == WM]).astype(np.float32)
+    """T1, CSF, GM, WM and deep grey matter (here: the grey matter of the phantom's central third)."""
+    central = np.zeros(labels.shape, bool)
+    central[tuple(slice(s // 3, 2 * s // 3) for s in labels.shape)] = True
+    return np.stack([image, labels == CSF, labels == GM, labels == WM, (labels == GM) & central]).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +68,7 @@ def test_windows_are_inference_boxes_with_a_paired_lesion_a_fill_and_a_prior(win
         np.testing.assert_allclose(w.fill[~w.region], np.clip(w.lesioned, 0, MAX_LEVEL)[~w.region], atol=1e-6)
         if list(shape) == [-(-s // 4) * 4 for s in w.info["box"]]:  # a whole box: the stage's own fill
             np.testing.assert_allclose(w.fill, classical_fill(np.clip(w.lesioned, 0, MAX_LEVEL), w.region), atol=1e-5)
-        assert w.prior.shape == (4, *shape) and 0 <= w.prior[1:].min() and w.prior[1:].max() <= 1
+        assert w.prior.shape == (5, *shape) and 0 <= w.prior[1:].min() and w.prior[1:].max() <= 1
         assert {"site", "source", "prior", "contrast", "mask_kind", "region_kind", "box"} <= set(w.info)
     assert min(ratios) < VISIBLE_RATIO[1] + 0.05
 
@@ -95,6 +100,14 @@ def test_shards_keep_windows_of_every_shape(windows, tmp_path):
         np.testing.assert_allclose(got["prior"], w.prior, atol=3e-3)
         assert np.array_equal(got["mask"], w.mask) and np.array_equal(got["region"], w.region)
         assert view.info[i] == w.info
+    # a shard written before the deep grey prior (four prior channels) still reads, with its four
+    old = [dataclasses.replace(w, prior=w.prior[:4]) for w in windows]
+    write_shard(old, tmp_path / "windows" / "shard_1_0000")
+    got = load_shards(tmp_path / "windows", {})["shard_1_0000"].window(0)["prior"]
+    assert got.shape == (4, *windows[0].healthy.shape)
+    np.testing.assert_allclose(got, windows[0].prior[:4], atol=3e-3)
+    with pytest.raises(ValueError, match="priors of 5"):  # one shard, one prior layout
+        write_shard(old[:1] + windows[1:2], tmp_path / "windows" / "shard_2_0000")
 
 
 def test_batches_have_one_shape_and_mostly_heal_fidelity(windows, tmp_path):
@@ -144,11 +157,13 @@ def test_the_mean_level_term_is_the_squared_error_of_the_mask_mean():
     assert voxel.item() == pytest.approx((8 * (0.09 + 0.15)) / 128)
 
 
-def _prior_files(bundle, folder):
+def _prior_files(bundle, folder, deep_grey: bool = False):
     template = np.asarray(nib.load(str(bundle.path("template"))).dataobj, np.float32)
     brain = np.asarray(nib.load(str(bundle.path("brain_mask"))).dataobj) > 0
-    tissue = np.stack([brain & (template < 0.6), brain & (template >= 0.6) & (template < 0.9),
-                       brain & (template >= 0.9)], -1).astype(np.float32)
+    classes = [brain & (template < 0.6), brain & (template >= 0.6) & (template < 0.9), brain & (template >= 0.9)]
+    if deep_grey:
+        classes.append(classes[1] & (np.abs(np.indices(template.shape)[0] - template.shape[0] // 2) < 8))
+    tissue = np.stack(classes, -1).astype(np.float32)
     folder.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(tissue, bundle.grid_affine), str(folder / TISSUE_FILE))
     (folder / LICENCE_FILE).write_text("phantom prior, for tests only\n")
@@ -198,6 +213,37 @@ def test_shards_train_resume_export_and_run(maker, tmp_path, tiny_bundle):
     assert editor.local.needs_prior
     emb = editor.embed(img, aff, mask, seed=0, local_mode="realism", local_steps=2)
     assert emb.image.shape == img.shape
+
+
+def test_a_deep_grey_run_reads_the_fifth_prior_map_and_its_bundle_ships_four_tissue_classes(maker, tmp_path,
+                                                                                           tiny_bundle):
+    """``train --deep-grey``: the network reads the prior's deep grey nuclei too; its bundle's tissue prior has the
+    fourth class, and the engine carries all four into each box."""
+    from usb_training.local.__main__ import _train_config
+    from usb_training.local.train import DEEP_GREY_INPUTS
+
+    cfg = json.loads(json.dumps(TINY))
+    cfg["inputs"] = _train_config(argparse.Namespace(channels=None, batch=None, deep_grey=True))["inputs"]
+    assert cfg["inputs"] == DEEP_GREY_INPUTS and cfg["inputs"][-1] == "prior_deep_gm"
+    work = tmp_path / "deep"
+    write_shards(maker, work / "windows", seed=3, count=2, shard_size=2, per_scene=2)
+    out = train(work, steps=1, cfg=cfg, log_every=1)
+    assert module_weights(out, "model")["conv_in.conv.weight"].shape[1] == 1 + len(DEEP_GREY_INPUTS)
+    bundle = export_local(tiny_bundle.root, out, tmp_path / "with-deep", training={"steps": 1},
+                          prior_files=_prior_files(tiny_bundle, tmp_path / "prior4", deep_grey=True))
+    assert bundle.config["local"]["prior"]["classes"] == ["csf", "gm", "wm", "deep_gm"]
+    assert bundle.config["local"]["inputs"][-1] == "prior_deep_gm"
+    from conftest import make_scan
+
+    img, mask, aff = make_scan("oblique")
+    editor = Editor(bundle, device="cpu")
+    res = editor.heal(img, aff, mask, seed=0)
+    assert editor._prior_maps.shape[0] == 5 and res.image.shape == img.shape and np.isfinite(res.image).all()
+    # the same network with a prior of three classes cannot run: its fifth input is missing
+    three = export_local(tiny_bundle.root, out, tmp_path / "with-three", training={"steps": 1},
+                         prior_files=_prior_files(tiny_bundle, tmp_path / "prior3"))
+    with pytest.raises(ValueError, match="prior_deep_gm"):
+        Editor(three, device="cpu").heal(img, aff, mask, seed=0)
 
 
 def test_batches_from_loader_processes_train_and_a_gpu_run_comes_back_as_an_exportable_run(maker, tmp_path,

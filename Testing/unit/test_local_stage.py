@@ -284,7 +284,7 @@ def test_the_heal_input_without_image_shows_no_lesion_intensities():
     mask = _ball(healthy.shape, (12, 12, 12), 3)
     region = fill_region(mask, HEAL, 2)
     names = ("mask", "region", "fill") + PRIOR_INPUTS
-    prior = rng.uniform(0, 1, (4, 24, 24, 24)).astype(np.float32)
+    prior = rng.uniform(0, 1, (len(PRIOR_INPUTS), 24, 24, 24)).astype(np.float32)
     inputs = []
     for k in (0.5, 1.0, 1.5):  # the lesion's deviation scaled inside the fill region
         lesioned = np.where(region, healthy - k * 0.3 * region, healthy).astype(np.float32)
@@ -352,7 +352,7 @@ def test_a_prior_network_reads_the_prior_of_each_box_and_refuses_to_run_without(
     assert stage.needs_prior
     mapping = _mapping()
     rng = np.random.default_rng(1)
-    maps = rng.uniform(0, 1, (4, 32, 36, 30)).astype(np.float32)
+    maps = rng.uniform(0, 1, (len(PRIOR_INPUTS), 32, 36, 30)).astype(np.float32)
     image = np.full(mapping.native_shape, 0.8, np.float32)
     mask = _ball(image.shape, (20, 22, 18), 3)
     image[mask > 0] = 0.3

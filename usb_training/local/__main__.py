@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="train: windows per batch (of 32^3 voxels; larger windows fewer), a new run's")
     parser.add_argument("--channels", default=None, metavar="C1,C2,C3",
                         help="train: the network's channels per level, a new run's (default 16,32,64)")
+    parser.add_argument("--deep-grey", action="store_true",
+                        help="train: the network also reads the prior's deep grey nuclei (a new run's; needs windows "
+                             "written with the five-map prior)")
     parser.add_argument("--fit-schedule", action="store_true",
                         help="train: end the learning-rate decay with --minutes (a one-off run)")
     parser.add_argument("--source", type=Path, help="export: the bundle to add the local stage to")
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train_config(args) -> dict:
-    """``train.LOCAL_CONFIG`` with the network's channels and the batch size of the command line."""
+    """``train.LOCAL_CONFIG`` with the network's channels, inputs and batch size of the command line."""
     import copy
 
     from .train import LOCAL_CONFIG
@@ -94,6 +97,10 @@ def _train_config(args) -> dict:
             raise SystemExit(f"--channels: {len(cfg['network']['channels'])} multiples of 8, e.g. 16,32,64")
         cfg["network"]["channels"] = channels
         cfg["network"]["num_head_channels"] = [0] * (len(channels) - 1) + [channels[-1]]  # one head in the middle
+    if args.deep_grey:
+        from .train import DEEP_GREY_INPUTS
+
+        cfg["inputs"] = list(DEEP_GREY_INPUTS)
     if args.batch:
         cfg["train"]["batch"] = int(args.batch)
         cfg["train"]["batch_voxels"] = int(args.batch) * 32 ** 3

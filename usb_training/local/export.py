@@ -24,6 +24,7 @@ from .priors import LICENCE_FILE, TISSUE_FILE, tissue_file
 
 PRIOR_DESCRIPTION = ("ICBM 2009c Nonlinear Asymmetric MNI152 CSF/GM/WM probabilities (niworkflows 0.0.5) on the "
                      "model grid")
+DEEP_GREY_DESCRIPTION = ", and deep grey matter (fsaverage aseg nuclei, registered affinely onto MNI2009c)"
 
 LOCAL_DEFAULTS = {  # heal: rim growth at most 3 mm and the average over the mask's edge, chosen on the training
     # source MNI2009c (docs/model.md)
@@ -124,10 +125,13 @@ def export_local(source: Path, train_dir: Path, out: Path, defaults: Mapping[str
         from ..base.paths import DEFAULT_CACHE
 
         space = config["model_space"]
+        deep = "prior_deep_gm" in names
         new_files = dict(prior_files) if prior_files else tissue_file(
-            cache or DEFAULT_CACHE, space["shape"], np.asarray(space["affine"], float), out)
-        config["local"]["prior"] = {"tissue": TISSUE_FILE, "classes": ["csf", "gm", "wm"], "t1": "template",
-                                    "licence": LICENCE_FILE, "description": PRIOR_DESCRIPTION}
+            cache or DEFAULT_CACHE, space["shape"], np.asarray(space["affine"], float), out, deep_grey=deep)
+        classes = ["csf", "gm", "wm"] + (["deep_gm"] if deep else [])
+        config["local"]["prior"] = {"tissue": TISSUE_FILE, "classes": classes, "t1": "template",
+                                    "licence": LICENCE_FILE,
+                                    "description": PRIOR_DESCRIPTION + (DEEP_GREY_DESCRIPTION if deep else "")}
     for task, values in (defaults or LOCAL_DEFAULTS).items():
         config["defaults"][task].update(values)
     if metrics is not None:

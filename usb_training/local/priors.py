@@ -1,12 +1,20 @@
-"""The tissue prior as the engine sees it: template T1 and CSF/GM/WM probabilities on a bundle's model grid.
+"""The tissue prior as the engine sees it: template T1 and CSF/GM/WM (and deep grey matter) probabilities on a
+bundle's model grid.
 
-``prior_maps`` gives one prior source's maps on a model grid ([4, I, J, K] float32: T1 in model units, zero
-outside the brain, as ``data.prepare.model_space`` makes the bundle template; CSF, GM, WM probabilities in [0, 1]).
+``prior_maps`` gives one prior source's maps on a model grid ([5, I, J, K] float32: T1 in model units, zero
+outside the brain, as ``data.prepare.model_space`` makes the bundle template; CSF, GM, WM probabilities in [0, 1];
+the share of each model voxel inside FreeSurfer's deep grey nuclei).
 Training reads the MNI2009a and MNI2009c maps on the ``tiny`` tier's 2 mm grid through a simulated registration
 (``scenes.Scene.prior``); ``tissue_file`` writes the MNI2009c probabilities on a bundle's grid as the bundle's
-``local.prior.tissue`` file (4-D NIfTI [I, J, K, 3], uint8 scaled by 1/255) with its licence notice next to it.
+``local.prior.tissue`` file (4-D NIfTI [I, J, K, 3], or 4 with deep grey matter; uint8 scaled by 1/255) with its
+licence notice next to it.
 
 MNI2009a ships GM and WM maps only (0-255): its CSF is what the brain mask leaves, 1 - GM - WM inside the brain.
+
+Neither MNI source has a class for deep grey matter: their GM map mixes the nuclei (thalamus, caudate, putamen,
+pallidum, accumbens; a level of their own on T1, between cortex and white matter) with the cortex. The fifth map
+is those nuclei from fsaverage's aseg, carried onto each source by ``sites.site_map`` (the registration the training
+windows' sites use) and averaged onto the model grid: a network that reads it can tell a nucleus from the cortex.
 """
 from __future__ import annotations
 
@@ -59,41 +67,70 @@ def _tissue(name: str, paths: dict[str, Path], shape, affine: np.ndarray) -> np.
     raise KeyError(f"no tissue prior for source '{name}' (have {', '.join(PRIOR_SOURCES)})")
 
 
+def _deep_grey(cache: Path, name: str, shape, affine: np.ndarray) -> np.ndarray:
+    """The share of each model voxel [*shape] inside the source's deep grey nuclei (``sites.NUCLEI`` of its site
+    map, within its tissue), in [0, 1]."""
+    from .anatomies import native_affine, native_anatomies
+    from .sites import NUCLEI, TISSUE, site_map
+
+    anatomies = native_anatomies(cache, sorted({name, "fsaverage"}))
+    own_affine = native_affine(cache, name)
+    codes = site_map(cache, name, anatomies[name], own_affine, anatomies["fsaverage"],
+                     native_affine(cache, "fsaverage"))
+    nuclei = ((codes == NUCLEI) & np.isin(anatomies[name].labels, TISSUE)).astype(np.float32)
+    mapping = SpaceMapping(nuclei.shape, own_affine, tuple(shape), affine, np.eye(4))
+    return np.clip(mapping.to_model(nuclei, order=1, antialias=True), 0.0, 1.0)
+
+
 def prior_maps(cache: Path, name: str, shape=None, affine: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(maps [4, *shape] float32: T1, CSF, GM, WM; the grid affine) of one prior source on a model grid (default:
-    the tiny grid), cached as ``<cache>/prepared/prior/<source>_<shape>.npz``."""
+    """(maps [5, *shape] float32: T1, CSF, GM, WM, deep grey matter; the grid affine) of one prior source on a model
+    grid (default: the tiny grid), cached as ``<cache>/prepared/prior/<source>_<shape>.npz`` (an older cache file
+    with the first four maps gains the fifth)."""
     if shape is None or affine is None:
         shape, affine = tiny_grid()
     tag = "x".join(str(int(s)) for s in shape) + f"_{float(np.linalg.norm(affine[:3, 0])):g}mm"
     target = Path(cache) / "prepared" / "prior" / f"{name}_{tag}.npz"
+    maps = None
     if target.is_file():
         with np.load(target) as z:
             if np.allclose(z["affine"], affine):
-                return z["maps"], z["affine"]
-    paths = fetch(cache, [name])[name]
-    t1 = _to_model(_native(name, paths), np.eye(4), tuple(shape), np.asarray(affine), name).image
-    maps = np.concatenate([t1[None], _tissue(name, paths, shape, np.asarray(affine))]).astype(np.float32)
+                if len(z["maps"]) == 5:
+                    return z["maps"], z["affine"]
+                maps = z["maps"][:4]
+    if maps is None:
+        paths = fetch(cache, [name])[name]
+        t1 = _to_model(_native(name, paths), np.eye(4), tuple(shape), np.asarray(affine), name).image
+        maps = np.concatenate([t1[None], _tissue(name, paths, shape, np.asarray(affine))])
+    maps = np.concatenate([maps, _deep_grey(cache, name, shape, np.asarray(affine))[None]]).astype(np.float32)
     target.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(target, maps=maps, affine=np.asarray(affine, np.float64))
     return maps, np.asarray(affine, np.float64)
 
 
-def tissue_file(cache: Path, shape, affine: np.ndarray, folder: Path) -> dict[str, Path]:
-    """Write a bundle's tissue prior (``TISSUE_FILE``: MNI2009c CSF/GM/WM on the bundle grid, [I, J, K, 3]
-    probabilities stored as uint8 with slope 1/255) and its licence notice (``LICENCE_FILE``) into ``folder``;
-    returns bundle file name -> path."""
+def tissue_file(cache: Path, shape, affine: np.ndarray, folder: Path, deep_grey: bool = False) -> dict[str, Path]:
+    """Write a bundle's tissue prior (``TISSUE_FILE``: MNI2009c CSF/GM/WM and, with ``deep_grey``, the deep grey
+    nuclei on the bundle grid, [I, J, K, 4] (or 3) probabilities stored as uint8 with slope 1/255) and its licence
+    notice (``LICENCE_FILE``) into ``folder``; returns bundle file name -> path."""
     import nibabel as nib
 
     maps, affine = prior_maps(cache, BUNDLE_PRIOR_SOURCE, shape, affine)
+    maps = maps[1:] if deep_grey else maps[1:4]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tissue = nib.Nifti1Image(np.round(np.clip(np.moveaxis(maps[1:], 0, -1), 0, 1) * 255).astype(np.uint8), affine)
+    tissue = nib.Nifti1Image(np.round(np.clip(np.moveaxis(maps, 0, -1), 0, 1) * 255).astype(np.uint8), affine)
     tissue.header.set_slope_inter(1.0 / 255.0, 0.0)  # probabilities in steps of 1/255 (read back as floats)
     nib.save(tissue, str(folder / TISSUE_FILE))
     packaging = Path(fetch(cache, [BUNDLE_PRIOR_SOURCE])[BUNDLE_PRIOR_SOURCE]["licence0"]).read_text()
-    (folder / LICENCE_FILE).write_text(
-        f"{TISSUE_FILE}: the ICBM 2009c Nonlinear Asymmetric MNI152 CSF/GM/WM probability maps "
-        f"({SOURCES[BUNDLE_PRIOR_SOURCE].description}), resampled onto this bundle's model grid by "
-        "usb_training.local.priors. Their licence:\n\n" + MNI_NOTICE +
-        "\nThe maps were taken from the niworkflows 0.0.5 source distribution, whose own licence is:\n\n" + packaging)
+    text = (f"{TISSUE_FILE}: the ICBM 2009c Nonlinear Asymmetric MNI152 CSF/GM/WM probability maps "
+            f"({SOURCES[BUNDLE_PRIOR_SOURCE].description}), resampled onto this bundle's model grid by "
+            "usb_training.local.priors. Their licence:\n\n" + MNI_NOTICE +
+            "\nThe maps were taken from the niworkflows 0.0.5 source distribution, whose own licence is:\n\n"
+            + packaging)
+    if deep_grey:
+        freesurfer = Path(fetch(cache, ["fsaverage"])["fsaverage"]["licence0"]).read_text()
+        text += ("\n\nIts fourth volume, deep grey matter: the thalamus, caudate, putamen, pallidum and accumbens "
+                 f"labels of FreeSurfer's fsaverage aseg ({SOURCES['fsaverage'].description}), registered affinely "
+                 "onto the MNI2009c template and averaged onto this bundle's model grid. FreeSurfer's licence:\n\n"
+                 + freesurfer)
+    (folder / LICENCE_FILE).write_text(text)
     return {TISSUE_FILE: folder / TISSUE_FILE, LICENCE_FILE: folder / LICENCE_FILE}

@@ -104,7 +104,7 @@ class Scene:
 
     def prior(self, start, shape, maps: np.ndarray, maps_affine: np.ndarray, rng: np.random.Generator
               ) -> np.ndarray:
-        """The template prior [4, *shape] (``maps`` [4, ...] on a model grid with ``maps_affine``) in the deformed
+        """The template prior [C, *shape] (``maps`` [C, ...] on a model grid with ``maps_affine``) in the deformed
         box, through the simulated registration of the module docstring; zero outside the model grid."""
         points = _grid(start, shape)
         world = _to_world(self.affine, self._affine_part(points))

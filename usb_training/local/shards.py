@@ -1,10 +1,10 @@
 """Window shards on disk: ``<work>/windows/shard_<seed>_<k>/`` holding windows of different shapes, flattened.
 
 A shard folder has one ``.npy`` per field (every window's voxels one after the other): ``healthy``, ``lesioned``,
-``fill``, ``prior_t1`` float16; ``soft``, ``prior_csf``, ``prior_gm``, ``prior_wm`` uint8 (x 255); ``bits`` uint8
-(1 = drawn mask, 2 = fill region); ``index.npy`` int64 [n, 4] (offset, I, J, K) and ``info.json`` (one
-``windows.Window.info`` per window). Reading memory-maps the files, so a large data set costs page cache, not
-process memory.
+``fill``, ``prior_t1`` float16; ``soft``, ``prior_csf``, ``prior_gm``, ``prior_wm``, ``prior_deep_gm`` uint8 (x 255;
+the last absent from shards written before the deep grey prior); ``bits`` uint8 (1 = drawn mask, 2 = fill region);
+``index.npy`` int64 [n, 4] (offset, I, J, K) and ``info.json`` (one ``windows.Window.info`` per window). Reading
+memory-maps the files, so a large data set costs page cache, not process memory.
 
 Generation is deterministic in (sources, seed, shard); several generator processes with different seeds (or
 ``workers``) can fill one folder while the trainer reads whatever shards are complete (folders appear atomically
@@ -22,8 +22,10 @@ import numpy as np
 from .windows import Window, WindowMaker
 
 HALF = ("healthy", "lesioned", "fill", "prior_t1")
-BYTE = ("soft", "prior_csf", "prior_gm", "prior_wm")
+PRIOR = ("prior_t1", "prior_csf", "prior_gm", "prior_wm", "prior_deep_gm")  # ``Window.prior``'s channels, in order
+BYTE = ("soft",) + PRIOR[1:]
 FIELDS = HALF + BYTE + ("bits",)
+OPTIONAL = ("prior_deep_gm",)  # absent from shards written before the deep grey prior (their prior has 4 channels)
 MASK, REGION = 1, 2
 
 
@@ -31,7 +33,11 @@ def _flat(windows: list[Window]) -> dict[str, np.ndarray]:
     per = {"healthy": [w.healthy for w in windows], "lesioned": [w.lesioned for w in windows],
            "fill": [w.fill for w in windows], "soft": [w.soft for w in windows],
            "bits": [w.mask * MASK + w.region * REGION for w in windows]}
-    for c, name in enumerate(("prior_t1", "prior_csf", "prior_gm", "prior_wm")):
+    channels = {len(w.prior) for w in windows}
+    if len(channels) != 1 or channels.pop() not in (len(PRIOR) - len(OPTIONAL), len(PRIOR)):
+        raise ValueError(f"a shard's windows need priors of {len(PRIOR)} (or {len(PRIOR) - len(OPTIONAL)}) "
+                         "channels alike")
+    for c, name in enumerate(PRIOR[:len(windows[0].prior)]):
         per[name] = [w.prior[c] for w in windows]
     out = {}
     for name, arrays in per.items():
@@ -109,7 +115,8 @@ class ShardView:
         self.folder = Path(folder)
         self.index = np.load(self.folder / "index.npy")
         self.info = json.loads((self.folder / "info.json").read_text())
-        self.arrays = {name: np.load(self.folder / f"{name}.npy", mmap_mode="r") for name in FIELDS}
+        self.arrays = {name: np.load(self.folder / f"{name}.npy", mmap_mode="r") for name in FIELDS
+                       if name not in OPTIONAL or (self.folder / f"{name}.npy").is_file()}
 
     def __len__(self) -> int:
         return len(self.index)
@@ -119,7 +126,7 @@ class ShardView:
 
     def window(self, i: int) -> dict[str, np.ndarray]:
         """Window ``i``: ``healthy``/``lesioned``/``fill``/``soft`` float32 [I, J, K], ``mask``/``region`` bool,
-        ``prior`` float32 [4, I, J, K]."""
+        ``prior`` float32 [5, I, J, K] (``PRIOR``; [4, ...] from a shard written before the deep grey prior)."""
         shape = self.shape(i)
         start = int(self.index[i, 0])
         stop = start + int(np.prod(shape))
@@ -129,7 +136,7 @@ class ShardView:
         bits = get("bits")
         out["mask"], out["region"] = (bits & MASK) > 0, (bits & REGION) > 0
         out["prior"] = np.stack([get("prior_t1").astype(np.float32)]
-                                + [get(n).astype(np.float32) / 255.0 for n in ("prior_csf", "prior_gm", "prior_wm")])
+                                + [get(n).astype(np.float32) / 255.0 for n in PRIOR[1:] if n in self.arrays])
         return out
 
 

@@ -45,6 +45,7 @@ from ..base.common import CHECKPOINT, Budget, History, adamw, load_checkpoint, s
 from .batches import BatchStream, WindowPool, loss_terms, make_batch, refreshed_pool
 
 INPUTS = ["mask", "region", "fill", "prior_t1", "prior_csf", "prior_gm", "prior_wm"]
+DEEP_GREY_INPUTS = INPUTS + ["prior_deep_gm"]  # ``train --deep-grey``: the prior's deep grey nuclei as well
 TARGET = "healthy (embed: lesioned) - classical base, from step 0"
 LOCAL_CONFIG: dict[str, Any] = {
     "inputs": INPUTS,

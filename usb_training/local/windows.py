@@ -44,8 +44,8 @@ class Window:
     """One training window (1 mm voxels, model units), shape [I, J, K] with sides in 32..``MAX_SIDE``.
 
     ``healthy``/``lesioned``/``fill``/``soft`` float32; ``mask`` (the drawn mask of this box's group) and
-    ``region`` (the heal's fill region) bool; ``prior`` [4, I, J, K] float32 (template T1, CSF, GM, WM);
-    ``info``: site, source, prior source, contrast, mask kind, region kind, the box's own shape."""
+    ``region`` (the heal's fill region) bool; ``prior`` [5, I, J, K] float32 (template T1, CSF, GM, WM, deep grey
+    matter); ``info``: site, source, prior source, contrast, mask kind, region kind, the box's own shape."""
 
     healthy: np.ndarray
     lesioned: np.ndarray
@@ -76,7 +76,7 @@ class WindowMaker:
 
     Args:
         sources: the anatomies (``Source``).
-        priors: prior source name -> (maps [4, ...], affine) on a model grid (``priors.prior_maps``).
+        priors: prior source name -> (maps [5, ...], affine) on a model grid (``priors.prior_maps``).
         multiple: the network's size multiple (box sides are multiples of it).
         site_weights: lesion site -> relative weight, overriding ``SITES`` for the sites it names
             (``sites.site_mix``).

@@ -18,10 +18,11 @@ fill of what they leave unexplained; it needs the tissue prior).
 
 A bundle's ``local.inputs`` names the channels its network reads, in order (``network_input``): without the key,
 the four above (``BASE_INPUTS``, the shipped ``usb-tiny``). Bundles may add the template's tissue prior
-(``PRIOR_INPUTS``: template T1 in model units and CSF/GM/WM probabilities, registered into the box, see
-``USBLib.editor.local.prior``) and leave out the raw ``image``: for heal the image with its lesion voided (set to
-the base inside the fill region) is the classical-fill channel itself (the base equals the image outside the
-region), and for embed the image is the base too, so a network without ``image`` sees no lesion intensities.
+(``PRIOR_INPUTS``: template T1 in model units, CSF/GM/WM probabilities and, where the bundle's prior has it, deep
+grey matter, registered into the box, see ``USBLib.editor.local.prior``) and leave out the raw ``image``: for heal
+the image with its lesion voided (set to the base inside the fill region) is the classical-fill channel itself (the
+base equals the image outside the region), and for embed the image is the base too, so a network without ``image``
+sees no lesion intensities.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ HEAL, EMBED = 0, 1
 DIRECTIONS = {"heal": HEAL, "embed": EMBED}
 N_CHANNELS = 4
 BASE_INPUTS = ("image", "mask", "region", "fill")  # the channels of ``condition``, in its order
-PRIOR_INPUTS = ("prior_t1", "prior_csf", "prior_gm", "prior_wm")  # ``prior.TissuePrior.read``'s order
+PRIOR_INPUTS = ("prior_t1", "prior_csf", "prior_gm", "prior_wm", "prior_deep_gm")  # ``TissuePrior.read``'s order
 KNOWN_INPUTS = BASE_INPUTS + PRIOR_INPUTS
 DEVIATION_SCALE = 2.0  # the diffusion runs on d * scale (deviations are mostly within +-0.6 model units)
 BASES = ("biharmonic", "prior")  # how a heal's base is made (``classical_fill``, ``prior_fill``)
@@ -86,7 +87,8 @@ def prior_fill(image: np.ndarray, region: np.ndarray, prior: np.ndarray) -> np.n
     Args:
         image: the box [I, J, K] (model units).
         region: the fill region [I, J, K] (> 0 = filled).
-        prior: the tissue prior [4, I, J, K] in ``PRIOR_INPUTS`` order (template T1, CSF, GM, WM).
+        prior: the tissue prior [4, I, J, K] in ``PRIOR_INPUTS`` order (template T1, CSF, GM, WM; a fifth map,
+            deep grey matter, is not used here).
     Returns:
         float32 [I, J, K].
     """
@@ -174,7 +176,8 @@ def needs_prior(names, base: str = "biharmonic") -> bool:
 
 def network_input(cond: np.ndarray, names, prior: np.ndarray | None = None) -> np.ndarray:
     """The network's condition channels [len(names), I, J, K] float32 from ``condition``'s four channels ``cond``
-    [4, I, J, K] and, when ``names`` asks for them, the tissue prior [4, I, J, K] (``PRIOR_INPUTS`` order).
+    [4, I, J, K] and, when ``names`` asks for them, the tissue prior [C, I, J, K] (the first C of ``PRIOR_INPUTS``:
+    4 without deep grey matter, 5 with it).
 
     For ``BASE_INPUTS`` this is ``cond`` itself (the same array, so bundles without the key are unchanged)."""
     names = tuple(names)
@@ -185,4 +188,7 @@ def network_input(cond: np.ndarray, names, prior: np.ndarray | None = None) -> n
         if prior is None:
             raise ValueError("this local network reads the tissue prior, and none was given")
         channels.update(zip(PRIOR_INPUTS, np.asarray(prior, np.float32)))
+        missing = [n for n in names if n not in channels]
+        if missing:
+            raise ValueError(f"this local network reads {', '.join(missing)}, which the tissue prior lacks")
     return np.stack([channels[n] for n in names]).astype(np.float32, copy=False)
