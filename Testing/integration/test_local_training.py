@@ -108,6 +108,12 @@ def test_shards_keep_windows_of_every_shape(windows, tmp_path):
     np.testing.assert_allclose(got, windows[0].prior[:4], atol=3e-3)
     with pytest.raises(ValueError, match="priors of 5"):  # one shard, one prior layout
         write_shard(old[:1] + windows[1:2], tmp_path / "windows" / "shard_2_0000")
+    from usb_training.local.batches import refreshed_pool
+    from usb_training.local.train import DEEP_GREY_INPUTS, INPUTS
+
+    assert len(refreshed_pool(tmp_path / "windows", {}, None, "biharmonic", INPUTS)) == 2 * len(windows)
+    with pytest.raises(ValueError, match="before the deep grey prior"):  # not at a random step later on
+        refreshed_pool(tmp_path / "windows", {}, None, "biharmonic", DEEP_GREY_INPUTS)
 
 
 def test_batches_have_one_shape_and_mostly_heal_fidelity(windows, tmp_path):
@@ -239,11 +245,10 @@ def test_a_deep_grey_run_reads_the_fifth_prior_map_and_its_bundle_ships_four_tis
     editor = Editor(bundle, device="cpu")
     res = editor.heal(img, aff, mask, seed=0)
     assert editor._prior_maps.shape[0] == 5 and res.image.shape == img.shape and np.isfinite(res.image).all()
-    # the same network with a prior of three classes cannot run: its fifth input is missing
-    three = export_local(tiny_bundle.root, out, tmp_path / "with-three", training={"steps": 1},
-                         prior_files=_prior_files(tiny_bundle, tmp_path / "prior3"))
-    with pytest.raises(ValueError, match="prior_deep_gm"):
-        Editor(three, device="cpu").heal(img, aff, mask, seed=0)
+    # the same network with a prior file of three classes is refused: its fifth input would be missing
+    with pytest.raises(ValueError, match="4 classes"):
+        export_local(tiny_bundle.root, out, tmp_path / "with-three", training={"steps": 1},
+                     prior_files=_prior_files(tiny_bundle, tmp_path / "prior3"))
 
 
 def test_batches_from_loader_processes_train_and_a_gpu_run_comes_back_as_an_exportable_run(maker, tmp_path,

@@ -295,6 +295,19 @@ def test_the_heal_input_without_image_shows_no_lesion_intensities():
     np.testing.assert_array_equal(inputs[0][3:], prior)
 
 
+def test_a_network_that_reads_the_deep_grey_map_gets_the_fifth_prior_map_or_an_error():
+    from USBLib.editor.local.conditioning import PRIOR_INPUTS, network_input
+
+    cond = np.random.default_rng(0).uniform(0, 1, (4, 8, 8, 8)).astype(np.float32)
+    prior = np.stack([np.full((8, 8, 8), float(c), np.float32) for c in range(5)])
+    shipped = ("mask", "region", "fill") + PRIOR_INPUTS[:4]  # usb-tiny's inputs: a 4-map prior serves
+    np.testing.assert_array_equal(network_input(cond, shipped, prior[:4])[3:], prior[:4])
+    deep = shipped + ("prior_deep_gm",)
+    assert network_input(cond, deep, prior)[-1].min() == 4.0  # the deep grey map, last
+    with pytest.raises(ValueError, match="prior_deep_gm"):
+        network_input(cond, deep, prior[:4])
+
+
 def _mapping(native_shape=(40, 44, 36), angle=12.0):
     from scipy.spatial.transform import Rotation
 

@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels", default=None, metavar="C1,C2,C3",
                         help="train: the network's channels per level, a new run's (default 16,32,64)")
     parser.add_argument("--deep-grey", action="store_true",
-                        help="train: the network also reads the prior's deep grey nuclei (a new run's; needs windows "
-                             "written with the five-map prior)")
+                        help="train: the network also reads the prior's deep grey nuclei (needs windows written "
+                             "with the five-map prior; give it again to resume such a run)")
     parser.add_argument("--fit-schedule", action="store_true",
                         help="train: end the learning-rate decay with --minutes (a one-off run)")
     parser.add_argument("--source", type=Path, help="export: the bundle to add the local stage to")

@@ -24,7 +24,8 @@ import torch
 from scipy import ndimage
 
 from USBLib.core.schedule import NoiseSchedule
-from USBLib.editor.local.conditioning import BASES, DEVIATION_SCALE, EMBED, HEAL, network_input, prior_fill
+from USBLib.editor.local.conditioning import (BASES, DEVIATION_SCALE, EMBED, HEAL, input_names, network_input,
+                                              prior_fill)
 from USBLib.editor.local.network import class_label
 
 from .crops import MAX_LEVEL
@@ -168,11 +169,18 @@ def loss_terms(pred: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Te
     return voxel, level
 
 
-def refreshed_pool(folder, shards: dict[str, ShardView], pool: WindowPool | None, base: str) -> WindowPool:
+def refreshed_pool(folder, shards: dict[str, ShardView], pool: WindowPool | None, base: str,
+                   inputs=()) -> WindowPool:
     """``pool`` after adding the complete shards of ``folder`` not yet in ``shards`` (a new pool when any came, or
-    when there is none yet). Raises ``RuntimeError`` when the folder holds no shard."""
+    when there is none yet). Raises ``RuntimeError`` when the folder holds no shard, and ``ValueError`` when the
+    network's ``inputs`` ask for the deep grey prior map and a shard was written without it."""
     before = len(shards)
     load_shards(folder, shards)
+    if "prior_deep_gm" in inputs:
+        old = sorted(name for name, view in shards.items() if "prior_deep_gm" not in view.arrays)
+        if old:
+            raise ValueError(f"{folder}: {len(old)} shards ({old[0]}, ...) were written before the deep grey prior "
+                             "map; a --deep-grey run needs a work folder of windows written since")
     if pool is None or len(shards) != before:
         pool = WindowPool(shards, base)
     if not len(pool):
@@ -206,6 +214,7 @@ class BatchStream(torch.utils.data.IterableDataset):
         made = 0
         while True:
             if made % self.reload_every == 0:
-                pool = refreshed_pool(self.folder, shards, pool, self.cfg.get("base", "biharmonic"))
+                pool = refreshed_pool(self.folder, shards, pool, self.cfg.get("base", "biharmonic"),
+                                      input_names(self.cfg))
             yield make_batch(pool, rng, self.cfg, schedule)
             made += 1

@@ -3,8 +3,9 @@
 The latent-stage files of the source bundle are copied unchanged; ``bundle.json`` gains the ``local`` section
 (network, schedule, deviation scale, input channels, training summary) and the local settings in
 ``defaults.heal`` / ``defaults.embed``; every file's sha256 is recomputed. A network that reads the template's
-tissue prior gets its maps as bundle files: ``local.prior.tissue`` (MNI2009c CSF/GM/WM on the bundle's model grid,
-``priors.tissue_file``) with its licence notice; its T1 channel is the bundle's own template.
+tissue prior gets its maps as bundle files: ``local.prior.tissue`` (MNI2009c CSF/GM/WM, and deep grey matter for a
+network that reads ``prior_deep_gm``, on the bundle's model grid, ``priors.tissue_file``) with its licence notice;
+its T1 channel is the bundle's own template.
 """
 from __future__ import annotations
 
@@ -129,6 +130,12 @@ def export_local(source: Path, train_dir: Path, out: Path, defaults: Mapping[str
         new_files = dict(prior_files) if prior_files else tissue_file(
             cache or DEFAULT_CACHE, space["shape"], np.asarray(space["affine"], float), out, deep_grey=deep)
         classes = ["csf", "gm", "wm"] + (["deep_gm"] if deep else [])
+        import nibabel as nib
+
+        volumes = nib.load(str(new_files[TISSUE_FILE])).shape
+        if len(volumes) != 4 or volumes[3] != len(classes):
+            raise ValueError(f"the tissue prior {new_files[TISSUE_FILE]} has shape {volumes}; this network reads "
+                             f"{len(classes)} classes ({', '.join(classes)})")
         config["local"]["prior"] = {"tissue": TISSUE_FILE, "classes": classes, "t1": "template",
                                     "licence": LICENCE_FILE,
                                     "description": PRIOR_DESCRIPTION + (DEEP_GREY_DESCRIPTION if deep else "")}

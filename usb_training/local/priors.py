@@ -82,10 +82,12 @@ def _deep_grey(cache: Path, name: str, shape, affine: np.ndarray) -> np.ndarray:
     return np.clip(mapping.to_model(nuclei, order=1, antialias=True), 0.0, 1.0)
 
 
-def prior_maps(cache: Path, name: str, shape=None, affine: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(maps [5, *shape] float32: T1, CSF, GM, WM, deep grey matter; the grid affine) of one prior source on a model
-    grid (default: the tiny grid), cached as ``<cache>/prepared/prior/<source>_<shape>.npz`` (an older cache file
-    with the first four maps gains the fifth)."""
+def prior_maps(cache: Path, name: str, shape=None, affine: np.ndarray | None = None,
+               deep_grey: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(maps [5, *shape] float32: T1, CSF, GM, WM, deep grey matter, or [4, ...] without ``deep_grey``; the grid
+    affine) of one prior source on a model grid (default: the tiny grid), cached as
+    ``<cache>/prepared/prior/<source>_<shape>.npz`` (a cache file with the first four maps gains the fifth when it
+    is asked for; the fifth needs the fsaverage anatomy and its site maps, ``sites.site_map``)."""
     if shape is None or affine is None:
         shape, affine = tiny_grid()
     tag = "x".join(str(int(s)) for s in shape) + f"_{float(np.linalg.norm(affine[:3, 0])):g}mm"
@@ -93,15 +95,16 @@ def prior_maps(cache: Path, name: str, shape=None, affine: np.ndarray | None = N
     maps = None
     if target.is_file():
         with np.load(target) as z:
-            if np.allclose(z["affine"], affine):
-                if len(z["maps"]) == 5:
-                    return z["maps"], z["affine"]
-                maps = z["maps"][:4]
+            if np.allclose(z["affine"], affine) and len(z["maps"]) in (4, 5):
+                if len(z["maps"]) == 5 or not deep_grey:
+                    return z["maps"][:5 if deep_grey else 4], z["affine"]
+                maps = z["maps"]
     if maps is None:
         paths = fetch(cache, [name])[name]
         t1 = _to_model(_native(name, paths), np.eye(4), tuple(shape), np.asarray(affine), name).image
-        maps = np.concatenate([t1[None], _tissue(name, paths, shape, np.asarray(affine))])
-    maps = np.concatenate([maps, _deep_grey(cache, name, shape, np.asarray(affine))[None]]).astype(np.float32)
+        maps = np.concatenate([t1[None], _tissue(name, paths, shape, np.asarray(affine))]).astype(np.float32)
+    if deep_grey:
+        maps = np.concatenate([maps, _deep_grey(cache, name, shape, np.asarray(affine))[None]]).astype(np.float32)
     target.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(target, maps=maps, affine=np.asarray(affine, np.float64))
     return maps, np.asarray(affine, np.float64)
@@ -113,8 +116,8 @@ def tissue_file(cache: Path, shape, affine: np.ndarray, folder: Path, deep_grey:
     notice (``LICENCE_FILE``) into ``folder``; returns bundle file name -> path."""
     import nibabel as nib
 
-    maps, affine = prior_maps(cache, BUNDLE_PRIOR_SOURCE, shape, affine)
-    maps = maps[1:] if deep_grey else maps[1:4]
+    maps, affine = prior_maps(cache, BUNDLE_PRIOR_SOURCE, shape, affine, deep_grey)
+    maps = maps[1:]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tissue = nib.Nifti1Image(np.round(np.clip(np.moveaxis(maps, 0, -1), 0, 1) * 255).astype(np.uint8), affine)

@@ -183,7 +183,7 @@ def train(work: Path, minutes: float | None = None, steps: int | None = None, se
 
     while step < tc["steps"] and not budget.over():
         if stream is None and (step % 200 == 0 or pool is None):
-            pool = refreshed_pool(work / "windows", shards, pool, cfg.get("base", "biharmonic"))
+            pool = refreshed_pool(work / "windows", shards, pool, cfg.get("base", "biharmonic"), input_names(cfg))
         for group in opt.param_groups:
             group["lr"] = _lr(lr_step(step), tc)
         started, cpu_started = time.perf_counter(), time.process_time()

@@ -87,7 +87,7 @@ def prior_fill(image: np.ndarray, region: np.ndarray, prior: np.ndarray) -> np.n
     Args:
         image: the box [I, J, K] (model units).
         region: the fill region [I, J, K] (> 0 = filled).
-        prior: the tissue prior [4, I, J, K] in ``PRIOR_INPUTS`` order (template T1, CSF, GM, WM; a fifth map,
+        prior: the tissue prior [4 or 5, I, J, K] in ``PRIOR_INPUTS`` order (template T1, CSF, GM, WM; a fifth map,
             deep grey matter, is not used here).
     Returns:
         float32 [I, J, K].
@@ -117,7 +117,7 @@ def condition(image: np.ndarray, mask: np.ndarray, direction: int, dilation: int
     ``fill`` may be passed when already computed (training caches it); for embed the fill is the image.
     ``region``: a heal's fill region when it is not ``fill_region(mask, direction, dilation)`` (e.g. grown into
     the lesion's rim only, ``USBLib.imaging.rim``). ``base``: how a heal's fill is made (``BASES``); ``prior``
-    (the box's tissue prior [4, I, J, K]) is needed for ``prior``.
+    (the box's tissue prior [4 or 5, I, J, K]) is needed for ``prior``.
     """
     image = np.asarray(image, np.float32)
     region = fill_region(mask, direction, dilation) if region is None or direction == EMBED else np.asarray(region) > 0
