@@ -24,8 +24,8 @@ import torch
 from scipy import ndimage
 
 from USBLib.core.schedule import NoiseSchedule
-from USBLib.editor.local.conditioning import (BASES, DEVIATION_SCALE, EMBED, HEAL, input_names, network_input,
-                                              prior_fill)
+from USBLib.editor.local.conditioning import (BASES, DEEP_GREY_INPUT, DEVIATION_SCALE, EMBED, HEAL, input_names,
+                                              network_input, prior_fill)
 from USBLib.editor.local.network import class_label
 
 from .crops import MAX_LEVEL
@@ -176,8 +176,8 @@ def refreshed_pool(folder, shards: dict[str, ShardView], pool: WindowPool | None
     network's ``inputs`` ask for the deep grey prior map and a shard was written without it."""
     before = len(shards)
     load_shards(folder, shards)
-    if "prior_deep_gm" in inputs:
-        old = sorted(name for name, view in shards.items() if "prior_deep_gm" not in view.arrays)
+    if DEEP_GREY_INPUT in inputs:
+        old = sorted(name for name, view in shards.items() if DEEP_GREY_INPUT not in view.arrays)
         if old:
             raise ValueError(f"{folder}: {len(old)} shards ({old[0]}, ...) were written before the deep grey prior "
                              "map; a --deep-grey run needs a work folder of windows written since")

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from USBLib.core import bundle as bundle_mod
-from USBLib.editor.local.conditioning import BASE_INPUTS, DEVIATION_SCALE, input_names, needs_prior
+from USBLib.editor.local.conditioning import BASE_INPUTS, DEEP_GREY_INPUT, DEVIATION_SCALE, input_names, needs_prior
 
 from ..base.card import CARD_END, CARD_START
 from ..base.common import module_weights
@@ -123,15 +123,15 @@ def export_local(source: Path, train_dir: Path, out: Path, defaults: Mapping[str
         (out / name).unlink(missing_ok=True)
     new_files: dict[str, Path] = {}
     if needs_prior(names, base):
+        import nibabel as nib
+
         from ..base.paths import DEFAULT_CACHE
 
         space = config["model_space"]
-        deep = "prior_deep_gm" in names
+        deep = DEEP_GREY_INPUT in names
         new_files = dict(prior_files) if prior_files else tissue_file(
             cache or DEFAULT_CACHE, space["shape"], np.asarray(space["affine"], float), out, deep_grey=deep)
         classes = ["csf", "gm", "wm"] + (["deep_gm"] if deep else [])
-        import nibabel as nib
-
         volumes = nib.load(str(new_files[TISSUE_FILE])).shape
         if len(volumes) != 4 or volumes[3] != len(classes):
             raise ValueError(f"the tissue prior {new_files[TISSUE_FILE]} has shape {volumes}; this network reads "

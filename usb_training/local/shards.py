@@ -19,13 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
+from USBLib.editor.local.conditioning import DEEP_GREY_INPUT, PRIOR_INPUTS
+
 from .windows import Window, WindowMaker
 
 HALF = ("healthy", "lesioned", "fill", "prior_t1")
-PRIOR = ("prior_t1", "prior_csf", "prior_gm", "prior_wm", "prior_deep_gm")  # ``Window.prior``'s channels, in order
+PRIOR = PRIOR_INPUTS  # ``Window.prior``'s channels, in order
 BYTE = ("soft",) + PRIOR[1:]
 FIELDS = HALF + BYTE + ("bits",)
-OPTIONAL = ("prior_deep_gm",)  # absent from shards written before the deep grey prior (their prior has 4 channels)
+OPTIONAL = (DEEP_GREY_INPUT,)  # absent from shards written before the deep grey prior (their prior has 4 channels)
 MASK, REGION = 1, 2
 
 

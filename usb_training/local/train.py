@@ -38,14 +38,14 @@ import torch
 
 from USBLib.core.devices import use_onednn_convs
 from USBLib.core.schedule import NoiseSchedule
-from USBLib.editor.local.conditioning import input_names
+from USBLib.editor.local.conditioning import DEEP_GREY_INPUT, input_names
 from USBLib.editor.local.network import build_local_unet
 
 from ..base.common import CHECKPOINT, Budget, History, adamw, load_checkpoint, save_checkpoint, set_threads
 from .batches import BatchStream, WindowPool, loss_terms, make_batch, refreshed_pool
 
 INPUTS = ["mask", "region", "fill", "prior_t1", "prior_csf", "prior_gm", "prior_wm"]
-DEEP_GREY_INPUTS = INPUTS + ["prior_deep_gm"]  # ``train --deep-grey``: the prior's deep grey nuclei as well
+DEEP_GREY_INPUTS = INPUTS + [DEEP_GREY_INPUT]  # ``train --deep-grey``: the prior's deep grey nuclei as well
 TARGET = "healthy (embed: lesioned) - classical base, from step 0"
 LOCAL_CONFIG: dict[str, Any] = {
     "inputs": INPUTS,
