@@ -98,6 +98,7 @@ def test_local_heal_makes_the_lesion_and_its_rim_healthy(shipped, rim_case, rim_
     assert shipped.bundle.has_local and shipped.bundle.defaults("heal")["stages"] == "local"
     res = rim_heal
     assert res.image.shape == truth.shape and res.image.dtype == lesioned.dtype
+    assert "notes" not in res.provenance  # a T1-dark lesion: nothing to warn about
     outside = _outside(drawn, img.spacing, shipped.bundle.defaults("heal"))
     assert np.array_equal(res.image[outside], lesioned[outside])
     scale = float(np.percentile(truth[truth > 0], 99))
@@ -133,6 +134,19 @@ def test_the_default_heal_averages_the_heals_of_the_mask_a_voxel_smaller_and_lar
     assert np.array_equal(rim_heal.image[untouched], lesioned[untouched])
     assert rim_heal.provenance["edit_region_voxels"] >= max(r.provenance["edit_region_voxels"] for r in singles)
     assert not np.array_equal(rim_heal.image, singles[0].image)
+
+
+def test_a_heal_says_when_a_drawn_lesion_is_not_dark_on_this_scan(shipped, sample):
+    """A mask over healthy white matter (drawn on another contrast, say) gets a note that the heal replaced tissue
+    that looks normal; a lesion brighter than its surroundings one that the heal cannot remove it (it only
+    brightens), and is left as it was."""
+    img, target = sample["image"], sample["embed"]
+    healthy = shipped.heal(img.data, img.affine, target.data, seed=0)
+    assert len(healthy.provenance["notes"]) == 1 and "looks like the tissue around it" in healthy.provenance["notes"][0]
+    bright = np.asarray(img.data, np.float32) + 300.0 * (target.data > 0)
+    res = shipped.heal(bright, img.affine, target.data, seed=0)
+    assert len(res.provenance["notes"]) == 1 and "brighter than the tissue around it" in res.provenance["notes"][0]
+    assert np.array_equal(res.image[target.data > 0], bright[target.data > 0])
 
 
 def test_a_heal_never_makes_the_scan_darker(rim_case, rim_heal):

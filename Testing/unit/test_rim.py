@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from USBLib.imaging.rim import darker_than_lesion, rim_region
+from USBLib.imaging.rim import darker_than_lesion, lesion_contrasts, rim_region
 
 SHAPE = (48, 48, 48)
 
@@ -86,3 +86,19 @@ def test_the_rim_of_a_dark_lesion_is_not_kept_beside_a_paler_one():
             rims = (r > 4.0) & (r < 5.5)
     keep = darker_than_lesion(image, mask, np.ones(SHAPE, bool), (1.0, 1.0, 1.0), 3.0, reach_mm=6.0)
     assert not keep[rims].any()
+
+
+def test_each_lesion_s_contrast_is_measured_in_noise_sds_with_its_sign():
+    """``lesion_contrasts``: a dark lesion far above the noise, the same ball bright (negative), a ball over plain
+    tissue near zero; each connected lesion on its own, largest first."""
+    image, mask, r = _lesion(5.0, 0.0)          # 0.5 in 1.0, noise 0.02: 25 noise SDs
+    brain = np.ones(SHAPE, bool)
+    (voxels, dark, centre), = lesion_contrasts(image, mask, brain, (1.0, 1.0, 1.0), 3.0)
+    assert voxels == int(mask.sum()) and 15 < dark < 40 and centre == (24, 24, 24)
+    bright = np.where(mask > 0, 1.5, image).astype(np.float32)
+    assert lesion_contrasts(bright, mask, brain, (1, 1, 1), 3.0)[0][1] < -15
+    plain = np.random.default_rng(1).normal(1.0, 0.02, SHAPE).astype(np.float32)
+    second = np.zeros(SHAPE, np.uint8)
+    second[4:7, 4:7, 4:7] = 1                  # a second, smaller lesion in a corner
+    found = lesion_contrasts(plain, np.maximum(mask, second), brain, (1, 1, 1), 3.0)
+    assert [v for v, _, _ in found] == [int(mask.sum()), 27] and all(abs(c) < 4 for _, c, _ in found)

@@ -205,7 +205,8 @@ def heal_subject(editor, subject: Subject, out_root: Path, settings: BatchSettin
         write_result(output, vol.as_in_file(result.image), vol.affine, vol.header, result.provenance,
                      {"image": subject.image, "mask": subject.mask}, dict(extra, lesion_volume_ml=round(lesion_ml, 4)))
         record.status, record.lesion_ml = "healed", lesion_ml
-        record.message = f"edit region {result.provenance.get('edit_region_voxels', 0)} voxels"
+        record.message = "; ".join([f"edit region {result.provenance.get('edit_region_voxels', 0)} voxels"]
+                                   + list(result.provenance.get("notes", [])))
         if settings.qc:
             from USBLib.apps.qc_report import lesion_montage
 

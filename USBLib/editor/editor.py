@@ -276,6 +276,9 @@ class Editor:
         if task == "embed":
             mask, content, notes = _confine_to_brain(image, affine, mask, brain)
             extra.update({"notes": notes} if notes else {})
+        elif mask is not None:  # heal: say so when a lesion does not look like a T1-hypointense one
+            notes = _contrast_notes(image, affine, mask, brain, float(value_of(settings, "dilation_mm")))
+            extra.update({"notes": notes} if notes else {})
         latent_deviation = np.zeros((samples, *image.shape), np.float32)  # scan units, result = image + deviation
         if latent:
             latent_deviation += self._latent_stage(task, image, mapping, imap, mask, settings, samples, generator, prog)
@@ -729,6 +732,32 @@ def offset_free(image: np.ndarray) -> tuple[np.ndarray, float]:
     return np.asarray(image, np.float64) - low, low
 
 
+def _contrast_notes(image: np.ndarray, affine: np.ndarray, mask: np.ndarray, brain: np.ndarray,
+                    dilation_mm: float) -> list[str]:
+    """Heal: one line for each drawn lesion that is not darker than the tissue around it by a clear margin
+    (``rim.MIN_CONTRAST_NOISE`` noise SDs; ``rim.lesion_contrasts``), at most ``MAX_CONTRAST_NOTES`` of them. A heal
+    fills T1-hypointense lesions and only brightens: a lesion with no T1 contrast (a mask drawn on FLAIR over tissue
+    that looks normal on T1) has that tissue replaced by an estimate, a brighter one is left (as good as) unchanged.
+    ``image``: the offset-free scan; ``mask`` [I, J, K]; ``brain`` [I, J, K] bool; ``dilation_mm``: the growth limit."""
+    from USBLib.imaging.rim import MIN_CONTRAST_NOISE, lesion_contrasts
+
+    voxel_ml = float(abs(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
+    notes = []
+    for voxels, contrast, centre in lesion_contrasts(image, mask, brain, _spacing(affine), dilation_mm):
+        where = f"the lesion of {voxels * voxel_ml:.2f} ml at voxel {centre}"
+        if contrast <= -MIN_CONTRAST_NOISE:
+            notes.append(f"{where} is brighter than the tissue around it ({-contrast:.0f} noise SDs): a heal fills "
+                         "T1-dark lesions and never darkens a voxel, so it cannot remove this one")
+        elif contrast < MIN_CONTRAST_NOISE:
+            notes.append(f"{where} looks like the tissue around it on this scan (contrast {contrast:.1f} noise SDs): "
+                         "the heal replaced tissue that looks normal with its estimate; check the mask (drawn on "
+                         "another contrast?)")
+    if len(notes) > MAX_CONTRAST_NOTES:
+        notes = notes[:MAX_CONTRAST_NOTES] + [f"and {len(notes) - MAX_CONTRAST_NOTES} more lesions like these"]
+    return notes
+
+
+MAX_CONTRAST_NOTES = 3  # lesions named one by one in a heal's notes (the rest are counted)
 MIN_EMBED_MM3 = 8.0  # a lesion mask with less than this inside the brain is refused: too small to embed
 
 

@@ -128,6 +128,39 @@ def darker_than_lesion(image: np.ndarray, mask: np.ndarray, brain: np.ndarray, s
     lesion = np.asarray(mask) > 0
     near_any = np.zeros(lesion.shape, bool)  # within reach of some lesion
     vetoed = np.zeros(lesion.shape, bool)    # not beyond some lesion within reach of it
+    for box, stats in _each_lesion(image, lesion, brain, spacing, max_mm, reach_mm):
+        _, les, tissue, dist, smooth, reference, level, noise = stats
+        near = (dist > 0) & (dist <= reach_mm + 1e-6) & ~lesion[box]
+        contrast = _contrast(stats)
+        beyond = (level - smooth) * np.sign(contrast) > MAX_BEYOND_LESION * abs(contrast) + 2.0 * noise
+        near_any[box] |= near
+        vetoed[box] |= near & ~beyond
+    return near_any & ~vetoed
+
+
+def lesion_contrasts(image: np.ndarray, mask: np.ndarray, brain: np.ndarray, spacing,
+                     max_mm: float) -> list[tuple[int, float, tuple[int, int, int]]]:
+    """Each connected lesion's T1 contrast against the tissue around it, in noise SDs, as ``rim_region`` and
+    ``darker_than_lesion`` measure it: (the tissue's level within 2 mm of the lesion - the lesion's level) / the
+    noise SD; positive for a lesion darker than its surroundings (T1-hypointense), negative for a brighter one.
+    Returns [(voxels, contrast, centre voxel (i, j, k))] for the lesions that have a reference shell, largest first.
+
+    Args:
+        image, mask, brain, spacing, max_mm: as for ``rim_region``.
+    """
+    out = []
+    for box, stats in _each_lesion(image, np.asarray(mask) > 0, brain, spacing, max_mm):
+        les, noise = stats[1], stats[7]
+        contrast = _contrast(stats)
+        centre = tuple(int(round(b.start + v)) for b, v in zip(box, np.argwhere(les).mean(0)))
+        out.append((int(les.sum()), contrast / max(noise, 1e-6 * max(abs(contrast), 1.0)), centre))
+    return sorted(out, key=lambda item: -item[0])
+
+
+def _each_lesion(image, lesion: np.ndarray, brain, spacing, max_mm: float, reach_mm: float = 0.0):
+    """Each connected lesion of ``lesion`` (bool [I, J, K]) measured on its own: yields (the box of
+    ``_lesion_statistics`` on the whole scan's grid, its statistics with this lesion alone as ``les``), for the
+    lesions that have a reference shell."""
     spacing = np.asarray(spacing, float)
     pad = _box_reach(spacing, max(max_mm, 0.0), reach_mm)
     labels, _ = ndimage.label(lesion, ndimage.generate_binary_structure(3, 3))
@@ -136,13 +169,13 @@ def darker_than_lesion(image: np.ndarray, mask: np.ndarray, brain: np.ndarray, s
         crop = tuple(slice(max(s.start - p, 0), min(s.stop + p, n)) for s, p, n in zip(found, pad, lesion.shape))
         stats = _lesion_statistics(np.asarray(image)[crop], labels[crop] == index, np.asarray(brain)[crop], spacing,
                                    max(max_mm, 0.0), reach_mm)
-        if stats is None:
-            continue
-        inner, les, tissue, dist, smooth, reference, level, noise = stats
-        box = tuple(slice(c.start + i.start, c.start + i.stop) for c, i in zip(crop, inner))
-        near = (dist > 0) & (dist <= reach_mm + 1e-6) & ~lesion[box]
-        contrast = float(np.median(reference[(dist > 0) & (dist <= 2.0)])) - level
-        beyond = (level - smooth) * np.sign(contrast) > MAX_BEYOND_LESION * abs(contrast) + 2.0 * noise
-        near_any[box] |= near
-        vetoed[box] |= near & ~beyond
-    return near_any & ~vetoed
+        if stats is not None:
+            inner = stats[0]
+            yield tuple(slice(c.start + i.start, c.start + i.stop) for c, i in zip(crop, inner)), stats
+
+
+def _contrast(stats) -> float:
+    """A lesion's contrast from its ``_lesion_statistics``: the reference tissue level within 2 mm of it (median)
+    minus its own level; positive for a dark lesion."""
+    _, _, _, dist, _, reference, level, _ = stats
+    return float(np.median(reference[(dist > 0) & (dist <= 2.0)])) - level
