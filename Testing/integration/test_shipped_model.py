@@ -137,9 +137,9 @@ def test_the_default_heal_averages_the_heals_of_the_mask_a_voxel_smaller_and_lar
 
 
 def test_a_heal_says_when_a_drawn_lesion_is_not_dark_on_this_scan(shipped, sample):
-    """A mask over healthy white matter (drawn on another contrast, say) gets a note that the heal replaced tissue
-    that looks normal; a lesion brighter than its surroundings one that the heal cannot remove it (it only
-    brightens), and is left as it was."""
+    """A mask over healthy white matter (drawn on another contrast, say) gets a note that the heal rewrote tissue
+    that looks normal; a lesion brighter than its surroundings gets one that the heal cannot remove it (a heal only
+    brightens), and it is left as it was."""
     img, target = sample["image"], sample["embed"]
     healthy = shipped.heal(img.data, img.affine, target.data, seed=0)
     assert len(healthy.provenance["notes"]) == 1 and "looks like the tissue around it" in healthy.provenance["notes"][0]

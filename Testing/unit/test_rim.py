@@ -102,3 +102,21 @@ def test_each_lesion_s_contrast_is_measured_in_noise_sds_with_its_sign():
     second[4:7, 4:7, 4:7] = 1                  # a second, smaller lesion in a corner
     found = lesion_contrasts(plain, np.maximum(mask, second), brain, (1, 1, 1), 3.0)
     assert [v for v, _, _ in found] == [int(mask.sum()), 27] and all(abs(c) < 4 for _, c, _ in found)
+
+
+def test_contrasts_of_a_noise_free_or_coarse_scan_are_finite_and_a_centre_lies_in_its_lesion():
+    """No noise: a finite contrast (the noise floored at 0.1 % of the tissue's level), here negative: the masked
+    tissue is brighter than the grey tissue around it, which a heal (brightening only) leaves as it is; a 3 mm scan
+    (no voxel within 2 mm of the lesion) is measured one voxel out; the centre of a C-shaped lesion is one of its
+    voxels."""
+    zz, yy, xx = np.indices(SHAPE)
+    r = np.sqrt((zz - 24) ** 2 + (yy - 24) ** 2 + (xx - 24) ** 2)
+    image = np.where(r <= 7.0, 1.0, 0.6).astype(np.float32)   # mask r <= 5 over plain tissue, grey 2 voxels out
+    (_, contrast, _), = lesion_contrasts(image, (r <= 5.0).astype(np.uint8), np.ones(SHAPE, bool), (1, 1, 1), 3.0)
+    assert np.isfinite(contrast) and -2000 < contrast < -4
+    dark, mask, _ = _lesion(4.0, 0.0)
+    (_, coarse, _), = lesion_contrasts(dark, mask, np.ones(SHAPE, bool), (3.0, 3.0, 3.0), 3.0)
+    assert np.isfinite(coarse) and coarse > 4
+    ring = ((r >= 5.0) & (r <= 7.0) & (np.abs(zz - 24) <= 1) & (xx < 28)).astype(np.uint8)  # a C in one slab
+    (_, _, centre), = lesion_contrasts(dark, ring, np.ones(SHAPE, bool), (1, 1, 1), 3.0)
+    assert ring[centre]

@@ -177,7 +177,9 @@ def heal_subject(editor, subject: Subject, out_root: Path, settings: BatchSettin
             return record
         if up_to_date(subject, output, key):
             before = _previous(out_root, subject.key)
-            record.status, record.message = "up-to-date", "output matches inputs, model and settings"
+            notes = json.loads(sidecar_path(output).read_text()).get("notes", [])  # up_to_date read it
+            record.status = "up-to-date"
+            record.message = "; ".join(["output matches inputs, model and settings"] + list(notes))
             record.lesion_ml, record.qc, record.seconds = before.get("lesion_ml"), before.get("qc"), before.get("seconds")
             return record
         vol = read_volume(subject.image, "input image")  # every scan is opened: a broken file is reported

@@ -735,25 +735,31 @@ def offset_free(image: np.ndarray) -> tuple[np.ndarray, float]:
 def _contrast_notes(image: np.ndarray, affine: np.ndarray, mask: np.ndarray, brain: np.ndarray,
                     dilation_mm: float) -> list[str]:
     """Heal: one line for each drawn lesion that is not darker than the tissue around it by a clear margin
-    (``rim.MIN_CONTRAST_NOISE`` noise SDs; ``rim.lesion_contrasts``), at most ``MAX_CONTRAST_NOTES`` of them. A heal
+    (``rim.MIN_CONTRAST_NOISE`` noise SDs; ``rim.lesion_contrasts``), at most ``MAX_CONTRAST_NOTES`` of them (the
+    brighter ones first), the rest counted. A heal
     fills T1-hypointense lesions and only brightens: a lesion with no T1 contrast (a mask drawn on FLAIR over tissue
     that looks normal on T1) has that tissue replaced by an estimate, a brighter one is left (as good as) unchanged.
     ``image``: the offset-free scan; ``mask`` [I, J, K]; ``brain`` [I, J, K] bool; ``dilation_mm``: the growth limit."""
     from USBLib.imaging.rim import MIN_CONTRAST_NOISE, lesion_contrasts
 
     voxel_ml = float(abs(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
-    notes = []
+    bright, plain = [], []
     for voxels, contrast, centre in lesion_contrasts(image, mask, brain, _spacing(affine), dilation_mm):
         where = f"the lesion of {voxels * voxel_ml:.2f} ml at voxel {centre}"
         if contrast <= -MIN_CONTRAST_NOISE:
-            notes.append(f"{where} is brighter than the tissue around it ({-contrast:.0f} noise SDs): a heal fills "
-                         "T1-dark lesions and never darkens a voxel, so it cannot remove this one")
+            bright.append(f"{where} is brighter than the tissue around it ({-contrast:.0f} noise SDs): a heal fills "
+                          "T1-dark lesions and only brightens what it rewrites, so it cannot remove this one")
         elif contrast < MIN_CONTRAST_NOISE:
-            notes.append(f"{where} looks like the tissue around it on this scan (contrast {contrast:.1f} noise SDs): "
-                         "the heal replaced tissue that looks normal with its estimate; check the mask (drawn on "
+            plain.append(f"{where} looks like the tissue around it on this scan (contrast {contrast:.1f} noise SDs): "
+                         "the heal rewrote tissue that looks normal with its estimate; check the mask (drawn on "
                          "another contrast?)")
+    notes = bright + plain  # the lesions a heal cannot remove first
     if len(notes) > MAX_CONTRAST_NOTES:
-        notes = notes[:MAX_CONTRAST_NOTES] + [f"and {len(notes) - MAX_CONTRAST_NOTES} more lesions like these"]
+        rest_bright = max(len(bright) - MAX_CONTRAST_NOTES, 0)
+        rest_plain = len(notes) - MAX_CONTRAST_NOTES - rest_bright
+        counts = [f"{n} more lesions {kind}" for n, kind in ((rest_bright, "brighter than the tissue around them"),
+                                                              (rest_plain, "that look like the tissue around them")) if n]
+        notes = notes[:MAX_CONTRAST_NOTES] + ["and " + " and ".join(counts)]
     return notes
 
 

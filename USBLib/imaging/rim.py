@@ -23,6 +23,8 @@ painting tissue over the CSF next to a small lesion cost up to 11 dB on a small 
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 from scipy import ndimage
 
@@ -140,24 +142,34 @@ def darker_than_lesion(image: np.ndarray, mask: np.ndarray, brain: np.ndarray, s
 
 def lesion_contrasts(image: np.ndarray, mask: np.ndarray, brain: np.ndarray, spacing,
                      max_mm: float) -> list[tuple[int, float, tuple[int, int, int]]]:
-    """Each connected lesion's T1 contrast against the tissue around it, in noise SDs, as ``rim_region`` and
-    ``darker_than_lesion`` measure it: (the tissue's level within 2 mm of the lesion - the lesion's level) / the
+    """Each connected lesion's T1 contrast against the tissue around it, in noise SDs, measured as
+    ``darker_than_lesion`` measures it: (the reference tissue level next to the lesion - the lesion's level) / the
     noise SD; positive for a lesion darker than its surroundings (T1-hypointense), negative for a brighter one.
-    Returns [(voxels, contrast, centre voxel (i, j, k))] for the lesions that have a reference shell, largest first.
+    "Next to": within 2 mm, or one voxel on a scan coarser than that. The noise SD is floored at 0.1 % of the
+    tissue's level, so that a noise-free (synthetic) scan gives finite, comparable numbers.
 
     Args:
         image, mask, brain, spacing, max_mm: as for ``rim_region``.
+
+    Returns [(voxels, contrast, a lesion voxel nearest the lesion's centroid (i, j, k))], largest lesion first, for
+    the lesions that have a reference shell (brain 1-4 mm past ``max_mm``); the others are left out.
     """
+    spacing = np.asarray(spacing, float)
     out = []
     for box, stats in _each_lesion(image, np.asarray(mask) > 0, brain, spacing, max_mm):
-        les, noise = stats[1], stats[7]
-        contrast = _contrast(stats)
-        centre = tuple(int(round(b.start + v)) for b, v in zip(box, np.argwhere(les).mean(0)))
-        out.append((int(les.sum()), contrast / max(noise, 1e-6 * max(abs(contrast), 1.0)), centre))
+        les, level, noise = stats[1], stats[6], stats[7]
+        contrast = _contrast(stats, max(2.0, float(spacing.min())))
+        if not np.isfinite(contrast):
+            continue
+        voxels = np.argwhere(les)
+        nearest = voxels[np.argmin((((voxels - voxels.mean(0)) * spacing) ** 2).sum(1))]
+        centre = tuple(int(b.start + v) for b, v in zip(box, nearest))
+        out.append((len(voxels), contrast / max(noise, 1e-3 * abs(level + contrast), 1e-12), centre))
     return sorted(out, key=lambda item: -item[0])
 
 
-def _each_lesion(image, lesion: np.ndarray, brain, spacing, max_mm: float, reach_mm: float = 0.0):
+def _each_lesion(image: np.ndarray, lesion: np.ndarray, brain: np.ndarray, spacing, max_mm: float,
+                 reach_mm: float = 0.0) -> Iterator[tuple[tuple[slice, ...], tuple]]:
     """Each connected lesion of ``lesion`` (bool [I, J, K]) measured on its own: yields (the box of
     ``_lesion_statistics`` on the whole scan's grid, its statistics with this lesion alone as ``les``), for the
     lesions that have a reference shell."""
@@ -174,8 +186,9 @@ def _each_lesion(image, lesion: np.ndarray, brain, spacing, max_mm: float, reach
             yield tuple(slice(c.start + i.start, c.start + i.stop) for c, i in zip(crop, inner)), stats
 
 
-def _contrast(stats) -> float:
-    """A lesion's contrast from its ``_lesion_statistics``: the reference tissue level within 2 mm of it (median)
-    minus its own level; positive for a dark lesion."""
+def _contrast(stats: tuple, within_mm: float = 2.0) -> float:
+    """A lesion's contrast from its ``_lesion_statistics``: the reference tissue level within ``within_mm`` of it
+    (median) minus its own level; positive for a dark lesion, NaN when no voxel lies that close."""
     _, _, _, dist, _, reference, level, _ = stats
-    return float(np.median(reference[(dist > 0) & (dist <= 2.0)])) - level
+    near = (dist > 0) & (dist <= within_mm + 1e-6)
+    return float(np.median(reference[near])) - level if near.any() else float("nan")
