@@ -136,13 +136,22 @@ def test_the_default_heal_averages_the_heals_of_the_mask_a_voxel_smaller_and_lar
     assert not np.array_equal(rim_heal.image, singles[0].image)
 
 
-def test_a_heal_says_when_a_drawn_lesion_is_not_dark_on_this_scan(shipped, sample):
-    """A mask over healthy white matter (drawn on another contrast, say) gets a note that the heal rewrote tissue
-    that looks normal; a lesion brighter than its surroundings gets one that the heal cannot remove it (a heal only
-    brightens), and it is left as it was."""
+def test_a_heal_says_when_a_drawn_lesion_is_not_dark_on_this_scan(shipped, sample, tmp_path, capsys):
+    """A mask over healthy white matter (drawn on another contrast, say): ``usb heal`` says on stderr and in the
+    sidecar that it rewrote tissue that looks normal; a lesion brighter than its surroundings gets a note that the
+    heal cannot remove it (a heal only brightens), and it is left as it was."""
+    import json
+
+    from USBLib.apps.cli import main as usb_main
+
+    files = sample_files()
+    out = tmp_path / "healed.nii.gz"
+    assert usb_main(["heal", str(files["image"]), "--mask", str(files["embed"]), "-o", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "usb: note: the lesion of" in err and "looks like the tissue around it" in err
+    notes = json.loads(out.with_name("healed.json").read_text())["notes"]
+    assert len(notes) == 1 and "looks like the tissue around it" in notes[0]
     img, target = sample["image"], sample["embed"]
-    healthy = shipped.heal(img.data, img.affine, target.data, seed=0)
-    assert len(healthy.provenance["notes"]) == 1 and "looks like the tissue around it" in healthy.provenance["notes"][0]
     bright = np.asarray(img.data, np.float32) + 300.0 * (target.data > 0)
     res = shipped.heal(bright, img.affine, target.data, seed=0)
     assert len(res.provenance["notes"]) == 1 and "brighter than the tissue around it" in res.provenance["notes"][0]
