@@ -98,6 +98,27 @@ def test_batch_writes_derivatives_records_failures_and_resumes(bids, tmp_path, t
     assert records(out)["sub-01"]["status"] == "healed"
 
 
+def test_the_qc_table_carries_a_heal_s_notes_also_on_a_resumed_run(tmp_path, tiny_bundle):
+    """A lesion mask drawn over tissue that looks like its surroundings (here: the phantom's lesion mask moved off
+    the lesion): the heal's note is in the scan's QC message and sidecar, and still in the message when a rerun finds
+    the output up to date."""
+    img, mask, aff = make_scan("oblique")
+    root = tmp_path / "bids"
+    (root / "sub-01/anat").mkdir(parents=True)
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "tiny", "BIDSVersion": "1.9.0"}))
+    save(root / "sub-01/anat/sub-01_T1w.nii.gz", img, aff)
+    save(root / "derivatives/lesions/sub-01/anat/sub-01_label-lesion_mask.nii.gz", np.roll(mask, 5, axis=1), aff)
+    out = tmp_path / "out"
+    assert run(root, out, tiny_bundle) == 0
+    notes = json.loads((out / "sub-01/anat/sub-01_desc-healed_T1w.json").read_text())["notes"]
+    assert len(notes) == 1 and "looks like the tissue around it" in notes[0]
+    assert records(out)["sub-01"]["message"].endswith("; " + notes[0])
+    assert notes[0] in (out / "qc" / "index.html").read_text().replace("&#x27;", "'")
+    assert run(root, out, tiny_bundle) == 0
+    resumed = records(out)["sub-01"]
+    assert resumed["status"] == "up-to-date" and resumed["message"].endswith("; " + notes[0])
+
+
 def test_an_unreadable_scan_without_mask_is_a_failure_not_a_skip(tmp_path, tiny_bundle):
     root = tmp_path / "bids"
     img, _, aff = make_scan("axial")
