@@ -736,9 +736,9 @@ def _contrast_notes(image: np.ndarray, affine: np.ndarray, mask: np.ndarray, bra
                     dilation_mm: float) -> list[str]:
     """Heal: one line for each drawn lesion that is not darker than the tissue around it by a clear margin
     (``rim.MIN_CONTRAST_NOISE`` noise SDs; ``rim.lesion_contrasts``), at most ``MAX_CONTRAST_NOTES`` of them (the
-    brighter ones first), the rest counted. A heal
-    fills T1-hypointense lesions and only brightens: a lesion with no T1 contrast (a mask drawn on FLAIR over tissue
-    that looks normal on T1) has that tissue replaced by an estimate, a brighter one is left (as good as) unchanged.
+    brighter ones first), the rest counted. A heal fills T1-hypointense lesions and only brightens: a lesion with no
+    T1 contrast (a mask drawn on FLAIR over tissue that looks normal on T1) has that tissue replaced by an estimate,
+    a brighter one is left (as good as) unchanged.
     ``image``: the offset-free scan; ``mask`` [I, J, K]; ``brain`` [I, J, K] bool; ``dilation_mm``: the growth limit."""
     from USBLib.imaging.rim import MIN_CONTRAST_NOISE, lesion_contrasts
 

@@ -131,7 +131,7 @@ def darker_than_lesion(image: np.ndarray, mask: np.ndarray, brain: np.ndarray, s
     near_any = np.zeros(lesion.shape, bool)  # within reach of some lesion
     vetoed = np.zeros(lesion.shape, bool)    # not beyond some lesion within reach of it
     for box, stats in _each_lesion(image, lesion, brain, spacing, max_mm, reach_mm):
-        _, les, tissue, dist, smooth, reference, level, noise = stats
+        _, _, _, dist, smooth, reference, level, noise = stats
         near = (dist > 0) & (dist <= reach_mm + 1e-6) & ~lesion[box]
         contrast = _contrast(stats)
         beyond = (level - smooth) * np.sign(contrast) > MAX_BEYOND_LESION * abs(contrast) + 2.0 * noise
