@@ -137,3 +137,36 @@ def test_paired_comparison_of_two_yardstick_runs(tmp_path, capsys):
     assert "| exact | 6 | +1.00 | [+1.00, +1.00]" in out and "| hasty | 6 | -0.50" in out and "| 6/12 |" in out
     assert compare.main([a, b.replace("USB defaults", "USB other")]) == 2
     assert "has no method 'USB other'" in capsys.readouterr().err
+
+
+def test_comparison_counts_the_worst_case_targets_against_the_per_case_oracle(tmp_path, capsys):
+    """The worst-case table of ``evaluation.compare``: heals more than 1 dB below the best classical filler of
+    their own case and mask (the oracle is the maximum over the file's classical rows, never the unchanged input),
+    the worst gap, and the cases whose exact mask heals worse than their hasty one."""
+    from usb_training.evaluation import compare
+
+    usb = {("c0", "exact"): 25.0, ("c0", "hasty"): 26.5, ("c1", "exact"): 30.0, ("c1", "hasty"): 29.0,
+           ("c2", "exact"): 20.0, ("c2", "hasty"): 19.9}
+    best = {("c0", "exact"): 24.0, ("c0", "hasty"): 24.0, ("c1", "exact"): 31.5, ("c1", "hasty"): 29.5,
+            ("c2", "exact"): 21.2, ("c2", "hasty"): 19.0}
+    rows = [{"case": c, "site": "cortex", "mask": m, "method": "USB defaults", "kind": "usb", "mean_ratio": 1.0,
+             "psnr": v} for (c, m), v in usb.items()]
+    rows += [{"case": c, "site": "cortex", "mask": m, "method": name, "kind": "classical", "mean_ratio": 1.0,
+              "psnr": v - drop} for (c, m), v in best.items() for name, drop in (("NAWM", 0.0), ("biharmonic", 3.0))]
+    rows += [{"case": c, "site": "cortex", "mask": m, "method": "input (no change)", "kind": "input",
+              "mean_ratio": 0.9, "psnr": 40.0} for c, m in usb]
+    path = tmp_path / "run" / "native_metrics.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"rows": rows}))
+
+    label, got, oracle = compare._rows(f"{path}:USB defaults")
+    assert oracle[("c1", "exact")] == 31.5  # the best filler, not the input's 40 dB
+    result = compare.worst_cases(got, oracle, sorted(got))
+    # gaps: c0 +1.0/+2.5, c1 -1.5/-0.5, c2 -1.2/+0.9: two below -1 dB, the worst -1.5;
+    # exact - hasty: c0 -1.5, c1 +1.0, c2 +0.1: one case worse, by more than 1 dB
+    assert result == {"n": 6, "below": 2, "worst": pytest.approx(-1.5), "cases": 3, "exact_worse": 1,
+                      "exact_worse_db": 1}
+    assert compare.main([f"{path}:USB defaults", f"{path}:USB defaults"]) == 0
+    out = capsys.readouterr().out
+    assert "| heals > 1 dB below the best classical filler of their case | 2/6 | 2/6 |" in out
+    assert "| exact mask worse than the hasty one | 1/3 (1 by > 1 dB) | 1/3 (1 by > 1 dB) |" in out

@@ -4,7 +4,10 @@ Two ``native_metrics.json`` files (``evaluate --native --out DIR``) on the same 
 count: the rows are matched on case and mask), one method of each (a USB configuration or a classical filler).
 Prints, per mask subset (exact, hasty, both), the mean PSNR difference B - A over every voxel the lesion changed,
 its bootstrap 95 % interval (cases resampled whole, as in ``native.summarise``), the worst and best case, how
-many heals B wins, and the per-site means; also the fill mean / truth mean of each.
+many heals B wins, and the per-site means; also the fill mean / truth mean of each. Then the worst-case targets
+of issues #21 and #25 for A and B each: heals more than 1 dB below the best classical filler of their case (the
+per-case oracle, from the file's classical rows), the worst of them, and the cases whose complete (exact) mask
+heals worse than the same mask eroded by a voxel (hasty).
 
     python -m usb_training.evaluation.compare OLD/native_metrics.json:"USB rim3" NEW/native_metrics.json:"USB defaults"
 """
@@ -21,8 +24,9 @@ import numpy as np
 from .native import bootstrap_ci, site_group
 
 
-def _rows(spec: str) -> tuple[str, dict[tuple[str, str], dict[str, Any]]]:
-    """``path:method`` -> (label, {(case, mask): row}); raises ValueError naming what is missing."""
+def _rows(spec: str) -> tuple[str, dict[tuple[str, str], dict[str, Any]], dict[tuple[str, str], float]]:
+    """``path:method`` -> (label, {(case, mask): row}, {(case, mask): the best classical filler's PSNR}); raises
+    ValueError naming what is missing."""
     path, sep, method = spec.partition(":")
     if not sep or not method:
         raise ValueError(f"'{spec}': expected PATH:METHOD, e.g. out/native_metrics.json:'USB defaults'")
@@ -31,7 +35,45 @@ def _rows(spec: str) -> tuple[str, dict[tuple[str, str], dict[str, Any]]]:
     if not rows:
         methods = sorted({r["method"] for r in data["rows"]})
         raise ValueError(f"{path} has no method '{method}' (it has: {', '.join(methods)})")
-    return f"{method} ({Path(path).parent.name})", rows
+    oracle: dict[tuple[str, str], float] = {}
+    for r in data["rows"]:
+        if r.get("kind") == "classical":
+            pair = (r["case"], r["mask"])
+            oracle[pair] = max(oracle.get(pair, -np.inf), float(r["psnr"]))
+    return f"{method} ({Path(path).parent.name})", rows, oracle
+
+
+def worst_cases(rows: dict[tuple[str, str], dict[str, Any]], oracle: dict[tuple[str, str], float],
+                pairs: list[tuple[str, str]], below_db: float = 1.0) -> dict[str, Any]:
+    """The worst-case targets of a method's heals ``rows`` over the (case, mask) ``pairs``: ``below``, how many are
+    more than ``below_db`` dB under ``oracle`` (the best classical filler of the same case and mask; pairs without
+    one are left out, ``n`` counts the rest) and ``worst``, the lowest USB - oracle (dB; None without an oracle);
+    ``exact_worse``, of the ``cases`` with both masks, how many heal worse with the exact mask than with the hasty
+    one, and ``exact_worse_db``, by more than ``below_db``."""
+    gaps = [rows[p]["psnr"] - oracle[p] for p in pairs if p in oracle]
+    cases = sorted({c for c, _ in pairs if (c, "exact") in rows and (c, "hasty") in rows})
+    diffs = [rows[(c, "exact")]["psnr"] - rows[(c, "hasty")]["psnr"] for c in cases]
+    return {"n": len(gaps), "below": sum(g < -below_db for g in gaps), "worst": min(gaps) if gaps else None,
+            "cases": len(cases), "exact_worse": sum(d < 0 for d in diffs),
+            "exact_worse_db": sum(d < -below_db for d in diffs)}
+
+
+def worst_case_table(label_a: str, label_b: str, a: dict[str, Any], b: dict[str, Any]) -> str:
+    """Markdown table of ``worst_cases`` for A and B (the targets: none below, no exact mask worse)."""
+    def below(r: dict[str, Any]) -> str:
+        return f"{r['below']}/{r['n']}" if r["n"] else "n/a (no classical rows)"
+
+    def worst(r: dict[str, Any]) -> str:
+        return f"{r['worst']:+.2f}" if r["worst"] is not None else "n/a"
+
+    def exact(r: dict[str, Any]) -> str:
+        return f"{r['exact_worse']}/{r['cases']} ({r['exact_worse_db']} by > 1 dB)"
+
+    return "\n".join([f"Worst cases (targets of #21/#25: none below, none worse); A = {label_a}, B = {label_b}", "",
+                      "| | A | B |", "|---|---|---|",
+                      f"| heals > 1 dB below the best classical filler of their case | {below(a)} | {below(b)} |",
+                      f"| worst heal - best classical of its case (dB) | {worst(a)} | {worst(b)} |",
+                      f"| exact mask worse than the hasty one | {exact(a)} | {exact(b)} |"])
 
 
 def compare(a: dict[tuple[str, str], dict[str, Any]], b: dict[tuple[str, str], dict[str, Any]],
@@ -83,8 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key", default="psnr", help="row measure to compare (default psnr; psnr_mask)")
     args = parser.parse_args(argv)
     try:
-        (label_a, a), (label_b, b) = _rows(args.a), _rows(args.b)
+        (label_a, a, oracle_a), (label_b, b, oracle_b) = _rows(args.a), _rows(args.b)
         print(table(label_a, label_b, compare(a, b, args.key)))
+        shared = sorted(set(a) & set(b))
+        print()
+        print(worst_case_table(label_a, label_b, worst_cases(a, oracle_a, shared), worst_cases(b, oracle_b, shared)))
     except (OSError, ValueError, KeyError) as exc:
         print(f"compare: error: {exc}", file=sys.stderr)
         return 2
