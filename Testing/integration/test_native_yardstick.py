@@ -14,7 +14,7 @@ from usb_training.base import baselines
 from usb_training.base.scores import (CHANGE_TOL, COLLATERAL_REACH, changed_region, ring, scoring_box,
                                       yardstick_scores)
 from usb_training.evaluation import native
-from usb_training.local.cases import hasty_mask, yardstick_case
+from usb_training.local.cases import hasty_mask, thick_slices, yardstick_case
 
 SHAPE = (56, 64, 56)
 
@@ -60,6 +60,42 @@ def test_hasty_mask_keeps_every_lesion_and_a_border_lesion_touches_the_face(anat
     faces = [border.mask.take(end, axis).any() for axis in range(3) for end in (0, -1)]
     assert any(faces) and border.hasty.any()
     assert min(border.mask.shape) < min(SHAPE) or border.mask.shape != SHAPE
+
+
+def test_a_thick_slice_case_averages_slices_along_the_superior_axis_on_a_grid_of_the_same_extent(case):
+    """``thick_slices``: 3 slices into one along the axis closest to superior; every thick voxel holds the mean of
+    its 3 thin ones and sits at their mean position in the world; the mask is the averaged soft extent's 0.5
+    iso-surface and the hasty mask is eroded in-plane only."""
+    thick = thick_slices(case, 3)
+    axis = int(np.argmax(np.abs(case.affine[2, :3])))
+    n = case.healthy.shape[axis] // 3
+    assert thick.healthy.shape[axis] == n and thick.name.endswith("-slices3") and thick.site == case.site
+    assert np.linalg.norm(thick.affine[:3, axis]) == pytest.approx(3 * np.linalg.norm(case.affine[:3, axis]))
+    k = int(np.argmax((thick.mask > 0).sum(axis=tuple(a for a in range(3) if a != axis))))  # the lesion's slab
+    thin = np.take(case.lesioned, [3 * k, 3 * k + 1, 3 * k + 2], axis=axis).astype(np.float64)
+    assert np.abs(np.take(thick.lesioned, k, axis=axis) - thin.mean(axis)).max() <= 0.5  # int-valued mean
+    ijk = np.zeros(3)
+    ijk[axis] = k
+    centres = [case.affine[:3, :3] @ np.where(np.arange(3) == axis, 3 * k + j, 0) + case.affine[:3, 3]
+               for j in range(3)]
+    assert np.allclose(thick.affine[:3, :3] @ ijk + thick.affine[:3, 3], np.mean(centres, 0), atol=1e-4)
+    assert np.array_equal(thick.mask > 0, thick.soft >= 0.5) and thick.mask.any()
+    hasty, exact = thick.hasty > 0, thick.mask > 0
+    assert hasty.any() and not (hasty & ~exact).any()
+    in_plane = ndimage.generate_binary_structure(3, 1)
+    for side in (0, 2):
+        in_plane[tuple(side if a == axis else 1 for a in range(3))] = False
+    assert np.array_equal(hasty, _eroded_once(exact, in_plane)) and hasty.sum() < exact.sum()
+    assert thick_slices(case, 1) is case
+    with pytest.raises(ValueError, match="slice factor"):
+        thick_slices(case, 0)
+
+
+def _eroded_once(exact: np.ndarray, structure: np.ndarray) -> np.ndarray:
+    """The exact mask eroded once with ``structure``, every component kept (``mask_edges``)."""
+    from USBLib.imaging.mask_edges import eroded_keeping_components
+
+    return eroded_keeping_components(exact, 1, structure)
 
 
 def test_rim_score_covers_the_rim(case):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -261,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="--native: embed methods (local realism/fidelity and latent; the bundle's; the "
                              "bundle's and the other local mode; none)")
     parser.add_argument("--seed", type=int, default=None, help="--native: first case seed (default 910000)")
+    parser.add_argument("--slice-factor", type=int, default=1, metavar="N",
+                        help="--native: every case with N slices averaged into one along its most superior axis "
+                             "(1 x 1 x N mm: a thick-slice scan; default 1)")
     parser.add_argument("--classical-brighten-only", action="store_true",
                         help="--native: give every classical filler USB's rule that a heal never darkens a voxel "
                              "(max(fill, lesioned scan))")
@@ -281,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _native_main(b: bundle_mod.ModelBundle, args: argparse.Namespace) -> int:
     from ..local.anatomies import native_affine, native_anatomies
-    from ..local.cases import YARDSTICK_SITES, yardstick_cases
+    from ..local.cases import YARDSTICK_SITES, thick_slices, yardstick_cases
     from .native import EVAL_SEED as NATIVE_SEED
     from .native import run as run_native
     from .native import usb_configs
@@ -294,8 +298,13 @@ def _native_main(b: bundle_mod.ModelBundle, args: argparse.Namespace) -> int:
               f"(for tuning only; the yardstick is the held-out {HELD_OUT})")
     anatomy = native_anatomies(args.cache, [args.source])[args.source]
     seed = NATIVE_SEED if args.seed is None else args.seed
-    cases = yardstick_cases(anatomy, native_affine(args.cache, args.source), count, seed)
-    result = run_native(b, cases, args.out, configs, cache=args.cache, source=args.source, held_out=held_out,
+    if args.slice_factor < 1:
+        print(f"evaluate: error: --slice-factor must be at least 1, got {args.slice_factor}", file=sys.stderr)
+        return 2
+    cases = (thick_slices(case, args.slice_factor)
+             for case in yardstick_cases(anatomy, native_affine(args.cache, args.source), count, seed))
+    source = args.source if args.slice_factor == 1 else f"{args.source} with {args.slice_factor}x thicker slices"
+    result = run_native(b, cases, args.out, configs, cache=args.cache, source=source, held_out=held_out,
                         embed=args.embed, segment=args.segment, brighten_only=args.classical_brighten_only)
     print(result["table_markdown"])
     if not held_out:

@@ -345,6 +345,42 @@ def yardstick_case(anatomy: Anatomy, anatomy_affine: np.ndarray, site: str, seed
                       affine, hasty=hasty_mask(mask), contrast="labels" if synth else "template")
 
 
+def thick_slices(case: NativeCase, factor: int) -> NativeCase:
+    """``case`` as a scanner with ``factor`` times thicker slices would have measured it: every ``factor``
+    consecutive slices along the grid axis closest to superior averaged into one (partial volume; a remainder at
+    the end is dropped), the affine's voxel size along that axis times ``factor`` with each new voxel centred on its
+    block. The drawn mask is the averaged soft extent >= 0.5 (the 0.5 iso-surface, as at 1 mm), the hasty mask it
+    eroded by one voxel in-plane only (a rater draws slice by slice), the brain the averaged brain >= 0.5 and the
+    tissue classes those of each block's middle slice. Name gets ``-slices{factor}``. ``factor`` 1: ``case``."""
+    from USBLib.imaging.mask_edges import neighbourhood
+
+    if factor < 1:
+        raise ValueError(f"slice factor must be >= 1, got {factor}")
+    if factor == 1:
+        return case
+    axis = int(np.argmax(np.abs(case.affine[2, :3])))
+    n = case.healthy.shape[axis] // factor
+
+    def block_mean(a: np.ndarray) -> np.ndarray:
+        a = np.take(np.asarray(a, np.float32), np.arange(n * factor), axis=axis)
+        shape = list(a.shape)
+        shape[axis:axis + 1] = [n, factor]
+        return a.reshape(shape).mean(axis + 1)
+
+    affine = case.affine.copy()
+    affine[:3, 3] += case.affine[:3, axis] * (factor - 1) / 2.0
+    affine[:3, axis] *= factor
+    soft = block_mean(case.soft)
+    mask = (soft >= 0.5).astype(np.uint8)
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    hasty = eroded_keeping_components(mask, 1, neighbourhood(spacing)).astype(np.uint8)
+    labels = np.take(case.labels, np.arange(n) * factor + factor // 2, axis=axis)
+    return NativeCase(f"{case.name}-slices{factor}", case.site, np.rint(block_mean(case.healthy)),
+                      np.rint(block_mean(case.lesioned)), mask, soft,
+                      (block_mean(case.brain) >= 0.5).astype(np.uint8), labels, affine, hasty=hasty,
+                      contrast=case.contrast)
+
+
 def yardstick_sites(count: int, sites=YARDSTICK_SITES) -> list[str]:
     """The site of each of ``count`` cases: the sites in turn."""
     return [sites[i % len(sites)] for i in range(count)]
