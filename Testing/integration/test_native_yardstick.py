@@ -62,7 +62,7 @@ def test_hasty_mask_keeps_every_lesion_and_a_border_lesion_touches_the_face(anat
     assert min(border.mask.shape) < min(SHAPE) or border.mask.shape != SHAPE
 
 
-def test_a_thick_slice_case_averages_slices_along_the_superior_axis_on_a_grid_of_the_same_extent(case):
+def test_a_thick_slice_case_averages_slices_along_the_superior_axis_and_keeps_its_place_in_the_world(case):
     """``thick_slices``: 3 slices into one along the axis closest to superior; every thick voxel holds the mean of
     its 3 thin ones and sits at their mean position in the world; the mask is the averaged soft extent's 0.5
     iso-surface and the hasty mask is eroded in-plane only."""
