@@ -152,10 +152,13 @@ def site_group(site: str) -> str:
     return SITE_GROUPS.get(site, site)
 
 
-def hasty_mask(mask: np.ndarray) -> np.ndarray:
-    """The exact mask eroded by one voxel (6-neighbourhood; the image faces do not erode it); a component that
-    would vanish keeps its deepest voxels, as a hasty rater still marks every lesion. uint8."""
-    return eroded_keeping_components(mask, 1).astype(np.uint8)
+def hasty_mask(mask: np.ndarray, spacing=None) -> np.ndarray:
+    """The exact mask eroded by one voxel (6-neighbourhood, along the fine axes only when ``spacing`` in mm says some
+    are thick, ``mask_edges.neighbourhood``; the image faces do not erode it); a component that would vanish keeps
+    its deepest voxels, as a hasty rater still marks every lesion. uint8."""
+    from USBLib.imaging.mask_edges import neighbourhood
+
+    return eroded_keeping_components(mask, 1, neighbourhood(spacing)).astype(np.uint8)
 
 
 def _nuclei_map(mni: np.ndarray, site: str, shrink: float = 1.0) -> np.ndarray:
@@ -352,8 +355,6 @@ def thick_slices(case: NativeCase, factor: int) -> NativeCase:
     block. The drawn mask is the averaged soft extent >= 0.5 (the 0.5 iso-surface, as at 1 mm), the hasty mask it
     eroded by one voxel in-plane only (a rater draws slice by slice), the brain the averaged brain >= 0.5 and the
     tissue classes those of each block's middle slice. Name gets ``-slices{factor}``. ``factor`` 1: ``case``."""
-    from USBLib.imaging.mask_edges import neighbourhood
-
     if factor < 1:
         raise ValueError(f"slice factor must be >= 1, got {factor}")
     if factor == 1:
@@ -372,8 +373,7 @@ def thick_slices(case: NativeCase, factor: int) -> NativeCase:
     affine[:3, axis] *= factor
     soft = block_mean(case.soft)
     mask = (soft >= 0.5).astype(np.uint8)
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
-    hasty = eroded_keeping_components(mask, 1, neighbourhood(spacing)).astype(np.uint8)
+    hasty = hasty_mask(mask, np.sqrt((affine[:3, :3] ** 2).sum(0)))
     labels = np.take(case.labels, np.arange(n) * factor + factor // 2, axis=axis)
     return NativeCase(f"{case.name}-slices{factor}", case.site, np.rint(block_mean(case.healthy)),
                       np.rint(block_mean(case.lesioned)), mask, soft,
