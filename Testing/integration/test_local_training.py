@@ -17,11 +17,13 @@ from scipy import ndimage
 import phantoms
 from usb_training.base.common import module_weights
 from usb_training.data.prepare import CSF, GM, WM
-from usb_training.local.__main__ import training_facts
+from usb_training.local.__main__ import _thick_share, data_summary, training_facts
+from usb_training.local.__main__ import main as local_main
 from usb_training.local.batches import Batch, WindowPool, loss_terms, make_batch
 from usb_training.local.crops import MAX_LEVEL, VISIBLE_RATIO
 from usb_training.local.export import export_local
 from usb_training.local.priors import LICENCE_FILE, TISSUE_FILE
+from usb_training.local.slices import SLICE_FACTORS
 from usb_training.local.shards import ShardView, load_shards, write_shard, write_shards
 from usb_training.local.train import LOCAL_CONFIG, train
 from usb_training.local.windows import MAX_SIDE, Source, WindowMaker
@@ -70,7 +72,32 @@ def test_windows_are_inference_boxes_with_a_paired_lesion_a_fill_and_a_prior(win
             np.testing.assert_allclose(w.fill, classical_fill(np.clip(w.lesioned, 0, MAX_LEVEL), w.region), atol=1e-5)
         assert w.prior.shape == (5, *shape) and 0 <= w.prior[1:].min() and w.prior[1:].max() <= 1
         assert {"site", "source", "prior", "contrast", "mask_kind", "region_kind", "box"} <= set(w.info)
+        assert w.info["slice_mm"] == 1  # the shipped recipe: 1 mm windows only
     assert min(ratios) < VISIBLE_RATIO[1] + 0.05
+
+
+def test_thick_slice_windows_are_smooth_along_their_slice_axis_and_keep_a_drawn_mask(maker, tmp_path):
+    """``data --thick-fraction 1``: every window is measured with 2-5 mm slices along one axis and brought back to
+    1 mm as the stage resamples a thick box: along that axis the image (noise included) varies less than in-plane,
+    and the drawn mask, drawn on the thick slices, is still inside the fill region."""
+    thick = WindowMaker(maker.sources, maker.priors, 4, thick_fraction=1.0)
+    windows = list(thick.windows(np.random.default_rng(0), 6, per_scene=3))
+    assert {w.info["slice_axis"] for w in windows} == {0, 1, 2}
+    for w in windows:
+        assert w.info["slice_mm"] in SLICE_FACTORS
+        roughness = [np.abs(np.diff(w.healthy, 2, axis=a)).mean() for a in range(3)]
+        along = roughness.pop(w.info["slice_axis"])
+        assert along < 0.75 * min(roughness), (w.info, roughness, along)
+        assert w.mask.any() and not (w.mask & ~w.region).any()
+    write_shard(windows, tmp_path / "windows" / "shard_0_0000")
+    summary = data_summary(tmp_path / "windows")  # what the bundle's training facts say of the data
+    assert sum(summary["slice_mm"].values()) == 6 and "1" not in summary["slice_mm"]
+    assert "6 of them measured with 2-5 mm slices" in _thick_share(summary)
+    with pytest.raises(ValueError, match="thick_fraction"):
+        WindowMaker(maker.sources, maker.priors, 4, thick_fraction=1.5)
+    with pytest.raises(SystemExit) as refused:  # the command line says so in one line, before any work
+        local_main(["data", "--work", str(tmp_path / "run"), "--thick-fraction", "1.5"])
+    assert refused.value.code == 2 and not (tmp_path / "run").exists()
 
 
 def test_site_weights_steer_the_lesion_sites_and_bad_weights_are_refused(maker):
@@ -207,6 +234,7 @@ def test_shards_train_resume_export_and_run(maker, tmp_path, tiny_bundle):
     assert history["warm_start"]["step"] == 3 and [row["step"] for row in history["train"]] == [4]
     facts = training_facts(warm)  # what an export of this run writes into the bundle
     assert facts["steps"] == 4 and "warm restart" in facts["note"] and "step 3" in facts["ema"]
+    assert facts["windows"]["slice_mm"] == {"1": 4} and "slices" not in facts["data"]
     assert not torch.equal(module_weights(warm_out, "model")["conv_in.conv.weight"], shipped["conv_in.conv.weight"])
     with pytest.raises(ValueError, match="another inputs"):  # never start from another network's weights
         train(tmp_path / "warm-other", steps=4, cfg=other, warm_from=bundle.root)

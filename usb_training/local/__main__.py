@@ -24,6 +24,17 @@ def _site_weights(text: str) -> dict[str, float]:
     return weights
 
 
+def _fraction(text: str) -> float:
+    """A share in 0..1 (argparse type of ``--thick-fraction``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a share between 0 and 1, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m usb_training.local", description=__doc__)
     parser.add_argument("command", choices=["data", "train", "export"])
@@ -35,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sites", type=_site_weights, default=None, metavar="SITE=W,...",
                         help="data: lesion-site weights overriding the default mix for the sites named "
                              "(e.g. deep_gm=0.35,cortical=0.15)")
+    parser.add_argument("--thick-fraction", type=_fraction, default=0.0, metavar="F",
+                        help="data: share of windows measured with 2-5 mm slices along a random axis (default 0)")
     parser.add_argument("--minutes", type=float, default=None, help="train: wall-time budget of this run")
     parser.add_argument("--steps", type=int, default=None, help="train: total steps (the LR schedule's length)")
     parser.add_argument("--base", choices=["biharmonic", "prior"], default=None,
@@ -72,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
         maker = WindowMaker(training_sources(args.cache, TRAIN_SOURCES),
                             {name: prior_maps(args.cache, name) for name in PRIOR_SOURCES},
-                            size_multiple(LOCAL_CONFIG["network"]), args.sites)
+                            size_multiple(LOCAL_CONFIG["network"]), args.sites, args.thick_fraction)
         written = write_shards(maker, args.work / "windows", args.seed, args.count, workers=args.workers)
         print(len(written), "shards")
     else:
@@ -118,6 +131,7 @@ def data_summary(folder: Path) -> dict:
     out: dict = {"windows": len(infos)}
     for key in ("site", "source", "contrast", "mask_kind", "region_kind"):
         out[key] = dict(sorted(Counter(str(i[key]) for i in infos).items()))
+    out["slice_mm"] = dict(sorted(Counter(str(i.get("slice_mm", 1)) for i in infos).items()))  # 1: 1 mm windows
     return out
 
 
@@ -143,8 +157,8 @@ def training_facts(work: Path) -> dict:
              "heal_fidelity_share_seen": round(sum(heal_det) / len(heal_det), 3) if heal_det else None,
              "mean_level_weight": tc["mean_weight"], "windows": data,
              "data": f"{data['windows']} windows shaped like inference boxes (lesion group + 10 mm, sides 32-64 "
-                     "voxels) at 1 mm from deformed mni2009a/mni2009c (whole head) and fsaverage anatomies "
-                     "(affine + velocity field), label-driven contrast on "
+                     f"voxels) at 1 mm{_thick_share(data)} from deformed mni2009a/mni2009c (whole head) and "
+                     "fsaverage anatomies (affine + velocity field), label-driven contrast on "
                      f"{data['contrast'].get('labels', 0)} of them; sites {data['site']}; drawn masks "
                      f"{data['mask_kind']}; fill regions {data['region_kind']}; the template prior from a "
                      "different anatomy with 2-4 mm / 3-5 degree misregistration. ixi555 held out. No real "
@@ -160,6 +174,12 @@ def training_facts(work: Path) -> dict:
     if note.is_file():
         facts["note"] += "; " + note.read_text().strip()
     return facts
+
+
+def _thick_share(data: dict) -> str:
+    """", N of them measured with 2-5 mm slices along one axis" for a data summary with thick-slice windows."""
+    thick = sum(n for mm, n in data.get("slice_mm", {}).items() if mm != "1")
+    return f", {thick} of them measured with 2-5 mm slices along one axis and resampled to 1 mm" if thick else ""
 
 
 def heal_yardstick_metrics(native: dict) -> dict:

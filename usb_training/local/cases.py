@@ -9,6 +9,7 @@ ground truth for healing; the lesioned one is the generator's reference lesion f
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 from scipy import ndimage
@@ -16,6 +17,7 @@ from scipy.spatial.transform import Rotation
 
 from ..data.prepare import CSF, DEEP_GM, GM, WM, Anatomy
 from .masks import eroded_keeping_components
+from . import slices
 from .crops import _NoLesion, _artefacts, paint_lesion
 
 SITES = ("deep_wm", "periventricular", "juxtacortical", "thalamus", "cerebellum", "large")
@@ -361,13 +363,7 @@ def thick_slices(case: NativeCase, factor: int) -> NativeCase:
         return case
     axis = int(np.argmax(np.abs(case.affine[2, :3])))
     n = case.healthy.shape[axis] // factor
-
-    def block_mean(a: np.ndarray) -> np.ndarray:
-        a = np.take(np.asarray(a, np.float32), np.arange(n * factor), axis=axis)
-        shape = list(a.shape)
-        shape[axis:axis + 1] = [n, factor]
-        return a.reshape(shape).mean(axis + 1)
-
+    block_mean = partial(slices.block_mean, axis=axis, factor=factor)
     affine = case.affine.copy()
     affine[:3, 3] += case.affine[:3, axis] * (factor - 1) / 2.0
     affine[:3, axis] *= factor

@@ -13,6 +13,11 @@ biharmonic fill of the clipped lesioned box, computed on the whole box as the st
 ``MAX_SIDE`` is cut to one window of ``MAX_SIDE`` that holds lesion voxels, as the stage's sliding windows cut it.
 The template prior is read into the window through the scene's simulated registration (``scenes.Scene.prior``),
 from a prior source drawn among ``priors.PRIOR_SOURCES`` other than the window's own source.
+
+A share ``thick_fraction`` of the work boxes (0 in the shipped recipe) is measured as a thick-slice scanner would
+measure it before the stage's box is taken: slices ``slices.SLICE_FACTORS`` mm thick along a random axis, then back
+on the 1 mm grid as the stage resamples a thick scan's box (``thick_work_box``); the drawn mask is drawn on the
+thick slices. The target (healthy) goes through the same, so the network learns to fill the scan it is given.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from .crops import MAX_LEVEL, _artefacts, _NoLesion, paint_lesion
 from .masks import draw_mask, draw_region_kind, fixed_fill_region, rim_fill_region
 from .scenes import Scene
 from .sites import PAINT_KIND, site_mix, site_pools
+from .slices import SLICE_FACTORS, thick_mask_on_fine_grid, thick_on_fine_grid
 
 SYNTH_FRACTION = 0.5   # label-driven contrast for sources with a usable T1 (LABELS_ONLY sources: always)
 MAX_SIDE = WINDOW      # largest window side (the stage's network window)
@@ -80,12 +86,16 @@ class WindowMaker:
         multiple: the network's size multiple (box sides are multiples of it).
         site_weights: lesion site -> relative weight, overriding ``SITES`` for the sites it names
             (``sites.site_mix``).
+        thick_fraction: share of the windows measured with thick slices (``thick_work_box``), 0..1.
     """
 
     def __init__(self, sources: list[Source], priors: dict[str, tuple[np.ndarray, np.ndarray]], multiple: int = 4,
-                 site_weights: dict[str, float] | None = None):
+                 site_weights: dict[str, float] | None = None, thick_fraction: float = 0.0):
+        if not 0.0 <= thick_fraction <= 1.0:
+            raise ValueError(f"thick_fraction must be in 0..1, got {thick_fraction}")
         self.sources, self.priors, self.multiple = sources, priors, int(multiple)
         self.site_weights = site_mix(site_weights)
+        self.thick_fraction = float(thick_fraction)
 
     def scene(self, rng: np.random.Generator) -> tuple[Scene, Source]:
         """A new deformed anatomy from a source drawn uniformly, and that source."""
@@ -116,6 +126,10 @@ class WindowMaker:
         side = WORK_SIDE.get(site, 64)
         start = np.round(scene.locate(point)).astype(int) - side // 2
         work = _lesioned_work_box(scene, start, side, site, rng)
+        slices = (0, 1)  # (axis, slice thickness in mm) of the scan the window is measured as
+        if self.thick_fraction > 0 and rng.random() < self.thick_fraction:  # no draw at 0: old seeds unchanged
+            slices = (int(rng.integers(3)), int(rng.choice(SLICE_FACTORS)))
+            work = thick_work_box(work, *slices)
         box, arrays, region_kind = self._stage_box(work, rng)
         padded = arrays["mask"].shape
         cut = _cut(padded, arrays["mask"], rng)
@@ -126,7 +140,8 @@ class WindowMaker:
         pad = [(0, n - b) for n, b in zip(padded, box.shape)]
         prior = np.pad(prior, [(0, 0)] + pad, mode="edge")[(slice(None),) + cut]
         info = {"site": site, "source": scene.anatomy.name, "prior": prior_name, "contrast": work["contrast"],
-                "mask_kind": work["mask_kind"], "region_kind": region_kind, "box": list(box.shape)}
+                "mask_kind": work["mask_kind"], "region_kind": region_kind, "box": list(box.shape),
+                "slice_axis": slices[0], "slice_mm": slices[1]}
         return Window(prior=prior.astype(np.float32), info=info,
                       **{k: (v if v.dtype == bool else v.astype(np.float32)) for k, v in arrays.items()})
 
@@ -174,6 +189,22 @@ def _lesioned_work_box(scene: Scene, start: np.ndarray, side: int, site: str, rn
     drawn, mask_kind = draw_mask(binary, rng)
     return {"healthy": healthy, "lesioned": lesioned, "soft": soft, "binary": binary, "drawn": drawn,
             "brain": brain, "contrast": "labels" if synth else "template", "mask_kind": mask_kind}
+
+
+def thick_work_box(work: dict[str, Any], axis: int, factor: int) -> dict[str, Any]:
+    """A lesioned work box (``_lesioned_work_box``, 1 mm) as a scanner with ``factor`` mm slices along ``axis``
+    measures it, back on the 1 mm grid (``slices.thick_on_fine_grid``): images and soft extent averaged over the
+    slices; brain and lesion extent where the averaged one is >= 0.5; the drawn mask drawn on the thick slices
+    (``slices.thick_mask_on_fine_grid``). Raises ``_NoLesion`` when no thick slice keeps the drawn mask."""
+    drawn = thick_mask_on_fine_grid(work["drawn"], axis, factor)
+    if not drawn.any():
+        raise _NoLesion
+    out = dict(work, drawn=drawn)
+    for name in ("healthy", "lesioned", "soft"):
+        out[name] = thick_on_fine_grid(work[name], axis, factor)
+    out["binary"] = out["soft"] >= 0.5
+    out["brain"] = thick_on_fine_grid(work["brain"], axis, factor) >= 0.5
+    return out
 
 
 def _cut(shape, lesion: np.ndarray, rng: np.random.Generator) -> tuple[slice, ...]:
