@@ -447,3 +447,23 @@ def test_a_prior_base_stage_needs_the_prior_and_an_unknown_base_is_a_bundle_erro
     assert not LocalStage(_Inputs(), config, torch.device("cpu")).needs_prior
     with pytest.raises(BundleError, match="base 'atlas' is unknown"):
         LocalStage(_Inputs(), dict(config, base="atlas"), torch.device("cpu"))
+
+
+def test_a_thick_slice_fill_region_on_the_working_grid_is_anchored_on_tissue_outside_it():
+    """A 3 mm-slice box goes to ~1 mm before the network: the fill region there must reach far enough that the
+    voxels just outside it (the classical fill's boundary) take their values from native voxels outside the region
+    (left as they are by the fusion), not half from the region's own darkened last slice."""
+    from USBLib.editor.local.stage import _resampled_region
+
+    box = (12, 12, 8)
+    region = np.zeros(box, bool)
+    region[4:8, 4:8, 3:5] = True                        # two 3 mm slices
+    shape = work_shape(box, (1.0, 1.0, 3.0), 4)         # (12, 12, 24)
+    work_region = _resampled_region(region, shape)
+    nearest = to_grid(region.astype(np.float32), shape, 1) >= 0.5
+    assert (work_region & ~nearest).any() and not (nearest & ~work_region).any()  # reaches further, loses nothing
+    outside_share = to_grid((~region).astype(np.float32), shape, 1)  # how much of a voxel comes from outside
+    boundary = ndimage.binary_dilation(work_region) & ~work_region
+    assert outside_share[boundary].min() >= 0.99
+    old_boundary = ndimage.binary_dilation(nearest) & ~nearest
+    assert outside_share[old_boundary].min() < 0.6      # (the rule before: half from the region's last slice)

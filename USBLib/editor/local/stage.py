@@ -23,6 +23,7 @@ from USBLib.editor.local.sampler import sample_deviation
 
 CONTEXT_MM = 10.0   # context around each lesion group, per side
 MIN_SIDE_MM = 32.0  # smallest box side (training windows are boxes of the same kind)
+REGION_REACH = 0.01  # a resampled fill region takes every working voxel this much of a region voxel reaches
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ class LocalStage:
                 img_w = to_grid(img, shape, 1)
                 lesion_w = _resampled_mask(lesion, shape)
                 if region_box is not None:
-                    region_w = (to_grid(region_box.astype(np.float32), shape, 1) >= 0.5) | lesion_w
+                    region_w = _resampled_region(region_box, shape) | lesion_w
                 if prior_box is not None:
                     prior_w = np.stack([to_grid(p, shape, 1) for p in prior_box])
             else:
@@ -185,6 +186,18 @@ def _resampled_mask(lesion: np.ndarray, shape) -> np.ndarray:
     centre = np.argwhere(lesion).mean(0) * (np.asarray(shape) - 1) / np.maximum(np.asarray(lesion.shape) - 1, 1)
     out[tuple(np.clip(np.round(centre).astype(int), 0, np.asarray(shape) - 1))] = True
     return out
+
+
+def _resampled_region(region: np.ndarray, shape) -> np.ndarray:
+    """A heal's fill region [box shape] on the working grid ``shape``: every working voxel that a region voxel
+    reaches by linear interpolation (``REGION_REACH``), so that the classical fill's boundary, the voxels just
+    outside, take their values from native voxels outside the region, which the fusion leaves as they are.
+
+    At 0.5 (nearest region) a thick-slice scan's region ended halfway to the next slice, and the voxels beyond it,
+    half of them the region's own darkened last slice, anchored the fill: on the tuning scans with 3 mm slices the
+    fills came out darker (the root mean square error over the lesion's changed voxels 4.57 % of the range against
+    4.51 % here, shipped network). The fusion still writes the native region only."""
+    return to_grid(region.astype(np.float32), shape, 1) >= REGION_REACH
 
 
 def _noise_window(box, field: np.ndarray, pad, generator: torch.Generator) -> np.ndarray:
