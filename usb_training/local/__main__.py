@@ -177,7 +177,7 @@ def training_facts(work: Path) -> dict:
 
 
 def _thick_share(data: dict) -> str:
-    """", N of them measured with 2-5 mm slices along one axis" for a data summary with thick-slice windows."""
+    """The words the training facts add for the thick-slice windows of a data summary (``data_summary``), or ""."""
     thick = sum(n for mm, n in data.get("slice_mm", {}).items() if mm != "1")
     return f", {thick} of them measured with 2-5 mm slices along one axis and resampled to 1 mm" if thick else ""
 
