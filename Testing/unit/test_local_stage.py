@@ -467,3 +467,23 @@ def test_a_thick_slice_fill_region_on_the_working_grid_is_anchored_on_tissue_out
     assert outside_share[boundary].min() >= 0.99
     old_boundary = ndimage.binary_dilation(nearest) & ~nearest
     assert outside_share[old_boundary].min() < 0.6      # (the rule before: half from the region's last slice)
+
+
+def test_a_heal_on_thick_slices_undoes_the_upsampled_darkening_on_the_native_slices():
+    """The working box is the native box interpolated, so a heal's deviation is read back at the native slice
+    centres: the deviation that undoes a native lesion's darkening as the working grid shows it (interpolated) comes
+    back as that darkening's inverse on every native voxel, within the small mismatch of the two grids' centres. The low-pass of a generic downsampling would mix
+    in the unedited slices beside a thin lesion and leave it too dark."""
+    from USBLib.editor.local.stage import heal_back_to_native
+
+    box = (12, 12, 8)
+    darkening = np.zeros(box, np.float32)
+    darkening[4:8, 4:8, 3:5] = 0.2                      # a lesion two 3 mm slices thick
+    shape = work_shape(box, (1.0, 1.0, 3.0), 4)
+    heal = to_grid(darkening, shape, 1)                 # what the heal adds back on the working grid
+    back = heal_back_to_native(heal, box)
+    assert back.shape == box
+    lesion = darkening > 0
+    assert back[lesion].min() > 0.19 and np.abs(back - darkening).max() < 0.02  # (the grids' centres differ a bit)
+    low_passed = to_grid(heal, box, 1)
+    assert low_passed[lesion].max() < 0.175             # (with the low-pass: a sixth of the heal lost)

@@ -136,11 +136,13 @@ def needs_resampling(spacing, low: float = 0.8, high: float = 1.2, anisotropy: f
     return bool(spacing.min() < low or spacing.max() > high or spacing.max() / spacing.min() > anisotropy)
 
 
-def to_grid(volume: np.ndarray, shape, order: int) -> np.ndarray:
+def to_grid(volume: np.ndarray, shape, order: int, low_pass: bool = True) -> np.ndarray:
     """``volume`` resampled to ``shape`` over the same physical extent (voxel-centre aligned), float32.
 
     Axes that get coarser are low-pass filtered first (Gaussian, sigma 0.4 x the factor), so a thick voxel takes
-    the mean over its thickness rather than the value at its centre plane.
+    the mean over its thickness rather than the value at its centre plane; ``low_pass`` False skips that, for a
+    volume whose content along those axes came from ``shape``'s grid by linear interpolation (sampling it at that
+    grid's voxel centres is then the exact way back).
 
     The first and last voxel centres of each axis map onto each other; values beyond the edge repeat the edge.
 
@@ -148,10 +150,11 @@ def to_grid(volume: np.ndarray, shape, order: int) -> np.ndarray:
         volume: values [I, J, K].
         shape: target shape, 3 ints.
         order: interpolation order, 0 nearest neighbour (no filtering) or 1 linear.
+        low_pass: filter the axes that get coarser (order 1 only).
     """
     factors = [(n - 1) / max(m - 1, 1) for n, m in zip(volume.shape, shape)]
     sigma = [0.4 * f if f > 1.01 else 0.0 for f in factors]
-    if order > 0 and any(sigma):
+    if order > 0 and low_pass and any(sigma):
         volume = ndimage.gaussian_filter(np.asarray(volume, np.float32), sigma)
     coords = np.meshgrid(*[np.arange(m, dtype=np.float32) * f for m, f in zip(shape, factors)], indexing="ij")
     return ndimage.map_coordinates(np.asarray(volume, np.float32), coords, order=order, mode="nearest")
