@@ -201,3 +201,27 @@ def test_stages_run_alone(editor):
     inside = (weight == 1) & (mask > 0)
     assert inside.any() and np.allclose(result[inside], img[inside] + 20.0, atol=1)
     assert np.allclose(uncertainty[inside], 10.0) and np.all(uncertainty[weight == 0] == 0)
+
+
+def test_a_heal_on_thick_slices_takes_the_next_slice_whole_and_a_1_mm_heal_keeps_its_feather(editor):
+    """A heal's fusion weight on a scan whose boxes the local stage resamples is 1 on its region's one-voxel
+    shell (``Editor._heal_shell``): on 3 mm slices the next slice, which the 3 mm feather gave weight 0, is healed.
+    On a 1 mm grid the weight is the plain feathered one; an embed never gets the shell."""
+    from USBLib.imaging.fusion import edit_weight
+
+    img = np.full((40, 40, 14), 100.0, np.float32)
+    brain = np.ones(img.shape, np.uint8)
+    mask = np.zeros(img.shape, np.uint8)
+    mask[16:24, 16:24, 6:8] = 1
+    thick = np.diag([1.0, 1.0, 3.0, 1.0])
+    settings = editor._settings("heal", growth="fixed", dilation_mm=0.0, margin_mm=3.0)
+    weight = editor._edit_weight("heal", img, thick, mask, brain, settings)
+    assert np.all(weight[16:24, 16:24, 5] == 1.0) and np.all(weight[16:24, 16:24, 8] == 1.0)
+    assert np.all(weight[:, :, :5] == 0) and np.all(weight[:, :, 9:] == 0)
+    plain = edit_weight(mask, brain, (1.0, 1.0, 3.0), 0.0, 3.0)
+    assert np.all(plain[:, :, 5] == 0)
+    iso = np.eye(4)
+    assert np.array_equal(editor._edit_weight("heal", img, iso, mask, brain, settings),
+                          edit_weight(mask, brain, (1.0, 1.0, 1.0), 0.0, 3.0))
+    embed = editor._edit_weight("embed", img, thick, mask, brain, editor._settings("embed", margin_mm=3.0))
+    assert np.all(embed[:, :, 5] == 0)

@@ -1,4 +1,5 @@
 import numpy as np
+from scipy import ndimage
 
 from USBLib.imaging.fusion import dilate_mm, edit_weight, fuse
 
@@ -53,3 +54,32 @@ def test_dilate_mm_respects_anisotropic_spacing():
     grown = dilate_mm(mask, (1.0, 1.0, 3.0), 3.0)
     assert grown[7, 10, 10] and not grown[6, 10, 10]  # 3 mm along i
     assert grown[10, 10, 11] and not grown[10, 10, 12]  # one 3 mm voxel along k
+
+
+def test_a_heal_shell_keeps_full_weight_one_voxel_past_the_core_within_the_same_edit_region():
+    mask = _mask(r=6)
+    brain = np.ones_like(mask)
+    plain = edit_weight(mask, brain, (1.0, 1.0, 1.0), 0.0, 3.0)
+    shell = edit_weight(mask, brain, (1.0, 1.0, 1.0), 0.0, 3.0, shell=True)
+    faces = ndimage.binary_dilation(mask > 0) & (mask == 0)
+    assert np.all(shell[faces] == 1.0) and np.all(plain[faces] < 1.0)
+    assert np.all(plain[shell > 0] > 0)  # isotropic: the edit region is no larger
+    for axis in range(3):  # and no seam: the ramp is steeper, over the 2 mm left
+        assert np.abs(np.diff(shell, axis=axis)).max() <= 1.5 / 2.0 + 1e-6
+    # a feather shorter than two voxels has no room for a shell: the weight is the plain one
+    assert np.array_equal(edit_weight(mask, brain, (1.0, 1.0, 1.0), 0.0, 1.5, shell=True),
+                          edit_weight(mask, brain, (1.0, 1.0, 1.0), 0.0, 1.5))
+
+
+def test_on_thick_slices_the_heal_shell_takes_the_next_slice_whole():
+    """3 mm slices and a 3 mm feather: the plain weight is 0 on the next slice (no feather along it at all); the
+    shell gives it full weight on the core's footprint, ramping off in-plane."""
+    mask = np.zeros((30, 30, 12), np.uint8)
+    mask[12:18, 12:18, 5:7] = 1
+    brain = np.ones_like(mask)
+    plain = edit_weight(mask, brain, (1.0, 1.0, 3.0), 0.0, 3.0)
+    shell = edit_weight(mask, brain, (1.0, 1.0, 3.0), 0.0, 3.0, shell=True)
+    assert np.all(plain[:, :, 4] == 0) and np.all(plain[:, :, 7] == 0)
+    assert np.all(shell[12:18, 12:18, 4] == 1.0) and np.all(shell[12:18, 12:18, 7] == 1.0)
+    assert np.all(shell[:, :, :4] == 0) and np.all(shell[:, :, 8:] == 0)
+    assert np.abs(np.diff(shell[:, :, 7], axis=0)).max() <= 1.5 / 2.0 + 1e-6

@@ -66,15 +66,35 @@ def _outer_ramp(core: np.ndarray, spacing, width_mm: float, box: tuple[slice, ..
     return out
 
 
+def with_shell(core: np.ndarray, spacing, feather_mm: float, box: tuple[slice, ...]) -> tuple[np.ndarray, float]:
+    """``core`` with its one-voxel shell (the 6-neighbourhood; on thick slices the next slice too) where the shell
+    lies within ``feather_mm``, and the feather left for the ramp past it: ``feather_mm`` less the finest voxel
+    size. A feather shorter than twice the finest voxel adds nothing: ``(core, feather_mm)``. Computed on ``box``.
+    Returns (bool [I, J, K], mm)."""
+    step = float(np.min(np.asarray(spacing, float)))
+    if feather_mm < 2.0 * step:
+        return core, feather_mm
+    sub = core[box]
+    shell = ndimage.binary_dilation(sub) & ~sub
+    shell &= ndimage.distance_transform_edt(~sub, sampling=spacing) <= feather_mm + 1e-6
+    out = core.copy()
+    out[box] |= shell
+    return out, feather_mm - step
+
+
 def edit_weight(mask: np.ndarray | None, brain: np.ndarray, spacing, dilation_mm: float,
-                feather_mm: float, core: np.ndarray | None = None) -> np.ndarray:
+                feather_mm: float, core: np.ndarray | None = None, shell: bool = False) -> np.ndarray:
     """Fusion weight in [0, 1] of an edit; the edit region is where it is > 0.
 
     With a lesion mask: 1 on ``core`` (default: the mask grown by ``dilation_mm``; the region the edit rewrites),
     falling smoothly (smoothstep, continuous value and slope) to 0 at ``feather_mm`` beyond it, and faded out the
     same way over ``feather_mm`` beyond ``brain`` (a lesion at the brain's edge reaches at most one feather into
-    the background). So the edit region is the grown mask + feather and nothing else. Without a mask
-    (whole-brain edit): the brain, feathered inwards.
+    the background). So the edit region is the grown mask + feather and nothing else. ``shell`` keeps the
+    weight at 1 on the core's one-voxel shell too (``with_shell``), the ramp then falling over the rest of the
+    feather: a heal's network estimates the lesion's tail just past its fill region (``Editor._edit_weight``). On
+    an isotropic grid the edit region stays the same; on thick slices the next slice takes full weight, and the
+    ramp around it can reach a little past the feather diagonally (at most the feather + a slice).
+    Without a mask (whole-brain edit): the brain, feathered inwards.
 
     Returns float32 [I, J, K] on the scan's grid.
 
@@ -86,6 +106,7 @@ def edit_weight(mask: np.ndarray | None, brain: np.ndarray, spacing, dilation_mm
         feather_mm: width in mm of the smoothstep ramps (outside the core, beyond the brain, or inside the brain
             without a mask).
         core: region [I, J, K] of full weight instead of the grown mask (the lesion is always part of it), or None.
+        shell: full weight on the core's one-voxel shell as well (``with_shell``).
     """
     brain = np.asarray(brain) > 0
     if mask is None or not np.any(mask):
@@ -96,7 +117,10 @@ def edit_weight(mask: np.ndarray | None, brain: np.ndarray, spacing, dilation_mm
     found = ndimage.find_objects(core.astype(np.uint8))[0]
     reach = np.ceil(max(feather_mm, 0.0) / spacing).astype(int) + 2
     box = tuple(slice(max(s.start - r, 0), min(s.stop + r, n)) for s, r, n in zip(found, reach, lesion.shape))
-    weight = _outer_ramp(core, spacing, feather_mm, box)
+    ramp_mm = feather_mm
+    if shell:
+        core, ramp_mm = with_shell(core, spacing, feather_mm, box)
+    weight = _outer_ramp(core, spacing, ramp_mm, box)
     weight[box] *= _outer_ramp(brain[box] | lesion[box], spacing, feather_mm,
                                tuple(slice(0, s.stop - s.start) for s in box))[...]
     return weight.astype(np.float32)
