@@ -11,8 +11,8 @@ from scipy import ndimage
 import phantoms
 from USBLib.editor.editor import Editor
 from usb_training.base import baselines
-from usb_training.base.scores import (CHANGE_TOL, COLLATERAL_REACH, changed_region, ring, scoring_box,
-                                      yardstick_scores)
+from usb_training.base.scores import (CHANGE_TOL, COLLATERAL_REACH, changed_region, edge_profile, embed_scores,
+                                      half_depth_dice, ring, scoring_box, yardstick_scores)
 from usb_training.evaluation import native
 from usb_training.local.cases import hasty_mask, thick_slices, yardstick_case
 
@@ -122,6 +122,31 @@ def test_rim_score_covers_the_rim(case):
     assert spilled["psnr"] == float("inf")
     share = around.sum() / ring(changed, 0, COLLATERAL_REACH, case.brain).sum()
     assert spilled["collateral"] == pytest.approx(10 * share, rel=1e-3)
+
+
+def _ball(shape, centre, radius) -> np.ndarray:
+    grid = np.indices(shape).astype(np.float64)
+    return np.sqrt(sum((g - c) ** 2 for g, c in zip(grid, centre))) <= radius
+
+
+def test_embed_location_reads_a_lesion_drawn_at_its_half_depth_border_as_in_place():
+    """A dark ball lesion blurred as a scanner blurs a sharp border (Gaussian 0.6 voxel): the mask is its
+    half-depth border. The 5 % threshold counts the partial-volume edge past the mask as spill, the half-depth Dice
+    does not, and a lesion twice as wide as its mask is caught by both; the profile reads the edge."""
+    shape, centre = (40, 40, 40), (20, 20, 20)
+    healthy = np.full(shape, 1000.0)
+    brain = np.ones(shape, np.uint8)
+    mask = _ball(shape, centre, 3.5).astype(np.uint8)
+    dark = ndimage.gaussian_filter(mask.astype(np.float64), 0.6)
+    out = healthy * (1 - 0.4 * dark)
+    s = embed_scores(out, healthy, mask, brain, out)
+    assert s["dice_half_depth"] > 0.9
+    assert s["dice_change"] < s["dice_half_depth"] - 0.05
+    inside, first, second = edge_profile((healthy - out) / 1000.0, mask, brain)
+    assert 0.5 < inside < 1.0 and 0.0 < first < inside and second < 0.05
+    spread = healthy * (1 - 0.4 * ndimage.gaussian_filter(_ball(shape, centre, 5.5).astype(np.float64), 0.6))
+    assert half_depth_dice((healthy - spread) / 1000.0, mask) < 0.6
+    assert half_depth_dice(np.zeros(shape), mask) == 0.0
 
 
 def test_classical_fillers_leave_the_outside_of_their_region_bit_for_bit(case):

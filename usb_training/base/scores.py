@@ -98,22 +98,57 @@ def heal_scores(out: np.ndarray, truth: np.ndarray, mask: np.ndarray, brain: np.
     }
 
 
+def half_depth_dice(change: np.ndarray, mask: np.ndarray) -> float:
+    """Dice of a lesion's extent at half its depth with ``mask``: the voxels whose ``change`` [I, J, K] (darkening,
+    any units) is at least half the lesion's 90th percentile inside the mask, as a rater draws a lesion's border
+    where its partial-volume edge is half way. Unlike a fixed threshold it does not count a dark lesion's
+    partial-volume edge (a few % of the range one voxel past its border) as spill."""
+    lesion = np.asarray(mask) > 0
+    depth = float(np.percentile(change[lesion], 90)) if lesion.any() else 0.0
+    return metrics.dice(change >= 0.5 * depth, lesion) if depth > 0 else 0.0
+
+
+def edge_profile(change: np.ndarray, mask: np.ndarray, brain: np.ndarray) -> list[float]:
+    """A lesion's darkening across its border: the mean ``change`` on the mask's outermost voxel layer and on the
+    first and second layer outside it (Euclidean distance 1 and 2 voxels, within ``brain``), each divided by the
+    mean over the mask's interior (2+ voxels deep; the maximum for a mask without one). 3 floats."""
+    lesion = np.asarray(mask) > 0
+    signed = ndimage.distance_transform_edt(~lesion) - ndimage.distance_transform_edt(lesion)
+    deep = signed <= -2
+    core = float(change[deep].mean()) if deep.any() else float(change[lesion].max())
+    out = []
+    for d in (-1, 1, 2):
+        shell = (np.abs(signed - d) < 0.5) & ((np.asarray(brain) > 0) | lesion)
+        out.append(float(change[shell].mean() / core) if shell.any() and core > 0 else 0.0)
+    return out
+
+
 def embed_scores(out: np.ndarray, healthy: np.ndarray, mask: np.ndarray, brain: np.ndarray,
                  reference: np.ndarray) -> dict[str, float]:
-    """Scores of an embedding ``out`` of ``mask`` into ``healthy``; ``reference`` is the generator's lesioned scan."""
+    """Scores of an embedding ``out`` of ``mask`` into ``healthy``; ``reference`` is the generator's lesioned scan.
+    ``dice_change``: the change above 5 % of the range against the mask (a dark lesion's partial-volume edge one
+    voxel past the mask counts as outside); ``dice_half_depth``: its extent at half its depth (``half_depth_dice``);
+    ``edge_*``: ``edge_profile`` (the darkening on the mask's edge and 1-2 voxels past it, over its core's)."""
     lesion = mask > 0
     surround = ring(mask, 1, 4, brain)
     far = ring(mask, 3, 8, brain)
     scale = float(np.percentile(healthy[brain > 0], 99))
     o, h = np.asarray(out, np.float64), np.asarray(healthy, np.float64)
     change = (h - o) / scale
+    change_reference = (h - np.asarray(reference, np.float64)) / scale
+    profile, profile_reference = edge_profile(change, mask, brain), edge_profile(change_reference, mask, brain)
     return {
         "lesion_surround_ratio": float(o[lesion].mean() / max(o[surround].mean(), 1e-9)),
         "reference_ratio": float(reference[lesion].mean() / max(reference[surround].mean(), 1e-9)),
         "dice_change": metrics.dice(np.abs(change) > 0.05, lesion),
         # the same Dice for the reference lesion (its darkening reaches past the drawn mask too): the yardstick's
         # own ceiling for dice_change
-        "dice_reference": metrics.dice(np.abs(h - np.asarray(reference, np.float64)) / scale > 0.05, lesion),
+        "dice_reference": metrics.dice(np.abs(change_reference) > 0.05, lesion),
+        "dice_half_depth": half_depth_dice(change, mask),
+        "dice_half_depth_reference": half_depth_dice(change_reference, mask),
+        "edge_inside": profile[0], "edge_1": profile[1], "edge_2": profile[2],
+        "edge_inside_reference": profile_reference[0], "edge_1_reference": profile_reference[1],
+        "edge_2_reference": profile_reference[2],
         "cv_lesion": float(o[lesion].std() / max(o[lesion].mean(), 1e-9)),
         "cv_reference": float(reference[lesion].std() / max(reference[lesion].mean(), 1e-9)),
         "mean_abs_change_ring_3_8": float(np.abs(change[far]).mean()),

@@ -467,8 +467,9 @@ def table(result: dict[str, Any]) -> str:
     if result.get("segmenter"):
         lines += downstream_lines(result, means)
     if result.get("embed"):
-        keys = ["lesion_surround_ratio", "reference_ratio", "dice_change", "dice_reference", "cv_lesion",
-                "cv_reference", "mean_abs_change_ring_3_8", "seconds"]
+        keys = ["lesion_surround_ratio", "reference_ratio", "dice_change", "dice_reference", "dice_half_depth",
+                "dice_half_depth_reference", "edge_inside", "edge_1", "edge_2", "edge_1_reference",
+                "edge_2_reference", "cv_lesion", "cv_reference", "mean_abs_change_ring_3_8", "seconds"]
         lines += ["", f"Embed, {result['cases']} native cases, exact masks (mean):", "",
                   "| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
         for name, row in result["embed"].items():
