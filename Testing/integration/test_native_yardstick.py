@@ -290,3 +290,20 @@ def test_downstream_tables_pair_usb_with_the_best_classical_filler_per_score():
     assert text.count("USB - best classical filler") == 2  # exact and hasty apart
     # agreement is compared with B (the higher), volume error with A (the lower): +0.11 and -0.30
     assert "agree_mask +0.110" in text and "vs B" in text and "dvol_10mm_ml -0.300" in text and "vs A" in text
+
+
+def test_a_territorial_case_is_a_large_csf_dark_infarct(anatomy):
+    """``--sites territorial`` (not a default site): a chronic infarct many times larger than the default sites'
+    lesions, brought towards the CSF's level."""
+    from usb_training.local.cases import CSF, WM, YARDSTICK_SITES
+
+    assert "territorial" not in YARDSTICK_SITES  # the default yardstick's cases and numbers stay as they are
+    infarct = yardstick_case(*anatomy, "territorial", seed=7, shape=SHAPE)
+    deep = yardstick_case(*anatomy, "deep_wm", seed=7, shape=SHAPE)
+    exact = infarct.mask > 0
+    voxel_ml = float(np.prod(np.linalg.norm(infarct.affine[:3, :3], axis=0))) / 1000
+    assert exact.sum() * voxel_ml > 5.0 and exact.sum() > 3 * (deep.mask > 0).sum()
+    csf = float(np.median(infarct.healthy[infarct.labels == CSF]))
+    wm = float(np.median(infarct.healthy[infarct.labels == WM]))
+    assert np.median(infarct.lesioned[exact]) < csf + 0.45 * (wm - csf)
+    assert np.median(deep.lesioned[deep.mask > 0]) > np.median(infarct.lesioned[exact])

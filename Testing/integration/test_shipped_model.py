@@ -254,6 +254,34 @@ def test_the_ventricle_beside_a_small_lesion_stays_a_ventricle(shipped, sample):
     assert _psnr(healed, truth, changed, scale) > _psnr(lesioned, truth, changed, scale) + 3.0
 
 
+def test_a_large_infarct_beside_the_ventricle_is_filled_at_the_tissue_level(shipped, sample):
+    """A territorial-size lesion (10 ml, 13-15 mm deep, CSF-dark, against the lateral ventricle): the fill anchored
+    on a half-CSF edge sagged towards the ventricle deep inside; the prior anchor (a default) brings the interior to
+    the level the tissue prior predicts (measured: +2.0 dB, fill 0.970 of the truth's mean against 0.938)."""
+    img, target = sample["image"], sample["embed"]
+    truth = np.asarray(img.data, np.float32)
+    p99 = float(np.percentile(truth[truth > 0], 99))
+    centre = np.argwhere(target.data > 0).mean(axis=0)
+    ii, jj, kk = np.indices(truth.shape)
+    ball = ((ii - centre[0]) / 15) ** 2 + ((jj - centre[1]) / 13) ** 2 + ((kk - centre[2]) / 13) ** 2 <= 1
+    soft = np.clip(ndimage.gaussian_filter(ball.astype(np.float32), 1.5), 0, 1) * (truth > 0.35 * p99)
+    lesioned = np.rint(truth - 0.9 * soft * np.maximum(truth - 0.2 * p99, 0)).astype(img.data.dtype)
+    mask = (soft >= 0.5).astype(np.uint8)
+    ventricle_near = (truth > 0) & (truth < 0.35 * p99) & ndimage.binary_dilation(mask, iterations=3)
+    assert mask.sum() > 8000 and ventricle_near.sum() > 300  # the case is what it says
+    assert shipped.bundle.defaults("heal").get("prior_anchor") is True
+    heals = {on: shipped.heal(lesioned, img.affine, mask, seed=0, boundary_average=False, prior_anchor=on).image
+             for on in (True, False)}
+    changed = lesioned != img.data
+    psnr = {on: _psnr(h, truth, changed, p99) for on, h in heals.items()}
+    ratio = {on: float(np.asarray(h, np.float32)[mask > 0].mean() / truth[mask > 0].mean()) for on, h in heals.items()}
+    assert psnr[True] > psnr[False] + 1.0, (psnr, ratio)
+    assert abs(ratio[True] - 1.0) < 0.05, ratio
+    spacing = np.linalg.norm(img.affine[:3, :3], axis=0)
+    outside = _outside(mask, spacing, shipped.bundle.defaults("heal"))
+    assert np.array_equal(heals[True][outside], lesioned[outside])
+
+
 def test_latent_stage_still_brightens_the_lesion(shipped, sample):
     img, lesion = sample["image"], sample["lesion"]
     res = shipped.heal(img.data, img.affine, lesion.data, stages="latent", steps=STEPS, seed=0)

@@ -52,6 +52,7 @@ class BatchSettings:
     dilation_mm: Optional[float] = None
     growth: Optional[str] = None
     boundary_average: Optional[bool] = None
+    prior_anchor: Optional[bool] = None
     samples: int = 1
     seed: int = 0
     registration: str = "affine"
@@ -66,7 +67,8 @@ class BatchSettings:
                 "local_mode": self.local_mode, "local_steps": self.local_steps, "local_strength": self.local_strength,
                 "dilation_mm": self.dilation_mm, "samples": self.samples, "seed": self.seed,
                 "resample_mask": self.resample_mask, **({"growth": self.growth} if self.growth else {}),
-                **({} if self.boundary_average is None else {"boundary_average": self.boundary_average})}
+                **({} if self.boundary_average is None else {"boundary_average": self.boundary_average}),
+                **({} if self.prior_anchor is None else {"prior_anchor": self.prior_anchor})}
 
 
 @dataclass

@@ -66,6 +66,11 @@ class ModelBundle:
         return LOCAL in self.config
 
     @property
+    def has_local_prior(self) -> bool:
+        """Whether the bundle ships the local stage's tissue-prior maps (``local.prior.tissue``)."""
+        return self.has_local and "tissue" in self.config[LOCAL].get("prior", {})
+
+    @property
     def grid_shape(self) -> tuple[int, int, int]:
         """Shape (I, J, K) in voxels of the model grid (``model_space.shape``)."""
         return tuple(int(s) for s in self.config["model_space"]["shape"])  # type: ignore[return-value]

@@ -210,7 +210,8 @@ class Editor:
              stages: str | None = None,
              local_mode: str | None = None, local_steps: int | None = None, local_strength: float | None = None,
              dilation_mm: float | None = None, growth: str | None = None, boundary_average: bool | None = None,
-             samples: int = 1, seed: int = 0, mask_affine: np.ndarray | None = None, resample_mask: bool = False,
+             prior_anchor: bool | None = None, samples: int = 1, seed: int = 0,
+             mask_affine: np.ndarray | None = None, resample_mask: bool = False,
              progress: Progress | None = None) -> EditResult:
         """Pathology -> healthy. With ``mask`` the edit stays inside the mask grown by ``dilation_mm`` plus a
         ``margin_mm`` feather; without, it is a whole-brain latent edit.
@@ -224,12 +225,14 @@ class Editor:
         ``fixed`` (the mask grown by ``dilation_mm``) or ``rim`` (grown only into its lesion-like rim, at most
         ``dilation_mm``; ``USBLib.imaging.rim``). ``boundary_average``: average the edits for the drawn mask, it a
         voxel smaller and a voxel larger (``USBLib.imaging.mask_edges``; the latent stage runs once, the local stage
-        and fusion once per mask); the edit region is then the union of the three."""
+        and fusion once per mask); the edit region is then the union of the three. ``prior_anchor``: inside a lesion
+        deeper than 8 mm from its edge, the fill is brought to the level the template's tissue classes predict
+        (``USBLib.editor.local.prior_anchor``; the edit region is unchanged)."""
         return self._edit("heal", image, affine, mask, brain_mask, steps=steps, strength=strength, alpha0=alpha0,
                           k=k, eta=eta, acg=acg, margin_mm=margin_mm, prefill=prefill, stages=stages, local_mode=local_mode,
                           local_steps=local_steps, local_strength=local_strength, dilation_mm=dilation_mm, growth=growth,
-                          boundary_average=boundary_average, samples=samples, seed=seed, mask_affine=mask_affine,
-                          resample_mask=resample_mask, progress=progress)
+                          boundary_average=boundary_average, prior_anchor=prior_anchor, samples=samples, seed=seed,
+                          mask_affine=mask_affine, resample_mask=resample_mask, progress=progress)
 
     def embed(self, image: np.ndarray, affine: np.ndarray, mask: np.ndarray, brain_mask: np.ndarray | None = None,
               *, steps: int | None = None, strength: float | None = None, alpha0: float | None = None,
@@ -297,6 +300,8 @@ class Editor:
                 deviation += self._local_stage(task, image, affine, imap, variant, deviation.mean(axis=0), settings,
                                                samples, local_generator, prog, region, mapping)
                 extra["local_boxes"] = n_local
+                if _anchors_to_prior(task, region, settings, self.bundle):
+                    deviation = self._prior_anchor_stage(image, affine, variant, region, deviation, brain, mapping)
             prog.stage("fusing into the scan")
             weight = self._edit_weight(task, original, affine, variant, brain, settings, content, region)
             effect += _signed(task, variant, weight * deviation) / np.float32(len(variants))
@@ -355,6 +360,17 @@ class Editor:
                                      task, _local_settings(settings, task), generator, samples, prog.tick,
                                      imap.clip, region, prior=prior)
         return np.stack([imap.delta_to_native(d) for d in local])
+
+    def _prior_anchor_stage(self, image: np.ndarray, affine: np.ndarray, mask: np.ndarray, region: np.ndarray,
+                            deviation: np.ndarray, brain: np.ndarray, mapping: SpaceMapping) -> np.ndarray:
+        """``prior_anchor``: a deep lesion's fill brought to the level the tissue prior predicts inside it
+        (``USBLib.editor.local.prior_anchor``). ``deviation`` [samples, I, J, K] in scan units, for the heal of
+        ``mask`` with fill region ``region`` [I, J, K] bool; returns the anchored deviation."""
+        from USBLib.editor.local.prior_anchor import anchor_to_prior
+
+        prior = self._local_prior(mapping)
+        return anchor_to_prior(image, deviation, mask, region, brain, _spacing(affine),
+                               lambda box: prior.read(box)[1:4])
 
     def _local_prior(self, mapping: SpaceMapping | None):
         """The template's tissue prior on the scan's grid (``USBLib.editor.local.prior.TissuePrior``), for a local
@@ -848,6 +864,13 @@ def _local_settings(settings: dict[str, Any], task: str = "heal"):
                          strength=float(value_of(settings, "local_strength")),
                          dilation_mm=float(value_of(settings, "dilation_mm")), alpha0=float(settings["alpha0"]),
                          k=float(settings["k"]), eta=float(value_of(settings, "eta")), acg=bool(settings["acg"]))
+
+
+def _anchors_to_prior(task: str, region: np.ndarray | None, settings: dict[str, Any], bundle) -> bool:
+    """Whether a heal's local fill is anchored to the tissue prior inside deep lesions (``prior_anchor`` on, a rim
+    fill region, and a bundle that ships the prior maps)."""
+    return (task == "heal" and region is not None and bool(value_of(settings, "prior_anchor"))
+            and bundle.has_local_prior)
 
 
 def _signed(task: str, mask: np.ndarray | None, effect: np.ndarray) -> np.ndarray:

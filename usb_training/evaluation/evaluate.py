@@ -265,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slice-factor", type=int, default=1, metavar="N",
                         help="--native: every case with N slices averaged into one along its most superior axis "
                              "(1 x 1 x N mm: a thick-slice scan; default 1)")
+    parser.add_argument("--sites", default=None, metavar="SITE,...",
+                        help="--native: the lesion sites, in turn (default the yardstick's 11; also 'territorial': a "
+                             "chronic territorial infarct of about 10-55 ml in white matter and cortex)")
     parser.add_argument("--classical-brighten-only", action="store_true",
                         help="--native: give every classical filler USB's rule that a heal never darkens a voxel "
                              "(max(fill, lesioned scan))")
@@ -285,13 +288,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def _native_main(b: bundle_mod.ModelBundle, args: argparse.Namespace) -> int:
     from ..local.anatomies import native_affine, native_anatomies
-    from ..local.cases import YARDSTICK_SITES, thick_slices, yardstick_cases
+    from ..local.cases import EXTRA_SITES, YARDSTICK_SITES, thick_slices, yardstick_cases
     from .native import EVAL_SEED as NATIVE_SEED
     from .native import run as run_native
     from .native import usb_configs
 
     configs = usb_configs(args.usb)
-    count = args.per_site * len(YARDSTICK_SITES) if args.per_site else (args.cases or 24)
+    sites = YARDSTICK_SITES if args.sites is None else tuple(s.strip() for s in args.sites.split(",") if s.strip())
+    unknown = sorted(set(sites) - set(YARDSTICK_SITES) - set(EXTRA_SITES))
+    if not sites or unknown:
+        print(f"evaluate: error: --sites: unknown site(s) {unknown or '(none given)'}; known: "
+              f"{', '.join(YARDSTICK_SITES + EXTRA_SITES)}", file=sys.stderr)
+        return 2
+    count = args.per_site * len(sites) if args.per_site else (args.cases or 24)
     held_out = args.source == HELD_OUT
     if not held_out:
         print(f"WARNING: --source {args.source} is a training source: these numbers are in-distribution "
@@ -302,7 +311,7 @@ def _native_main(b: bundle_mod.ModelBundle, args: argparse.Namespace) -> int:
         print(f"evaluate: error: --slice-factor must be at least 1, got {args.slice_factor}", file=sys.stderr)
         return 2
     cases = (thick_slices(case, args.slice_factor)
-             for case in yardstick_cases(anatomy, native_affine(args.cache, args.source), count, seed))
+             for case in yardstick_cases(anatomy, native_affine(args.cache, args.source), count, seed, sites))
     source = args.source if args.slice_factor == 1 else f"{args.source} with {args.slice_factor}x thicker slices"
     result = run_native(b, cases, args.out, configs, cache=args.cache, source=source, held_out=held_out,
                         embed=args.embed, segment=args.segment, brighten_only=args.classical_brighten_only)

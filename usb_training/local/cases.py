@@ -141,6 +141,10 @@ def native_cases(anatomy: Anatomy, anatomy_affine: np.ndarray, per_site: int, se
 
 YARDSTICK_SITES = ("deep_wm", "periventricular", "juxtacortical", "thalamus", "putamen", "caudate", "cortex",
                    "cerebellum", "large", "multiple", "border")
+# Not among the default sites (their cases, seeds and documented numbers stay as they are); ``evaluate --native
+# --sites territorial``: a chronic territorial infarct of about 10-55 ml, white matter and cortex brought towards
+# the CSF's level, as stroke scans bring to lesion filling before FreeSurfer.
+EXTRA_SITES = ("territorial",)
 SITE_GROUPS = {"thalamus": "deep_gm", "putamen": "deep_gm", "caudate": "deep_gm"}
 # MNI152 centre (right hemisphere; mirrored in x) and semi-axes (mm) of the deep grey nuclei
 NUCLEI = {"thalamus": ((11.0, -18.0, 7.0), (6.0, 11.0, 8.0)),
@@ -191,6 +195,8 @@ def _yardstick_pool(labels: np.ndarray, brain: np.ndarray, mni: np.ndarray, site
         pool = (gm | wm) & (mni[..., 2] < -25) & (mni[..., 1] < -45) & (np.abs(mni[..., 0]) > 10) & (depth > 5)
     elif site == "large":
         pool = wm & (depth > 18) & (mni[..., 2] > 5)
+    elif site == "territorial":  # lateral hemisphere, under the cortex (the middle cerebral artery's territory)
+        pool = (wm | gm) & (depth > 10) & (depth < 22) & (np.abs(mni[..., 0]) > 28) & (mni[..., 2] > -5)
     elif site == "border":
         pool = wm & (depth > 8) & (mni[..., 2] > 25)
     else:  # deep_wm, multiple
@@ -207,6 +213,9 @@ def _yardstick_pool(labels: np.ndarray, brain: np.ndarray, mni: np.ndarray, site
 def _shape_for(kind: str, rng: np.random.Generator) -> tuple[str, float]:
     if kind == "large":
         return str(rng.choice(["wedge", "blob", "cluster"])), float(rng.uniform(7, 13))
+    if kind == "territorial":
+        name = str(rng.choice(["wedge", "blob"], p=[0.5, 0.5]))
+        return name, float(rng.uniform(14, 22) if name == "wedge" else rng.uniform(16, 26))
     if kind == "periventricular":
         name = str(rng.choice(["periventricular", "blob"], p=[0.6, 0.4]))
         return name, float(np.exp(rng.uniform(np.log(2), np.log(9))))
@@ -245,13 +254,31 @@ def paint_wide_lesion(img: np.ndarray, lab: np.ndarray, centre: np.ndarray, kind
             break
     else:
         raise _NoLesion()
-    deviation = lesion_deviation(img, soft, binary, lab, rng)
-    if rng.random() < VISIBLE_P:
+    deviation = infarct_deviation(img, soft, lab, rng) if kind == "territorial" else \
+        lesion_deviation(img, soft, binary, lab, rng)
+    if rng.random() < VISIBLE_P and kind != "territorial":  # an infarct keeps its CSF-like darkness
         ratio = float(np.mean((img + deviation)[binary]) / max(float(np.mean(img[binary])), 1e-6))
         if ratio < 0.97:
             deviation *= float(np.clip((1.0 - rng.uniform(*VISIBLE_RATIO)) / (1.0 - ratio), 0.3, 3.0))
     deviation = np.clip(deviation, -img, MAX_LEVEL - img)
     return soft.astype(np.float32), deviation.astype(np.float32)
+
+
+def infarct_deviation(healthy: np.ndarray, soft: np.ndarray, labels: np.ndarray,
+                      rng: np.random.Generator) -> np.ndarray:
+    """The deviation d <= 0 of a chronic territorial infarct (``lesioned = healthy + d``): white and grey matter
+    alike brought down towards the level of CSF (encephalomalacia), with a gliotic, less dark part where the soft
+    extent fades and some heterogeneity. ``healthy`` [box], ``soft`` [box] the lesion's soft extent in [0, 1],
+    ``labels`` [box] the tissue classes."""
+    csf = healthy[labels == CSF]
+    wm = healthy[labels == WM]
+    wm_level = float(np.median(wm)) if wm.size else float(np.percentile(healthy[healthy > 0], 90))
+    csf_level = float(np.median(csf)) if csf.size else 0.25 * wm_level
+    core = csf_level + rng.uniform(0.0, 0.25) * (wm_level - csf_level)
+    texture = ndimage.gaussian_filter(rng.standard_normal(healthy.shape).astype(np.float32), rng.uniform(1.5, 3.0))
+    texture /= texture.std() + 1e-6
+    target = core + rng.uniform(0.03, 0.10) * wm_level * texture
+    return (soft * np.minimum(target - healthy, 0.0)).astype(np.float32)
 
 
 def _deformed_sampling(anatomy: Anatomy, anatomy_affine: np.ndarray, affine: np.ndarray, shape,
@@ -307,7 +334,7 @@ def yardstick_case(anatomy: Anatomy, anatomy_affine: np.ndarray, site: str, seed
     pool = np.flatnonzero(_yardstick_pool(labels, brain, mni, pool_site, depth))
     kind = {"multiple": "small", "border": "deep_wm", "juxtacortical": "deep_wm"}.get(site, site)
     count = int(rng.integers(3, 7)) if site == "multiple" else 1
-    size = min(80 if site == "large" else 64, *shape)
+    size = min({"large": 80, "territorial": 144}.get(site, 64), *shape)
     soft = np.zeros(shape, np.float32)
     deviation = np.zeros(shape, np.float32)
     centres: list[np.ndarray] = []
