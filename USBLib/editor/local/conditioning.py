@@ -77,6 +77,23 @@ def fit_class_means(probabilities: np.ndarray, values: np.ndarray, anchor: np.nd
     return np.linalg.solve(gram + lam * np.eye(len(gram)), a.T @ b + lam * np.asarray(anchor, np.float64))
 
 
+def class_level_model(image: np.ndarray, classes: np.ndarray, tissue: np.ndarray, shell: np.ndarray,
+                      ridge: float = PRIOR_RIDGE) -> np.ndarray:
+    """The intensity the tissue classes predict, sum_k p_k mu_k [I, J, K] float32, with mu_k fitted in least squares
+    on ``shell`` and pulled (``fit_class_means``) towards the fit over all of ``tissue``.
+
+    Args:
+        image: [I, J, K] intensities (any units; the means are fitted in them).
+        classes: [K, I, J, K] class probabilities (e.g. CSF/GM/WM).
+        tissue: [I, J, K] bool, the voxels of the fallback fit; shell: [I, J, K] bool, those of the local fit.
+        ridge: the pull towards the fallback fit.
+    """
+    classes = np.asarray(classes, np.float64)
+    anchor = np.linalg.lstsq(classes[:, tissue].T, np.asarray(image, np.float64)[tissue], rcond=None)[0]
+    means = fit_class_means(classes[:, shell].T, np.asarray(image)[shell], anchor, ridge)
+    return np.tensordot(means, classes, axes=1).astype(np.float32)
+
+
 def prior_fill(image: np.ndarray, region: np.ndarray, prior: np.ndarray) -> np.ndarray:
     """Prior-guided fill of ``region``: inside it sum_k p_k mu_k + r, where p_k are the template's CSF/GM/WM
     probabilities registered into the box, mu_k class means fitted in least squares on the tissue 1-8 voxels
@@ -103,9 +120,7 @@ def prior_fill(image: np.ndarray, region: np.ndarray, prior: np.ndarray) -> np.n
     shell = tissue & (dist > PRIOR_SHELL_VOX[0]) & (dist <= PRIOR_SHELL_VOX[1])
     if not region.any() or int(shell.sum()) < PRIOR_MIN_SHELL:
         return classical_fill(image, region)
-    anchor = np.linalg.lstsq(classes[:, tissue].T, image[tissue].astype(np.float64), rcond=None)[0]
-    mu = fit_class_means(classes[:, shell].T, image[shell], anchor, PRIOR_RIDGE)
-    model = np.tensordot(mu, classes, axes=1).astype(np.float32)
+    model = class_level_model(image, classes, tissue, shell)
     residual = prefill(image - model, region, "biharmonic")
     return np.where(region, model + residual, image).astype(np.float32)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from USBLib.editor.local.conditioning import fit_class_means
+from USBLib.editor.local.conditioning import class_level_model
 from USBLib.imaging.boxes import Box
 
 GATE_MM = (8.0, 12.0)      # a lesion's depth (mm from its edge to its deepest voxel): no anchor below, full above
@@ -90,9 +90,7 @@ def anchor_to_prior(image: np.ndarray, deviation: np.ndarray, mask: np.ndarray, 
         shell = tissue & (outside > SHELL_MM[0]) & (outside <= SHELL_MM[1])
         if int(shell.sum()) < MIN_SHELL or not tissue.any():
             continue
-        anchor = np.linalg.lstsq(classes[:, tissue].T, img[tissue].astype(np.float64), rcond=None)[0]
-        means = fit_class_means(classes[:, shell].T, img[shell], anchor, RIDGE)
-        predicted = np.tensordot(means, classes, axes=1).astype(np.float32)
+        predicted = class_level_model(img, classes, tissue, shell, RIDGE)
         t = np.clip(ndimage.distance_transform_edt(reg, sampling=spacing) / RAMP_MM, 0.0, 1.0)
         weight = (gate * t * t * (3 - 2 * t)).astype(np.float32) * reg
         sigma = LEVEL_SIGMA_MM / spacing
