@@ -43,7 +43,7 @@ def bids(tmp_path):
 
 
 def run(bids: Path, out: Path, model, *extra: str) -> int:
-    return main(["batch", str(bids), "--out", str(out), "--model", str(model.root), "--steps", "2", "--quiet",
+    return main(["batch", str(bids), "-o", str(out), "--model", str(model.root), "--steps", "2", "--quiet",
                  "--device", "cpu", *extra])
 
 

@@ -205,7 +205,7 @@ def test_demo_without_default_model_says_so(monkeypatch, tmp_path, capsys):
 
 
 def test_demo_runs_on_sample_with_given_model(tiny_bundle, tmp_path, capsys):
-    code, stdout, err = run(capsys, "demo", "--out", tmp_path / "demo", "--model", tiny_bundle.root, "--quiet")
+    code, stdout, err = run(capsys, "demo", "-o", tmp_path / "demo", "--model", tiny_bundle.root, "--quiet")  # -o: as heal's
     assert code == 0, err
     for name in ("sample_healed.nii.gz", "sample_embedded.nii.gz", "montage.png", "closeup.png", "sample_healed.json"):
         assert (tmp_path / "demo" / name).is_file()

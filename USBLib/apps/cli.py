@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "input, or outputs cannot be written (full disk, read-only folder: the batch "
                                    "stops); 130/143: cancelled by Ctrl-C/SIGTERM (the same command resumes).")
     p.add_argument("source", type=Path, help="BIDS dataset, folder of scans, or CSV with image,mask[,id] columns")
-    p.add_argument("--out", type=Path, required=True, help="derivatives folder to write (created if needed)")
+    p.add_argument("-o", "--out", type=Path, required=True, help="derivatives folder to write (created if needed)")
     p.add_argument("--masks", type=Path, help="where the lesion masks are (a BIDS derivatives dataset or folder; "
                                               "default: the dataset itself and its derivatives/*)")
     p.add_argument("--mask-pattern", help="mask path template relative to the mask folder, with {sub} {ses} "
@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true")
 
     p = sub.add_parser("demo", help="heal and embed a lesion on the bundled sample scan")
-    p.add_argument("--out", type=Path, default=Path("usb_demo_output"), help="output folder")
+    p.add_argument("-o", "--out", type=Path, default=Path("usb_demo_output"), help="output folder")
     _common(p, samples=False)
 
     p = sub.add_parser("web", help="serve the USB Editor as a web page (needs the [web] extra; docs/web.md)")
