@@ -160,7 +160,8 @@ def test_classical_fillers_leave_the_outside_of_their_region_bit_for_bit(case):
                    "biharmonic, mask + 2 vox": baselines.grown(drawn, 2, case.brain),
                    native.PRESET: baselines.grown(drawn, 3, case.brain),
                    "local stage base (d=2, 18-nbh)": fill_region(drawn, HEAL, 2),
-                   "atlas fill (MNI2009a, mask + 2)": baselines.grown(drawn, 2, case.brain)}
+                   "atlas fill (MNI2009a, mask + 2)": baselines.grown(drawn, 2, case.brain),
+                   native.PATCH: drawn > 0, native.PATCH + ", mask + 2 vox": baselines.grown(drawn, 2, case.brain)}
         assert set(regions) == set(fillers)
         for name, fill in fillers.items():
             out = fill(case, drawn, ctx)
@@ -250,7 +251,7 @@ def test_yardstick_end_to_end_on_the_phantom(anatomy, local_editor, tmp_path):
     priors = np.stack([np.full(shape, v, np.float32) for v in (0.2, 0.3, 0.5)])
     configs = native.usb_configs(["d1=dilation_mm:1"])
     result = native.run(local_editor, cases, tmp_path, configs, embed="none", model_priors=priors, log=None)
-    assert result["cases"] == 2 and len(result["rows"]) == 2 * 2 * (7 + 2 + 1)
+    assert result["cases"] == 2 and len(result["rows"]) == 2 * 2 * (9 + 2 + 1)  # 9 classical, 2 USB, the input
     for name in ("USB defaults", "USB d1"):
         per = result["summary"]["configs"][name]
         assert set(per) == {"exact", "hasty", "both"} and per["both"]["n"] == 4

@@ -54,6 +54,26 @@ def test_biharmonic_reproduces_a_linear_ramp():
     assert np.array_equal(out[hole == 0], damaged[hole == 0])
 
 
+def test_patch_fill_continues_a_texture_that_biharmonic_blurs():
+    """A striped tissue (period 4 along i) with a hole: the patch fill copies the stripes from around the hole,
+    the biharmonic fill smooths them to their mean; outside the hole nothing changes, and a hole on the
+    volume's face is filled too."""
+    i = np.arange(24)[:, None, None] * np.ones((1, 24, 24))
+    stripes = np.where((i // 2) % 2 == 0, 0.9, 0.5).astype(np.float32)
+    hole = np.zeros(stripes.shape, bool)
+    hole[9:15, 9:15, 9:15] = True
+    damaged = np.where(hole, 0.1, stripes).astype(np.float32)
+    out = baselines.patch_fill(damaged, hole)
+    smooth = baselines.biharmonic(damaged, hole.astype(np.uint8))
+    assert np.abs(out - stripes)[hole].max() < 1e-5
+    assert np.abs(smooth - stripes)[hole].mean() > 0.1
+    assert out.dtype == np.float32 and np.array_equal(out[~hole], damaged[~hole])
+    face = np.zeros(stripes.shape, bool)
+    face[:, 0:3, 10:14] = True
+    out = baselines.patch_fill(np.where(face, 0.1, stripes).astype(np.float32), face)
+    assert np.abs(out - stripes)[face].max() < 1e-5
+
+
 def test_lesion_filling_draws_from_white_matter():
     rng = np.random.default_rng(0)
     image = np.full((24, 24, 24), 0.5, np.float32)

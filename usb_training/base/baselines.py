@@ -1,6 +1,6 @@
 """Classical pathology -> healthy baselines: FSL-style lesion filling, biharmonic inpainting, and the heal
 yardstick's classical set (NAWM constant, biharmonic of the mask grown by 0-3 voxels, the local stage's own base,
-the atlas fill)."""
+the atlas fill, the non-local patch fill)."""
 from __future__ import annotations
 
 import numpy as np
@@ -130,3 +130,11 @@ def atlas_fill(image: np.ndarray, lesion: np.ndarray, brain: np.ndarray, priors:
     out = np.asarray(image, np.float32).copy()
     out[region] = (priors[:, region].T.astype(np.float64) @ mu).astype(np.float32)
     return out
+
+
+def patch_fill(image: np.ndarray, region: np.ndarray, **kwargs) -> np.ndarray:
+    """Non-local patch-based lesion filling of ``region``, as NiftySeg's ``seg_FillLesions`` does it
+    (``usb_training.base.patch_fill``; keywords ``patch``, ``search``, ``best``)."""
+    from .patch_fill import patch_fill as fill
+
+    return fill(image, region, **kwargs)

@@ -17,7 +17,9 @@ Heal (the yardstick, issues #21 and #25):
 - scores where the lesion is (``scores.yardstick_scores``): PSNR over every voxel the lesion changed (mask and rim),
   the fill's mean / the truth's there, the texture relative to the truth's; mask-only PSNR as a secondary column;
 - the classical set (``CLASSICAL``): NAWM constant, FSL-style, biharmonic of the mask and of the mask grown by 2 and
-  3, the local stage's own base, an atlas fill (MNI2009a tissue maps through the engine's registration);
+  3, the local stage's own base, an atlas fill (MNI2009a tissue maps through the engine's registration), a
+  non-local patch fill of the mask and of the mask grown by 2 (NiftySeg's ``seg_FillLesions`` method,
+  ``usb_training.base.patch_fill``);
 - USB configurations: the bundle defaults plus ``--usb NAME=key:value,...`` (``Editor.heal`` keywords);
 - statistics: per configuration, the paired difference to the best classical filler of each case and to the filler
   chosen in advance (``PRESET``: biharmonic of the mask grown by 3), seeded bootstrap 95 % intervals (cases
@@ -47,6 +49,7 @@ from ..local.cases import NativeCase, site_group
 
 EVAL_SEED = 910_000
 PRESET = "biharmonic, mask + 3 vox"   # the single classical filler chosen in advance
+PATCH = "patch fill (NiftySeg-style)"  # non-local patch-based filling, as seg_FillLesions does it
 BOOTSTRAP = 10_000
 ATLAS_SOURCE = "mni2009a"             # the bundle template's own tissue maps (a training source)
 
@@ -166,6 +169,8 @@ def classical_fillers(dilation: int, brighten_only: bool = False
         f"local stage base (d={dilation}, 18-nbh)": lambda c, m, ctx: baselines.stage_base(c.lesioned, m, dilation),
         "atlas fill (MNI2009a, mask + 2)": lambda c, m, ctx: baselines.atlas_fill(c.lesioned, m, c.brain,
                                                                                   ctx["priors"], grow=2),
+        PATCH: lambda c, m, ctx: baselines.patch_fill(c.lesioned, np.asarray(m) > 0),
+        PATCH + ", mask + 2 vox": lambda c, m, ctx: baselines.patch_fill(c.lesioned, baselines.grown(m, 2, c.brain)),
     }
     if not brighten_only:
         return fillers
