@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from .patch_fill import patch_fill  # noqa: F401  (the non-local patch filler, one of the classical set)
+
 
 def white_matter(image: np.ndarray, brain: np.ndarray, lesion: np.ndarray) -> np.ndarray:
     """Normal-appearing white matter: brain voxels outside the lesion brighter than the brain's 60th percentile
@@ -130,11 +132,3 @@ def atlas_fill(image: np.ndarray, lesion: np.ndarray, brain: np.ndarray, priors:
     out = np.asarray(image, np.float32).copy()
     out[region] = (priors[:, region].T.astype(np.float64) @ mu).astype(np.float32)
     return out
-
-
-def patch_fill(image: np.ndarray, region: np.ndarray, **kwargs) -> np.ndarray:
-    """Non-local patch-based lesion filling of ``region``, as NiftySeg's ``seg_FillLesions`` does it
-    (``usb_training.base.patch_fill``; keywords ``patch``, ``search``, ``best``)."""
-    from .patch_fill import patch_fill as fill
-
-    return fill(image, region, **kwargs)

@@ -105,9 +105,10 @@ class _Matcher:
         low, high = targets.min(0) - self.search, targets.max(0) + self.search
         near = np.flatnonzero(np.all((self.centres >= low) & (self.centres <= high), axis=1))
         weighted = known * values
+        fallback = weighted.sum(1) / np.maximum(known.sum(1), 1.0)  # nothing to copy: the patch's known mean
+        if near.size == 0:
+            return fallback.astype(np.float32)
         own = (weighted * values).sum(1)[:, None]
-        if near.size == 0:  # nothing to copy from: the mean of the patch's known voxels
-            return weighted.sum(1) / np.maximum(known.sum(1), 1.0)
         distance = own - 2.0 * weighted @ self.rows[near].T + known @ self.squares[near].T
         distance /= np.maximum(known.sum(1), 1.0)[:, None]
         far = np.abs(targets[:, None, :] - self.centres[near][None, :, :]).max(2) > self.search
@@ -117,5 +118,4 @@ class _Matcher:
         usable = np.isfinite(np.take_along_axis(distance, pick, 1))
         chosen = self.values[near][pick]
         mean = (chosen * usable).sum(1) / np.maximum(usable.sum(1), 1)
-        fallback = weighted.sum(1) / np.maximum(known.sum(1), 1.0)
         return np.where(usable.any(1), mean, fallback).astype(np.float32)
