@@ -75,6 +75,10 @@ _SETTINGS = (
     Setting("boundary_average", "bool", "Heal: average the fills for the drawn mask, the mask one voxel smaller and "
             "the mask one voxel larger, so that the fill does not hinge on where the mask's edge was drawn (+0.4 dB on "
             "the held-out yardstick; the local stage runs three times, about 1.4 s more).", fallback=False),
+    Setting("patch_blend", "float", "Heal: weight of a non-local patch fill (the scan's own tissue copied from around "
+            "the lesion, as NiftySeg's seg_FillLesions does) blended into the fill over the mask grown by 2 voxels "
+            "(0 = off). It adds the scan's own structure to the network's estimate; 1 mm scans only.", 0.0, 1.0,
+            fallback=0.0),
     Setting("prior_anchor", "bool", "Heal: inside a large lesion (deeper than 8 mm from its edge, e.g. a territorial "
             "infarct), bring the fill to the level the template's tissue classes predict there (class means fitted "
             "on the tissue around it): without it a large fill sags towards the CSF beside it.", fallback=False),
@@ -112,7 +116,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in _SETTINGS}
 RANGES: dict[str, tuple[float, float]] = {s.name: (s.low, s.high) for s in _SETTINGS if s.low is not None}
 FALLBACKS: dict[str, Any] = {s.name: s.fallback for s in _SETTINGS if s.fallback is not None}
 GUIDANCE = ("strength", "acg", "alpha0", "k", "eta", "margin_mm", "dilation_mm", "growth", "boundary_average",
-            "prior_anchor",
+            "patch_blend", "prior_anchor",
             "stages", "local_mode", "local_steps", "local_strength")
 
 

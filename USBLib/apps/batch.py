@@ -52,6 +52,7 @@ class BatchSettings:
     dilation_mm: Optional[float] = None
     growth: Optional[str] = None
     boundary_average: Optional[bool] = None
+    patch_blend: Optional[float] = None
     prior_anchor: Optional[bool] = None
     samples: int = 1
     seed: int = 0
@@ -68,6 +69,7 @@ class BatchSettings:
                 "dilation_mm": self.dilation_mm, "samples": self.samples, "seed": self.seed,
                 "resample_mask": self.resample_mask, **({"growth": self.growth} if self.growth else {}),
                 **({} if self.boundary_average is None else {"boundary_average": self.boundary_average}),
+                **({} if self.patch_blend is None else {"patch_blend": self.patch_blend}),
                 **({} if self.prior_anchor is None else {"prior_anchor": self.prior_anchor})}
 
 

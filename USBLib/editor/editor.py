@@ -210,7 +210,7 @@ class Editor:
              stages: str | None = None,
              local_mode: str | None = None, local_steps: int | None = None, local_strength: float | None = None,
              dilation_mm: float | None = None, growth: str | None = None, boundary_average: bool | None = None,
-             prior_anchor: bool | None = None, samples: int = 1, seed: int = 0,
+             patch_blend: float | None = None, prior_anchor: bool | None = None, samples: int = 1, seed: int = 0,
              mask_affine: np.ndarray | None = None, resample_mask: bool = False,
              progress: Progress | None = None) -> EditResult:
         """Pathology -> healthy. With ``mask`` the edit stays inside the mask grown by ``dilation_mm`` plus a
@@ -225,13 +225,16 @@ class Editor:
         ``fixed`` (the mask grown by ``dilation_mm``) or ``rim`` (grown only into its lesion-like rim, at most
         ``dilation_mm``; ``USBLib.imaging.rim``). ``boundary_average``: average the edits for the drawn mask, it a
         voxel smaller and a voxel larger (``USBLib.imaging.mask_edges``; the latent stage runs once, the local stage
-        and fusion once per mask); the edit region is then the union of the three. ``prior_anchor``: inside a lesion
+        and fusion once per mask); the edit region is then the union of the three. ``patch_blend``: weight of a
+        non-local patch fill of the mask grown by 2 voxels blended into the fill there (``Editor._patch_blend_stage``;
+        1 mm scans only). ``prior_anchor``: inside a lesion
         deeper than 8 mm from its edge, the fill is brought to the level the template's tissue classes predict
         (``USBLib.editor.local.prior_anchor``; the edit region is unchanged)."""
         return self._edit("heal", image, affine, mask, brain_mask, steps=steps, strength=strength, alpha0=alpha0,
                           k=k, eta=eta, acg=acg, margin_mm=margin_mm, prefill=prefill, stages=stages, local_mode=local_mode,
                           local_steps=local_steps, local_strength=local_strength, dilation_mm=dilation_mm, growth=growth,
-                          boundary_average=boundary_average, prior_anchor=prior_anchor, samples=samples, seed=seed,
+                          boundary_average=boundary_average, patch_blend=patch_blend, prior_anchor=prior_anchor,
+                          samples=samples, seed=seed,
                           mask_affine=mask_affine, resample_mask=resample_mask, progress=progress)
 
     def embed(self, image: np.ndarray, affine: np.ndarray, mask: np.ndarray, brain_mask: np.ndarray | None = None,
@@ -309,6 +312,9 @@ class Editor:
             reach |= weight > 0
             if index == 0:  # the drawn mask's: where the grain goes
                 drawn_region, drawn_weight = region, weight
+        if _blends_patches(task, mask, settings, affine):
+            effect, reach = self._patch_blend_stage(image, affine, mask, brain, effect, reach, settings)
+            extra["patch_blend"] = float(value_of(settings, "patch_blend"))
         if n_local and value_of(settings, "local_mode") == "realism":  # heal and embed: the scan's grain in the edit
             # once, on the masks' mean: noise drawn per mask and averaged would lose a third of its grain or more
             textured = self._texture_stage(image, affine, mask, brain, mean_deviation, settings, seed, drawn_region)
@@ -448,6 +454,41 @@ class Editor:
         if content is not None:
             weight = weight * content
         return weight
+
+    @staticmethod
+    def _patch_blend_stage(image: np.ndarray, affine: np.ndarray, mask: np.ndarray, brain: np.ndarray,
+                           effect: np.ndarray, reach: np.ndarray, settings: dict[str, Any]
+                           ) -> tuple[np.ndarray, np.ndarray]:
+        """``patch_blend`` w: the heal's weighted deviation ``effect`` [samples, I, J, K] (scan units, after
+        ``_signed``, averaged over the boundary masks) moved by w towards a non-local patch fill's deviation
+        (``USBLib.imaging.patch_fill``, NiftySeg's method) over the drawn ``mask`` grown by ``PATCH_BLEND_GROWTH``
+        voxels (26-neighbourhood) within ``brain``, less the CSF beside the lesion (``rim.darker_than_lesion``) and
+        within the edit's ``reach``; brightening only, as every heal. Where the patch fill lies below the fill by more
+        than ``PATCH_BLEND_MAX_PULL`` of the scan's range, it counts as that much below: a patch fill whose region
+        reaches CSF copies CSF inwards layer by layer, and it must not darken a fill much. The patch fill copies the scan's own tissue
+        from around the lesion, structure and grain included: a second estimate whose errors differ from the
+        network's. Returns (effect, reach), reach unchanged. ``image``: the offset-free scan [I, J, K]."""
+        from scipy import ndimage
+
+        from USBLib.imaging.patch_fill import patch_fill
+        from USBLib.imaging.rim import darker_than_lesion
+
+        dilation = float(value_of(settings, "dilation_mm"))
+        grown = ndimage.binary_dilation(np.asarray(mask) > 0, ndimage.generate_binary_structure(3, 3),
+                                        iterations=PATCH_BLEND_GROWTH) & (np.asarray(brain) > 0)
+        keep = darker_than_lesion(image, mask, brain, _spacing(affine), dilation,
+                                  dilation + float(settings["margin_mm"]))
+        region = grown & reach & ~keep
+        if not region.any():
+            return effect, reach
+        filled = patch_fill(image, grown)
+        w = np.float32(value_of(settings, "patch_blend"))
+        pull_floor = -PATCH_BLEND_MAX_PULL * float(np.percentile(np.asarray(image)[np.asarray(brain) > 0], 99))
+        target = (filled - np.asarray(image, np.float32))[region]
+        out = effect.copy()
+        pull = np.maximum(target - out[:, region], np.float32(pull_floor))
+        out[:, region] = np.maximum(out[:, region] + w * pull, np.float32(0))
+        return out, reach
 
     @staticmethod
     def _fusion_stage(image: np.ndarray, effect: np.ndarray, reach: np.ndarray, prog: "_Progress"):
@@ -888,6 +929,20 @@ def _with_grain(task: str, effect: np.ndarray, grain: np.ndarray) -> np.ndarray:
     synthesized ``grain`` (same shape, weighted) added; a heal's grain only where its edit is not zero, since a voxel
     that ``_signed`` left as the scan already has the scan's own grain."""
     return effect + grain * ((effect != 0) if task == "heal" else np.float32(1))
+
+
+PATCH_BLEND_GROWTH = 2  # voxels: the patch fill of ``patch_blend`` covers the mask grown by this much
+PATCH_BLEND_MAX_PULL = 0.1  # the patch fill pulls a voxel's fill down by at most this x the scan's 99th brain
+#                            percentile (before the blend weight): a patch fill grown to CSF copies CSF inwards
+
+
+def _blends_patches(task: str, mask: np.ndarray | None, settings: dict[str, Any], affine: np.ndarray) -> bool:
+    """Whether a heal blends a patch fill into its fill (``patch_blend`` > 0, a mask, and a scan whose boxes the
+    local stage does not resample: it was measured on 1 mm scans only, ``Editor._patch_blend_stage``)."""
+    from USBLib.imaging.boxes import needs_resampling
+
+    return (task == "heal" and mask is not None and float(value_of(settings, "patch_blend") or 0) > 0
+            and not needs_resampling(_spacing(affine)))
 
 
 def _averages_boundary(task: str, mask: np.ndarray | None, settings: dict[str, Any]) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from .patch_fill import patch_fill  # noqa: F401  (the non-local patch filler, one of the classical set)
+from USBLib.imaging.patch_fill import patch_fill  # noqa: F401  (the non-local patch filler, one of the classical set)
 
 
 def white_matter(image: np.ndarray, brain: np.ndarray, lesion: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ Heal (the yardstick, issues #21 and #25):
 - the classical set (``CLASSICAL``): NAWM constant, FSL-style, biharmonic of the mask and of the mask grown by 2 and
   3, the local stage's own base, an atlas fill (MNI2009a tissue maps through the engine's registration), a
   non-local patch fill of the mask and of the mask grown by 2 (NiftySeg's ``seg_FillLesions`` method,
-  ``usb_training.base.patch_fill``);
+  ``USBLib.imaging.patch_fill``);
 - USB configurations: the bundle defaults plus ``--usb NAME=key:value,...`` (``Editor.heal`` keywords);
 - statistics: per configuration, the paired difference to the best classical filler of each case and to the filler
   chosen in advance (``PRESET``: biharmonic of the mask grown by 3), seeded bootstrap 95 % intervals (cases

@@ -4,8 +4,9 @@ The method of NiftySeg's ``seg_FillLesions`` (Prados et al. 2016, "A multi-time-
 method for lesion filling in multiple sclerosis", NeuroImage 139), written from the paper's description: the region
 is filled from its edge inwards, one layer of voxels at a time, and each voxel of a layer takes the mean centre value
 of the patches near it, wholly outside the region, whose values best match the known part of its own patch. It needs
-no template and no training: the fill is made of the person's own tissue, grain included. The heal yardstick counts
-it among the classical fillers (``usb_training.base.baselines``, ``usb_training.evaluation.native``).
+no template and no training: the fill is made of the person's own tissue, grain included. A heal blends it into the
+network's fill (``patch_blend``, ``USBLib.editor.editor.Editor._patch_blend_stage``); the heal yardstick counts it
+among the classical fillers (``usb_training.base.baselines``, ``usb_training.evaluation.native``).
 """
 from __future__ import annotations
 
@@ -111,7 +112,10 @@ class _Matcher:
         own = (weighted * values).sum(1)[:, None]
         distance = own - 2.0 * weighted @ self.rows[near].T + known @ self.squares[near].T
         distance /= np.maximum(known.sum(1), 1.0)[:, None]
-        far = np.abs(targets[:, None, :] - self.centres[near][None, :, :]).max(2) > self.search
+        centres, targets = self.centres[near].astype(np.int32), targets.astype(np.int32)
+        far = np.zeros(distance.shape, bool)
+        for axis in range(3):  # Chebyshev distance > search, one axis at a time (no [T, N, 3] temporary)
+            far |= np.abs(targets[:, axis, None] - centres[None, :, axis]) > self.search
         distance[far] = np.inf
         k = min(self.best, near.size)
         pick = np.argpartition(distance, k - 1, axis=1)[:, :k]
