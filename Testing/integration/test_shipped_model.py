@@ -78,6 +78,13 @@ def rim_heal(shipped, rim_case):
     return shipped.heal(lesioned, img.affine, drawn, seed=0)
 
 
+@pytest.fixture(scope="module")
+def rim_heal_unblended(shipped, rim_case):
+    """``rim_heal`` without the patch blend (``patch_blend`` 0): shared by the boundary-average and blend tests."""
+    _, lesioned, drawn, img = rim_case
+    return shipped.heal(lesioned, img.affine, drawn, seed=0, patch_blend=0.0)
+
+
 def _psnr(a, b, region, scale):
     err = (np.asarray(a, np.float64)[region] - np.asarray(b, np.float64)[region]) / scale
     return float(10 * np.log10(1.0 / np.mean(err ** 2)))
@@ -116,7 +123,8 @@ def test_local_heal_makes_the_lesion_and_its_rim_healthy(shipped, rim_case, rim_
     assert abs(res.image[lesion].mean() / truth[lesion].mean() - 1) < MEAN_TOLERANCE
 
 
-def test_the_default_heal_averages_the_heals_of_the_mask_a_voxel_smaller_and_larger(shipped, rim_case, rim_heal):
+def test_the_default_heal_averages_the_heals_of_the_mask_a_voxel_smaller_and_larger(shipped, rim_case, rim_heal,
+                                                                                     rim_heal_unblended):
     """#25: the default heal is the mean of the heals for the drawn mask, it eroded by a voxel and it grown by a
     voxel (``boundary_average``), to within the rounding of each heal to the scan's integers; a voxel that none of
     the three changes keeps its value bit for bit."""
@@ -127,7 +135,7 @@ def test_the_default_heal_averages_the_heals_of_the_mask_a_voxel_smaller_and_lar
     assert rim_heal.provenance["settings"]["boundary_average"] is True
     masks = boundary_masks(drawn, img.spacing)
     assert rim_heal.provenance["boundary_masks_voxels"] == [int(m.sum()) for m in masks]
-    averaged = shipped.heal(lesioned, img.affine, drawn, seed=0, patch_blend=0.0)  # the patch blend comes after
+    averaged = rim_heal_unblended  # the patch blend comes after the average
     singles = [shipped.heal(lesioned, img.affine, m.astype(np.uint8), seed=0, boundary_average=False,
                             patch_blend=0.0) for m in masks]
     mean = np.mean([np.asarray(r.image, np.float64) for r in singles], axis=0)
@@ -138,14 +146,14 @@ def test_the_default_heal_averages_the_heals_of_the_mask_a_voxel_smaller_and_lar
     assert not np.array_equal(averaged.image, singles[0].image)
 
 
-def test_the_default_heal_blends_a_patch_fill_only_near_the_mask(shipped, rim_case, rim_heal):
+def test_the_default_heal_blends_a_patch_fill_only_near_the_mask(shipped, rim_case, rim_heal, rim_heal_unblended):
     """``patch_blend``: the default heal moves the network's fill 0.15 of the way towards a non-local patch fill of
     the mask grown by 2 voxels (the scan's own tissue from around the lesion); every voxel farther out is the heal
     without it, bit for bit, and the blend neither darkens the scan nor loses the heal's quality."""
     truth, lesioned, drawn, img = rim_case
     assert shipped.bundle.defaults("heal")["patch_blend"] == 0.15
     assert rim_heal.provenance["patch_blend"] == 0.15
-    plain = shipped.heal(lesioned, img.affine, drawn, seed=0, patch_blend=0.0)
+    plain = rim_heal_unblended
     assert "patch_blend" not in plain.provenance
     grown = ndimage.binary_dilation(drawn > 0, ndimage.generate_binary_structure(3, 3), iterations=2)
     moved = rim_heal.image != plain.image
