@@ -465,9 +465,10 @@ class Editor:
         voxels (26-neighbourhood) within ``brain``, less the CSF beside the lesion (``rim.darker_than_lesion``) and
         within the edit's ``reach``; brightening only, as every heal. Where the patch fill lies below the fill by more
         than ``PATCH_BLEND_MAX_PULL`` of the scan's range, it counts as that much below: a patch fill whose region
-        reaches CSF copies CSF inwards layer by layer, and it must not darken a fill much. The patch fill copies the scan's own tissue
-        from around the lesion, structure and grain included: a second estimate whose errors differ from the
-        network's. Returns (effect, reach), reach unchanged. ``image``: the offset-free scan [I, J, K]."""
+        reaches CSF copies CSF inwards layer by layer, and it must not darken a fill much. The patch fill copies the
+        scan's own tissue from around the lesion, structure and grain included: a second estimate whose errors
+        differ from the network's. Returns (effect, reach), reach unchanged. ``image``: the offset-free scan
+        [I, J, K]."""
         from scipy import ndimage
 
         from USBLib.imaging.patch_fill import patch_fill
