@@ -469,14 +469,12 @@ class Editor:
         scan's own tissue from around the lesion, structure and grain included: a second estimate whose errors
         differ from the network's. Returns (effect, reach), reach unchanged. ``image``: the offset-free scan
         [I, J, K]."""
-        from scipy import ndimage
-
+        from USBLib.imaging.mask_edges import grown as grown_by
         from USBLib.imaging.patch_fill import patch_fill
         from USBLib.imaging.rim import darker_than_lesion
 
         dilation = float(value_of(settings, "dilation_mm"))
-        grown = ndimage.binary_dilation(np.asarray(mask) > 0, ndimage.generate_binary_structure(3, 3),
-                                        iterations=PATCH_BLEND_GROWTH) & (np.asarray(brain) > 0)
+        grown = grown_by(mask, PATCH_BLEND_GROWTH, brain)
         keep = darker_than_lesion(image, mask, brain, _spacing(affine), dilation,
                                   dilation + float(settings["margin_mm"]))
         region = grown & reach & ~keep

@@ -33,6 +33,16 @@ def neighbourhood(spacing=None) -> np.ndarray:
     return structure
 
 
+def grown(mask: np.ndarray, voxels: int, brain: np.ndarray | None = None) -> np.ndarray:
+    """``mask`` [I, J, K] grown by ``voxels`` steps of the 26-neighbourhood, within ``brain`` when given. bool
+    [I, J, K]. The region of the patch fill a heal blends in (``patch_blend``) and of the yardstick's fillers on
+    the mask + N voxels, so that the two are the same fill."""
+    out = np.asarray(mask) > 0
+    if voxels > 0:
+        out = ndimage.binary_dilation(out, ndimage.generate_binary_structure(3, 3), iterations=int(voxels))
+    return out & (np.asarray(brain) > 0) if brain is not None else out
+
+
 def eroded_keeping_components(mask: np.ndarray, steps: int, structure: np.ndarray | None = None) -> np.ndarray:
     """``mask`` [I, J, K] eroded ``steps`` times (``structure``, default the 6-neighbourhood; the image faces do not
     erode it); a component that would vanish keeps its deepest voxels, as a hasty rater still marks every lesion.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from USBLib.imaging.mask_edges import grown  # noqa: F401  (the mask + N voxels, as the heal's patch blend grows it)
 from USBLib.imaging.patch_fill import patch_fill  # noqa: F401  (the non-local patch filler, one of the classical set)
 
 
@@ -49,16 +50,6 @@ def biharmonic(image: np.ndarray, lesion: np.ndarray, margin: int = 4) -> np.nda
 # The heal yardstick's classical set (``usb_training.evaluation.native``): every filler a user could run. Each
 # returns float32 ``image`` with only its own region rewritten (bit for bit equal elsewhere).
 # ----------------------------------------------------------------------------------------------------------------
-
-STRUCT26 = ndimage.generate_binary_structure(3, 3)
-
-
-def grown(mask: np.ndarray, voxels: int, brain: np.ndarray | None = None) -> np.ndarray:
-    """``mask`` grown by ``voxels`` steps of the 26-neighbourhood, within ``brain`` when given (bool)."""
-    out = np.asarray(mask) > 0
-    if voxels > 0:
-        out = ndimage.binary_dilation(out, STRUCT26, iterations=int(voxels))
-    return out & (np.asarray(brain) > 0) if brain is not None else out
 
 
 def nawm_constant(image: np.ndarray, lesion: np.ndarray, brain: np.ndarray) -> np.ndarray:
