@@ -49,7 +49,7 @@ def _outside(mask: np.ndarray, spacing, defaults: dict) -> np.ndarray:
     return ~dilate_mm(mask > 0, spacing, reach)
 
 
-PATCH_BLEND_LOSS_DB = 0.2  # the patch blend may cost the rim case at most this (measured +0.25 dB; its exact mask −0.28)
+PATCH_BLEND_GAIN_DB = 0.5  # the patch blend must gain the rim case at least this (measured +1.04 dB, 2026-12-06)
 RIM_DEPTH = 0.45  # relative darkening of the painted lesion
 
 
@@ -147,12 +147,13 @@ def test_the_default_heal_averages_the_heals_of_the_mask_a_voxel_smaller_and_lar
 
 
 def test_the_default_heal_blends_a_patch_fill_only_near_the_mask(shipped, rim_case, rim_heal, rim_heal_unblended):
-    """``patch_blend``: the default heal moves the network's fill 0.15 of the way towards a non-local patch fill of
-    the mask grown by 2 voxels (the scan's own tissue from around the lesion); every voxel farther out is the heal
-    without it, bit for bit, and the blend neither darkens the scan nor loses the heal's quality."""
+    """``patch_blend``: the default heal moves the network's fill 0.45 of the way up towards a brighter non-local
+    patch fill of the mask grown by 2 voxels (the scan's own tissue from around the lesion; 0.15 of the way down
+    towards a darker one); every voxel farther out is the heal without it, bit for bit, and the blend neither darkens
+    the scan nor loses the heal's quality: it gains."""
     truth, lesioned, drawn, img = rim_case
-    assert shipped.bundle.defaults("heal")["patch_blend"] == 0.15
-    assert rim_heal.provenance["patch_blend"] == 0.15
+    assert shipped.bundle.defaults("heal")["patch_blend"] == 0.45
+    assert rim_heal.provenance["patch_blend"] == 0.45
     plain = rim_heal_unblended
     assert "patch_blend" not in plain.provenance
     grown = ndimage.binary_dilation(drawn > 0, ndimage.generate_binary_structure(3, 3), iterations=2)
@@ -161,7 +162,7 @@ def test_the_default_heal_blends_a_patch_fill_only_near_the_mask(shipped, rim_ca
     assert np.all(rim_heal.image >= lesioned)
     scale = float(np.percentile(truth[truth > 0], 99))
     changed = np.abs(lesioned.astype(np.float32) - truth) > 0.02 * scale
-    assert _psnr(rim_heal.image, truth, changed, scale) > _psnr(plain.image, truth, changed, scale) - PATCH_BLEND_LOSS_DB
+    assert _psnr(rim_heal.image, truth, changed, scale) > _psnr(plain.image, truth, changed, scale) + PATCH_BLEND_GAIN_DB
 
 
 def test_a_heal_says_when_a_drawn_lesion_is_not_dark_on_this_scan(shipped, sample, tmp_path, capsys):

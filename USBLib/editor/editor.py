@@ -460,18 +460,23 @@ class Editor:
                            effect: np.ndarray, reach: np.ndarray, settings: dict[str, Any]
                            ) -> tuple[np.ndarray, np.ndarray]:
         """``patch_blend`` w: the heal's weighted deviation ``effect`` [samples, I, J, K] (scan units, after
-        ``_signed``, averaged over the boundary masks) moved by w towards a non-local patch fill's deviation
+        ``_signed``, averaged over the boundary masks) moved towards a non-local patch fill's deviation
         (``USBLib.imaging.patch_fill``, NiftySeg's method) over the drawn ``mask`` grown by ``PATCH_BLEND_GROWTH``
         voxels (26-neighbourhood) within ``brain``, less the CSF beside the lesion (``rim.darker_than_lesion``) and
-        within the edit's ``reach``; brightening only, as every heal. Where the patch fill lies below the fill by more
-        than ``PATCH_BLEND_MAX_PULL`` of the scan's range, it counts as that much below: a patch fill whose region
-        reaches CSF copies CSF inwards layer by layer, and it must not darken a fill much. The patch fill copies the
-        scan's own tissue from around the lesion, structure and grain included: a second estimate whose errors
-        differ from the network's. Returns (effect, reach), reach unchanged. ``image``: the offset-free scan
-        [I, J, K]."""
+        within the edit's ``reach``; brightening only, as every heal. Where the patch fill is brighter than the fill
+        the fill moves w of the way up to it, except beside CSF (a voxel whose 3x3x3 neighbourhood is darker than
+        ``PATCH_BLEND_CSF_LEVEL`` of the scan's 99th brain percentile: a full up-pull there paints tissue onto a
+        ventricle's edge); there, and where the patch fill is darker, w x ``PATCH_BLEND_DOWN_SHARE`` of the way, and
+        a patch fill more than ``PATCH_BLEND_MAX_PULL`` of the scan's range below the fill counts as that much below:
+        a patch fill whose region reaches CSF copies CSF inwards layer by layer, and it must not darken a fill much.
+        The patch fill copies the scan's own tissue from around the lesion, structure and grain included: a second
+        estimate whose errors differ from the network's, and whose level corrects the network's fill where that
+        came out too dark (the commoner error: fill mean 0.98 of the truth's on both tuning sources). Returns
+        (effect, reach), reach unchanged. ``image``: the offset-free scan [I, J, K]."""
         from USBLib.imaging.mask_edges import grown as grown_by
         from USBLib.imaging.patch_fill import patch_fill
         from USBLib.imaging.rim import darker_than_lesion
+        from scipy import ndimage
 
         dilation = float(value_of(settings, "dilation_mm"))
         grown = grown_by(mask, PATCH_BLEND_GROWTH, brain)
@@ -482,11 +487,16 @@ class Editor:
             return effect, reach
         filled = patch_fill(image, grown)
         w = np.float32(value_of(settings, "patch_blend"))
-        pull_floor = -PATCH_BLEND_MAX_PULL * float(np.percentile(np.asarray(image)[np.asarray(brain) > 0], 99))
-        target = (filled - np.asarray(image, np.float32))[region]
+        scan = np.asarray(image, np.float32)
+        p99 = float(np.percentile(scan[np.asarray(brain) > 0], 99))
+        target = (filled - scan)[region]
         out = effect.copy()
-        pull = np.maximum(target - out[:, region], np.float32(pull_floor))
-        out[:, region] = np.maximum(out[:, region] + w * pull, np.float32(0))
+        pull = np.maximum(target - out[:, region], np.float32(-PATCH_BLEND_MAX_PULL * p99))
+        # the full weight only up, and only away from CSF: an up-pull beside CSF paints tissue onto its edge
+        box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in ndimage.find_objects(region.astype(np.uint8))[0])
+        near_csf = (ndimage.minimum_filter(scan[box], size=3) < PATCH_BLEND_CSF_LEVEL * p99)[region[box]]
+        pull *= np.where((pull > 0) & ~near_csf, w, w * np.float32(PATCH_BLEND_DOWN_SHARE))
+        out[:, region] = np.maximum(out[:, region] + pull, np.float32(0))
         return out, reach
 
     @staticmethod
@@ -933,6 +943,10 @@ def _with_grain(task: str, effect: np.ndarray, grain: np.ndarray) -> np.ndarray:
 PATCH_BLEND_GROWTH = 2  # voxels: the patch fill of ``patch_blend`` covers the mask grown by this much
 PATCH_BLEND_MAX_PULL = 0.1  # the patch fill pulls a voxel's fill down by at most this x the scan's 99th brain
 #                            percentile (before the blend weight): a patch fill grown to CSF copies CSF inwards
+PATCH_BLEND_DOWN_SHARE = 1 / 3  # where the patch fill lies below the fill, the blend moves this share of
+#                                 ``patch_blend`` towards it: the network's fill errs dark more often than bright
+PATCH_BLEND_CSF_LEVEL = 0.35  # x the 99th brain percentile: a voxel whose 3x3x3 neighbourhood reaches below this
+#                               is beside CSF, and the blend pulls it up by the down share only
 
 
 def _blends_patches(task: str, mask: np.ndarray | None, settings: dict[str, Any], affine: np.ndarray) -> bool:

@@ -31,7 +31,7 @@ LOCAL_DEFAULTS = {  # heal: rim growth at most 3 mm and the average over the mas
     # source MNI2009c; the patch blend's weight on both training sources, each validating the other's fit
     # (docs/model.md)
     "heal": {"stages": "local", "local_mode": "fidelity", "local_steps": 4, "local_strength": 0.3,
-             "dilation_mm": 3.0, "margin_mm": 3.0, "growth": "rim", "boundary_average": True, "patch_blend": 0.15,
+             "dilation_mm": 3.0, "margin_mm": 3.0, "growth": "rim", "boundary_average": True, "patch_blend": 0.45,
              "prior_anchor": True, "eta": 1.0},
     # embed: realism (a sample at the fidelity estimate's level) is as dark as fidelity and has the heterogeneity
     # of the reference lesions, on the training source MNI2009c (docs/model.md)
