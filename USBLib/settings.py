@@ -77,8 +77,9 @@ _SETTINGS = (
             "the held-out yardstick; the local stage runs three times, about 1.4 s more).", fallback=False),
     Setting("patch_blend", "float", "Heal: weight of a non-local patch fill (the scan's own tissue copied from around "
             "the lesion, as NiftySeg's seg_FillLesions does) blended into the fill over the mask grown by 2 voxels "
-            "where it is brighter than the fill; where it is darker or beside CSF, a third of it (0 = off). It adds the scan's own "
-            "structure and level to the network's estimate; 1 mm scans only.", 0.0, 1.0, fallback=0.0),
+            "where it is brighter than the fill; where it is darker or beside CSF, a third of it (0 = off). It adds "
+            "the scan's own structure and level to the network's estimate; 1 mm scans only.", 0.0, 1.0,
+            fallback=0.0),
     Setting("prior_anchor", "bool", "Heal: inside a large lesion (deeper than 8 mm from its edge, e.g. a territorial "
             "infarct), bring the fill to the level the template's tissue classes predict there (class means fitted "
             "on the tissue around it): without it a large fill sags towards the CSF beside it.", fallback=False),

@@ -149,8 +149,8 @@ def test_the_default_heal_averages_the_heals_of_the_mask_a_voxel_smaller_and_lar
 def test_the_default_heal_blends_a_patch_fill_only_near_the_mask(shipped, rim_case, rim_heal, rim_heal_unblended):
     """``patch_blend``: the default heal moves the network's fill 0.45 of the way up towards a brighter non-local
     patch fill of the mask grown by 2 voxels (the scan's own tissue from around the lesion; 0.15 of the way down
-    towards a darker one, or up beside CSF); every voxel farther out is the heal without it, bit for bit, and the blend neither darkens
-    the scan nor loses the heal's quality: it gains."""
+    towards a darker one, or up beside CSF); every voxel farther out is the heal without it, bit for bit, and the
+    blend neither darkens the scan nor loses the heal's quality: it gains."""
     truth, lesioned, drawn, img = rim_case
     assert shipped.bundle.defaults("heal")["patch_blend"] == 0.45
     assert rim_heal.provenance["patch_blend"] == 0.45

@@ -473,10 +473,11 @@ class Editor:
         estimate whose errors differ from the network's, and whose level corrects the network's fill where that
         came out too dark (the commoner error: fill mean 0.98 of the truth's on both tuning sources). Returns
         (effect, reach), reach unchanged. ``image``: the offset-free scan [I, J, K]."""
+        from scipy import ndimage
+
         from USBLib.imaging.mask_edges import grown as grown_by
         from USBLib.imaging.patch_fill import patch_fill
         from USBLib.imaging.rim import darker_than_lesion
-        from scipy import ndimage
 
         dilation = float(value_of(settings, "dilation_mm"))
         grown = grown_by(mask, PATCH_BLEND_GROWTH, brain)
