@@ -23,15 +23,16 @@ def test_the_wheel_carries_the_sample_and_the_default_model_into_a_clean_venv(tm
     assert not [n for n in names if n.startswith(("Testing/", "USBEditor/"))]
 
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    # without pip of its own (ensurepip takes seconds): this environment's pip installs into it (``--python``)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"
     # the heavy dependencies come from this environment's site-packages through a .pth file; that directory is
     # not a site dir of the new venv, so the checkout's editable install (its own .pth) is not picked up
     site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                check=True, capture_output=True, text=True).stdout.strip())
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index",
+                    str(wheel)], check=True, capture_output=True, timeout=300)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     where = subprocess.run([str(python), "-c", "import USBLib; print(USBLib.__file__)"], cwd=tmp_path, env=env,
                            check=True, capture_output=True, text=True).stdout
