@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one thread each (also for their subprocesses)
@@ -16,6 +18,19 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import phantoms  # noqa: E402
+
+
+def pytest_configure(config):
+    """The tests' registrations (``USBLib.editor.registration_cache``) go to a folder of this run, shared by its
+    workers and their subprocesses (they inherit the variable), never to the user's cache."""
+    if "USB_CACHE_DIR" not in os.environ:
+        os.environ["USB_CACHE_DIR"] = config._usb_cache_dir = tempfile.mkdtemp(prefix="usb-test-cache-")
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "_usb_cache_dir", None):
+        shutil.rmtree(config._usb_cache_dir, ignore_errors=True)
+
 
 SCAN_SHAPE = (48, 60, 48)
 LESION_CENTER = (28.0, 5.0, 20.0)

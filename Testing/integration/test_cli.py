@@ -220,6 +220,10 @@ def test_console_script_runs_as_a_process(tiny_bundle):
     proc = subprocess.run([sys.executable, "-m", "USBLib.apps.cli", "info", "--model", str(tiny_bundle.root)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "tiny-test" in proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "USBLib.apps.cli", "heal", "missing.nii.gz", "-o", "x.nii.gz",
+    # a bad input is refused before the engine (torch: seconds to import) loads
+    run = "import sys; from USBLib.apps.cli import main; code = main(sys.argv[1:]); print('torch' in sys.modules); " \
+          "sys.exit(code)"
+    proc = subprocess.run([sys.executable, "-c", run, "heal", "missing.nii.gz", "-o", "x.nii.gz",
                            "--model", str(tiny_bundle.root)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.strip() == "usb: error: input image file not found: missing.nii.gz"
+    assert proc.stdout.strip() == "False"

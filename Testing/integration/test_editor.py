@@ -225,3 +225,18 @@ def test_a_heal_on_thick_slices_takes_the_next_slice_whole_and_a_1_mm_heal_keeps
                           edit_weight(mask, brain, (1.0, 1.0, 1.0), 0.0, 3.0))
     embed = editor._edit_weight("embed", img, thick, mask, brain, editor._settings("embed", margin_mm=3.0))
     assert np.all(embed[:, :, 5] == 0)
+
+
+def test_an_editor_sizes_torch_threads_from_usb_threads(tiny_bundle, monkeypatch):
+    """``USB_THREADS`` (``usb batch`` sets it for its workers) is honoured wherever an Editor is made: the CLI no
+    longer sets it up front, so that a bad input is refused before torch loads."""
+    import torch
+    from USBLib import Editor
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("USB_THREADS", str(before + 1))
+    try:
+        Editor(tiny_bundle, device="cpu")
+        assert torch.get_num_threads() == before + 1
+    finally:
+        torch.set_num_threads(before)

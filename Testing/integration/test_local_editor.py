@@ -62,6 +62,7 @@ def test_a_scan_that_comes_again_is_not_registered_again(local_bundle, monkeypat
 
     monkeypatch.setattr(editor_mod, "register", counting)
     monkeypatch.setattr(editor_mod, "MAPPINGS_KEPT", 2)
+    monkeypatch.setenv("USB_CACHE_DIR", "")  # the Editor's memory alone (the disk cache: the next test)
     editor = Editor(local_bundle, device="cpu")
     a, mask_a, aff_a = make_scan("oblique")
     b, mask_b, aff_b = make_scan("axial")
@@ -78,6 +79,40 @@ def test_a_scan_that_comes_again_is_not_registered_again(local_bundle, monkeypat
     edited[mask_a > 0] += 1
     editor._map(edited, aff_a, None, 1)
     assert len(calls) == 5
+
+
+def test_a_registration_is_kept_on_disk_for_the_next_process(local_bundle, monkeypatch, tmp_path):
+    """A Slicer run or a ``usb`` command is a new process: a scan registered before is read back from the disk cache
+    (``registration_cache``), exactly as registered; another seed is registered afresh, a damaged entry is
+    registered again and rewritten, and ``USB_CACHE_DIR`` set empty writes nothing."""
+    import USBLib.editor.editor as editor_mod
+
+    calls = []
+    original = editor_mod.register
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(editor_mod, "register", counting)
+    monkeypatch.setenv("USB_CACHE_DIR", str(tmp_path / "cache"))
+    scan, _, aff = make_scan("oblique")
+    first = Editor(local_bundle, device="cpu")._map(scan, aff, None, 1)
+    entries = list((tmp_path / "cache" / "registrations").glob("*.json"))
+    assert len(calls) == 1 and len(entries) == 1
+    again = Editor(local_bundle, device="cpu")._map(scan, aff, None, 1)  # a new process would make a new Editor
+    assert len(calls) == 1
+    np.testing.assert_array_equal(again.model_to_native, first.model_to_native)
+    Editor(local_bundle, device="cpu")._map(scan, aff, None, 2)
+    assert len(calls) == 2
+    entries[0].write_text('{"version": 2, "model_to_native": [[1, 2]]}')
+    damaged = Editor(local_bundle, device="cpu")._map(scan, aff, None, 1)
+    assert len(calls) == 3
+    np.testing.assert_array_equal(damaged.model_to_native, first.model_to_native)
+    assert Editor(local_bundle, device="cpu")._map(scan, aff, None, 1) is not None and len(calls) == 3  # rewritten
+    monkeypatch.setenv("USB_CACHE_DIR", "")
+    Editor(local_bundle, device="cpu")._map(scan, aff, None, 3)
+    assert len(calls) == 4 and len(list((tmp_path / "cache" / "registrations").glob("*"))) == 2
 
 
 def test_local_stage_on_a_coarse_scan_runs_on_a_1mm_box(local_editor):

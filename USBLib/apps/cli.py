@@ -370,10 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "generate": cmd_generate, "generate-from-mask": cmd_generate_from_mask, "info": cmd_info,
                 "demo": cmd_demo, "batch": cmd_batch, "web": cmd_web}
     previous = terminate_as_interrupt()
-    try:
-        from USBLib.editor.editor import threads_from_env
-
-        threads_from_env()
+    try:  # the engine (torch) is imported by the commands that run it, after their inputs are checked
         return commands[args.command](args)
     except (InputError, BundleError, OutputError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

