@@ -22,6 +22,8 @@ import numpy as np
 
 from USBLib.resources import sample_files
 
+os.environ.setdefault("USB_CACHE_DIR", "")  # each run registers its scan afresh, as a first run does (no disk cache)
+
 
 def make_dataset(root: Path, n: int) -> Path:
     files = sample_files()
