@@ -48,9 +48,9 @@ def test_every_stage_keeps_geometry_and_the_outside(local_editor, stages, task):
         assert res.provenance["local_boxes"] == 1
 
 
-def test_a_scan_that_comes_again_is_not_registered_again(local_bundle, monkeypatch):
-    """Going back and forth between scans (Slicer, a script) reuses their registrations; another seed or an edited
-    scan is registered afresh, and the least recently used registration is the one let go."""
+@pytest.fixture
+def registrations(monkeypatch) -> list:
+    """The registrations the Editor runs from now on (one entry per call of ``register``)."""
     import USBLib.editor.editor as editor_mod
 
     calls = []
@@ -61,6 +61,15 @@ def test_a_scan_that_comes_again_is_not_registered_again(local_bundle, monkeypat
         return original(*args, **kwargs)
 
     monkeypatch.setattr(editor_mod, "register", counting)
+    return calls
+
+
+def test_a_scan_that_comes_again_is_not_registered_again(local_bundle, monkeypatch, registrations):
+    """Going back and forth between scans (Slicer, a script) reuses their registrations; another seed or an edited
+    scan is registered afresh, and the least recently used registration is the one let go."""
+    import USBLib.editor.editor as editor_mod
+
+    calls = registrations
     monkeypatch.setattr(editor_mod, "MAPPINGS_KEPT", 2)
     monkeypatch.setenv("USB_CACHE_DIR", "")  # the Editor's memory alone (the disk cache: the next test)
     editor = Editor(local_bundle, device="cpu")
@@ -81,20 +90,11 @@ def test_a_scan_that_comes_again_is_not_registered_again(local_bundle, monkeypat
     assert len(calls) == 5
 
 
-def test_a_registration_is_kept_on_disk_for_the_next_process(local_bundle, monkeypatch, tmp_path):
+def test_a_registration_is_kept_on_disk_for_the_next_process(local_bundle, monkeypatch, tmp_path, registrations):
     """A Slicer run or a ``usb`` command is a new process: a scan registered before is read back from the disk cache
     (``registration_cache``), exactly as registered; another seed is registered afresh, a damaged entry is
     registered again and rewritten, and ``USB_CACHE_DIR`` set empty writes nothing."""
-    import USBLib.editor.editor as editor_mod
-
-    calls = []
-    original = editor_mod.register
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(editor_mod, "register", counting)
+    calls = registrations
     monkeypatch.setenv("USB_CACHE_DIR", str(tmp_path / "cache"))
     scan, _, aff = make_scan("oblique")
     first = Editor(local_bundle, device="cpu")._map(scan, aff, None, 1)
