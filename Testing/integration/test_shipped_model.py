@@ -331,7 +331,8 @@ def test_a_painted_lesion_barely_moves_the_registration(shipped, sample):
 def test_a_large_infarct_beside_the_ventricle_is_filled_at_the_tissue_level(shipped, sample):
     """A territorial-size lesion (10 ml, 13-15 mm deep, CSF-dark, against the lateral ventricle): the fill anchored
     on a half-CSF edge sagged towards the ventricle deep inside; the prior anchor (a default) brings the interior to
-    the level the tissue prior predicts (measured: +2.0 dB, fill 0.970 of the truth's mean against 0.938)."""
+    the level the tissue prior predicts. Measured without the patch blend, which this does not test: +1.30 dB, fill
+    0.990 of the truth's mean against 0.963 (with it, the default: +1.14 dB, 0.989 against 0.966; 2026-12-06)."""
     img = sample["image"]
     truth = np.asarray(img.data, np.float32)
     p99 = float(np.percentile(truth[truth > 0], 99))
@@ -339,8 +340,8 @@ def test_a_large_infarct_beside_the_ventricle_is_filled_at_the_tissue_level(ship
     ventricle_near = (truth > 0) & (truth < 0.35 * p99) & ndimage.binary_dilation(mask, iterations=3)
     assert mask.sum() > 8000 and ventricle_near.sum() > 300  # the case is what it says
     assert shipped.bundle.defaults("heal").get("prior_anchor") is True
-    heals = {on: shipped.heal(lesioned, img.affine, mask, seed=0, boundary_average=False, prior_anchor=on).image
-             for on in (True, False)}
+    heals = {on: shipped.heal(lesioned, img.affine, mask, seed=0, boundary_average=False, patch_blend=0.0,
+                              prior_anchor=on).image for on in (True, False)}  # the anchor alone (20 s less)
     changed = lesioned != img.data
     psnr = {on: _psnr(h, truth, changed, p99) for on, h in heals.items()}
     ratio = {on: float(np.asarray(h, np.float32)[mask > 0].mean() / truth[mask > 0].mean()) for on, h in heals.items()}
