@@ -169,12 +169,13 @@ class Editor:
         files = self.bundle.config.get("files", {})
         stored = _fingerprint(key, self.bundle.grid_shape, self.bundle.grid_affine,
                               *(files.get(self.bundle.config["model_space"][k]) for k in ("template", "brain_mask")))
-        transform = registration_cache.load(stored) if self.registration != "none" else None
+        kept = self.registration != "none"  # (``none`` is the identity: nothing to keep)
+        transform = registration_cache.load(stored) if kept else None
         if transform is None:
             space = self.space
             transform = register(image, affine, space["template"], self.bundle.grid_affine, space["brain"],
                                  brain_mask, self.registration, seed)
-            if self.registration != "none":
+            if kept:
                 registration_cache.save(stored, transform)
         mapping = SpaceMapping(tuple(image.shape), np.asarray(affine, float), self.bundle.grid_shape,
                                self.bundle.grid_affine, transform)

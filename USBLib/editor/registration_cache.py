@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from USBLib.errors import OutputError
+from USBLib.imaging.io import atomic_path
 
 VERSION = 2  # of ``USBLib.imaging.spatial.register``'s result: bump when a change moves it
 FOLDER = "registrations"
@@ -58,19 +60,13 @@ def load(key: str) -> np.ndarray | None:
 
 
 def save(key: str, matrix: np.ndarray) -> None:
-    """Store the 4x4 ``matrix`` under ``key``, whole or not at all (written aside, then renamed); does nothing when
-    the cache is disabled or cannot be written."""
+    """Store the 4x4 ``matrix`` under ``key``, whole or not at all (``io.atomic_path``); does nothing when the cache
+    is disabled or cannot be written."""
     path = _entry(key)
     if path is None:
         return
-    text = json.dumps({"version": VERSION, "model_to_native": np.asarray(matrix, np.float64).tolist()})
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
-            handle.write(text)
-        os.replace(handle.name, path)
-    except OSError:
-        try:
-            os.unlink(handle.name)
-        except (OSError, NameError):
-            pass
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps({"version": VERSION, "model_to_native": np.asarray(matrix, np.float64).tolist()}))
+    except OutputError:
+        pass
