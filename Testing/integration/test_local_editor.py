@@ -228,7 +228,7 @@ def prior_bundle(local_bundle, tmp_path_factory):
 
 def test_a_prior_bundle_reads_the_registered_template_maps_in_each_box(prior_bundle, monkeypatch):
     from USBLib.editor.local.stage import LocalStage
-    from USBLib.imaging.boxes import lesion_boxes
+    from USBLib.imaging.boxes import Box, lesion_boxes
 
     editor = Editor(prior_bundle, device="cpu")
     assert editor.local.needs_prior
@@ -249,9 +249,13 @@ def test_a_prior_bundle_reads_the_registered_template_maps_in_each_box(prior_bun
     maps = np.concatenate([editor.space["template"][None],
                            np.moveaxis(np.asarray(nib.load(str(prior_bundle.path("local_prior"))).dataobj), -1, 0)])
     box = lesion_boxes(mask, [4, 4, 4], 1, min_side=[4, 4, 4])[0][0]
+    # the stage ran on the edit's window of the scan (``Editor._edit_window``): its prior reads the window's voxels
+    origin = np.rint(np.linalg.solve(aff, prior.mapping.native_affine[:, 3])[:3]).astype(int)
+    np.testing.assert_allclose(prior.mapping.native_affine[:3, :3], aff[:3, :3])
+    in_window = Box(tuple(int(s) for s in np.asarray(box.start) - origin), box.shape, box.label)
     whole = np.stack([mapping.to_native(m) for m in maps])
     window = tuple(slice(max(s, 0), s + n) for s, n in zip(box.start, box.shape))
-    got = prior.read(box)[(slice(None),) + tuple(slice(w.start - s, w.stop - s) for w, s in zip(window, box.start))]
+    got = prior.read(in_window)[(slice(None),) + tuple(slice(w.start - s, w.stop - s) for w, s in zip(window, box.start))]
     np.testing.assert_allclose(got, whole[(slice(None),) + window], atol=1e-5)
     assert got[1:].max() > 0.5  # the tissue maps reach the lesion's box
 
@@ -281,3 +285,40 @@ def test_only_the_heal_of_a_drawn_lesion_is_one_sided_and_its_grain_goes_where_i
     healed = _with_grain("heal", _signed("heal", mask, edit), grain)
     assert np.array_equal(healed, [[[[0.0, 0.0, 3.25]]], [[[1.25, 0.0, 0.75]]]])
     assert np.array_equal(_with_grain("embed", edit, grain), edit + grain)
+
+
+def test_an_edit_cut_to_its_lesion_neighbourhood_is_the_whole_scan_edit(prior_bundle, monkeypatch):
+    """After the registration, an edit runs on a window of the scan around its lesion (``editor._edit_window``).
+    On a 1 mm scan, where every stage runs (boundary average and rim growth; the prior anchor of a deep lesion; the
+    patch blend at a lesion on the scan's face; realism's noise and grain in the embed), the heals and the embed
+    are bit for bit those of the whole scan."""
+    import USBLib.editor.editor as editor_mod
+
+    shape = (100, 110, 90)
+    aff = phantoms.grid_affine(shape, 1.0, center=(20.0, -5.0, 10.0))
+    deep = phantoms.sphere_mask(shape, aff, (28.0, 5.0, 20.0), 10.0)
+    img = phantoms.phantom(shape, aff, lesion_center=(28.0, 5.0, 20.0), lesion_radius=9.0, noise=0.02)
+    img = img.astype(np.int16)
+    face = np.zeros(shape, np.uint8)
+    face[:4, 50:56, 40:47] = 1  # a lesion cut by the scan's first face
+    img[face > 0] = (img[face > 0] * 0.6).astype(np.int16)
+    heal = dict(growth="rim", dilation_mm=3.0, margin_mm=3.0, boundary_average=True, patch_blend=0.45,
+                prior_anchor=True, stages="local")
+    editor = Editor(prior_bundle, device="cpu")
+    runs = {"deep": lambda: editor.heal(img, aff, deep, seed=3, **dict(heal, patch_blend=0.0)),  # (its 3 s)
+            "face": lambda: editor.heal(img, aff, face, seed=3, **heal),
+            "embed": lambda: editor.embed(img, aff, deep, seed=3, stages="local", local_mode="realism")}
+    windows = []
+    cut = editor_mod._edit_window
+    monkeypatch.setattr(editor_mod, "_edit_window", lambda *args: windows.append(cut(*args)) or windows[-1])
+    windowed = {name: run() for name, run in runs.items()}
+    assert windowed["face"].provenance["patch_blend"] == 0.45 and "texture" in windowed["embed"].provenance
+    sizes = [np.prod([s.stop - s.start for s in w]) for w in windows]
+    assert max(sizes) < 0.8 * img.size, sizes  # each window is a part of the scan
+    assert windows[1][0].start == 0  # the face lesion's window ends at the scan's face
+    monkeypatch.setattr(editor_mod, "_edit_window", lambda mask, affine, settings, shape: tuple(slice(0, n) for n in shape))
+    for name, run in runs.items():
+        whole = run()
+        assert (windowed[name].image != img).any(), name
+        assert np.array_equal(windowed[name].image, whole.image), name
+        assert windowed[name].provenance["edit_region_voxels"] == whole.provenance["edit_region_voxels"]

@@ -32,7 +32,9 @@ def _blend(image, mask, weight=0.5, fill=30.0):
     effect[0][mask > 0] = fill  # the network's fill (30: 10 below the tissue it should reach)
     reach = ndimage.binary_dilation(mask > 0, iterations=6)
     settings = {"patch_blend": weight, "dilation_mm": 3.0, "margin_mm": 3.0}
-    out, out_reach = Editor._patch_blend_stage(image, np.eye(4), mask, np.ones(SHAPE, bool), effect, reach, settings)
+    p99 = float(np.percentile(image.astype(np.float32), 99))  # the whole scan's (here: all brain)
+    out, out_reach = Editor._patch_blend_stage(image, np.eye(4), mask, np.ones(SHAPE, bool), effect, reach, settings,
+                                               p99)
     assert np.array_equal(out_reach, reach)
     return effect, out
 

@@ -38,6 +38,14 @@ class SpaceMapping:
     model_affine: np.ndarray
     model_to_native: np.ndarray  # 4x4, RAS mm -> RAS mm
 
+    def window(self, window: tuple[slice, ...]) -> "SpaceMapping":
+        """The same mapping for a window of the native grid (``window``: 3 slices of it, step 1): its shape, and
+        its affine with the window's first voxel as the origin."""
+        shift = np.eye(4)
+        shift[:3, 3] = [s.start for s in window]
+        return SpaceMapping(tuple(s.stop - s.start for s in window), self.native_affine @ shift, self.model_shape,
+                            self.model_affine, self.model_to_native)
+
     def model_vox_to_native_vox(self) -> np.ndarray:
         """4x4 voxel-to-voxel map, model IJK -> native IJK: ``inv(native_affine) @ model_to_native @ model_affine``."""
         return np.linalg.inv(self.native_affine) @ self.model_to_native @ self.model_affine

@@ -78,12 +78,16 @@ class LocalStage:
     def deviation(self, image: np.ndarray, mask: np.ndarray, spacing, task: str, settings: LocalSettings,
                   generator: torch.Generator, samples: int = 1,
                   tick: Optional[Callable[[], None]] = None, clip: tuple[float, float] = (0.0, 1.5),
-                  region: Optional[np.ndarray] = None, prior: Optional[TissuePrior] = None) -> np.ndarray:
+                  region: Optional[np.ndarray] = None, prior: Optional[TissuePrior] = None,
+                  noise_frame: Optional[tuple[tuple[int, ...], tuple[slice, ...]]] = None) -> np.ndarray:
         """Deviation [samples, I, J, K] (model units) for ``image`` [I, J, K] (model units, not clipped) and its
         lesion ``mask``; zero outside the lesion groups' context regions. ``task``: ``heal`` or ``embed``.
         ``region``: a heal's fill region [I, J, K] on the scan's grid (e.g. ``USBLib.imaging.rim``), or None for
         the mask grown by ``settings.dilation_mm``. ``prior``: the template's tissue prior on the scan's grid
         (``USBLib.editor.local.prior``), needed when the network reads it (``needs_prior``), else ignored.
+        ``noise_frame``: (the scan's shape, the slices of it that ``image`` is) when ``image`` is a window of a
+        larger scan (``Editor._edit_window``): the realism noise is drawn over the whole scan and read there, so
+        a voxel's noise does not depend on the window.
 
         The network sees the image clipped to ``clip`` (its training range); for heal, the clipped-off part of
         the fill region is added back to the deviation, so the result is the healed clipped image there."""
@@ -101,7 +105,8 @@ class LocalStage:
         # whatever box it falls in, so a growing mask (progression series) keeps its texture in place
         field = None
         if settings.mode == "realism" and not resample and draws <= 8:
-            field = torch.randn((draws, *image.shape), generator=generator).numpy()
+            scan_shape, window = noise_frame or (image.shape, (slice(None),) * 3)
+            field = torch.randn((draws, *scan_shape), generator=generator).numpy()[(slice(None), *window)]
         dilation = int(round(settings.dilation_mm / float(np.mean(grid_mm)))) if task == "heal" else 0
         for box in boxes:
             group = box.read(labels) == box.label
