@@ -22,7 +22,7 @@ from USBLib.imaging.checks import check_image, check_mask
 from USBLib.imaging.fusion import edit_weight, fuse
 from USBLib.imaging.intensity import IntensityMap
 from USBLib.settings import validate, value_of
-from USBLib.imaging.spatial import SpaceMapping, register
+from USBLib.imaging.spatial import SpaceMapping, register, window_affine
 
 MAPPINGS_KEPT = 8  # registrations an Editor keeps for scans that come again (each a few hundred bytes)
 
@@ -306,7 +306,7 @@ class Editor:
         # the rest reads and writes the lesion's neighbourhood only (``_edit_window``): the scan outside it is kept
         window = _edit_window(mask, affine, settings, image.shape)
         edited, window_uncertainty, reach = self._window_stages(
-            task, original[window], image[window], _window_affine(affine, window),
+            task, original[window], image[window], window_affine(affine, window),
             None if mask is None else mask[window], brain[window], None if content is None else content[window],
             latent_deviation[(slice(None),) + window], imap, mapping.window(window), settings, samples, seed,
             generator, prog, n_local, extra, (image.shape, window), _brain_p99(task, image, mask, brain, settings, affine))
@@ -1035,13 +1035,6 @@ def _edit_window(mask: np.ndarray | None, affine: np.ndarray, settings: dict[str
     found = ndimage.find_objects((np.asarray(mask) > 0).astype(np.uint8))[0]
     return tuple(slice(max(s.start - r, 0), min(s.stop + r, n))  # type: ignore[return-value]
                  for s, r, n in zip(found, reach, shape))
-
-
-def _window_affine(affine: np.ndarray, window: tuple[slice, ...]) -> np.ndarray:
-    """The voxel-to-RAS affine of ``window`` (slices of a scan with ``affine``): its first voxel is the origin."""
-    shift = np.eye(4)
-    shift[:3, 3] = [s.start for s in window]
-    return np.asarray(affine, np.float64) @ shift
 
 
 def _averages_boundary(task: str, mask: np.ndarray | None, settings: dict[str, Any]) -> bool:

@@ -41,10 +41,8 @@ class SpaceMapping:
     def window(self, window: tuple[slice, ...]) -> "SpaceMapping":
         """The same mapping for a window of the native grid (``window``: 3 slices of it, step 1): its shape, and
         its affine with the window's first voxel as the origin."""
-        shift = np.eye(4)
-        shift[:3, 3] = [s.start for s in window]
-        return SpaceMapping(tuple(s.stop - s.start for s in window), self.native_affine @ shift, self.model_shape,
-                            self.model_affine, self.model_to_native)
+        return SpaceMapping(tuple(s.stop - s.start for s in window), window_affine(self.native_affine, window),
+                            self.model_shape, self.model_affine, self.model_to_native)
 
     def model_vox_to_native_vox(self) -> np.ndarray:
         """4x4 voxel-to-voxel map, model IJK -> native IJK: ``inv(native_affine) @ model_to_native @ model_affine``."""
@@ -79,6 +77,14 @@ class SpaceMapping:
         """
         return resample(np.asarray(data, dtype=np.float32), np.linalg.inv(self.model_vox_to_native_vox()),
                         self.native_shape, order)
+
+
+def window_affine(affine: np.ndarray, window: tuple[slice, ...]) -> np.ndarray:
+    """The voxel-to-RAS affine (4x4, mm) of ``window`` (3 slices, step 1) of a grid with ``affine``: the window's
+    first voxel is its origin."""
+    shift = np.eye(4)
+    shift[:3, 3] = [s.start for s in window]
+    return np.asarray(affine, np.float64) @ shift
 
 
 def voxel_size_ratio(model_affine: np.ndarray, model_to_native: np.ndarray, native_affine: np.ndarray) -> np.ndarray:
