@@ -255,7 +255,8 @@ def test_a_prior_bundle_reads_the_registered_template_maps_in_each_box(prior_bun
     in_window = Box(tuple(int(s) for s in np.asarray(box.start) - origin), box.shape, box.label)
     whole = np.stack([mapping.to_native(m) for m in maps])
     window = tuple(slice(max(s, 0), s + n) for s, n in zip(box.start, box.shape))
-    got = prior.read(in_window)[(slice(None),) + tuple(slice(w.start - s, w.stop - s) for w, s in zip(window, box.start))]
+    inside = tuple(slice(w.start - s, w.stop - s) for w, s in zip(window, box.start))
+    got = prior.read(in_window)[(slice(None),) + inside]
     np.testing.assert_allclose(got, whole[(slice(None),) + window], atol=1e-5)
     assert got[1:].max() > 0.5  # the tissue maps reach the lesion's box
 
@@ -316,7 +317,8 @@ def test_an_edit_cut_to_its_lesion_neighbourhood_is_the_whole_scan_edit(prior_bu
     sizes = [np.prod([s.stop - s.start for s in w]) for w in windows]
     assert max(sizes) < 0.8 * img.size, sizes  # each window is a part of the scan
     assert windows[1][0].start == 0  # the face lesion's window ends at the scan's face
-    monkeypatch.setattr(editor_mod, "_edit_window", lambda mask, affine, settings, shape: tuple(slice(0, n) for n in shape))
+    whole_scan = lambda mask, affine, settings, shape: tuple(slice(0, n) for n in shape)  # noqa: E731
+    monkeypatch.setattr(editor_mod, "_edit_window", whole_scan)
     for name, run in runs.items():
         whole = run()
         assert (windowed[name].image != img).any(), name

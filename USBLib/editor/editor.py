@@ -309,7 +309,8 @@ class Editor:
             task, original[window], image[window], window_affine(affine, window),
             None if mask is None else mask[window], brain[window], None if content is None else content[window],
             latent_deviation[(slice(None),) + window], imap, mapping.window(window), settings, samples, seed,
-            generator, prog, n_local, extra, (image.shape, window), _brain_p99(task, image, mask, brain, settings, affine))
+            generator, prog, n_local, extra, (image.shape, window),
+            _brain_p99(task, image, mask, brain, settings, affine))
         result, uncertainty = original.copy(), None
         result[window] = edited
         if window_uncertainty is not None:
