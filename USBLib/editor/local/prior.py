@@ -47,8 +47,5 @@ class TissuePrior:
     def read(self, box: Box) -> np.ndarray:
         """The prior on the voxels of ``box`` (a box on the scan's grid; it may reach past the scan):
         [1 + C, *box.shape] float32, trilinear, zero outside the model grid."""
-        shift = np.eye(4)
-        shift[:3, 3] = box.start
-        sub = SpaceMapping(tuple(box.shape), self.mapping.native_affine @ shift, self.mapping.model_shape,
-                           self.mapping.model_affine, self.mapping.model_to_native)
+        sub = self.mapping.window(tuple(slice(s, s + n) for s, n in zip(box.start, box.shape)))
         return np.stack([sub.to_native(m, order=1) for m in self.maps])
