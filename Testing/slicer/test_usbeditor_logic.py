@@ -204,6 +204,48 @@ def test_started_run_can_be_cancelled_and_its_files_go(t1, logic, tiny_model, sc
     assert node_ids(scene) == before_nodes
 
 
+def _ended(pid: int, timeout: float = 60.0) -> bool:
+    """Whether process ``pid`` is gone within ``timeout`` seconds (the worker's reader thread reaps it)."""
+    import os
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_second_run_reuses_the_warm_worker_and_a_cancel_or_idleness_ends_it(t1, logic, tiny_model, monkeypatch):
+    volume, seg, segment_id, _, _ = t1
+
+    def heal(settings=FAST):
+        return logic.start(Task.HEAL, volume, seg, segment_id, settings, model=tiny_model, device=Device.CPU)
+
+    def finish(run):
+        assert run.process.wait() == 0
+        return slicer.util.arrayFromVolume(logic.finish(run).volume)
+
+    first = heal()
+    healed = finish(first)
+    second = heal()
+    assert second.process.pid == first.process.pid  # no new process: torch, MONAI and the model stay loaded
+    np.testing.assert_array_equal(finish(second), healed)  # and the kept model heals alike
+    logic.cancel(heal(RunSettings(steps=50)))  # a cancel kills the worker ...
+    assert _ended(first.process.pid)
+    third = heal()
+    assert third.process.pid != first.process.pid  # ... and the next run starts a fresh one
+    np.testing.assert_array_equal(finish(third), healed)
+    monkeypatch.setenv("USB_WORKER_IDLE_S", "0")  # sent away as soon as it is idle (read by this process)
+    fourth = heal()
+    assert fourth.process.pid == third.process.pid
+    finish(fourth)
+    assert _ended(fourth.process.pid)
+
+
 @pytest.mark.parametrize("case, message", [
     ("no volume", "Select an input volume"),
     ("no mask", "Select the lesion"),

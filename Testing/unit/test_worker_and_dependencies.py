@@ -49,6 +49,38 @@ def test_worker_reports_bad_jobs_in_one_line(tmp_path):
     assert usage.returncode == 2 and usage.stdout.startswith("USB-ERROR usage")
 
 
+def test_a_serving_worker_reports_each_job_to_its_end_and_keeps_serving_after_a_bad_one(tmp_path, capsys):
+    from USBLib.apps import worker
+
+    write_job(tmp_path / "a", "embed", {"steps": 2}, image=(np.zeros((4, 4, 4), np.float32), np.eye(4)))
+    write_job(tmp_path / "b", "heal", {"steps": 2}, image=(np.zeros((4, 4, 4), np.float32), np.eye(4)),
+              model=str(tmp_path / "no-such-model"))
+    assert worker.serve([f"{tmp_path / 'a'}\n", "\n", f"{tmp_path / 'b'}\n"]) == 0
+    events = [parse_line(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(e.kind, e.done) for e in events if e.kind in ("error", "done")] == [("error", 0), ("done", 2),
+                                                                               ("error", 0), ("done", 2)]
+    assert events[0].text == "embedding needs a lesion mask" and "no-such-model" in events[2].text
+    assert parse_line("USB-DONE 0").kind == "done" and parse_line("USB-DONE x").kind == "log"
+
+
+def test_a_serving_worker_keeps_its_editor_for_the_same_unchanged_model(tiny_bundle, tmp_path):
+    import os
+    import shutil
+
+    from USBLib.apps.worker import _editor
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_bundle.root, model)
+    kept: dict = {}
+    first = _editor(str(model), "cpu", kept)
+    assert _editor(str(model), "cpu", kept) is first and len(kept) == 1
+    weights = next(model.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # the bundle re-exported
+    second = _editor(str(model), "cpu", kept)
+    assert second is not first and len(kept) == 1  # one model at a time
+    assert _editor(str(model), "cpu", None) is not second  # a one-job worker keeps nothing
+
+
 def test_growing_masks_grow_from_the_core_to_the_whole_mask():
     mask = np.zeros((30, 30, 30), np.uint8)
     mask[5:25, 8:22, 10:20] = 1

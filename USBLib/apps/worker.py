@@ -1,8 +1,12 @@
-"""Background worker: runs one ``Editor`` task described by a job folder and reports progress on stdout.
+"""Background worker: runs ``Editor`` tasks described by job folders and reports progress on stdout.
 
-The Slicer module starts ``PythonSlicer -m USBLib.apps.worker JOB_DIR`` so the diffusion never blocks Slicer's
-GUI and its memory (GPU included) is freed when the process ends. Importing this module is light
-(numpy only); torch loads when a job runs.
+``python -m USBLib.apps.worker JOB_DIR`` runs one job and exits. The Slicer module and ``usb web`` start
+``PythonSlicer -m USBLib.apps.worker --serve`` instead (``USBEditorLib.process``): it reads one job folder per
+line on stdin and keeps torch, MONAI and the last model loaded between jobs, so that a second edit does not pay
+the 6-7 s of imports and model loading again; it ends when stdin closes (Slicer quits, or the caller closes it
+after ``USB_WORKER_IDLE_S`` idle seconds to free the memory, GPU included) or after an unexpected failure. The
+diffusion never blocks Slicer's GUI either way. Importing this module is light (numpy only); torch loads when a
+job runs.
 
 Job folder: ``job.json`` (``task``, ``model``, ``device``, ``settings``, ``frames``, and the names of the
 input array files ``image``/``mask``) plus those files. Arrays travel as ``.npz`` with ``data`` ([I,J,K],
@@ -14,7 +18,9 @@ stdout protocol, one line per event:
     USB-PROGRESS <done> <total> <message>
     USB-RESULT <path of result.json>
     USB-ERROR <one-line message>
-Exit code 0 on success, 2 for a user/model error (message in USB-ERROR), 1 for anything unexpected.
+    USB-DONE <code>          (``--serve`` only: the job's end; then the next job folder is read)
+Exit code (a job's code with ``--serve``): 0 on success, 2 for a user/model error (message in USB-ERROR), 1 for
+anything unexpected.
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 
@@ -32,7 +38,8 @@ JOB_FILE = "job.json"
 RESULT_FILE = "result.json"
 OUT_DIR = "out"
 TASKS = ("heal", "embed", "generate_from_mask", "generate")
-PROGRESS, RESULT, ERROR = "USB-PROGRESS", "USB-RESULT", "USB-ERROR"
+PROGRESS, RESULT, ERROR, DONE = "USB-PROGRESS", "USB-RESULT", "USB-ERROR", "USB-DONE"
+SERVE = "--serve"
 
 
 # ----------------------------------------------------------------- array files
@@ -61,7 +68,7 @@ def load_array(path: Path) -> tuple[np.ndarray, np.ndarray]:
 class Event:
     """One parsed stdout line of the worker."""
 
-    kind: str  # "progress", "result", "error" or "log"
+    kind: str  # "progress", "result", "error", "done" (``done`` holds the job's exit code) or "log"
     done: int = 0
     total: int = 0
     text: str = ""
@@ -85,6 +92,8 @@ def parse_line(line: str) -> Event:
         return Event("result", text=rest)
     if head == ERROR:
         return Event("error", text=rest)
+    if head == DONE and rest.lstrip("-").isdigit():
+        return Event("done", int(rest))
     return Event("log", text=line)
 
 
@@ -107,10 +116,32 @@ def write_job(job_dir: Path, task: str, settings: dict[str, Any], image: Optiona
 
 
 # ----------------------------------------------------------------- running
-def run_job(job_dir: Path, progress=None) -> Path:
-    """Run the job in ``job_dir``; returns ``out/result.json``. Raises ``USBError`` for bad input/model."""
-    from USBLib.errors import InputError
+def _model_stamp(model: Optional[str]) -> tuple:
+    """What identifies a bundle folder's contents (names, sizes, modification times); () for an installed name."""
+    folder = Path(model) if model else None
+    if folder is None or not folder.is_dir():
+        return ()
+    return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file()))
+
+
+def _editor(model: Optional[str], device: str, kept: Optional[dict]):
+    """The ``Editor`` for a job: from ``kept`` (the one a serving worker holds) when the same model, unchanged on
+    disk, on the same device; else a new one, which replaces it there."""
     from USBLib.editor.editor import Editor
+
+    if kept is None:
+        return Editor(model, device=device)
+    key = (model, device, _model_stamp(model))
+    if key not in kept:
+        kept.clear()  # one model at a time: the previous one's memory goes
+        kept[key] = Editor(model, device=device)
+    return kept[key]
+
+
+def run_job(job_dir: Path, progress=None, editors: Optional[dict] = None) -> Path:
+    """Run the job in ``job_dir``; returns ``out/result.json``. Raises ``USBError`` for bad input/model.
+    ``editors``: a serving worker's kept ``Editor`` (reused for the same model; see ``_editor``)."""
+    from USBLib.errors import InputError
 
     job_dir = Path(job_dir)
     job = json.loads((job_dir / JOB_FILE).read_text())
@@ -119,7 +150,7 @@ def run_job(job_dir: Path, progress=None) -> Path:
         raise InputError(f"unknown task {task!r}")
     image = load_array(job_dir / job["image"]) if job.get("image") else None
     mask = load_array(job_dir / job["mask"]) if job.get("mask") else None
-    editor = Editor(job.get("model"), device=job.get("device") or "auto")
+    editor = _editor(job.get("model"), job.get("device") or "auto", editors)
     outputs: list[tuple[str, int, np.ndarray, np.ndarray]] = []  # role, index, data, affine
     provenance: dict[str, Any]
     if task in ("heal", "embed"):
@@ -174,18 +205,12 @@ def _emit(line: str) -> None:
     sys.stdout.flush()
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    """Entry point of ``python -m USBLib.apps.worker JOB_DIR``."""
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        _emit(f"{ERROR} usage: python -m USBLib.apps.worker JOB_DIR")
-        return 2
+def _report(job_dir: Path, editors: Optional[dict] = None) -> int:
+    """Run one job, reporting progress, the result or a one-line error on stdout; returns its exit code."""
     from USBLib.errors import USBError
-    from USBLib.editor.editor import threads_from_env
 
-    threads_from_env()
     try:
-        result = run_job(Path(argv[0]), progress=lambda d, t, m: _emit(progress_line(d, t, m)))
+        result = run_job(job_dir, progress=lambda d, t, m: _emit(progress_line(d, t, m)), editors=editors)
     except USBError as exc:
         _emit(f"{ERROR} {' '.join(str(exc).split())}")
         return 2
@@ -197,6 +222,35 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
     _emit(f"{RESULT} {result}")
     return 0
+
+
+def serve(lines: Optional[Iterable[str]] = None) -> int:
+    """Run the job folders read one per line from ``lines`` (stdin), each ended by ``USB-DONE <code>``, keeping
+    the last model's ``Editor``; returns at the end of input, or 1 after an unexpected failure (whatever state it
+    left, the next job gets a fresh process)."""
+    editors: dict = {}
+    for line in sys.stdin if lines is None else lines:
+        if not line.strip():
+            continue
+        code = _report(Path(line.strip()), editors)
+        _emit(f"{DONE} {code}")
+        if code == 1:
+            return 1
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of ``python -m USBLib.apps.worker JOB_DIR`` (one job) or ``... --serve`` (jobs from stdin)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        _emit(f"{ERROR} usage: python -m USBLib.apps.worker JOB_DIR | {SERVE}")
+        return 2
+    from USBLib.editor.editor import threads_from_env
+
+    threads_from_env()
+    if argv[0] == SERVE:
+        return serve()
+    return _report(Path(argv[0]))
 
 
 if __name__ == "__main__":
