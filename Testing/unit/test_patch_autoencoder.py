@@ -51,12 +51,12 @@ def test_refinement_learns_and_factor_is_the_patch():
     ae = build_autoencoder(CFG)
     vols = _volumes(2)
     ae.initialise_from_patches(vols)
-    x = torch.from_numpy(vols)[:, None]
+    x = torch.from_numpy(vols)[:, None, 8:32, 12:36, 8:32]  # the middle 24³ voxels (on the 4-voxel patch grid)
     with torch.no_grad():
         before = float((ae(x)[0] - x).abs().mean())
     refinement = [p for name, p in ae.named_parameters() if name.startswith("refine")]
     opt = torch.optim.Adam(refinement, 1e-3)
-    for _ in range(30):
+    for _ in range(60):  # the PCA start is near optimal: the loss dips below it after about 40 steps
         loss = (ae(x)[0] - x).abs().mean()
         opt.zero_grad()
         loss.backward()

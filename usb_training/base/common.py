@@ -87,6 +87,9 @@ def module_weights(folder: Path, name: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in load_file(str(Path(folder) / CHECKPOINT)).items() if k.startswith(prefix)}
 
 
+PLOT_SECONDS = 300.0  # loss.png is redrawn at most this often during a run (a drawing takes 0.3-0.7 s)
+
+
 class History:
     """Loss history of a stage (``history.json``) and its PNG curves."""
 
@@ -94,6 +97,7 @@ class History:
         self.path = Path(folder) / HISTORY
         self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {
             "train": [], "val": [], "seconds": 0.0}
+        self._plotted = time.monotonic()  # a run's first checkpoint draws no curve of its first steps
 
     def log(self, split: str, step: int, **values: float) -> None:
         self.data[split].append({"step": step, **{k: float(v) for k, v in values.items()}})
@@ -102,9 +106,12 @@ class History:
         """Whether the last validation entry is for ``step`` (so a final validation is not repeated)."""
         return bool(self.data["val"]) and self.data["val"][-1]["step"] == step
 
-    def save(self, title: str) -> None:
+    def save(self, title: str, final: bool = True) -> None:
+        """Write history.json; redraw loss.png at a run's ``final`` save, else at most every ``PLOT_SECONDS``."""
         self.path.write_text(json.dumps(self.data, indent=1))
-        plot_curves(self.data, self.path.with_name("loss.png"), title)
+        if final or time.monotonic() - self._plotted >= PLOT_SECONDS:
+            plot_curves(self.data, self.path.with_name("loss.png"), title)
+            self._plotted = time.monotonic()
 
 
 def plot_curves(data: Mapping[str, Any], out: Path, title: str) -> None:

@@ -172,10 +172,10 @@ def train(cfg: dict[str, Any], work: Path, minutes: float | None = None, steps: 
     rng = np.random.default_rng([seed, step, ctx.rank])
     budget = Budget(minutes, first_step=step)
 
-    def checkpoint(extra: dict[str, Any] | None = None) -> None:
+    def checkpoint(extra: dict[str, Any] | None = None, final: bool = False) -> None:
         history.data["seconds"] = seconds_before + budget.elapsed()
         save_checkpoint(folder, modules, opt, {"step": step, **(extra or {})})
-        history.save("autoencoder (L1; val: PSNR dB, background, mask L1)")
+        history.save("autoencoder (L1; val: PSNR dB, background, mask L1)", final)
 
     model.train()
     bar = tqdm(total=total, initial=step, desc="autoencoder", disable=not (progress and ctx.main))
@@ -222,7 +222,7 @@ def train(cfg: dict[str, Any], work: Path, minutes: float | None = None, steps: 
             history.log("val", step, **validate(ae, val_images, val_masks))
         scale = latent_scale(ae, images)
         history.data["scale_factor"] = scale
-        checkpoint({"scale_factor": scale})
+        checkpoint({"scale_factor": scale}, final=True)
     distributed.barrier(ctx)
     distributed.teardown(ctx)
     return folder

@@ -143,10 +143,10 @@ def train(cfg: dict[str, Any], work: Path, minutes: float | None = None, steps: 
     batch = int(c["batch"])
     gamma = float(c.get("min_snr_gamma", 0.0))
 
-    def checkpoint() -> None:
+    def checkpoint(final: bool = False) -> None:
         history.data["seconds"] = seconds_before + budget.elapsed()
         save_checkpoint(folder, modules, opt, {"step": step})
-        history.save(f"USB_lesion / USB_brain ({sched.prediction_type} MSE)")
+        history.save(f"USB_lesion / USB_brain ({sched.prediction_type} MSE)", final)
 
     bar = tqdm(total=total, initial=step, desc="diffusion", disable=not (progress and ctx.main))
     for net in nets.values():
@@ -181,7 +181,7 @@ def train(cfg: dict[str, Any], work: Path, minutes: float | None = None, steps: 
     if ctx.main:
         if not history.validated_at(step):
             history.log("val", step, **validate({k: emas[f"ema_{k}"].module for k in nets}, sched, val_lat))
-        checkpoint()
+        checkpoint(final=True)
     distributed.barrier(ctx)
     distributed.teardown(ctx)
     return folder

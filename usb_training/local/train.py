@@ -212,7 +212,7 @@ def train(work: Path, minutes: float | None = None, steps: int | None = None, se
         if time.monotonic() - last_ckpt > tc["checkpoint_minutes"] * 60:
             history.data["seconds"] = history.data.get("seconds", 0.0) + (time.monotonic() - last_ckpt)
             save_checkpoint(out, {"model": net, "ema": ema}, opt, {"step": step, "windows": len(pool) if pool else 0})
-            history.save("local deviation network")
+            history.save("local deviation network", final=False)
             last_ckpt = time.monotonic()
     if stream is not None:
         stream.close()  # ends the loader processes
