@@ -27,6 +27,13 @@ def pytest_configure(config):
         os.environ["USB_CACHE_DIR"] = config._usb_cache_dir = tempfile.mkdtemp(prefix="usb-test-cache-")
 
 
+def pytest_collection_modifyitems(config, items):
+    """The files marked ``slow`` first, each file's tests in their order: pytest-xdist hands out whole files in this
+    order (``--dist loadfile --no-loadscope-reorder``), so the long files start early and the short ones fill the
+    two workers' ends (by its own order, by number of tests, the 45 s browser file came last)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_unconfigure(config):
     if getattr(config, "_usb_cache_dir", None):
         shutil.rmtree(config._usb_cache_dir, ignore_errors=True)

@@ -14,6 +14,8 @@ from USBLib.apps.batch_inputs import find_subjects, shard
 from USBLib.apps.cli import main
 from USBLib.errors import InputError
 
+pytestmark = pytest.mark.slow  # started first (Testing/conftest.py): the long files must not end the run
+
 
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -12,6 +12,8 @@ import pytest
 from USBLib.core import bundle as bundle_mod
 from USBLib.apps.cli import main
 
+pytestmark = pytest.mark.slow  # started first (Testing/conftest.py): the long files must not end the run
+
 
 def run(capsys, *argv):
     code = main([str(a) for a in argv])

@@ -17,6 +17,8 @@ from USBLib.apps.cli import main as usb_main
 from USBLib.errors import InputError
 from USBLib.editor.editor import Editor
 
+pytestmark = pytest.mark.slow  # started first (Testing/conftest.py): the long files must not end the run
+
 
 @pytest.fixture(scope="module")
 def local_bundle(tmp_path_factory):

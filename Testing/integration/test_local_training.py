@@ -31,6 +31,8 @@ from USBLib.core.schedule import NoiseSchedule
 from USBLib.editor.editor import Editor
 from USBLib.editor.local.conditioning import classical_fill
 
+pytestmark = pytest.mark.slow  # started first (Testing/conftest.py): the long files must not end the run
+
 TINY = json.loads(json.dumps(LOCAL_CONFIG))
 TINY["network"] = {"channels": [8, 8, 16], "num_res_blocks": 1, "attention_levels": [False, False, False],
                    "norm_num_groups": 8}  # three levels: the middle block attends at 1/4 resolution (phantoms.TINY_LOCAL)

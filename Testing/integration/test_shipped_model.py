@@ -14,6 +14,8 @@ from USBLib.imaging.fusion import dilate_mm
 from USBLib.imaging.io import read_volume
 from USBLib.editor.editor import Editor
 
+pytestmark = pytest.mark.slow  # started first (Testing/conftest.py): the long files must not end the run
+
 STEPS = 10  # latent stage: fewer than the defaults, to keep CI short; the direction must already be right
 HEAL_MARGIN_DB = 3.0   # local heal vs biharmonic inpainting of the mask grown by 2 voxels (measured +7.0 dB)
 EMBED_MAX_RATIO = 0.9  # lesion / surround mean intensity of an embedded lesion

@@ -20,6 +20,8 @@ from usb_training.data.synth import build, make_sample
 from usb_training.evaluation import evaluate
 from usb_training.latent import export, latents, train_autoencoder, train_diffusion
 
+pytestmark = pytest.mark.slow  # started first (Testing/conftest.py): the long files must not end the run
+
 SHAPE, SPACING = (32, 48, 32), 5.0
 
 

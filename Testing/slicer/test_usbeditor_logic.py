@@ -24,6 +24,8 @@ from USBEditorLib.logic import (Device, RunCancelled, RunSettings, Task, USBEdit
                                 describe_model, ijk_to_ras, installed_models, load_mask, load_sample, mask_from_node,
                                 missing_input, new_lesion_segmentation, segment_choices, segment_editor_node)
 
+pytestmark = pytest.mark.slow  # started first (Testing/conftest.py): the long files must not end the run
+
 FAST = RunSettings(steps=3, strength=0.5)
 
 

@@ -13,6 +13,8 @@ from USBLib.editor.local.conditioning import EMBED, HEAL, condition, fill_region
 from USBLib.editor.local.sampler import sample_deviation
 from USBLib.core.schedule import NoiseSchedule
 
+pytestmark = pytest.mark.slow  # started first (Testing/conftest.py): the long files must not end the run
+
 
 def _ball(shape, centre, r):
     ijk = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)

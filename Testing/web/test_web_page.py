@@ -31,6 +31,8 @@ playwright = pytest.importorskip("playwright.sync_api", reason="the browser test
 from USBLib.resources import sample_files  # noqa: E402
 from USBWeb import form  # noqa: E402
 
+pytestmark = pytest.mark.slow  # started first (Testing/conftest.py): the long files must not end the run
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 if not Path(CHROMIUM).is_file():
     pytest.skip("no Chromium: the browser tests drive Debian's (apt-get install -y chromium); Playwright's own "
