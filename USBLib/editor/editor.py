@@ -185,9 +185,15 @@ class Editor:
         return mapping
 
     def _native_brain(self, mapping: SpaceMapping, brain_mask: np.ndarray | None) -> np.ndarray:
+        """The scan's brain [I, J, K] bool: ``brain_mask`` if given, else the model's brain mask carried onto the
+        scan's grid (computed once per mapping: a whole-scan resampling, 0.6 s at 1 mm; read-only)."""
         if brain_mask is not None:
             return brain_mask > 0
-        return mapping.to_native(self.space["brain"].astype(np.float32), order=1) > 0.5
+        if "brain" not in mapping.derived:
+            brain = mapping.to_native(self.space["brain"].astype(np.float32), order=1) > 0.5
+            brain.flags.writeable = False
+            mapping.derived["brain"] = brain
+        return mapping.derived["brain"]
 
     @staticmethod
     def _model_mask(mapping: SpaceMapping, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -6,7 +6,7 @@ Registration (SimpleITK, Mattes mutual information, similarity then affine, thre
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
@@ -30,6 +30,8 @@ class SpaceMapping:
         model_shape: shape of the model grid (the bundle's ``grid_shape``), in voxels.
         model_affine: 4x4 voxel-to-RAS affine (mm) of the model grid (the bundle's ``grid_affine``, template space).
         model_to_native: 4x4 map from model (template) RAS mm to scan RAS mm, as returned by ``register``.
+        derived: arrays computed from this mapping alone, kept with it for the next edit of the same scan (the
+            Editor's model brain mask on the native grid); a window's mapping starts empty.
     """
 
     native_shape: tuple[int, int, int]
@@ -37,6 +39,7 @@ class SpaceMapping:
     model_shape: tuple[int, int, int]
     model_affine: np.ndarray
     model_to_native: np.ndarray  # 4x4, RAS mm -> RAS mm
+    derived: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     def window(self, window: tuple[slice, ...]) -> "SpaceMapping":
         """The same mapping for a window of the native grid (``window``: 3 slices of it, step 1): its shape, and
