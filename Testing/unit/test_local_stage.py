@@ -208,6 +208,7 @@ def test_large_boxes_run_in_windows_that_stitch_back_in_place(mode):
 def test_a_large_lesion_heals_in_bounded_windows():
     """A lesion group bigger than the window (the 62 GB attention crash of a big lesion) runs window by window
     through the real local U-Net, and the deviation still covers the whole lesion."""
+    from USBLib.core.devices import use_onednn_convs
     from USBLib.editor.local.network import build_local_unet
     from USBLib.editor.local.sampler import WINDOW
     from USBLib.editor.local.stage import LocalSettings, LocalStage
@@ -215,7 +216,7 @@ def test_a_large_lesion_heals_in_bounded_windows():
     torch.manual_seed(0)
     network = {"channels": [8, 8, 8], "num_res_blocks": 1, "attention_levels": [False, False, False],
                "norm_num_groups": 4}
-    net = _Recorder(build_local_unet(network).eval())
+    net = _Recorder(use_onednn_convs(build_local_unet(network).eval()))  # as ``LocalStage.from_state_dict`` on a CPU
     stage = LocalStage(net, {"network": network, "schedule": {"num_train_timesteps": 100,
                                                               "schedule": "linear_beta"}}, torch.device("cpu"))
     shape = (100, 100, 90)
@@ -389,11 +390,12 @@ def test_a_prior_network_reads_the_prior_of_each_box_and_refuses_to_run_without(
 
 def _zero_output_stage():
     """A local stage whose network outputs zero (MONAI zero-initialises its last layer): its heal is the base."""
+    from USBLib.core.devices import use_onednn_convs
     from USBLib.editor.local.network import build_local_unet
     from USBLib.editor.local.stage import LocalStage
 
     network = {"channels": [8, 8], "num_res_blocks": 1, "attention_levels": [False, False], "norm_num_groups": 4}
-    return LocalStage(build_local_unet(network).eval(), {"network": network, "schedule": {
+    return LocalStage(use_onednn_convs(build_local_unet(network).eval()), {"network": network, "schedule": {
         "num_train_timesteps": 100, "schedule": "linear_beta"}}, torch.device("cpu"))
 
 

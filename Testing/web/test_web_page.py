@@ -164,26 +164,8 @@ def lesion_voxels(page) -> int:
     return int(re.search(r"Lesion: (\d+)", text_of(page, "#usb-lesion")).group(1))
 
 
-# ----------------------------------------------------------------- tests (in this order, on one page)
-def test_cancel_mid_run_leaves_the_input_and_no_result(page, server):
-    load_sample(page)
-    page.click("#usb-advanced button")  # the latent stage with 1000 steps: a long run, so Cancel surely comes mid-run
-    choose(page, "usb-stages", "Latent")
-    page.fill("#usb-steps", "1000")
-    page.click("#usb-apply")
-    page.wait_for_selector("#usb-progress-text:not(:text-is('Starting'))")  # the worker has reported: mid-run
-    assert text_of(page, "#usb-status").startswith("Running"), text_of(page, "#usb-status")
-    page.evaluate("trame.trigger('usb_apply')")  # a second Apply (e.g. from another tab) while one runs
-    assert "already running" in wait_text(page, "#usb-error", "already running")
-    page.click("#usb-cancel")
-    wait_text(page, "#usb-status", "^Cancelled")
-    assert page.query_selector("#usb-compare") is None and page.query_selector("#usb-apply") is not None
-    assert text_of(page, "#usb-volume") == "Scan: sample_T1w" and lesion_voxels(page) > 0
-    assert not list(server[1].glob("USBEditor-*")), "the cancelled job's files were left behind"
-    page.click("#usb-reset")  # back to the model's settings
-    page.wait_for_function("document.querySelector('#usb-steps').value !== '1000'")
-
-
+# ----------------------------------------------------------------- tests (in this order, on one page: the runs share
+# one warm worker, which the cancel then ends)
 def test_heal_the_sample(page, tmp_path):
     load_sample(page)
     status = apply_and_wait_done(page)
@@ -234,6 +216,25 @@ def test_paint_a_stroke_and_embed_changes_only_near_it(page, tmp_path):
     settings = json.loads(files["sample_T1w_lesion.json"].read_text())["settings"]
     reach_mm = settings["dilation_mm"] + settings["margin_mm"] + 2  # mask growth + feather, 1 mm voxels, 2 mm slack
     assert ndimage.distance_transform_edt(~stroke)[changed].max() <= reach_mm, "voxels away from the stroke changed"
+
+
+def test_cancel_mid_run_leaves_the_input_and_no_result(page, server):
+    load_sample(page)
+    page.click("#usb-advanced button")  # the latent stage with 1000 steps: a long run, so Cancel surely comes mid-run
+    choose(page, "usb-stages", "Latent")
+    page.fill("#usb-steps", "1000")
+    page.click("#usb-apply")
+    page.wait_for_selector("#usb-progress-text:not(:text-is('Starting'))")  # the worker has reported: mid-run
+    assert text_of(page, "#usb-status").startswith("Running"), text_of(page, "#usb-status")
+    page.evaluate("trame.trigger('usb_apply')")  # a second Apply (e.g. from another tab) while one runs
+    assert "already running" in wait_text(page, "#usb-error", "already running")
+    page.click("#usb-cancel")
+    wait_text(page, "#usb-status", "^Cancelled")
+    assert page.query_selector("#usb-compare") is None and page.query_selector("#usb-apply") is not None
+    assert text_of(page, "#usb-volume") == "Scan: sample_T1w" and lesion_voxels(page) > 0
+    assert not list(server[1].glob("USBEditor-*")), "the cancelled job's files were left behind"
+    page.click("#usb-reset")  # back to the model's settings
+    page.wait_for_function("document.querySelector('#usb-steps').value !== '1000'")
 
 
 def test_corrupt_upload_is_one_readable_line(page, tmp_path):
