@@ -22,6 +22,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.util import VTKObservationMixin
 
 from USBEditorLib import dependencies
+from USBEditorLib.process import close_warm_workers
 from USBLib.settings import FALLBACKS, RANGES
 from USBEditorLib.logic import (TASK_INFO, Device, EditorLogic, LocalMode, RunSettings, Sampler, Stages, Task,
                                 USBEditorError,
@@ -137,6 +138,7 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         self._stopRun()
         self.removeObservers()
+        close_warm_workers()  # the kept worker's memory (GPU included) goes with the module
 
     def onReload(self) -> None:
         """Also re-import USBEditorLib (Slicer's generic reload only re-reads this file)."""

@@ -133,6 +133,7 @@ class _WarmWorker:
         self._lock = threading.Lock()
         self._job: Optional["queue.Queue[Event]"] = None  # the running job's events; None while idle
         self._closed = False
+        self._leaving = False  # sent away: ends at its run's end instead of waiting for the next
         self._timer: Optional[threading.Timer] = None
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace",
@@ -147,7 +148,10 @@ class _WarmWorker:
                 job = self._job
                 if event.kind == "done":
                     self._job = None
-                    self._idle_timer()
+                    if self._leaving:
+                        self._close()
+                    else:
+                        self._idle_timer()
             if job is not None:
                 job.put(event)
         self.proc.stdout.close()
@@ -168,6 +172,13 @@ class _WarmWorker:
 
     def _close_if_idle(self) -> None:
         with self._lock:
+            if self._job is None:
+                self._close()
+
+    def leave(self) -> None:
+        """End now if idle, else at the end of the run in progress."""
+        with self._lock:
+            self._leaving = True
             if self._job is None:
                 self._close()
 
@@ -230,6 +241,15 @@ def _start_on_warm_worker(job_dir: Path, command: list[str], env: dict[str, str]
     if not worker.submit(job_dir, job):
         raise RuntimeError("the USB worker could not be started")
     return worker
+
+
+def close_warm_workers() -> None:
+    """Send every warm worker away (the module's cleanup: Slicer closing, the module reloading); one in the middle
+    of a run finishes it first."""
+    with _WARM_LOCK:
+        for worker in _WARM:
+            worker.leave()
+        _WARM.clear()
 
 
 class WorkerProcess:
