@@ -180,81 +180,6 @@ def test_generate_pairs_give_brains_and_lesion_segmentations(scene, logic, tiny_
     assert slicer.util.arrayFromVolume(out.volume).max() > 0
 
 
-def test_cancel_leaves_the_scene_as_it_was(t1, logic, tiny_model, scene):
-    volume, seg, segment_id, _, _ = t1
-    before_nodes, before = node_ids(scene), fingerprint(volume)
-    seen = []
-
-    def cancel_at_denoising(done, total, message):
-        seen.append(message)
-        return "denoising" not in message
-
-    with pytest.raises(RunCancelled):
-        logic.run(Task.HEAL, volume, seg, segment_id, RunSettings(steps=20), model=tiny_model,
-                  progress=cancel_at_denoising)
-    assert any("denoising" in m for m in seen)
-    assert node_ids(scene) == before_nodes and fingerprint(volume) == before
-
-
-def test_started_run_can_be_cancelled_and_its_files_go(t1, logic, tiny_model, scene):
-    volume, seg, segment_id, _, _ = t1
-    before_nodes = node_ids(scene)
-    run = logic.start(Task.EMBED, volume, seg, segment_id, RunSettings(steps=50), model=tiny_model)
-    assert run.job_dir.is_dir()
-    logic.cancel(run)
-    assert not run.process.running and not run.job_dir.exists()
-    assert node_ids(scene) == before_nodes
-
-
-def _ended(pid: int, timeout: float = 60.0) -> bool:
-    """Whether process ``pid`` is gone within ``timeout`` seconds (the worker's reader thread reaps it)."""
-    import os
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def test_a_second_run_reuses_the_warm_worker_and_idleness_cleanup_or_cancel_ends_it(t1, logic, tiny_model,
-                                                                                     monkeypatch):
-    from USBEditorLib.process import close_warm_workers
-
-    volume, seg, segment_id, _, _ = t1
-
-    def heal(settings=FAST):
-        return logic.start(Task.HEAL, volume, seg, segment_id, settings, model=tiny_model, device=Device.CPU)
-
-    def finish(run):
-        assert run.process.wait() == 0
-        return slicer.util.arrayFromVolume(logic.finish(run).volume)
-
-    first = heal()
-    healed = finish(first)
-    second = heal()
-    assert second.process.pid == first.process.pid  # no new process: torch, MONAI and the model stay loaded
-    np.testing.assert_array_equal(finish(second), healed)  # and the kept model heals alike
-    monkeypatch.setenv("USB_WORKER_IDLE_S", "0")  # sent away as soon as it is idle (read by this process)
-    third = heal()
-    assert third.process.pid == first.process.pid
-    finish(third)
-    assert _ended(third.process.pid)
-    monkeypatch.delenv("USB_WORKER_IDLE_S")
-    fourth = heal()
-    assert fourth.process.pid != first.process.pid  # the next run starts a fresh one
-    close_warm_workers()  # the module's cleanup (Slicer closing) during a run: the run finishes, then the worker goes
-    np.testing.assert_array_equal(finish(fourth), healed)
-    assert _ended(fourth.process.pid)
-    fifth = heal(RunSettings(steps=50))
-    logic.cancel(fifth)  # a cancel kills the worker
-    assert _ended(fifth.process.pid)
-
-
 @pytest.mark.parametrize("case, message", [
     ("no volume", "Select an input volume"),
     ("no mask", "Select the lesion"),
@@ -378,3 +303,80 @@ def save_mask(path: Path, mask: np.ndarray, affine: np.ndarray) -> Path:
 
     nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), str(path))
     return path
+
+
+# last: these end the warm workers that the runs above share (the cancels the default device's, then
+# the warm-worker test ends its own and every other)
+def _ended(pid: int, timeout: float = 60.0) -> bool:
+    """Whether process ``pid`` is gone within ``timeout`` seconds (the worker's reader thread reaps it)."""
+    import os
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_cancel_leaves_the_scene_as_it_was(t1, logic, tiny_model, scene):
+    volume, seg, segment_id, _, _ = t1
+    before_nodes, before = node_ids(scene), fingerprint(volume)
+    seen = []
+
+    def cancel_at_denoising(done, total, message):
+        seen.append(message)
+        return "denoising" not in message
+
+    with pytest.raises(RunCancelled):
+        logic.run(Task.HEAL, volume, seg, segment_id, RunSettings(steps=20), model=tiny_model,
+                  progress=cancel_at_denoising)
+    assert any("denoising" in m for m in seen)
+    assert node_ids(scene) == before_nodes and fingerprint(volume) == before
+
+
+def test_started_run_can_be_cancelled_and_its_files_go(t1, logic, tiny_model, scene):
+    volume, seg, segment_id, _, _ = t1
+    before_nodes = node_ids(scene)
+    run = logic.start(Task.EMBED, volume, seg, segment_id, RunSettings(steps=50), model=tiny_model)
+    assert run.job_dir.is_dir()
+    logic.cancel(run)
+    assert not run.process.running and not run.job_dir.exists()
+    assert node_ids(scene) == before_nodes
+
+
+def test_a_second_run_reuses_the_warm_worker_and_idleness_cleanup_or_cancel_ends_it(t1, logic, tiny_model,
+                                                                                     monkeypatch):
+    from USBEditorLib.process import close_warm_workers
+
+    volume, seg, segment_id, _, _ = t1
+
+    def heal(settings=FAST):
+        return logic.start(Task.HEAL, volume, seg, segment_id, settings, model=tiny_model, device=Device.CPU)
+
+    def finish(run):
+        assert run.process.wait() == 0
+        return slicer.util.arrayFromVolume(logic.finish(run).volume)
+
+    first = heal()
+    healed = finish(first)
+    second = heal()
+    assert second.process.pid == first.process.pid  # no new process: torch, MONAI and the model stay loaded
+    np.testing.assert_array_equal(finish(second), healed)  # and the kept model heals alike
+    monkeypatch.setenv("USB_WORKER_IDLE_S", "0")  # sent away as soon as it is idle (read by this process)
+    third = heal()
+    assert third.process.pid == first.process.pid
+    finish(third)
+    assert _ended(third.process.pid)
+    monkeypatch.delenv("USB_WORKER_IDLE_S")
+    fourth = heal()
+    assert fourth.process.pid != first.process.pid  # the next run starts a fresh one
+    close_warm_workers()  # the module's cleanup (Slicer closing) during a run: the run finishes, then the worker goes
+    np.testing.assert_array_equal(finish(fourth), healed)
+    assert _ended(fourth.process.pid)
+    fifth = heal(RunSettings(steps=50))
+    logic.cancel(fifth)  # a cancel kills the worker
+    assert _ended(fifth.process.pid)
