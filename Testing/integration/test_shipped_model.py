@@ -24,7 +24,7 @@ RING_MAX_ERROR_RATIO = 0.5  # mean error 1-3 voxels outside the drawn mask, agai
 MEAN_TOLERANCE = 0.08
 GENERATED_MIN_NCC = 0.33  # generated brain vs the model template inside the brain (measured 0.483 for seed 0's one pair, 0.417 and 0.351 as a batch of two, 2026-12-06; before 0.403, 0.343 with DDIM; 18 267-step U-Nets 0.383, 0.350 with DPM++; 7 603-step U-Nets 0.318, 0.315; before 0.29, 0.25)
 GENERATED_MAX_COMPONENTS = 10  # lesion components of a generated mask, the issue's target (measured 1, 1; 18 267-step U-Nets 2, 4; before 5, 8; the blob model 38-57)
-FROM_MASK_STEPS = 5  # DDIM steps of the generation from a mask (measured at 10 / 5 steps, 2026-12-06: ratio 0.405 / 0.442, Dice 0.921 / 0.893)
+FROM_MASK_STEPS = 5  # DDIM steps here (10 / 5 steps, 2026-12-06: ratio 0.405 / 0.442, Dice 0.921 / 0.893)
 FROM_MASK_MAX_RATIO = 0.7  # lesion / surround mean of a brain generated for a mask (measured 0.40 fused; 18 267-step U-Nets 0.42; 7 603-step U-Nets 0.51 fused, 0.58 eq. 9 with lesion guidance 2; before 0.90, blob model 1.00)
 FROM_MASK_MIN_DICE = 0.8  # thresholded change against the healthy twin vs the mask (measured 0.92 fused; 18 267-step U-Nets 0.90; 7 603-step U-Nets 0.91 fused, 0.86 eq. 9)
 
