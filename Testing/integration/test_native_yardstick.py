@@ -14,7 +14,7 @@ from usb_training.base import baselines
 from usb_training.base.scores import (CHANGE_TOL, COLLATERAL_REACH, changed_region, edge_profile, embed_scores,
                                       half_depth_dice, ring, scoring_box, yardstick_scores)
 from usb_training.evaluation import native
-from usb_training.local.cases import hasty_mask, thick_slices, yardstick_case
+from usb_training.local.cases import drawn_mask, generous_mask, hasty_mask, thick_slices, yardstick_case
 
 SHAPE = (56, 64, 56)
 
@@ -291,6 +291,59 @@ def test_downstream_tables_pair_usb_with_the_best_classical_filler_per_score():
     assert text.count("USB - best classical filler") == 2  # exact and hasty apart
     # agreement is compared with B (the higher), volume error with A (the lower): +0.11 and -0.30
     assert "agree_mask +0.110" in text and "vs B" in text and "dvol_10mm_ml -0.300" in text and "vs A" in text
+
+
+def test_a_generous_mask_covers_the_rim_within_2_mm_and_the_brain(case):
+    """``--masks generous``: the exact mask grown by 2 mm (Euclidean) within the brain, mostly into the darkened rim
+    past the exact mask; on 3 mm slices it grows in-plane only; ``drawn_mask`` names the three."""
+    exact = case.mask > 0
+    generous = drawn_mask(case, "generous") > 0
+    assert (generous >= exact).all() and not (generous & ~exact & (case.brain == 0)).any()
+    distance = ndimage.distance_transform_edt(~exact)
+    assert distance[generous].max() <= 2.0 and (generous == ((distance <= 2.0) & ((case.brain > 0) | exact))).all()
+    rim = changed_region(case.lesioned, case.healthy, case.brain, case.mask) & ~exact
+    assert (generous & rim).any() and (generous & rim).sum() > (generous & ~exact & ~rim).sum()  # it grows into the rim
+    assert np.array_equal(drawn_mask(case, "exact"), case.mask) and np.array_equal(drawn_mask(case, "hasty"), case.hasty)
+    with pytest.raises(ValueError, match="unknown mask kind"):
+        drawn_mask(case, "sloppy")
+    cube = np.zeros((12, 12, 12), np.uint8)
+    cube[4:8, 4:8, 4:8] = 1
+    thick = generous_mask(cube, np.ones_like(cube), spacing=(1.0, 1.0, 3.0)) > 0
+    assert thick[4:8, 4:8, :].sum() == 4 * 4 * 4 and thick[2:10, 2:10, 4:8].sum() > 4 * 4 * 4  # in-plane only
+
+
+def test_summaries_and_tables_report_each_mask_healed(tmp_path):
+    """A run with the generous mask reports it as its own subset (with exact and hasty, ``both`` stays exact +
+    hasty), in the tables and in ``compare``."""
+    from usb_training.evaluation import compare
+
+    def rows(masks, shift=0.0):
+        out = []
+        for c in range(4):
+            for mask in masks:
+                for method, psnr in (("A", 20.0 + c), (native.PRESET, 21.0), ("USB", 22.0 + shift + 0.1 * c)):
+                    out.append({"case": f"c{c}", "site": "deep_wm", "group": "deep_wm", "mask": mask,
+                                "method": method, "kind": "usb" if method == "USB" else "classical", "psnr": psnr,
+                                "psnr_mask": psnr, "mean_ratio": 1.0, "texture": 1.0, "collateral": 0.1,
+                                "seconds": 1.0})
+        return out
+
+    for masks, subsets in ((("generous",), ["generous"]),
+                           (("exact", "hasty", "generous"), ["exact", "hasty", "generous", "both"])):
+        r = rows(masks)
+        summary = native.summarise(r, ["A", native.PRESET], ["USB"])
+        assert list(summary["configs"]["USB"]) == subsets
+        assert summary["configs"]["USB"].get("both", {"n": 8})["n"] == 8
+        result = {"cases": 4, "source": "test", "held_out": True, "classical": ["A", native.PRESET], "rows": r,
+                  "summary": summary, "means": native.method_means(r, ["psnr", "psnr_mask", "mean_ratio", "texture",
+                                                                       "collateral", "seconds"]), "masks": list(masks)}
+        text = native.table(result)
+        assert "PSNR generous" in text and "| USB | generous | 4 |" in text
+        assert ("PSNR exact" in text) == ("exact" in masks)
+    a, b = ({(x["case"], x["mask"]): x for x in rows(("exact", "generous"), shift) if x["method"] == "USB"}
+            for shift in (0.0, 0.5))
+    got = compare.compare(a, b)
+    assert list(got) == ["exact", "generous"] and got["generous"]["mean"] == pytest.approx(0.5)
 
 
 def test_a_territorial_case_is_a_large_csf_dark_infarct(anatomy):

@@ -2,7 +2,7 @@
 
 Two ``native_metrics.json`` files (``evaluate --native --out DIR``) on the same cases (same source, seed and case
 count: the rows are matched on case and mask), one method of each (a USB configuration or a classical filler).
-Prints, per mask subset (exact, hasty, both), the mean PSNR difference B - A over every voxel the lesion changed,
+Prints, per mask subset (exact, hasty, both; generous when the runs have it), the mean PSNR difference B - A over every voxel the lesion changed,
 its bootstrap 95 % interval (cases resampled whole, as in ``native.summarise``), the worst and best case, how
 many heals B wins, and the per-site means; also the fill mean / truth mean of each. Then the worst-case targets
 of issues #21 and #25 for A and B each: heals more than 1 dB below the best classical filler of their case (the
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .native import bootstrap_ci, site_group
+from .native import bootstrap_ci, mask_subsets, site_group
 
 
 def _rows(spec: str) -> tuple[str, dict[tuple[str, str], dict[str, Any]], dict[tuple[str, str], float]]:
@@ -86,7 +86,7 @@ def compare(a: dict[tuple[str, str], dict[str, Any]], b: dict[tuple[str, str], d
     if not shared:
         raise ValueError("the two results share no case: run both on the same --source, --seed and --cases")
     out: dict[str, Any] = {}
-    for subset, keep in (("exact", ("exact",)), ("hasty", ("hasty",)), ("both", ("exact", "hasty"))):
+    for subset, keep in mask_subsets({p[1] for p in shared}):
         sel = [p for p in shared if p[1] in keep]
         if not sel:
             continue

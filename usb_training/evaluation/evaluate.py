@@ -19,7 +19,7 @@ voxel the lesion changed, against every classical filler with paired bootstrap i
 the command line) and the native embed evaluation (``usb_training.evaluation.native``):
 
     python -m usb_training.evaluation.evaluate --native [--cases 24] [--usb "d1=dilation_mm:1"] [--segment]
-        [--source ixi555] [--embed stages|defaults|none] [--out DIR]
+        [--source ixi555] [--embed stages|defaults|none] [--masks exact,hasty,generous] [--out DIR]
 """
 from __future__ import annotations
 
@@ -271,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classical-brighten-only", action="store_true",
                         help="--native: give every classical filler USB's rule that a heal never darkens a voxel "
                              "(max(fill, lesioned scan))")
+    parser.add_argument("--masks", default="exact,hasty", metavar="MASK,...",
+                        help="--native: the drawn masks each case is healed with: exact (the 0.5 iso-surface), hasty "
+                             "(eroded by a voxel), generous (grown by 2 mm within the brain); default exact,hasty")
     args = parser.parse_args(argv)
     b = bundle_mod.load(args.model)
     if args.native:
@@ -288,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _native_main(b: bundle_mod.ModelBundle, args: argparse.Namespace) -> int:
     from ..local.anatomies import native_affine, native_anatomies
-    from ..local.cases import EXTRA_SITES, YARDSTICK_SITES, thick_slices, yardstick_cases
+    from ..local.cases import EXTRA_SITES, MASKS, YARDSTICK_SITES, thick_slices, yardstick_cases
     from .native import EVAL_SEED as NATIVE_SEED
     from .native import run as run_native
     from .native import usb_configs
@@ -299,6 +302,11 @@ def _native_main(b: bundle_mod.ModelBundle, args: argparse.Namespace) -> int:
     if not sites or unknown:
         print(f"evaluate: error: --sites: unknown site(s) {unknown or '(none given)'}; known: "
               f"{', '.join(YARDSTICK_SITES + EXTRA_SITES)}", file=sys.stderr)
+        return 2
+    masks = tuple(m.strip() for m in args.masks.split(",") if m.strip())
+    if not masks or set(masks) - set(MASKS) or len(set(masks)) < len(masks):
+        print(f"evaluate: error: --masks: give some of {', '.join(MASKS)}, each once; got '{args.masks}'",
+              file=sys.stderr)
         return 2
     count = args.per_site * len(sites) if args.per_site else (args.cases or 24)
     held_out = args.source == HELD_OUT
@@ -314,7 +322,8 @@ def _native_main(b: bundle_mod.ModelBundle, args: argparse.Namespace) -> int:
              for case in yardstick_cases(anatomy, native_affine(args.cache, args.source), count, seed, sites))
     source = args.source if args.slice_factor == 1 else f"{args.source} with {args.slice_factor}x thicker slices"
     result = run_native(b, cases, args.out, configs, cache=args.cache, source=source, held_out=held_out,
-                        embed=args.embed, segment=args.segment, brighten_only=args.classical_brighten_only)
+                        embed=args.embed, segment=args.segment, brighten_only=args.classical_brighten_only,
+                        masks=masks)
     print(result["table_markdown"])
     if not held_out:
         print(f"WARNING: in-distribution numbers (training source {args.source})")

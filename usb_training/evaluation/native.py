@@ -14,6 +14,8 @@ Heal (the yardstick, issues #21 and #25):
   periventricular WM, juxtacortical, thalamus / putamen / caudate located by MNI coordinates, cortex, cerebellum,
   large territorial, several small lesions, a lesion cut by the field of view), darkening 2-3 voxels past the mask;
 - every case is healed twice: with the exact mask (the 0.5 iso-surface) and a hasty one (eroded by one voxel);
+  ``--masks`` adds a generous one (grown by 2 mm: drawn around the darkened rim, as a FLAIR segmentation or a mask
+  dilated for safety is) or picks any of the three;
 - scores where the lesion is (``scores.yardstick_scores``): PSNR over every voxel the lesion changed (mask and rim),
   the fill's mean / the truth's there, the texture relative to the truth's; mask-only PSNR as a secondary column;
 - the classical set (``CLASSICAL``): NAWM constant, FSL-style, biharmonic of the mask and of the mask grown by 2 and
@@ -45,7 +47,7 @@ from USBLib.editor.editor import Editor
 
 from ..base import baselines
 from ..base.scores import changed_region, embed_scores, scoring_box, yardstick_scores
-from ..local.cases import NativeCase, site_group
+from ..local.cases import MASKS, NativeCase, drawn_mask, site_group
 
 EVAL_SEED = 910_000
 PRESET = "biharmonic, mask + 3 vox"   # the single classical filler chosen in advance
@@ -212,7 +214,7 @@ def summarise(rows: list[dict[str, Any]], classical: list[str], usb: list[str], 
                            "configs": {}}
     for name in usb:
         per: dict[str, Any] = {}
-        for subset, keep in (("exact", ("exact",)), ("hasty", ("hasty",)), ("both", ("exact", "hasty"))):
+        for subset, keep in mask_subsets({p[1] for p in pairs}):
             sel = [p for p in pairs if p[1] in keep and name in table[p]]
             if not sel:
                 continue
@@ -238,6 +240,13 @@ def summarise(rows: list[dict[str, Any]], classical: list[str], usb: list[str], 
             }
         out["configs"][name] = per
     return out
+
+
+def mask_subsets(present) -> list[tuple[str, tuple[str, ...]]]:
+    """The mask subsets a summary reports, of the drawn masks ``present`` (``cases.MASKS``): each mask alone, in
+    ``MASKS`` order, then ``both`` (exact and hasty together) when both are there."""
+    subsets = [(m, (m,)) for m in MASKS if m in present]
+    return subsets + ([("both", ("exact", "hasty"))] if {"exact", "hasty"} <= set(present) else [])
 
 
 def method_means(rows: list[dict[str, Any]], keys: list[str]) -> dict[str, dict[str, dict[str, float]]]:
@@ -284,8 +293,9 @@ def embed_methods(editor: Editor, kind: str = "stages") -> dict[str, Callable[[N
 def evaluate(editor: Editor, cases: Iterable[NativeCase], configs: dict[str, dict[str, Any]],
              model_priors: np.ndarray, embed: str = "stages", segment_cache: Path | None = None,
              figure_cases: int = 4, log: Callable[[str], None] | None = None,
-             brighten_only: bool = False) -> dict[str, Any]:
-    """Heal every case with every classical filler and USB configuration, exact and hasty masks; embed with
+             brighten_only: bool = False, masks: tuple[str, ...] = ("exact", "hasty")) -> dict[str, Any]:
+    """Heal every case with every classical filler and USB configuration, with each of the drawn ``masks``
+    (``cases.drawn_mask``: exact, hasty, generous; the first is the one the figures and the log show); embed with
     ``embed`` (``stages``: local realism / fidelity / latent, ``defaults``: the bundle's, ``realism``: the bundle's
     and local realism, ``none``). ``brighten_only``: the classical fillers never darken a voxel
     (``classical_fillers``)."""
@@ -319,7 +329,8 @@ def evaluate(editor: Editor, cases: Iterable[NativeCase], configs: dict[str, dic
             truth_seg = seg(case.healthy)
             lesioned_seg = seg_scores(seg(case.lesioned), truth_seg, case.mask[box], spacing)
         outs: dict[str, np.ndarray] = {}
-        for mask_name, drawn in (("exact", case.mask), ("hasty", case.hasty)):
+        for mask_name in masks:
+            drawn = drawn_mask(case, mask_name)
             methods: list[tuple[str, str, Callable[[], np.ndarray]]] = [
                 ("classical", n, (lambda f=f: f(case, drawn, ctx))) for n, f in fillers.items()]
             methods += [("usb", n, (lambda s=s: editor.heal(case.lesioned, case.affine, drawn, seed=seed,
@@ -345,7 +356,7 @@ def evaluate(editor: Editor, cases: Iterable[NativeCase], configs: dict[str, dic
                     row.update(lesioned_seg if kind == "input" else
                                seg_scores(seg(out), truth_seg, case.mask[box], spacing))
                 rows.append(row)
-                if i < figure_cases and kind != "input":
+                if i < figure_cases and kind != "input" and mask_name == masks[0]:
                     outs[f"{mask_name}/{name}"] = out
         for name, method in emb.items():
             t0 = time.perf_counter()
@@ -362,18 +373,18 @@ def evaluate(editor: Editor, cases: Iterable[NativeCase], configs: dict[str, dic
                 outs[f"embed/{name}"] = out
         if i < figure_cases:
             centre = np.round(np.argwhere(case.mask > 0).mean(0)).astype(int)
-            exact = [r for r in rows if r["case"] == case.name and r["mask"] == "exact"]
-            best = max((r for r in exact if r["kind"] == "classical"), key=lambda r: r["psnr"])
+            shown_rows = [r for r in rows if r["case"] == case.name and r["mask"] == masks[0]]
+            best = max((r for r in shown_rows if r["kind"] == "classical"), key=lambda r: r["psnr"])
             shown.append({"name": case.name, "site": case.site,
                           "truth": _crop(case.healthy, centre), "lesioned": _crop(case.lesioned, centre),
-                          "best": (best["method"], _crop(outs["exact/" + best["method"]], centre)),
-                          "usb": {n: _crop(outs["exact/" + n], centre) for n in configs},
+                          "best": (best["method"], _crop(outs[f"{masks[0]}/{best['method']}"], centre)),
+                          "usb": {n: _crop(outs[f"{masks[0]}/{n}"], centre) for n in configs},
                           "embed": {n: _crop(outs["embed/" + n], centre) for n in emb if "embed/" + n in outs}})
         if log:
-            exact = {r["method"]: r["psnr"] for r in rows if r["case"] == case.name and r["mask"] == "exact"}
-            best_c = max(exact[n] for n in fillers)
-            log(f"case {i} {case.name} ({case.contrast}): best classical {best_c:.2f} dB, "
-                + ", ".join(f"{n} {exact[n]:.2f}" for n in configs)
+            first = {r["method"]: r["psnr"] for r in rows if r["case"] == case.name and r["mask"] == masks[0]}
+            best_c = max(first[n] for n in fillers)
+            log(f"case {i} {case.name} ({case.contrast}{'' if masks[0] == 'exact' else ', ' + masks[0] + ' mask'}): "
+                f"best classical {best_c:.2f} dB, " + ", ".join(f"{n} {first[n]:.2f}" for n in configs)
                 + f" (registration {register_s:.1f} s, case {time.perf_counter() - t_case:.0f} s)")
     return {"rows": rows, "embed_rows": embed_rows, "shown": shown, "classical": list(fillers),
             "usb": list(configs), "segmenter": seg_kind}
@@ -381,7 +392,8 @@ def evaluate(editor: Editor, cases: Iterable[NativeCase], configs: dict[str, dic
 
 def figure(shown: list[dict[str, Any]], out: Path) -> Path:
     """``heal_yardstick.png``: one column block per case (axial, coronal, sagittal, 56 mm around the lesion),
-    rows truth / lesioned / best classical / each USB configuration (exact masks) / USB - truth."""
+    rows truth / lesioned / best classical / each USB configuration (the first mask healed, exact by default) /
+    USB - truth."""
     from USBLib.apps.montage import save_montage
 
     centre = np.array([28] * 3)
@@ -418,27 +430,30 @@ def table(result: dict[str, Any]) -> str:
     """The text tables of a yardstick run."""
     s = result["summary"]
     means = result["means"]
+    masks = [m for m in MASKS if m in result.get("masks", ("exact", "hasty"))]
     lines = [f"Heal yardstick: {result['cases']} cases of {result['source']}"
              f"{' (held out)' if result['held_out'] else ' (TRAINING SOURCE: in-distribution)'}, "
-             "exact and hasty masks. PSNR (dB) over every voxel the lesion changed (mask and rim); "
+             f"{', '.join(masks)} masks. PSNR (dB) over every voxel the lesion changed (mask and rim); "
              "mask-only PSNR secondary; mean = fill mean / truth mean there; texture = high-pass SD inside vs "
              "the ring around, relative to the truth's (1 = right); collateral = mean |change| of the healthy tissue "
              "1-6 voxels around the lesion's changes, % of the range (0 = untouched).", "",
-             "| method | PSNR exact | PSNR hasty | mask-only PSNR exact | mask-only hasty | mean exact | mean hasty "
-             "| texture exact | collateral exact / hasty | s / heal |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, masks in means.items():
-        e, h = masks.get("exact", {}), masks.get("hasty", {})
-        lines.append(f"| {name} | {e.get('psnr', np.nan):.2f} | {h.get('psnr', np.nan):.2f} | "
-                     f"{e.get('psnr_mask', np.nan):.2f} | {h.get('psnr_mask', np.nan):.2f} | "
-                     f"{e.get('mean_ratio', np.nan):.3f} | {h.get('mean_ratio', np.nan):.3f} | "
-                     f"{e.get('texture', np.nan):.2f} | {e.get('collateral', np.nan):.2f} / "
-                     f"{h.get('collateral', np.nan):.2f} | {e.get('seconds', np.nan):.1f} |")
+             "| method | " + " | ".join(f"PSNR {m}" for m in masks) + " | "
+             + " | ".join(f"mask-only PSNR {m}" for m in masks) + " | " + " | ".join(f"mean {m}" for m in masks)
+             + f" | texture {masks[0]} | collateral {' / '.join(masks)} | s / heal |",
+             "|---|" + "---|" * (3 * len(masks) + 3)]
+    for name, per_mask in means.items():
+        v = [per_mask.get(m, {}) for m in masks]
+        lines.append(f"| {name} | " + " | ".join(f"{e.get('psnr', np.nan):.2f}" for e in v) + " | "
+                     + " | ".join(f"{e.get('psnr_mask', np.nan):.2f}" for e in v) + " | "
+                     + " | ".join(f"{e.get('mean_ratio', np.nan):.3f}" for e in v) + " | "
+                     f"{v[0].get('texture', np.nan):.2f} | "
+                     + " / ".join(f"{e.get('collateral', np.nan):.2f}" for e in v)
+                     + f" | {v[0].get('seconds', np.nan):.1f} |")
     first = next(iter(s["configs"].values()))
     lines += ["", f"best classical per case (max over {len(result['classical'])} fillers"
-              f"{', each brightening only' if result.get('classical_brighten_only') else ''}): exact "
-              f"{first['exact']['best_classical']:.2f} dB, hasty {first['hasty']['best_classical']:.2f} dB; "
-              f"'{PRESET}' (chosen in advance): exact {first['exact']['preset']:.2f}, hasty "
-              f"{first['hasty']['preset']:.2f}", "",
+              f"{', each brightening only' if result.get('classical_brighten_only') else ''}): "
+              + ", ".join(f"{m} {first[m]['best_classical']:.2f} dB" for m in masks)
+              + f"; '{PRESET}' (chosen in advance): " + ", ".join(f"{m} {first[m]['preset']:.2f}" for m in masks), "",
               "Paired differences, PSNR over the changed voxels (dB; bootstrap 95 % interval over cases, "
               f"{BOOTSTRAP} resamples, seeded):", "",
               "| USB configuration | masks | n | USB | USB - best classical | 95 % CI | worst (case) "
@@ -448,16 +463,16 @@ def table(result: dict[str, Any]) -> str:
             lines.append(f"| {name} | {subset} | {v['n']} | {v['usb']:.2f} | {v['vs_best']:+.2f} | "
                          f"{_ci(v['vs_best_ci'])} | {v['worst']:+.2f} ({v['worst_case']}) | {v['vs_preset']:+.2f} | "
                          f"{_ci(v['vs_preset_ci'])} | {v['worst_vs_preset']:+.2f} |")
-    groups = list(next(iter(s["configs"].values()))["both"]["sites"])
-    lines += ["", "Per site (mean over the site's cases; USB - best classical, dB; exact / hasty):", "",
-              "| site | n | best classical exact | " + " | ".join(f"{n} exact | {n} hasty" for n in s["configs"])
-              + " |", "|---|---|---|" + "---|---|" * len(s["configs"])]
+    groups = list(first[mask_subsets(masks)[-1][0]]["sites"])
+    lines += ["", f"Per site (mean over the site's cases; USB - best classical, dB; {' / '.join(masks)}):", "",
+              f"| site | n | best classical {masks[0]} | "
+              + " | ".join(f"{n} {m}" for n in s["configs"] for m in masks) + " |",
+              "|---|---|---|" + "---|" * (len(s["configs"]) * len(masks))]
     for g in groups:
-        ex = first["exact"]["sites"].get(g)
+        ex = first[masks[0]]["sites"].get(g)
         cells = []
         for per in s["configs"].values():
-            cells += [f"{per[m]['sites'][g]['vs_best']:+.2f}" if g in per[m]["sites"] else ""
-                      for m in ("exact", "hasty")]
+            cells += [f"{per[m]['sites'][g]['vs_best']:+.2f}" if g in per[m]["sites"] else "" for m in masks]
         lines.append(f"| {g} | {ex['n'] if ex else 0} | {ex['best_classical'] if ex else np.nan:.2f} | "
                      + " | ".join(cells) + " |")
     failures = [r for r in result["rows"] if r.get("failed")]
@@ -493,7 +508,7 @@ def downstream_lines(result: dict[str, Any], means: dict[str, dict[str, dict[str
     cases with bootstrap 95 % intervals."""
     lines: list[str] = []
     classical = list(result["classical"])
-    for mask in ("exact", "hasty"):
+    for mask in MASKS:
         if not any("seg_agree_mask" in masks.get(mask, {}) for masks in means.values()):
             continue
         lines += ["", f"Downstream segmentation ({result['segmenter']}, on the lesion + 30 mm box; agreement with "
@@ -556,10 +571,12 @@ def engine_state() -> dict[str, str]:
 def run(model: Any, cases: Iterable[NativeCase], out: Path, configs: dict[str, dict[str, Any]] | None = None,
         cache: Path | None = None, source: str = "ixi555", held_out: bool = True, embed: str = "stages",
         segment: bool = False, model_priors: np.ndarray | None = None, seed: int = 0,
-        log: Callable[[str], None] | None = print, brighten_only: bool = False) -> dict[str, Any]:
+        log: Callable[[str], None] | None = print, brighten_only: bool = False,
+        masks: tuple[str, ...] = ("exact", "hasty")) -> dict[str, Any]:
     """Run the yardstick on ``cases``; writes ``native_metrics.json``, ``native_results.md``,
     ``heal_yardstick.png`` (and ``embed_native.png``). ``model_priors``: the atlas maps on the model grid
-    (default: MNI2009a's from ``cache``). ``brighten_only``: the classical fillers never darken a voxel."""
+    (default: MNI2009a's from ``cache``). ``brighten_only``: the classical fillers never darken a voxel.
+    ``masks``: the drawn masks each case is healed with (``cases.MASKS``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     editor = model if isinstance(model, Editor) else Editor(model, device="auto")
@@ -571,7 +588,8 @@ def run(model: Any, cases: Iterable[NativeCase], out: Path, configs: dict[str, d
         model_priors = atlas_priors(cache or DEFAULT_CACHE, editor.bundle.grid_shape, editor.bundle.grid_affine)
     t0 = time.perf_counter()
     res = evaluate(editor, cases, configs, model_priors, embed,
-                   (Path(cache or out) / "segmentations") if segment else None, log=log, brighten_only=brighten_only)
+                   (Path(cache or out) / "segmentations") if segment else None, log=log, brighten_only=brighten_only,
+                   masks=tuple(masks))
     rows = res["rows"]
     n = len({r["case"] for r in rows})
     keys = ["psnr", "psnr_mask", "mean_ratio", "texture", "texture_truth", "collateral", "seconds", "seg_agree_mask",
@@ -579,7 +597,7 @@ def run(model: Any, cases: Iterable[NativeCase], out: Path, configs: dict[str, d
     result: dict[str, Any] = {
         "source": source, "held_out": held_out, "cases": n, "classical": res["classical"], "usb": res["usb"],
         "usb_settings": configs, "preset": PRESET, "segmenter": res["segmenter"],
-        "classical_brighten_only": brighten_only,
+        "classical_brighten_only": brighten_only, "masks": list(masks),
         "means": method_means(rows, keys),
         "summary": summarise(rows, res["classical"], res["usb"], seed=seed),
         "embed": {m: {k: float(np.mean([r[k] for r in rs])) for k in rs[0] if k != "case"}

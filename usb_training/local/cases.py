@@ -167,6 +167,37 @@ def hasty_mask(mask: np.ndarray, spacing=None) -> np.ndarray:
     return eroded_keeping_components(mask, 1, neighbourhood(spacing)).astype(np.uint8)
 
 
+GENEROUS_MM = 2.0  # the generous mask: the exact one grown by this (Euclidean, in mm) within the brain
+MASKS = ("exact", "hasty", "generous")  # the drawn masks a yardstick case can be healed with (``drawn_mask``)
+
+
+def generous_mask(mask: np.ndarray, brain: np.ndarray, spacing=None, mm: float = GENEROUS_MM) -> np.ndarray:
+    """The exact ``mask`` [I, J, K] grown by ``mm`` (every voxel whose centre lies within ``mm`` of it, voxel
+    ``spacing`` in mm, default 1; on thick slices it grows in-plane only when ``mm`` is below the slice spacing),
+    kept within ``brain``: a mask drawn around the darkened rim, as a segmentation made on FLAIR or dilated for
+    safety before lesion filling is. uint8."""
+    m = np.asarray(mask) > 0
+    spacing = np.ones(3) if spacing is None else np.abs(np.asarray(spacing, float))
+    distance = ndimage.distance_transform_edt(~m, sampling=spacing)
+    return ((distance <= mm + 1e-6) & ((np.asarray(brain) > 0) | m)).astype(np.uint8)
+
+
+def drawn_mask(case: NativeCase, kind: str) -> np.ndarray:
+    """The mask a rater drew for ``case``: ``exact`` (the 0.5 iso-surface), ``hasty`` (eroded by one voxel,
+    ``hasty_mask``) or ``generous`` (grown by ``GENEROUS_MM``, ``generous_mask``). uint8 [I, J, K]."""
+    if kind == "exact":
+        return case.mask
+    if kind == "hasty":
+        return case.hasty if case.hasty is not None else hasty_mask(case.mask, _spacing(case.affine))
+    if kind == "generous":
+        return generous_mask(case.mask, case.brain, _spacing(case.affine))
+    raise ValueError(f"unknown mask kind '{kind}' (known: {', '.join(MASKS)})")
+
+
+def _spacing(affine: np.ndarray) -> np.ndarray:
+    return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))
+
+
 def _nuclei_map(mni: np.ndarray, site: str, shrink: float = 1.0) -> np.ndarray:
     centre, radii = NUCLEI[site]
     out = np.zeros(mni.shape[:-1], bool)
@@ -396,7 +427,7 @@ def thick_slices(case: NativeCase, factor: int) -> NativeCase:
     affine[:3, axis] *= factor
     soft = block_mean(case.soft)
     mask = (soft >= 0.5).astype(np.uint8)
-    hasty = hasty_mask(mask, np.sqrt((affine[:3, :3] ** 2).sum(0)))
+    hasty = hasty_mask(mask, _spacing(affine))
     labels = np.take(case.labels, np.arange(n) * factor + factor // 2, axis=axis)
     return NativeCase(f"{case.name}-slices{factor}", case.site, np.rint(block_mean(case.healthy)),
                       np.rint(block_mean(case.lesioned)), mask, soft,
