@@ -2,12 +2,12 @@
 
 Two ``native_metrics.json`` files (``evaluate --native --out DIR``) on the same cases (same source, seed and case
 count: the rows are matched on case and mask), one method of each (a USB configuration or a classical filler).
-Prints, per mask subset (exact, hasty, both; generous when the runs have it), the mean PSNR difference B - A over every voxel the lesion changed,
-its bootstrap 95 % interval (cases resampled whole, as in ``native.summarise``), the worst and best case, how
-many heals B wins, and the per-site means; also the fill mean / truth mean of each. Then the worst-case targets
-of issues #21 and #25 for A and B each: heals more than 1 dB below the best classical filler of their case (the
-per-case oracle, from the file's classical rows), the worst of them, and the cases whose complete (exact) mask
-heals worse than the same mask eroded by a voxel (hasty).
+Prints, per mask subset (exact, hasty, both; generous when the runs have it), the mean PSNR difference B - A over
+every voxel the lesion changed, its bootstrap 95 % interval (cases resampled whole, as in ``native.summarise``), the
+worst and best case, how many heals B wins, and the per-site means; also the fill mean / truth mean of each. Then
+the worst-case targets of issues #21 and #25 for A and B each: heals more than 1 dB below the best classical filler
+of their case (the per-case oracle, from the file's classical rows), the worst of them, and the cases whose
+complete (exact) mask heals worse than the same mask eroded by a voxel (hasty).
 
     python -m usb_training.evaluation.compare OLD/native_metrics.json:"USB rim3" NEW/native_metrics.json:"USB defaults"
 """
