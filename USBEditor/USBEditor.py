@@ -82,6 +82,7 @@ class USBEditorParameterNode:
     model: str = ""
     showComparison: bool = True
     resampleMask: bool = True
+    maskCoversRim: bool = False  # heal: the mask already covers the lesion's dark rim (FLAIR-made, dilated)
     guidanceTask: str = ""  # the task whose defaults the sliders were last set to ("" = never)
 
 
@@ -222,6 +223,7 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for widget in (self.ui.alpha0SliderWidget, self.ui.kSliderWidget):
             widget.enabled = edit and p.acg
         self.ui.etaSliderWidget.enabled = edit and p.maskNode is not None
+        self.ui.maskCoversRimCheckBox.enabled = p.task is Task.HEAL and p.maskNode is not None
         self.ui.framesSpinBox.enabled = p.task is Task.EMBED
         self.ui.stagesComboBox.enabled = edit and p.maskNode is not None
         self.ui.localModeComboBox.enabled = edit and p.maskNode is not None and p.stages is not Stages.LATENT
@@ -355,8 +357,8 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                eta=p.eta,
                                stages=p.stages.value, local_mode=p.localMode.value, sampler=p.sampler.value,
                                lesion_guidance=p.lesionGuidance, lesion_fusion=bool(p.lesionFusion),
-                               samples=int(p.samples),
-                               seed=int(p.seed))
+                               samples=int(p.samples), seed=int(p.seed),
+                               mask_covers_rim=bool(p.maskCoversRim))
         info = TASK_INFO[p.task]
         mask = p.maskNode if info["mask"] != "unused" else None
         volume = p.inputVolume if info["volume"] != "unused" else None

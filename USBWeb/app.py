@@ -62,7 +62,8 @@ class USBWebApp(TrameApp):
         s.trame__title = "USB Editor"
         s.update({
             "usb_volume": "", "usb_lesion_voxels": 0, "usb_lesion_ml": 0.0, "usb_tool": "none", "usb_brush_mm": 8.0,
-            "usb_task": L.Task.HEAL.value, "usb_resample": True, "usb_running": False, "usb_loading": False,
+            "usb_task": L.Task.HEAL.value, "usb_resample": True, "usb_mask_covers_rim": False, "usb_running": False,
+            "usb_loading": False,
             "usb_progress": 0.0, "usb_progress_text": "", "usb_status": "Load a scan or the sample to start.",
             "usb_error": "", "usb_result": "", "usb_fade": 1.0, "usb_has_uncertainty": False,
             "usb_show_uncertainty": False, "usb_download_url": "", "usb_wl": [0.0, 1.0], "usb_wl_bounds": [0.0, 1.0],
@@ -230,6 +231,7 @@ class USBWebApp(TrameApp):
             return
         try:
             values = {name: s[f"usb_{name}"] for name in form.FIELDS}
+            values["mask_covers_rim"] = bool(s.usb_mask_covers_rim)
             settings = form.run_settings(s.usb_task, values, self.model)
             self.jobs.start(L.Task(s.usb_task), doc.volume, doc.segmentation, doc.segment_id, settings,
                             bool(s.usb_resample))

@@ -87,6 +87,9 @@ def _lesion() -> None:
                 click="trigger('usb_clear_lesion')", disabled=(f"{BUSY} || !usb_lesion_voxels",))
     v3.VSwitch(id="usb-show-lesion", v_model=("usb_show_lesion",), label="Show the lesion", density="compact",
                hide_details=True, color="primary")
+    v3.VCheckbox(id="usb-mask-covers-rim", v_model=("usb_mask_covers_rim",), density="compact", hide_details=True,
+                 label=form.COVERS_RIM_LABEL, title=form.COVERS_RIM_HELP,
+                 disabled=(f"{BUSY} || usb_task !== 'heal'",))
 
 
 def _task() -> None:

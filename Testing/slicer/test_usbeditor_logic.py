@@ -131,6 +131,25 @@ def test_heal_names_its_output_uniquely(t1, logic, tiny_model, scene):
     assert name != taken.GetName() and name.startswith("T1 healed")
 
 
+def test_a_mask_that_covers_the_rim_is_healed_without_growth(t1, logic, tmp_path):
+    """The panel's "mask covers the lesion's dark rim" box reaches the engine as a heal with no growth of the mask
+    (``dilation_mm`` 0 where the model grows it by 2 mm: a FLAIR-made or dilated mask healed as drawn); nothing
+    changes beyond the feather."""
+    volume, seg, segment_id, mask, aff = t1
+    model = phantoms.make_bundle(tmp_path / "tiny-local", local=True, name="tiny-local")
+    assert model.defaults("heal")["dilation_mm"] == 2.0
+    out = logic.run(Task.HEAL, volume, seg, segment_id, RunSettings(steps=2, mask_covers_rim=True),
+                    model=str(model.root))
+    settings = out.provenance["settings"]
+    assert settings["dilation_mm"] == 0.0
+    changed = (slicer.util.arrayFromVolume(out.volume) != slicer.util.arrayFromVolume(volume)).transpose(2, 1, 0)
+    assert changed.any()
+    lesion_ras = (aff[:3, :3] @ np.argwhere(mask).T).T + aff[:3, 3]
+    changed_ras = (aff[:3, :3] @ np.argwhere(changed).T).T + aff[:3, 3]
+    nearest = np.min(np.linalg.norm(changed_ras[:, None] - lesion_ras[None], axis=2), axis=1)
+    assert nearest.max() <= settings["margin_mm"] + 1e-3  # the mask and its feather, no growth
+
+
 def test_samples_give_an_uncertainty_volume(t1, logic, tiny_model):
     volume, seg, segment_id, _, aff = t1
     out = logic.run(Task.HEAL, volume, seg, segment_id, RunSettings(steps=2, samples=2), model=tiny_model)

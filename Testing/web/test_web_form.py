@@ -27,3 +27,15 @@ def test_run_settings_from_the_form_are_checked():
         form.run_settings("embed", dict(values, eta=2.0))
     with pytest.raises(USBEditorError, match="must be a number"):
         form.run_settings("heal", dict(values, steps="many"))
+
+
+def test_the_mask_covers_rim_box_heals_the_mask_as_drawn():
+    """The box beside the lesion: a heal with no growth of the mask (``dilation_mm`` 0), only for heal; left
+    unticked, the model's own growth (no ``dilation_mm`` sent)."""
+    values = form.defaults("heal")
+    assert "dilation_mm" not in form.run_settings("heal", values).for_task(Task.HEAL)
+    ticked = form.run_settings("heal", dict(values, mask_covers_rim=True))
+    assert ticked.for_task(Task.HEAL)["dilation_mm"] == 0.0
+    assert "mask_covers_rim" not in ticked.for_task(Task.HEAL)
+    embed = form.run_settings("embed", dict(form.defaults("embed"), mask_covers_rim=True))
+    assert "dilation_mm" not in embed.for_task(Task.EMBED)  # embed grows its own way

@@ -28,6 +28,7 @@ pytest.importorskip("trame_slicer", reason="usb web needs the [web] extra (pip i
 pytest.importorskip("slicer", reason="usb web needs slicer-core (pip install -e '.[test]')")
 playwright = pytest.importorskip("playwright.sync_api", reason="the browser tests need the playwright package")
 
+from USBLib.core.bundle import load as load_bundle  # noqa: E402
 from USBLib.resources import sample_files  # noqa: E402
 from USBWeb import form  # noqa: E402
 
@@ -168,6 +169,7 @@ def lesion_voxels(page) -> int:
 # one warm worker, which the cancel then ends)
 def test_heal_the_sample(page, tmp_path):
     load_sample(page)
+    assert page.is_enabled("#usb-mask-covers-rim") and not page.is_checked("#usb-mask-covers-rim")
     status = apply_and_wait_done(page)
     assert re.match(r"Done in [\d.]+ s \(engine [\d.]+ s\): sample_T1w healed", status), status
     assert page.query_selector("#usb-error") is None and page.is_visible("#usb-fade")
@@ -179,6 +181,7 @@ def test_heal_the_sample(page, tmp_path):
     assert np.array_equal(voxels(files["sample_T1w_healed_lesion_mask.nii.gz"]) > 0, lesion)
     assert after.dtype == before.dtype and after[lesion].mean() > before[lesion].mean() + 100  # the dark lesion filled
     sidecar = json.loads(files["sample_T1w_healed.json"].read_text())
+    assert sidecar["settings"]["dilation_mm"] == load_bundle(None).defaults("heal")["dilation_mm"]  # box unticked
     reach_mm = sidecar["settings"]["dilation_mm"] + sidecar["settings"]["margin_mm"] + 2  # 1 mm voxels, 2 mm slack
     changed = after != before
     assert ndimage.distance_transform_edt(~lesion)[changed].max() <= reach_mm, "voxels far from the lesion changed"
@@ -200,6 +203,7 @@ def test_paint_a_stroke_and_embed_changes_only_near_it(page, tmp_path):
     page.mouse.up()
     page.wait_for_function("Number(/Lesion: (\\d+)/.exec(document.querySelector('#usb-lesion').textContent)[1]) > 0")
     choose(page, "usb-task", "Embed lesion")
+    page.wait_for_selector("#usb-mask-covers-rim[disabled]")  # a heal's option
     for name, value in form.guidance_defaults("embed").items():  # the task brings the model's defaults for it
         if name in form.GUIDANCE:
             page.wait_for_function("([s, v]) => Math.abs(Number(document.querySelector(s)"

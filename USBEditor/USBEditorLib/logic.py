@@ -49,10 +49,15 @@ class Task(enum.Enum):
         return TASK_INFO[self]["label"]
 
 
+# A heal whose mask already covers the lesion's partial-volume rim (a lesion mask made on FLAIR, or one dilated for
+# safety) is healed as drawn: growing it further into the rim cost 1.9 dB on such masks (held out, docs/model.md,
+# "Generously drawn masks"; ``usb heal --dilation 0``).
+COVERS_RIM_DILATION_MM = 0.0
+
 TASK_INFO: dict[Task, dict[str, Any]] = {
     Task.HEAL: {"label": "Remove lesion (pathology \u2192 healthy)", "volume": "required", "mask": "optional",
                 "settings": ("steps", "strength", "acg", "alpha0", "k", "eta", "stages", "local_mode", "samples",
-                             "seed"),
+                             "seed", "mask_covers_rim"),
                 "suffix": "healed"},
     Task.EMBED: {"label": "Embed lesion (healthy \u2192 pathology)", "volume": "required", "mask": "required",
                  "settings": ("steps", "strength", "acg", "alpha0", "k", "eta", "stages", "local_mode", "samples",
@@ -132,10 +137,15 @@ class RunSettings:
     lesion_fusion: Optional[bool] = None  # None = the model's default
     samples: int = 1
     seed: int = 0
+    mask_covers_rim: bool = False  # heal: the mask already covers the lesion's dark rim (FLAIR-made, dilated)
 
     def for_task(self, task: Task) -> dict[str, Any]:
-        """The settings the task uses (the others do not apply to it)."""
+        """The engine settings the task uses (the others do not apply to it). ``mask_covers_rim`` becomes the
+        heal's growth limit: ``dilation_mm`` ``COVERS_RIM_DILATION_MM`` (the mask healed as drawn) when set, the
+        model's default (grow into the lesion-like rim) when not."""
         values = {key: getattr(self, key) for key in TASK_INFO[task]["settings"]}
+        if values.pop("mask_covers_rim", False):
+            values["dilation_mm"] = COVERS_RIM_DILATION_MM
         return {key: value for key, value in values.items() if value != "" and value is not None}
 
 
