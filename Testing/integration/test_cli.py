@@ -49,6 +49,27 @@ def test_heal_embed_write_outputs_with_geometry_and_sidecar(tiny_bundle, scan_fi
     np.testing.assert_allclose(read_volume(tmp_path / "emb.nrrd").affine, src.affine, atol=1e-5)
 
 
+def test_a_mask_that_covers_the_rim_heals_without_growth(scan_files, tmp_path, capsys):
+    """``--mask-covers-rim`` (a FLAIR-made or dilated mask): the heal grows the mask by 0 mm where the model's
+    default grows it by 2; with a non-zero ``--dilation`` it is a one-line error and nothing is written."""
+    import phantoms
+
+    model = phantoms.make_bundle(tmp_path / "tiny-local", local=True, name="tiny-local")
+    assert model.defaults("heal")["dilation_mm"] == 2.0
+    out = tmp_path / "healed.nii.gz"
+    code, _, err = run(capsys, "heal", scan_files["image"], "--mask", scan_files["mask"], "-o", out, "--model",
+                       model.root, "--quiet", "--mask-covers-rim")
+    assert code == 0, err
+    assert json.loads(out.with_name("healed.json").read_text())["settings"]["dilation_mm"] == 0.0
+    clash = tmp_path / "clash.nii.gz"
+    code, _, err = run(capsys, "heal", scan_files["image"], "--mask", scan_files["mask"], "-o", clash, "--model",
+                       model.root, "--quiet", "--mask-covers-rim", "--dilation", "2")
+    assert code == 2 and err.count("\n") == 1 and "--mask-covers-rim" in err and not clash.exists(), err
+    code, _, err = run(capsys, "batch", scan_files["image"].parent, "-o", tmp_path / "derivatives", "--model",
+                       model.root, "--mask-covers-rim", "--dilation", "1")  # usb batch: the same option
+    assert code == 2 and "--mask-covers-rim" in err and not (tmp_path / "derivatives").exists(), err
+
+
 def test_generate_and_generate_from_mask(tiny_bundle, scan_files, tmp_path, capsys):
     code, stdout, err = run(capsys, "generate", "-o", tmp_path / "g.nii.gz", "--mask-out", tmp_path / "m.nii.gz",
                             "--n", "2", "--model", tiny_bundle.root, "--quiet")
