@@ -68,7 +68,8 @@ _SETTINGS = (
     Setting("dilation_mm", "float", "mm the mask is grown by before editing (real masks miss the lesion's "
             "partial-volume rim); the edit rewrites this region fully.", 0.0, 10.0, fallback=0.0, flag="--dilation"),
     Setting("growth", "choice", "Heal: how the mask grows before the fill. fixed = by dilation_mm everywhere; rim = "
-            "only into the voxels around the mask that look like lesion (darker than the tissue around it), at most "
+            "only into the voxels around the mask that look like lesion (darker than the tissue around it, fading "
+            "outwards), at most "
             "dilation_mm: healthy tissue next to a tight mask stays as it is. With either, CSF beside the lesion (darker "
             "than the lesion itself) keeps its values, and the fill never makes a voxel darker than the scan (a "
             "T1-hypointense lesion only darkened it; realism's zero-mean grain may).", choices=GROWTHS, fallback="fixed"),

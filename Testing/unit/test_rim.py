@@ -120,3 +120,20 @@ def test_contrasts_of_a_noise_free_or_coarse_scan_are_finite_and_a_centre_lies_i
     ring = ((r >= 5.0) & (r <= 7.0) & (np.abs(zz - 24) <= 1) & (xx < 28)).astype(np.uint8)  # a C in one slab
     (_, _, centre), = lesion_contrasts(dark, ring, np.ones(SHAPE, bool), (1, 1, 1), 3.0)
     assert ring[centre]
+
+
+def test_grey_matter_past_the_rim_is_not_taken_for_rim():
+    """A partial-volume rim fades outwards: a band of darker tissue just past it (grey matter beyond a white-matter
+    lesion, brighter than the lesion but darker than the faded rim beside it) is not grown into, past the buffer
+    voxel, though it is darker than the reference tissue; without the fading test it is."""
+    image, mask, r = _lesion(5.0, 3.0, noise=0.01)
+    zz, yy, xx = np.indices(SHAPE)
+    band = (xx >= 32) & (xx < 35) & (r < 11)  # 3 voxels of grey matter (0.7) where the rim has faded to 0.83
+    image[band] = 0.7
+    brain = np.ones(SHAPE, bool)
+    plain = rim_region(image, mask, brain, (1.0, 1.0, 1.0), max_mm=6.0, fade_noise=None)
+    fading = rim_region(image, mask, brain, (1.0, 1.0, 1.0), max_mm=6.0)
+    rest = fading & ~band
+    assert (plain & band).sum() > 2 * (fading & band).sum()
+    assert not (fading & band & ~ndimage.binary_dilation(rest, ndimage.generate_binary_structure(3, 2))).any()
+    assert fading[(r > 5.0) & (r <= 7.0) & ~band].mean() > 0.9  # the rim itself is still taken

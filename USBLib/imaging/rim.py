@@ -11,6 +11,9 @@ Voxels that look like the surrounding tissue stay as they are, and so do voxels 
 ventricle or sulcus next to it: a partial-volume rim lies between the lesion's level and the tissue's). The
 lesion's level is the median of the mask's core (its inner half), so a generously drawn mask is measured by its
 lesion, not by the healthy tissue it also covers; a lesion with no contrast above the noise does not grow.
+A partial-volume rim fades outwards, so each step takes a voxel only when it is not darker than the region's voxels
+beside it (their mean): a voxel darker than the lesion side next to it is other tissue, grey matter past a
+white-matter lesion or the edge of a sulcus, not rim.
 
 "The tissue around the lesion" is estimated per voxel from a reference shell beyond the growth limit
 (``max_mm`` + 1 to + 4 mm from the mask): a normalised Gaussian average of the shell's values (2 mm), so that a
@@ -33,10 +36,11 @@ REFERENCE_SIGMA_MM = 2.0
 DEFAULT_TAU = 0.1
 MAX_BEYOND_LESION = 0.25  # a rim voxel may be darker than the lesion's median by at most this part of the contrast
 MIN_CONTRAST_NOISE = 4.0  # no growth unless the lesion's contrast is this many noise SDs
+FADE_NOISE = 0.0  # a grown voxel may be darker than the region beside it by at most this many noise SDs
 
 
 def rim_region(image: np.ndarray, mask: np.ndarray, brain: np.ndarray, spacing, max_mm: float,
-               tau: float = DEFAULT_TAU) -> np.ndarray:
+               tau: float = DEFAULT_TAU, fade_noise: float | None = FADE_NOISE) -> np.ndarray:
     """The mask grown into its lesion-like rim, at most ``max_mm`` from it. bool [I, J, K].
 
     Args:
@@ -48,6 +52,9 @@ def rim_region(image: np.ndarray, mask: np.ndarray, brain: np.ndarray, spacing, 
         tau: a rim voxel joins when it is darker than the reference tissue level by more than ``tau`` times the
             lesion's contrast (reference - lesion level), and not darker than the lesion level by more than
             ``MAX_BEYOND_LESION`` times it; the same with signs reversed for a bright lesion.
+        fade_noise: a voxel joins only when it is not darker than the mean of the region's voxels beside it
+            (18-neighbourhood) by more than ``fade_noise`` noise SDs (None: no such test). Both sides are the
+            image smoothed by half a voxel.
     """
     lesion = np.asarray(mask) > 0
     if max_mm <= 0 or not lesion.any():
@@ -68,6 +75,8 @@ def rim_region(image: np.ndarray, mask: np.ndarray, brain: np.ndarray, spacing, 
     step = ndimage.generate_binary_structure(3, 2)
     for _ in range(int(np.ceil(max_mm / spacing.min()))):
         grown = ndimage.binary_dilation(region, step) & candidates & ~region
+        if fade_noise is not None and grown.any():
+            grown &= (smooth - _mean_beside(smooth, region, step)) * sign >= -fade_noise * noise
         if not grown.any():
             break
         region |= grown
@@ -75,6 +84,15 @@ def rim_region(image: np.ndarray, mask: np.ndarray, brain: np.ndarray, spacing, 
     out = lesion.copy()
     out[box] = region
     return out
+
+
+def _mean_beside(values: np.ndarray, region: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """Per voxel, the mean of ``values`` over the ``region`` voxels in its ``step`` neighbourhood (itself included
+    when in the region); 0 where there are none."""
+    kernel = step.astype(np.float32)
+    count = ndimage.convolve(region.astype(np.float32), kernel, mode="constant")
+    total = ndimage.convolve(np.where(region, values, 0).astype(np.float32), kernel, mode="constant")
+    return total / np.maximum(count, 1.0)
 
 
 def _box_reach(spacing: np.ndarray, max_mm: float, reach_mm: float = 0.0) -> np.ndarray:
