@@ -69,10 +69,10 @@ _SETTINGS = (
             "partial-volume rim); the edit rewrites this region fully.", 0.0, 10.0, fallback=0.0, flag="--dilation"),
     Setting("growth", "choice", "Heal: how the mask grows before the fill. fixed = by dilation_mm everywhere; rim = "
             "only into the voxels around the mask that look like lesion (darker than the tissue around it, fading "
-            "outwards), at most "
-            "dilation_mm: healthy tissue next to a tight mask stays as it is. With either, CSF beside the lesion (darker "
-            "than the lesion itself) keeps its values, and the fill never makes a voxel darker than the scan (a "
-            "T1-hypointense lesion only darkened it; realism's zero-mean grain may).", choices=GROWTHS, fallback="fixed"),
+            "outwards), at most dilation_mm: healthy tissue next to a tight mask stays as it is. With either, CSF "
+            "beside the lesion (darker than the lesion itself) keeps its values, and the fill never makes a voxel "
+            "darker than the scan (a T1-hypointense lesion only darkened it; realism's zero-mean grain may).",
+            choices=GROWTHS, fallback="fixed"),
     Setting("boundary_average", "bool", "Heal: average the fills for the drawn mask, the mask one voxel smaller and "
             "the mask one voxel larger, so that the fill does not hinge on where the mask's edge was drawn (+0.4 dB on "
             "the held-out yardstick; the local stage runs three times, about 1.4 s more).", fallback=False),
