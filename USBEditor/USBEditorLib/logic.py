@@ -51,7 +51,7 @@ class Task(enum.Enum):
 
 # A heal whose mask already covers the lesion's partial-volume rim (a lesion mask made on FLAIR, or one dilated for
 # safety) is healed as drawn: growing it further into the rim cost 1.9 dB on such masks (held out, docs/model.md,
-# "Generously drawn masks"; ``usb heal --dilation 0``).
+# "Generously drawn masks"; ``usb heal --mask-covers-rim``, i.e. ``--dilation 0``).
 COVERS_RIM_DILATION_MM = 0.0
 
 TASK_INFO: dict[Task, dict[str, Any]] = {
