@@ -20,8 +20,8 @@ COVERS_RIM_LABEL = "Mask covers the lesion's dark rim (FLAIR-made or dilated)"
 COVERS_RIM_HELP = ("Heal: a mask drawn on the lesion's visible edge misses its partial-volume rim, so the fill grows "
                    "into the dark voxels around it (up to 3 mm). A mask that already covers the rim (made on FLAIR, "
                    "or dilated for safety) is healed as drawn: +1.9 dB on such masks in the held-out yardstick. "
-                   "Leave it off for a mask drawn on the lesion's visible edge: ticked, those heal 0.8-2.8 dB worse. "
-                   "Same as usb heal --mask-covers-rim.")
+                   "Leave it off for a mask drawn on the lesion's visible edge (ticked, those heal 0.8-2.8 dB "
+                   "worse) and on thick-slice scans, where it did not help. Same as usb heal --mask-covers-rim.")
 SLIDER_STEP = {"alpha0": 0.5, "k": 0.1, "eta": 0.05, "strength": 0.01}
 LABELS = {"alpha0": "\u03b1\u2080 (anatomy guidance)", "k": "k (guidance decay)", "eta": "\u03b7 (lesion guidance)",
           "steps": "Steps", "strength": "Strength", "seed": "Seed", "samples": "Samples", "stages": "Stages",

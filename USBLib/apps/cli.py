@@ -63,8 +63,8 @@ def _guidance_options(p: argparse.ArgumentParser, eta: bool) -> None:
     if not eta:
         p.add_argument("--mask-covers-rim", action="store_true",
                        help="the lesion mask already covers the lesion's dark rim (made on FLAIR, or dilated): heal "
-                            "it as drawn, without growing it into the rim (= --dilation 0; +1.9 dB on such masks, "
-                            "docs/model.md)")
+                            "it as drawn, without growing it into the rim (= --dilation 0; +1.9 dB on such masks on "
+                            "1 mm scans, no gain on thick slices: docs/model.md)")
     p.add_argument("--resample-mask", action="store_true", help="resample a mask on another grid (nearest)")
     p.add_argument("--registration", choices=("affine", "rigid", "none"), default="affine",
                    help="how to align the scan with the model template (none: already in template space)")
