@@ -117,6 +117,11 @@ _SETTINGS = (
 SETTINGS: dict[str, Setting] = {s.name: s for s in _SETTINGS}
 RANGES: dict[str, tuple[float, float]] = {s.name: (s.low, s.high) for s in _SETTINGS if s.low is not None}
 FALLBACKS: dict[str, Any] = {s.name: s.fallback for s in _SETTINGS if s.fallback is not None}
+# A heal whose mask already covers the lesion's partial-volume rim (a lesion mask made on FLAIR, or one dilated for
+# safety) is healed as drawn: growing it further into the rim cost 1.9 dB on such masks (held out, 1 mm scans;
+# docs/model.md, "Generously drawn masks"). ``usb heal --mask-covers-rim``, the GUIs' "Mask covers the lesion's dark
+# rim".
+COVERS_RIM_DILATION_MM = 0.0
 GUIDANCE = ("strength", "acg", "alpha0", "k", "eta", "margin_mm", "dilation_mm", "growth", "boundary_average",
             "patch_blend", "prior_anchor",
             "stages", "local_mode", "local_steps", "local_strength")

@@ -20,7 +20,7 @@ import numpy as np
 import vtk
 
 import slicer
-from USBLib.settings import FALLBACKS
+from USBLib.settings import COVERS_RIM_DILATION_MM, FALLBACKS
 from USBLib.apps.worker import load_array, write_job
 
 from .process import WorkerProcess
@@ -48,11 +48,6 @@ class Task(enum.Enum):
     def label(self) -> str:
         return TASK_INFO[self]["label"]
 
-
-# A heal whose mask already covers the lesion's partial-volume rim (a lesion mask made on FLAIR, or one dilated for
-# safety) is healed as drawn: growing it further into the rim cost 1.9 dB on such masks (held out, docs/model.md,
-# "Generously drawn masks"; ``usb heal --mask-covers-rim``, i.e. ``--dilation 0``).
-COVERS_RIM_DILATION_MM = 0.0
 
 TASK_INFO: dict[Task, dict[str, Any]] = {
     Task.HEAL: {"label": "Remove lesion (pathology \u2192 healthy)", "volume": "required", "mask": "optional",

@@ -17,7 +17,7 @@ from USBLib.errors import BundleError, Cancelled, InputError, OutputError, Termi
 from USBLib.apps.progress_bar import ProgressBar
 from USBLib.apps.signals import terminate_as_interrupt
 from USBLib.imaging.io import write_result
-from USBLib.settings import SETTINGS, add_cli_options
+from USBLib.settings import COVERS_RIM_DILATION_MM, SETTINGS, add_cli_options
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_CANCELLED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 PROG = "usb"
@@ -230,10 +230,10 @@ def _growth_limit(args) -> float | None:
     bundle's default."""
     if not getattr(args, "mask_covers_rim", False):
         return args.dilation_mm
-    if args.dilation_mm not in (None, 0.0):
+    if args.dilation_mm not in (None, COVERS_RIM_DILATION_MM):
         raise InputError(f"--mask-covers-rim heals the mask as drawn (--dilation 0); it cannot go with --dilation "
                          f"{args.dilation_mm:g}")
-    return 0.0
+    return COVERS_RIM_DILATION_MM
 
 
 def cmd_edit(args, task: str) -> int:
