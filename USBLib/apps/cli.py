@@ -226,13 +226,13 @@ def _local_options(args) -> dict[str, Any]:
 
 
 def _growth_limit(args) -> float | None:
-    """``dilation_mm`` of an edit: ``--dilation``, or 0 with ``--mask-covers-rim`` (heal, batch); None = the
-    bundle's default."""
+    """``dilation_mm`` of an edit: ``--dilation``, or ``COVERS_RIM_DILATION_MM`` with ``--mask-covers-rim`` (heal,
+    batch); None = the bundle's default."""
     if not getattr(args, "mask_covers_rim", False):
         return args.dilation_mm
     if args.dilation_mm not in (None, COVERS_RIM_DILATION_MM):
-        raise InputError(f"--mask-covers-rim heals the mask as drawn (--dilation 0); it cannot go with --dilation "
-                         f"{args.dilation_mm:g}")
+        raise InputError(f"--mask-covers-rim heals the mask as drawn (--dilation {COVERS_RIM_DILATION_MM:g}); it "
+                         f"cannot go with --dilation {args.dilation_mm:g}")
     return COVERS_RIM_DILATION_MM
 
 
