@@ -22,6 +22,40 @@ def test_file_round_trip_keeps_affine_and_values(tmp_path, kind, suffix):
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind
 
 
+def test_integers_stored_with_a_slope_are_written_as_they_were_stored(tmp_path):
+    """A NIfTI of integers with scl_slope/scl_inter (as scanners and converters write them) is read in its scaled
+    units, and an edit of it is written as it was stored: the same integer type, slope and intercept, the input's
+    own voxels bit for bit in the file, the edited ones rounded to the slope's step; an unscaled file stays
+    unscaled."""
+    rng = np.random.default_rng(0)
+    raw = rng.integers(-2000, 30000, size=(12, 14, 10)).astype(np.int16)
+    img = nib.Nifti1Image(raw, AFFINES["oblique"])
+    img.header.set_slope_inter(0.25, 10.0)  # set after construction: nibabel keeps it for integer data
+    nib.save(img, tmp_path / "scaled.nii.gz")
+
+    vol = read_volume(tmp_path / "scaled.nii.gz")
+    assert np.issubdtype(vol.data.dtype, np.floating)
+    np.testing.assert_allclose(vol.data, raw * 0.25 + 10.0)
+    edited = np.array(vol.data, dtype=np.float64)
+    edited[4:7, 5:8, 3:6] += 123.4
+    write_volume(tmp_path / "edited.nii.gz", edited, vol.affine, vol.header)
+
+    out = nib.load(tmp_path / "edited.nii.gz")
+    assert out.get_data_dtype() == np.int16 and (out.dataobj.slope, out.dataobj.inter) == (0.25, 10.0)
+    stored = np.asarray(out.dataobj.get_unscaled())
+    inside = np.zeros(raw.shape, bool)
+    inside[4:7, 5:8, 3:6] = True
+    np.testing.assert_array_equal(stored[~inside], raw[~inside])
+    np.testing.assert_allclose(np.asarray(out.dataobj)[inside], edited[inside], atol=0.125 + 1e-9)
+
+    nib.save(nib.Nifti1Image(raw, AFFINES["oblique"]), tmp_path / "plain.nii.gz")
+    plain = read_volume(tmp_path / "plain.nii.gz")
+    write_volume(tmp_path / "plain_out.nii.gz", plain.data, plain.affine, plain.header)
+    again = nib.load(tmp_path / "plain_out.nii.gz")
+    assert again.get_data_dtype() == np.int16 and (again.dataobj.slope, again.dataobj.inter) == (1.0, 0.0)
+    np.testing.assert_array_equal(np.asarray(again.dataobj), raw)
+
+
 @pytest.mark.parametrize("kind", sorted(AFFINES))
 def test_model_space_round_trip(kind):
     aff = AFFINES[kind]

@@ -55,6 +55,31 @@ class Volume:
         return np.linalg.norm(self.affine[:3, :3], axis=0)
 
 
+def _with_stored_scaling(img) -> Any:
+    """The header of a nibabel image, with the scaling of integers stored with a NIfTI slope/intercept put back
+    into it (nibabel applies it on reading and leaves the loaded header's scl_slope/scl_inter empty), so that an
+    output is written as its input was stored (``_stored_scaling``)."""
+    import nibabel as nib
+
+    header = img.header
+    slope, inter = float(getattr(img.dataobj, "slope", 1.0)), float(getattr(img.dataobj, "inter", 0.0))
+    if isinstance(header, nib.Nifti1Header) and (slope, inter) != (1.0, 0.0) \
+            and np.issubdtype(header.get_data_dtype(), np.integer):
+        header = header.copy()
+        header.set_slope_inter(slope, inter)
+    return header
+
+
+def _stored_scaling(header: Any) -> tuple[np.dtype, float, float] | None:
+    """(stored integer dtype, slope, intercept) of a NIfTI header read from integers stored with a scaling, or
+    None (no header, float storage, or no scaling)."""
+    slope, inter = header.get_slope_inter() if header is not None else (None, None)
+    if slope is None or not np.issubdtype(header.get_data_dtype(), np.integer):
+        return None
+    inter = 0.0 if inter is None else float(inter)
+    return (None if (slope, inter) == (1.0, 0.0) else (np.dtype(header.get_data_dtype()), float(slope), inter))
+
+
 def suffix_of(path: os.PathLike | str) -> str:
     """The supported suffix ``path`` ends with, lower case, longest match first (``.nii.gz`` before ``.nii``).
 
@@ -112,7 +137,7 @@ def read_volume(path: os.PathLike | str, what: str = "image") -> Volume:
 
             img = nib.load(str(path))
             data = np.asanyarray(img.dataobj)
-            vol = Volume(data, np.asarray(img.affine, dtype=np.float64), img.header, path)
+            vol = Volume(data, np.asarray(img.affine, dtype=np.float64), _with_stored_scaling(img), path)
     except InputError:
         raise
     except Exception as exc:  # corrupt or unreadable file: one line, no traceback
@@ -243,10 +268,14 @@ def _write_to(path: Path, fmt: str, data: np.ndarray, affine: np.ndarray, header
         img = nib.MGHImage(data, affine)
     else:
         hdr = header.copy() if isinstance(header, nib.Nifti1Header) else None
+        stored = _stored_scaling(hdr) if np.issubdtype(data.dtype, np.floating) else None
+        if stored is not None:  # integers with a slope/intercept, as the input was stored: its own voxels bit for bit
+            dtype, slope, inter = stored
+            data = cast_like((np.asarray(data, np.float64) - inter) / slope, dtype)
         img = nib.Nifti1Image(data, affine, header=hdr)
         img.set_data_dtype(data.dtype)
         if hdr is not None:
-            img.header.set_slope_inter(1.0, 0.0)
+            img.header.set_slope_inter(*(stored[1:] if stored is not None else (1.0, 0.0)))
             img.set_sform(affine, code=int(hdr["sform_code"]) or 1)
             img.set_qform(affine, code=int(hdr["qform_code"]) or 1)
     nib.save(img, str(path))
@@ -265,8 +294,10 @@ def write_volume(path: os.PathLike | str, data: np.ndarray, affine: np.ndarray, 
     """Write ``data`` with ``affine`` (and the source header's codes for NIfTI) atomically; returns the path.
 
     The format follows the suffix: NIfTI keeps ``data``'s dtype, resets slope/intercept to 1/0 and sets both sform
-    and qform to ``affine`` (with the source header's codes, or 1); MGZ/MGH via nibabel; NRRD via SimpleITK
-    (converted to LPS, compressed).
+    and qform to ``affine`` (with the source header's codes, or 1), except that float ``data`` for a source stored
+    as integers with a slope/intercept (``read_volume`` keeps it in the header) is stored the same way again:
+    rounded and clipped to the stored type, with the source's slope and intercept, so that the source's own voxels
+    come back bit for bit in the file; MGZ/MGH via nibabel; NRRD via SimpleITK (converted to LPS, compressed).
 
     Args:
         path: output file with a supported suffix (see ``suffix_of``).
