@@ -190,3 +190,58 @@ def test_comparison_counts_the_worst_case_targets_against_the_per_case_oracle(tm
     out = capsys.readouterr().out
     assert "| heals > 1 dB below the best classical filler of their case | 2/6 | 2/6 |" in out
     assert "| exact mask worse than the hasty one | 1/3 (1 by > 1 dB) | 1/3 (1 by > 1 dB) |" in out
+
+
+def test_a_held_out_yardstick_run_is_recorded_in_the_bundle_and_usb_info_prints_it(tmp_path, capsys):
+    """``evaluation.record`` writes the yardstick of a held-out run (PSNR, interval, the worst-case counts, the
+    classical set's size, the commit) into bundle.json, leaving the rest of it as it was, and ``usb info`` prints
+    it; a run on a training source, or without the defaults' row, is refused with a one-line error (exit 2) and
+    the bundle is unchanged."""
+    import shutil
+
+    from USBLib.apps.info import metric_lines
+    from USBLib.core import bundle as bundle_mod
+    from usb_training.evaluation import record
+
+    usb = {("c0", "exact"): 25.0, ("c0", "hasty"): 26.5, ("c1", "exact"): 30.0, ("c1", "hasty"): 29.0}
+    best = {("c0", "exact"): 24.0, ("c0", "hasty"): 24.0, ("c1", "exact"): 31.5, ("c1", "hasty"): 29.5}
+    rows = [{"case": c, "site": "cortex", "mask": m, "method": "USB defaults", "kind": "usb", "psnr": v}
+            for (c, m), v in usb.items()]
+    rows += [{"case": c, "site": "cortex", "mask": m, "method": name, "kind": "classical", "psnr": v - drop}
+             for (c, m), v in best.items() for name, drop in (("NAWM", 0.0), ("biharmonic", 3.0))]
+    both = {"usb": 27.625, "vs_best": 0.375, "vs_best_ci": [-1.0, 1.75], "worst": -1.5, "vs_preset": 3.375,
+            "vs_preset_ci": [2.0, 4.75]}
+    native = {"source": "ixi555", "held_out": True, "cases": 2, "masks": ["exact", "hasty"],
+              "classical": ["NAWM", "biharmonic"], "usb_settings": {"USB defaults": {}}, "preset": "biharmonic",
+              "classical_brighten_only": False, "engine": {"commit": "0123456789abcdef", "uncommitted_diff_sha1": ""},
+              "summary": {"configs": {"USB defaults": {"both": both}}}, "rows": rows}
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    shutil.copy(bundle_mod.resolve(None) / bundle_mod.BUNDLE_FILE, bundle)
+    before = json.loads((bundle / bundle_mod.BUNDLE_FILE).read_text())
+    run = tmp_path / "native_metrics.json"
+    run.write_text(json.dumps(native))
+
+    assert record.main([str(run), "--bundle", str(bundle)]) == 0
+    assert "USB defaults 27.62 dB, +0.38 over the best of 2 classical fillers" in capsys.readouterr().out
+    after = json.loads((bundle / bundle_mod.BUNDLE_FILE).read_text())
+    got = after["metrics"].pop("heal_yardstick")
+    before["metrics"].pop("heal_yardstick", None)
+    assert after == before  # nothing else changed
+    # gaps to the per-case best: c0 +1.0/+2.5, c1 -1.5/-0.5; exact - hasty: c0 -1.5, c1 +1.0
+    assert got["configs"]["USB defaults"] == {
+        "psnr_db": 27.62, "vs_best_classical_db": 0.38, "vs_best_classical_ci": [-1.0, 1.75],
+        "worst_vs_best_classical_db": -1.5, "vs_chosen_filler_db": 3.38, "vs_chosen_filler_ci": [2.0, 4.75],
+        "heals": 4, "heals_below_best_classical": 1, "exact_worse_than_hasty": 1, "cases_with_both_masks": 2}
+    assert got["classical_fillers"] == 2 and got["commit"] == "0123456789abcdef"
+    text = "\n".join(metric_lines({"heal_yardstick": got}))
+    assert "the best of 2 classical fillers per case" in text and "+0.38 [-1.00, +1.75]" in text
+    assert "1 of 4 heals more than 1 dB below" in text and "at commit 0123456" in text
+
+    for change in ({"source": "mni2009c", "held_out": False}, {"usb_settings": {"USB d1": {"dilation_mm": 1}}},
+                   {"source": "ixi555 with 3x thicker slices"}):
+        run.write_text(json.dumps(native | change))
+        assert record.main([str(run), "--bundle", str(bundle)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("record: error: ") and err.count("\n") == 1
+        assert json.loads((bundle / bundle_mod.BUNDLE_FILE).read_text())["metrics"]["heal_yardstick"] == got

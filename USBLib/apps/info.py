@@ -81,12 +81,12 @@ def metric_lines(metrics: Mapping[str, Any]) -> list[str]:
     lines: list[str] = []
     shown = set()
     if isinstance(metrics.get("heal"), Mapping):
-        lines += _method_table("Heal (held-out cases; PSNR/SSIM/L1 inside the lesion and over the brain)",
-                               metrics["heal"], HEAL_COLUMNS) + [""]
+        lines += _method_table("Heal on the model's grid (held-out cases; PSNR/SSIM/L1 inside the lesion and over the "
+                               "brain)", metrics["heal"], HEAL_COLUMNS) + [""]
         shown.add("heal")
     if isinstance(metrics.get("embed"), Mapping):
-        lines += _method_table("Embed (lesion/surround intensity ratio: lower is darker)", metrics["embed"],
-                               EMBED_COLUMNS) + [""]
+        lines += _method_table("Embed on the model's grid (lesion/surround intensity ratio: lower is darker)",
+                               metrics["embed"], EMBED_COLUMNS) + [""]
         shown.add("embed")
     if isinstance(metrics.get("heal_yardstick"), Mapping):
         lines += _yardstick_lines(metrics["heal_yardstick"]) + [""]
@@ -107,10 +107,20 @@ def _yardstick_lines(yardstick: Mapping[str, Any]) -> list[str]:
              f"{v['worst_vs_best_classical_db']:+.2f}",
              f"{v['vs_chosen_filler_db']:+.2f} [{v['vs_chosen_filler_ci'][0]:+.2f}, {v['vs_chosen_filler_ci'][1]:+.2f}]"]
             for name, v in yardstick.get("configs", {}).items()]
-    head = (f"Heal yardstick ({yardstick.get('source')}, {yardstick.get('cases')} cases x exact and hasty masks; "
-            "PSNR dB over every voxel the lesion changed; 95 % intervals)")
-    return [head] + table(["USB", "PSNR", "- best classical per case", "worst", f"- {yardstick.get('chosen_filler')}"],
-                          rows)
+    fillers = yardstick.get("classical_fillers")
+    head = (f"Heal yardstick ({yardstick.get('source')}, {yardstick.get('cases')} cases x exact and hasty masks, at "
+            "the scan's resolution; PSNR dB over every voxel the lesion changed; 95 % intervals"
+            + (f"; the best of {fillers} classical fillers per case" if fillers else "") + ")")
+    lines = [head] + table(["USB", "PSNR", "- best classical per case", "worst", f"- {yardstick.get('chosen_filler')}"],
+                           rows)
+    for name, v in yardstick.get("configs", {}).items():
+        if "heals_below_best_classical" in v:
+            lines.append(f"  {name}: {v['heals_below_best_classical']} of {v['heals']} heals more than 1 dB below the "
+                         f"best classical filler of their case; the exact mask healed worse than the hasty one on "
+                         f"{v['exact_worse_than_hasty']} of {v['cases_with_both_masks']} cases")
+    if yardstick.get("commit"):
+        lines.append(f"  measured with the engine at commit {str(yardstick['commit'])[:7]}")
+    return lines
 
 
 def defaults_table(defaults: Mapping[str, Mapping[str, Any]]) -> list[str]:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ..base.worst_cases import per_case_oracle, worst_cases
 from .native import bootstrap_ci, mask_subsets, site_group
 
 
@@ -35,27 +36,7 @@ def _rows(spec: str) -> tuple[str, dict[tuple[str, str], dict[str, Any]], dict[t
     if not rows:
         methods = sorted({r["method"] for r in data["rows"]})
         raise ValueError(f"{path} has no method '{method}' (it has: {', '.join(methods)})")
-    oracle: dict[tuple[str, str], float] = {}
-    for r in data["rows"]:
-        if r.get("kind") == "classical":
-            pair = (r["case"], r["mask"])
-            oracle[pair] = max(oracle.get(pair, -np.inf), float(r["psnr"]))
-    return f"{method} ({Path(path).parent.name})", rows, oracle
-
-
-def worst_cases(rows: dict[tuple[str, str], dict[str, Any]], oracle: dict[tuple[str, str], float],
-                pairs: list[tuple[str, str]], below_db: float = 1.0) -> dict[str, Any]:
-    """The worst-case targets of a method's heals ``rows`` over the (case, mask) ``pairs``: ``below``, how many are
-    more than ``below_db`` dB under ``oracle`` (the best classical filler of the same case and mask; pairs without
-    one are left out, ``n`` counts the rest) and ``worst``, the lowest USB - oracle (dB; None without an oracle);
-    ``exact_worse``, of the ``cases`` with both masks, how many heal worse with the exact mask than with the hasty
-    one, and ``exact_worse_db``, by more than ``below_db``."""
-    gaps = [rows[p]["psnr"] - oracle[p] for p in pairs if p in oracle]
-    cases = sorted({c for c, _ in pairs if (c, "exact") in rows and (c, "hasty") in rows})
-    diffs = [rows[(c, "exact")]["psnr"] - rows[(c, "hasty")]["psnr"] for c in cases]
-    return {"n": len(gaps), "below": sum(g < -below_db for g in gaps), "worst": min(gaps) if gaps else None,
-            "cases": len(cases), "exact_worse": sum(d < 0 for d in diffs),
-            "exact_worse_db": sum(d < -below_db for d in diffs)}
+    return f"{method} ({Path(path).parent.name})", rows, per_case_oracle(data["rows"])
 
 
 def worst_case_table(label_a: str, label_b: str, a: dict[str, Any], b: dict[str, Any]) -> str:

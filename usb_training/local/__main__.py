@@ -182,24 +182,8 @@ def _thick_share(data: dict) -> str:
     return f", {thick} of them measured with 2-5 mm slices along one axis and resampled to 1 mm" if thick else ""
 
 
-def heal_yardstick_metrics(native: dict) -> dict:
-    """The bundle's record of the heal yardstick (``evaluate --native``'s ``native_metrics.json``): per USB
-    configuration, its PSNR over the changed voxels (both masks) and the paired differences to the best classical
-    filler of each case and to the filler chosen in advance, with their 95 % intervals and the worst case."""
-    configs = {}
-    for name, per in native["summary"]["configs"].items():
-        both = per["both"]
-        configs[name] = {"psnr_db": round(both["usb"], 2), "vs_best_classical_db": round(both["vs_best"], 2),
-                         "vs_best_classical_ci": [round(x, 2) for x in both["vs_best_ci"]],
-                         "worst_vs_best_classical_db": round(both["worst"], 2),
-                         "vs_chosen_filler_db": round(both["vs_preset"], 2),
-                         "vs_chosen_filler_ci": [round(x, 2) for x in both["vs_preset_ci"]]}
-    return {"source": native["source"], "cases": native["cases"], "masks": ["exact", "hasty"],
-            "chosen_filler": native.get("preset"), "configs": configs}
-
-
 def _export(args) -> int:
-    from .export import LOCAL_DEFAULTS, export_local
+    from .export import LOCAL_DEFAULTS, export_local, heal_yardstick_metrics
 
     defaults = json.loads(json.dumps(LOCAL_DEFAULTS))
     if args.tuning:
