@@ -114,6 +114,38 @@ def test_mask_resampling_needs_overlap():
     np.testing.assert_array_equal(same, mask)
 
 
+@pytest.mark.parametrize("kind", sorted(AFFINES))
+def test_a_mask_in_another_axis_order_or_direction_is_moved_onto_the_image_grid_exactly(kind):
+    """A mask saved with its axes flipped (LPS for an RAS scan) or permuted covers the same voxel centres: it is
+    moved onto the image's grid by transposes and flips, without --resample-mask and without any change; a mask
+    one voxel off, or with another voxel size, is not (it needs resampling), and a brain mask is never resampled."""
+    from USBLib.imaging.checks import check_mask
+    from USBLib.imaging.spatial import reoriented_to
+
+    aff = AFFINES[kind]
+    shape = (9, 11, 7)
+    rng = np.random.default_rng(1)
+    mask = (rng.random(shape) > 0.7).astype(np.uint8)
+    flip = np.diag([-1.0, 1.0, -1.0, 1.0])
+    flip[0, 3], flip[2, 3] = shape[0] - 1, shape[2] - 1
+    flipped = mask[::-1, :, ::-1]
+    turn = np.zeros((4, 4))
+    turn[3, 3] = turn[0, 1] = turn[1, 2] = turn[2, 0] = 1.0  # stored index (p, q, r) is image index (q, r, p)
+    permuted = np.transpose(mask, (2, 0, 1))
+    for stored, stored_aff in ((flipped, aff @ flip), (permuted, aff @ turn)):
+        np.testing.assert_array_equal(reoriented_to(stored, stored_aff, shape, aff), mask)
+        np.testing.assert_array_equal(check_mask(stored, shape, stored_aff, aff, False), mask)
+    shifted = aff.copy()
+    shifted[:3, 3] += aff[:3, 0]  # one voxel along I
+    assert reoriented_to(mask, shifted, shape, aff) is None
+    finer = aff @ np.diag([0.5, 1.0, 1.0, 1.0])
+    assert reoriented_to(mask, finer, shape, aff) is None
+    with pytest.raises(InputError, match=r"same shape, another position.*--resample-mask"):
+        check_mask(mask, shape, shifted, aff, False)
+    with pytest.raises(InputError, match="brain mask is on a different grid.*must be on the image's grid"):
+        check_mask(mask, shape, shifted, aff, False, "brain mask")
+
+
 @pytest.mark.parametrize("case,message", [
     ("missing", "not found"), ("corrupt", "cannot read"), ("2d", "3D volume"), ("4d", "3D volume"),
     ("txt", "unsupported file type")])

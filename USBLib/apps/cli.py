@@ -237,6 +237,7 @@ def _growth_limit(args) -> float | None:
 
 
 def cmd_edit(args, task: str) -> int:
+    from USBLib.imaging.checks import check_mask
     from USBLib.imaging.io import read_volume
 
     _check_outputs([args.input, args.mask, args.brain_mask], [args.output, args.uncertainty])
@@ -244,8 +245,8 @@ def cmd_edit(args, task: str) -> int:
     vol = _load_image(args.input)
     mask = _read_mask(args.mask, args.mask_threshold) if args.mask else None
     brain = read_volume(args.brain_mask, "brain mask") if args.brain_mask else None
-    if brain is not None and not (brain.data.shape == vol.data.shape):
-        raise InputError("brain mask is on a different grid than the image")
+    if brain is not None:  # on the image's grid, or moved onto it exactly (another axis order); never resampled
+        brain.data = check_mask(brain.data, vol.data.shape, brain.affine, vol.affine, False, "brain mask")
     editor = _editor(args)
     bar = ProgressBar(args.quiet, task)
     try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from USBLib.errors import InputError
-from USBLib.imaging.spatial import resample_mask_to, same_grid
+from USBLib.imaging.spatial import reoriented_to, resample_mask_to, same_grid
 
 
 def squeeze_3d(array: np.ndarray, what: str) -> np.ndarray:
@@ -52,8 +52,10 @@ def threshold_mask(mask: np.ndarray, threshold: float | None) -> np.ndarray:
 
 def check_mask(mask: np.ndarray, shape, mask_affine, affine, resample_mask: bool,
                what: str = "lesion mask") -> np.ndarray:
-    """A binary mask on the image's grid (``shape``, ``affine``), as uint8 {0, 1}. A mask on another grid is
-    resampled (nearest neighbour) only when ``resample_mask``; ``mask_affine`` None means the image's grid.
+    """A binary mask on the image's grid (``shape``, ``affine``), as uint8 {0, 1}. A mask on the image's grid in
+    another axis order or direction (the same voxel centres; ``spatial.reoriented_to``) is moved onto it exactly; a
+    mask on any other grid is resampled (nearest neighbour) only when ``resample_mask``; ``mask_affine`` None means
+    the image's grid.
 
     Binary means: every non-zero voxel has one and the same value (0/1, 0/255, a label map of one label, as
     Slicer's labelmaps); a mask with several non-zero values (a probability map, several labels) is refused with a
@@ -71,8 +73,14 @@ def check_mask(mask: np.ndarray, shape, mask_affine, affine, resample_mask: bool
     if mask_affine is None:
         mask_affine = affine
     if not same_grid(mask.shape, mask_affine, shape, affine):
-        if not resample_mask:
-            raise InputError(f"{what} is on a different grid than the image (shape {tuple(mask.shape)} vs "
-                             f"{tuple(shape)}); pass --resample-mask to resample it")
-        mask = resample_mask_to((mask != 0).astype(np.uint8), mask_affine, shape, affine)
+        exact = reoriented_to(mask, mask_affine, shape, affine)
+        if exact is not None:  # the image's own voxels in another axis order or direction: moved, not resampled
+            mask = exact
+        elif not resample_mask:
+            how = "the same shape, another position or voxel size" if tuple(mask.shape) == tuple(shape) else \
+                f"shape {tuple(mask.shape)} vs {tuple(shape)}"
+            hint = "pass --resample-mask to resample it" if what == "lesion mask" else "it must be on the image's grid"
+            raise InputError(f"{what} is on a different grid than the image ({how}); {hint}")
+        else:
+            mask = resample_mask_to((mask != 0).astype(np.uint8), mask_affine, shape, affine)
     return (mask != 0).astype(np.uint8)

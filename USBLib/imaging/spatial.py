@@ -132,6 +132,37 @@ def same_grid(shape_a, affine_a: np.ndarray, shape_b, affine_b: np.ndarray, tol:
     return tuple(shape_a) == tuple(shape_b) and np.allclose(affine_a, affine_b, atol=tol)
 
 
+def reoriented_to(values: np.ndarray, affine_from: np.ndarray, shape, affine_to: np.ndarray,
+                  tol: float = 1e-3) -> np.ndarray | None:
+    """``values`` on the grid (``shape``, ``affine_to``) when their own grid is that grid in another axis order or
+    direction (the same voxel centres: a mask saved in LPS for an RAS scan, or with its axes permuted), moved there
+    exactly by transposes and flips; None when the grids differ otherwise (then only resampling can help).
+
+    Args:
+        values: voxel values [I', J', K'] on the grid ``affine_from``.
+        affine_from: their 4x4 voxel-to-RAS affine (mm).
+        shape: the target grid's shape, 3 ints.
+        affine_to: the target grid's 4x4 voxel-to-RAS affine (mm).
+        tol: how far (in voxels) the mapping of target voxel indices onto ``values``' indices may be from a signed
+            permutation of whole voxels.
+    """
+    mapping = np.linalg.inv(np.asarray(affine_from, float)) @ np.asarray(affine_to, float)  # target -> own index
+    turn, shift = np.rint(mapping[:3, :3]), np.rint(mapping[:3, 3])
+    if not (np.allclose(mapping[:3, :3], turn, atol=tol) and np.allclose(mapping[:3, 3], shift, atol=tol)
+            and np.array_equal(np.abs(turn).sum(0), np.ones(3)) and np.array_equal(np.abs(turn).sum(1), np.ones(3))):
+        return None
+    axes = [int(np.argmax(np.abs(turn[:, b]))) for b in range(3)]  # target axis b reads own axis axes[b]
+    if tuple(np.asarray(values).shape[a] for a in axes) != tuple(shape):
+        return None
+    out = np.transpose(np.asarray(values), axes)
+    for b, a in enumerate(axes):
+        if shift[a] != (0 if turn[a, b] > 0 else shape[b] - 1):
+            return None
+        if turn[a, b] < 0:
+            out = np.flip(out, b)
+    return np.ascontiguousarray(out)
+
+
 def resample_mask_to(mask: np.ndarray, mask_affine: np.ndarray, shape, affine: np.ndarray) -> np.ndarray:
     """Nearest-neighbour resampling of a mask onto another grid; the physical extents must overlap.
 
