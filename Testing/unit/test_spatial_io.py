@@ -140,6 +140,10 @@ def test_a_mask_in_another_axis_order_or_direction_is_moved_onto_the_image_grid_
     assert reoriented_to(mask, shifted, shape, aff) is None
     finer = aff @ np.diag([0.5, 1.0, 1.0, 1.0])
     assert reoriented_to(mask, finer, shape, aff) is None
+    tilt = np.eye(4)
+    tilt[:2, :2] = [[np.cos(0.02), -np.sin(0.02)], [np.sin(0.02), np.cos(0.02)]]  # 1.1 degrees: a tenth of a voxel
+    assert reoriented_to(mask, aff @ tilt, shape, aff) is None
+    assert reoriented_to(mask, np.zeros((4, 4)), shape, aff) is None
     with pytest.raises(InputError, match=r"same shape, another position.*--resample-mask"):
         check_mask(mask, shape, shifted, aff, False)
     with pytest.raises(InputError, match="brain mask is on a different grid.*must be on the image's grid"):

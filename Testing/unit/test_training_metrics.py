@@ -195,8 +195,9 @@ def test_comparison_counts_the_worst_case_targets_against_the_per_case_oracle(tm
 def test_a_held_out_yardstick_run_is_recorded_in_the_bundle_and_usb_info_prints_it(tmp_path, capsys):
     """``evaluation.record`` writes the yardstick of a held-out run (PSNR, interval, the worst-case counts, the
     classical set's size, the commit) into bundle.json, leaving the rest of it as it was, and ``usb info`` prints
-    it; a run on a training source, or without the defaults' row, is refused with a one-line error (exit 2) and
-    the bundle is unchanged."""
+    it; a run on a training source or thick slices, without the defaults' row or per-heal rows, with a failed heal,
+    or from an engine that was not a committed checkout is refused with a one-line error (exit 2) and the bundle
+    is unchanged."""
     import shutil
 
     from USBLib.apps.info import metric_lines
@@ -213,7 +214,7 @@ def test_a_held_out_yardstick_run_is_recorded_in_the_bundle_and_usb_info_prints_
             "vs_preset_ci": [2.0, 4.75]}
     native = {"source": "ixi555", "held_out": True, "cases": 2, "masks": ["exact", "hasty"],
               "classical": ["NAWM", "biharmonic"], "usb_settings": {"USB defaults": {}}, "preset": "biharmonic",
-              "classical_brighten_only": False, "engine": {"commit": "0123456789abcdef", "uncommitted_diff_sha1": ""},
+              "classical_brighten_only": False, "engine": {"commit": "0123456789" * 4, "uncommitted_diff_sha1": ""},
               "summary": {"configs": {"USB defaults": {"both": both}}}, "rows": rows}
     bundle = tmp_path / "bundle"
     bundle.mkdir()
@@ -233,13 +234,16 @@ def test_a_held_out_yardstick_run_is_recorded_in_the_bundle_and_usb_info_prints_
         "psnr_db": 27.62, "vs_best_classical_db": 0.38, "vs_best_classical_ci": [-1.0, 1.75],
         "worst_vs_best_classical_db": -1.5, "vs_chosen_filler_db": 3.38, "vs_chosen_filler_ci": [2.0, 4.75],
         "heals": 4, "heals_below_best_classical": 1, "exact_worse_than_hasty": 1, "cases_with_both_masks": 2}
-    assert got["classical_fillers"] == 2 and got["commit"] == "0123456789abcdef"
+    assert got["classical_fillers"] == 2 and got["commit"] == "0123456789" * 4
     text = "\n".join(metric_lines({"heal_yardstick": got}))
     assert "the best of 2 classical fillers per case" in text and "+0.38 [-1.00, +1.75]" in text
     assert "1 of 4 heals more than 1 dB below" in text and "at commit 0123456" in text
 
+    failed = [dict(rows[0], failed="RuntimeError: out of memory")] + rows[1:]
     for change in ({"source": "mni2009c", "held_out": False}, {"usb_settings": {"USB d1": {"dilation_mm": 1}}},
-                   {"source": "ixi555 with 3x thicker slices"}):
+                   {"source": "ixi555 with 3x thicker slices"}, {"rows": []}, {"rows": failed},
+                   {"engine": {"commit": "not a git checkout"}}, {"engine": {"commit": "0" * 40,
+                                                                          "uncommitted_diff_sha1": "ab12"}}):
         run.write_text(json.dumps(native | change))
         assert record.main([str(run), "--bundle", str(bundle)]) == 2
         err = capsys.readouterr().err

@@ -68,8 +68,9 @@ def check_mask(mask: np.ndarray, shape, mask_affine, affine, resample_mask: bool
     nonzero = values[values != 0]
     if len(nonzero) > 1:
         shown = ", ".join(f"{v:g}" for v in values[:5])
-        raise InputError(f"{what} is not binary (values {shown}{', ...' if len(values) > 5 else ''}); give a mask "
-                         "whose lesion voxels share one value, or binarise it with --mask-threshold T")
+        hint = ("give a mask whose lesion voxels share one value, or binarise it with --mask-threshold T"
+                if what == "lesion mask" else "give a mask with 0 outside and one value inside")
+        raise InputError(f"{what} is not binary (values {shown}{', ...' if len(values) > 5 else ''}); {hint}")
     if mask_affine is None:
         mask_affine = affine
     if not same_grid(mask.shape, mask_affine, shape, affine):

@@ -73,11 +73,12 @@ def _with_stored_scaling(img) -> Any:
 def _stored_scaling(header: Any) -> tuple[np.dtype, float, float] | None:
     """(stored integer dtype, slope, intercept) of a NIfTI header read from integers stored with a scaling, or
     None (no header, float storage, or no scaling)."""
-    slope, inter = header.get_slope_inter() if header is not None else (None, None)
-    if slope is None or not np.issubdtype(header.get_data_dtype(), np.integer):
+    if header is None or not np.issubdtype(header.get_data_dtype(), np.integer):
         return None
-    inter = 0.0 if inter is None else float(inter)
-    return (None if (slope, inter) == (1.0, 0.0) else (np.dtype(header.get_data_dtype()), float(slope), inter))
+    slope, inter = header.get_slope_inter()
+    if slope is None or (float(slope), float(inter or 0.0)) == (1.0, 0.0):
+        return None
+    return np.dtype(header.get_data_dtype()), float(slope), float(inter or 0.0)
 
 
 def suffix_of(path: os.PathLike | str) -> str:

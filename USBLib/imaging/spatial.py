@@ -143,13 +143,20 @@ def reoriented_to(values: np.ndarray, affine_from: np.ndarray, shape, affine_to:
         affine_from: their 4x4 voxel-to-RAS affine (mm).
         shape: the target grid's shape, 3 ints.
         affine_to: the target grid's 4x4 voxel-to-RAS affine (mm).
-        tol: how far (in voxels) the mapping of target voxel indices onto ``values``' indices may be from a signed
-            permutation of whole voxels.
+        tol: how far (in voxels) any voxel of the grid, its corners included, may map from a voxel of ``values``'
+            grid under a signed permutation of whole voxels (a slightly oblique mask is not taken for a reoriented
+            one).
     """
-    mapping = np.linalg.inv(np.asarray(affine_from, float)) @ np.asarray(affine_to, float)  # target -> own index
+    affine_from = np.asarray(affine_from, float)
+    if affine_from.shape != (4, 4) or abs(np.linalg.det(affine_from[:3, :3])) < 1e-9:
+        return None
+    mapping = np.linalg.inv(affine_from) @ np.asarray(affine_to, float)  # target voxel index -> own voxel index
     turn, shift = np.rint(mapping[:3, :3]), np.rint(mapping[:3, 3])
-    if not (np.allclose(mapping[:3, :3], turn, atol=tol) and np.allclose(mapping[:3, 3], shift, atol=tol)
-            and np.array_equal(np.abs(turn).sum(0), np.ones(3)) and np.array_equal(np.abs(turn).sum(1), np.ones(3))):
+    if not (np.array_equal(np.abs(turn).sum(0), np.ones(3)) and np.array_equal(np.abs(turn).sum(1), np.ones(3))):
+        return None
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in shape], indexing="ij")).reshape(3, -1)
+    drift = (mapping[:3, :3] - turn) @ corners + (mapping[:3, 3] - shift)[:, None]
+    if np.abs(drift).max() > tol:
         return None
     axes = [int(np.argmax(np.abs(turn[:, b]))) for b in range(3)]  # target axis b reads own axis axes[b]
     if tuple(np.asarray(values).shape[a] for a in axes) != tuple(shape):

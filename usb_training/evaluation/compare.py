@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..base.worst_cases import per_case_oracle, worst_cases
+from ..base.yardstick_record import per_case_oracle, worst_cases
 from .native import bootstrap_ci, mask_subsets, site_group
 
 

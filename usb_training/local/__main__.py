@@ -183,7 +183,8 @@ def _thick_share(data: dict) -> str:
 
 
 def _export(args) -> int:
-    from .export import LOCAL_DEFAULTS, export_local, heal_yardstick_metrics
+    from ..base.yardstick_record import heal_yardstick_metrics
+    from .export import LOCAL_DEFAULTS, export_local
 
     defaults = json.loads(json.dumps(LOCAL_DEFAULTS))
     if args.tuning:

@@ -21,7 +21,6 @@ from USBLib.editor.local.conditioning import BASE_INPUTS, DEEP_GREY_INPUT, DEVIA
 
 from ..base.card import CARD_END, CARD_START
 from ..base.common import module_weights
-from ..base.worst_cases import per_case_oracle, worst_cases
 from .priors import LICENCE_FILE, TISSUE_FILE, tissue_file
 
 PRIOR_DESCRIPTION = ("ICBM 2009c Nonlinear Asymmetric MNI152 CSF/GM/WM probabilities (niworkflows 0.0.5) on the "
@@ -39,33 +38,6 @@ LOCAL_DEFAULTS = {  # heal: rim growth at most 3 mm and the average over the mas
     "embed": {"stages": "local", "local_mode": "realism", "local_steps": 4, "local_strength": 0.3,
               "dilation_mm": 1.0, "margin_mm": 2.0},
 }
-
-
-def heal_yardstick_metrics(native: Mapping[str, Any]) -> dict:
-    """The bundle's record of the heal yardstick (``evaluate --native``'s ``native_metrics.json``): per USB
-    configuration, its PSNR over the changed voxels (both masks), the paired differences to the best classical
-    filler of each case and to the filler chosen in advance with their 95 % intervals, the worst case, and the
-    worst-case targets (``base.worst_cases``: heals more than 1 dB below the best classical filler of their case,
-    cases whose exact mask heals worse than the hasty one); with the run's source, size, classical set and commit.
-    """
-    all_rows = native.get("rows", [])
-    oracle = per_case_oracle(all_rows)
-    configs = {}
-    for name, per in native["summary"]["configs"].items():
-        both = per["both"]
-        mine = {(r["case"], r["mask"]): r for r in all_rows if r["method"] == name}
-        worst = worst_cases(mine, oracle, mine)
-        configs[name] = {"psnr_db": round(both["usb"], 2), "vs_best_classical_db": round(both["vs_best"], 2),
-                         "vs_best_classical_ci": [round(x, 2) for x in both["vs_best_ci"]],
-                         "worst_vs_best_classical_db": round(both["worst"], 2),
-                         "vs_chosen_filler_db": round(both["vs_preset"], 2),
-                         "vs_chosen_filler_ci": [round(x, 2) for x in both["vs_preset_ci"]],
-                         "heals": worst["n"], "heals_below_best_classical": worst["below"],
-                         "exact_worse_than_hasty": worst["exact_worse"], "cases_with_both_masks": worst["cases"]}
-    engine = native.get("engine") or {}
-    return {"source": native["source"], "cases": native["cases"],
-            "masks": list(native.get("masks", ["exact", "hasty"])), "chosen_filler": native.get("preset"),
-            "classical_fillers": len(native.get("classical", [])), "commit": engine.get("commit"), "configs": configs}
 
 
 def card_section(config: Mapping[str, Any], table_md: str | None) -> str:
