@@ -3,7 +3,9 @@
 The sample is a demo input, not evaluation data: the template is resampled through a small rotation onto a
 181 x 217 x 181 1 mm grid, given a smooth bias field and noise, and a synthetic hypointense lesion (smooth-noise
 shape, heterogeneous core, partial-volume rim) is painted into the right periventricular white matter. A second
-mask in the left hemisphere is the demo's lesion to embed.
+mask in the left hemisphere is the demo's lesion to embed. ``sample_arrays`` also gives the lesion-free truth
+(the same scan without the lesion: same bias field and noise), which ``usb_training.evaluation.demo_truth`` scores
+the demo's heal against.
 
     python -m usb_training.data.sample [--out USBLib/resources/sample]   (needs: pip install nilearn)
 """
@@ -20,7 +22,11 @@ from scipy import ndimage
 SHAPE = (181, 217, 181)
 
 
-def _template(name: str) -> nib.Nifti1Image:
+def _template(name: str, maps: dict[str, Path] | None = None) -> nib.Nifti1Image:
+    """The MNI152 2009a map ``name`` (t1, gm, wm): from ``maps`` (``usb_training.data.sources.fetch``'s
+    ``mni2009a`` files) when given, else from the installed nilearn."""
+    if maps:
+        return nib.load(str(maps[name]))
     path = resources.files("nilearn") / "datasets" / "data" / f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz"
     return nib.load(str(path))
 
@@ -37,9 +43,14 @@ def _blob(shape, affine, center_mm, radius_mm: float, rng: np.random.Generator) 
     return (dist + 0.35 * _smooth_noise(shape, 4.0, rng)) < 1.0
 
 
-def make_sample(out: Path, seed: int = 7) -> dict[str, Path]:
+def sample_arrays(seed: int = 7, maps: dict[str, Path] | None = None) -> dict[str, np.ndarray]:
+    """The sample's arrays on its 181 x 217 x 181 1 mm grid: ``image`` (the lesioned scan, int16), ``truth`` (the
+    same scan without the lesion, int16: the same bias field and noise), ``lesion`` and ``embed`` (bool masks),
+    ``soft`` (the lesion's extent in [0, 1], its partial-volume rim included), ``gm`` and ``wm`` (the template's
+    tissue probabilities on the grid) and ``affine`` (4 x 4, scanner RAS mm). ``maps``: where the MNI152 2009a maps
+    are (see ``_template``)."""
     rng = np.random.default_rng(seed)
-    t1, wm = _template("t1"), _template("wm")
+    t1, wm = _template("t1", maps), _template("wm", maps)
     angle = np.deg2rad(4.0)
     rot = np.eye(4)
     rot[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
@@ -49,21 +60,30 @@ def make_sample(out: Path, seed: int = 7) -> dict[str, Path]:
     vox = np.linalg.inv(t1.affine) @ rot @ affine
     sample = lambda img, order: ndimage.affine_transform(np.asarray(img.dataobj, np.float32), vox[:3, :3],  # noqa: E731
                                                          vox[:3, 3], output_shape=SHAPE, order=order)
-    image, wm_prob = sample(t1, 3) / 255.0, sample(wm, 1) / 255.0
-    image = np.clip(image, 0, None)
+    healthy, wm_prob = sample(t1, 3) / 255.0, sample(wm, 1) / 255.0
+    healthy = np.clip(healthy, 0, None)
     bias = 1.0 + 0.08 * _smooth_noise(SHAPE, 30.0, rng)
     lesion = _blob(SHAPE, affine, (24.0, -12.0, 22.0), 9.0, rng) & (wm_prob > 0.3)
     soft = np.clip(ndimage.gaussian_filter(lesion.astype(np.float32), 1.0), 0, 1)
     core = 0.35 + 0.12 * _smooth_noise(SHAPE, 2.0, rng)
-    image = image * (1 - soft) + image * core * soft
+    image = healthy * (1 - soft) + healthy * core * soft
     embed = _blob(SHAPE, affine, (-27.0, -20.0, 28.0), 8.0, rng) & (wm_prob > 0.3)
     head = image > 0.02
-    noisy = image * bias * 1000.0 + rng.normal(0, 12.0, SHAPE) * head
-    data = np.clip(np.rint(noisy), 0, 32767).astype(np.int16)
+    noise = rng.normal(0, 12.0, SHAPE) * head
+    scan = lambda x: np.clip(np.rint(x * bias * 1000.0 + noise), 0, 32767).astype(np.int16)  # noqa: E731
+    return {"image": scan(image), "truth": scan(healthy), "lesion": lesion, "embed": embed, "soft": soft,
+            "gm": sample(_template("gm", maps), 1) / 255.0, "wm": wm_prob, "affine": affine}
+
+
+def make_sample(out: Path, seed: int = 7) -> dict[str, Path]:
+    """Write the sample scan and its two masks (NIfTI, sform and qform = the scanner affine) into ``out``."""
+    arrays = sample_arrays(seed)
+    affine = arrays["affine"]
     out.mkdir(parents=True, exist_ok=True)
     paths = {"image": out / "sample_T1w.nii.gz", "lesion": out / "sample_lesion_mask.nii.gz",
              "embed": out / "sample_embed_mask.nii.gz"}
-    for key, arr in (("image", data), ("lesion", lesion.astype(np.uint8)), ("embed", embed.astype(np.uint8))):
+    for key, arr in (("image", arrays["image"]), ("lesion", arrays["lesion"].astype(np.uint8)),
+                     ("embed", arrays["embed"].astype(np.uint8))):
         img = nib.Nifti1Image(arr, affine)
         img.set_qform(affine, code=1)
         img.set_sform(affine, code=1)
@@ -73,7 +93,8 @@ def make_sample(out: Path, seed: int = 7) -> dict[str, Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[2] / "USBLib" / "resources" / "sample")
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).resolve().parents[2] / "USBLib" / "resources" / "sample")
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
     for key, path in make_sample(args.out, args.seed).items():
