@@ -84,6 +84,10 @@ _SETTINGS = (
     Setting("prior_anchor", "bool", "Heal: inside a large lesion (deeper than 8 mm from its edge, e.g. a territorial "
             "infarct), bring the fill to the level the template's tissue classes predict there (class means fitted "
             "on the tissue around it): without it a large fill sags towards the CSF beside it.", fallback=False),
+    Setting("lesion_level", "float", "Embed: how dark the lesion is, as its mean inside the mask over the tissue "
+            "2-4 voxels around it (0.5: a dark T1 black hole; 0.9: a faint lesion). The network's lesion is deepened "
+            "or lightened to it, its shape, edge and heterogeneity kept, the scan's grain added afterwards. Default: "
+            "the network's own level (about 0.8 on the yardstick's lesions).", 0.05, 0.99),
     Setting("stages", "choice", "latent: the USB latent model (2 mm grid, whole-brain context); local: the local "
             "deviation model at the scan's own resolution; both: latent, then local.", choices=STAGES),
     Setting("local_mode", "choice", "Local stage: fidelity = deterministic reconstruction (best PSNR); realism = "

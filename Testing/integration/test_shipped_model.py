@@ -386,6 +386,27 @@ def test_embed_gives_a_visible_lesion_where_the_mask_is(shipped, sample):
     assert res.image[inside].std() > flat[inside].std()  # with heterogeneity that the estimate lacks
 
 
+def test_an_embed_asked_for_a_darker_lesion_reaches_that_level_within_the_same_edit_region(shipped, sample):
+    """``lesion_level``: the embedded lesion's mean over the tissue 2-4 voxels around it is the level asked for (a
+    dark T1 lesion at 0.5, where the network's own is about 0.87 on the sample), its edit is the network's scaled
+    (the same voxels, the grain synthesized afterwards), and everything outside the edit stays bit for bit."""
+    from USBLib.imaging.lesion_level import lesion_surround_ratio
+
+    img, target = sample["image"], sample["embed"]
+    inside = target.data > 0
+    tissue = img.data > 0.2 * np.percentile(img.data, 99)
+    own = shipped.embed(img.data, img.affine, target.data, seed=0)
+    dark = shipped.embed(img.data, img.affine, target.data, seed=0, lesion_level=0.5)
+    assert lesion_surround_ratio(own.image, inside, tissue) > 0.8
+    assert abs(lesion_surround_ratio(dark.image, inside, tissue) - 0.5) < 0.02
+    record = dark.provenance["lesion_levels"][0]
+    assert record["ratio"] == pytest.approx(0.5, abs=1e-3) and record["scale"] > 2
+    assert dark.provenance["settings"]["lesion_level"] == 0.5 and "lesion_levels" not in own.provenance
+    outside = _outside(target.data, img.spacing, shipped.bundle.defaults("embed"))
+    assert np.array_equal(dark.image[outside], img.data[outside])
+    assert dark.image[inside].mean() < own.image[inside].mean() - 0.2 * img.data[inside].mean()
+
+
 def _ncc(a: np.ndarray, b: np.ndarray, region: np.ndarray) -> float:
     x, y = a[region] - a[region].mean(), b[region] - b[region].mean()
     return float((x * y).sum() / np.sqrt((x * x).sum() * (y * y).sum()))

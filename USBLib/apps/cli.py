@@ -55,8 +55,9 @@ def _mask_threshold_option(p: argparse.ArgumentParser) -> None:
 
 def _guidance_options(p: argparse.ArgumentParser, eta: bool) -> None:
     names = ["strength", "acg", "alpha0", "k", "eta", "margin_mm", "dilation_mm", "stages", "local_mode",
-             "local_steps", "local_strength"] + ([] if eta else ["growth", "boundary_average", "patch_blend",
-                                                                     "prior_anchor", "prefill"])
+             "local_steps", "local_strength"] + (["lesion_level"] if eta else ["growth", "boundary_average",
+                                                                                 "patch_blend", "prior_anchor",
+                                                                                 "prefill"])
     overrides = {} if eta else {"eta": "LCG-style freedom inside the given lesion mask while healing (0 = the "
                                        "paper's plain heal, 1 = fully free)"}
     add_cli_options(p, names, overrides)
@@ -253,7 +254,7 @@ def cmd_edit(args, task: str) -> int:
         run = editor.heal if task == "heal" else editor.embed
         extra = {"prefill": args.prefill, "growth": args.growth,
                  "boundary_average": args.boundary_average, "patch_blend": args.patch_blend,
-                 "prior_anchor": args.prior_anchor} if task == "heal" else {}
+                 "prior_anchor": args.prior_anchor} if task == "heal" else {"lesion_level": args.lesion_level}
         result = run(vol.data, vol.affine, None if mask is None else mask.data,
                      None if brain is None else brain.data, steps=args.steps, strength=args.strength,
                      alpha0=args.alpha0, k=args.k, eta=args.eta, margin_mm=args.margin_mm, samples=args.samples,

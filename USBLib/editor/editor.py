@@ -261,18 +261,20 @@ class Editor:
               *, steps: int | None = None, strength: float | None = None, alpha0: float | None = None,
               k: float | None = None, eta: float | None = None, acg: bool | None = None,
               margin_mm: float | None = None, stages: str | None = None, local_mode: str | None = None, local_steps: int | None = None,
-              local_strength: float | None = None, dilation_mm: float | None = None, samples: int = 1,
+              local_strength: float | None = None, dilation_mm: float | None = None,
+              lesion_level: float | None = None, samples: int = 1,
               seed: int = 0, mask_affine: np.ndarray | None = None, resample_mask: bool = False,
               progress: Progress | None = None) -> EditResult:
         """Healthy -> pathology: a lesion of the mask's shape embedded into the scan (ACG x LCG); settings as
-        for ``heal``."""
+        for ``heal``. ``lesion_level``: each lesion's mean inside the mask over the tissue 2-4 voxels around it
+        (``USBLib.imaging.lesion_level``), e.g. 0.5 for a dark T1 lesion; None: the network's own level."""
         if mask is None:
             raise InputError("embedding needs a lesion mask")
         return self._edit("embed", image, affine, mask, brain_mask, steps=steps, strength=strength, alpha0=alpha0,
                           k=k, eta=eta, acg=acg, margin_mm=margin_mm, stages=stages, local_mode=local_mode,
                           local_steps=local_steps, local_strength=local_strength, dilation_mm=dilation_mm,
-                          samples=samples, seed=seed, mask_affine=mask_affine, resample_mask=resample_mask,
-                          progress=progress)
+                          lesion_level=lesion_level, samples=samples, seed=seed, mask_affine=mask_affine,
+                          resample_mask=resample_mask, progress=progress)
 
     def _edit(self, task: str, image, affine, mask, brain_mask, *, samples: int, seed: int, mask_affine,
               resample_mask: bool, progress: Progress | None, **given: Any) -> EditResult:
@@ -367,6 +369,9 @@ class Editor:
             reach |= weight > 0
             if index == 0:  # the drawn mask's: where the grain goes
                 drawn_region, drawn_weight = region, weight
+        if task == "embed" and settings.get("lesion_level") is not None:
+            effect, mean_deviation = self._lesion_level_stage(original, mask, brain, effect, mean_deviation,
+                                                              float(settings["lesion_level"]), extra)
         if _blends_patches(task, mask, settings, affine):
             effect, reach = self._patch_blend_stage(image, affine, mask, brain, effect, reach, settings, brain_p99)
             extra["patch_blend"] = float(value_of(settings, "patch_blend"))
@@ -441,6 +446,22 @@ class Editor:
         if maps is None:
             maps = self._prior_maps = load_prior_maps(self.space["template"], self.bundle.path(bundle_mod.LOCAL_PRIOR))
         return TissuePrior(maps, mapping)
+
+    @staticmethod
+    def _lesion_level_stage(original: np.ndarray, mask: np.ndarray, brain: np.ndarray, effect: np.ndarray,
+                            mean_deviation: np.ndarray, level: float, extra: dict[str, Any]
+                            ) -> tuple[np.ndarray, np.ndarray]:
+        """``lesion_level`` (embed): each lesion's weighted deviation ``effect`` [samples, I, J, K] and the
+        unweighted ``mean_deviation`` (which ``realism``'s grain is matched on) scaled so that the lesion's mean
+        over the tissue around it is ``level`` (``USBLib.imaging.lesion_level``), before the grain is synthesized;
+        no voxel is made darker than the darkest brain voxel of the scan. The lesions' records go to ``extra``."""
+        from USBLib.imaging.lesion_level import level_scales
+
+        scales, records = level_scales(original, effect.mean(axis=0), mask, brain, level)
+        extra["lesion_levels"] = records
+        floor = np.float32(np.min(original[brain])) if brain.any() else np.float32(np.min(original))
+        scaled = np.maximum(effect * scales, floor - np.asarray(original, np.float32))
+        return scaled, mean_deviation * scales
 
     @staticmethod
     def _texture_stage(image: np.ndarray, affine: np.ndarray, mask: np.ndarray, brain: np.ndarray,
