@@ -23,7 +23,7 @@ from slicer.util import VTKObservationMixin
 
 from USBEditorLib import dependencies
 from USBEditorLib.process import close_warm_workers
-from USBLib.settings import FALLBACKS, RANGES
+from USBLib.settings import DARK_LESION_LEVEL, FALLBACKS, RANGES
 from USBEditorLib.logic import (TASK_INFO, Device, EditorLogic, LocalMode, RunSettings, Sampler, Stages, Task,
                                 USBEditorError,
                                 default_settings,
@@ -83,6 +83,8 @@ class USBEditorParameterNode:
     showComparison: bool = True
     resampleMask: bool = True
     maskCoversRim: bool = False  # heal: the mask already covers the lesion's dark rim (FLAIR-made, dilated)
+    setLesionLevel: bool = False  # embed: ask for the lesion's darkness (off: the network's own level)
+    lesionLevel: Annotated[float, WithinRange(*RANGES["lesion_level"])] = DARK_LESION_LEVEL
     guidanceTask: str = ""  # the task whose defaults the sliders were last set to ("" = never)
 
 
@@ -230,6 +232,8 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.samplerComboBox.enabled = not edit
         self.ui.lesionGuidanceSliderWidget.enabled = p.task is Task.GENERATE_FROM_MASK
         self.ui.lesionFusionCheckBox.enabled = p.task is Task.GENERATE_FROM_MASK
+        self.ui.setLesionLevelCheckBox.enabled = p.task is Task.EMBED
+        self.ui.lesionLevelSliderWidget.enabled = p.task is Task.EMBED and p.setLesionLevel
         reason = missing_input(p.task, p.inputVolume, p.maskNode, p.segmentId)
         running = self._run is not None
         self.ui.applyButton.enabled = reason is None and not running
@@ -358,7 +362,8 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                stages=p.stages.value, local_mode=p.localMode.value, sampler=p.sampler.value,
                                lesion_guidance=p.lesionGuidance, lesion_fusion=bool(p.lesionFusion),
                                samples=int(p.samples), seed=int(p.seed),
-                               mask_covers_rim=bool(p.maskCoversRim))
+                               mask_covers_rim=bool(p.maskCoversRim),
+                               lesion_level=float(p.lesionLevel) if p.setLesionLevel else None)
         info = TASK_INFO[p.task]
         mask = p.maskNode if info["mask"] != "unused" else None
         volume = p.inputVolume if info["volume"] != "unused" else None

@@ -126,6 +126,9 @@ FALLBACKS: dict[str, Any] = {s.name: s.fallback for s in _SETTINGS if s.fallback
 # docs/model.md, "Generously drawn masks"). ``usb heal --mask-covers-rim``, the GUIs' "Mask covers the lesion's dark
 # rim".
 COVERS_RIM_DILATION_MM = 0.0
+# Where the GUIs' lesion-darkness slider (embed, ``lesion_level``) starts once a person asks for a darkness: a dark
+# T1 lesion (the network's own level, used while nobody asks, is about 0.8 of the tissue around the lesion).
+DARK_LESION_LEVEL = 0.5
 GUIDANCE = ("strength", "acg", "alpha0", "k", "eta", "margin_mm", "dilation_mm", "growth", "boundary_average",
             "patch_blend", "prior_anchor",
             "stages", "local_mode", "local_steps", "local_strength")

@@ -63,6 +63,7 @@ class USBWebApp(TrameApp):
         s.update({
             "usb_volume": "", "usb_lesion_voxels": 0, "usb_lesion_ml": 0.0, "usb_tool": "none", "usb_brush_mm": 8.0,
             "usb_task": L.Task.HEAL.value, "usb_resample": True, "usb_mask_covers_rim": False, "usb_running": False,
+            "usb_set_lesion_level": False, "usb_lesion_level": form.DARK_LESION_LEVEL,
             "usb_loading": False,
             "usb_progress": 0.0, "usb_progress_text": "", "usb_status": "Load a scan or the sample to start.",
             "usb_error": "", "usb_result": "", "usb_fade": 1.0, "usb_has_uncertainty": False,
@@ -232,6 +233,7 @@ class USBWebApp(TrameApp):
         try:
             values = {name: s[f"usb_{name}"] for name in form.FIELDS}
             values["mask_covers_rim"] = bool(s.usb_mask_covers_rim)
+            values.update(set_lesion_level=bool(s.usb_set_lesion_level), lesion_level=s.usb_lesion_level)
             settings = form.run_settings(s.usb_task, values, self.model)
             self.jobs.start(L.Task(s.usb_task), doc.volume, doc.segmentation, doc.segment_id, settings,
                             bool(s.usb_resample))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional
 
 from USBEditorLib.logic import TASK_INFO, LocalMode, RunSettings, Stages, Task, USBEditorError, default_settings
-from USBLib.settings import RANGES, SETTINGS
+from USBLib.settings import DARK_LESION_LEVEL, RANGES, SETTINGS
 
 TASKS = (Task.HEAL, Task.EMBED, Task.GENERATE_FROM_MASK)
 GUIDANCE = ("alpha0", "k", "eta")                     # the three sliders (paper: alpha_0, k of ACG; eta of LCG)
@@ -22,10 +22,14 @@ COVERS_RIM_HELP = ("Heal: a mask drawn on the lesion's visible edge misses its p
                    "or dilated for safety) is healed as drawn: +1.9 dB on such masks in the held-out yardstick. "
                    "Leave it off for a mask drawn on the lesion's visible edge (ticked, those heal 0.8-2.8 dB "
                    "worse) and on thick-slice scans, where it did not help. Same as usb heal --mask-covers-rim.")
-SLIDER_STEP = {"alpha0": 0.5, "k": 0.1, "eta": 0.05, "strength": 0.01}
+LESION_LEVEL_LABEL = "Set the lesion's darkness (off: the network's own, about 0.8)"
+LESION_LEVEL_HELP = ("Embed: ask for how dark the lesion is (the slider below); off, the network draws it at its own "
+                     "level, about 0.8 of the tissue around it, fainter than a T1 black hole. Same as usb embed "
+                     "--lesion-level.")
+SLIDER_STEP = {"alpha0": 0.5, "k": 0.1, "eta": 0.05, "strength": 0.01, "lesion_level": 0.05}
 LABELS = {"alpha0": "\u03b1\u2080 (anatomy guidance)", "k": "k (guidance decay)", "eta": "\u03b7 (lesion guidance)",
           "steps": "Steps", "strength": "Strength", "seed": "Seed", "samples": "Samples", "stages": "Stages",
-          "local_mode": "Local stage"}
+          "local_mode": "Local stage", "lesion_level": "Lesion / tissue around it"}
 
 
 def task_items() -> list[dict[str, str]]:
@@ -77,8 +81,9 @@ def _number(values: Mapping[str, Any], name: str, kind: type) -> Any:
 
 def run_settings(task: str, values: Mapping[str, Any], model: Optional[str] = None) -> RunSettings:
     """``RunSettings`` from the form's values (checked against the ranges, ``FIELDS``, and the optional
-    ``mask_covers_rim`` box, a property of the mask that no task change resets); what the form does not show
-    (lesion guidance, lesion fusion, sampler) is the model's default for the task."""
+    ``mask_covers_rim`` box, a property of the mask that no task change resets, and for an embed the lesion's
+    darkness ``lesion_level`` when ``set_lesion_level`` is ticked); what the form does not show (lesion guidance,
+    lesion fusion, sampler) is the model's default for the task."""
     settings = default_settings(Task(task), model)
     for name in GUIDANCE + ("strength",):
         setattr(settings, name, _number(values, name, float))
@@ -87,4 +92,6 @@ def run_settings(task: str, values: Mapping[str, Any], model: Optional[str] = No
     settings.stages = Stages(values.get("stages") or "").value
     settings.local_mode = LocalMode(values.get("local_mode") or "").value
     settings.mask_covers_rim = bool(values.get("mask_covers_rim", False))
+    if Task(task) is Task.EMBED and values.get("set_lesion_level"):
+        settings.lesion_level = _number(values, "lesion_level", float)
     return settings

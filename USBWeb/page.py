@@ -99,6 +99,10 @@ def _task() -> None:
     generate = "usb_task === 'generate_from_mask'"
     for name in form.GUIDANCE:
         _slider(name, generate)
+    v3.VCheckbox(id="usb-set-lesion-level", v_model=("usb_set_lesion_level",), density="compact", hide_details=True,
+                 label=form.LESION_LEVEL_LABEL, title=form.LESION_LEVEL_HELP,
+                 disabled=(f"{BUSY} || usb_task !== 'embed'",))
+    _slider("lesion_level", "usb_task !== 'embed' || !usb_set_lesion_level")
     v3.VBtn("Reset to defaults", id="usb-reset", size="small", variant="text", click="trigger('usb_reset')",
             disabled=(BUSY,))
     with v3.VExpansionPanels(variant="accordion", classes="my-2"):

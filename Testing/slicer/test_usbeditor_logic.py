@@ -262,6 +262,10 @@ def test_model_helpers():
     # the shipped model has a local stage: the panel shows its realism mode (a person looks at the result)
     assert heal.local_mode == "realism" and heal.stages == "local"
     assert heal.for_task(Task.HEAL)["local_mode"] == "realism" and heal.for_task(Task.HEAL)["stages"] == "local"
+    # the lesion darkness goes to an embed only, and only when a person asked for one
+    assert "lesion_level" not in defaults.for_task(Task.EMBED)
+    dark = RunSettings(lesion_level=0.5)
+    assert dark.for_task(Task.EMBED)["lesion_level"] == 0.5 and "lesion_level" not in dark.for_task(Task.HEAL)
     with pytest.raises(USBEditorError, match="neither a bundle folder"):
         describe_model("/nonexistent/model")
 

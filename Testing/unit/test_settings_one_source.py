@@ -19,7 +19,8 @@ from USBLib.settings import FALLBACKS, RANGES, SETTINGS, validate
 ROOT = Path(__file__).resolve().parents[2]
 MODULE = ROOT / "USBEditor"
 UI = MODULE / "Resources" / "UI" / "USBEditor.ui"
-PARAM_TO_SETTING = {"localMode": "local_mode", "lesionGuidance": "lesion_guidance", "lesionFusion": "lesion_fusion"}
+PARAM_TO_SETTING = {"localMode": "local_mode", "lesionGuidance": "lesion_guidance", "lesionFusion": "lesion_fusion",
+                    "lesionLevel": "lesion_level"}
 
 
 def _ui_bound() -> dict[str, ET.Element]:
@@ -42,7 +43,7 @@ def _prop(widget: ET.Element, name: str) -> str | None:
 def test_ui_widgets_use_the_settings_ranges_and_help():
     bound = {k: w for k, w in _ui_bound().items() if k in SETTINGS}
     assert {"acg", "alpha0", "k", "eta", "steps", "strength", "samples", "seed", "lesion_guidance",
-            "lesion_fusion"} <= set(bound)
+            "lesion_fusion", "lesion_level"} <= set(bound)
     for name, widget in bound.items():
         spec = SETTINGS[name]
         if spec.low is not None:
@@ -63,6 +64,8 @@ def test_parameter_node_takes_ranges_and_fallbacks_from_the_table():
     assert fields["lesionFusion"] == "lesionFusion: bool = FALLBACKS['lesion_fusion']"
     assert fields["lesionGuidance"] == ("lesionGuidance: Annotated[float, WithinRange(*RANGES['lesion_guidance'])] = "
                                         "FALLBACKS['lesion_guidance']")
+    assert fields["lesionLevel"] == ("lesionLevel: Annotated[float, WithinRange(*RANGES['lesion_level'])] = "
+                                     "DARK_LESION_LEVEL")
 
 
 def test_run_settings_fields_default_to_the_fallbacks():

@@ -39,3 +39,18 @@ def test_the_mask_covers_rim_box_heals_the_mask_as_drawn():
     assert "mask_covers_rim" not in ticked.for_task(Task.HEAL)
     embed = form.run_settings("embed", dict(form.defaults("embed"), mask_covers_rim=True))
     assert "dilation_mm" not in embed.for_task(Task.EMBED)  # embed grows its own way
+
+
+def test_the_lesion_darkness_goes_to_an_embed_only_when_asked_for():
+    """The darkness box and slider: unticked, the network's own level (no ``lesion_level`` sent); ticked, the
+    slider's value, checked against the setting's range; never for a heal."""
+    values = form.defaults("embed")
+    assert "lesion_level" not in form.run_settings("embed", dict(values, lesion_level=0.5)).for_task(Task.EMBED)
+    asked = form.run_settings("embed", dict(values, set_lesion_level=True, lesion_level=0.5))
+    assert asked.for_task(Task.EMBED)["lesion_level"] == 0.5
+    with pytest.raises(USBEditorError, match="between 0.05 and 0.99"):
+        form.run_settings("embed", dict(values, set_lesion_level=True, lesion_level=1.2))
+    heal = form.run_settings("heal", dict(form.defaults("heal"), set_lesion_level=True, lesion_level=0.5))
+    assert "lesion_level" not in heal.for_task(Task.HEAL)
+    assert form.slider_spec("lesion_level")["min"] == 0.05 and form.DARK_LESION_LEVEL == 0.5
+

@@ -170,6 +170,7 @@ def lesion_voxels(page) -> int:
 def test_heal_the_sample(page, tmp_path):
     load_sample(page)
     assert page.is_enabled("#usb-mask-covers-rim") and not page.is_checked("#usb-mask-covers-rim")
+    assert not page.is_enabled("#usb-set-lesion-level")  # an embed's option
     status = apply_and_wait_done(page)
     assert re.match(r"Done in [\d.]+ s \(engine [\d.]+ s\): sample_T1w healed", status), status
     assert page.query_selector("#usb-error") is None and page.is_visible("#usb-fade")
@@ -204,6 +205,7 @@ def test_paint_a_stroke_and_embed_changes_only_near_it(page, tmp_path):
     page.wait_for_function("Number(/Lesion: (\\d+)/.exec(document.querySelector('#usb-lesion').textContent)[1]) > 0")
     choose(page, "usb-task", "Embed lesion")
     page.wait_for_selector("#usb-mask-covers-rim[disabled]")  # a heal's option
+    page.click("#usb-set-lesion-level")  # an embed's: a dark lesion (the slider starts at DARK_LESION_LEVEL)
     for name, value in form.guidance_defaults("embed").items():  # the task brings the model's defaults for it
         if name in form.GUIDANCE:
             page.wait_for_function("([s, v]) => Math.abs(Number(document.querySelector(s)"
@@ -218,6 +220,7 @@ def test_paint_a_stroke_and_embed_changes_only_near_it(page, tmp_path):
     changed = voxels(files["sample_T1w_lesion.nii.gz"]) != voxels(SAMPLE["image"])
     assert changed.sum() > stroke.sum() // 4, "the embed changed (almost) nothing"
     settings = json.loads(files["sample_T1w_lesion.json"].read_text())["settings"]
+    assert settings["lesion_level"] == form.DARK_LESION_LEVEL
     reach_mm = settings["dilation_mm"] + settings["margin_mm"] + 2  # mask growth + feather, 1 mm voxels, 2 mm slack
     assert ndimage.distance_transform_edt(~stroke)[changed].max() <= reach_mm, "voxels away from the stroke changed"
 

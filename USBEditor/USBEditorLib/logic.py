@@ -56,7 +56,7 @@ TASK_INFO: dict[Task, dict[str, Any]] = {
                 "suffix": "healed"},
     Task.EMBED: {"label": "Embed lesion (healthy \u2192 pathology)", "volume": "required", "mask": "required",
                  "settings": ("steps", "strength", "acg", "alpha0", "k", "eta", "stages", "local_mode", "samples",
-                             "seed"),
+                             "seed", "lesion_level"),
                  "suffix": "+ lesion"},
     Task.GENERATE_FROM_MASK: {"label": "Generate brain from mask", "volume": "optional", "mask": "required",
                               "settings": ("steps", "sampler", "lesion_guidance", "lesion_fusion", "samples",
@@ -133,6 +133,7 @@ class RunSettings:
     samples: int = 1
     seed: int = 0
     mask_covers_rim: bool = False  # heal: the mask already covers the lesion's dark rim (FLAIR-made, dilated)
+    lesion_level: Optional[float] = None  # embed: the lesion's mean over the tissue around it; None = the network's
 
     def for_task(self, task: Task) -> dict[str, Any]:
         """The engine settings the task uses (the others do not apply to it). ``mask_covers_rim`` becomes the
