@@ -405,6 +405,10 @@ def test_an_embed_asked_for_a_darker_lesion_reaches_that_level_within_the_same_e
     outside = _outside(target.data, img.spacing, shipped.bundle.defaults("embed"))
     assert np.array_equal(dark.image[outside], img.data[outside])
     assert dark.image[inside].mean() < own.image[inside].mean() - 0.2 * img.data[inside].mean()
+    # the level is the scan's as every stage sees it (its darkest voxel at 0): a scan stored 500 lower is the same
+    lower = shipped.embed(img.data.astype(np.int32) - 500, img.affine, target.data, seed=0, lesion_level=0.5)
+    assert np.abs(lower.image.astype(np.int32) + 500 - dark.image).max() <= 1
+    assert lower.provenance["lesion_levels"] == dark.provenance["lesion_levels"]
 
 
 def _ncc(a: np.ndarray, b: np.ndarray, region: np.ndarray) -> float:

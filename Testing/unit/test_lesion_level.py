@@ -50,3 +50,27 @@ def test_a_lesion_the_edit_does_not_darken_keeps_its_edit_and_a_faint_one_is_cap
     scales, records = level_scales(scan, effect * 1e-3, mask, brain, 0.2)
     assert all(r["scale"] == MAX_SCALE and r["ratio"] > 0.9 for r in records)
     assert level_scales(scan, effect, np.zeros_like(mask), brain, 0.5)[1] == []
+
+
+def test_the_engine_floors_the_darkening_inside_the_brain_only_and_says_when_a_level_is_missed():
+    """``Editor._lesion_level_stage``: no brain voxel goes below the scan's darkest brain voxel (here 60), voxels
+    outside the brain keep the scaled edit as it is (never turned into a brightening), the reached level is measured
+    after that floor, and a lesion that misses the level asked for gets a note."""
+    from USBLib.editor.editor import Editor
+
+    scan, effect, mask = _scan_with_two_lesions()
+    scan[35:, 35:, 20:] = 60.0  # the brain's darkest voxels (CSF, far from both lesions)
+    brain = np.ones(scan.shape, bool)
+    brain[:, :, :3] = False
+    scan[:, :, :3] = 10.0  # background darker than the brain's darkest voxel
+    effect[:, :, :3] = -1.0
+    extra: dict = {}
+    scaled, _ = Editor._lesion_level_stage(scan, np.eye(4), mask, brain, effect[None], effect[None], 0.05, extra)
+    out = scan + scaled[0]
+    assert out[brain].min() >= scan[brain].min() - 1e-4
+    assert np.all(scaled[0][~brain] <= 0)  # outside the brain the edit still only darkens
+    assert all(r["ratio"] > 0.5 for r in extra["lesion_levels"])  # the floor (60) kept them far above 0.05
+    assert len(extra["notes"]) == 2 and "not the 0.05 asked" in extra["notes"][0]
+    extra = {}
+    Editor._lesion_level_stage(scan, np.eye(4), mask, brain, effect[None], effect[None], 0.7, extra)
+    assert "notes" not in extra and all(abs(r["ratio"] - 0.7) < 0.02 for r in extra["lesion_levels"])

@@ -370,7 +370,7 @@ class Editor:
             if index == 0:  # the drawn mask's: where the grain goes
                 drawn_region, drawn_weight = region, weight
         if task == "embed" and settings.get("lesion_level") is not None:
-            effect, mean_deviation = self._lesion_level_stage(original, mask, brain, effect, mean_deviation,
+            effect, mean_deviation = self._lesion_level_stage(image, affine, mask, brain, effect, mean_deviation,
                                                               float(settings["lesion_level"]), extra)
         if _blends_patches(task, mask, settings, affine):
             effect, reach = self._patch_blend_stage(image, affine, mask, brain, effect, reach, settings, brain_p99)
@@ -448,19 +448,37 @@ class Editor:
         return TissuePrior(maps, mapping)
 
     @staticmethod
-    def _lesion_level_stage(original: np.ndarray, mask: np.ndarray, brain: np.ndarray, effect: np.ndarray,
-                            mean_deviation: np.ndarray, level: float, extra: dict[str, Any]
+    def _lesion_level_stage(image: np.ndarray, affine: np.ndarray, mask: np.ndarray, brain: np.ndarray,
+                            effect: np.ndarray, mean_deviation: np.ndarray, level: float, extra: dict[str, Any]
                             ) -> tuple[np.ndarray, np.ndarray]:
         """``lesion_level`` (embed): each lesion's weighted deviation ``effect`` [samples, I, J, K] and the
         unweighted ``mean_deviation`` (which ``realism``'s grain is matched on) scaled so that the lesion's mean
-        over the tissue around it is ``level`` (``USBLib.imaging.lesion_level``), before the grain is synthesized;
-        no voxel is made darker than the darkest brain voxel of the scan. The lesions' records go to ``extra``."""
-        from USBLib.imaging.lesion_level import level_scales
+        over the tissue around it is ``level`` (``USBLib.imaging.lesion_level``), measured on the offset-free scan
+        ``image`` as every stage is, before the grain is synthesized. Inside the brain no voxel is made darker than
+        the window's darkest brain voxel; the level each lesion reached with that floor goes to ``extra`` (its
+        records, ``lesion_levels``), and a lesion that misses the level by more than 0.02 gets a note."""
+        from USBLib.imaging.lesion_level import MAX_SCALE, lesion_labels, lesion_surround_ratio, level_scales
 
-        scales, records = level_scales(original, effect.mean(axis=0), mask, brain, level)
+        scales, records = level_scales(image, effect.mean(axis=0), mask, brain, level, _spacing(affine))
+        scaled = effect * scales
+        if brain.any():
+            floor = np.float32(np.min(image[brain])) - np.asarray(image, np.float32)
+            scaled = np.where(brain, np.maximum(scaled, floor), scaled)
+        labels, _ = lesion_labels(mask)
+        healed = np.asarray(image, np.float64) + scaled.mean(axis=0)
+        notes = []
+        for index, record in enumerate(records, start=1):
+            reached = lesion_surround_ratio(healed, labels == index, brain)
+            record["ratio"] = round(reached, 3) if np.isfinite(reached) else None
+            if not np.isfinite(reached) or abs(reached - level) > 0.02:
+                notes.append(f"an embedded lesion of {record['voxels']} voxels reached "
+                             f"{'no measurable level' if not np.isfinite(reached) else f'{reached:.2f}'} of the "
+                             f"tissue around it, not the {level:g} asked (the network drew it at "
+                             f"{record['ratio_network']}; its darkening was scaled {record['scale']:g} times, at most "
+                             f"{MAX_SCALE:g}, and no voxel goes below the scan's darkest brain voxel)")
         extra["lesion_levels"] = records
-        floor = np.float32(np.min(original[brain])) if brain.any() else np.float32(np.min(original))
-        scaled = np.maximum(effect * scales, floor - np.asarray(original, np.float32))
+        if notes:
+            extra["notes"] = list(extra.get("notes", [])) + notes
         return scaled, mean_deviation * scales
 
     @staticmethod

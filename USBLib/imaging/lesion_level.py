@@ -17,6 +17,11 @@ MAX_SCALE = 20.0  # at most this many times the network's darkening (a lesion it
 _STRUCT26 = ndimage.generate_binary_structure(3, 3)
 
 
+def lesion_labels(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """The connected lesions of ``mask`` (26-neighbourhood): (labels [I, J, K] int, 1..count; count)."""
+    return ndimage.label(np.asarray(mask) > 0, _STRUCT26)
+
+
 def surround(lesion: np.ndarray, within: np.ndarray | None = None) -> np.ndarray:
     """The tissue ring a lesion's level is measured against: the voxels ``SURROUND_STEPS`` (exclusive, inclusive)
     chessboard steps outside ``lesion`` [I, J, K] bool, inside ``within`` when given. bool [I, J, K]."""
@@ -36,10 +41,11 @@ def lesion_surround_ratio(image: np.ndarray, lesion: np.ndarray, within: np.ndar
 
 
 def level_scales(original: np.ndarray, effect: np.ndarray, mask: np.ndarray, brain: np.ndarray,
-                 level: float) -> tuple[np.ndarray, list[dict[str, float]]]:
+                 level: float, spacing=(1.0, 1.0, 1.0)) -> tuple[np.ndarray, list[dict[str, float]]]:
     """Per voxel, the factor by which an embed's weighted deviation ``effect`` is multiplied so that every connected
-    lesion of ``mask`` reaches the lesion/surround ratio ``level``; each voxel takes the factor of the lesion
-    nearest to it (so an edit's feather follows its own lesion).
+    lesion of ``mask`` (``lesion_labels``) reaches the lesion/surround ratio ``level``; each voxel takes the factor
+    of the lesion nearest to it in mm (so an edit's feather follows its own lesion; two lesions within 4 voxels of
+    each other share their rings, and each then lands within a few hundredths of ``level``).
 
     Args:
         original: the scan [I, J, K] in its own units (positive tissue values).
@@ -47,16 +53,18 @@ def level_scales(original: np.ndarray, effect: np.ndarray, mask: np.ndarray, bra
         mask: the lesion mask [I, J, K] (> 0 = lesion).
         brain: brain mask [I, J, K]; the surround is taken inside it.
         level: the asked ratio, 0 < level < 1.
+        spacing: voxel size in mm per axis (which lesion is nearest).
 
     Returns (scales [I, J, K] float32, one record per lesion: its voxels, the network's ratio, the factor and the
     ratio reached). A lesion without a surround, or whose edit does not darken it, keeps factor 1; a factor is
     capped at ``MAX_SCALE``.
     """
-    labels, count = ndimage.label(np.asarray(mask) > 0, _STRUCT26)
+    labels, count = lesion_labels(mask)
     scales = np.ones(labels.shape, np.float32)
     if count == 0:
         return scales, []
-    nearest = ndimage.distance_transform_edt(labels == 0, return_distances=False, return_indices=True)
+    nearest = ndimage.distance_transform_edt(labels == 0, sampling=spacing, return_distances=False,
+                                             return_indices=True)
     owner = labels[tuple(nearest)]
     o, e, within = np.asarray(original, np.float64), np.asarray(effect, np.float64), np.asarray(brain) > 0
     records = []
