@@ -362,3 +362,19 @@ def test_a_territorial_case_is_a_large_csf_dark_infarct(anatomy):
     wm = float(np.median(infarct.healthy[infarct.labels == WM]))
     assert np.median(infarct.lesioned[exact]) < csf + 0.45 * (wm - csf)
     assert np.median(deep.lesioned[deep.mask > 0]) > np.median(infarct.lesioned[exact])
+
+
+def test_the_level_embed_asks_for_each_reference_lesions_own_level(case, local_editor, monkeypatch):
+    """``--embed level``: the bundle's embed, and the same asked for the reference lesion's own lesion/surround ratio
+    (measured as the engine measures it, on the scan with its darkest voxel at 0)."""
+    from USBLib.imaging.lesion_level import lesion_surround_ratio
+
+    asked = []
+    monkeypatch.setattr(local_editor, "embed", lambda *a, **kw: asked.append(kw) or type("R", (), {"image": a[0]}))
+    methods = native.embed_methods(local_editor, "level")
+    assert list(methods) == ["USB defaults", "USB at the reference lesion's level"]
+    for method in methods.values():
+        method(case, 3)
+    expected = lesion_surround_ratio(case.lesioned - case.healthy.min(), case.mask > 0, case.brain > 0)
+    assert "lesion_level" not in asked[0] and asked[1]["lesion_level"] == pytest.approx(expected)
+    assert 0.05 < expected < 0.99 and asked[1]["seed"] == 3

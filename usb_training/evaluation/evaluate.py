@@ -258,9 +258,10 @@ def main(argv: list[str] | None = None) -> int:
                              "gives in-distribution numbers, for tuning)")
     parser.add_argument("--segment", action="store_true",
                         help="--native: downstream segmentation check (Atropos with the 'evaluation' extra)")
-    parser.add_argument("--embed", default="stages", choices=["stages", "defaults", "realism", "none"],
+    parser.add_argument("--embed", default="stages", choices=["stages", "defaults", "realism", "level", "none"],
                         help="--native: embed methods (local realism/fidelity and latent; the bundle's; the "
-                             "bundle's and the other local mode; none)")
+                             "bundle's and the other local mode; the bundle's and the same at each reference "
+                             "lesion's own level, lesion_level; none)")
     parser.add_argument("--seed", type=int, default=None, help="--native: first case seed (default 910000)")
     parser.add_argument("--slice-factor", type=int, default=1, metavar="N",
                         help="--native: every case with N slices averaged into one along its most superior axis "

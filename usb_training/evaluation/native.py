@@ -275,12 +275,23 @@ def embed_methods(editor: Editor, kind: str = "stages") -> dict[str, Callable[[N
     """The embeds under test, as f(case, seed) -> embedded scan: ``stages`` (local realism, local fidelity, the
     latent stage), ``defaults`` (the bundle's), ``realism`` (the bundle's and the local realism mode, the one a
     person looking at the result gets in the Slicer module and the demo; and local fidelity instead when the
-    bundle's embed already is local realism, so that no embed runs twice)."""
+    bundle's embed already is local realism, so that no embed runs twice), ``level`` (the bundle's, and the same
+    asked for the reference lesion's own level, ``lesion_level``: its shape and texture at matched darkness)."""
     def usb(**settings):
         return lambda c, seed: editor.embed(c.healthy, c.affine, c.mask, seed=seed, **settings).image
 
     if kind == "defaults":
         return {"USB defaults": usb()}
+    if kind == "level":
+        from USBLib.imaging.lesion_level import lesion_surround_ratio
+
+        def at_reference_level(c: NativeCase, seed: int) -> np.ndarray:
+            # measured as the engine measures it: on the scan shifted so that its darkest voxel is 0
+            level = lesion_surround_ratio(c.lesioned - float(np.min(c.healthy)), c.mask > 0, c.brain > 0)
+            level = float(np.clip(level, 0.05, 0.99))
+            return editor.embed(c.healthy, c.affine, c.mask, seed=seed, lesion_level=level).image
+
+        return {"USB defaults": usb(), "USB at the reference lesion's level": at_reference_level}
     if kind == "realism":
         default = editor.bundle.defaults("embed")
         other = "fidelity" if (default.get("stages"), default.get("local_mode")) == ("local", "realism") else "realism"
