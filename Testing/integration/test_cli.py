@@ -127,7 +127,7 @@ def _write(path, data, affine=np.eye(4) * 3):
 
 @pytest.mark.parametrize("case,message", [
     ("missing", "not found"), ("corrupt", "cannot read"), ("2d", "3D volume"), ("4d", "3D volume"),
-    ("nan", "NaN or Inf"), ("constant", "constant"), ("empty_mask", "mask is empty"),
+    ("nan", "covers 1 voxels without a value"), ("allnan", "no voxel with a value"), ("constant", "constant"), ("empty_mask", "mask is empty"),
     ("nonbinary", "not binary"), ("grid", "different grid"), ("outside", "outside the brain"),
     ("same_path", "same file as input"), ("tampered", "checksum mismatch"), ("bad_setting", "strength"),
     ("no_model", "neither a bundle folder"), ("bad_device", "unknown device")])
@@ -146,10 +146,12 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, message, tiny_
         image = _write(tmp_path / "2d.nii.gz", np.ones((20, 20), np.float32))
     elif case == "4d":
         image = _write(tmp_path / "4d.nii.gz", np.ones((8, 8, 8, 2), np.float32))
-    elif case == "nan":
+    elif case == "nan":  # a voxel without a value inside the lesion (elsewhere they are kept: test_editor)
         data = ref.get_fdata().astype(np.float32)
-        data[1, 1, 1] = np.nan
+        data[tuple(np.argwhere(nib.load(str(mask)).get_fdata() > 0)[0])] = np.nan
         image = _write(tmp_path / "nan.nii.gz", data, ref.affine)
+    elif case == "allnan":
+        image = _write(tmp_path / "nan.nii.gz", np.full(ref.shape, np.nan, np.float32), ref.affine)
     elif case == "constant":
         image = _write(tmp_path / "c.nii.gz", np.full(ref.shape, 5, np.int16), ref.affine)
     elif case == "empty_mask":

@@ -100,13 +100,13 @@ def test_cancel_raises_and_reports_progress(editor):
 
 
 @pytest.mark.parametrize("case,message", [
-    ("nan", "NaN"), ("constant", "constant"), ("nonbinary", "not binary"), ("grid", "different grid"),
+    ("nan", "without a value"), ("constant", "constant"), ("nonbinary", "not binary"), ("grid", "different grid"),
     ("outside", "outside the brain"), ("empty", "empty")])
 def test_bad_inputs(editor, case, message):
     img, mask, aff = make_scan()
-    if case == "nan":
+    if case == "nan":  # inside the lesion; elsewhere such voxels are kept (below)
         img = img.astype(np.float32)
-        img[3, 3, 3] = np.nan
+        img[tuple(np.argwhere(mask > 0)[0])] = np.nan
     elif case == "constant":
         img = np.full_like(img, 7)
     elif case == "nonbinary":  # two lesion labels: which one is the lesion is not for the engine to guess
@@ -121,6 +121,27 @@ def test_bad_inputs(editor, case, message):
         mask = np.zeros_like(mask)
     with pytest.raises(InputError, match=message):
         editor.embed(img, aff, mask)
+
+
+def test_voxels_without_a_value_stay_so_and_the_rest_is_the_edit_of_the_filled_scan(editor):
+    """A scan with NaN/Inf where it has no value (SPM writes NaN outside a normalised scan's box): the edit reads
+    them as the scan's darkest value, writes them back as they were, says so in a note, and is elsewhere the edit of
+    the scan with them filled in."""
+    img, mask, aff = make_scan()
+    img = img.astype(np.float32)
+    holes = np.zeros(img.shape, bool)
+    holes[:, :, :4] = True
+    filled = img.copy()
+    filled[holes] = img[~holes].min()
+    img[holes] = np.nan
+    img[0, 0, 0] = np.inf
+    for run in (editor.heal, editor.embed):
+        got = run(img, aff, mask, seed=0)
+        want = run(filled, aff, mask, seed=0)
+        assert np.isnan(got.image[holes & ~np.isinf(img)]).all() and np.isinf(got.image[0, 0, 0])
+        assert np.array_equal(got.image[~holes], want.image[~holes])
+        assert any("without a value" in note for note in got.provenance["notes"])
+    assert np.isnan(img[holes & ~np.isinf(img)]).all()  # the caller's array is untouched
 
 
 def test_mask_on_other_grid_can_be_resampled(editor):

@@ -18,7 +18,7 @@ import numpy as np
 
 from USBLib.core import bundle as bundle_mod
 from USBLib.errors import Cancelled, InputError
-from USBLib.imaging.checks import check_image, check_mask
+from USBLib.imaging.checks import check_image, check_mask, fill_missing
 from USBLib.imaging.fusion import edit_weight, fuse
 from USBLib.imaging.intensity import IntensityMap
 from USBLib.settings import validate, value_of
@@ -282,8 +282,8 @@ class Editor:
         fusion -> provenance."""
         import torch
 
-        original, affine, mask, brain_mask = self._edit_inputs(task, image, affine, mask, brain_mask, mask_affine,
-                                                               resample_mask)
+        original, affine, mask, brain_mask, missing = self._edit_inputs(task, image, affine, mask, brain_mask,
+                                                                        mask_affine, resample_mask)
         image, offset = offset_free(original)  # every stage works on the offset-free scan; fusion on the original
         settings = self._settings(task, **given)
         samples = _check_samples(samples)
@@ -300,13 +300,17 @@ class Editor:
 
         mapping, brain, imap = self._registration_stage(task, image, affine, mask, brain_mask, seed, prog)
         extra: dict[str, Any] = {"intensity_offset": offset} if offset else {}
+        if missing is not None:
+            extra["notes"] = [f"{int(missing[0].sum())} voxels without a value (NaN or Inf, e.g. outside a "
+                              "normalised scan's bounding box) were read as the scan's darkest value and are written "
+                              "back as they were"]
         content = None
         if task == "embed":
             mask, content, notes = _confine_to_brain(image, affine, mask, brain)
-            extra.update({"notes": notes} if notes else {})
+            extra.update({"notes": extra.get("notes", []) + notes} if notes else {})
         elif mask is not None:  # heal: say so when a lesion does not look like a T1-hypointense one
             notes = _contrast_notes(image, affine, mask, brain, float(value_of(settings, "dilation_mm")))
-            extra.update({"notes": notes} if notes else {})
+            extra.update({"notes": extra.get("notes", []) + notes} if notes else {})
         latent_deviation = np.zeros((samples, *image.shape), np.float32)  # scan units, result = image + deviation
         if latent:
             latent_deviation += self._latent_stage(task, image, mapping, imap, mask, settings, samples, generator, prog)
@@ -321,6 +325,8 @@ class Editor:
             _brain_p99(task, image, mask, brain, settings, affine))
         result, uncertainty = original.copy(), None
         result[window] = edited
+        if missing is not None:  # voxels without a value stay without one, bit for bit
+            result[missing[0]] = missing[1]
         if window_uncertainty is not None:
             uncertainty = np.zeros(image.shape, np.float32)
             uncertainty[window] = window_uncertainty
@@ -604,8 +610,10 @@ class Editor:
         return result, uncertainty
 
     def _edit_inputs(self, task: str, image, affine, mask, brain_mask, mask_affine, resample_mask: bool):
-        """Checked image, float64 affine, binary mask (None when absent or empty for heal), brain mask."""
-        image = check_image(image, affine)
+        """Checked image (its voxels without a value read as its darkest value), float64 affine, binary mask (None
+        when absent or empty for heal), brain mask, and the voxels without a value with their values
+        (``checks.fill_missing``; None when there are none)."""
+        image = check_image(image, affine, missing_ok=True)
         affine = np.asarray(affine, dtype=np.float64)
         if mask is not None:
             mask = check_mask(mask, image.shape, mask_affine, affine, resample_mask)
@@ -617,7 +625,8 @@ class Editor:
             brain_mask = check_mask(brain_mask, image.shape, None, affine, False, "brain mask")
             if not brain_mask.any():
                 raise InputError("the brain mask is empty")
-        return image, affine, mask, brain_mask
+        image, missing = fill_missing(image, mask)
+        return image, affine, mask, brain_mask, missing
 
     def _stages(self, settings: dict[str, Any], mask: np.ndarray | None) -> str:
         """Which stages run: the setting, restricted to what the bundle has; a heal without mask is latent."""

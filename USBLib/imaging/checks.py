@@ -21,17 +21,46 @@ def squeeze_3d(array: np.ndarray, what: str) -> np.ndarray:
     return array
 
 
-def check_image(image: np.ndarray, affine: np.ndarray | None = None, what: str = "image") -> np.ndarray:
-    """A scan [I, J, K]: 3D, an invertible 4x4 voxel-to-RAS ``affine`` (when given), finite, not constant."""
+def check_image(image: np.ndarray, affine: np.ndarray | None = None, what: str = "image",
+                missing_ok: bool = False) -> np.ndarray:
+    """A scan [I, J, K]: 3D, an invertible 4x4 voxel-to-RAS ``affine`` (when given), finite, not constant. With
+    ``missing_ok``, voxels without a value (NaN or Inf, as SPM writes outside a normalised scan's bounding box) are
+    allowed as long as some voxels have one (``fill_missing`` deals with them); constant means among the others."""
     image = squeeze_3d(image, what)
     if affine is not None and (np.asarray(affine).shape != (4, 4)
                                or abs(np.linalg.det(np.asarray(affine)[:3, :3])) < 1e-9):
         raise InputError(f"{what} affine must be an invertible 4x4 voxel-to-RAS matrix")
+    values = image
     if np.issubdtype(image.dtype, np.floating) and not np.all(np.isfinite(image)):
-        raise InputError(f"{what} contains NaN or Inf voxels")
-    if image.min() == image.max():
-        raise InputError(f"{what} is constant ({image.flat[0]}); nothing to edit")
+        if not missing_ok:
+            raise InputError(f"{what} contains NaN or Inf voxels")
+        values = image[np.isfinite(image)]
+        if values.size == 0:
+            raise InputError(f"{what} has no voxel with a value (all NaN or Inf)")
+    if values.min() == values.max():
+        raise InputError(f"{what} is constant ({values.flat[0]}); nothing to edit")
     return image
+
+
+def fill_missing(image: np.ndarray, mask: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """A scan with voxels without a value (NaN or Inf) made editable: those voxels read as the scan's darkest value
+    (background); returns (the filled scan, (where they are [I, J, K] bool, their values) to write back after the
+    edit, or None when there are none). Refuses a lesion ``mask`` that covers any of them (nothing to heal there).
+
+    Args:
+        image: the scan [I, J, K] (``check_image`` with ``missing_ok``).
+        mask: the lesion mask [I, J, K] (> 0 = lesion), or None.
+    """
+    if not np.issubdtype(image.dtype, np.floating):
+        return image, None
+    missing = ~np.isfinite(image)
+    if not missing.any():
+        return image, None
+    if mask is not None and (covered := int((missing & (np.asarray(mask) > 0)).sum())):
+        raise InputError(f"the lesion mask covers {covered} voxels without a value (NaN or Inf) in the image")
+    filled = np.where(missing, image[~missing].min(), image).astype(image.dtype, copy=False)
+    return filled, (missing, image[missing])
 
 
 def threshold_mask(mask: np.ndarray, threshold: float | None) -> np.ndarray:

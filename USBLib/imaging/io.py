@@ -159,7 +159,8 @@ def read_volume(path: os.PathLike | str, what: str = "image") -> Volume:
 
 
 def check_image_values(vol: Volume, what: str = "image") -> None:
-    """An input scan read from disk must be finite and not constant (``checks.check_image``, named by its path).
+    """An input scan read from disk must have values (NaN or Inf only where it has none, e.g. outside a normalised
+    scan's bounding box: the edit keeps them) and not be constant (``checks.check_image``, named by its path).
 
     Args:
         vol: a volume from ``read_volume``; its ``data`` [I, J, K] is checked, not changed.
@@ -167,7 +168,7 @@ def check_image_values(vol: Volume, what: str = "image") -> None:
     """
     from USBLib.imaging.checks import check_image
 
-    check_image(vol.data, None, f"{vol.path}: {what}" if vol.path else what)
+    check_image(vol.data, None, f"{vol.path}: {what}" if vol.path else what, missing_ok=True)
 
 
 def plain_file_mode() -> int:
