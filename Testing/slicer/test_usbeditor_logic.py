@@ -80,6 +80,26 @@ def test_heal_with_segment_keeps_input_geometry_and_outside_voxels(t1, logic, ti
     assert out.provenance["settings"]["steps"] == 3
 
 
+def test_a_volume_with_voxels_without_a_value_is_healed_and_keeps_them(logic, tiny_model, scene, tmp_path):
+    """A float volume with NaN where it has no value (outside a normalised scan's box) heals, its NaN kept in the
+    result and a note about them in the provenance; a volume with no value at all is an error."""
+    img, mask, aff = make_scan("oblique")
+    volume = load_nifti(tmp_path, "T1 nan", img.astype(np.float32), aff)
+    voxels = slicer.util.arrayFromVolume(volume)  # [K, J, I]; set in the node (the file reader reads NaN as 0)
+    voxels[:3] = np.nan
+    slicer.util.arrayFromVolumeModified(volume)
+    seg, segment_id = segmentation_from_mask("Segmentation", mask, volume)
+    out = logic.run(Task.HEAL, volume, seg, segment_id, FAST, model=tiny_model, device=Device.CPU)
+    result = slicer.util.arrayFromVolume(out.volume).transpose(2, 1, 0)
+    assert np.isnan(result[:, :, :3]).all() and np.isfinite(result[:, :, 3:]).all()
+    assert any("without a value" in note for note in out.notes)
+    empty = load_nifti(tmp_path, "T1 empty", img.astype(np.float32), aff)
+    slicer.util.arrayFromVolume(empty)[:] = np.nan
+    slicer.util.arrayFromVolumeModified(empty)
+    with pytest.raises(USBEditorError, match="no voxel with a value"):
+        logic.run(Task.HEAL, empty, seg, segment_id, FAST, model=tiny_model, device=Device.CPU)
+
+
 def test_embed_with_labelmap_on_another_grid(t1, logic, tiny_model, tmp_path):
     volume, _, _, _, aff = t1
     # the lesion drawn on a finer, axis-aligned grid covering the same place: resampled onto the scan

@@ -463,8 +463,8 @@ class EditorLogic:
             else:
                 data, affine, mask_name = mask_in_own_space(mask_node, segment_id)
                 mask = (data, affine)
-        if image is not None and not np.isfinite(image[0]).all():
-            raise USBEditorError(f"Volume '{volume_node.GetName()}' contains NaN or infinite values.")
+        if image is not None and not np.isfinite(image[0]).any():  # NaN where a scan has no value is kept as is
+            raise USBEditorError(f"Volume '{volume_node.GetName()}' has no voxel with a value (all NaN or infinite).")
         job_dir = Path(tempfile.mkdtemp(prefix="USBEditor-"))
         try:
             write_job(job_dir, task.value, settings.for_task(task), image=image, mask=mask, model=model or None,
