@@ -127,7 +127,7 @@ def _write(path, data, affine=np.eye(4) * 3):
 
 @pytest.mark.parametrize("case,message", [
     ("missing", "not found"), ("corrupt", "cannot read"), ("2d", "3D volume"), ("4d", "3D volume"),
-    ("nan", "covers 1 voxels without a value"), ("allnan", "no voxel with a value"), ("constant", "constant"),
+    ("nan", "covers 1 voxel without a value"), ("allnan", "no voxel with a value"), ("constant", "constant"),
     ("empty_mask", "mask is empty"),
     ("nonbinary", "not binary"), ("grid", "different grid"), ("outside", "outside the brain"),
     ("same_path", "same file as input"), ("tampered", "checksum mismatch"), ("bad_setting", "strength"),

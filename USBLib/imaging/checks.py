@@ -58,7 +58,8 @@ def fill_missing(image: np.ndarray, mask: np.ndarray | None = None
     if not missing.any():
         return image, None
     if mask is not None and (covered := int((missing & (np.asarray(mask) > 0)).sum())):
-        raise InputError(f"the lesion mask covers {covered} voxels without a value (NaN or Inf) in the image")
+        raise InputError(f"the lesion mask covers {covered} voxel{'s' if covered > 1 else ''} without a value (NaN or "
+                         "Inf) in the image")
     filled = np.where(missing, image[~missing].min(), image).astype(image.dtype, copy=False)
     return filled, (missing, image[missing])
 
