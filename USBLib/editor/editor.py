@@ -301,16 +301,15 @@ class Editor:
         mapping, brain, imap = self._registration_stage(task, image, affine, mask, brain_mask, seed, prog)
         extra: dict[str, Any] = {"intensity_offset": offset} if offset else {}
         if missing is not None:
-            extra["notes"] = [f"{int(missing[0].sum())} voxels without a value (NaN or Inf, e.g. outside a "
-                              "normalised scan's bounding box) were read as the scan's darkest value and are written "
-                              "back as they were"]
+            _add_notes(extra, [f"{int(missing[0].sum())} voxels without a value (NaN or Inf, e.g. outside a "
+                               "normalised scan's bounding box) were read as the scan's darkest value and are "
+                               "written back as they were"])
         content = None
         if task == "embed":
             mask, content, notes = _confine_to_brain(image, affine, mask, brain)
-            extra.update({"notes": extra.get("notes", []) + notes} if notes else {})
+            _add_notes(extra, notes)
         elif mask is not None:  # heal: say so when a lesion does not look like a T1-hypointense one
-            notes = _contrast_notes(image, affine, mask, brain, float(value_of(settings, "dilation_mm")))
-            extra.update({"notes": extra.get("notes", []) + notes} if notes else {})
+            _add_notes(extra, _contrast_notes(image, affine, mask, brain, float(value_of(settings, "dilation_mm"))))
         latent_deviation = np.zeros((samples, *image.shape), np.float32)  # scan units, result = image + deviation
         if latent:
             latent_deviation += self._latent_stage(task, image, mapping, imap, mask, settings, samples, generator, prog)
@@ -483,8 +482,7 @@ class Editor:
                              f"{record['ratio_network']}; its darkening was scaled {record['scale']:g} times, at most "
                              f"{MAX_SCALE:g}, and no voxel goes below the scan's darkest brain voxel)")
         extra["lesion_levels"] = records
-        if notes:
-            extra["notes"] = list(extra.get("notes", [])) + notes
+        _add_notes(extra, notes)
         return scaled, mean_deviation * scales
 
     @staticmethod
@@ -1021,6 +1019,12 @@ def _anchors_to_prior(task: str, region: np.ndarray | None, settings: dict[str, 
     fill region, and a bundle that ships the prior maps)."""
     return (task == "heal" and region is not None and bool(value_of(settings, "prior_anchor"))
             and bundle.has_local_prior)
+
+
+def _add_notes(extra: dict[str, Any], notes: list[str]) -> None:
+    """Append ``notes`` (what the user should know about an edit) to the provenance's ``notes``; none: no key."""
+    if notes:
+        extra["notes"] = list(extra.get("notes", [])) + list(notes)
 
 
 def _signed(task: str, mask: np.ndarray | None, effect: np.ndarray) -> np.ndarray:
