@@ -366,9 +366,16 @@ def test_latent_stage_still_brightens_the_lesion(shipped, sample):
     assert after - before > 0.25 * (target - before), (before, after, target)
 
 
-def test_embed_gives_a_visible_lesion_where_the_mask_is(shipped, sample):
+@pytest.fixture(scope="module")
+def default_embed(shipped, sample):
+    """The sample's embed mask embedded with the bundle's defaults, seed 0 (shared by the embed tests)."""
     img, target = sample["image"], sample["embed"]
-    res = shipped.embed(img.data, img.affine, target.data, seed=0)
+    return shipped.embed(img.data, img.affine, target.data, seed=0)
+
+
+def test_embed_gives_a_visible_lesion_where_the_mask_is(shipped, sample, default_embed):
+    img, target = sample["image"], sample["embed"]
+    res = default_embed
     inside = target.data > 0
     outside = _outside(target.data, img.spacing, shipped.bundle.defaults("embed"))
     assert np.array_equal(res.image[outside], img.data[outside])
@@ -386,7 +393,8 @@ def test_embed_gives_a_visible_lesion_where_the_mask_is(shipped, sample):
     assert res.image[inside].std() > flat[inside].std()  # with heterogeneity that the estimate lacks
 
 
-def test_an_embed_asked_for_a_darker_lesion_reaches_that_level_within_the_same_edit_region(shipped, sample):
+def test_an_embed_asked_for_a_darker_lesion_reaches_that_level_within_the_same_edit_region(shipped, sample,
+                                                                                          default_embed):
     """``lesion_level``: the embedded lesion's mean over the tissue 2-4 voxels around it is the level asked for (a
     dark T1 lesion at 0.5, where the network's own is about 0.87 on the sample), its edit is the network's scaled
     (the same voxels, the grain synthesized afterwards), and everything outside the edit stays bit for bit."""
@@ -395,7 +403,7 @@ def test_an_embed_asked_for_a_darker_lesion_reaches_that_level_within_the_same_e
     img, target = sample["image"], sample["embed"]
     inside = target.data > 0
     tissue = img.data > 0.2 * np.percentile(img.data, 99)
-    own = shipped.embed(img.data, img.affine, target.data, seed=0)
+    own = default_embed
     dark = shipped.embed(img.data, img.affine, target.data, seed=0, lesion_level=0.5)
     assert lesion_surround_ratio(own.image, inside, tissue) > 0.8
     assert abs(lesion_surround_ratio(dark.image, inside, tissue) - 0.5) < 0.02
