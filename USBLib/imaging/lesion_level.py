@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from USBLib.imaging.mask_edges import ring
+
 SURROUND_STEPS = (1, 4)  # the tissue a lesion's level is measured against: 2-4 voxels out (chessboard steps)
 MAX_SCALE = 20.0  # at most this many times the network's darkening (a lesion it barely drew cannot be forced)
 _STRUCT26 = ndimage.generate_binary_structure(3, 3)
@@ -25,19 +27,16 @@ def lesion_labels(mask: np.ndarray) -> tuple[np.ndarray, int]:
 def surround(lesion: np.ndarray, within: np.ndarray | None = None) -> np.ndarray:
     """The tissue ring a lesion's level is measured against: the voxels ``SURROUND_STEPS`` (exclusive, inclusive)
     chessboard steps outside ``lesion`` [I, J, K] bool, inside ``within`` when given. bool [I, J, K]."""
-    inner, outer = SURROUND_STEPS
-    ring = ndimage.binary_dilation(lesion, _STRUCT26, iterations=outer) \
-        & ~ndimage.binary_dilation(lesion, _STRUCT26, iterations=inner)
-    return ring if within is None else ring & within
+    return ring(lesion, *SURROUND_STEPS, within)
 
 
 def lesion_surround_ratio(image: np.ndarray, lesion: np.ndarray, within: np.ndarray | None = None) -> float:
     """The mean of ``image`` inside ``lesion`` over its mean on ``surround(lesion, within)`` (NaN without a
     surround)."""
-    ring = surround(np.asarray(lesion) > 0, within)
-    if not ring.any():
+    around = surround(np.asarray(lesion) > 0, within)
+    if not around.any():
         return float("nan")
-    return float(np.mean(image[np.asarray(lesion) > 0]) / max(float(np.mean(image[ring])), 1e-12))
+    return float(np.mean(image[np.asarray(lesion) > 0]) / max(float(np.mean(image[around])), 1e-12))
 
 
 def level_scales(original: np.ndarray, effect: np.ndarray, mask: np.ndarray, brain: np.ndarray,
@@ -70,10 +69,10 @@ def level_scales(original: np.ndarray, effect: np.ndarray, mask: np.ndarray, bra
     records = []
     for index in range(1, count + 1):
         lesion = labels == index
-        ring = surround(lesion, within) & (labels == 0)
+        around = surround(lesion, within) & (labels == 0)
         factor = 1.0
-        if ring.any():
-            a_m, a_s, d_m, d_s = o[lesion].mean(), o[ring].mean(), e[lesion].mean(), e[ring].mean()
+        if around.any():
+            a_m, a_s, d_m, d_s = o[lesion].mean(), o[around].mean(), e[lesion].mean(), e[around].mean()
             # (a_m + f d_m) / (a_s + f d_s) = level  <=>  f = (a_m - level a_s) / (level d_s - d_m)
             denominator = level * d_s - d_m
             if denominator > 0 and a_m - level * a_s > 0:

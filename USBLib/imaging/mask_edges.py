@@ -43,6 +43,14 @@ def grown(mask: np.ndarray, voxels: int, brain: np.ndarray | None = None) -> np.
     return out & (np.asarray(brain) > 0) if brain is not None else out
 
 
+def ring(mask: np.ndarray, inner: int, outer: int, within: np.ndarray | None = None) -> np.ndarray:
+    """The voxels more than ``inner`` and at most ``outer`` steps of the 26-neighbourhood (chessboard distance)
+    outside ``mask`` [I, J, K], inside ``within`` when given. bool [I, J, K]. The tissue an embedded lesion's level
+    is measured against (``lesion_level``) and the yardstick's rings (``usb_training.base.scores``)."""
+    out = grown(mask, outer) & ~grown(mask, inner)
+    return out & (np.asarray(within) > 0) if within is not None else out
+
+
 def eroded_keeping_components(mask: np.ndarray, steps: int, structure: np.ndarray | None = None) -> np.ndarray:
     """``mask`` [I, J, K] eroded ``steps`` times (``structure``, default the 6-neighbourhood; the image faces do not
     erode it); a component that would vanish keeps its deepest voxels, as a hasty rater still marks every lesion.

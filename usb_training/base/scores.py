@@ -9,21 +9,11 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from USBLib.imaging.mask_edges import ring
+
 from . import metrics
 
-STRUCT = ndimage.generate_binary_structure(3, 3)
 COLLATERAL_REACH = 6  # voxels outside the lesion's changes where ``yardstick_scores`` looks for collateral change
-
-
-def ring(mask: np.ndarray, inner: int, outer: int, within: np.ndarray | None = None) -> np.ndarray:
-    """Voxels ``inner`` < distance <= ``outer`` (chessboard steps) outside ``mask``."""
-    m = mask > 0
-    out = ndimage.binary_dilation(m, STRUCT, iterations=outer)
-    if inner > 0:
-        out &= ~ndimage.binary_dilation(m, STRUCT, iterations=inner)
-    else:
-        out &= ~m
-    return out if within is None else out & (within > 0)
 
 
 def _box(mask: np.ndarray, pad: int = 8) -> tuple[slice, ...]:
