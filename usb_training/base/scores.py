@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from USBLib.imaging.lesion_level import lesion_surround_ratio
 from USBLib.imaging.mask_edges import ring
 
 from . import metrics
@@ -120,7 +121,6 @@ def embed_scores(out: np.ndarray, healthy: np.ndarray, mask: np.ndarray, brain: 
     voxel past the mask counts as outside); ``dice_half_depth``: its extent at half its depth (``half_depth_dice``);
     ``edge_*``: ``edge_profile`` (the darkening on the mask's edge and 1-2 voxels past it, over its core's)."""
     lesion = mask > 0
-    surround = ring(mask, 1, 4, brain)
     far = ring(mask, 3, 8, brain)
     scale = float(np.percentile(healthy[brain > 0], 99))
     o, h = np.asarray(out, np.float64), np.asarray(healthy, np.float64)
@@ -128,8 +128,8 @@ def embed_scores(out: np.ndarray, healthy: np.ndarray, mask: np.ndarray, brain: 
     change_reference = (h - np.asarray(reference, np.float64)) / scale
     profile, profile_reference = edge_profile(change, mask, brain), edge_profile(change_reference, mask, brain)
     return {
-        "lesion_surround_ratio": float(o[lesion].mean() / max(o[surround].mean(), 1e-9)),
-        "reference_ratio": float(reference[lesion].mean() / max(reference[surround].mean(), 1e-9)),
+        "lesion_surround_ratio": lesion_surround_ratio(o, lesion, brain),
+        "reference_ratio": lesion_surround_ratio(np.asarray(reference, np.float64), lesion, brain),
         "dice_change": metrics.dice(np.abs(change) > 0.05, lesion),
         # the same Dice for the reference lesion (its darkening reaches past the drawn mask too): the yardstick's
         # own ceiling for dice_change
