@@ -84,6 +84,11 @@ _SETTINGS = (
     Setting("prior_anchor", "bool", "Heal: inside a large lesion (deeper than 8 mm from its edge, e.g. a territorial "
             "infarct), bring the fill to the level the template's tissue classes predict there (class means fitted "
             "on the tissue around it): without it a large fill sags towards the CSF beside it.", fallback=False),
+    Setting("mirror_blend", "float", "Heal: how far the fill moves towards the same place in the scan's other "
+            "hemisphere (mirrored across the template's midline, aligned on the tissue around the lesion, its level "
+            "matched there), in lesions deeper than 8 mm below the brain's surface; a part whose surroundings do not "
+            "match their mirror, or whose mirror is a lesion too, is left alone (0 = off). 1 mm scans only.",
+            0.0, 1.0, fallback=0.0),
     Setting("lesion_level", "float", "Embed: how dark the lesion is, as its mean inside the mask over the tissue "
             "2-4 voxels around it (0.5: a dark T1 black hole; 0.9: a faint lesion). The network's lesion is deepened "
             "or lightened to it, its shape, edge and heterogeneity kept, the scan's grain added afterwards. Default: "
@@ -130,7 +135,7 @@ COVERS_RIM_DILATION_MM = 0.0
 # T1 lesion (the network's own level, used while nobody asks, is about 0.8 of the tissue around the lesion).
 DARK_LESION_LEVEL = 0.5
 GUIDANCE = ("strength", "acg", "alpha0", "k", "eta", "margin_mm", "dilation_mm", "growth", "boundary_average",
-            "patch_blend", "prior_anchor",
+            "patch_blend", "prior_anchor", "mirror_blend",
             "stages", "local_mode", "local_steps", "local_strength")
 
 

@@ -293,8 +293,9 @@ def test_only_the_heal_of_a_drawn_lesion_is_one_sided_and_its_grain_goes_where_i
 def test_an_edit_cut_to_its_lesion_neighbourhood_is_the_whole_scan_edit(prior_bundle, monkeypatch):
     """After the registration, an edit runs on a window of the scan around its lesion (``editor._edit_window``).
     On a 1 mm scan, where every stage runs (boundary average and rim growth; the prior anchor of a deep lesion; the
-    patch blend at a lesion on the scan's face; realism's noise and grain in the embed), the heals and the embed
-    are bit for bit those of the whole scan."""
+    patch blend at a lesion on the scan's face; the mirror blend, which reads the other hemisphere outside the
+    window; realism's noise and grain in the embed), the heals and the embed are bit for bit those of the whole
+    scan."""
     import USBLib.editor.editor as editor_mod
 
     shape = (100, 110, 90)
@@ -305,17 +306,21 @@ def test_an_edit_cut_to_its_lesion_neighbourhood_is_the_whole_scan_edit(prior_bu
     face = np.zeros(shape, np.uint8)
     face[:4, 50:56, 40:47] = 1  # a lesion cut by the scan's first face
     img[face > 0] = (img[face > 0] * 0.6).astype(np.int16)
+    beside = phantoms.sphere_mask(shape, aff, (-18.0, -5.0, 6.0), 5.0)  # beside a ventricle
+    img[beside > 0] = (img[beside > 0] * 0.5).astype(np.int16)
     heal = dict(growth="rim", dilation_mm=3.0, margin_mm=3.0, boundary_average=True, patch_blend=0.45,
                 prior_anchor=True, stages="local")
     editor = Editor(prior_bundle, device="cpu")
     runs = {"deep": lambda: editor.heal(img, aff, deep, seed=3, **dict(heal, patch_blend=0.0)),  # (its 3 s)
             "face": lambda: editor.heal(img, aff, face, seed=3, **heal),
+            "mirror": lambda: editor.heal(img, aff, beside, seed=3, **dict(heal, patch_blend=0.0, mirror_blend=1.0)),
             "embed": lambda: editor.embed(img, aff, deep, seed=3, stages="local", local_mode="realism")}
     windows = []
     cut = editor_mod._edit_window
     monkeypatch.setattr(editor_mod, "_edit_window", lambda *args: windows.append(cut(*args)) or windows[-1])
     windowed = {name: run() for name, run in runs.items()}
     assert windowed["face"].provenance["patch_blend"] == 0.45 and "texture" in windowed["embed"].provenance
+    assert all(part["used"] for part in windowed["mirror"].provenance["mirror"]["parts"])  # it reads the other side
     sizes = [np.prod([s.stop - s.start for s in w]) for w in windows]
     assert max(sizes) < 0.8 * img.size, sizes  # each window is a part of the scan
     assert windows[1][0].start == 0  # the face lesion's window ends at the scan's face

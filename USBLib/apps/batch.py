@@ -54,6 +54,7 @@ class BatchSettings:
     boundary_average: Optional[bool] = None
     patch_blend: Optional[float] = None
     prior_anchor: Optional[bool] = None
+    mirror_blend: Optional[float] = None
     samples: int = 1
     seed: int = 0
     registration: str = "affine"
@@ -70,7 +71,8 @@ class BatchSettings:
                 "resample_mask": self.resample_mask, **({"growth": self.growth} if self.growth else {}),
                 **({} if self.boundary_average is None else {"boundary_average": self.boundary_average}),
                 **({} if self.patch_blend is None else {"patch_blend": self.patch_blend}),
-                **({} if self.prior_anchor is None else {"prior_anchor": self.prior_anchor})}
+                **({} if self.prior_anchor is None else {"prior_anchor": self.prior_anchor}),
+                **({} if self.mirror_blend is None else {"mirror_blend": self.mirror_blend})}
 
 
 @dataclass

@@ -57,7 +57,7 @@ def _guidance_options(p: argparse.ArgumentParser, eta: bool) -> None:
     names = ["strength", "acg", "alpha0", "k", "eta", "margin_mm", "dilation_mm", "stages", "local_mode",
              "local_steps", "local_strength"] + (["lesion_level"] if eta else ["growth", "boundary_average",
                                                                                  "patch_blend", "prior_anchor",
-                                                                                 "prefill"])
+                                                                                 "mirror_blend", "prefill"])
     overrides = {} if eta else {"eta": "LCG-style freedom inside the given lesion mask while healing (0 = the "
                                        "paper's plain heal, 1 = fully free)"}
     add_cli_options(p, names, overrides)
@@ -254,7 +254,8 @@ def cmd_edit(args, task: str) -> int:
         run = editor.heal if task == "heal" else editor.embed
         extra = {"prefill": args.prefill, "growth": args.growth,
                  "boundary_average": args.boundary_average, "patch_blend": args.patch_blend,
-                 "prior_anchor": args.prior_anchor} if task == "heal" else {"lesion_level": args.lesion_level}
+                 "prior_anchor": args.prior_anchor, "mirror_blend": args.mirror_blend} if task == "heal" \
+            else {"lesion_level": args.lesion_level}
         result = run(vol.data, vol.affine, None if mask is None else mask.data,
                      None if brain is None else brain.data, steps=args.steps, strength=args.strength,
                      alpha0=args.alpha0, k=args.k, eta=args.eta, margin_mm=args.margin_mm, samples=args.samples,
@@ -370,7 +371,7 @@ def cmd_batch(args) -> int:
     settings = BatchSettings(model=args.model, device=args.device, steps=args.steps, strength=args.strength,
                              mask_threshold=args.mask_threshold, growth=args.growth,
                              boundary_average=args.boundary_average, patch_blend=args.patch_blend,
-                             prior_anchor=args.prior_anchor,
+                             prior_anchor=args.prior_anchor, mirror_blend=args.mirror_blend,
                              alpha0=args.alpha0, k=args.k, eta=args.eta, margin_mm=args.margin_mm, prefill=args.prefill,
                              **_local_options(args), samples=args.samples, seed=args.seed, registration=args.registration,
                              resample_mask=args.resample_mask, without_mask=args.without_mask, qc=not args.no_qc)

@@ -12,7 +12,7 @@ import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 
@@ -23,6 +23,9 @@ from USBLib.imaging.fusion import edit_weight, fuse
 from USBLib.imaging.intensity import IntensityMap
 from USBLib.settings import validate, value_of
 from USBLib.imaging.spatial import SpaceMapping, register, window_affine
+
+if TYPE_CHECKING:
+    from USBLib.imaging.mirror import MirrorSource
 
 MAPPINGS_KEPT = 8  # registrations an Editor keeps for scans that come again (each a few hundred bytes)
 
@@ -230,7 +233,8 @@ class Editor:
              stages: str | None = None,
              local_mode: str | None = None, local_steps: int | None = None, local_strength: float | None = None,
              dilation_mm: float | None = None, growth: str | None = None, boundary_average: bool | None = None,
-             patch_blend: float | None = None, prior_anchor: bool | None = None, samples: int = 1, seed: int = 0,
+             patch_blend: float | None = None, prior_anchor: bool | None = None, mirror_blend: float | None = None,
+             samples: int = 1, seed: int = 0,
              mask_affine: np.ndarray | None = None, resample_mask: bool = False,
              progress: Progress | None = None) -> EditResult:
         """Pathology -> healthy. With ``mask`` the edit stays inside the mask grown by ``dilation_mm`` plus a
@@ -249,12 +253,14 @@ class Editor:
         non-local patch fill of the mask grown by 2 voxels blended into the fill there (``Editor._patch_blend_stage``;
         1 mm scans only). ``prior_anchor``: inside a lesion
         deeper than 8 mm from its edge, the fill is brought to the level the template's tissue classes predict
-        (``USBLib.editor.local.prior_anchor``; the edit region is unchanged)."""
+        (``USBLib.editor.local.prior_anchor``; the edit region is unchanged). ``mirror_blend``: how far the fill
+        moves towards the same place in the scan's other hemisphere, aligned on the tissue around it, in lesions
+        deeper than 8 mm below the brain's surface (``USBLib.imaging.mirror``; 1 mm scans only)."""
         return self._edit("heal", image, affine, mask, brain_mask, steps=steps, strength=strength, alpha0=alpha0,
                           k=k, eta=eta, acg=acg, margin_mm=margin_mm, prefill=prefill, stages=stages, local_mode=local_mode,
                           local_steps=local_steps, local_strength=local_strength, dilation_mm=dilation_mm, growth=growth,
                           boundary_average=boundary_average, patch_blend=patch_blend, prior_anchor=prior_anchor,
-                          samples=samples, seed=seed,
+                          mirror_blend=mirror_blend, samples=samples, seed=seed,
                           mask_affine=mask_affine, resample_mask=resample_mask, progress=progress)
 
     def embed(self, image: np.ndarray, affine: np.ndarray, mask: np.ndarray, brain_mask: np.ndarray | None = None,
@@ -321,7 +327,9 @@ class Editor:
             None if mask is None else mask[window], brain[window], None if content is None else content[window],
             latent_deviation[(slice(None),) + window], imap, mapping.window(window), settings, samples, seed,
             generator, prog, n_local, extra, (image.shape, window),
-            _brain_p99(task, image, mask, brain, settings, affine))
+            _brain_p99(task, image, mask, brain, settings, affine),
+            self._mirror_source(image, affine, mask, mapping, window) if _mirrors(task, mask, settings, affine)
+            else None)
         result, uncertainty = original.copy(), None
         result[window] = edited
         if missing is not None:  # voxels without a value stay without one, bit for bit
@@ -340,14 +348,15 @@ class Editor:
                        mask: np.ndarray | None, brain: np.ndarray, content: np.ndarray | None,
                        latent_deviation: np.ndarray, imap: IntensityMap, mapping: SpaceMapping,
                        settings: dict[str, Any], samples: int, seed: int, generator, prog: "_Progress", n_local: int,
-                       extra: dict[str, Any], noise_frame, brain_p99: float | None
-                       ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+                       extra: dict[str, Any], noise_frame, brain_p99: float | None,
+                       mirror: MirrorSource | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         """The edit's stages after registration and the latent stage, on the window of the scan that
         ``_edit_window`` cut: boundary masks, fill region, local stage, prior anchor, fusion weight, patch blend,
         texture, fusion. Every array is the window's [I', J', K'] (``latent_deviation`` [samples, I', J', K']);
         ``affine`` and ``mapping`` are the window's own, ``imap`` the whole scan's; ``noise_frame`` (the scan's
         shape, the window's slices) lets the local stage draw its realism noise over the whole scan; ``brain_p99``:
-        the whole scan's 99th brain percentile, for the patch blend (``_brain_p99``). Returns (the
+        the whole scan's 99th brain percentile, for the patch blend (``_brain_p99``); ``mirror``: the whole scan's
+        other hemisphere, for ``mirror_blend`` (``_mirror_source``), or None. Returns (the
         edited window in ``original``'s dtype, the uncertainty or None, the voxels the edit may change, bool)."""
         import torch
 
@@ -367,6 +376,9 @@ class Editor:
                 extra["local_boxes"] = n_local
                 if _anchors_to_prior(task, region, settings, self.bundle):
                     deviation = self._prior_anchor_stage(image, affine, variant, region, deviation, brain, mapping)
+                if mirror is not None and region is not None:
+                    deviation = self._mirror_stage(image, affine, region, deviation, brain, mirror, settings,
+                                                   extra if index == 0 else None)
             prog.stage("fusing into the scan")
             weight = self._edit_weight(task, original, affine, variant, brain, settings, content, region)
             effect += _signed(task, variant, weight * deviation) / np.float32(len(variants))
@@ -438,6 +450,33 @@ class Editor:
         prior = self._local_prior(mapping)
         return anchor_to_prior(image, deviation, mask, region, brain, _spacing(affine),
                                lambda box: prior.read(box)[1:4])
+
+    def _mirror_source(self, image: np.ndarray, affine: np.ndarray, mask: np.ndarray, mapping: SpaceMapping,
+                       window: tuple[slice, ...]) -> MirrorSource:
+        """The whole scan's other hemisphere for ``mirror_blend`` (``USBLib.imaging.mirror``): the offset-free scan
+        ``image`` and the drawn ``mask`` [I, J, K], the mirror map from the registration ``mapping`` (the template's
+        mid-sagittal plane), the depth below the model brain's surface, and where the edit's ``window`` starts."""
+        from USBLib.imaging.mirror import MirrorSource, depth_below_surface, mirror_matrix
+
+        depth = depth_below_surface(self.space["brain"], self.bundle.grid_affine,
+                                    np.linalg.inv(mapping.model_vox_to_native_vox()))
+        return MirrorSource(image, np.asarray(mask) > 0, mirror_matrix(affine, mapping.model_to_native), depth,
+                            tuple(int(w.start) for w in window))
+
+    @staticmethod
+    def _mirror_stage(image: np.ndarray, affine: np.ndarray, region: np.ndarray, deviation: np.ndarray,
+                      brain: np.ndarray, mirror: MirrorSource, settings: dict[str, Any],
+                      extra: dict[str, Any] | None) -> np.ndarray:
+        """``mirror_blend`` w: the heal's ``deviation`` [samples, I, J, K] (scan units) inside the fill ``region``
+        [I, J, K] bool moved w of the way towards the scan's other hemisphere (``USBLib.imaging.mirror``); the
+        parts' records (NCC, used) go to ``extra["mirror"]`` when ``extra`` is given (the drawn mask's heal)."""
+        from USBLib.imaging.mirror import blend_towards_mirror
+
+        w = float(value_of(settings, "mirror_blend"))
+        out, records = blend_towards_mirror(mirror, image, deviation, region, brain, _spacing(affine), w)
+        if extra is not None:
+            extra["mirror"] = {"weight": w, "parts": records}
+        return out
 
     def _local_prior(self, mapping: SpaceMapping | None):
         """The template's tissue prior on the scan's grid (``USBLib.editor.local.prior.TissuePrior``), for a local
@@ -1060,6 +1099,15 @@ def _blends_patches(task: str, mask: np.ndarray | None, settings: dict[str, Any]
 
     return (task == "heal" and mask is not None and float(value_of(settings, "patch_blend") or 0) > 0
             and not needs_resampling(_spacing(affine)))
+
+
+def _mirrors(task: str, mask: np.ndarray | None, settings: dict[str, Any], affine: np.ndarray) -> bool:
+    """Whether a heal moves its fill towards the scan's other hemisphere (``mirror_blend`` > 0, a mask, ``growth``
+    ``rim``, and a scan whose boxes the local stage does not resample: measured on 1 mm scans only)."""
+    from USBLib.imaging.boxes import needs_resampling
+
+    return (task == "heal" and mask is not None and float(value_of(settings, "mirror_blend") or 0) > 0
+            and value_of(settings, "growth") == "rim" and not needs_resampling(_spacing(affine)))
 
 
 def _brain_p99(task: str, image: np.ndarray, mask: np.ndarray | None, brain: np.ndarray, settings: dict[str, Any],

@@ -28,11 +28,11 @@ PRIOR_DESCRIPTION = ("ICBM 2009c Nonlinear Asymmetric MNI152 CSF/GM/WM probabili
 DEEP_GREY_DESCRIPTION = ", and deep grey matter (fsaverage aseg nuclei, registered affinely onto MNI2009c)"
 
 LOCAL_DEFAULTS = {  # heal: rim growth at most 3 mm and the average over the mask's edge, chosen on the training
-    # source MNI2009c; the patch blend's weight on both training sources, each validating the other's fit
-    # (docs/model.md)
+    # source MNI2009c; the patch blend's weight on both training sources, each validating the other's fit; the
+    # mirror blend on both, confirmed on fresh cases of both (docs/model.md)
     "heal": {"stages": "local", "local_mode": "fidelity", "local_steps": 4, "local_strength": 0.3,
              "dilation_mm": 3.0, "margin_mm": 3.0, "growth": "rim", "boundary_average": True, "patch_blend": 0.45,
-             "prior_anchor": True, "eta": 1.0},
+             "prior_anchor": True, "mirror_blend": 0.5, "eta": 1.0},
     # embed: realism (a sample at the fidelity estimate's level) is as dark as fidelity and has the heterogeneity
     # of the reference lesions, on the training source MNI2009c (docs/model.md)
     "embed": {"stages": "local", "local_mode": "realism", "local_steps": 4, "local_strength": 0.3,
@@ -68,7 +68,7 @@ def card_section(config: Mapping[str, Any], table_md: str | None) -> str:
              f"eta {heal.get('eta')}, growth {heal.get('growth', 'fixed')}, boundary average "
              f"{'on' if heal.get('boundary_average') else 'off'}, patch blend {heal.get('patch_blend', 0.0)}, "
              "prior anchor "
-             f"{'on' if heal.get('prior_anchor') else 'off'}; embed mode {embed.get('local_mode')}, dilation "
+             f"{'on' if heal.get('prior_anchor') else 'off'}, mirror blend {heal.get('mirror_blend', 0.0)}; embed mode {embed.get('local_mode')}, dilation "
              f"{embed.get('dilation_mm')} mm, feather {embed.get('margin_mm')} mm, alpha0 {embed.get('alpha0')}, eta "
              f"{embed.get('eta')}; interactive (Slicer, demo) mode {local.get('interactive_mode')}. Heal growth and "
              "boundary average chosen with the heal yardstick on the training source MNI2009c (`evaluate --native "

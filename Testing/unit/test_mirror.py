@@ -1,0 +1,93 @@
+"""The heal's pull towards the scan's other hemisphere (USBLib.imaging.mirror), on a left-right symmetric phantom."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from USBLib.imaging import mirror
+from USBLib.imaging.mirror import MirrorSource, blend_towards_mirror, mirror_matrix
+
+SHAPE = (61, 40, 40)
+
+
+def _phantom(seed: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A 1 mm scan whose left and right halves mirror each other across x = 0 (voxel 30), its affine and brain."""
+    rng = np.random.default_rng(seed)
+    field = ndimage.gaussian_filter(rng.standard_normal(SHAPE), 2.0)
+    field = field + field[::-1]  # symmetric about the middle voxel
+    image = (1000.0 + 100.0 * field / np.abs(field).max()).astype(np.float32)  # tissue at about 1000
+    affine = np.eye(4)
+    affine[:3, 3] = [-30.0, -20.0, -20.0]  # voxel 30 at x = 0
+    brain = np.ones(SHAPE, bool)
+    return image, affine, brain
+
+
+def _ball(center, radius: float) -> np.ndarray:
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij"), -1)
+    return np.linalg.norm(grid - np.asarray(center, float), axis=-1) <= radius
+
+
+def _source(image, affine, lesion, depth_mm: float = 30.0) -> MirrorSource:
+    return MirrorSource(image, lesion, mirror_matrix(affine, np.eye(4)), lambda v: np.full(len(v), depth_mm))
+
+
+def test_the_mirror_map_flips_the_scan_across_the_templates_midline():
+    _, affine, _ = _phantom()
+    m = mirror_matrix(affine, np.eye(4))
+    assert np.allclose(m @ [10, 5, 7, 1], [50, 5, 7, 1])
+    # a registration that moves the scan does not move the plane off the template's midline
+    moved = np.eye(4)
+    moved[0, 3] = 6.0  # template x = 0 lies at scan x = 6 (voxel 36)
+    assert np.allclose(mirror_matrix(affine, moved) @ [36, 5, 7, 1], [36, 5, 7, 1])
+    assert np.allclose(mirror_matrix(affine, moved) @ [30, 5, 7, 1], [42, 5, 7, 1])
+
+
+def test_a_deep_fill_moves_to_its_mirror_and_nothing_outside_the_region_changes():
+    image, affine, brain = _phantom()
+    lesion = _ball((15, 20, 20), 4)
+    region = _ball((15, 20, 20), 5)
+    truth = image.copy()
+    scan = image.copy()
+    scan[region] = 400.0  # the lesion
+    wrong = np.where(region, truth + 60.0 - scan, 0).astype(np.float32)[None]  # a fill 6 % too bright
+    out, records = blend_towards_mirror(_source(truth * ~region + scan * region, affine, lesion), scan, wrong,
+                                        region, brain, (1, 1, 1), 1.0)
+    assert records[0]["used"] and records[0]["ncc"] > 0.9
+    assert np.array_equal(out[0][~region], wrong[0][~region])
+    healed_before, healed_after = scan + wrong[0], scan + out[0]
+    core = region & (ndimage.distance_transform_edt(region) > 2)
+    assert np.abs(healed_after[core] - truth[core]).max() < 1e-3  # the mirror's values, level matched
+    assert np.abs(healed_after[region] - truth[region]).mean() < 0.5 * np.abs(healed_before[region]
+                                                                             - truth[region]).mean()
+    half, _ = blend_towards_mirror(_source(scan, affine, lesion), scan, wrong, region, brain, (1, 1, 1), 0.5)
+    assert np.allclose(half[0][core], 0.5 * (wrong[0][core] + out[0][core]), atol=1e-3)
+
+
+@pytest.mark.parametrize("case", ["superficial", "lesion on both sides", "surroundings unlike their mirror",
+                                  "mirror outside the scan", "a lesion nobody drew on the other side"])
+def test_the_fill_is_left_alone_where_the_mirror_cannot_be_trusted(case, monkeypatch):
+    image, affine, brain = _phantom()
+    lesion, region = _ball((15, 20, 20), 4), _ball((15, 20, 20), 5)
+    scan = image.copy()
+    depth = 30.0
+    if case == "superficial":
+        depth = 5.0  # cortical folding is not symmetric in a person
+    elif case == "lesion on both sides":
+        lesion = lesion | _ball((45, 20, 20), 4)
+    elif case == "a lesion nobody drew on the other side":
+        scan[_ball((45, 20, 20), 4)] = 400.0  # dark like the lesion, not in the mask
+    else:
+        rng = np.random.default_rng(0)
+        scan[:30] = (900 + 200 * rng.random(scan[:30].shape)).astype(np.float32)  # one side unrelated to the other
+    source = _source(scan, affine, lesion, depth)
+    if case == "mirror outside the scan":
+        plane = np.eye(4)
+        plane[0, 3] = -25.0  # the template's midline at voxel 5: the lesion's mirror lies left of the scan
+        source.to_mirror = mirror_matrix(affine, plane)
+        monkeypatch.setattr(mirror, "MIN_NCC", -1.0)  # however well its surroundings might match
+    deviation = np.where(region, 7.0, 0).astype(np.float32)[None]
+    out, records = blend_towards_mirror(source, scan, deviation, region, brain, (1, 1, 1), 1.0)
+    assert np.array_equal(out, deviation)
+    if case != "superficial":
+        assert not records[0]["used"]
