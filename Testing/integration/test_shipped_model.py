@@ -66,7 +66,8 @@ def _outside(mask: np.ndarray, spacing, defaults: dict) -> np.ndarray:
     return ~dilate_mm(mask > 0, spacing, reach)
 
 
-PATCH_BLEND_GAIN_DB = 0.5  # the patch blend must gain the rim case at least this (measured +1.04 dB, 2026-12-06)
+PATCH_BLEND_GAIN_DB = 0.3  # the patch blend must gain the rim case at least this (measured +1.04 dB, 2026-12-06;
+#                           +0.42 with the mirror blend, a default since 2026-12-07, which corrects the same fill)
 RIM_DEPTH = 0.45  # relative darkening of the painted lesion
 
 
@@ -335,7 +336,8 @@ def test_a_large_infarct_beside_the_ventricle_is_filled_at_the_tissue_level(ship
     """A territorial-size lesion (10 ml, 13-15 mm deep, CSF-dark, against the lateral ventricle): the fill anchored
     on a half-CSF edge sagged towards the ventricle deep inside; the prior anchor (a default) brings the interior to
     the level the tissue prior predicts. Measured without the patch blend, which this does not test: +1.30 dB, fill
-    0.990 of the truth's mean against 0.963 (with it, the default: +1.14 dB, 0.989 against 0.966; 2026-12-06)."""
+    0.990 of the truth's mean against 0.963 (with it, the default: +1.14 dB, 0.989 against 0.966; 2026-12-06).
+    The mirror blend (a default since 2026-12-07) is off here for the same reason."""
     img = sample["image"]
     truth = np.asarray(img.data, np.float32)
     p99 = float(np.percentile(truth[truth > 0], 99))
@@ -344,7 +346,9 @@ def test_a_large_infarct_beside_the_ventricle_is_filled_at_the_tissue_level(ship
     assert mask.sum() > 8000 and ventricle_near.sum() > 300  # the case is what it says
     assert shipped.bundle.defaults("heal").get("prior_anchor") is True
     heals = {on: shipped.heal(lesioned, img.affine, mask, seed=0, boundary_average=False, patch_blend=0.0,
-                              prior_anchor=on).image for on in (True, False)}  # the anchor alone (20 s less)
+                              mirror_blend=0.0, prior_anchor=on).image
+             for on in (True, False)}  # the anchor alone (20 s less; on this symmetric template the mirror blend
+    #                                    would do the anchor's work: 30.3 dB without the anchor)
     changed = lesioned != img.data
     psnr = {on: _psnr(h, truth, changed, p99) for on, h in heals.items()}
     ratio = {on: float(np.asarray(h, np.float32)[mask > 0].mean() / truth[mask > 0].mean()) for on, h in heals.items()}

@@ -88,6 +88,10 @@ def test_the_fill_is_left_alone_where_the_mirror_cannot_be_trusted(case, monkeyp
         monkeypatch.setattr(mirror, "MIN_NCC", -1.0)  # however well its surroundings might match
     deviation = np.where(region, 7.0, 0).astype(np.float32)[None]
     out, records = blend_towards_mirror(source, scan, deviation, region, brain, (1, 1, 1), 1.0)
+    if case == "a lesion nobody drew on the other side":  # the rest of the part may move a little, never to it
+        assert records[0]["used"] and records[0]["lesion_like"] > 0.3
+        assert (out - deviation).min() > -10.0, (out - deviation).min()
+        return
     assert np.array_equal(out, deviation)
     if case != "superficial":
         assert not records[0]["used"]

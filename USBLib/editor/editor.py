@@ -460,7 +460,8 @@ class Editor:
 
         depth = depth_below_surface(self.space["brain"], self.bundle.grid_affine,
                                     np.linalg.inv(mapping.model_vox_to_native_vox()))
-        return MirrorSource(image, np.asarray(mask) > 0, mirror_matrix(affine, mapping.model_to_native), depth,
+        lesion = (np.asarray(mask) > 0).astype(np.float32)
+        return MirrorSource(image, lesion, mirror_matrix(affine, mapping.model_to_native), depth,
                             tuple(int(w.start) for w in window))
 
     @staticmethod
