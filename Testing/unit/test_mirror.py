@@ -95,3 +95,54 @@ def test_the_fill_is_left_alone_where_the_mirror_cannot_be_trusted(case, monkeyp
     assert np.array_equal(out, deviation)
     if case != "superficial":
         assert not records[0]["used"]
+
+
+def test_the_mirror_is_level_matched_and_aligned_on_the_tissue_around_and_the_fill_ramps_in_from_its_edge():
+    """The other side brighter by 50 (a bias field) and moved by 2 voxels (an asymmetric brain): the fill still
+    takes the lesion side's own values in its core; at the region's edge it moves less than inside."""
+    image, affine, brain = _phantom()
+    truth = image.copy()
+    other = np.roll(image[31:], 2, axis=1) + 50.0  # the right half, shifted and brighter
+    image[31:] = other
+    truth[31:] = other
+    region, lesion = _ball((15, 20, 20), 5), _ball((15, 20, 20), 4)
+    scan = truth.copy()
+    scan[region] = 400.0
+    wrong = np.where(region, truth + 60.0 - scan, 0).astype(np.float32)[None]
+    out, records = blend_towards_mirror(_source(scan, affine, lesion), scan, wrong, region, brain, (1, 1, 1), 1.0)
+    assert records[0]["used"] and records[0]["ncc"] > 0.9
+    depth = ndimage.distance_transform_edt(region)
+    core, edge = region & (depth > 2), region & (depth <= 1)
+    healed = scan + out[0]
+    assert np.abs(healed[core] - truth[core]).max() < 1e-2  # level-matched and aligned
+    moved = np.abs(out[0] - wrong[0])
+    assert moved[edge].mean() < 0.75 * moved[core].mean()  # the ramp from the region's edge (half way there)
+
+
+def test_a_window_of_the_scan_gives_the_whole_scans_result():
+    """The edit runs on a window around its lesion; the mirror is read from the whole scan at the window's
+    ``start``."""
+    image, affine, brain = _phantom()
+    region, lesion = _ball((15, 20, 20), 5), _ball((15, 20, 20), 4)
+    scan = image.copy()
+    scan[region] = 400.0
+    wrong = np.where(region, image + 60.0 - scan, 0).astype(np.float32)[None, ...]
+    whole, _ = blend_towards_mirror(_source(scan, affine, lesion), scan, wrong, region, brain, (1, 1, 1), 1.0)
+    window = (slice(2, 30), slice(5, 36), slice(4, 37))
+    source = _source(scan, affine, lesion)
+    source.start = tuple(w.start for w in window)
+    part, _ = blend_towards_mirror(source, scan[window], wrong[(slice(None),) + window], region[window],
+                                   brain[window], (1, 1, 1), 1.0)
+    assert np.array_equal(part, whole[(slice(None),) + window]) and (part != wrong[(slice(None),) + window]).any()
+
+
+def test_depth_below_the_brain_surface_is_read_on_the_model_grid():
+    from USBLib.imaging.mirror import depth_below_surface
+
+    grid = np.diag([2.0, 2.0, 2.0, 1.0])
+    ii = np.stack(np.meshgrid(*[np.arange(31)] * 3, indexing="ij"), -1)
+    brain = np.linalg.norm(ii - 15, axis=-1) <= 12  # a ball of radius 24 mm on a 2 mm grid
+    scan_to_grid = np.diag([0.5, 0.5, 0.5, 1.0])  # a 1 mm scan on the same origin
+    depth = depth_below_surface(brain, grid, scan_to_grid)
+    centre, rim = depth(np.array([[30.0, 30.0, 30.0]])), depth(np.array([[30.0, 30.0, 54.0]]))
+    assert 23.0 <= centre[0] <= 27.0 and rim[0] <= 2.0
