@@ -350,14 +350,14 @@ class Editor:
                        settings: dict[str, Any], samples: int, seed: int, generator, prog: "_Progress", n_local: int,
                        extra: dict[str, Any], noise_frame, brain_p99: float | None,
                        mirror: MirrorSource | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-        """The edit's stages after registration and the latent stage, on the window of the scan that
-        ``_edit_window`` cut: boundary masks, fill region, local stage, prior anchor, mirror blend, fusion weight,
-        patch blend, texture, fusion. Every array is the window's [I', J', K'] (``latent_deviation`` [samples,
-        I', J', K']); ``affine`` and ``mapping`` are the window's own, ``imap`` the whole scan's; ``noise_frame`` (the scan's
-        shape, the window's slices) lets the local stage draw its realism noise over the whole scan; ``brain_p99``:
-        the whole scan's 99th brain percentile, for the patch blend (``_brain_p99``); ``mirror``: the whole scan's
-        other hemisphere, for ``mirror_blend`` (``_mirror_source``), or None. Returns (the
-        edited window in ``original``'s dtype, the uncertainty or None, the voxels the edit may change, bool)."""
+        """The edit's stages after registration and the latent stage, on the window of the scan that ``_edit_window``
+        cut: boundary masks, fill region, local stage, prior anchor, mirror blend, fusion weight, patch blend, texture,
+        fusion. Every array is the window's [I', J', K'] (``latent_deviation`` [samples, I', J', K']); ``affine`` and
+        ``mapping`` are the window's own, ``imap`` the whole scan's; ``noise_frame`` (the scan's shape, the window's
+        slices) lets the local stage draw its realism noise over the whole scan; ``brain_p99``: the whole scan's 99th
+        brain percentile, for the patch blend (``_brain_p99``); ``mirror``: the whole scan's other hemisphere, for
+        ``mirror_blend`` (``_mirror_source``), or None. Returns (the edited window in ``original``'s dtype, the
+        uncertainty or None, the voxels the edit may change, bool)."""
         import torch
 
         variants = self._edit_masks(task, mask, affine, settings, original, brain)
