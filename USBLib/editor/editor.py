@@ -1096,19 +1096,24 @@ PATCH_BLEND_CSF_LEVEL = 0.35  # x the 99th brain percentile: a voxel whose 3x3x3
 def _blends_patches(task: str, mask: np.ndarray | None, settings: dict[str, Any], affine: np.ndarray) -> bool:
     """Whether a heal blends a patch fill into its fill (``patch_blend`` > 0, a mask, and a scan whose boxes the
     local stage does not resample: it was measured on 1 mm scans only, ``Editor._patch_blend_stage``)."""
-    from USBLib.imaging.boxes import needs_resampling
-
-    return (task == "heal" and mask is not None and float(value_of(settings, "patch_blend") or 0) > 0
-            and not needs_resampling(_spacing(affine)))
+    return _refines_one_mm_heal(task, mask, settings, affine, "patch_blend")
 
 
 def _mirrors(task: str, mask: np.ndarray | None, settings: dict[str, Any], affine: np.ndarray) -> bool:
     """Whether a heal moves its fill towards the scan's other hemisphere (``mirror_blend`` > 0, a mask, ``growth``
     ``rim``, and a scan whose boxes the local stage does not resample: measured on 1 mm scans only)."""
+    return (_refines_one_mm_heal(task, mask, settings, affine, "mirror_blend")
+            and value_of(settings, "growth") == "rim")
+
+
+def _refines_one_mm_heal(task: str, mask: np.ndarray | None, settings: dict[str, Any], affine: np.ndarray,
+                         weight: str) -> bool:
+    """A heal with a mask, the setting ``weight`` above 0, on a scan whose boxes the local stage does not resample
+    (the fill refinements measured on 1 mm scans only)."""
     from USBLib.imaging.boxes import needs_resampling
 
-    return (task == "heal" and mask is not None and float(value_of(settings, "mirror_blend") or 0) > 0
-            and value_of(settings, "growth") == "rim" and not needs_resampling(_spacing(affine)))
+    return (task == "heal" and mask is not None and float(value_of(settings, weight) or 0) > 0
+            and not needs_resampling(_spacing(affine)))
 
 
 def _brain_p99(task: str, image: np.ndarray, mask: np.ndarray | None, brain: np.ndarray, settings: dict[str, Any],

@@ -49,7 +49,8 @@ def feather_weight(region: np.ndarray, spacing, width_mm: float) -> np.ndarray:
     return (r * r * (3.0 - 2.0 * r)).astype(np.float32) * region
 
 
-def _smoothstep(r: np.ndarray) -> np.ndarray:
+def smoothstep(r: np.ndarray) -> np.ndarray:
+    """0 below 0, 1 above 1, and 3 r^2 - 2 r^3 between: no step in value or slope at either end."""
     r = np.clip(r, 0.0, 1.0)
     return r * r * (3.0 - 2.0 * r)
 
@@ -62,7 +63,7 @@ def _outer_ramp(core: np.ndarray, spacing, width_mm: float, box: tuple[slice, ..
         out[box] = sub
         return out
     dist = ndimage.distance_transform_edt(~sub, sampling=spacing)
-    out[box] = _smoothstep(1.0 - dist / width_mm).astype(np.float32)
+    out[box] = smoothstep(1.0 - dist / width_mm).astype(np.float32)
     return out
 
 

@@ -27,6 +27,8 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
+from USBLib.imaging.fusion import smoothstep
+
 SHELL_MM = (2.0, 7.0)    # the mirror is aligned and its level matched on the tissue this far outside the part
 SEARCH_VOX = 3           # integer shifts of the mirror tried per axis (voxels): the hemispheres are not exact mirrors
 MIN_NCC = 0.5            # shell NCC below this: the part's surroundings do not match their mirror; left as it was
@@ -35,7 +37,6 @@ LESION_LIKE = 0.2        # a mirrored voxel darker than the fill by this x the t
 RAMP_MM = 2.0            # the weight rises from 0 at the region's edge to 1 at this depth inside it
 DEPTH_MM = (8.0, 16.0)   # depth below the brain's surface: no mirror above the first, full weight from the second
 MIN_SHELL = 50           # voxels: fewer and the part is left as it was
-BATCH_POINTS = 2_000_000  # interpolated points per call of the shift search
 SEARCH_POINTS = 4000     # the shift search reads at most about this many shell points (a 10 ml lesion's shell has
 #                          30 000: 343 shifts of it cost seconds per mask); the level is matched on the whole shell
 
@@ -100,25 +101,20 @@ def _shifts(radius: int) -> np.ndarray:
 
 def _best_shift(full: np.ndarray, coords: np.ndarray, target: np.ndarray) -> tuple[np.ndarray | None, float]:
     """The integer shift (of ``_shifts(SEARCH_VOX)``) of the mirrored shell ``coords`` [3, N] whose values in
-    ``full`` correlate best with ``target`` [N]: (shift [3] or None, its NCC). The shifted shells are interpolated
-    in batches of about ``BATCH_POINTS`` points (one call instead of one per shift: a lesion of many small parts
-    paid the calls' overhead 343 times a part)."""
+    ``full`` correlate best with ``target`` [N]: (shift [3] or None, its NCC). Every shifted shell is interpolated
+    in one call (N is at most about ``SEARCH_POINTS``)."""
     target = (target - target.mean()) / (target.std() + 1e-6)
     shifts = _shifts(SEARCH_VOX)
-    per_call = max(1, BATCH_POINTS // coords.shape[1])
+    points = (coords[None] + shifts[:, :, None]).transpose(1, 0, 2).reshape(3, -1)
+    values = ndimage.map_coordinates(full, points, order=1, mode="nearest").astype(np.float64)
     best, best_shift = -2.0, None
-    for first in range(0, len(shifts), per_call):
-        batch = shifts[first:first + per_call]
-        points = (coords[None] + batch[:, :, None]).transpose(1, 0, 2).reshape(3, -1)
-        values = ndimage.map_coordinates(full, points, order=1, mode="nearest").astype(np.float64)
-        values = values.reshape(len(batch), -1)
-        for shift, row in zip(batch, values):
-            spread = row.std()
-            if spread <= 0:
-                continue
-            ncc = float(np.mean(target * (row - row.mean()) / spread))
-            if ncc > best:
-                best, best_shift = ncc, shift
+    for shift, row in zip(shifts, values.reshape(len(shifts), -1)):
+        spread = row.std()
+        if spread <= 0:
+            continue
+        ncc = float(np.mean(target * (row - row.mean()) / spread))
+        if ncc > best:
+            best, best_shift = ncc, shift
     return best_shift, best
 
 
@@ -160,10 +156,10 @@ def blend_towards_mirror(source: MirrorSource, image: np.ndarray, deviation: np.
         records.append(record)
         origin = np.asarray(source.start, float) + start
         inside_idx = np.argwhere(inside) + origin
-        t = np.clip(ndimage.distance_transform_edt(inside, sampling=spacing) / RAMP_MM, 0.0, 1.0)
-        d = np.clip((source.depth_mm(inside_idx) - DEPTH_MM[0]) / (DEPTH_MM[1] - DEPTH_MM[0]), 0.0, 1.0)
+        edge = smoothstep(ndimage.distance_transform_edt(inside, sampling=spacing) / RAMP_MM)
         ramp = np.zeros(inside.shape, np.float32)
-        ramp[inside] = (t * t * (3 - 2 * t))[inside] * (d * d * (3 - 2 * d))
+        deep = smoothstep((source.depth_mm(inside_idx) - DEPTH_MM[0]) / (DEPTH_MM[1] - DEPTH_MM[0]))
+        ramp[inside] = edge[inside] * deep
         if not ramp.any():
             continue  # near the brain's surface (or a part too thin to have an inside): nothing to change
         scan = np.asarray(image[box], np.float32)

@@ -23,6 +23,7 @@ from scipy import ndimage
 
 from USBLib.editor.local.conditioning import class_level_model
 from USBLib.imaging.boxes import Box
+from USBLib.imaging.fusion import smoothstep
 
 GATE_MM = (8.0, 12.0)      # a lesion's depth (mm from its edge to its deepest voxel): no anchor below, full above
 RAMP_MM = 3.0              # inside the fill region the anchor's weight rises from 0 at its edge to 1 at this depth
@@ -40,8 +41,7 @@ def lesion_gates(mask: np.ndarray, spacing) -> tuple[np.ndarray, list[float]]:
     for index, found in enumerate(ndimage.find_objects(labels), start=1):
         component = np.pad(labels[found] == index, 1)
         depth = float(ndimage.distance_transform_edt(component, sampling=spacing).max())
-        t = np.clip((depth - GATE_MM[0]) / (GATE_MM[1] - GATE_MM[0]), 0.0, 1.0)
-        gates.append(float(t * t * (3 - 2 * t)))
+        gates.append(float(smoothstep((depth - GATE_MM[0]) / (GATE_MM[1] - GATE_MM[0]))))
     return labels, gates
 
 
@@ -91,8 +91,8 @@ def anchor_to_prior(image: np.ndarray, deviation: np.ndarray, mask: np.ndarray, 
         if int(shell.sum()) < MIN_SHELL or not tissue.any():
             continue
         predicted = class_level_model(img, classes, tissue, shell, RIDGE)
-        t = np.clip(ndimage.distance_transform_edt(reg, sampling=spacing) / RAMP_MM, 0.0, 1.0)
-        weight = (gate * t * t * (3 - 2 * t)).astype(np.float32) * reg
+        weight = (gate * smoothstep(ndimage.distance_transform_edt(reg, sampling=spacing) / RAMP_MM)
+                  ).astype(np.float32) * reg
         sigma = LEVEL_SIGMA_MM / spacing
         support = np.maximum(ndimage.gaussian_filter(reg.astype(np.float32), sigma), 1e-3)
         for i in range(out.shape[0]):
