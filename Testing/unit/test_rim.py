@@ -67,8 +67,27 @@ def test_a_ventricle_beside_the_lesion_is_marked_to_keep_and_the_rim_is_not():
     assert keep[csf & (dist <= 6.0)].all()
     assert not keep[~csf].any()  # neither the lesion nor its rim nor the white matter
     assert not keep[dist > 6.0 + 1e-6].any()
-    bright = 2.0 - image  # the same scene with a bright lesion: the slab is now brighter than the lesion
-    assert np.array_equal(darker_than_lesion(bright, mask, np.ones(SHAPE, bool), (1, 1, 1), 3.0, 6.0), keep)
+    bright = np.where(mask > 0, 1.5, image).astype(np.float32)  # a T1-bright lesion: nothing beside it is beyond it
+    assert not darker_than_lesion(bright, mask, np.ones(SHAPE, bool), (1, 1, 1), 3.0, 6.0).any()
+
+
+def test_a_dark_lesion_between_ventricles_is_measured_against_white_matter_not_csf():
+    """A lesion in a white-matter column with CSF on four sides (a callosal lesion between the lateral ventricles,
+    most of its reference shell CSF): the tissue it replaced is the white matter, so it is dark (measured with the
+    CSF it came out brighter than "the tissue around it" and its white matter was kept as if it were CSF); the CSF
+    is what a heal must keep, and the rim is grown into on the white-matter sides."""
+    image, mask, r = _lesion(5.0, 2.0, noise=0.01)
+    _, yy, xx = np.indices(SHAPE)
+    csf = (np.abs(xx - 24) >= 7) | (np.abs(yy - 24) >= 7)
+    image[csf] = 0.2
+    brain = np.ones(SHAPE, bool)
+    (_, contrast, _), = lesion_contrasts(image, mask, brain, (1.0, 1.0, 1.0), 3.0)
+    assert contrast > 10  # 0.5 darker than the white matter, noise 0.01 (smoothed): measured 13.5 (with CSF: -1.8)
+    keep = darker_than_lesion(image, mask, brain, (1.0, 1.0, 1.0), 3.0, reach_mm=6.0)
+    near = ndimage.distance_transform_edt(mask == 0) <= 6.0
+    assert not keep[~csf].any() and keep[csf & near].all()
+    region = rim_region(image, mask, brain, (1.0, 1.0, 1.0), max_mm=4.0)
+    assert region[(r > 5.0) & (r <= 6.5) & ~csf].mean() > 0.8
 
 
 def test_the_rim_of_a_dark_lesion_is_not_kept_beside_a_paler_one():

@@ -17,7 +17,9 @@ white-matter lesion or the edge of a sulcus, not rim.
 
 "The tissue around the lesion" is estimated per voxel from a reference shell beyond the growth limit
 (``max_mm`` + 1 to + 4 mm from the mask): a normalised Gaussian average of the shell's values (2 mm), so that a
-lesion between white and grey matter compares each side with its own tissue.
+lesion between white and grey matter compares each side with its own tissue. The lesion's contrast (its sign: dark
+or bright; ``darker_than_lesion``, ``lesion_contrasts``) leaves out the shell's voxels darker than the lesion itself
+(CSF: a ventricle on either side of a callosal lesion), which are not the tissue it replaced.
 
 ``darker_than_lesion`` marks what a heal must never rewrite: the voxels around the mask darker than the lesion
 itself (a ventricle or a sulcus beside it; a partial-volume rim is never darker than its lesion). The fill region
@@ -37,6 +39,8 @@ DEFAULT_TAU = 0.1
 MAX_BEYOND_LESION = 0.25  # a rim voxel may be darker than the lesion's median by at most this part of the contrast
 MIN_CONTRAST_NOISE = 4.0  # no growth unless the lesion's contrast is this many noise SDs
 FADE_NOISE = 0.0  # a grown voxel may be darker than the region beside it by at most this many noise SDs
+SHELL_BELOW_LESION_NOISE = 2.0  # the contrast leaves out shell voxels darker than the lesion by more noise SDs (CSF)
+MIN_TISSUE_SHARE = 0.1  # ... unless fewer than this share of the shell would be left (a lesion brighter than all)
 
 
 def rim_region(image: np.ndarray, mask: np.ndarray, brain: np.ndarray, spacing, max_mm: float,
@@ -62,7 +66,7 @@ def rim_region(image: np.ndarray, mask: np.ndarray, brain: np.ndarray, spacing, 
     stats = _lesion_statistics(image, lesion, brain, spacing, max_mm)
     if stats is None:
         return lesion.copy()
-    box, les, tissue, dist, smooth, reference, level, noise = stats
+    box, les, tissue, dist, smooth, reference, level, noise, _ = stats
     spacing = np.asarray(spacing, float)
     contrast = reference - level
     sign, size = np.sign(contrast), np.abs(contrast)
@@ -104,7 +108,8 @@ def _box_reach(spacing: np.ndarray, max_mm: float, reach_mm: float = 0.0) -> np.
 def _lesion_statistics(image, lesion, brain, spacing, max_mm: float, reach_mm: float = 0.0):
     """What ``rim_region`` measures around a lesion, on a box around it (at least ``reach_mm`` past the lesion):
     (box, lesion, tissue, distance from the lesion in mm, the image smoothed by 0.5 voxel, the reference tissue level
-    per voxel, the lesion's level (median of its core), the noise SD), or None when there is no reference shell."""
+    per voxel, the lesion's level (median of its core), the noise SD, the reference level per voxel without the CSF
+    beside the lesion (``_tissue_shell``)), or None when there is no reference shell."""
     spacing = np.asarray(spacing, float)
     reach = _box_reach(spacing, max_mm, reach_mm)
     found = ndimage.find_objects(lesion.astype(np.uint8))[0]
@@ -116,17 +121,38 @@ def _lesion_statistics(image, lesion, brain, spacing, max_mm: float, reach_mm: f
     shell = tissue & (dist > max_mm + REFERENCE_SHELL_MM[0]) & (dist <= max_mm + REFERENCE_SHELL_MM[1])
     if not shell.any():
         return None
-    sigma = REFERENCE_SIGMA_MM / spacing
-    weight = ndimage.gaussian_filter(shell.astype(np.float32), sigma)
-    level = ndimage.gaussian_filter(np.where(shell, img, 0.0).astype(np.float32), sigma)
-    reference = np.where(weight > 1e-4, level / np.maximum(weight, 1e-4), float(np.median(img[shell])))
     depth = ndimage.distance_transform_edt(les, sampling=spacing)
     core = les & (depth >= 0.5 * depth.max())
     lesion_level = float(np.median(img[core]))
     smooth = ndimage.gaussian_filter(img, 0.5)  # one voxel's noise should not decide
     detail = img - ndimage.gaussian_filter(img, 1.0)
     noise = 1.4826 * float(np.median(np.abs(detail[shell] - np.median(detail[shell]))))
-    return box, les, tissue, dist, smooth, reference, lesion_level, noise
+    sigma = REFERENCE_SIGMA_MM / spacing
+    reference = _shell_level(img, shell, sigma)
+    kept = _tissue_shell(shell, smooth, lesion_level, noise)
+    tissue_reference = reference if kept is shell else _shell_level(img, kept, sigma)
+    return box, les, tissue, dist, smooth, reference, lesion_level, noise, tissue_reference
+
+
+def _shell_level(img: np.ndarray, shell: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """Per voxel, the normalised Gaussian average (``sigma`` voxels) of ``img`` over the ``shell`` voxels; the
+    shell's median where no shell voxel is near."""
+    weight = ndimage.gaussian_filter(shell.astype(np.float32), sigma)
+    level = ndimage.gaussian_filter(np.where(shell, img, 0.0).astype(np.float32), sigma)
+    return np.where(weight > 1e-4, level / np.maximum(weight, 1e-4), float(np.median(img[shell])))
+
+
+def _tissue_shell(shell: np.ndarray, smooth: np.ndarray, lesion_level: float, noise: float) -> np.ndarray:
+    """The reference shell's voxels that can be the tissue a lesion replaced, for its contrast (``_contrast``):
+    those not darker than the lesion itself by more than ``SHELL_BELOW_LESION_NOISE`` noise SDs (``smooth``: the
+    image smoothed by half a voxel). CSF beside a lesion (a ventricle on two sides of a callosal lesion) is not that
+    tissue: measured with it, a dark lesion between the lateral ventricles came out brighter than "the tissue around
+    it", and its white matter was kept out of the heal as if it were CSF. When fewer than ``MIN_TISSUE_SHARE`` of
+    the shell's voxels are left (a lesion brighter than everything around it), ``shell`` itself. (The rim growth
+    keeps the whole shell: measured without the CSF, the growth went into the partial-volume edges of sulci and
+    ventricles, -0.4 to -1.4 dB at cortical, juxtacortical and periventricular tuning cases.)"""
+    kept = shell & (smooth >= lesion_level - SHELL_BELOW_LESION_NOISE * noise)
+    return kept if kept.sum() >= MIN_TISSUE_SHARE * shell.sum() and kept.any() else shell
 
 
 def darker_than_lesion(image: np.ndarray, mask: np.ndarray, brain: np.ndarray, spacing, max_mm: float,
@@ -149,7 +175,7 @@ def darker_than_lesion(image: np.ndarray, mask: np.ndarray, brain: np.ndarray, s
     near_any = np.zeros(lesion.shape, bool)  # within reach of some lesion
     vetoed = np.zeros(lesion.shape, bool)    # not beyond some lesion within reach of it
     for box, stats in _each_lesion(image, lesion, brain, spacing, max_mm, reach_mm):
-        _, _, _, dist, smooth, reference, level, noise = stats
+        _, _, _, dist, smooth, _, level, noise, _ = stats
         near = (dist > 0) & (dist <= reach_mm + 1e-6) & ~lesion[box]
         contrast = _contrast(stats)
         beyond = (level - smooth) * np.sign(contrast) > MAX_BEYOND_LESION * abs(contrast) + 2.0 * noise
@@ -207,6 +233,6 @@ def _each_lesion(image: np.ndarray, lesion: np.ndarray, brain: np.ndarray, spaci
 def _contrast(stats: tuple, within_mm: float = 2.0) -> float:
     """A lesion's contrast from its ``_lesion_statistics``: the reference tissue level within ``within_mm`` of it
     (median) minus its own level; positive for a dark lesion, NaN when no voxel lies that close."""
-    _, _, _, dist, _, reference, level, _ = stats
+    dist, level, tissue_reference = stats[3], stats[6], stats[8]
     near = (dist > 0) & (dist <= within_mm + 1e-6)
-    return float(np.median(reference[near])) - level if near.any() else float("nan")
+    return float(np.median(tissue_reference[near])) - level if near.any() else float("nan")
