@@ -231,8 +231,9 @@ def _each_lesion(image: np.ndarray, lesion: np.ndarray, brain: np.ndarray, spaci
 
 
 def _contrast(stats: tuple, within_mm: float = 2.0) -> float:
-    """A lesion's contrast from its ``_lesion_statistics``: the reference tissue level within ``within_mm`` of it
-    (median) minus its own level; positive for a dark lesion, NaN when no voxel lies that close."""
+    """A lesion's contrast from its ``_lesion_statistics``: the reference tissue level without the CSF beside it
+    (``_tissue_shell``) within ``within_mm`` of it (median) minus its own level; positive for a dark lesion, NaN when
+    no voxel lies that close."""
     dist, level, tissue_reference = stats[3], stats[6], stats[8]
     near = (dist > 0) & (dist <= within_mm + 1e-6)
     return float(np.median(tissue_reference[near])) - level if near.any() else float("nan")
