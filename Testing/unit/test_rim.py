@@ -67,8 +67,9 @@ def test_a_ventricle_beside_the_lesion_is_marked_to_keep_and_the_rim_is_not():
     assert keep[csf & (dist <= 6.0)].all()
     assert not keep[~csf].any()  # neither the lesion nor its rim nor the white matter
     assert not keep[dist > 6.0 + 1e-6].any()
-    bright = np.where(mask > 0, 1.5, image).astype(np.float32)  # a T1-bright lesion: nothing beside it is beyond it
-    assert not darker_than_lesion(bright, mask, np.ones(SHAPE, bool), (1, 1, 1), 3.0, 6.0).any()
+    bright = 2.0 - image  # the same scene with a bright lesion: the slab (under a quarter of the shell) is brighter
+    assert np.array_equal(darker_than_lesion(bright, mask, np.ones(SHAPE, bool), (1, 1, 1), 3.0, 6.0), keep)
+    assert lesion_contrasts(bright, mask, np.ones(SHAPE, bool), (1, 1, 1), 3.0)[0][1] < -4  # still a bright lesion
 
 
 def test_a_dark_lesion_between_ventricles_is_measured_against_white_matter_not_csf():

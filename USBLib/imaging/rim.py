@@ -40,7 +40,7 @@ MAX_BEYOND_LESION = 0.25  # a rim voxel may be darker than the lesion's median b
 MIN_CONTRAST_NOISE = 4.0  # no growth unless the lesion's contrast is this many noise SDs
 FADE_NOISE = 0.0  # a grown voxel may be darker than the region beside it by at most this many noise SDs
 SHELL_BELOW_LESION_NOISE = 2.0  # the contrast leaves out shell voxels darker than the lesion by more noise SDs (CSF)
-MIN_TISSUE_SHARE = 0.1  # ... unless fewer than this share of the shell would be left (a lesion brighter than all)
+MIN_TISSUE_SHARE = 0.25  # ... unless less than this share of the shell would be left (then the whole shell)
 
 
 def rim_region(image: np.ndarray, mask: np.ndarray, brain: np.ndarray, spacing, max_mm: float,
@@ -147,12 +147,16 @@ def _tissue_shell(shell: np.ndarray, smooth: np.ndarray, lesion_level: float, no
     those not darker than the lesion itself by more than ``SHELL_BELOW_LESION_NOISE`` noise SDs (``smooth``: the
     image smoothed by half a voxel). CSF beside a lesion (a ventricle on two sides of a callosal lesion) is not that
     tissue: measured with it, a dark lesion between the lateral ventricles came out brighter than "the tissue around
-    it", and its white matter was kept out of the heal as if it were CSF. When fewer than ``MIN_TISSUE_SHARE`` of
-    the shell's voxels are left (a lesion brighter than everything around it), ``shell`` itself. (The rim growth
+    it", and its white matter was kept out of the heal as if it were CSF. When less than ``MIN_TISSUE_SHARE`` of
+    the shell is left, ``shell`` itself: a lesion brighter than the tissue around it (a T1-bright lesion with a
+    brighter vessel or slab on under a quarter of its shell stays bright; a callosal lesion's white matter is a
+    third of its shell or more), and ``shell`` itself when nothing is left out. (The rim growth
     keeps the whole shell: measured without the CSF, the growth went into the partial-volume edges of sulci and
     ventricles, -0.4 to -1.4 dB at cortical, juxtacortical and periventricular tuning cases.)"""
-    kept = shell & (smooth >= lesion_level - SHELL_BELOW_LESION_NOISE * noise)
-    return kept if kept.sum() >= MIN_TISSUE_SHARE * shell.sum() and kept.any() else shell
+    floor = SHELL_BELOW_LESION_NOISE * max(noise, 1e-3 * abs(lesion_level))  # a noise-free scan: rounding
+    kept = shell & (smooth >= lesion_level - floor)
+    count = int(kept.sum())
+    return kept if MIN_TISSUE_SHARE * shell.sum() <= count < shell.sum() else shell
 
 
 def darker_than_lesion(image: np.ndarray, mask: np.ndarray, brain: np.ndarray, spacing, max_mm: float,
@@ -163,9 +167,10 @@ def darker_than_lesion(image: np.ndarray, mask: np.ndarray, brain: np.ndarray, s
     lesion's level and the tissue's, never beyond the lesion). bool [I, J, K].
 
     Each connected lesion of the mask is measured on its own, with the levels of ``rim_region`` (the lesion's: the
-    median of its core; the tissue's: the reference shell's, here its median within 2 mm of the lesion), and a
-    voxel is kept only when it is beyond every lesion within ``reach_mm`` of it (the rim of a dark lesion is not
-    "darker than" a paler lesion next to it). A lesion without contrast keeps nothing.
+    median of its core; the tissue's: the reference shell's without the CSF beside the lesion (``_tissue_shell``),
+    here its median within 2 mm of the lesion), and a voxel is kept only when it is beyond every lesion within
+    ``reach_mm`` of it (the rim of a dark lesion is not "darker than" a paler lesion next to it). A lesion without
+    contrast keeps nothing.
 
     Args:
         image, mask, brain, spacing, max_mm: as for ``rim_region``.
