@@ -17,6 +17,7 @@ from USBLib.core.schedule import NoiseSchedule
 from USBLib.imaging.boxes import lesion_boxes, needs_resampling, to_grid, work_shape
 from USBLib.editor.local.conditioning import (BASES, DEVIATION_SCALE, DIRECTIONS, condition, input_names,
                                               lesion_prior, needs_prior, network_input)
+from USBLib.editor.local.level_gate import limit_to_surroundings
 from USBLib.editor.local.network import build_local_unet, size_multiple
 from USBLib.editor.local.prior import TissuePrior
 from USBLib.editor.local.sampler import sample_deviation
@@ -24,6 +25,7 @@ from USBLib.editor.local.sampler import sample_deviation
 CONTEXT_MM = 10.0   # context around each lesion group, per side
 MIN_SIDE_MM = 32.0  # smallest box side (training windows are boxes of the same kind)
 REGION_REACH = 0.01  # a resampled fill region takes every working voxel this much of a region voxel reaches
+LEVEL_GATE = True    # heal: the network's correction limited to the way towards the tissue around (``level_gate``)
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,9 @@ class LocalStage:
                                   alpha0=settings.alpha0, k=settings.k, eta_weight=weight, steps=settings.steps,
                                   strength=settings.strength, generator=generator, acg=settings.acg, noise=noise,
                                   reference=reference, level_weight=level)
+            if direction == DIRECTIONS["heal"] and LEVEL_GATE:
+                x0 = torch.from_numpy(limit_to_surroundings(x0[:, 0].float().cpu().numpy(), cond[0], cond[3],
+                                                            cond[2] > 0, grid_mm))[:, None]
             d = x0[:, 0].float().cpu().numpy() / self.scale + base_shift  # deviation from the input
             clipped_off = None  # heal: the part of the fill region the clip took off, given back
             if direction == DIRECTIONS["heal"]:
