@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-RING_MM = (2.0, 5.0)  # the tissue level around a fill region: median of the scan this far outside it
+RING_MM = (1.0, 3.0)  # the tissue level around a fill region: median of the scan this far outside it
 MIN_RING = 20         # voxels: fewer and the part's correction is left as it is
 
 
