@@ -18,6 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 RING_MM = (1.0, 3.0)  # the tissue level around a fill region: median of the scan this far outside it
+RING_PERCENTILE = 50.0  # which level of that ring (percentile)
 MIN_RING = 20         # voxels: fewer and the part's correction is left as it is
 
 
@@ -52,7 +53,7 @@ def limit_to_surroundings(correction: np.ndarray, image: np.ndarray, base: np.nd
         ring = ring_all if owner is None else ring_all & (owner == part)
         if int(ring.sum()) < MIN_RING:
             continue
-        room = float(np.median(image[ring])) - float(np.mean(base[inside]))
+        room = float(np.percentile(image[ring], RING_PERCENTILE)) - float(np.mean(base[inside]))
         change = float(np.mean(out[:, inside]))
         if change == 0.0 or change * room >= change * change:  # towards the surroundings, not past them
             continue
