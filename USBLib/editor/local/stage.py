@@ -25,7 +25,7 @@ from USBLib.editor.local.sampler import sample_deviation
 CONTEXT_MM = 10.0   # context around each lesion group, per side
 MIN_SIDE_MM = 32.0  # smallest box side (training windows are boxes of the same kind)
 REGION_REACH = 0.01  # a resampled fill region takes every working voxel this much of a region voxel reaches
-LEVEL_GATE = True    # heal: the network's correction limited to the way towards the tissue around (``level_gate``)
+LEVEL_GATE = True    # heal: the network's correction kept within the level of the tissue around (``level_gate``)
 
 
 @dataclass(frozen=True)
@@ -155,9 +155,10 @@ class LocalStage:
                                   alpha0=settings.alpha0, k=settings.k, eta_weight=weight, steps=settings.steps,
                                   strength=settings.strength, generator=generator, acg=settings.acg, noise=noise,
                                   reference=reference, level_weight=level)
-            if direction == DIRECTIONS["heal"] and LEVEL_GATE:
-                x0 = torch.from_numpy(limit_to_surroundings(x0[:, 0].float().cpu().numpy(), cond[0], cond[3],
-                                                            cond[2] > 0, grid_mm))[:, None]
+            if direction == DIRECTIONS["heal"] and LEVEL_GATE:  # x0 = scale x the correction of the base
+                gated = limit_to_surroundings(x0[:, 0].float().cpu().numpy() / self.scale, cond[0], cond[3],
+                                              cond[2] > 0, grid_mm)
+                x0 = torch.from_numpy(gated * np.float32(self.scale))[:, None]
             d = x0[:, 0].float().cpu().numpy() / self.scale + base_shift  # deviation from the input
             clipped_off = None  # heal: the part of the fill region the clip took off, given back
             if direction == DIRECTIONS["heal"]:
