@@ -491,3 +491,33 @@ def test_a_heal_on_thick_slices_undoes_the_upsampled_darkening_on_the_native_sli
     assert back[lesion].min() > 0.19 and np.abs(back - darkening).max() < 0.02  # (the grids' centres differ a bit)
     low_passed = to_grid(heal, box, 1)
     assert low_passed[lesion].max() < 0.175             # (with the low-pass: a sixth of the heal lost)
+
+
+def test_the_heal_correction_is_gated_in_model_units_and_without_a_seam(monkeypatch):
+    """``LocalStage.deviation`` gives the level gate the network's correction in model units (x0 / scale) and puts
+    the gated one back: a lesion whose boundary voxels are darkened inside tissue at 0.85 (the biharmonic base
+    carries that slope inwards and sags to about 0.38), a network that lifts by 0.6 everywhere: the fill ends on
+    the band, 0.85, and the lift around the region is scaled with it. Ungated it would be about 0.98; with the
+    correction in the diffusion variable, about 0.61."""
+    import USBLib.editor.local.stage as stage_module
+    from USBLib.editor.local.stage import LocalSettings
+
+    stage = _zero_output_stage()
+    lift = 0.6
+
+    def lifting_sampler(net, schedule, cond, direction, **kwargs):
+        return torch.full((cond.shape[0], 1, *cond.shape[2:]), lift * stage.scale)
+
+    monkeypatch.setattr(stage_module, "sample_deviation", lifting_sampler)
+    shape = (40, 40, 40)
+    mask = _ball(shape, (20, 20, 20), 3)
+    image = np.full(shape, 0.85, np.float32)
+    to_mask = ndimage.distance_transform_edt(mask == 0)
+    image[(to_mask > 0) & (to_mask <= 1.0)] = 0.6  # the base's boundary, not the gate's ring (1-2 mm out)
+    image[mask > 0] = 0.3
+    d = stage.deviation(image, mask, (1.0, 1.0, 1.0), "heal", LocalSettings(mode="fidelity", dilation_mm=0.0),
+                        torch.Generator().manual_seed(0))[0]
+    healed = image + d
+    assert np.isclose(healed[mask > 0].mean(), 0.85, atol=2e-3), healed[mask > 0].mean()
+    factor = d[to_mask == 3.0].mean() / lift  # the correction three voxels out, where the base is the scan
+    assert 0.3 < factor < 0.9 and np.allclose(d[to_mask == 3.0], lift * factor, atol=1e-5)
