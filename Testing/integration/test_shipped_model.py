@@ -310,8 +310,8 @@ def test_the_ventricle_beside_a_small_lesion_stays_a_ventricle(shipped, sample):
 
 
 NUCLEUS_LEVEL = 0.55  # of the sample's 99th percentile: grey matter, where the template has white matter
-NUCLEUS_MAX_LEVEL_ERROR = 0.03  # the heal's mean in the lesion against the nucleus' (measured 1.005 with the level
-#                                  gate, 1.69 without it, 2026-12-07)
+NUCLEUS_MAX_LEVEL_ERROR = 0.03  # the heal's mean in the lesion against the nucleus' (the defaults: 1.005 with the
+#                                  level gate, 1.65 without it; one mask, as here: 1.007 / 1.67; 2026-12-07)
 
 
 def test_a_lesion_in_a_grey_nucleus_the_template_does_not_expect_heals_at_the_nucleus_level(shipped, sample):
@@ -331,7 +331,8 @@ def test_a_lesion_in_a_grey_nucleus_the_template_does_not_expect_heals_at_the_nu
     truth = original * (1 - nucleus) + NUCLEUS_LEVEL * p99 * nucleus
     core = r <= 2.5
     lesioned, _ = _painted(truth, core, RIM_DEPTH, img.data.dtype)
-    healed = np.asarray(shipped.heal(lesioned, img.affine, core.astype(np.uint8), seed=0).image, np.float32)
+    healed = np.asarray(shipped.heal(lesioned, img.affine, core.astype(np.uint8), seed=0,
+                                     boundary_average=False).image, np.float32)  # one mask: a third of the time
     ratio = float(healed[core].mean() / truth[core].mean())
     assert abs(ratio - 1.0) < NUCLEUS_MAX_LEVEL_ERROR, ratio
     changed = lesioned != np.rint(truth).astype(img.data.dtype)
