@@ -117,6 +117,34 @@ def test_a_registration_is_kept_on_disk_for_the_next_process(local_bundle, monke
     assert len(calls) == 4 and len(list((tmp_path / "cache" / "registrations").glob("*"))) == 2
 
 
+def test_the_package_s_registrations_are_read_when_the_cache_has_none(local_bundle, monkeypatch, tmp_path,
+                                                                     registrations):
+    """The package's own entries (``registration_cache.SHIPPED``: the sample's, to the default model) are read even
+    with the disk cache disabled, the user's cache comes first, and a key that is not there (another seed, another
+    model) is registered as before; nothing is ever written into the package's folder by an edit."""
+    from USBLib.editor import registration_cache
+
+    shipped = tmp_path / "package"
+    monkeypatch.setattr(registration_cache, "SHIPPED", shipped)
+    scan, _, aff = make_scan("oblique")
+    editor = Editor(local_bundle, device="cpu")
+    carried = np.diag([1.0, 1.0, 1.0, 1.0])
+    carried[:3, 3] = [2.0, -3.0, 0.5]
+    registration_cache.save(editor.registration_key(scan, aff, None, 1), carried, shipped)
+    monkeypatch.setenv("USB_CACHE_DIR", "")
+    np.testing.assert_array_equal(Editor(local_bundle, device="cpu")._map(scan, aff, None, 1).model_to_native,
+                                  carried)
+    assert registrations == []
+    Editor(local_bundle, device="cpu")._map(scan, aff, None, 2)  # another seed: not the package's entry
+    assert len(registrations) == 1
+    monkeypatch.setenv("USB_CACHE_DIR", str(tmp_path / "cache"))
+    own = carried.copy()
+    own[0, 3] = 7.0
+    registration_cache.save(editor.registration_key(scan, aff, None, 1), own)
+    np.testing.assert_array_equal(Editor(local_bundle, device="cpu")._map(scan, aff, None, 1).model_to_native, own)
+    assert len(registrations) == 1 and len(list(shipped.glob("*"))) == 1
+
+
 def test_local_stage_on_a_coarse_scan_runs_on_a_1mm_box(local_editor):
     img, mask, aff = make_scan("axial")  # 3.5 mm voxels: boxes are resampled to about 1 mm and back
     res = local_editor.embed(img, aff, mask, stages="local", local_mode="realism", samples=2, seed=3)

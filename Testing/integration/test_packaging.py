@@ -20,6 +20,7 @@ def test_the_wheel_carries_the_sample_and_the_default_model_into_a_clean_venv(tm
     names = zipfile.ZipFile(wheel).namelist()
     assert {"USBLib/resources/sample/sample_T1w.nii.gz", "USBLib/models/DEFAULT",
             "USBLib/models/usb-tiny/bundle.json"} <= set(names)
+    assert [n for n in names if n.startswith("USBLib/resources/registrations/") and n.endswith(".json")]
     assert not [n for n in names if n.startswith(("Testing/", "USBEditor/"))]
 
     venv = tmp_path / "venv"

@@ -75,7 +75,8 @@ def test_every_usblib_file_and_the_default_model_are_packaged():
     assert sorted(on_disk ^ set(scripts)) == []
     models = {str(p.relative_to(ROOT)) for p in (ROOT / "USBLib" / "models").rglob("*") if p.is_file()}
     samples = {str(p.relative_to(ROOT)) for p in (ROOT / "USBLib" / "resources" / "sample").glob("*.nii.gz")}
-    assert sorted((models | samples) ^ set(resources)) == []
+    registrations = {str(p.relative_to(ROOT)) for p in (ROOT / "USBLib" / "resources" / "registrations").glob("*")}
+    assert registrations and sorted((models | samples | registrations) ^ set(resources)) == []
     text = cmake.read_text()
     assert 'set(EXTENSION_DEPENDS "PyTorch")' in text and "add_subdirectory(USBEditor)" in text
     assert (ROOT / "Resources" / "Icons" / "USB.png").is_file()

@@ -169,15 +169,11 @@ class Editor:
         if key in self._mappings:
             self._mappings.move_to_end(key)
             return self._mappings[key]
-        files = self.bundle.config.get("files", {})
-        stored = _fingerprint(key, self.bundle.grid_shape, self.bundle.grid_affine,
-                              *(files.get(self.bundle.config["model_space"][k]) for k in ("template", "brain_mask")))
+        stored = self._stored_key(key)
         kept = self.registration != "none"  # (``none`` is the identity: nothing to keep)
         transform = registration_cache.load(stored) if kept else None
         if transform is None:
-            space = self.space
-            transform = register(image, affine, space["template"], self.bundle.grid_affine, space["brain"],
-                                 brain_mask, self.registration, seed)
+            transform = self.register_scan(image, affine, brain_mask, seed)
             if kept:
                 registration_cache.save(stored, transform)
         mapping = SpaceMapping(tuple(image.shape), np.asarray(affine, float), self.bundle.grid_shape,
@@ -186,6 +182,26 @@ class Editor:
         while len(self._mappings) > MAPPINGS_KEPT:
             self._mappings.popitem(last=False)
         return mapping
+
+    def registration_key(self, image: np.ndarray, affine: np.ndarray, brain_mask: np.ndarray | None = None,
+                         seed: int = 0) -> str:
+        """The key (hex digest) of the scan's registration to this model in ``registration_cache``: over the scan's
+        voxels (dtype included) and affine, its brain mask, the seed, the registration mode, and the model's grid,
+        template and brain mask."""
+        return self._stored_key(_fingerprint(image, np.asarray(affine, float), brain_mask, seed, self.registration))
+
+    def register_scan(self, image: np.ndarray, affine: np.ndarray, brain_mask: np.ndarray | None = None,
+                      seed: int = 0) -> np.ndarray:
+        """The scan registered to the model's template afresh (no cache): the 4x4 ``model_to_native`` (model RAS mm
+        -> scan RAS mm). ``image`` [I, J, K] with its 4x4 ``affine``; ``brain_mask`` [I, J, K] or None."""
+        space = self.space
+        return register(image, affine, space["template"], self.bundle.grid_affine, space["brain"], brain_mask,
+                        self.registration, seed)
+
+    def _stored_key(self, key: str) -> str:
+        files = self.bundle.config.get("files", {})
+        return _fingerprint(key, self.bundle.grid_shape, self.bundle.grid_affine,
+                            *(files.get(self.bundle.config["model_space"][k]) for k in ("template", "brain_mask")))
 
     def _native_brain(self, mapping: SpaceMapping, brain_mask: np.ndarray | None) -> np.ndarray:
         """The scan's brain [I, J, K] bool: ``brain_mask`` if given, else the model's brain mask carried onto the

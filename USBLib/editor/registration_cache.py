@@ -12,6 +12,11 @@ Where: ``USB_CACHE_DIR`` when set (set but empty: no disk cache), else ``$XDG_CA
 (Windows: ``%LOCALAPPDATA%\\usb``);
 entries in its ``registrations`` folder. The cache never fails an edit: an unreadable, damaged or unwritable entry
 is skipped (the scan is registered as without it).
+
+The package ships the bundled sample's registration to the default model (``SHIPPED``, read only, written by
+``python -m usb_training.data.sample --registration``): the first thing a new user runs, ``usb demo`` or the sample in
+Slicer or ``usb web``, does not wait for it. Its key holds the model's template, so a retrained model simply
+registers the sample again until the entry is rewritten (``Testing/integration/test_shipped_model.py`` fails then).
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from USBLib.imaging.io import atomic_path
 
 VERSION = 2  # of ``USBLib.imaging.spatial.register``'s result: bump when a change moves it
 FOLDER = "registrations"
+SHIPPED = Path(__file__).resolve().parents[1] / "resources" / FOLDER  # the sample's, to the default model
 
 
 def cache_root() -> Path | None:
@@ -45,9 +51,16 @@ def _entry(key: str) -> Path | None:
 
 
 def load(key: str) -> np.ndarray | None:
-    """The 4x4 float64 matrix stored under ``key`` (a hex digest), or None (absent, disabled or unreadable)."""
+    """The 4x4 float64 matrix stored under ``key`` (a hex digest): the user's cache's, else the package's
+    (``SHIPPED``, used even when the cache is disabled: it is part of the package); None where neither has it."""
     path = _entry(key)
-    if path is None or not path.is_file():
+    found = None if path is None else _read(path)
+    return found if found is not None else _read(SHIPPED / f"{key}.json")
+
+
+def _read(path: Path) -> np.ndarray | None:
+    """The entry at ``path``, or None (absent, unreadable, another ``VERSION``, not a finite 4x4)."""
+    if not path.is_file():
         return None
     try:
         entry = json.loads(path.read_text())
@@ -59,14 +72,15 @@ def load(key: str) -> np.ndarray | None:
     return matrix
 
 
-def save(key: str, matrix: np.ndarray) -> None:
-    """Store the 4x4 ``matrix`` under ``key``, whole or not at all (``io.atomic_path``); does nothing when the cache
-    is disabled or cannot be written."""
-    path = _entry(key)
+def save(key: str, matrix: np.ndarray, folder: Path | None = None) -> None:
+    """Store the 4x4 ``matrix`` under ``key``, whole or not at all (``io.atomic_path``), in the cache (nothing when
+    it is disabled or cannot be written) or in ``folder`` (``SHIPPED``: the package's entries)."""
+    path = _entry(key) if folder is None else Path(folder) / f"{key}.json"
     if path is None:
         return
     try:
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps({"version": VERSION, "model_to_native": np.asarray(matrix, np.float64).tolist()}))
     except OutputError:
-        pass
+        if folder is not None:  # the package's entries are written on purpose: say why not
+            raise

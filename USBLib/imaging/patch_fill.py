@@ -110,9 +110,10 @@ class _Matcher:
         if near.size == 0:
             return fallback.astype(np.float32)
         own = (weighted * values).sum(1)[:, None]
-        distance = own - 2.0 * weighted @ self.rows[near].T + known @ self.squares[near].T
+        # np.take: the same rows as ``rows[near]``, gathered several times faster (the block's main cost)
+        distance = own - 2.0 * weighted @ np.take(self.rows, near, 0).T + known @ np.take(self.squares, near, 0).T
         distance /= np.maximum(known.sum(1), 1.0)[:, None]
-        centres, targets = self.centres[near].astype(np.int32), targets.astype(np.int32)
+        centres, targets = np.take(self.centres, near, 0).astype(np.int32), targets.astype(np.int32)
         far = np.zeros(distance.shape, bool)
         for axis in range(3):  # Chebyshev distance > search, one axis at a time (no [T, N, 3] temporary)
             far |= np.abs(targets[:, axis, None] - centres[None, :, axis]) > self.search
@@ -120,6 +121,6 @@ class _Matcher:
         k = min(self.best, near.size)
         pick = np.argpartition(distance, k - 1, axis=1)[:, :k]
         usable = np.isfinite(np.take_along_axis(distance, pick, 1))
-        chosen = self.values[near][pick]
+        chosen = np.take(self.values, near)[pick]
         mean = (chosen * usable).sum(1) / np.maximum(usable.sum(1), 1)
         return np.where(usable.any(1), mean, fallback).astype(np.float32)

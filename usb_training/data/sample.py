@@ -8,6 +8,8 @@ mask in the left hemisphere is the demo's lesion to embed. ``sample_arrays`` als
 the demo's heal against.
 
     python -m usb_training.data.sample [--out USBLib/resources/sample]   (needs: pip install nilearn)
+    python -m usb_training.data.sample --registration   (the sample's registration to the default model, shipped
+                                                          in USBLib/resources/registrations: rerun after a retrain)
 """
 from __future__ import annotations
 
@@ -91,12 +93,39 @@ def make_sample(out: Path, seed: int = 7) -> dict[str, Path]:
     return paths
 
 
+def write_registration(model: str | None = None, folder: Path | None = None) -> Path:
+    """Register the bundled sample to ``model`` (default: the default model) as every edit of it does (seed 0, no
+    brain mask, the model's registration mode) and store the result in ``folder`` (default: the package's
+    ``registration_cache.SHIPPED``), so that ``usb demo`` and the sample in Slicer or ``usb web`` need not register
+    it. Returns the entry's path (named by its key: the sample's voxels and the model's template)."""
+    from USBLib.core import bundle
+    from USBLib.editor import registration_cache
+    from USBLib.editor.editor import Editor
+    from USBLib.imaging.io import read_volume
+    from USBLib.resources import sample_files
+
+    folder = Path(folder or registration_cache.SHIPPED)
+    editor = Editor(bundle.load(model), device="cpu")
+    image = read_volume(sample_files()["image"], "image")
+    key = editor.registration_key(image.data, image.affine)
+    registration_cache.save(key, editor.register_scan(image.data, image.affine), folder)
+    for old in folder.glob("*.json"):  # one entry: the sample's to the model shipped now
+        if old.stem != key:
+            old.unlink()
+    return folder / f"{key}.json"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).resolve().parents[2] / "USBLib" / "resources" / "sample")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--registration", action="store_true",
+                        help="only register the shipped sample to the default model (the package's entry)")
     args = parser.parse_args()
+    if args.registration:
+        print(f"registration: {write_registration()}")
+        return
     for key, path in make_sample(args.out, args.seed).items():
         print(f"{key}: {path}")
 
