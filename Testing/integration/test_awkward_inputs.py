@@ -117,7 +117,7 @@ def test_embed_refuses_a_mask_with_too_little_brain(local_bundle, tmp_path, caps
 def test_an_8_mm3_mask_on_a_grid_of_slightly_less_than_1_mm_is_embedded_and_a_smaller_one_refused():
     """The 8 mm3 floor is not defeated by rounding (8 voxels of 0.99999 mm3 were refused as 'outside the brain');
     a mask wholly in the brain but too small says so."""
-    from USBLib.editor.editor import _confine_to_brain
+    from USBLib.editor.input_checks import confine_to_brain
     from USBLib.errors import InputError
 
     image = np.zeros((12, 12, 12), np.float32)
@@ -126,8 +126,8 @@ def test_an_8_mm3_mask_on_a_grid_of_slightly_less_than_1_mm_is_embedded_and_a_sm
     affine = np.diag([0.99999 ** (1 / 3)] * 3 + [1.0])
     mask = np.zeros(image.shape, np.uint8)
     mask[4:6, 4:6, 4:6] = 1
-    kept, _, notes = _confine_to_brain(image, affine, mask, brain)
+    kept, _, notes = confine_to_brain(image, affine, mask, brain)
     assert kept.sum() == 8 and not notes
     mask[5, 5, 5] = 0
     with pytest.raises(InputError, match="too small to embed"):
-        _confine_to_brain(image, affine, mask, brain)
+        confine_to_brain(image, affine, mask, brain)

@@ -226,7 +226,7 @@ def test_stages_run_alone(editor):
 
 def test_a_heal_on_thick_slices_takes_the_next_slice_whole_and_a_1_mm_heal_keeps_its_feather(editor):
     """A heal's fusion weight on a scan whose boxes the local stage resamples is 1 on its region's one-voxel
-    shell (``Editor._heal_shell``): on 3 mm slices the next slice, which the 3 mm feather gave weight 0, is healed.
+    shell (``stage_rules.heal_shell``): on 3 mm slices the next slice, which the 3 mm feather gave weight 0, is healed.
     On a 1 mm grid the weight is the plain feathered one; an embed never gets the shell."""
     from USBLib.imaging.fusion import edit_weight
 

@@ -160,7 +160,7 @@ def test_defaults_come_from_the_bundle_and_heal_without_mask_is_latent(local_edi
     res = local_editor.heal(img, aff, mask, seed=0)
     assert res.provenance["settings"]["stages"] == "local"
     assert res.provenance["settings"]["local_mode"] == "fidelity"
-    assert np.all(res.image >= img)  # the heal of a drawn lesion brightens only (``editor._signed``)
+    assert np.all(res.image >= img)  # the heal of a drawn lesion brightens only (``stage_rules.signed_effect``)
     whole = local_editor.heal(img, aff, None, seed=0, steps=2)
     assert whole.provenance["settings"]["stages"] == "latent"
     assert (whole.image < img).any()  # a whole-brain latent edit is not one-sided: mostly healthy tissue
@@ -279,7 +279,8 @@ def test_a_prior_bundle_reads_the_registered_template_maps_in_each_box(prior_bun
     maps = np.concatenate([editor.space["template"][None],
                            np.moveaxis(np.asarray(nib.load(str(prior_bundle.path("local_prior"))).dataobj), -1, 0)])
     box = lesion_boxes(mask, [4, 4, 4], 1, min_side=[4, 4, 4])[0][0]
-    # the stage ran on the edit's window of the scan (``Editor._edit_window``): its prior reads the window's voxels
+    # the stage ran on the edit's window of the scan (``stage_rules.edit_window``): its prior reads the window's
+    # voxels
     origin = np.rint(np.linalg.solve(aff, prior.mapping.native_affine[:, 3])[:3]).astype(int)
     np.testing.assert_allclose(prior.mapping.native_affine[:3, :3], aff[:3, :3])
     in_window = Box(tuple(int(s) for s in np.asarray(box.start) - origin), box.shape, box.label)
@@ -302,29 +303,29 @@ def test_a_prior_bundle_refuses_a_local_stage_without_its_prior(prior_bundle):
 
 
 def test_only_the_heal_of_a_drawn_lesion_is_one_sided_and_its_grain_goes_where_its_edit_is():
-    """``_signed``: a heal with a mask keeps only its brightening (each sample on its own); an embed and a heal
-    without a mask keep their deviations. ``_with_grain``: a heal's synthesized grain only where its edit is not
-    zero (a voxel left as the scan has the scan's own grain); an embed's everywhere it is given."""
-    from USBLib.editor.editor import _signed, _with_grain
+    """``stage_rules.signed_effect``: a heal with a mask keeps only its brightening (each sample on its own); an embed
+    and a heal without a mask keep their deviations. ``stage_rules.with_grain``: a heal's synthesized grain only where
+    its edit is not zero (a voxel left as the scan has the scan's own grain); an embed's everywhere it is given."""
+    from USBLib.editor.stage_rules import signed_effect, with_grain
 
     edit = np.array([[[[-2.0, 0.0, 3.0]]], [[[1.0, -1.0, 0.5]]]], np.float32)  # [samples, I, J, K]
     mask = np.ones(edit.shape[1:], np.uint8)
-    assert np.array_equal(_signed("heal", mask, edit), np.maximum(edit, 0))
-    assert np.array_equal(_signed("embed", mask, edit), edit)
-    assert np.array_equal(_signed("heal", None, edit), edit)
+    assert np.array_equal(signed_effect("heal", mask, edit), np.maximum(edit, 0))
+    assert np.array_equal(signed_effect("embed", mask, edit), edit)
+    assert np.array_equal(signed_effect("heal", None, edit), edit)
     grain = np.full_like(edit, 0.25)
-    healed = _with_grain("heal", _signed("heal", mask, edit), grain)
+    healed = with_grain("heal", signed_effect("heal", mask, edit), grain)
     assert np.array_equal(healed, [[[[0.0, 0.0, 3.25]]], [[[1.25, 0.0, 0.75]]]])
-    assert np.array_equal(_with_grain("embed", edit, grain), edit + grain)
+    assert np.array_equal(with_grain("embed", edit, grain), edit + grain)
 
 
 def test_an_edit_cut_to_its_lesion_neighbourhood_is_the_whole_scan_edit(prior_bundle, monkeypatch):
-    """After the registration, an edit runs on a window of the scan around its lesion (``editor._edit_window``).
+    """After the registration, an edit runs on a window of the scan around its lesion (``stage_rules.edit_window``).
     On a 1 mm scan, where every stage runs (boundary average and rim growth; the prior anchor of a deep lesion; the
     patch blend at a lesion on the scan's face; the mirror blend, which reads the other hemisphere outside the
     window; realism's noise and grain in the embed), the heals and the embed are bit for bit those of the whole
     scan."""
-    import USBLib.editor.editor as editor_mod
+    from USBLib.editor import stage_rules
 
     shape = (100, 110, 90)
     aff = phantoms.grid_affine(shape, 1.0, center=(20.0, -5.0, 10.0))
@@ -344,8 +345,8 @@ def test_an_edit_cut_to_its_lesion_neighbourhood_is_the_whole_scan_edit(prior_bu
             "mirror": lambda: editor.heal(img, aff, beside, seed=3, **dict(heal, patch_blend=0.0, mirror_blend=1.0)),
             "embed": lambda: editor.embed(img, aff, deep, seed=3, stages="local", local_mode="realism")}
     windows = []
-    cut = editor_mod._edit_window
-    monkeypatch.setattr(editor_mod, "_edit_window", lambda *args: windows.append(cut(*args)) or windows[-1])
+    cut = stage_rules.edit_window
+    monkeypatch.setattr(stage_rules, "edit_window", lambda *args: windows.append(cut(*args)) or windows[-1])
     windowed = {name: run() for name, run in runs.items()}
     assert windowed["face"].provenance["patch_blend"] == 0.45 and "texture" in windowed["embed"].provenance
     assert all(part["used"] for part in windowed["mirror"].provenance["mirror"]["parts"])  # it reads the other side
@@ -353,7 +354,7 @@ def test_an_edit_cut_to_its_lesion_neighbourhood_is_the_whole_scan_edit(prior_bu
     assert max(sizes) < 0.8 * img.size, sizes  # each window is a part of the scan
     assert windows[1][0].start == 0  # the face lesion's window ends at the scan's face
     whole_scan = lambda mask, affine, settings, shape: tuple(slice(0, n) for n in shape)  # noqa: E731
-    monkeypatch.setattr(editor_mod, "_edit_window", whole_scan)
+    monkeypatch.setattr(stage_rules, "edit_window", whole_scan)
     for name, run in runs.items():
         whole = run()
         assert (windowed[name].image != img).any(), name

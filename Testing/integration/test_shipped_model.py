@@ -214,7 +214,7 @@ def test_a_heal_says_when_a_drawn_lesion_is_not_dark_on_this_scan(shipped, sampl
 
 
 def test_a_heal_never_makes_the_scan_darker(rim_case, rim_heal):
-    """A T1-hypointense lesion only darkened the voxels it touched, so a heal brightens only (``editor._signed``):
+    """A T1-hypointense lesion only darkened the voxels it touched, so a heal brightens only (``stage_rules.signed_effect``):
     where a fill would dip below the scan (at the rim's healthy edge, beside a ventricle) the scan keeps its value.
     The exact mask and a lesion beside a ventricle are checked in the tests below."""
     _, lesioned, _, _ = rim_case
@@ -261,7 +261,7 @@ def test_a_darker_lesion_never_heals_brighter_and_the_exact_mask_never_heals_wor
         lesioned, _ = _painted(truth, core, depth, img.data.dtype)
         healed = shipped.heal(lesioned, img.affine, core.astype(np.uint8), seed=0).image
         means[depth] = float(healed[core].mean() / truth[core].mean())
-        assert np.all(healed >= lesioned)  # a heal brightens only (``editor._signed``)
+        assert np.all(healed >= lesioned)  # a heal brightens only (``stage_rules.signed_effect``)
         if depth == RIM_DEPTH:  # the rim case: its hasty mask is the exact one eroded by a voxel
             assert np.array_equal(lesioned, rim_case[1])
             changed = lesioned != img.data  # every voxel the lesion changed: the mask and its rim
@@ -301,7 +301,7 @@ def test_the_ventricle_beside_a_small_lesion_stays_a_ventricle(shipped, sample):
     core, ventricle = _beside_the_ventricle(truth, sample["lesion"].data > 0)
     lesioned, _ = _painted(truth, core, RIM_DEPTH, img.data.dtype)
     healed = shipped.heal(lesioned, img.affine, core.astype(np.uint8), seed=0).image
-    assert np.all(healed >= lesioned)  # the fill's dip at the ventricle's edge is not written (``editor._signed``)
+    assert np.all(healed >= lesioned)  # the fill's dip at the ventricle's edge is not written (``stage_rules.signed_effect``)
     error = {name: float(np.abs(np.asarray(x, np.float32) - truth)[ventricle].mean())
              for name, x in (("heal", healed), ("input", lesioned))}
     assert error["heal"] <= VENTRICLE_MAX_ERROR_RATIO * error["input"], error

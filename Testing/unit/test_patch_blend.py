@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from USBLib.editor.editor import (PATCH_BLEND_CSF_LEVEL, PATCH_BLEND_DOWN_SHARE, PATCH_BLEND_GROWTH,
-                                  PATCH_BLEND_MAX_PULL, Editor, _blends_patches)
+from USBLib.editor.editor import Editor
+from USBLib.editor.stage_rules import (PATCH_BLEND_CSF_LEVEL, PATCH_BLEND_DOWN_SHARE, PATCH_BLEND_GROWTH,
+                                       PATCH_BLEND_MAX_PULL, blends_patches)
 
 SHAPE = (40, 40, 40)
 TISSUE, LESION, CSF = 100.0, 60.0, 20.0
@@ -92,8 +93,8 @@ def test_a_patch_fill_that_copies_csf_darkens_the_fill_by_little_and_leaves_the_
 def test_the_blend_runs_on_heals_of_1mm_scans_with_a_weight_only():
     mask = np.zeros(SHAPE, np.uint8)
     on = {"patch_blend": 0.45}
-    assert _blends_patches("heal", mask, on, np.eye(4))
-    assert not _blends_patches("heal", mask, {"patch_blend": 0.0}, np.eye(4))
-    assert not _blends_patches("embed", mask, on, np.eye(4))
-    assert not _blends_patches("heal", None, on, np.eye(4))
-    assert not _blends_patches("heal", mask, on, np.diag([1.0, 1.0, 3.0, 1.0]))  # thick slices: not measured there
+    assert blends_patches("heal", mask, on, np.eye(4))
+    assert not blends_patches("heal", mask, {"patch_blend": 0.0}, np.eye(4))
+    assert not blends_patches("embed", mask, on, np.eye(4))
+    assert not blends_patches("heal", None, on, np.eye(4))
+    assert not blends_patches("heal", mask, on, np.diag([1.0, 1.0, 3.0, 1.0]))  # thick slices: not measured there

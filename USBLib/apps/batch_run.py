@@ -47,7 +47,7 @@ def run_cli(source: Path, out: Path, settings: BatchSettings, masks: Optional[Pa
     from tqdm import tqdm
 
     from USBLib.core.bundle import BUNDLE_FILE, load, sha256_of
-    from USBLib.editor.editor import check_sampling
+    from USBLib.editor.input_checks import check_sampling
     from USBLib.imaging.io import check_writable
 
     if jobs < 1:

@@ -22,7 +22,8 @@ from USBLib.imaging.checks import check_image, check_mask, fill_missing
 from USBLib.imaging.fusion import edit_weight, fuse
 from USBLib.imaging.intensity import IntensityMap
 from USBLib.settings import validate, value_of
-from USBLib.imaging.spatial import SpaceMapping, register, window_affine
+from USBLib.editor import input_checks, stage_rules
+from USBLib.imaging.spatial import SpaceMapping, register, voxel_spacing, window_affine
 
 if TYPE_CHECKING:
     from USBLib.imaging.mirror import MirrorSource
@@ -306,16 +307,17 @@ class Editor:
 
         original, affine, mask, brain_mask, missing = self._edit_inputs(task, image, affine, mask, brain_mask,
                                                                         mask_affine, resample_mask)
-        image, offset = offset_free(original)  # every stage works on the offset-free scan; fusion on the original
+        # every stage works on the offset-free scan; the fusion on the original
+        image, offset = input_checks.offset_free(original)
         settings = self._settings(task, **given)
-        samples = _check_samples(samples)
+        samples = input_checks.check_samples(samples)
         stages = self._stages(settings, mask)
         settings["stages"] = stages
-        check_sampling(self.bundle, task, samples, stages, settings.get("local_mode"))
+        input_checks.check_sampling(self.bundle, task, samples, stages, settings.get("local_mode"))
         latent = stages in ("latent", "both")
         n_latent = self._network_steps(settings, start_step_of(settings, self.bundle)) if latent else 0
-        n_local = _local_box_count(mask, affine) if stages in ("local", "both") else 0
-        n_masks = 3 if _averages_boundary(task, mask, settings) else 1
+        n_local = stage_rules.local_box_count(mask, affine) if stages in ("local", "both") else 0
+        n_masks = 3 if stage_rules.averages_boundary(task, mask, settings) else 1
         # ticks: registration, fusion; latent: encoding, each step, decoding; local: each lesion group per mask
         prog = _Progress(progress, 2 + (n_latent + 2 if n_latent else 0) + n_local * n_masks)
         generator = torch.Generator().manual_seed(int(seed))
@@ -328,24 +330,26 @@ class Editor:
                                "written back as they were"])
         content = None
         if task == "embed":
-            mask, content, notes = _confine_to_brain(image, affine, mask, brain)
+            mask, content, notes = input_checks.confine_to_brain(image, affine, mask, brain)
             _add_notes(extra, notes)
         elif mask is not None:  # heal: say so when a lesion does not look like a T1-hypointense one
-            _add_notes(extra, _contrast_notes(image, affine, mask, brain, float(value_of(settings, "dilation_mm"))))
+            _add_notes(extra, input_checks.contrast_notes(image, affine, mask, brain,
+                                                          float(value_of(settings, "dilation_mm"))))
         latent_deviation = np.zeros((samples, *image.shape), np.float32)  # scan units, result = image + deviation
         if latent:
             latent_deviation += self._latent_stage(task, image, mapping, imap, mask, settings, samples, generator, prog)
             extra.update(start_step=start_step_of(settings, self.bundle), network_steps=n_latent)
-        # the rest reads and writes the lesion's neighbourhood only (``_edit_window``): the scan outside it is kept
-        window = _edit_window(mask, affine, settings, image.shape)
+        # the rest reads and writes the lesion's neighbourhood only (``stage_rules.edit_window``): the scan outside it
+        # is kept
+        window = stage_rules.edit_window(mask, affine, settings, image.shape)
         edited, window_uncertainty, reach = self._window_stages(
             task, original[window], image[window], window_affine(affine, window),
             None if mask is None else mask[window], brain[window], None if content is None else content[window],
             latent_deviation[(slice(None),) + window], imap, mapping.window(window), settings, samples, seed,
             generator, prog, n_local, extra, (image.shape, window),
-            _brain_p99(task, image, mask, brain, settings, affine),
-            self._mirror_source(image, affine, mask, mapping, window) if _mirrors(task, mask, settings, affine)
-            else None)
+            stage_rules.brain_p99(task, image, mask, brain, settings, affine),
+            self._mirror_source(image, affine, mask, mapping, window)
+            if stage_rules.blends_mirror(task, mask, settings, affine) else None)
         result, uncertainty = original.copy(), None
         result[window] = edited
         if missing is not None:  # voxels without a value stay without one, bit for bit
@@ -366,13 +370,14 @@ class Editor:
                        settings: dict[str, Any], samples: int, seed: int, generator, prog: "_Progress", n_local: int,
                        extra: dict[str, Any], noise_frame, brain_p99: float | None,
                        mirror: MirrorSource | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-        """The edit's stages after registration and the latent stage, on the window of the scan that ``_edit_window``
-        cut: boundary masks, fill region, local stage, prior anchor, mirror blend, fusion weight, patch blend, texture,
-        fusion. Every array is the window's [I', J', K'] (``latent_deviation`` [samples, I', J', K']); ``affine`` and
-        ``mapping`` are the window's own, ``imap`` the whole scan's; ``noise_frame`` (the scan's shape, the window's
-        slices) lets the local stage draw its realism noise over the whole scan; ``brain_p99``: the whole scan's 99th
-        brain percentile, for the patch blend (``_brain_p99``); ``mirror``: the whole scan's other hemisphere, for
-        ``mirror_blend`` (``_mirror_source``), or None. Returns (the edited window in ``original``'s dtype, the
+        """The edit's stages after registration and the latent stage, on the window of the scan that
+        ``stage_rules.edit_window`` cut: boundary masks, fill region, local stage, prior anchor, mirror blend, fusion
+        weight, patch blend, texture, fusion. Every array is the window's [I', J', K'] (``latent_deviation``
+        [samples, I', J', K']); ``affine`` and ``mapping`` are the window's own, ``imap`` the whole scan's;
+        ``noise_frame`` (the scan's shape, the window's slices) lets the local stage draw its realism noise over the
+        whole scan; ``brain_p99``: the whole scan's 99th brain percentile, for the patch blend
+        (``stage_rules.brain_p99``); ``mirror``: the whole scan's other hemisphere, for ``mirror_blend``
+        (``_mirror_source``), or None. Returns (the edited window in ``original``'s dtype, the
         uncertainty or None, the voxels the edit may change, bool)."""
         import torch
 
@@ -390,14 +395,14 @@ class Editor:
                 deviation += self._local_stage(task, image, affine, imap, variant, deviation.mean(axis=0), settings,
                                                samples, local_generator, prog, region, mapping, noise_frame)
                 extra["local_boxes"] = n_local
-                if _anchors_to_prior(task, region, settings, self.bundle):
+                if stage_rules.anchors_to_prior(task, region, settings, self.bundle):
                     deviation = self._prior_anchor_stage(image, affine, variant, region, deviation, brain, mapping)
                 if mirror is not None and region is not None:
                     deviation = self._mirror_stage(image, affine, region, deviation, brain, mirror, settings,
                                                    extra if index == 0 else None)
             prog.stage("fusing into the scan")
             weight = self._edit_weight(task, original, affine, variant, brain, settings, content, region)
-            effect += _signed(task, variant, weight * deviation) / np.float32(len(variants))
+            effect += stage_rules.signed_effect(task, variant, weight * deviation) / np.float32(len(variants))
             mean_deviation += deviation / np.float32(len(variants))
             reach |= weight > 0
             if index == 0:  # the drawn mask's: where the grain goes
@@ -405,13 +410,13 @@ class Editor:
         if task == "embed" and settings.get("lesion_level") is not None:
             effect, mean_deviation = self._lesion_level_stage(image, affine, mask, brain, effect, mean_deviation,
                                                               float(settings["lesion_level"]), extra)
-        if _blends_patches(task, mask, settings, affine):
+        if stage_rules.blends_patches(task, mask, settings, affine):
             effect, reach = self._patch_blend_stage(image, affine, mask, brain, effect, reach, settings, brain_p99)
             extra["patch_blend"] = float(value_of(settings, "patch_blend"))
         if n_local and value_of(settings, "local_mode") == "realism":  # heal and embed: the scan's grain in the edit
             # once, on the masks' mean: noise drawn per mask and averaged would lose a third of its grain or more
             textured = self._texture_stage(image, affine, mask, brain, mean_deviation, settings, seed, drawn_region)
-            effect = _with_grain(task, effect, drawn_weight * (textured - mean_deviation))
+            effect = stage_rules.with_grain(task, effect, drawn_weight * (textured - mean_deviation))
             extra["texture"] = "noise synthesis (the scan's grain matched inside the fill region)"
         result, uncertainty = self._fusion_stage(original, effect, reach, prog)
         return result, uncertainty, reach
@@ -420,12 +425,12 @@ class Editor:
                             brain_mask: np.ndarray | None, seed: int, prog: "_Progress"):
         """Scan -> model mapping, the scan's brain [I, J, K] bool, and the intensity map fitted in that brain;
         refuses a lesion mask to heal that lies outside the brain (an embed mask is cut to the brain instead,
-        ``_confine_to_brain``)."""
+        ``input_checks.confine_to_brain``)."""
         prog.stage("registering to the model template")
         mapping = self._map(image, affine, brain_mask, seed)
         brain = self._native_brain(mapping, brain_mask)
         if task == "heal":
-            _check_inside_brain(image, mask, brain)
+            input_checks.check_inside_brain(image, mask, brain)
         imap = IntensityMap.fit(image, brain, self.bundle.config["intensity"])
         prog.tick()
         return mapping, brain, imap
@@ -438,7 +443,7 @@ class Editor:
             return None
         from USBLib.imaging.rim import rim_region
 
-        return rim_region(image, mask, brain, _spacing(affine), float(value_of(settings, "dilation_mm")))
+        return rim_region(image, mask, brain, voxel_spacing(affine), float(value_of(settings, "dilation_mm")))
 
     def _local_stage(self, task: str, image: np.ndarray, affine: np.ndarray, imap: IntensityMap,
                      mask: np.ndarray, previous: np.ndarray, settings: dict[str, Any], samples: int, generator,
@@ -451,8 +456,8 @@ class Editor:
         prog.stage("local stage")
         current = np.asarray(image, np.float32) + previous
         prior = self._local_prior(mapping) if self.local.needs_prior else None
-        local = self.local.deviation((current - imap.low) / imap.units_per_model_unit, mask, _spacing(affine),
-                                     task, _local_settings(settings, task), generator, samples, prog.tick,
+        local = self.local.deviation((current - imap.low) / imap.units_per_model_unit, mask, voxel_spacing(affine),
+                                     task, stage_rules.local_settings(settings, task), generator, samples, prog.tick,
                                      imap.clip, region, prior=prior, noise_frame=noise_frame)
         return np.stack([imap.delta_to_native(d) for d in local])
 
@@ -464,7 +469,7 @@ class Editor:
         from USBLib.editor.local.prior_anchor import anchor_to_prior
 
         prior = self._local_prior(mapping)
-        return anchor_to_prior(image, deviation, mask, region, brain, _spacing(affine),
+        return anchor_to_prior(image, deviation, mask, region, brain, voxel_spacing(affine),
                                lambda box: prior.read(box)[1:4])
 
     def _mirror_source(self, image: np.ndarray, affine: np.ndarray, mask: np.ndarray, mapping: SpaceMapping,
@@ -490,7 +495,7 @@ class Editor:
         from USBLib.imaging.mirror import blend_towards_mirror
 
         w = float(value_of(settings, "mirror_blend"))
-        out, records = blend_towards_mirror(mirror, image, deviation, region, brain, _spacing(affine), w)
+        out, records = blend_towards_mirror(mirror, image, deviation, region, brain, voxel_spacing(affine), w)
         if extra is not None:
             extra["mirror"] = {"weight": w, "parts": records}
         return out
@@ -520,7 +525,7 @@ class Editor:
         records, ``lesion_levels``), and a lesion that misses the level by more than 0.02 gets a note."""
         from USBLib.imaging.lesion_level import MAX_SCALE, lesion_labels, lesion_surround_ratio, level_scales
 
-        scales, records = level_scales(image, effect.mean(axis=0), mask, brain, level, _spacing(affine))
+        scales, records = level_scales(image, effect.mean(axis=0), mask, brain, level, voxel_spacing(affine))
         scaled = effect * scales
         if brain.any():
             floor = np.float32(np.min(image[brain])) - np.asarray(image, np.float32)
@@ -552,7 +557,7 @@ class Editor:
         from USBLib.editor.local.conditioning import fusion_core
         from USBLib.imaging.texture import matched_noise
 
-        spacing = _spacing(affine)
+        spacing = voxel_spacing(affine)
         if region is None:
             region = fusion_core(mask, spacing, float(value_of(settings, "dilation_mm")))
         out = deviation.copy()
@@ -568,15 +573,15 @@ class Editor:
         drawn mask and it a voxel smaller and larger (``USBLib.imaging.mask_edges``; the larger one never takes in
         the CSF beside the lesion, ``rim.darker_than_lesion`` as the fusion keeps it), whose edits are averaged;
         otherwise the mask alone. ``image``: the scan in its own units, ``brain`` its brain mask [I, J, K]."""
-        if not _averages_boundary(task, mask, settings):
+        if not stage_rules.averages_boundary(task, mask, settings):
             return [mask]
         from USBLib.imaging.mask_edges import boundary_masks
         from USBLib.imaging.rim import darker_than_lesion
 
         dilation = float(value_of(settings, "dilation_mm"))
-        csf = darker_than_lesion(image, mask, brain, _spacing(affine), dilation,
+        csf = darker_than_lesion(image, mask, brain, voxel_spacing(affine), dilation,
                                  dilation + float(settings["margin_mm"]))
-        return [m.astype(np.uint8) for m in boundary_masks(mask, _spacing(affine), keep_out=csf)]
+        return [m.astype(np.uint8) for m in boundary_masks(mask, voxel_spacing(affine), keep_out=csf)]
 
     @staticmethod
     def _edit_weight(task: str, image: np.ndarray, affine: np.ndarray, mask: np.ndarray | None, brain: np.ndarray,
@@ -593,13 +598,13 @@ class Editor:
         if core is None and mask is not None and task == "heal":
             from USBLib.editor.local.conditioning import fusion_core
 
-            core = fusion_core(mask, _spacing(affine), dilation)
-        weight = edit_weight(mask, brain, _spacing(affine), dilation, float(settings["margin_mm"]), core,
-                             shell=task == "heal" and _heal_shell(_spacing(affine)))
+            core = fusion_core(mask, voxel_spacing(affine), dilation)
+        weight = edit_weight(mask, brain, voxel_spacing(affine), dilation, float(settings["margin_mm"]), core,
+                             shell=task == "heal" and stage_rules.heal_shell(voxel_spacing(affine)))
         if task == "heal" and mask is not None:  # CSF beside the lesion stays as it is (``rim.darker_than_lesion``)
             from USBLib.imaging.rim import darker_than_lesion
 
-            weight = weight * ~darker_than_lesion(image, mask, brain, _spacing(affine), dilation,
+            weight = weight * ~darker_than_lesion(image, mask, brain, voxel_spacing(affine), dilation,
                                                   dilation + float(settings["margin_mm"]))
         if content is not None:
             weight = weight * content
@@ -610,20 +615,21 @@ class Editor:
                            effect: np.ndarray, reach: np.ndarray, settings: dict[str, Any], p99: float
                            ) -> tuple[np.ndarray, np.ndarray]:
         """``patch_blend`` w: the heal's weighted deviation ``effect`` [samples, I, J, K] (scan units, after
-        ``_signed``, averaged over the boundary masks) moved towards a non-local patch fill's deviation
-        (``USBLib.imaging.patch_fill``, NiftySeg's method) over the drawn ``mask`` grown by ``PATCH_BLEND_GROWTH``
-        voxels (26-neighbourhood) within ``brain``, less the CSF beside the lesion (``rim.darker_than_lesion``) and
-        within the edit's ``reach``; brightening only, as every heal. Where the patch fill is brighter than the fill
-        the fill moves w of the way up to it, except beside CSF (a voxel whose 3x3x3 neighbourhood is darker than
-        ``PATCH_BLEND_CSF_LEVEL`` of the scan's 99th brain percentile: a full up-pull there paints tissue onto a
-        ventricle's edge); there, and where the patch fill is darker, w x ``PATCH_BLEND_DOWN_SHARE`` of the way, and
-        a patch fill more than ``PATCH_BLEND_MAX_PULL`` of the scan's range below the fill counts as that much below:
-        a patch fill whose region reaches CSF copies CSF inwards layer by layer, and it must not darken a fill much.
-        The patch fill copies the scan's own tissue from around the lesion, structure and grain included: a second
-        estimate whose errors differ from the network's, and whose level corrects the network's fill where that
-        came out too dark (the commoner error: fill mean 0.98 of the truth's on both tuning sources). Returns
-        (effect, reach), reach unchanged. ``image``: the offset-free scan [I, J, K] (or the edit's window of it);
-        ``p99``: the whole scan's 99th brain percentile (``_brain_p99``)."""
+        ``stage_rules.signed_effect``, averaged over the boundary masks) moved towards a non-local patch fill's
+        deviation (``USBLib.imaging.patch_fill``, NiftySeg's method) over the drawn ``mask`` grown by
+        ``PATCH_BLEND_GROWTH`` voxels (26-neighbourhood; this and the constants below are ``stage_rules``') within
+        ``brain``, less the CSF beside the lesion (``rim.darker_than_lesion``) and within the edit's ``reach``;
+        brightening only, as every heal. Where the patch fill is brighter than the fill the fill moves w of the way up
+        to it, except beside CSF (a voxel whose 3x3x3 neighbourhood is darker than ``PATCH_BLEND_CSF_LEVEL`` of the
+        scan's 99th brain percentile: a full up-pull there paints tissue onto a ventricle's edge); there, and where the
+        patch fill is darker, w x ``PATCH_BLEND_DOWN_SHARE`` of the way, and a patch fill more than
+        ``PATCH_BLEND_MAX_PULL`` of the scan's range below the fill counts as that much below: a patch fill whose region
+        reaches CSF copies CSF inwards layer by layer, and it must not darken a fill much. The patch fill copies the
+        scan's own tissue from around the lesion, structure and grain included: a second estimate whose errors differ
+        from the network's, and whose level corrects the network's fill where that came out too dark (the commoner
+        error: fill mean 0.98 of the truth's on both tuning sources). Returns (effect, reach), reach unchanged.
+        ``image``: the offset-free scan [I, J, K] (or the edit's window of it); ``p99``: the whole scan's 99th brain
+        percentile (``stage_rules.brain_p99``)."""
         from scipy import ndimage
 
         from USBLib.imaging.mask_edges import grown as grown_by
@@ -631,8 +637,8 @@ class Editor:
         from USBLib.imaging.rim import darker_than_lesion
 
         dilation = float(value_of(settings, "dilation_mm"))
-        grown = grown_by(mask, PATCH_BLEND_GROWTH, brain)
-        keep = darker_than_lesion(image, mask, brain, _spacing(affine), dilation,
+        grown = grown_by(mask, stage_rules.PATCH_BLEND_GROWTH, brain)
+        keep = darker_than_lesion(image, mask, brain, voxel_spacing(affine), dilation,
                                   dilation + float(settings["margin_mm"]))
         region = grown & reach & ~keep
         if not region.any():
@@ -642,11 +648,11 @@ class Editor:
         scan = np.asarray(image, np.float32)
         target = (filled - scan)[region]
         out = effect.copy()
-        pull = np.maximum(target - out[:, region], np.float32(-PATCH_BLEND_MAX_PULL * p99))
+        pull = np.maximum(target - out[:, region], np.float32(-stage_rules.PATCH_BLEND_MAX_PULL * p99))
         # the full weight only up, and only away from CSF: an up-pull beside CSF paints tissue onto its edge
         box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in ndimage.find_objects(region.astype(np.uint8))[0])
-        near_csf = (ndimage.minimum_filter(scan[box], size=3) < PATCH_BLEND_CSF_LEVEL * p99)[region[box]]
-        pull *= np.where((pull > 0) & ~near_csf, w, w * np.float32(PATCH_BLEND_DOWN_SHARE))
+        near_csf = (ndimage.minimum_filter(scan[box], size=3) < stage_rules.PATCH_BLEND_CSF_LEVEL * p99)[region[box]]
+        pull *= np.where((pull > 0) & ~near_csf, w, w * np.float32(stage_rules.PATCH_BLEND_DOWN_SHARE))
         out[:, region] = np.maximum(out[:, region] + pull, np.float32(0))
         return out, reach
 
@@ -654,7 +660,8 @@ class Editor:
     def _fusion_stage(image: np.ndarray, effect: np.ndarray, reach: np.ndarray, prog: "_Progress"):
         """Fusion of the weighted deviations ``effect`` [samples, I, J, K] (edit weight x deviation, scan units)
         into the scan ``image`` [I, J, K] (its own dtype) inside ``reach`` [I, J, K] bool: (result [I, J, K],
-        uncertainty: the std over samples of the weighted deviation as ``_signed`` left it, or None for one sample).
+        uncertainty: the std over samples of the weighted deviation as ``stage_rules.signed_effect`` left it, or None
+        for one sample).
         Every voxel outside ``reach`` is the scan's own value, bit for bit."""
         prog.stage("fusing into the scan")
         result = fuse(image, effect.mean(axis=0), reach.astype(np.float32))
@@ -753,7 +760,7 @@ class Editor:
 
         from USBLib.core import tasks
 
-        n = _check_samples(n, "number of pairs")
+        n = input_checks.check_samples(n, "number of pairs")
         settings = self._settings("generate", steps=steps, sampler=sampler)
 
         n_steps = self._network_steps(settings)
@@ -798,11 +805,11 @@ class Editor:
 
         settings = self._settings("generate_from_mask", steps=steps, sampler=sampler, lesion_guidance=lesion_guidance,
                                   lesion_fusion=lesion_fusion, margin_mm=margin_mm, dilation_mm=dilation_mm)
-        samples = _check_samples(samples)
+        samples = input_checks.check_samples(samples)
         affine = np.asarray(affine, dtype=np.float64)
         offset = 0.0
         if reference is not None:
-            reference, offset = offset_free(check_image(reference, reference_affine))
+            reference, offset = input_checks.offset_free(check_image(reference, reference_affine))
             mask = check_mask(mask, reference.shape, affine, np.asarray(reference_affine, float), resample_mask)
         else:
             mask = check_mask(mask, np.shape(mask), affine, affine, False)
@@ -870,7 +877,7 @@ class Editor:
         prog.stage("decoding")
         images = self.decode(lat)
         if fused:  # the lesion's deviation from the healthy twin, fused at the mask as an embed is
-            weight = edit_weight(binary, self.space["brain"], _spacing(self.bundle.grid_affine),
+            weight = edit_weight(binary, self.space["brain"], voxel_spacing(self.bundle.grid_affine),
                                  settings["dilation_mm"], float(settings["margin_mm"]))
             healthy_images = images[samples:]
             images = healthy_images + weight * (images[:samples] - healthy_images)
@@ -916,280 +923,10 @@ def start_step_of(settings: dict[str, Any], bundle: bundle_mod.ModelBundle) -> i
     return start_step(settings["strength"], int(bundle.config["schedule"].get("num_train_timesteps", 1024)))
 
 
-def _check_inside_brain(image: np.ndarray, mask: np.ndarray | None, brain: np.ndarray) -> None:
-    """Refuse a lesion mask that lies outside the brain: outside the registered template's brain, or on the
-    image's own background (at most 1 % of the brain's 99th percentile, as the zeros of a skull-stripped scan);
-    a dark lesion (a cavity, a black hole) is above that floor and is accepted."""
-    if mask is None:
-        return
-    lesion = mask > 0
-    inside = float(brain[lesion].mean())
-    if inside < 0.5:
-        raise InputError(f"the lesion mask lies outside the brain ({inside:.0%} of it inside); "
-                         "check that mask and image belong together")
-    values = np.asarray(image, np.float64)
-    floor = values.min() + 0.01 * (np.percentile(values[brain], 99) - values.min()) if brain.any() else values.min()
-    on_tissue = float((values[lesion] > floor).mean())
-    if on_tissue < 0.2:
-        raise InputError(f"the lesion mask lies outside the brain (only {on_tissue:.0%} of it on image "
-                         "content above the background); check that mask and image belong together")
-
-
-def offset_free(image: np.ndarray) -> tuple[np.ndarray, float]:
-    """The scan shifted so that its minimum is 0, and that minimum (in the scan's units).
-
-    A scan is a scan whatever its intensity offset (pipelines write scans shifted below zero, e.g. by -500): every
-    stage works on ``image - minimum``, and the edit (a deviation in the scan's units) is fused into the scan as it
-    was, so ``a * x + b`` (a > 0) gives ``a * result + b``. A scan whose minimum is 0 is returned as it is.
-
-    Args:
-        image: the scan [I, J, K] in its own dtype and units.
-
-    Returns ``(shifted [I, J, K] float64, or ``image`` itself when the minimum is 0; the minimum as a float)``.
-    """
-    low = float(np.min(image))
-    if low == 0.0:
-        return image, 0.0
-    return np.asarray(image, np.float64) - low, low
-
-
-def _contrast_notes(image: np.ndarray, affine: np.ndarray, mask: np.ndarray, brain: np.ndarray,
-                    dilation_mm: float) -> list[str]:
-    """Heal: one line for each drawn lesion that is not darker than the tissue around it by a clear margin
-    (``rim.MIN_CONTRAST_NOISE`` noise SDs; ``rim.lesion_contrasts``), at most ``MAX_CONTRAST_NOTES`` of them (the
-    brighter ones first), the rest counted. A heal fills T1-hypointense lesions and only brightens: a lesion with no
-    T1 contrast (a mask drawn on FLAIR over tissue that looks normal on T1) has that tissue replaced by an estimate,
-    a brighter one is left (as good as) unchanged.
-    ``image``: the offset-free scan; ``mask`` [I, J, K]; ``brain`` [I, J, K] bool; ``dilation_mm``: the growth limit."""
-    from USBLib.imaging.rim import MIN_CONTRAST_NOISE, lesion_contrasts
-
-    voxel_ml = float(abs(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
-    bright, plain = [], []
-    for voxels, contrast, centre in lesion_contrasts(image, mask, brain, _spacing(affine), dilation_mm):
-        where = f"the lesion of {voxels * voxel_ml:.2f} ml at voxel {centre}"
-        if contrast <= -MIN_CONTRAST_NOISE:
-            bright.append(f"{where} is brighter than the tissue around it ({-contrast:.0f} noise SDs): a heal fills "
-                          "T1-dark lesions and only brightens what it rewrites, so it cannot remove this one")
-        elif contrast < MIN_CONTRAST_NOISE:
-            plain.append(f"{where} looks like the tissue around it on this scan (contrast {contrast:.1f} noise SDs): "
-                         "the heal rewrote tissue that looks normal with its estimate; check the mask (drawn on "
-                         "another contrast?)")
-    notes = bright + plain  # the lesions a heal cannot remove first
-    if len(notes) > MAX_CONTRAST_NOTES:
-        rest_bright = max(len(bright) - MAX_CONTRAST_NOTES, 0)
-        rest_plain = len(notes) - MAX_CONTRAST_NOTES - rest_bright
-        counts = [f"{n} more lesions {kind}" for n, kind in ((rest_bright, "brighter than the tissue around them"),
-                                                              (rest_plain, "that look like the tissue around them")) if n]
-        notes = notes[:MAX_CONTRAST_NOTES] + ["and " + " and ".join(counts)]
-    return notes
-
-
-MAX_CONTRAST_NOTES = 3  # lesions named one by one in a heal's notes (the rest are counted)
-
-
-def _heal_shell(spacing) -> bool:
-    """Whether a heal's fusion weight is 1 on its fill region's one-voxel shell too (``fusion.with_shell``): on a
-    scan whose boxes the local stage resamples (``boxes.needs_resampling``: thick slices above all). There the
-    feather along a 3 mm axis skipped the next slice entirely (its weight was 0 one slice away), leaving the
-    lesion's partial volume in it, and the network, trained on the lesion's extent + 2 voxels, estimates that tail.
-    Tuning, 1 x 1 x 3 mm: +0.29 dB [+0.10, +0.51] (MNI2009c), +0.19 [+0.10, +0.27] (fsaverage); on 1 mm scans it
-    measured −0.01 / +0.03, so they are left as they were. ``spacing``: mm per axis."""
-    from USBLib.imaging.boxes import needs_resampling
-
-    return needs_resampling(spacing)
-
-
-MIN_EMBED_MM3 = 8.0  # a lesion mask with less than this inside the brain is refused: too small to embed
-
-
-def _confine_to_brain(image: np.ndarray, affine: np.ndarray, mask: np.ndarray, brain: np.ndarray):
-    """Embed: a lesion belongs to brain tissue. The mask is cut to the brain (the registered template's brain, or the
-    given brain mask) on image content above the background (the floor of ``_check_inside_brain``), and the edit
-    may change image content only, so that nothing is painted into the air around a skull-stripped brain.
-
-    Returns ``(mask [I, J, K] uint8, content [I, J, K] bool: voxels above the background, notes)``: ``notes`` holds
-    one line saying how much of the mask was dropped (empty when nothing was). Raises ``InputError`` when less than
-    ``MIN_EMBED_MM3`` of the mask is left.
-    """
-    values = np.asarray(image, np.float64)
-    floor = values.min() + 0.01 * (np.percentile(values[brain], 99) - values.min())
-    content = values > floor
-    kept = (mask > 0) & brain & content
-    voxel_mm3 = float(abs(np.linalg.det(np.asarray(affine)[:3, :3])))
-    total, inside = int((mask > 0).sum()), int(kept.sum())
-    if inside * voxel_mm3 < MIN_EMBED_MM3 * (1 - 1e-3):  # (8 voxels of 0.99999 mm3 are 8 mm3)
-        if inside == total:
-            raise InputError(f"the lesion mask is too small to embed ({total * voxel_mm3:.1f} mm3; at least "
-                             f"{MIN_EMBED_MM3:g} mm3 is needed)")
-        raise InputError(f"the lesion mask lies outside the brain (only {inside * voxel_mm3:.1f} mm3 of its "
-                         f"{total * voxel_mm3:.0f} mm3 on brain tissue; at least {MIN_EMBED_MM3:g} mm3 is needed to "
-                         "embed a lesion)")
-    notes = []
-    if inside < total:
-        notes.append(f"{1 - inside / total:.0%} of the lesion mask ({(total - inside) * voxel_mm3 / 1000:.2f} ml) lies "
-                     f"outside the brain and was dropped; the lesion embedded is {inside * voxel_mm3 / 1000:.2f} ml")
-    return kept.astype(np.uint8), content, notes
-
-
-def check_sampling(bundle: bundle_mod.ModelBundle, task: str, samples: int, stages: str | None,
-                   local_mode: str | None) -> None:
-    """Refuse several samples of an edit whose every stage is deterministic: the local stage alone in ``fidelity``
-    mode, or for heal in either mode (a heal's ``realism`` adds synthesized noise to the same reconstruction, which
-    is no uncertainty): the samples would be identical up to that noise, their uncertainty map meaningless.
-
-    Args:
-        bundle: the model; its defaults for ``task`` fill ``stages`` and ``local_mode`` when they are None.
-        task: ``"heal"`` or ``"embed"``.
-        samples: number of samples asked for.
-        stages, local_mode: the settings asked for, or None for the bundle's defaults.
-    """
-    if samples < 2:
-        return
-    defaults = bundle.defaults(task)
-    stages = stages or defaults.get("stages") or ("local" if bundle.has_local else "latent")
-    local_mode = local_mode or defaults.get("local_mode") or "fidelity"
-    if stages == "local" and local_mode == "fidelity":
-        raise InputError(f"{samples} samples would be identical: the 'fidelity' local stage is deterministic, so the "
-                         "uncertainty map would be zero; for samples that differ use local mode 'realism' or stages "
-                         "'latent' or 'both'")
-    if stages == "local" and task == "heal":
-        raise InputError(f"{samples} samples of a local-stage heal differ only by synthesized noise (its reconstruction "
-                         "is deterministic), so their spread is no uncertainty; for an uncertainty map use stages "
-                         "'both' or 'latent'")
-
-
-def _local_settings(settings: dict[str, Any], task: str = "heal"):
-    """The local stage's settings; a heal's ``realism`` is the ``fidelity`` reconstruction here, its texture is
-    synthesized afterwards (``Editor._texture_stage``)."""
-    from USBLib.editor.local.stage import LocalSettings
-
-    mode = "fidelity" if task == "heal" else value_of(settings, "local_mode")
-    return LocalSettings(mode=mode, steps=int(value_of(settings, "local_steps")),
-                         strength=float(value_of(settings, "local_strength")),
-                         dilation_mm=float(value_of(settings, "dilation_mm")), alpha0=float(settings["alpha0"]),
-                         k=float(settings["k"]), eta=float(value_of(settings, "eta")), acg=bool(settings["acg"]))
-
-
-def _anchors_to_prior(task: str, region: np.ndarray | None, settings: dict[str, Any], bundle) -> bool:
-    """Whether a heal's local fill is anchored to the tissue prior inside deep lesions (``prior_anchor`` on, a rim
-    fill region, and a bundle that ships the prior maps)."""
-    return (task == "heal" and region is not None and bool(value_of(settings, "prior_anchor"))
-            and bundle.has_local_prior)
-
-
 def _add_notes(extra: dict[str, Any], notes: list[str]) -> None:
     """Append ``notes`` (what the user should know about an edit) to the provenance's ``notes``; none: no key."""
     if notes:
         extra["notes"] = list(extra.get("notes", [])) + list(notes)
-
-
-def _signed(task: str, mask: np.ndarray | None, effect: np.ndarray) -> np.ndarray:
-    """One mask's weighted deviation [samples, I, J, K] (scan units) with the sign its task allows: the heal of a
-    drawn T1-hypointense lesion brightens only (the lesion made every voxel it touched darker, so a voxel its heal
-    would make darker than the scan is one where the fill is wrong and the scan is the better estimate: it keeps its
-    value), each sample on its own; an embed, and a heal without a mask (a latent edit of the whole brain, mostly
-    healthy tissue), keep their deviations as they are. ``realism``'s zero-mean grain comes afterwards and may
-    darken a voxel."""
-    return np.maximum(effect, np.float32(0)) if task == "heal" and mask is not None else effect
-
-
-def _with_grain(task: str, effect: np.ndarray, grain: np.ndarray) -> np.ndarray:
-    """``realism``: the weighted edits ``effect`` [samples, I, J, K] (scan units, after ``_signed``) with the
-    synthesized ``grain`` (same shape, weighted) added; a heal's grain only where its edit is not zero, since a voxel
-    that ``_signed`` left as the scan already has the scan's own grain."""
-    return effect + grain * ((effect != 0) if task == "heal" else np.float32(1))
-
-
-PATCH_BLEND_GROWTH = 2  # voxels: the patch fill of ``patch_blend`` covers the mask grown by this much
-PATCH_BLEND_MAX_PULL = 0.1  # the patch fill pulls a voxel's fill down by at most this x the scan's 99th brain
-#                            percentile (before the blend weight): a patch fill grown to CSF copies CSF inwards
-PATCH_BLEND_DOWN_SHARE = 1 / 3  # where the patch fill lies below the fill, the blend moves this share of
-#                                 ``patch_blend`` towards it: the network's fill errs dark more often than bright
-PATCH_BLEND_CSF_LEVEL = 0.35  # x the 99th brain percentile: a voxel whose 3x3x3 neighbourhood reaches below this
-#                               is beside CSF, and the blend pulls it up by the down share only
-
-
-def _blends_patches(task: str, mask: np.ndarray | None, settings: dict[str, Any], affine: np.ndarray) -> bool:
-    """Whether a heal blends a patch fill into its fill (``patch_blend`` > 0, a mask, and a scan whose boxes the
-    local stage does not resample: it was measured on 1 mm scans only, ``Editor._patch_blend_stage``)."""
-    return _refines_one_mm_heal(task, mask, settings, affine, "patch_blend")
-
-
-def _mirrors(task: str, mask: np.ndarray | None, settings: dict[str, Any], affine: np.ndarray) -> bool:
-    """Whether a heal moves its fill towards the scan's other hemisphere (``mirror_blend`` > 0, a mask, ``growth``
-    ``rim``, and a scan whose boxes the local stage does not resample: measured on 1 mm scans only)."""
-    return (_refines_one_mm_heal(task, mask, settings, affine, "mirror_blend")
-            and value_of(settings, "growth") == "rim")
-
-
-def _refines_one_mm_heal(task: str, mask: np.ndarray | None, settings: dict[str, Any], affine: np.ndarray,
-                         weight: str) -> bool:
-    """A heal with a mask, the setting ``weight`` above 0, on a scan whose boxes the local stage does not resample
-    (the fill refinements measured on 1 mm scans only)."""
-    from USBLib.imaging.boxes import needs_resampling
-
-    return (task == "heal" and mask is not None and float(value_of(settings, weight) or 0) > 0
-            and not needs_resampling(_spacing(affine)))
-
-
-def _brain_p99(task: str, image: np.ndarray, mask: np.ndarray | None, brain: np.ndarray, settings: dict[str, Any],
-               affine: np.ndarray) -> float | None:
-    """The whole scan's 99th percentile inside ``brain`` (``image`` as float32), which the patch blend measures CSF
-    and its pull by; None when the edit blends no patch fill (``_blends_patches``)."""
-    if not _blends_patches(task, mask, settings, affine):
-        return None
-    return float(np.percentile(np.asarray(image, np.float32)[np.asarray(brain) > 0], 99))
-
-
-EDIT_WINDOW_MM = 20.0  # past the edit region, what the stages around a lesion read at most: the prior anchor's class
-#                        means come from a shell 12 mm past the fill region, with a voxel more; the local stage's boxes
-#                        reach 16 mm past a small lesion (32 mm sides) and 10 mm past a large one
-EDIT_WINDOW_VOX = 8    # ... and this many voxels more (the texture's ring box: its 5 mm + 4 voxels)
-
-
-def _edit_window(mask: np.ndarray | None, affine: np.ndarray, settings: dict[str, Any],
-                 shape: tuple[int, ...]) -> tuple[slice, slice, slice]:
-    """The part of the scan an edit with ``mask`` reads and writes after its registration and latent stage: the
-    mask's bounding box grown per side by the edit region (``dilation_mm`` + ``margin_mm``) + ``EDIT_WINDOW_MM``,
-    in voxels, + ``EDIT_WINDOW_VOX``, within the scan ``shape``; the whole scan without a mask. Every stage cut
-    there reads the same voxels as on the whole scan (their own boxes around the lesion lie inside), so the
-    result is the whole scan's heal at a fraction of the cost: on a 1 mm brain most of the time went to
-    morphology and labelling over seven million voxels for a lesion of a few thousand. ``affine``: the scan's."""
-    if mask is None or not np.any(mask):
-        return tuple(slice(0, n) for n in shape)  # type: ignore[return-value]
-    from scipy import ndimage
-
-    reach_mm = float(value_of(settings, "dilation_mm") or 0.0) + float(settings["margin_mm"]) + EDIT_WINDOW_MM
-    reach = np.ceil(reach_mm / _spacing(affine)).astype(int) + EDIT_WINDOW_VOX
-    found = ndimage.find_objects((np.asarray(mask) > 0).astype(np.uint8))[0]
-    return tuple(slice(max(s.start - r, 0), min(s.stop + r, n))  # type: ignore[return-value]
-                 for s, r, n in zip(found, reach, shape))
-
-
-def _averages_boundary(task: str, mask: np.ndarray | None, settings: dict[str, Any]) -> bool:
-    """Whether an edit averages the edits of the mask's boundary variants (a heal with a mask and
-    ``boundary_average``; ``Editor._edit_masks``)."""
-    return task == "heal" and mask is not None and bool(value_of(settings, "boundary_average"))
-
-
-def _local_box_count(mask: np.ndarray | None, affine: np.ndarray) -> int:
-    """Number of lesion groups the local stage will process (one progress tick each)."""
-    if mask is None:
-        return 0
-    from USBLib.imaging.boxes import group_labels
-    from USBLib.editor.local.stage import CONTEXT_MM
-
-    return int(group_labels(mask, np.ceil(CONTEXT_MM / _spacing(affine)))[1])
-
-
-def _spacing(affine: np.ndarray) -> np.ndarray:
-    return np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
-
-
-def _check_samples(n: int, what: str = "samples") -> int:
-    if int(n) != n or int(n) < 1 or int(n) > 64:
-        raise InputError(f"{what} must be a whole number from 1 to 64, got {n}")
-    return int(n)
 
 
 def software_versions() -> dict[str, str]:

@@ -82,6 +82,11 @@ class SpaceMapping:
                         self.native_shape, order)
 
 
+def voxel_spacing(affine: np.ndarray) -> np.ndarray:
+    """Voxel size in mm per axis [3] of a 4x4 voxel-to-RAS ``affine`` (the norms of its first three columns)."""
+    return np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+
+
 def window_affine(affine: np.ndarray, window: tuple[slice, ...]) -> np.ndarray:
     """The voxel-to-RAS affine (4x4, mm) of ``window`` (3 slices, step 1) of a grid with ``affine``: the window's
     first voxel is its origin."""

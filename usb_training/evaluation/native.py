@@ -142,7 +142,7 @@ def atlas_priors(cache: Path, grid_shape, grid_affine: np.ndarray, source: str =
 
 def _heal_inputs(case: NativeCase) -> np.ndarray:
     """The scan exactly as ``Editor.heal`` registers it (checked, offset-free), so ``Editor._map`` is shared."""
-    from USBLib.editor.editor import offset_free
+    from USBLib.editor.input_checks import offset_free
     from USBLib.imaging.checks import check_image
 
     return offset_free(check_image(case.lesioned, case.affine))[0]
@@ -160,7 +160,7 @@ def classical_fillers(dilation: int, brighten_only: bool = False
     """Every classical filler under test, as f(case, drawn mask, context) -> healed scan; ``context`` holds
     ``seed`` and ``priors`` (the atlas maps on the scan's grid). ``dilation``: the local stage's fill dilation
     (voxels) for its own base. ``brighten_only``: each filler given USB's rule that a heal never darkens a voxel
-    (the result is max(fill, lesioned scan); ``USBLib.editor.editor._signed``), the fairer yardstick for that rule."""
+    (the result is max(fill, lesioned scan); ``USBLib.editor.stage_rules.signed_effect``), the fairer yardstick for that rule."""
     fillers: dict[str, Callable[[NativeCase, np.ndarray, dict], np.ndarray]] = {
         "NAWM constant": lambda c, m, ctx: baselines.nawm_constant(c.lesioned, m, c.brain),
         "FSL-style lesion filling": lambda c, m, ctx: baselines.lesion_filling(c.lesioned, m, c.brain,

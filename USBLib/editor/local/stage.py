@@ -88,7 +88,7 @@ class LocalStage:
         the mask grown by ``settings.dilation_mm``. ``prior``: the template's tissue prior on the scan's grid
         (``USBLib.editor.local.prior``), needed when the network reads it (``needs_prior``), else ignored.
         ``noise_frame``: (the scan's shape, the slices of it that ``image`` is) when ``image`` is a window of a
-        larger scan (``Editor._edit_window``): the realism noise is drawn over the whole scan and read there, so
+        larger scan (``stage_rules.edit_window``): the realism noise is drawn over the whole scan and read there, so
         a voxel's noise does not depend on the window.
 
         The network sees the image clipped to ``clip`` (its training range); for heal, the clipped-off part of
