@@ -135,6 +135,24 @@ def test_an_unreadable_scan_without_mask_is_a_failure_not_a_skip(tmp_path, tiny_
     assert recs["sub-02"]["status"] == "failed" and "sub-02_T1w.nii.gz" in recs["sub-02"]["message"]
 
 
+def test_a_scan_whose_lesion_mask_is_empty_is_copied_unchanged(tmp_path, tiny_bundle):
+    """A lesion segmentation that found no lesion (a control): the scan is its own heal, written unchanged (bit for
+    bit, with a sidecar that says so) rather than healed without a mask, which would edit the whole brain; a rerun
+    finds it up to date."""
+    img, mask, aff = make_scan("axial")
+    root = tmp_path / "bids"
+    scan = save(root / "sub-01/anat/sub-01_T1w.nii.gz", img, aff)
+    save(root / "derivatives/lesions/sub-01/anat/sub-01_label-lesion_mask.nii.gz", np.zeros_like(mask), aff)
+    out = tmp_path / "out"
+    assert run(root, out, tiny_bundle) == 0
+    written = out / "sub-01/anat/sub-01_desc-healed_T1w.nii.gz"
+    assert np.array_equal(np.asarray(nib.load(str(written)).dataobj), np.asarray(nib.load(str(scan)).dataobj))
+    sidecar = json.loads((out / "sub-01/anat/sub-01_desc-healed_T1w.json").read_text())
+    assert sidecar["task"] == "copy" and "empty" in sidecar["note"] and sidecar["lesion_volume_ml"] == 0
+    assert records(out)["sub-01"]["status"] == "copied" and "empty" in records(out)["sub-01"]["message"]
+    assert run(root, out, tiny_bundle) == 0 and records(out)["sub-01"]["status"] == "up-to-date"
+
+
 def test_batch_shards_copies_unmasked_and_runs_workers(bids, tmp_path, tiny_bundle):
     out = tmp_path / "usb"
     # shard 2/3 of [sub-01, sub-02_ses-1, sub-03] is sub-02 only; copied unchanged with --without-mask copy

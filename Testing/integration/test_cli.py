@@ -242,6 +242,17 @@ def test_demo_runs_on_sample_with_given_model(tiny_bundle, tmp_path, capsys):
     assert Image.open(tmp_path / "demo" / "closeup.png").size[1] > 200  # two rows of lesion close-ups
 
 
+def test_a_heal_with_an_empty_mask_exits_2_and_writes_nothing(tiny_bundle, scan_files, tmp_path, capsys):
+    """``--mask`` that marks no lesion: refused, not a whole-brain heal (which is what leaving out ``--mask`` asks)."""
+    ref = nib.load(str(scan_files["image"]))
+    mask = _write(tmp_path / "m.nii.gz", np.zeros(ref.shape, np.uint8), ref.affine)
+    code, _, err = run(capsys, "heal", scan_files["image"], "--mask", mask, "-o", tmp_path / "out.nii.gz",
+                       "--model", tiny_bundle.root, "--quiet")
+    assert code == 2 and err.strip() == "usb: error: the lesion mask is empty: there is no lesion to heal (without " \
+        "a mask a heal edits the whole brain)"
+    assert not (tmp_path / "out.nii.gz").exists() and not (tmp_path / "out.json").exists()
+
+
 def test_console_script_runs_as_a_process(tiny_bundle):
     proc = subprocess.run([sys.executable, "-m", "USBLib.apps.cli", "info", "--model", str(tiny_bundle.root)],
                           capture_output=True, text=True, timeout=300)

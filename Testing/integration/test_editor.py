@@ -121,6 +121,9 @@ def test_bad_inputs(editor, case, message):
         mask = np.zeros_like(mask)
     with pytest.raises(InputError, match=message):
         editor.embed(img, aff, mask)
+    if case == "empty":  # a heal too: without a mask it would edit the whole brain, which an empty one did not ask
+        with pytest.raises(InputError, match="no lesion to heal"):
+            editor.heal(img, aff, mask)
 
 
 def test_voxels_without_a_value_stay_so_and_the_rest_is_the_edit_of_the_filled_scan(editor):

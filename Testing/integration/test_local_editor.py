@@ -119,9 +119,10 @@ def test_a_registration_is_kept_on_disk_for_the_next_process(local_bundle, monke
 
 def test_the_package_s_registrations_are_read_when_the_cache_has_none(local_bundle, monkeypatch, tmp_path,
                                                                      registrations):
-    """The package's own entries (``registration_cache.SHIPPED``: the sample's, to the default model) are read even
-    with the disk cache disabled, the user's cache comes first, and a key that is not there (another seed, another
-    model) is registered as before; nothing is ever written into the package's folder by an edit."""
+    """The package's own entries (``registration_cache.SHIPPED``: the sample's, to the default model) are read after
+    the user's cache (which comes first) and not with the disk cache disabled (a benchmark of a first run); a key
+    that is not there (another seed, another model) is registered as before; nothing is ever written into the
+    package's folder by an edit."""
     from USBLib.editor import registration_cache
 
     shipped = tmp_path / "package"
@@ -131,18 +132,20 @@ def test_the_package_s_registrations_are_read_when_the_cache_has_none(local_bund
     carried = np.diag([1.0, 1.0, 1.0, 1.0])
     carried[:3, 3] = [2.0, -3.0, 0.5]
     registration_cache.save(editor.registration_key(scan, aff, None, 1), carried, shipped)
-    monkeypatch.setenv("USB_CACHE_DIR", "")
+    monkeypatch.setenv("USB_CACHE_DIR", str(tmp_path / "cache"))
     np.testing.assert_array_equal(Editor(local_bundle, device="cpu")._map(scan, aff, None, 1).model_to_native,
                                   carried)
     assert registrations == []
     Editor(local_bundle, device="cpu")._map(scan, aff, None, 2)  # another seed: not the package's entry
     assert len(registrations) == 1
-    monkeypatch.setenv("USB_CACHE_DIR", str(tmp_path / "cache"))
     own = carried.copy()
     own[0, 3] = 7.0
     registration_cache.save(editor.registration_key(scan, aff, None, 1), own)
     np.testing.assert_array_equal(Editor(local_bundle, device="cpu")._map(scan, aff, None, 1).model_to_native, own)
-    assert len(registrations) == 1 and len(list(shipped.glob("*"))) == 1
+    assert len(registrations) == 1
+    monkeypatch.setenv("USB_CACHE_DIR", "")  # disabled: every scan is registered, the package's entry unread
+    assert not np.array_equal(Editor(local_bundle, device="cpu")._map(scan, aff, None, 1).model_to_native, carried)
+    assert len(registrations) == 2 and len(list(shipped.glob("*"))) == 1
 
 
 def test_local_stage_on_a_coarse_scan_runs_on_a_1mm_box(local_editor):

@@ -207,8 +207,17 @@ def heal_subject(editor, subject: Subject, out_root: Path, settings: BatchSettin
         from USBLib.imaging.checks import threshold_mask
 
         mask = read_volume(subject.mask, "lesion mask")
-        result = editor.heal(vol.data, vol.affine, threshold_mask(mask.data, settings.mask_threshold),
-                             mask_affine=mask.affine, **settings.edit_options())
+        lesion = threshold_mask(mask.data, settings.mask_threshold)
+        if not np.any(lesion):  # a segmentation that found no lesion (a control): the scan is its own heal
+            write_result(output, np.asarray(vol.data), vol.affine, vol.header,
+                         {"task": "copy", "note": "the lesion mask is empty: the input, unchanged"},
+                         {"image": subject.image, "mask": subject.mask},
+                         dict(extra, Description="T1w whose lesion mask is empty, copied unchanged",
+                              lesion_volume_ml=0.0))
+            record.status, record.lesion_ml = "copied", 0.0
+            record.message = "the lesion mask is empty: copied unchanged"
+            return record
+        result = editor.heal(vol.data, vol.affine, lesion, mask_affine=mask.affine, **settings.edit_options())
         lesion_ml = float(result.mask.sum() * abs(np.linalg.det(vol.affine[:3, :3])) / 1000.0)
         write_result(output, vol.as_in_file(result.image), vol.affine, vol.header, result.provenance,
                      {"image": subject.image, "mask": subject.mask}, dict(extra, lesion_volume_ml=round(lesion_ml, 4)))

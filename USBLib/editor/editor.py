@@ -255,7 +255,7 @@ class Editor:
              mask_affine: np.ndarray | None = None, resample_mask: bool = False,
              progress: Progress | None = None) -> EditResult:
         """Pathology -> healthy. With ``mask`` the edit stays inside the mask grown by ``dilation_mm`` plus a
-        ``margin_mm`` feather; without, it is a whole-brain latent edit.
+        ``margin_mm`` feather; without, it is a whole-brain latent edit (an empty mask is refused: ``InputError``).
 
         ``stages``: ``latent`` (the USB latent stage), ``local`` (the local deviation model at the scan's own
         resolution), ``both`` (latent, then local on its result); default: the bundle's. ``local_mode``:
@@ -672,8 +672,9 @@ class Editor:
 
     def _edit_inputs(self, task: str, image, affine, mask, brain_mask, mask_affine, resample_mask: bool):
         """Checked image (its voxels without a value read as its darkest value), float64 affine, binary mask (None
-        when absent or empty for heal), brain mask, and the voxels without a value with their values
-        (``checks.fill_missing``; None when there are none)."""
+        when absent), brain mask, and the voxels without a value with their values (``checks.fill_missing``; None
+        when there are none). An empty mask is refused: a heal without a mask edits the whole brain, which is not
+        what a mask that marks no lesion asks for (``usb batch`` copies such a scan unchanged)."""
         image = check_image(image, affine, missing_ok=True)
         affine = np.asarray(affine, dtype=np.float64)
         if mask is not None:
@@ -681,7 +682,8 @@ class Editor:
             if not mask.any():
                 if task == "embed":
                     raise InputError("the lesion mask is empty; paint or load a lesion to embed")
-                mask = None
+                raise InputError("the lesion mask is empty: there is no lesion to heal (without a mask a heal edits "
+                                 "the whole brain)")
         if brain_mask is not None:
             brain_mask = check_mask(brain_mask, image.shape, None, affine, False, "brain mask")
             if not brain_mask.any():

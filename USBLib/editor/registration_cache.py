@@ -14,9 +14,11 @@ entries in its ``registrations`` folder. The cache never fails an edit: an unrea
 is skipped (the scan is registered as without it).
 
 The package ships the bundled sample's registration to the default model (``SHIPPED``, read only, written by
-``python -m usb_training.data.sample --registration``): the first thing a new user runs, ``usb demo`` or the sample in
-Slicer or ``usb web``, does not wait for it. Its key holds the model's template, so a retrained model simply
-registers the sample again until the entry is rewritten (``Testing/integration/test_shipped_model.py`` fails then).
+``python -m usb_training.data.sample --registration``; read after the user's cache, and not at all when the cache is
+disabled): the first thing a new user runs, ``usb demo`` or the sample in Slicer or ``usb web``, does not wait for
+it. Its key holds the model's template, so a retrained model simply registers the sample again until the entry is
+rewritten (``Testing/integration/test_shipped_model.py`` fails then). It is the registration SimpleITK gave when it
+was written (2.5.7); another SimpleITK version may register the sample a few hundredths of a millimetre apart.
 """
 from __future__ import annotations
 
@@ -52,9 +54,12 @@ def _entry(key: str) -> Path | None:
 
 def load(key: str) -> np.ndarray | None:
     """The 4x4 float64 matrix stored under ``key`` (a hex digest): the user's cache's, else the package's
-    (``SHIPPED``, used even when the cache is disabled: it is part of the package); None where neither has it."""
+    (``SHIPPED``); None where neither has it, and always None when the cache is disabled (``USB_CACHE_DIR`` empty:
+    every scan is registered, as the benchmarks of a first run need)."""
     path = _entry(key)
-    found = None if path is None else _read(path)
+    if path is None:
+        return None
+    found = _read(path)
     return found if found is not None else _read(SHIPPED / f"{key}.json")
 
 

@@ -94,10 +94,11 @@ def make_sample(out: Path, seed: int = 7) -> dict[str, Path]:
 
 
 def write_registration(model: str | None = None, folder: Path | None = None) -> Path:
-    """Register the bundled sample to ``model`` (default: the default model) as every edit of it does (seed 0, no
-    brain mask, the model's registration mode) and store the result in ``folder`` (default: the package's
+    """Register the bundled sample to ``model`` (default: the default model) as every edit of it does by default
+    (seed 0, no brain mask, ``affine``) and store the result in ``folder`` (default: the package's
     ``registration_cache.SHIPPED``), so that ``usb demo`` and the sample in Slicer or ``usb web`` need not register
-    it. Returns the entry's path (named by its key: the sample's voxels and the model's template)."""
+    it. The package holds one entry, the default model's: written there, it replaces the others; into another
+    folder it is added. Returns the entry's path (named by its key: the sample's voxels and the model's template)."""
     from USBLib.core import bundle
     from USBLib.editor import registration_cache
     from USBLib.editor.editor import Editor
@@ -105,13 +106,17 @@ def write_registration(model: str | None = None, folder: Path | None = None) -> 
     from USBLib.resources import sample_files
 
     folder = Path(folder or registration_cache.SHIPPED)
+    package = folder.resolve() == registration_cache.SHIPPED.resolve()
+    if package and model is not None:
+        raise ValueError("the package's entry is the default model's: give another folder for another model")
     editor = Editor(bundle.load(model), device="cpu")
     image = read_volume(sample_files()["image"], "image")
     key = editor.registration_key(image.data, image.affine)
     registration_cache.save(key, editor.register_scan(image.data, image.affine), folder)
-    for old in folder.glob("*.json"):  # one entry: the sample's to the model shipped now
-        if old.stem != key:
-            old.unlink()
+    if package:  # one entry: the sample's to the model shipped now
+        for old in folder.glob("*.json"):
+            if old.stem != key:
+                old.unlink()
     return folder / f"{key}.json"
 
 
