@@ -101,7 +101,7 @@ def test_cancel_raises_and_reports_progress(editor):
 
 @pytest.mark.parametrize("case,message", [
     ("nan", "without a value"), ("constant", "constant"), ("nonbinary", "not binary"), ("grid", "different grid"),
-    ("outside", "outside the brain"), ("empty", "empty")])
+    ("outside", "outside the brain"), ("empty", "empty"), ("whole", "is it a brain mask")])
 def test_bad_inputs(editor, case, message):
     img, mask, aff = make_scan()
     if case == "nan":  # inside the lesion; elsewhere such voxels are kept (below)
@@ -119,8 +119,13 @@ def test_bad_inputs(editor, case, message):
         mask[:3, :3, :3] = 1
     elif case == "empty":
         mask = np.zeros_like(mask)
+    elif case == "whole":  # a brain mask given as the lesion mask: its "heal" would rewrite the brain for minutes
+        mask = np.ones_like(mask)
     with pytest.raises(InputError, match=message):
         editor.embed(img, aff, mask)
+    if case == "whole":
+        with pytest.raises(InputError, match=message):
+            editor.heal(img, aff, mask)
     if case == "empty":  # a heal too: without a mask it would edit the whole brain, which an empty one did not ask
         with pytest.raises(InputError, match="no lesion to heal"):
             editor.heal(img, aff, mask)

@@ -424,11 +424,13 @@ class Editor:
     def _registration_stage(self, task: str, image: np.ndarray, affine: np.ndarray, mask: np.ndarray | None,
                             brain_mask: np.ndarray | None, seed: int, prog: "_Progress"):
         """Scan -> model mapping, the scan's brain [I, J, K] bool, and the intensity map fitted in that brain;
-        refuses a lesion mask to heal that lies outside the brain (an embed mask is cut to the brain instead,
+        refuses a lesion mask that covers most of the brain (``input_checks.check_lesion_share``) and a lesion mask
+        to heal that lies outside the brain (an embed mask is cut to the brain instead,
         ``input_checks.confine_to_brain``)."""
         prog.stage("registering to the model template")
         mapping = self._map(image, affine, brain_mask, seed)
         brain = self._native_brain(mapping, brain_mask)
+        input_checks.check_lesion_share(mask, brain, affine)
         if task == "heal":
             input_checks.check_inside_brain(image, mask, brain)
         imap = IntensityMap.fit(image, brain, self.bundle.config["intensity"])

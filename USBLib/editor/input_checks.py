@@ -11,6 +11,29 @@ from USBLib.errors import InputError
 from USBLib.imaging.spatial import voxel_spacing
 
 
+MAX_LESION_SHARE = 0.5  # a lesion mask covering more of the brain than this is refused: a brain mask given by mistake
+
+
+def check_lesion_share(mask: np.ndarray | None, brain: np.ndarray, affine: np.ndarray) -> None:
+    """Refuse a lesion mask that covers more than ``MAX_LESION_SHARE`` of the brain: a brain mask (or a probability
+    map thresholded at 0) given as the lesion mask, whose "heal" would rewrite the whole brain voxel by voxel in the
+    local stage for tens of minutes; no lesion the model can heal or embed is that large (the largest measured:
+    63 ml), and a whole-brain heal is what leaving the mask out asks for.
+
+    Args:
+        mask: the lesion mask [I, J, K] (> 0 = lesion), or None (nothing to check).
+        brain: the scan's brain [I, J, K] bool (the registered template's, or the given brain mask).
+        affine: the scan's 4x4 voxel-to-RAS affine (mm), for the volumes in the message.
+    """
+    if mask is None or not brain.any():
+        return
+    share = float(np.count_nonzero((mask > 0) & brain)) / float(np.count_nonzero(brain))
+    if share > MAX_LESION_SHARE:
+        ml = float(np.count_nonzero(mask)) * float(abs(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
+        raise InputError(f"the lesion mask covers {share:.0%} of the brain ({ml:.0f} ml): a lesion mask marks the "
+                         "lesions only (is it a brain mask?); for a whole-brain heal give no mask")
+
+
 def check_inside_brain(image: np.ndarray, mask: np.ndarray | None, brain: np.ndarray) -> None:
     """Refuse a lesion mask that lies outside the brain: outside the registered template's brain, or on the
     image's own background (at most 1 % of the brain's 99th percentile, as the zeros of a skull-stripped scan);
