@@ -153,6 +153,32 @@ def test_a_scan_whose_lesion_mask_is_empty_is_copied_unchanged(tmp_path, tiny_bu
     assert run(root, out, tiny_bundle) == 0 and records(out)["sub-01"]["status"] == "up-to-date"
 
 
+def test_a_mask_that_is_gone_or_a_redo_that_fails_leaves_no_earlier_heal_behind(tmp_path, tiny_bundle):
+    """The derivatives hold heals of the inputs as they are now: a scan healed with a mask that was deleted since is
+    not 'up to date' (its output healed a lesion nobody marks any more); the earlier output and sidecar go, and so
+    they do when a redo fails (here: the mask replaced by one on another grid)."""
+    img, mask, aff = make_scan("axial")
+    root = tmp_path / "bids"
+    save(root / "sub-01/anat/sub-01_T1w.nii.gz", img, aff)
+    roi = save(root / "derivatives/lesions/sub-01/anat/sub-01_label-lesion_mask.nii.gz", mask, aff)
+    out = tmp_path / "out"
+    healed = out / "sub-01/anat/sub-01_desc-healed_T1w.nii.gz"
+    assert run(root, out, tiny_bundle) == 0 and healed.is_file()
+    roi.unlink()
+    assert run(root, out, tiny_bundle) == 0
+    record = records(out)["sub-01"]
+    assert record["status"] == "no-mask" and "earlier output" in record["message"]
+    assert not healed.exists() and not healed.with_name("sub-01_desc-healed_T1w.json").exists()
+    save(roi, mask, aff)
+    assert run(root, out, tiny_bundle) == 0 and healed.is_file()
+    save(roi, mask[:-1], aff)  # another grid: the redo fails
+    assert run(root, out, tiny_bundle) == 3
+    record = records(out)["sub-01"]
+    assert record["status"] == "failed" and "different grid" in record["message"]
+    assert "earlier output" in record["message"]
+    assert not healed.exists()
+
+
 def test_batch_shards_copies_unmasked_and_runs_workers(bids, tmp_path, tiny_bundle):
     out = tmp_path / "usb"
     # shard 2/3 of [sub-01, sub-02_ses-1, sub-03] is sub-02 only; copied unchanged with --without-mask copy

@@ -154,11 +154,41 @@ def up_to_date(subject: Subject, output: Path, key: str) -> bool:
     try:
         meta = json.loads(sidecar.read_text())
         inputs = meta.get("inputs", {})
+        if (subject.mask is None) != (inputs.get("mask") is None):  # a mask that came or went since
+            return False
         return (meta.get("batch_key") == key and meta.get("output_sha256") == _sha256(output)
                 and inputs.get("image", {}).get("sha256") == _sha256(subject.image)
                 and (subject.mask is None or inputs.get("mask", {}).get("sha256") == _sha256(subject.mask)))
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def remove_stale(output: Path) -> bool:
+    """Remove an earlier batch's ``output`` and its sidecar (one that records a ``batch_key``: this tool's) when the
+    scan's run now ends without an output of its own (its mask is gone, or the redo failed): the derivatives must
+    not hold a heal of inputs or settings that no longer apply. True when something was removed."""
+    sidecar = sidecar_path(output)
+    try:
+        if not (output.is_file() and sidecar.is_file() and "batch_key" in json.loads(sidecar.read_text())):
+            return False
+    except (OSError, ValueError, TypeError):
+        return False
+    try:
+        output.unlink(missing_ok=True)
+        sidecar.unlink(missing_ok=True)
+    except OSError:  # a read-only folder: it stays, and the record says the run failed
+        return False
+    return True
+
+
+STALE_NOTE = "the earlier output, of inputs or settings that no longer apply, was removed"
+
+
+def _drop_stale(output: Path, record: Record) -> None:
+    """A run that ends without an output of its own: an earlier one there goes (``remove_stale``), and the record
+    says so."""
+    if remove_stale(output):
+        record.message = "; ".join(m for m in (record.message, STALE_NOTE) if m)
 
 
 def _previous(out_root: Path, key: str) -> dict[str, Any]:
@@ -180,6 +210,7 @@ def heal_subject(editor, subject: Subject, out_root: Path, settings: BatchSettin
     try:
         if subject.problem:
             record.message = subject.problem
+            _drop_stale(output, record)
             return record
         if up_to_date(subject, output, key):
             before = _previous(out_root, subject.key)
@@ -191,6 +222,7 @@ def heal_subject(editor, subject: Subject, out_root: Path, settings: BatchSettin
         vol = read_volume(subject.image, "input image")  # every scan is opened: a broken file is reported
         if subject.mask is None and settings.without_mask == "skip":
             record.status, record.message, record.output = "no-mask", "no lesion mask found; nothing written", None
+            _drop_stale(output, record)
             return record
         from USBLib.imaging.io import check_image_values
 
@@ -234,12 +266,14 @@ def heal_subject(editor, subject: Subject, out_root: Path, settings: BatchSettin
     except USBError as exc:
         record.status, record.message = "failed", " ".join(str(exc).split())
         record.cause = OUTPUT_CAUSE if isinstance(exc, OutputError) else None
+        _drop_stale(output, record)
         return record
     except Exception as exc:  # an unexpected failure of one scan must not stop the batch
         record.status, record.message = "failed", f"internal error: {type(exc).__name__}: {exc}"
         log = out_root / "qc" / "logs" / f"{subject.key}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(traceback.format_exc())
+        _drop_stale(output, record)
         return record
     finally:
         if record.status != "up-to-date":
@@ -317,14 +351,20 @@ def run_batch(subjects: Sequence[Subject], out_root: Path, settings: BatchSettin
                 yield record
         except BaseException:  # Ctrl-C, SIGTERM, or a record that cannot be written: stop the workers
             running = [subject for future, subject in futures.items() if future.running()]
-            pool.shutdown(wait=False, cancel_futures=True)
-            # Ctrl-C reaches the workers through the process group, SIGTERM only this process: pass it on (the
-            # workers treat it as Ctrl-C and remove their temporary files). The executor has no public handle on
-            # its processes; ``_processes`` is CPython's (present since 3.2).
-            for process in list(getattr(pool, "_processes", {}).values()):
-                process.terminate()
+            stop_workers(pool)
             _save_cancelled(out_root, running)
             raise
+
+
+def stop_workers(pool) -> None:
+    """Cancel what ``pool`` (a ``ProcessPoolExecutor``) has not started and end its worker processes. Ctrl-C reaches
+    the workers through the process group, SIGTERM only this process: it is passed on (the workers treat it as
+    Ctrl-C and remove their temporary files). The executor has no public handle on its processes; ``_processes``
+    is CPython's (present since 3.2), read before ``shutdown``, which sets it to None."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
 
 
 def _save_cancelled(out_root: Path, subjects: Sequence[Subject]) -> None:

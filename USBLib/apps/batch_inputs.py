@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -55,10 +56,33 @@ def _one(matches: list[Path], what: str) -> Optional[Path]:
     return matches[0] if matches else None
 
 
+PATTERN_FIELDS = ("sub", "ses", "entities", "anat")
+
+
+def check_mask_pattern(pattern: Optional[str]) -> None:
+    """Refuse a ``--mask-pattern`` that names a field other than ``PATTERN_FIELDS``, does not parse, or is not
+    relative to the mask folder, with a one-line ``InputError``."""
+    if pattern is None:
+        return
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(pattern) if name is not None}
+    except ValueError as exc:
+        raise InputError(f"--mask-pattern '{pattern}': {exc}") from None
+    unknown = sorted(fields - set(PATTERN_FIELDS))
+    if unknown:
+        raise InputError(f"--mask-pattern '{pattern}': unknown field {{{unknown[0]}}}; use "
+                         + ", ".join("{" + f + "}" for f in PATTERN_FIELDS))
+    if Path(pattern).is_absolute() or Path(pattern).anchor:
+        raise InputError(f"--mask-pattern '{pattern}' must be relative to the mask folder (--masks)")
+
+
 def _bids_mask(root: Path, image: Path, entities: str, mask_roots: Sequence[Path], pattern: Optional[str]) -> Optional[Path]:
+    """The scan's mask: in the first mask root that has one (two there: ``InputError``); ``InputError`` too when
+    several mask roots have one (which would be a guess)."""
     anat = image.parent.relative_to(root)
-    found: list[Path] = []
+    hits: list[tuple[Path, Path]] = []  # (mask root, its match)
     for mask_root in mask_roots:
+        found: list[Path] = []
         if pattern:
             sub = entities.split("_")[0][4:]
             ses = next((e[4:] for e in entities.split("_") if e.startswith("ses-")), "")
@@ -69,8 +93,11 @@ def _bids_mask(root: Path, image: Path, entities: str, mask_roots: Sequence[Path
             found += [folder / f"{entities}{s}{x}" for s in BIDS_MASK_SUFFIXES for x in (".nii.gz", ".nii")
                       if (folder / f"{entities}{s}{x}").is_file()]
         if found:
-            return _one(found, image.name)
-    return None
+            hits.append((mask_root, _one(found, image.name)))
+    if len(hits) > 1:
+        raise InputError(f"several masks match {image.name}, in " + ", ".join(str(r) for r, _ in hits)
+                         + "; choose the folder with --masks")
+    return hits[0][1] if hits else None
 
 
 def _bids(root: Path, masks: Optional[Path], pattern: Optional[str], exclude: Sequence[Path]) -> list[Subject]:
@@ -117,9 +144,14 @@ def _plain(folder: Path, masks: Optional[Path], pattern: Optional[str]) -> list[
 
 
 def _csv(path: Path) -> list[Subject]:
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or "image" not in rows[0]:
+    """The CSV's rows as subjects; its header names are read without surrounding spaces (``image, mask``) and a
+    spreadsheet's byte-order mark is skipped. An ``id`` names the output file, so it may not be a path."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            rows = [{(k or "").strip().lower(): v for k, v in row.items()} for row in csv.DictReader(f)]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{path}: not a readable UTF-8 CSV ({exc})") from None
+    if not rows or not {"image", "mask"} <= set(rows[0]):
         raise InputError(f"{path}: a CSV of scans needs a header row with 'image' and 'mask' columns")
     subjects, keys = [], set()
     for n, row in enumerate(rows, start=2):
@@ -128,11 +160,24 @@ def _csv(path: Path) -> list[Subject]:
         image = (path.parent / row["image"].strip()).resolve()
         mask = (path.parent / row["mask"].strip()).resolve() if (row.get("mask") or "").strip() else None
         key = (row.get("id") or "").strip() or _stem(image)
+        if "/" in key or "\\" in key or key.startswith("."):
+            raise InputError(f"{path}:{n}: id '{key}' is a path; an id names the output file (no '/', '\\' or "
+                             "leading '.')")
         if key in keys:
             raise InputError(f"{path}:{n}: '{key}' appears twice; give each row a unique 'id'")
         keys.add(key)
         subjects.append(Subject(key, image, mask, Path(".")))
     return subjects
+
+
+def _unique_keys(subjects: Sequence[Subject]) -> None:
+    """Refuse two scans with one key (``scan.nii`` beside ``scan.nii.gz``): they would share one output."""
+    seen: dict[str, Path] = {}
+    for subject in subjects:
+        if subject.key in seen:
+            raise InputError(f"two scans would write one output '{subject.key}': {seen[subject.key]} and "
+                             f"{subject.image}; keep one of them")
+        seen[subject.key] = subject.image
 
 
 def find_subjects(source: Path, masks: Optional[Path] = None, mask_pattern: Optional[str] = None,
@@ -143,14 +188,16 @@ def find_subjects(source: Path, masks: Optional[Path] = None, mask_pattern: Opti
         raise InputError(f"{source}: no such file or folder")
     if masks is not None and not Path(masks).is_dir():
         raise InputError(f"{masks}: the mask folder does not exist")
+    check_mask_pattern(mask_pattern)
     if source.is_file():
         if source.suffix.lower() != ".csv":
             raise InputError(f"{source}: give a BIDS dataset, a folder of scans or a .csv of image,mask pairs")
         subjects = _csv(source)
-    elif (source / "dataset_description.json").is_file() or any(source.glob("sub-*")):
+    elif (source / "dataset_description.json").is_file() or any(p.is_dir() for p in source.glob("sub-*")):
         subjects = _bids(source, masks, mask_pattern, exclude)
     else:
         subjects = _plain(source, masks, mask_pattern)
+    _unique_keys(subjects)
     if participants:
         wanted = {p[4:] if p.startswith("sub-") else p for p in participants}
         subjects = [s for s in subjects if (s.participant or s.key) in wanted]

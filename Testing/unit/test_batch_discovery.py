@@ -1,0 +1,94 @@
+"""How ``usb batch`` finds its scans and masks (``USBLib.apps.batch_inputs``) in layouts a pipeline meets, and how it
+stops its worker processes (``batch.stop_workers``): each refusal is a one-line ``InputError`` before any scan runs.
+Files here are empty stand-ins: discovery reads names, never voxels."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from USBLib.apps.batch import stop_workers
+from USBLib.apps.batch_inputs import find_subjects
+from USBLib.errors import InputError
+
+
+def touch(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return path
+
+
+def test_a_flat_folder_of_sub_files_is_a_folder_of_scans_not_bids(tmp_path):
+    for name in ("sub-01_T1w.nii.gz", "sub-01_T1w_mask.nii.gz", "sub-02_T1w.nii.gz"):
+        touch(tmp_path / name)
+    found = [(s.key, s.mask.name if s.mask else None) for s in find_subjects(tmp_path)]
+    assert found == [("sub-01_T1w", "sub-01_T1w_mask.nii.gz"), ("sub-02_T1w", None)]
+
+
+def test_a_spreadsheet_csv_is_read_and_a_csv_without_a_mask_column_or_with_a_path_id_is_refused(tmp_path):
+    touch(tmp_path / "a.nii.gz")
+    touch(tmp_path / "a_roi.nii.gz")
+    table = tmp_path / "excel.csv"
+    table.write_bytes("\ufeffImage, Mask\na.nii.gz, a_roi.nii.gz\n".encode("utf-8"))  # BOM, capitals, spaces
+    [subject] = find_subjects(table)
+    assert subject.image == (tmp_path / "a.nii.gz").resolve() and subject.mask == (tmp_path / "a_roi.nii.gz").resolve()
+    (tmp_path / "nomask.csv").write_text("image\na.nii.gz\n")  # every scan would be a silent 'no-mask'
+    with pytest.raises(InputError, match="'image' and 'mask' columns"):
+        find_subjects(tmp_path / "nomask.csv")
+    for bad in ("../escaped", "site A/sub-01", ".hidden"):
+        (tmp_path / "ids.csv").write_text(f"image,mask,id\na.nii.gz,a_roi.nii.gz,{bad}\n")
+        with pytest.raises(InputError, match="is a path"):
+            find_subjects(tmp_path / "ids.csv")
+    (tmp_path / "latin1.csv").write_bytes("image,mask\nscan_\xe9.nii.gz,\n".encode("latin-1"))
+    with pytest.raises(InputError, match="UTF-8"):
+        find_subjects(tmp_path / "latin1.csv")
+
+
+@pytest.mark.parametrize("pattern,message", [("{subject}/anat/*mask*", "unknown field {subject}"),
+                                             ("/abs/{sub}_mask.nii.gz", "relative"), ("{sub", "mask-pattern")])
+def test_a_mistyped_mask_pattern_is_a_usage_error(tmp_path, pattern, message):
+    touch(tmp_path / "sub-01/anat/sub-01_T1w.nii.gz")
+    with pytest.raises(InputError, match=message):
+        find_subjects(tmp_path, mask_pattern=pattern)
+
+
+def test_two_scans_with_one_output_are_refused(tmp_path):
+    touch(tmp_path / "sub-03/anat/sub-03_T1w.nii")
+    touch(tmp_path / "sub-03/anat/sub-03_T1w.nii.gz")
+    with pytest.raises(InputError, match="two scans would write one output 'sub-03'"):
+        find_subjects(tmp_path)
+
+
+def test_a_mask_in_two_derivatives_folders_is_not_picked_by_name(tmp_path):
+    touch(tmp_path / "sub-01/anat/sub-01_T1w.nii.gz")
+    for pipeline in ("lesion_auto", "lesion_manual"):
+        touch(tmp_path / f"derivatives/{pipeline}/sub-01/anat/sub-01_label-lesion_mask.nii.gz")
+    [subject] = find_subjects(tmp_path)
+    assert subject.mask is None and "several masks match" in subject.problem and "--masks" in subject.problem
+    [chosen] = find_subjects(tmp_path, masks=tmp_path / "derivatives/lesion_manual")
+    assert chosen.mask.parts[-4] == "lesion_manual" and not chosen.problem
+
+
+def test_stopping_the_workers_ends_their_processes():
+    """The cancel path of ``usb batch --jobs N`` (Ctrl-C, SIGTERM): CPython's ``ProcessPoolExecutor.shutdown`` sets
+    its process table to None (3.9+), so the table must be read before it; then every worker is terminated. A stand-in
+    pool that does what CPython's does, so that the test does not hang on real processes' timing."""
+    class Worker:
+        terminated = False
+
+        def terminate(self):
+            self.terminated = True
+
+    class Pool:
+        def __init__(self):
+            self._processes = {1: Worker(), 2: Worker()}
+            self.shut = None
+
+        def shutdown(self, wait=True, cancel_futures=False):
+            self.shut, self._processes = (wait, cancel_futures), None
+
+    pool = Pool()
+    workers = list(pool._processes.values())
+    stop_workers(pool)
+    assert pool.shut == (False, True) and all(w.terminated for w in workers)
+    stop_workers(pool)  # again, on a pool already shut down: nothing to do, no error
