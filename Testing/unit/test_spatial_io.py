@@ -56,6 +56,24 @@ def test_integers_stored_with_a_slope_are_written_as_they_were_stored(tmp_path):
     np.testing.assert_array_equal(np.asarray(again.dataobj), raw)
 
 
+@pytest.mark.parametrize("codes", [(2, 0), (0, 1), (1, 1), (0, 0)])
+def test_an_edit_keeps_the_input_s_sform_and_qform_codes(tmp_path, codes):
+    """Geometry is the input's: its sform/qform codes come back as they were (a qform the input left unset stays
+    unset, so a reader that prefers the qform cannot read a sheared scan's output elsewhere), and so does the affine
+    every reader sees."""
+    sheared = AFFINES["oblique"].copy()
+    sheared[0, 1] += 0.05  # a shear no quaternion holds
+    img = nib.Nifti1Image(np.arange(12 * 14 * 10, dtype=np.int16).reshape(12, 14, 10), None)
+    img.set_sform(sheared, code=codes[0])
+    img.set_qform(AFFINES["oblique"] if codes[1] else None, code=codes[1])
+    nib.save(img, tmp_path / "in.nii.gz")
+    vol = read_volume(tmp_path / "in.nii.gz")
+    write_volume(tmp_path / "out.nii.gz", vol.data, vol.affine, vol.header)
+    before, after = nib.load(tmp_path / "in.nii.gz"), nib.load(tmp_path / "out.nii.gz")
+    assert (int(after.header["sform_code"]), int(after.header["qform_code"])) == codes
+    np.testing.assert_allclose(after.affine, before.affine, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", sorted(AFFINES))
 def test_model_space_round_trip(kind):
     aff = AFFINES[kind]

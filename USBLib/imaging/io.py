@@ -278,8 +278,10 @@ def _write_to(path: Path, fmt: str, data: np.ndarray, affine: np.ndarray, header
         img.set_data_dtype(data.dtype)
         if hdr is not None:
             img.header.set_slope_inter(*(stored[1:] if stored is not None else (1.0, 0.0)))
-            img.set_sform(affine, code=int(hdr["sform_code"]) or 1)
-            img.set_qform(affine, code=int(hdr["qform_code"]) or 1)
+            # the input's codes as they were: a qform the input did not set (code 0) stays unset, since for a sheared
+            # affine it could only approximate the sform, and readers that prefer the qform would move the scan
+            img.set_sform(affine, code=int(hdr["sform_code"]))
+            img.set_qform(affine, code=int(hdr["qform_code"]))
     nib.save(img, str(path))
 
 
@@ -296,7 +298,8 @@ def write_volume(path: os.PathLike | str, data: np.ndarray, affine: np.ndarray, 
     """Write ``data`` with ``affine`` (and the source header's codes for NIfTI) atomically; returns the path.
 
     The format follows the suffix: NIfTI keeps ``data``'s dtype, resets slope/intercept to 1/0 and sets both sform
-    and qform to ``affine`` (with the source header's codes, or 1), except that float ``data`` for a source stored
+    and qform to ``affine`` with the source header's codes as they were (a code 0 stays 0; without a source header,
+    nibabel's defaults), except that float ``data`` for a source stored
     as integers with a slope/intercept (``read_volume`` keeps it in the header) is stored the same way again:
     rounded and clipped to the stored type, with the source's slope and intercept, so that the source's own voxels
     come back bit for bit in the file; MGZ/MGH via nibabel; NRRD via SimpleITK (converted to LPS, compressed).
