@@ -69,6 +69,15 @@ def test_a_mask_in_two_derivatives_folders_is_not_picked_by_name(tmp_path):
     assert chosen.mask.parts[-4] == "lesion_manual" and not chosen.problem
 
 
+def test_a_participant_label_without_scans_is_refused_not_ignored(tmp_path):
+    touch(tmp_path / "sub-01/anat/sub-01_T1w.nii.gz")
+    assert [s.key for s in find_subjects(tmp_path, participants=["sub-01"])] == ["sub-01"]
+    with pytest.raises(InputError, match="participant label.s. 99"):
+        find_subjects(tmp_path, participants=["01", "99"])
+    with pytest.raises(InputError, match="no T1w scans found for the given participant labels"):
+        find_subjects(tmp_path, participants=["99"])
+
+
 def test_stopping_the_workers_ends_their_processes():
     """The cancel path of ``usb batch --jobs N`` (Ctrl-C, SIGTERM): CPython's ``ProcessPoolExecutor.shutdown`` sets
     its process table to None (3.9+), so the table must be read before it; then every worker is terminated. A stand-in

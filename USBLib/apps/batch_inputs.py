@@ -201,6 +201,9 @@ def find_subjects(source: Path, masks: Optional[Path] = None, mask_pattern: Opti
     if participants:
         wanted = {p[4:] if p.startswith("sub-") else p for p in participants}
         subjects = [s for s in subjects if (s.participant or s.key) in wanted]
+        missing = sorted(wanted - {s.participant or s.key for s in subjects})
+        if subjects and missing:  # (none found at all: the message below)
+            raise InputError(f"{source}: no T1w scans for participant label(s) {', '.join(missing)}")
     if not subjects:
         raise InputError(f"{source}: no T1w scans found" + (" for the given participant labels" if participants else ""))
     return sorted(subjects, key=lambda s: s.key)
