@@ -130,7 +130,8 @@ def _write(path, data, affine=np.eye(4) * 3):
     ("nan", "covers 1 voxel without a value"), ("allnan", "no voxel with a value"), ("constant", "constant"),
     ("empty_mask", "mask is empty"),
     ("nonbinary", "not binary"), ("grid", "different grid"), ("outside", "outside the brain"),
-    ("same_path", "same file as input"), ("tampered", "checksum mismatch"), ("bad_setting", "strength"),
+    ("same_path", "same file as input"), ("foreign_sidecar", "USB did not write"),
+    ("tampered", "checksum mismatch"), ("bad_setting", "strength"),
     ("no_model", "neither a bundle folder"), ("bad_device", "unknown device")])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, message, tiny_bundle, scan_files, tmp_path, capsys):
     image, mask = scan_files["image"], scan_files["embed"]
@@ -169,6 +170,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, message, tiny_
         mask = _write(tmp_path / "m.nii.gz", data, ref.affine)
     elif case == "same_path":
         out = image
+    elif case == "foreign_sidecar":  # a scanner's sidecar where the output's would go
+        (tmp_path / "out.json").write_text('{"Modality": "MR", "RepetitionTime": 2.3}')
     elif case == "tampered":
         model = tmp_path / "bundle"
         shutil.copytree(tiny_bundle.root, model)
@@ -191,6 +194,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, message, tiny_
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
     if before is not None:
         assert image.read_bytes() == before  # input untouched
+    if case == "foreign_sidecar":
+        assert json.loads((tmp_path / "out.json").read_text())["Modality"] == "MR"
 
 
 def test_usage_errors_exit_2(capsys):

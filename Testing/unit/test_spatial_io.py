@@ -56,6 +56,42 @@ def test_integers_stored_with_a_slope_are_written_as_they_were_stored(tmp_path):
     np.testing.assert_array_equal(np.asarray(again.dataobj), raw)
 
 
+def test_an_mgz_output_keeps_the_input_s_header_and_a_type_mgh_cannot_hold_is_stored_without_loss(tmp_path):
+    """FreeSurfer's MGZ: the output carries the input's header (TR, TE, TI, flip angle), and values of a type the
+    format has no code for (float64, int8) are written as the nearest it has (float32, int32), not refused after
+    the edit has run."""
+    img = nib.MGHImage(np.arange(12 * 14 * 10, dtype=np.int32).reshape(12, 14, 10).astype(np.uint8),
+                       AFFINES["oblique"])
+    for field, value in (("tr", 2300.0), ("te", 2.98), ("ti", 900.0), ("flip_angle", 0.157)):
+        img.header[field] = value
+    nib.save(img, tmp_path / "in.mgz")
+    vol = read_volume(tmp_path / "in.mgz")
+    write_volume(tmp_path / "out.mgz", vol.data, vol.affine, vol.header)
+    out = nib.load(tmp_path / "out.mgz")
+    for field in ("tr", "te", "ti", "flip_angle"):
+        assert float(out.header[field]) == pytest.approx(float(img.header[field]))
+    assert out.get_data_dtype() == np.uint8 and np.array_equal(np.asarray(out.dataobj), vol.data)
+    np.testing.assert_allclose(out.affine, vol.affine, atol=1e-5)
+    for values, stored in ((vol.data.astype(np.float64) + 0.5, np.float32), (vol.data.astype(np.int8) - 3, np.int32)):
+        write_volume(tmp_path / "cast.mgz", values, vol.affine, vol.header)
+        cast = nib.load(tmp_path / "cast.mgz")
+        assert cast.get_data_dtype().type is stored and np.array_equal(np.asarray(cast.dataobj), values)
+
+
+def test_a_4d_nrrd_with_one_volume_is_read_as_3d(tmp_path):
+    import SimpleITK as sitk
+
+    data = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
+    flat = sitk.GetImageFromArray(data)
+    flat.SetSpacing((1.0, 2.0, 3.0))
+    flat.SetOrigin((5.0, 6.0, 7.0))
+    sitk.WriteImage(flat, str(tmp_path / "flat.nrrd"))
+    sitk.WriteImage(sitk.JoinSeries([flat]), str(tmp_path / "t4d.nrrd"))
+    single, plain = read_volume(tmp_path / "t4d.nrrd"), read_volume(tmp_path / "flat.nrrd")
+    assert single.data.shape == plain.data.shape == (4, 3, 2)
+    assert np.array_equal(single.data, plain.data) and np.allclose(single.affine, plain.affine)
+
+
 @pytest.mark.parametrize("codes", [(2, 0), (0, 1), (1, 1), (0, 0)])
 def test_an_edit_keeps_the_input_s_sform_and_qform_codes(tmp_path, codes):
     """Geometry is the input's: its sform/qform codes come back as they were (a qform the input left unset stays

@@ -8,6 +8,7 @@ when a run has finished (temporary file, then rename), each with a JSON provenan
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 from pathlib import Path
@@ -169,8 +170,20 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def _foreign_json(path: Path) -> bool:
+    """Whether ``path`` is a file that is not a USB sidecar (a scanner's or BIDS sidecar, say), which an output's
+    sidecar must not replace."""
+    if not path.exists():
+        return False
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return True
+    return not (isinstance(content, dict) and {"task", "output_sha256"} <= set(content))
+
+
 def _check_outputs(inputs: Sequence[Path | None], outputs: Sequence[Path | None]) -> None:
-    from USBLib.imaging.io import check_writable, suffix_of
+    from USBLib.imaging.io import check_writable, sidecar_path, suffix_of
 
     outs = [o for o in outputs if o is not None]
     for out in outs:
@@ -180,6 +193,9 @@ def _check_outputs(inputs: Sequence[Path | None], outputs: Sequence[Path | None]
                 raise InputError(f"output {out} is the same file as input {inp}; choose another output path")
         if out.exists() and out.is_dir():
             raise InputError(f"output {out} is a folder")
+        if _foreign_json(sidecar_path(out)):
+            raise InputError(f"the output's sidecar {sidecar_path(out)} would replace a JSON file USB did not write "
+                             "(a scanner or BIDS sidecar?); choose another output name")
     if len({str(o.resolve()) for o in outs}) != len(outs):
         raise InputError("two outputs have the same path")
     for out in outs:  # before the work starts, not after it

@@ -129,6 +129,8 @@ def read_volume(path: os.PathLike | str, what: str = "image") -> Volume:
             if img.GetNumberOfComponentsPerPixel() != 1:
                 raise InputError(f"{path}: {what} has {img.GetNumberOfComponentsPerPixel()} components per voxel; "
                                  "a scalar volume is needed")
+            if img.GetDimension() == 4 and img.GetSize()[3] == 1:  # [I, J, K, 1]: a 3D scan, as for NIfTI/MGZ
+                img = img[:, :, :, 0]
             if img.GetDimension() != 3:
                 raise InputError(f"{path}: {what} is {img.GetDimension()}D; a 3D volume is needed")
             data = sitk.GetArrayFromImage(img).transpose(2, 1, 0)
@@ -267,7 +269,10 @@ def _write_to(path: Path, fmt: str, data: np.ndarray, affine: np.ndarray, header
     import nibabel as nib
 
     if fmt in (".mgz", ".mgh"):
-        img = nib.MGHImage(data, affine)
+        data = _mgh_storable(data)
+        hdr = header.copy() if isinstance(header, nib.freesurfer.mghformat.MGHHeader) else None
+        img = nib.MGHImage(data, affine, header=hdr)  # the input's header (TR, TE, TI, flip angle) kept
+        img.set_data_dtype(data.dtype)
     else:
         hdr = header.copy() if isinstance(header, nib.Nifti1Header) else None
         stored = _stored_scaling(hdr) if np.issubdtype(data.dtype, np.floating) else None
@@ -283,6 +288,23 @@ def _write_to(path: Path, fmt: str, data: np.ndarray, affine: np.ndarray, header
             img.set_sform(affine, code=int(hdr["sform_code"]))
             img.set_qform(affine, code=int(hdr["qform_code"]))
     nib.save(img, str(path))
+
+
+MGH_DTYPES = (np.uint8, np.int16, np.int32, np.float32)  # what the MGH format stores
+
+
+def _mgh_storable(data: np.ndarray) -> np.ndarray:
+    """``data`` in a type the MGH format stores (``MGH_DTYPES``): as it is when it is one; other integers as int32
+    when their values fit, else float32; float64 and float16 as float32 (the format has nothing wider)."""
+    data = np.asarray(data)
+    if data.dtype in [np.dtype(t) for t in MGH_DTYPES]:
+        return data
+    if data.dtype == np.bool_:
+        return data.astype(np.uint8)
+    if np.issubdtype(data.dtype, np.integer) and data.size and \
+            np.iinfo(np.int32).min <= data.min() and data.max() <= np.iinfo(np.int32).max:
+        return data.astype(np.int32)
+    return data.astype(np.float32)
 
 
 def _sitk_reason(exc: RuntimeError) -> str:
