@@ -169,6 +169,11 @@ def validate(settings: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
+def cli_number(name: str):
+    """An argparse ``type`` for setting ``name``: its kind and range (``SETTINGS``), a bad value a usage error."""
+    return _number(SETTINGS[name])
+
+
 def _number(spec: Setting):
     cast = int if spec.kind == "int" else float
 

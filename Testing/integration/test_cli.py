@@ -131,9 +131,11 @@ def _write(path, data, affine=np.eye(4) * 3):
     ("empty_mask", "mask is empty"),
     ("nonbinary", "not binary"), ("grid", "different grid"), ("outside", "outside the brain"),
     ("same_path", "same file as input"), ("foreign_sidecar", "USB did not write"),
+    ("shared_sidecar", "share one sidecar"), ("negative_seed", "--seed"), ("bad_threads", "USB_THREADS"),
     ("tampered", "checksum mismatch"), ("bad_setting", "strength"),
     ("no_model", "neither a bundle folder"), ("bad_device", "unknown device")])
-def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, message, tiny_bundle, scan_files, tmp_path, capsys):
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, message, tiny_bundle, scan_files, tmp_path, capsys,
+                                                            monkeypatch):
     image, mask = scan_files["image"], scan_files["embed"]
     ref = nib.load(str(image))
     model = tiny_bundle.root
@@ -170,6 +172,12 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, message, tiny_
         mask = _write(tmp_path / "m.nii.gz", data, ref.affine)
     elif case == "same_path":
         out = image
+    elif case == "shared_sidecar":  # out.nii.gz and out.nii: one out.json for both
+        extra = ["--uncertainty", str(tmp_path / "out.nii")]
+    elif case == "negative_seed":
+        extra = ["--seed", "-1"]
+    elif case == "bad_threads":
+        monkeypatch.setenv("USB_THREADS", "0")
     elif case == "foreign_sidecar":  # a scanner's sidecar where the output's would go
         (tmp_path / "out.json").write_text('{"Modality": "MR", "RepetitionTime": 2.3}')
     elif case == "tampered":
@@ -256,6 +264,13 @@ def test_a_heal_with_an_empty_mask_exits_2_and_writes_nothing(tiny_bundle, scan_
     assert code == 2 and err.strip() == "usb: error: the lesion mask is empty: there is no lesion to heal (without " \
         "a mask a heal edits the whole brain)"
     assert not (tmp_path / "out.nii.gz").exists() and not (tmp_path / "out.json").exists()
+
+
+def test_demo_into_a_file_is_refused_before_the_work(tiny_bundle, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    code, _, err = run(capsys, "demo", "-o", tmp_path / "afile", "--model", tiny_bundle.root, "--quiet")
+    assert code == 2 and "it is a file, not a folder" in err and err.count("\n") == 1
+    assert (tmp_path / "afile").read_text() == "x"
 
 
 def test_console_script_runs_as_a_process(tiny_bundle):

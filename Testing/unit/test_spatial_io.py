@@ -78,6 +78,13 @@ def test_an_mgz_output_keeps_the_input_s_header_and_a_type_mgh_cannot_hold_is_st
         assert cast.get_data_dtype().type is stored and np.array_equal(np.asarray(cast.dataobj), values)
 
 
+@pytest.mark.parametrize("suffix", [".mgz", ".nrrd"])
+def test_a_4d_one_volume_scan_is_written_as_3d_where_the_format_takes_it_so(tmp_path, suffix):
+    data = np.arange(12 * 14 * 10, dtype=np.int16).reshape(12, 14, 10, 1)
+    back = read_volume(write_volume(tmp_path / f"v{suffix}", data, AFFINES["oblique"]))
+    assert back.data.shape == (12, 14, 10) and np.array_equal(back.data, data[..., 0])
+
+
 def test_a_4d_nrrd_with_one_volume_is_read_as_3d(tmp_path):
     import SimpleITK as sitk
 

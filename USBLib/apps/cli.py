@@ -18,7 +18,7 @@ from USBLib.errors import BundleError, Cancelled, InputError, OutputError, Termi
 from USBLib.apps.progress_bar import ProgressBar
 from USBLib.apps.signals import terminate_as_interrupt
 from USBLib.imaging.io import write_result
-from USBLib.settings import COVERS_RIM_DILATION_MM, SETTINGS, add_cli_options
+from USBLib.settings import COVERS_RIM_DILATION_MM, SETTINGS, add_cli_options, cli_number
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_CANCELLED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 PROG = "usb"
@@ -32,7 +32,7 @@ class _Parser(argparse.ArgumentParser):
 def _common(p: argparse.ArgumentParser, samples: bool = True, uncertainty: bool = True) -> None:
     p.add_argument("--model", help="bundle name or folder (default: the installed default model)")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or mps")
-    p.add_argument("--seed", type=int, default=0, help=SETTINGS["seed"].help + " (default 0)")
+    p.add_argument("--seed", type=cli_number("seed"), default=0, help=SETTINGS["seed"].help + " (default 0)")
     add_cli_options(p, ["steps"])
     if samples:
         p.add_argument("--samples", type=int, default=1, help=SETTINGS["samples"].help + " (default 1)")
@@ -198,6 +198,9 @@ def _check_outputs(inputs: Sequence[Path | None], outputs: Sequence[Path | None]
                              "(a scanner or BIDS sidecar?); choose another output name")
     if len({str(o.resolve()) for o in outs}) != len(outs):
         raise InputError("two outputs have the same path")
+    if len({str(sidecar_path(o).resolve()) for o in outs}) != len(outs):  # e.g. out.nii.gz and out.mgz: out.json
+        raise InputError("two outputs would share one sidecar (their names differ only in the suffix); choose "
+                         "other names")
     for out in outs:  # before the work starts, not after it
         check_writable(out)
 

@@ -14,16 +14,20 @@ def run_demo(out: Path, model=None, device: str = "auto", seed: int = 0, steps: 
     import sys
 
     from USBLib.apps.progress_bar import ProgressBar
-    from USBLib.imaging.io import read_volume, write_result
+    from USBLib.errors import OutputError
+    from USBLib.imaging.io import check_writable, read_volume, write_result
     from USBLib.apps.montage import save_montage
     from USBLib.apps.qc_report import lesion_row
     from USBLib.editor.editor import Editor
 
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"cannot write the demo into {out}: it is a file, not a folder")
+    check_writable(out / "sample_healed.nii.gz")  # before the work, not after it
     editor = Editor(model, device=device)  # fails first, and clearly, when no model is installed
     look = {"local_mode": editor.interactive_local_mode()} if editor.bundle.has_local else {}  # a person looks
     files = sample_files()
     image, lesion, target = (read_volume(files[k], k) for k in ("image", "lesion", "embed"))
-    out = Path(out)
     written: dict[str, Path] = {}
     bar = ProgressBar(quiet, "demo: heal")
     try:

@@ -952,5 +952,8 @@ def threads_from_env() -> None:
     """Honour ``USB_THREADS`` for torch's intra-op pool (pipelines running several workers)."""
     import torch
 
-    if os.environ.get("USB_THREADS"):
-        torch.set_num_threads(int(os.environ["USB_THREADS"]))
+    given = os.environ.get("USB_THREADS", "").strip()
+    if given:
+        if not given.isdigit() or int(given) < 1:
+            raise InputError(f"USB_THREADS must be a whole number of threads of 1 or more, got {given!r}")
+        torch.set_num_threads(int(given))

@@ -252,6 +252,8 @@ def atomic_path(target: Path) -> Iterator[Path]:
 
 
 def _write_to(path: Path, fmt: str, data: np.ndarray, affine: np.ndarray, header: Any) -> None:
+    if fmt not in (".nii", ".nii.gz") and data.ndim > 3 and data.shape[3:] == (1,) * (data.ndim - 3):
+        data = data.reshape(data.shape[:3])  # a 4D one-volume NIfTI's shape: MGZ and NRRD take the scan as 3D
     if fmt in (".nrrd", ".nhdr"):
         import SimpleITK as sitk
 
