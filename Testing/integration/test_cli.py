@@ -273,6 +273,28 @@ def test_demo_into_a_file_is_refused_before_the_work(tiny_bundle, tmp_path, caps
     assert (tmp_path / "afile").read_text() == "x"
 
 
+def test_a_command_whose_later_output_cannot_be_written_leaves_none_of_its_outputs(tiny_bundle, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """``generate --n 2`` writes four files: when the third cannot be written (a full disk, here simulated), the two
+    already written go too, with their sidecars, and the command says so with exit 2."""
+    import USBLib.apps.cli as cli
+    from USBLib.errors import OutputError
+
+    real, calls = cli.write_result, []
+
+    def failing_third(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OutputError(f"cannot write {path}: No space left on device")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(cli, "write_result", failing_third)
+    code, _, err = run(capsys, "generate", "-o", tmp_path / "g.nii.gz", "--mask-out", tmp_path / "m.nii.gz",
+                       "--n", "2", "--model", tiny_bundle.root, "--quiet")
+    assert code == 2 and "No space left" in err and len(calls) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_console_script_runs_as_a_process(tiny_bundle):
     proc = subprocess.run([sys.executable, "-m", "USBLib.apps.cli", "info", "--model", str(tiny_bundle.root)],
                           capture_output=True, text=True, timeout=300)

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 from USBLib.errors import BundleError, Cancelled, InputError, OutputError, Terminated, USBError
 from USBLib.apps.progress_bar import ProgressBar
 from USBLib.apps.signals import terminate_as_interrupt
-from USBLib.imaging.io import write_result
+from USBLib.imaging.io import all_or_nothing, write_result
 from USBLib.settings import COVERS_RIM_DILATION_MM, SETTINGS, add_cli_options, cli_number
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_CANCELLED, EXIT_TERMINATED = 0, 1, 2, 130, 143
@@ -284,10 +284,12 @@ def cmd_edit(args, task: str) -> int:
         bar.close()
     _print_notes(result)
     inputs = {"image": args.input, "mask": args.mask, "brain_mask": args.brain_mask}
-    write_result(args.output, vol.as_in_file(result.image), vol.affine, vol.header, result.provenance, inputs)
-    if args.uncertainty is not None:
-        write_result(args.uncertainty, vol.as_in_file(result.uncertainty.astype("float32")), vol.affine, None,
-                     dict(result.provenance, kind="uncertainty (std over samples)"), inputs)
+    with all_or_nothing() as written:
+        write_result(args.output, vol.as_in_file(result.image), vol.affine, vol.header, result.provenance, inputs)
+        written.append(args.output)
+        if args.uncertainty is not None:
+            write_result(args.uncertainty, vol.as_in_file(result.uncertainty.astype("float32")), vol.affine, None,
+                         dict(result.provenance, kind="uncertainty (std over samples)"), inputs)
     print(args.output)
     return EXIT_OK
 
@@ -312,9 +314,13 @@ def cmd_generate(args) -> int:
         results = editor.generate(args.n, steps=args.steps, seed=args.seed, sampler=args.sampler, progress=bar)
     finally:
         bar.close()
-    for (img_path, mask_path), res in zip(outs, results):
-        write_result(img_path, res.image, res.affine, None, res.provenance, {})
-        write_result(mask_path, res.mask, res.affine, None, dict(res.provenance, kind="lesion mask"), {})
+    with all_or_nothing() as written:
+        for (img_path, mask_path), res in zip(outs, results):
+            write_result(img_path, res.image, res.affine, None, res.provenance, {})
+            written.append(img_path)
+            write_result(mask_path, res.mask, res.affine, None, dict(res.provenance, kind="lesion mask"), {})
+            written.append(mask_path)
+    for img_path, mask_path in outs:
         print(img_path)
         print(mask_path)
     return EXIT_OK
@@ -339,11 +345,13 @@ def cmd_generate_from_mask(args) -> int:
     inputs = {"mask": args.mask, "reference": args.reference}
     header = None if ref is None else ref.header
     data = res.image if ref is None else ref.as_in_file(_like(res.image, ref.data.dtype))
-    write_result(args.output, data, res.affine, header, res.provenance, inputs)
-    if args.uncertainty is not None:
-        unc = res.uncertainty.astype("float32")
-        write_result(args.uncertainty, unc if ref is None else ref.as_in_file(unc), res.affine, None,
-                     dict(res.provenance, kind="uncertainty (std over samples)"), inputs)
+    with all_or_nothing() as written:
+        write_result(args.output, data, res.affine, header, res.provenance, inputs)
+        written.append(args.output)
+        if args.uncertainty is not None:
+            unc = res.uncertainty.astype("float32")
+            write_result(args.uncertainty, unc if ref is None else ref.as_in_file(unc), res.affine, None,
+                         dict(res.provenance, kind="uncertainty (std over samples)"), inputs)
     print(args.output)
     return EXIT_OK
 

@@ -15,7 +15,7 @@ def run_demo(out: Path, model=None, device: str = "auto", seed: int = 0, steps: 
 
     from USBLib.apps.progress_bar import ProgressBar
     from USBLib.errors import OutputError
-    from USBLib.imaging.io import check_writable, read_volume, write_result
+    from USBLib.imaging.io import all_or_nothing, check_writable, read_volume, write_result
     from USBLib.apps.montage import save_montage
     from USBLib.apps.qc_report import lesion_row
     from USBLib.editor.editor import Editor
@@ -39,23 +39,27 @@ def run_demo(out: Path, model=None, device: str = "auto", seed: int = 0, steps: 
         embedded = editor.embed(image.data, image.affine, target.data, steps=steps, seed=seed, progress=bar, **look)
     finally:
         bar.close()
-    written["healed"] = out / "sample_healed.nii.gz"
-    write_result(written["healed"], healed.image, image.affine, image.header, healed.provenance,
-                  {"image": files["image"], "mask": files["lesion"]})
-    written["embedded"] = out / "sample_embedded.nii.gz"
-    write_result(written["embedded"], embedded.image, image.affine, image.header, embedded.provenance,
-                  {"image": files["image"], "mask": files["embed"]})
     src = np.asarray(image.data, np.float32)
     rows = []
     for title, res, mask in (("heal", healed, lesion.data), ("embed", embedded, target.data)):
         res_f = np.asarray(res.image, np.float32)
         center = np.round(np.argwhere(np.asarray(mask) > 0).mean(axis=0)).astype(int)
         rows.append((title, [src, res_f, res_f - src], ["input", "output", "difference"], center))
-    written["montage"] = save_montage(out / "montage.png", rows)
-    written["closeup"] = save_montage(out / "closeup.png", [
-        lesion_row(title, src, np.asarray(res.image, np.float32), np.asarray(mask), image.affine,
-                   ["input", "output", "difference"])
-        for title, res, mask in (("heal", healed, lesion.data), ("embed", embedded, target.data))], zoom=2)
+    with all_or_nothing() as done:  # a full disk half way, or Ctrl-C: none of the demo's files stays
+        written["healed"] = out / "sample_healed.nii.gz"
+        write_result(written["healed"], healed.image, image.affine, image.header, healed.provenance,
+                     {"image": files["image"], "mask": files["lesion"]})
+        done.append(written["healed"])
+        written["embedded"] = out / "sample_embedded.nii.gz"
+        write_result(written["embedded"], embedded.image, image.affine, image.header, embedded.provenance,
+                     {"image": files["image"], "mask": files["embed"]})
+        done.append(written["embedded"])
+        written["montage"] = save_montage(out / "montage.png", rows)
+        done.append(written["montage"])
+        written["closeup"] = save_montage(out / "closeup.png", [
+            lesion_row(title, src, np.asarray(res.image, np.float32), np.asarray(mask), image.affine,
+                       ["input", "output", "difference"])
+            for title, res, mask in (("heal", healed, lesion.data), ("embed", embedded, target.data))], zoom=2)
     for key, path in written.items():
         print(f"{key:>9}: {path}", file=sys.stdout)
     return written

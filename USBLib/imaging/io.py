@@ -364,6 +364,28 @@ def write_json(path: os.PathLike | str, payload: dict) -> Path:
     return path
 
 
+@contextmanager
+def all_or_nothing() -> Iterator[list[Path]]:
+    """The outputs of one command, all or none: each path written is added to the yielded list, and when a later
+    one cannot be written or the command is interrupted (Ctrl-C, SIGTERM), those already written go with their
+    sidecars, so that "no output was written" holds for a command with several outputs too."""
+    written: list[Path] = []
+    try:
+        yield written
+    except BaseException:
+        for path in written:
+            try:
+                files = [Path(path), sidecar_path(path)]
+            except InputError:  # not a volume (a PNG): no sidecar
+                files = [Path(path)]
+            for file in files:
+                try:
+                    file.unlink(missing_ok=True)
+                except OSError:
+                    pass
+        raise
+
+
 def write_result(out: os.PathLike | str, data: np.ndarray, affine: np.ndarray, header: Any, provenance: dict,
                  inputs: dict[str, Any], extra: dict | None = None) -> dict:
     """Write an output volume, then its sidecar (provenance, inputs' and output's sha256); returns the sidecar.
