@@ -134,6 +134,15 @@ class ModelBundle:
 
 
 def _check_config(config: Mapping[str, Any], where: Path) -> None:
+    """Refuse a ``bundle.json`` that lacks what a bundle needs or holds it in the wrong shape (``BundleError``, one
+    line: a list where an object belongs, a grid size that is not a number, ...), never a Python error."""
+    try:
+        _check_fields(config, where)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
+        raise BundleError(f"{where}: bundle.json is malformed ({type(exc).__name__}: {exc})") from None
+
+
+def _check_fields(config: Mapping[str, Any], where: Path) -> None:
     missing = [k for k in REQUIRED_KEYS if k not in config]
     if missing:
         raise BundleError(f"{where}: bundle.json lacks {', '.join(missing)}")
