@@ -163,32 +163,33 @@ def up_to_date(subject: Subject, output: Path, key: str) -> bool:
         return False
 
 
-def remove_stale(output: Path) -> bool:
-    """Remove an earlier batch's ``output`` and its sidecar (one that records a ``batch_key``: this tool's) when the
-    scan's run now ends without an output of its own (its mask is gone, or the redo failed): the derivatives must
-    not hold a heal of inputs or settings that no longer apply. True when something was removed."""
-    sidecar = sidecar_path(output)
-    try:
-        if not (output.is_file() and sidecar.is_file() and "batch_key" in json.loads(sidecar.read_text())):
-            return False
-    except (OSError, ValueError, TypeError):
-        return False
-    try:
-        output.unlink(missing_ok=True)
-        sidecar.unlink(missing_ok=True)
-    except OSError:  # a read-only folder: it stays, and the record says the run failed
-        return False
-    return True
-
-
 STALE_NOTE = "the earlier output, of inputs or settings that no longer apply, was removed"
 
 
 def _drop_stale(output: Path, record: Record) -> None:
-    """A run that ends without an output of its own: an earlier one there goes (``remove_stale``), and the record
-    says so."""
-    if remove_stale(output):
-        record.message = "; ".join(m for m in (record.message, STALE_NOTE) if m)
+    """A scan's run that ends without an output of its own (its mask is gone, or the redo failed): an earlier
+    batch's ``output`` and its sidecar (one that records a ``batch_key``: this tool's) are removed, so that the
+    derivatives hold no heal of inputs or settings that no longer apply, and the record says so. A folder that
+    cannot be written keeps them (the record says the run failed)."""
+    sidecar = sidecar_path(output)
+    try:
+        if not (output.is_file() and sidecar.is_file() and "batch_key" in json.loads(sidecar.read_text())):
+            return
+        output.unlink(missing_ok=True)
+        sidecar.unlink(missing_ok=True)
+    except (OSError, ValueError, TypeError):
+        return
+    record.message = "; ".join(m for m in (record.message, STALE_NOTE) if m)
+
+
+def _copy_unchanged(output: Path, vol, inputs: dict[str, Any], extra: dict[str, Any], why: str, description: str,
+                    record: Record) -> Record:
+    """Write the scan ``vol`` unchanged as its output (no lesion to heal: ``why``), with a sidecar that says so
+    (``description``); the record becomes ``copied``."""
+    write_result(output, np.asarray(vol.data), vol.affine, vol.header,
+                 {"task": "copy", "note": f"{why}: the input, unchanged"}, inputs, dict(extra, Description=description))
+    record.status, record.message = "copied", f"{why}: copied unchanged"
+    return record
 
 
 def _previous(out_root: Path, key: str) -> dict[str, Any]:
@@ -231,24 +232,17 @@ def heal_subject(editor, subject: Subject, out_root: Path, settings: BatchSettin
         extra = {"Description": "T1w with the lesion removed by USB (pathology -> healthy)", "batch_key": key,
                  "Sources": [f"bids:raw:{relative}"] if relative else [str(subject.image)]}
         if subject.mask is None:  # --without-mask copy
-            write_result(output, np.asarray(vol.data), vol.affine, vol.header,
-                         {"task": "copy", "note": "no lesion mask: the input, unchanged"}, {"image": subject.image},
-                         dict(extra, Description="T1w without a lesion mask, copied unchanged"))
-            record.status, record.message = "copied", "no lesion mask: copied unchanged"
-            return record
+            return _copy_unchanged(output, vol, {"image": subject.image}, extra, "no lesion mask",
+                                   "T1w without a lesion mask, copied unchanged", record)
         from USBLib.imaging.checks import threshold_mask
 
         mask = read_volume(subject.mask, "lesion mask")
         lesion = threshold_mask(mask.data, settings.mask_threshold)
         if not np.any(lesion):  # a segmentation that found no lesion (a control): the scan is its own heal
-            write_result(output, np.asarray(vol.data), vol.affine, vol.header,
-                         {"task": "copy", "note": "the lesion mask is empty: the input, unchanged"},
-                         {"image": subject.image, "mask": subject.mask},
-                         dict(extra, Description="T1w whose lesion mask is empty, copied unchanged",
-                              lesion_volume_ml=0.0))
-            record.status, record.lesion_ml = "copied", 0.0
-            record.message = "the lesion mask is empty: copied unchanged"
-            return record
+            record.lesion_ml = 0.0
+            return _copy_unchanged(output, vol, {"image": subject.image, "mask": subject.mask},
+                                   dict(extra, lesion_volume_ml=0.0), "the lesion mask is empty",
+                                   "T1w whose lesion mask is empty, copied unchanged", record)
         result = editor.heal(vol.data, vol.affine, lesion, mask_affine=mask.affine, **settings.edit_options())
         lesion_ml = float(result.mask.sum() * abs(np.linalg.det(vol.affine[:3, :3])) / 1000.0)
         write_result(output, vol.as_in_file(result.image), vol.affine, vol.header, result.provenance,

@@ -146,7 +146,7 @@ def read_volume(path: os.PathLike | str, what: str = "image") -> Volume:
     except Exception as exc:  # corrupt or unreadable file: one line, no traceback
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"cannot read {what} {path}: {detail}") from None
-    if vol.data.ndim > 3 and vol.data.shape[3:] == (1,) * (vol.data.ndim - 3):
+    if _one_volume_4d(vol.data.shape):
         vol.file_shape = tuple(vol.data.shape)
         vol.data = vol.data.reshape(vol.data.shape[:3])
     if vol.data.ndim != 3:
@@ -251,8 +251,13 @@ def atomic_path(target: Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def _one_volume_4d(shape) -> bool:
+    """Whether ``shape`` is a 3D scan stored with trailing singleton axes (``[I, J, K, 1]``)."""
+    return len(shape) > 3 and tuple(shape[3:]) == (1,) * (len(shape) - 3)
+
+
 def _write_to(path: Path, fmt: str, data: np.ndarray, affine: np.ndarray, header: Any) -> None:
-    if fmt not in (".nii", ".nii.gz") and data.ndim > 3 and data.shape[3:] == (1,) * (data.ndim - 3):
+    if fmt not in (".nii", ".nii.gz") and _one_volume_4d(data.shape):
         data = data.reshape(data.shape[:3])  # a 4D one-volume NIfTI's shape: MGZ and NRRD take the scan as 3D
     if fmt in (".nrrd", ".nhdr"):
         import SimpleITK as sitk
