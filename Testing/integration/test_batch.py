@@ -121,6 +121,27 @@ def test_the_qc_table_carries_a_heal_s_notes_also_on_a_resumed_run(tmp_path, tin
     assert resumed["status"] == "up-to-date" and resumed["message"].endswith("; " + notes[0])
 
 
+def test_a_rerun_with_qc_draws_the_montage_a_no_qc_run_left_out(tmp_path, tiny_bundle):
+    """``--no-qc`` first (a fast pipeline run), then the same command with QC: the scan is up to date (no new heal)
+    and gets its montage from the files, so the report is whole."""
+    img, mask, aff = make_scan("oblique")
+    root = tmp_path / "bids"
+    (root / "dataset_description.json").parent.mkdir(parents=True)
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "tiny", "BIDSVersion": "1.9.0"}))
+    save(root / "sub-01/anat/sub-01_T1w.nii.gz", img, aff)
+    save(root / "derivatives/lesions/sub-01/anat/sub-01_label-lesion_mask.nii.gz", mask, aff)
+    out = tmp_path / "out"
+    assert run(root, out, tiny_bundle, "--no-qc") == 0
+    healed = sha(out / "sub-01/anat/sub-01_desc-healed_T1w.nii.gz")
+    assert records(out)["sub-01"]["qc"] is None and not (out / "qc" / "sub-01.png").exists()
+    assert run(root, out, tiny_bundle) == 0
+    again = records(out)["sub-01"]
+    assert again["status"] == "up-to-date" and again["qc"] == "sub-01.png"
+    assert (out / "qc" / "sub-01.png").stat().st_size > 1000
+    assert sha(out / "sub-01/anat/sub-01_desc-healed_T1w.nii.gz") == healed  # drawn, not healed again
+    assert 'src="sub-01.png"' in (out / "qc" / "index.html").read_text()
+
+
 def test_an_unreadable_scan_without_mask_is_a_failure_not_a_skip(tmp_path, tiny_bundle):
     root = tmp_path / "bids"
     img, _, aff = make_scan("axial")

@@ -76,6 +76,11 @@ def test_generate_and_generate_from_mask(tiny_bundle, scan_files, tmp_path, caps
     assert code == 0, err
     names = sorted(p.name for p in tmp_path.glob("[gm]_*.nii.gz"))
     assert names == ["g_001.nii.gz", "g_002.nii.gz", "m_001.nii.gz", "m_002.nii.gz"]
+    code, _, err = run(capsys, "generate", "-o", tmp_path / "UP.NII.GZ", "--mask-out", tmp_path / "UPM.Nii",
+                       "--n", "2", "--model", tiny_bundle.root, "--quiet")
+    assert code == 0, err  # numbered outputs keep the suffix as it was typed
+    assert sorted(p.name for p in tmp_path.glob("UP*") if p.suffix != ".json") == ["UPM_001.Nii", "UPM_002.Nii", "UP_001.NII.GZ",
+                                                             "UP_002.NII.GZ"]
     assert set(np.unique(nib.load(str(tmp_path / "m_001.nii.gz")).get_fdata())) <= {0.0, 1.0}
     code, _, err = run(capsys, "generate-from-mask", "--mask", scan_files["mask"], "-o", tmp_path / "b.nii.gz",
                        "--reference", scan_files["image"], "--model", tiny_bundle.root, "--lesion-guidance", "2.5")
@@ -93,6 +98,9 @@ def test_generate_and_generate_from_mask(tiny_bundle, scan_files, tmp_path, caps
     code, _, err = run(capsys, "generate-from-mask", "--mask", scan_files["mask"], "-o", tmp_path / "c.nii.gz",
                        "--model", tiny_bundle.root, "--lesion-guidance", "11")
     assert code == 2 and "10" in err  # above the range: refused by the parser
+    code, _, err = run(capsys, "generate-from-mask", "--mask", scan_files["mask"], "-o", tmp_path / "e.nii.gz",
+                       "--model", tiny_bundle.root, "--resample-mask")
+    assert code == 2 and "--resample-mask needs --reference" in err and not (tmp_path / "e.nii.gz").exists()
 
 
 def test_info_prints_bundle_facts_as_tables(tiny_bundle, capsys):
@@ -133,7 +141,7 @@ def _write(path, data, affine=np.eye(4) * 3):
     ("same_path", "same file as input"), ("foreign_sidecar", "USB did not write"),
     ("shared_sidecar", "share one sidecar"), ("negative_seed", "--seed"), ("bad_threads", "USB_THREADS"),
     ("tampered", "checksum mismatch"), ("bad_setting", "strength"),
-    ("no_model", "neither a bundle folder"), ("bad_device", "unknown device")])
+    ("no_model", "neither a bundle folder"), ("bad_device", "unknown device"), ("no_name", "no name")])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, message, tiny_bundle, scan_files, tmp_path, capsys,
                                                             monkeypatch):
     image, mask = scan_files["image"], scan_files["embed"]
@@ -192,6 +200,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, message, tiny_
         model = tmp_path / "no_such_bundle"
     elif case == "bad_device":
         extra = ["--device", "tpu"]
+    elif case == "no_name":  # a file type only: refused before the work, not after it
+        out = tmp_path / ".nii.gz"
     before = image.read_bytes() if image.exists() else None
     code, _, err = run(capsys, "embed", image, "--mask", mask, "-o", out, "--model", model, "--quiet", *extra)
     assert code == 2
@@ -289,7 +299,8 @@ def test_a_command_whose_later_output_cannot_be_written_leaves_none_of_its_outpu
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(cli, "write_result", failing_third)
-    code, _, err = run(capsys, "generate", "-o", tmp_path / "g.nii.gz", "--mask-out", tmp_path / "m.nii.gz",
+    new = tmp_path / "new" / "folders"  # made by the first writes: gone with them
+    code, _, err = run(capsys, "generate", "-o", new / "g.nii.gz", "--mask-out", new / "m.nii.gz",
                        "--n", "2", "--model", tiny_bundle.root, "--quiet")
     assert code == 2 and "No space left" in err and len(calls) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -227,3 +227,30 @@ def test_bad_files_raise_one_line_input_errors(tmp_path, case, message):
     with pytest.raises(InputError, match=message) as info:
         read_volume(path)
     assert "\n" not in str(info.value)
+
+
+def test_a_detached_nrrd_output_names_its_own_data_file(tmp_path):
+    """A ``.nhdr`` output is a header plus a data file it names: both under the output's name, nothing hidden left,
+    and a second write replaces both."""
+    data = np.random.default_rng(0).random((4, 5, 6)).astype(np.float32)
+    affine = np.diag([2.0, 1.0, 1.5, 1.0])
+    for values in (data, data * 2):
+        write_volume(tmp_path / "out.nhdr", values, affine)
+        assert sorted(f.name for f in tmp_path.iterdir()) == ["out.nhdr", "out.raw.gz"]
+        assert "data file: out.raw.gz" in (tmp_path / "out.nhdr").read_text(errors="replace")
+        back = read_volume(tmp_path / "out.nhdr")
+        assert np.array_equal(back.data, values) and np.allclose(back.affine, affine)
+
+
+def test_a_nifti2_input_is_written_back_as_nifti2_without_a_word(tmp_path, capfd):
+    """A NIfTI-2 scan (large-image converters write them): its edit is NIfTI-2 again, with its header's geometry, and
+    nothing is printed (its header in a NIfTI-1 image made nibabel print 'sizeof_hdr should be 348')."""
+    data = np.random.default_rng(0).random((6, 7, 8)).astype(np.float32)
+    affine = np.diag([1.0, 1.2, 0.9, 1.0])
+    nib.save(nib.Nifti2Image(data, affine), str(tmp_path / "in.nii.gz"))
+    vol = read_volume(tmp_path / "in.nii.gz")
+    write_volume(tmp_path / "out.nii.gz", vol.data * 2, vol.affine, vol.header)
+    out = nib.load(str(tmp_path / "out.nii.gz"))
+    assert isinstance(out, nib.Nifti2Image) and np.allclose(out.affine, affine)
+    assert np.array_equal(np.asarray(out.dataobj), data * 2)
+    assert capfd.readouterr() == ("", "")

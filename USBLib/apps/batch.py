@@ -200,6 +200,34 @@ def _previous(out_root: Path, key: str) -> dict[str, Any]:
         return {}
 
 
+def _montage(out_root: Path, key: str, before: np.ndarray, after: np.ndarray, lesion: np.ndarray,
+             affine: np.ndarray) -> str:
+    """Draw ``qc/<key>.png`` (slices through the lesion before and after); returns its name for the record."""
+    from USBLib.apps.qc_report import lesion_montage
+
+    return lesion_montage(out_root / "qc" / f"{key}.png", key, before, after, lesion, affine).name
+
+
+def _montage_of_earlier_heal(out_root: Path, subject: Subject, output: Path, settings: BatchSettings) -> str | None:
+    """The QC montage of a heal written by an earlier run without one (``--no-qc``), from the files: the input, the
+    healed output and the lesion mask (the changed voxels where the mask lies on another grid). None for a scan
+    copied unchanged, or where the files cannot be drawn (the scan stays up to date either way)."""
+    from USBLib.imaging.checks import threshold_mask
+
+    if subject.mask is None:
+        return None
+    try:
+        vol, healed = read_volume(subject.image, "input image"), read_volume(output, "output")
+        lesion = threshold_mask(read_volume(subject.mask, "lesion mask").data, settings.mask_threshold)
+        if lesion.shape != vol.data.shape:
+            lesion = np.asarray(vol.data) != np.asarray(healed.data)
+        if not lesion.any():
+            return None
+        return _montage(out_root, subject.key, np.asarray(vol.data), np.asarray(healed.data), lesion, vol.affine)
+    except (USBError, OSError, ValueError):
+        return None
+
+
 def heal_subject(editor, subject: Subject, out_root: Path, settings: BatchSettings, key: str,
                  source: Optional[Path] = None) -> Record:
     """Heal one scan (or skip it when up to date); every failure becomes a 'failed' record, never an exception."""
@@ -219,6 +247,8 @@ def heal_subject(editor, subject: Subject, out_root: Path, settings: BatchSettin
             record.status = "up-to-date"
             record.message = "; ".join(["output matches inputs, model and settings"] + list(notes))
             record.lesion_ml, record.qc, record.seconds = before.get("lesion_ml"), before.get("qc"), before.get("seconds")
+            if settings.qc and not (record.qc and (out_root / "qc" / record.qc).is_file()):
+                record.qc = _montage_of_earlier_heal(out_root, subject, output, settings)  # e.g. made with --no-qc
             return record
         vol = read_volume(subject.image, "input image")  # every scan is opened: a broken file is reported
         if subject.mask is None and settings.without_mask == "skip":
@@ -251,11 +281,7 @@ def heal_subject(editor, subject: Subject, out_root: Path, settings: BatchSettin
         record.message = "; ".join([f"edit region {result.provenance.get('edit_region_voxels', 0)} voxels"]
                                    + list(result.provenance.get("notes", [])))
         if settings.qc:
-            from USBLib.apps.qc_report import lesion_montage
-
-            png = out_root / "qc" / f"{subject.key}.png"
-            lesion_montage(png, subject.key, np.asarray(vol.data), result.image, result.mask, vol.affine)
-            record.qc = png.name
+            record.qc = _montage(out_root, subject.key, np.asarray(vol.data), result.image, result.mask, vol.affine)
         return record
     except USBError as exc:
         record.status, record.message = "failed", " ".join(str(exc).split())

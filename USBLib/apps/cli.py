@@ -31,11 +31,13 @@ class _Parser(argparse.ArgumentParser):
 
 def _common(p: argparse.ArgumentParser, samples: bool = True, uncertainty: bool = True) -> None:
     p.add_argument("--model", help="bundle name or folder (default: the installed default model)")
-    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or mps")
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N (GPU N) or mps")
     p.add_argument("--seed", type=cli_number("seed"), default=0, help=SETTINGS["seed"].help + " (default 0)")
     add_cli_options(p, ["steps"])
     if samples:
-        p.add_argument("--samples", type=int, default=1, help=SETTINGS["samples"].help + " (default 1)")
+        spec = SETTINGS["samples"]
+        p.add_argument("--samples", type=int, default=1,
+                       help=f"{spec.help} [{spec.low:g}..{spec.high:g}] (default 1)")
         if uncertainty:
             p.add_argument("--uncertainty", type=Path, help="write the per-voxel std of the samples here "
                                                             "(needs --samples 2 or more)")
@@ -187,7 +189,8 @@ def _check_outputs(inputs: Sequence[Path | None], outputs: Sequence[Path | None]
 
     outs = [o for o in outputs if o is not None]
     for out in outs:
-        suffix_of(out)
+        if len(out.name) == len(suffix_of(out)):
+            raise InputError(f"output {out} has a file type but no name (e.g. {out.with_name('healed' + out.name)})")
         for inp in inputs:
             if inp is not None and _same_file(inp, out):
                 raise InputError(f"output {out} is the same file as input {inp}; choose another output path")
@@ -299,8 +302,8 @@ def _numbered(path: Path, i: int, n: int) -> Path:
         return path
     from USBLib.imaging.io import suffix_of
 
-    suf = suffix_of(path)
-    return path.with_name(f"{path.name[:-len(suf)]}_{i + 1:03d}{suf}")
+    cut = len(path.name) - len(suffix_of(path))  # the suffix as the user typed it (OUT.NII.GZ stays upper case)
+    return path.with_name(f"{path.name[:cut]}_{i + 1:03d}{path.name[cut:]}")
 
 
 def cmd_generate(args) -> int:
@@ -327,6 +330,9 @@ def cmd_generate(args) -> int:
 
 
 def cmd_generate_from_mask(args) -> int:
+    if args.resample_mask and args.reference is None:
+        raise InputError("--resample-mask needs --reference (the grid to resample the mask onto); without a "
+                         "reference the mask is taken to be in template space as it is")
     _check_outputs([args.mask, args.reference], [args.output, args.uncertainty])
     _check_uncertainty(args)
     mask = _read_mask(args.mask, args.mask_threshold)

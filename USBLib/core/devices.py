@@ -19,13 +19,17 @@ def pick_device(name: str = "auto") -> torch.device:
             Raises ``InputError`` for an unknown or unavailable device.
     """
     name = (name or "auto").lower()
-    if name not in DEVICE_CHOICES and not name.startswith("cuda:"):
-        raise InputError(f"unknown device '{name}' (choose from {', '.join(DEVICE_CHOICES)})")
+    index = name[len("cuda:"):] if name.startswith("cuda:") else None
+    if name not in DEVICE_CHOICES and not (index is not None and index.isdigit()):
+        raise InputError(f"unknown device '{name}' (choose from {', '.join(DEVICE_CHOICES)}, or cuda:N for GPU N)")
     cuda, mps = torch.cuda.is_available(), bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
     if name == "auto":
         return torch.device("cuda" if cuda else "mps" if mps else "cpu")
     if name.startswith("cuda") and not cuda:
         raise InputError("device 'cuda' was asked for but no CUDA GPU is available")
+    if index is not None and int(index) >= torch.cuda.device_count():
+        raise InputError(f"device '{name}' was asked for but this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                         "numbered from 0")
     if name == "mps" and not mps:
         raise InputError("device 'mps' was asked for but Apple MPS is not available")
     return torch.device(name)

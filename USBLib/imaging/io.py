@@ -11,8 +11,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -237,18 +239,47 @@ def atomic_path(target: Path) -> Iterator[Path]:
     target = Path(target)
     suffix = "".join(target.suffixes) or ".tmp"
     tmp = None
+    created = _make_folder(target.parent, target)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name.split('.')[0]}.", suffix=suffix, dir=target.parent)
         os.close(fd)
         yield Path(tmp)
         os.chmod(tmp, plain_file_mode())
         os.replace(tmp, target)
-    except OSError as exc:
-        raise _cannot_write(target, exc) from None
-    finally:
+    except BaseException as exc:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        _remove_empty(created)
+        if isinstance(exc, OSError):
+            raise _cannot_write(target, exc) from None
+        raise
+
+
+_FOLDERS_MADE: ContextVar[list[Path] | None] = ContextVar("usb_folders_made", default=None)
+
+
+def _make_folder(folder: Path, target: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; returns those it created, deepest first (and adds them to the
+    enclosing ``all_or_nothing``'s list). Raises ``OutputError`` naming the output ``target`` when it cannot."""
+    missing = [f for f in (folder, *folder.parents) if not f.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _remove_empty(missing)
+        raise _cannot_write(target, exc) from None
+    made = _FOLDERS_MADE.get()
+    if made is not None:
+        made.extend(missing)
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed write created (deepest first), where nothing else was put in them."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
 
 
 def _one_volume_4d(shape) -> bool:
@@ -286,7 +317,9 @@ def _write_to(path: Path, fmt: str, data: np.ndarray, affine: np.ndarray, header
         if stored is not None:  # integers with a slope/intercept, as the input was stored: its own voxels bit for bit
             dtype, slope, inter = stored
             data = cast_like((np.asarray(data, np.float64) - inter) / slope, dtype)
-        img = nib.Nifti1Image(data, affine, header=hdr)
+        # a NIfTI-2 input stays NIfTI-2 (its header in a NIfTI-1 image makes nibabel print a repair message)
+        kind = nib.Nifti2Image if isinstance(hdr, nib.Nifti2Header) else nib.Nifti1Image
+        img = kind(data, affine, header=hdr)
         img.set_data_dtype(data.dtype)
         if hdr is not None:
             img.header.set_slope_inter(*(stored[1:] if stored is not None else (1.0, 0.0)))
@@ -341,8 +374,33 @@ def write_volume(path: os.PathLike | str, data: np.ndarray, affine: np.ndarray, 
     """
     path = Path(path)
     fmt = suffix_of(path)
+    if fmt == ".nhdr":
+        return _write_detached(path, data, affine)
     with atomic_path(path) as tmp:
         _write_to(tmp, fmt, data, affine, header)
+    return path
+
+
+def _write_detached(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
+    """A detached NRRD (``.nhdr`` + its data file, which the header names): written under their final names in a
+    private folder beside ``path``, then moved out, the data file first and the header last, so that the header
+    never names a temporary file and a failed write leaves neither behind."""
+    created = _make_folder(path.parent, path)
+    work = None
+    try:
+        work = Path(tempfile.mkdtemp(prefix=f".{path.name.split('.')[0]}.", dir=path.parent))
+        _write_to(work / path.name, ".nhdr", data, affine, None)
+        for written in sorted(work.iterdir(), key=lambda f: f.name == path.name):  # the header last
+            os.chmod(written, plain_file_mode())
+            os.replace(written, path.parent / written.name)
+        work.rmdir()
+    except BaseException as exc:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+        _remove_empty(created)
+        if isinstance(exc, OSError):
+            raise _cannot_write(path, exc) from None
+        raise
     return path
 
 
@@ -375,6 +433,8 @@ def all_or_nothing() -> Iterator[list[Path]]:
     one cannot be written or the command is interrupted (Ctrl-C, SIGTERM), those already written go with their
     sidecars, so that "no output was written" holds for a command with several outputs too."""
     written: list[Path] = []
+    folders: list[Path] = []
+    token = _FOLDERS_MADE.set(folders)
     try:
         yield written
     except BaseException:
@@ -388,7 +448,10 @@ def all_or_nothing() -> Iterator[list[Path]]:
                     file.unlink(missing_ok=True)
                 except OSError:
                     pass
+        _remove_empty(sorted(set(folders), key=lambda f: len(f.parts), reverse=True))
         raise
+    finally:
+        _FOLDERS_MADE.reset(token)
 
 
 def write_result(out: os.PathLike | str, data: np.ndarray, affine: np.ndarray, header: Any, provenance: dict,
