@@ -9,11 +9,12 @@ import zipfile
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from phantoms import phantom_anatomy
 from USBLib.core import bundle as bundle_mod
 from USBLib.editor.editor import Editor
-from usb_training.base.common import CHECKPOINT, load_checkpoint
+from usb_training.base.common import CHECKPOINT, load_checkpoint, module_weights
 from usb_training.base.config import tier
 from usb_training.data.sources import _extract
 from usb_training.data.synth import build, make_sample
@@ -112,6 +113,52 @@ def test_export_keeps_the_local_stage_of_an_existing_bundle(run, tmp_path):
     assert out.config["networks"]["autoencoder"]["latent_channels"] == cfg["networks"]["autoencoder"]["latent_channels"]
     assert "measured things" in (out.root / "MODEL_CARD.md").read_text()
     bundle_mod.load(out.root)  # checksums verify
+
+
+def test_a_run_warm_started_from_a_bundle_continues_its_steps_with_its_networks(run, tmp_path):
+    """When the training cache is gone, the committed bundle is the last state: warm_start writes its autoencoder and
+    U-Nets as a run's checkpoints, latents are encoded with that autoencoder, and training continues at its step."""
+    from usb_training.latent import warm_start
+
+    cfg, work, _ = run
+    if not (work / "diffusion" / CHECKPOINT).is_file():
+        train_autoencoder.train(cfg, work, steps=1, progress=False)
+        latents.cache(cfg, work)
+        train_diffusion.train(cfg, work, steps=1, progress=False)
+    source = export.export(cfg, work, tmp_path / "shipped", "shipped")
+    shipped_steps = source.config["training"]["diffusion"]["steps"]
+    new = tmp_path / "again"
+    new.mkdir()
+    (new / "data").symlink_to(work / "data")
+    assert warm_start.warm_start(cfg, source.root, new) == {
+        "autoencoder": source.config["training"]["autoencoder"]["steps"], "diffusion": shipped_steps}
+    with pytest.raises(SystemExit, match="already has a checkpoint"):
+        warm_start.warm_start(cfg, source.root, new)
+    latents.cache(cfg, new)  # the shipped autoencoder and scale factor encode the data
+    assert np.allclose(latents.load_latents(new, "train"), latents.load_latents(work, "train"), atol=1e-5)
+    for name in ("unet_brain", "ema_unet_lesion"):
+        weights = module_weights(new / "diffusion", name)
+        shipped = source.load_state_dict(name.removeprefix("ema_"))
+        assert all(torch.equal(weights[k.removeprefix("module.")] if name == "unet_brain" else weights[f"module.{k}"],
+                               shipped[k]) for k in shipped)
+    train_diffusion.train(cfg, new, steps=shipped_steps + 1, progress=False)
+    history = json.loads((new / "diffusion" / "history.json").read_text())
+    assert [r["step"] for r in history["train"]] == [shipped_steps + 1]
+    again = export.export(cfg, new, tmp_path / "continued", "continued")
+    assert again.config["training"]["diffusion"]["steps"] == shipped_steps + 1
+    assert again.config["training"]["diffusion"]["hours"] >= source.config["training"]["diffusion"]["hours"]
+    assert again.config["latent"]["scale_factor"] == source.config["latent"]["scale_factor"]
+    swapped = export.replace_unets(cfg, new, source.root, tmp_path / "swapped")  # only the U-Nets change
+    ae = "autoencoder.safetensors"
+    assert (swapped.root / ae).read_bytes() == (source.root / ae).read_bytes()
+    assert swapped.config["training"]["diffusion"]["steps"] == shipped_steps + 1
+    assert {k: v for k, v in swapped.config.items() if k not in ("training", "files")} == {
+        k: v for k, v in source.config.items() if k not in ("training", "files")}
+    ema = module_weights(new / "diffusion", "ema_unet_brain")
+    assert all(torch.equal(v, ema[f"module.{k}"]) for k, v in swapped.load_state_dict("unet_brain").items())
+    assert f"- U-Nets: {shipped_steps + 1} steps" in (swapped.root / "MODEL_CARD.md").read_text()
+    with pytest.raises(SystemExit, match="new folder"):
+        export.replace_unets(cfg, new, source.root, source.root)
 
 
 def test_generation_report_measures_a_bundle(run, tmp_path):

@@ -33,3 +33,18 @@ def test_min_snr_weights_equal_min_snr_on_the_clean_error():
         snr = abar / (1 - abar)
         assert torch.allclose(snr_weight(sched, t, 5.0), torch.clamp(snr, max=5.0) / factor(snr))
         assert torch.equal(snr_weight(sched, t, 0.0), torch.ones(3))
+
+
+def test_the_snr_floor_keeps_the_noisiest_steps_in_the_v_loss():
+    """min-SNR alone weighs the v loss at t = 1000 by ~SNR (5e-5): the clean estimate from near-pure noise is not
+    learnt. With the floor (truncated SNR) the x0 weight is at least the floor there; the cap at gamma is unchanged."""
+    sched = NoiseSchedule.from_config({"prediction_type": "v_prediction"})
+    t = torch.tensor([1000, 700, 5])
+    abar = sched.alphas_cumprod[t].float()
+    snr = abar / (1 - abar)
+    plain, floored = snr_weight(sched, t, 5.0), snr_weight(sched, t, 5.0, floor=1.0)
+    assert plain[0] < 1e-3 and floored[0] > 0.99  # the noisiest step: from almost nothing to the plain v loss
+    assert torch.allclose(floored * (snr + 1), torch.clamp(torch.clamp(snr, max=5.0), min=1.0))
+    assert floored[2] == pytest.approx(plain[2])  # nearly clean: the min-SNR cap as before
+    with pytest.raises(ValueError, match="v prediction"):
+        snr_weight(NoiseSchedule.from_config({"prediction_type": "epsilon"}), t, 5.0, floor=1.0)

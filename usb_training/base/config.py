@@ -31,7 +31,7 @@ TIERS: dict[str, dict[str, Any]] = {
         "autoencoder": {"steps": 1500, "batch": 4, "patch": [48, 48, 48], "lr": 3e-4, "kl_weight": 1e-8,
                         "mask_fraction": 0.25, "val_every": 250, "warmup": 50, "grad_clip": 1.0},
         "diffusion": {"steps": 12000, "batch": 4, "lr": 5e-4, "ema": 0.999, "clean_condition_fraction": 0.2,
-                      "val_every": 250, "warmup": 200, "min_snr_gamma": 5.0},
+                      "val_every": 250, "warmup": 200, "min_snr_gamma": 5.0, "min_snr_floor": 1.0},
         "defaults": {
             # latent heal: the settings usb_training.latent.tune chose on validation cases for the previous tiny model
             "heal": {"steps": 50, "strength": 0.3, "alpha0": 20.0, "k": 2.0, "eta": 1.0, "margin_mm": 6.0,

@@ -198,6 +198,40 @@ def _graft_local(source: bundle_mod.ModelBundle, config: dict[str, Any], state: 
     return card
 
 
+def replace_unets(cfg: dict[str, Any], work: Path, source: Path, out: Path) -> bundle_mod.ModelBundle:
+    """A copy of the bundle ``source`` with the run's U-Nets (EMA weights) in place of its own: everything else
+    (autoencoder, local stage, settings, metrics, model card) byte for byte, the training facts of the U-Nets and
+    the card's U-Nets line from the run. For a run that continued the bundle's U-Nets (``warm_start``) with the same
+    autoencoder; refused where the run's latent scale factor differs from the bundle's.
+
+    Args:
+        cfg: the run's tier configuration.
+        work: the run folder (its ``diffusion`` checkpoint).
+        source: the bundle the run started from.
+        out: the new bundle's folder, not ``source`` (copy it over the shipped one once measured).
+    """
+    old = bundle_mod.load(source)
+    if Path(out).resolve() == old.root.resolve():
+        raise SystemExit("--out must be a new folder, not the bundle the run started from")
+    ae_meta = load_checkpoint(Path(work) / "autoencoder", {}) or {}
+    if float(ae_meta.get("scale_factor", -1)) != float(old.config["latent"]["scale_factor"]):
+        raise SystemExit(f"{work} encoded its latents with another autoencoder than {source}'s")
+    config = json.loads(json.dumps(old.config))
+    diffusion = training_facts(cfg, work)["diffusion"]
+    config["training"]["diffusion"] = diffusion
+    state: dict[str, Any] = {"autoencoder": old.path("autoencoder")}  # its bytes: the latents' autoencoder
+    if old.has_local:
+        state["local"] = old.path("local")
+    state.update({net: _ema(Path(work) / "diffusion", net) for net in ("unet_lesion", "unet_brain")})
+    extra = {name: old.root / name for name in old.config["files"] if not name.endswith(".safetensors")}
+    card = (old.root / "MODEL_CARD.md").read_text()
+    line = next((ln for ln in card.splitlines() if ln.startswith("- U-Nets: ")), None)
+    if line is not None:
+        card = card.replace(line, f"- U-Nets: {diffusion['steps']} steps (batch {diffusion['config']['batch']}), "
+                                  f"{diffusion['hours']} h, final validation {diffusion['final_val']}.", 1)
+    return bundle_mod.write(Path(out), config, state, extra, card=card)
+
+
 def _ema(folder: Path, net: str) -> dict[str, torch.Tensor]:
     """The EMA copy of a U-Net (AveragedModel keeps it under ``module.``)."""
     raw = module_weights(folder, f"ema_{net}")
@@ -220,9 +254,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="bundle whose local stage (weights, settings, card section) the new bundle keeps")
     parser.add_argument("--defaults", type=Path, default=None,
                         help="JSON from usb_training.latent.tune: its best heal settings become the bundle's defaults")
+    parser.add_argument("--unets-into", type=Path, default=None,
+                        help="bundle the run continued (warm_start): --out is a copy of it with the run's U-Nets")
     args = parser.parse_args(argv)
     cfg = tier(args.tier)
     cfg["cache"] = str(args.cache)
+    if args.unets_into is not None:
+        print(replace_unets(cfg, args.work, args.unets_into, args.out).root)
+        return 0
     if args.defaults:
         best = json.loads(args.defaults.read_text())["best"]
         cfg["defaults"]["heal"].update({k: v for k, v in best.items() if k != "lesion_psnr"})

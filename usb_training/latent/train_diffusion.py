@@ -5,7 +5,7 @@ predicts eps_x from [x_t | y_t]; USB_brain predicts eps_y from [y_t | c], where 
 estimate x0_hat (detached), or with probability ``clean_condition_fraction`` the true x0, because the editing
 tasks condition on a clean mask latent. Loss = MSE(eps_x) + MSE(eps_y) (the paper's objective), each sample
 weighted by min-SNR-gamma (Hang et al. 2023: the same optimum, faster convergence; ``min_snr_gamma`` 0 turns it
-off).
+off), truncated below at ``min_snr_floor`` so that the noisiest steps are still learnt (``snr_weight``).
 
 With the schedule's ``prediction_type`` ``v_prediction`` (the tiny tier's) the networks output
 v = sqrt(abar) eps - sqrt(1 - abar) x0 instead: the same denoising objective, reparameterised. Measured here: an
@@ -44,15 +44,24 @@ def q_sample(sched: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: tor
     return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
 
-def snr_weight(sched: NoiseSchedule, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Per-sample min-SNR-gamma loss weight, SNR_t = abar_t / (1 - abar_t): min(SNR_t, gamma) / SNR_t on the
-    eps loss, min(SNR_t, gamma) / (SNR_t + 1) on the v loss (both = min(SNR_t, gamma) on the x0 error); ones if
-    gamma <= 0."""
+def snr_weight(sched: NoiseSchedule, t: torch.Tensor, gamma: float, floor: float = 0.0) -> torch.Tensor:
+    """Per-sample loss weight from SNR_t = abar_t / (1 - abar_t): the weight of the x0 error is
+    max(min(SNR_t, gamma), floor), i.e. that over SNR_t on the eps loss and over (SNR_t + 1) on the v loss; ones if
+    gamma <= 0.
+
+    ``gamma``: min-SNR-gamma (Hang et al. 2023), which caps the weight of the nearly clean steps. ``floor``: the
+    truncated-SNR weighting of Salimans & Ho 2022 (x0 weight at least ``floor``), which keeps the noisiest steps in
+    the loss: without it their v-loss weight is ~SNR_t ~ 0 (5e-5 at t = 1000 on the tiny tier's schedule), the
+    clean estimate from near-pure noise stays shrunk towards zero, and sampled brains come out dim and flat.
+    v prediction only (on the eps loss a floor would weigh the noisiest steps by 1 / SNR_t)."""
     if gamma <= 0:
         return torch.ones(t.shape, dtype=torch.float32, device=t.device)
     abar = sched.alphas_cumprod.to(t.device, torch.float32)[t]
     snr = abar / (1 - abar)
-    return torch.clamp(snr, max=gamma) / (snr + 1 if sched.prediction_type == "v_prediction" else snr)
+    if floor > 0 and sched.prediction_type != "v_prediction":
+        raise ValueError("min_snr_floor needs v prediction")
+    return torch.clamp(torch.clamp(snr, max=gamma), min=floor) / (
+        snr + 1 if sched.prediction_type == "v_prediction" else snr)
 
 
 def target_and_x0(sched: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, noise: torch.Tensor,
@@ -72,16 +81,16 @@ def _weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
 
 def paired_loss(unet_lesion: torch.nn.Module, unet_brain: torch.nn.Module, sched: NoiseSchedule,
                 x0: torch.Tensor, y0: torch.Tensor, t: torch.Tensor, noise_x: torch.Tensor, noise_y: torch.Tensor,
-                clean: torch.Tensor, gamma: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                clean: torch.Tensor, gamma: float = 0.0, floor: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(lesion loss, brain loss) of eq. 10-11 for one batch; ``clean`` [B] bool picks the true x0 as condition;
-    ``gamma`` > 0 weights each sample by min-SNR-gamma."""
+    ``gamma`` > 0 weights each sample by min-SNR-gamma, with its x0 weight at least ``floor`` (``snr_weight``)."""
     x_t, y_t = q_sample(sched, x0, t, noise_x), q_sample(sched, y0, t, noise_y)
     out_x = unet_lesion(torch.cat([x_t, y_t], 1), t)
     target_x, x0_hat = target_and_x0(sched, x0, x_t, noise_x, out_x, t)
     cond = torch.where(clean.view(-1, 1, 1, 1, 1), x0, x0_hat.detach())
     out_y = unet_brain(torch.cat([y_t, cond], 1), t)
     target_y, _ = target_and_x0(sched, y0, y_t, noise_y, out_y, t)
-    w = snr_weight(sched, t, gamma)
+    w = snr_weight(sched, t, gamma, floor)
     return _weighted_mse(out_x, target_x, w), _weighted_mse(out_y, target_y, w)
 
 
@@ -141,7 +150,7 @@ def train(cfg: dict[str, Any], work: Path, minutes: float | None = None, steps: 
     budget = Budget(minutes, first_step=step)
     data = torch.from_numpy(train_lat)
     batch = int(c["batch"])
-    gamma = float(c.get("min_snr_gamma", 0.0))
+    gamma, floor = float(c.get("min_snr_gamma", 0.0)), float(c.get("min_snr_floor", 0.0))
 
     def checkpoint(final: bool = False) -> None:
         history.data["seconds"] = seconds_before + budget.elapsed()
@@ -158,7 +167,8 @@ def train(cfg: dict[str, Any], work: Path, minutes: float | None = None, steps: 
         nx, ny = torch.randn(x0.shape, generator=gen), torch.randn(y0.shape, generator=gen)
         clean = torch.rand(batch, generator=gen) < float(c["clean_condition_fraction"])
         x0, y0, t, nx, ny, clean = (v.to(ctx.device) for v in (x0, y0, t, nx, ny, clean))
-        lx, ly = paired_loss(wrapped["unet_lesion"], wrapped["unet_brain"], sched, x0, y0, t, nx, ny, clean, gamma)
+        lx, ly = paired_loss(wrapped["unet_lesion"], wrapped["unet_brain"], sched, x0, y0, t, nx, ny, clean, gamma,
+                             floor)
         warmup = int(c.get("warmup", 100))
         set_lr(opt, warmup_cosine(budget.progress_step(step, total), total, float(c["lr"]), warmup)
                * budget.rewarm(step, warmup))
