@@ -6,7 +6,7 @@ from USBLib.core.devices import pick_device
 from USBLib.errors import InputError
 
 
-@pytest.mark.parametrize("name", ["tpu", "cuda:", "cuda:x", "cuda:-1", "cuda:0.5", "gpu"])
+@pytest.mark.parametrize("name", ["tpu", "cuda:", "cuda:x", "cuda:-1", "cuda:0.5", "gpu", "cuda:²"])
 def test_a_misspelt_device_is_refused_by_name(name):
     with pytest.raises(InputError, match=f"unknown device '{name}'.*cuda:N"):
         pick_device(name)

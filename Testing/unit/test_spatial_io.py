@@ -1,4 +1,6 @@
 """Geometry: file round trips, model-space round trips and registration, on oblique and LPS grids."""
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -234,12 +236,31 @@ def test_a_detached_nrrd_output_names_its_own_data_file(tmp_path):
     and a second write replaces both."""
     data = np.random.default_rng(0).random((4, 5, 6)).astype(np.float32)
     affine = np.diag([2.0, 1.0, 1.5, 1.0])
-    for values in (data, data * 2):
-        write_volume(tmp_path / "out.nhdr", values, affine)
-        assert sorted(f.name for f in tmp_path.iterdir()) == ["out.nhdr", "out.raw.gz"]
-        assert "data file: out.raw.gz" in (tmp_path / "out.nhdr").read_text(errors="replace")
-        back = read_volume(tmp_path / "out.nhdr")
+    for name, values in (("out.nhdr", data), ("out.nhdr", data * 2), ("UP.NHDR", data)):
+        write_volume(tmp_path / name, values, affine)
+        stem = name.split(".")[0]
+        assert {f"{stem}.raw.gz", name} <= {f.name for f in tmp_path.iterdir()}
+        assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")]
+        assert f"data file: {stem}.raw.gz" in (tmp_path / name).read_text(errors="replace")
+        back = read_volume(tmp_path / name)
         assert np.array_equal(back.data, values) and np.allclose(back.affine, affine)
+
+
+def test_an_interrupted_command_takes_its_files_and_only_the_folders_it_made(tmp_path, monkeypatch):
+    """all_or_nothing: a .nhdr output's data file and sidecar go with it, and so do the folders the writes made,
+    but not a folder the user made, however the path names it ('a/../mine')."""
+    from USBLib.imaging.io import all_or_nothing, write_json
+
+    (tmp_path / "mine").mkdir()
+    monkeypatch.chdir(tmp_path)
+    data = np.zeros((3, 4, 5), np.float32)
+    with pytest.raises(KeyboardInterrupt):
+        with all_or_nothing() as written:
+            written.append(write_volume(Path("new/deep/out.nhdr"), data, np.eye(4)))
+            write_json(Path("new/deep/out.json"), {"task": "heal"})
+            written.append(write_volume(Path("a/../mine/x.nii.gz"), data, np.eye(4)))
+            raise KeyboardInterrupt
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["mine"] and not list((tmp_path / "mine").iterdir())
 
 
 def test_a_nifti2_input_is_written_back_as_nifti2_without_a_word(tmp_path, capfd):

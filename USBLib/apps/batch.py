@@ -218,13 +218,15 @@ def _montage_of_earlier_heal(out_root: Path, subject: Subject, output: Path, set
         return None
     try:
         vol, healed = read_volume(subject.image, "input image"), read_volume(output, "output")
-        lesion = threshold_mask(read_volume(subject.mask, "lesion mask").data, settings.mask_threshold)
-        if lesion.shape != vol.data.shape:
+        mask = read_volume(subject.mask, "lesion mask")
+        if mask.data.shape == vol.data.shape and np.allclose(mask.affine, vol.affine, atol=1e-4):
+            lesion = threshold_mask(mask.data, settings.mask_threshold)
+        else:  # a mask on another grid or in another axis order: the voxels the heal changed
             lesion = np.asarray(vol.data) != np.asarray(healed.data)
         if not lesion.any():
             return None
         return _montage(out_root, subject.key, np.asarray(vol.data), np.asarray(healed.data), lesion, vol.affine)
-    except (USBError, OSError, ValueError):
+    except Exception:  # a picture that cannot be drawn must not make the scan's valid output 'failed'
         return None
 
 

@@ -185,7 +185,7 @@ def _foreign_json(path: Path) -> bool:
 
 
 def _check_outputs(inputs: Sequence[Path | None], outputs: Sequence[Path | None]) -> None:
-    from USBLib.imaging.io import check_writable, sidecar_path, suffix_of
+    from USBLib.imaging.io import check_writable, output_files, sidecar_path, suffix_of
 
     outs = [o for o in outputs if o is not None]
     for out in outs:
@@ -194,8 +194,9 @@ def _check_outputs(inputs: Sequence[Path | None], outputs: Sequence[Path | None]
         for inp in inputs:
             if inp is not None and _same_file(inp, out):
                 raise InputError(f"output {out} is the same file as input {inp}; choose another output path")
-        if out.exists() and out.is_dir():
-            raise InputError(f"output {out} is a folder")
+        for file in output_files(out):  # (a .nhdr output: its data file too)
+            if file.is_dir():
+                raise InputError(f"output {file} is a folder")
         if _foreign_json(sidecar_path(out)):
             raise InputError(f"the output's sidecar {sidecar_path(out)} would replace a JSON file USB did not write "
                              "(a scanner or BIDS sidecar?); choose another output name")

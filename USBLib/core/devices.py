@@ -20,7 +20,7 @@ def pick_device(name: str = "auto") -> torch.device:
     """
     name = (name or "auto").lower()
     index = name[len("cuda:"):] if name.startswith("cuda:") else None
-    if name not in DEVICE_CHOICES and not (index is not None and index.isdigit()):
+    if name not in DEVICE_CHOICES and not (index is not None and index.isascii() and index.isdigit()):
         raise InputError(f"unknown device '{name}' (choose from {', '.join(DEVICE_CHOICES)}, or cuda:N for GPU N)")
     cuda, mps = torch.cuda.is_available(), bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
     if name == "auto":

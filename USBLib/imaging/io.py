@@ -259,18 +259,26 @@ _FOLDERS_MADE: ContextVar[list[Path] | None] = ContextVar("usb_folders_made", de
 
 
 def _make_folder(folder: Path, target: Path) -> list[Path]:
-    """Create ``folder`` and its missing parents; returns those it created, deepest first (and adds them to the
-    enclosing ``all_or_nothing``'s list). Raises ``OutputError`` naming the output ``target`` when it cannot."""
-    missing = [f for f in (folder, *folder.parents) if not f.exists()]
+    """Create ``folder`` and its missing parents, one level at a time; returns those this call created, deepest
+    first (and adds them to the enclosing ``all_or_nothing``'s list). Only a folder whose own ``mkdir`` succeeded
+    counts, so a path like 'a/../mine' never counts the user's folder 'mine'. Raises ``OutputError`` naming the
+    output ``target`` when it cannot."""
+    made: list[Path] = []
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        for level in [*reversed(folder.parents), folder]:
+            try:
+                level.mkdir()
+                made.insert(0, level)
+            except FileExistsError:
+                if not level.is_dir():
+                    raise
     except OSError as exc:
-        _remove_empty(missing)
+        _remove_empty(made)
         raise _cannot_write(target, exc) from None
-    made = _FOLDERS_MADE.get()
-    if made is not None:
-        made.extend(missing)
-    return missing
+    enclosing = _FOLDERS_MADE.get()
+    if enclosing is not None:
+        enclosing.extend(made)
+    return made
 
 
 def _remove_empty(folders: list[Path]) -> None:
@@ -381,22 +389,46 @@ def write_volume(path: os.PathLike | str, data: np.ndarray, affine: np.ndarray, 
     return path
 
 
+def detached_data_file(path: os.PathLike | str) -> Path | None:
+    """The data file a ``.nhdr`` output ``path`` names (``NAME.raw.gz`` beside it); None for other formats."""
+    path = Path(path)
+    if suffix_of(path) != ".nhdr":
+        return None
+    return path.with_name(path.name[: -len(".nhdr")] + ".raw.gz")
+
+
+def output_files(path: os.PathLike | str) -> list[Path]:
+    """Every file an output volume ``path`` consists of: itself and, for a ``.nhdr``, its data file."""
+    data = detached_data_file(path)
+    return [Path(path)] + ([data] if data is not None else [])
+
+
 def _write_detached(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
-    """A detached NRRD (``.nhdr`` + its data file, which the header names): written under their final names in a
-    private folder beside ``path``, then moved out, the data file first and the header last, so that the header
-    never names a temporary file and a failed write leaves neither behind."""
+    """A detached NRRD (``.nhdr`` + its data file ``NAME.raw.gz``, which the header names): written under their final
+    names in a private folder beside ``path``, then moved out, the data file first and the header last, so that the
+    header never names a temporary file; a failure leaves neither behind."""
+    target_data = detached_data_file(path)
+    if target_data.is_dir():
+        raise OutputError(f"cannot write {path}: its data file {target_data} is a folder")
     created = _make_folder(path.parent, path)
-    work = None
+    work, moved = None, []
     try:
         work = Path(tempfile.mkdtemp(prefix=f".{path.name.split('.')[0]}.", dir=path.parent))
-        _write_to(work / path.name, ".nhdr", data, affine, None)
-        for written in sorted(work.iterdir(), key=lambda f: f.name == path.name):  # the header last
-            os.chmod(written, plain_file_mode())
-            os.replace(written, path.parent / written.name)
+        header = work / (path.name[: -len(".nhdr")] + ".nhdr")  # lower case: SimpleITK detaches only .nhdr
+        _write_to(header, ".nhdr", data, affine, None)
+        written = work / target_data.name
+        if sorted(work.iterdir()) != sorted([header, written]):
+            raise OSError(errno.EIO, "SimpleITK did not write a header and its data file")
+        for source, target in ((written, target_data), (header, path)):  # the header last
+            os.chmod(source, plain_file_mode())
+            os.replace(source, target)
+            moved.append(target)
         work.rmdir()
     except BaseException as exc:
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
+        if len(moved) == 1:  # the data file without its header: not a result
+            moved[0].unlink(missing_ok=True)
         _remove_empty(created)
         if isinstance(exc, OSError):
             raise _cannot_write(path, exc) from None
@@ -440,7 +472,7 @@ def all_or_nothing() -> Iterator[list[Path]]:
     except BaseException:
         for path in written:
             try:
-                files = [Path(path), sidecar_path(path)]
+                files = [*output_files(path), sidecar_path(path)]
             except InputError:  # not a volume (a PNG): no sidecar
                 files = [Path(path)]
             for file in files:
@@ -477,7 +509,8 @@ def write_result(out: os.PathLike | str, data: np.ndarray, affine: np.ndarray, h
     try:
         return _write_sidecar(out, provenance, inputs, extra)
     except OutputError:
-        out.unlink(missing_ok=True)  # an output without its sidecar is not a result: leave neither
+        for file in output_files(out):  # an output without its sidecar is not a result: leave neither
+            file.unlink(missing_ok=True)
         raise
 
 
