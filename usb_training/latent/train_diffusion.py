@@ -51,9 +51,10 @@ def snr_weight(sched: NoiseSchedule, t: torch.Tensor, gamma: float, floor: float
 
     ``gamma``: min-SNR-gamma (Hang et al. 2023), which caps the weight of the nearly clean steps. ``floor``: the
     truncated-SNR weighting of Salimans & Ho 2022 (x0 weight at least ``floor``), which keeps the noisiest steps in
-    the loss: without it their v-loss weight is ~SNR_t ~ 0 (5e-5 at t = 1000 on the tiny tier's schedule), the
-    clean estimate from near-pure noise stays shrunk towards zero, and sampled brains come out dim and flat.
-    v prediction only (on the eps loss a floor would weigh the noisiest steps by 1 / SNR_t)."""
+    the loss: without it their v-loss weight is ~SNR_t ~ 0 (5e-5 at t = 1000 on the tiny tier's schedule), and
+    usb-tiny's clean estimates from near-pure noise are shrunk towards zero on the training latents (the lesion
+    model's to 16-44 % of the mean lesion latent at t >= 800: generated lesions come out small). v prediction only
+    (on the eps loss a floor would weigh the noisiest steps by 1 / SNR_t)."""
     if gamma <= 0:
         return torch.ones(t.shape, dtype=torch.float32, device=t.device)
     abar = sched.alphas_cumprod.to(t.device, torch.float32)[t]
