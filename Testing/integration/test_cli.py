@@ -101,6 +101,15 @@ def test_generate_and_generate_from_mask(tiny_bundle, scan_files, tmp_path, caps
     code, _, err = run(capsys, "generate-from-mask", "--mask", scan_files["mask"], "-o", tmp_path / "e.nii.gz",
                        "--model", tiny_bundle.root, "--resample-mask")
     assert code == 2 and "--resample-mask needs --reference" in err and not (tmp_path / "e.nii.gz").exists()
+    ref_img = nib.load(str(scan_files["image"]))
+    for name, data, message in (("all", np.ones(ref_img.shape, np.uint8), "covers"),
+                                ("corner", np.pad(np.ones((3, 3, 3), np.uint8),
+                                                  [(0, n - 3) for n in ref_img.shape]), "outside the brain")):
+        nib.save(nib.Nifti1Image(data, ref_img.affine), str(tmp_path / f"{name}.nii.gz"))
+        code, _, err = run(capsys, "generate-from-mask", "--mask", tmp_path / f"{name}.nii.gz", "-o",
+                           tmp_path / f"{name}_out.nii.gz", "--reference", scan_files["image"],
+                           "--model", tiny_bundle.root, "--quiet")
+        assert code == 2 and message in err and err.count("\n") == 1, err
 
 
 def test_info_prints_bundle_facts_as_tables(tiny_bundle, capsys):
@@ -141,7 +150,8 @@ def _write(path, data, affine=np.eye(4) * 3):
     ("same_path", "same file as input"), ("foreign_sidecar", "USB did not write"),
     ("shared_sidecar", "share one sidecar"), ("negative_seed", "--seed"), ("bad_threads", "USB_THREADS"),
     ("tampered", "checksum mismatch"), ("bad_setting", "strength"),
-    ("no_model", "neither a bundle folder"), ("bad_device", "unknown device"), ("no_name", "no name")])
+    ("no_model", "neither a bundle folder"), ("bad_device", "unknown device"), ("no_name", "no name"),
+    ("in_model", "inside the model's folder")])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, message, tiny_bundle, scan_files, tmp_path, capsys,
                                                             monkeypatch):
     image, mask = scan_files["image"], scan_files["embed"]
@@ -202,18 +212,25 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, message, tiny_
         extra = ["--device", "tpu"]
     elif case == "no_name":  # a file type only: refused before the work, not after it
         out = tmp_path / ".nii.gz"
+    elif case == "in_model":  # writing over the bundle's template would break every later run
+        model = tmp_path / "bundle"
+        shutil.copytree(tiny_bundle.root, model)
+        out = model / "template.nii.gz"
+        before_model = out.read_bytes()
     before = image.read_bytes() if image.exists() else None
     code, _, err = run(capsys, "embed", image, "--mask", mask, "-o", out, "--model", model, "--quiet", *extra)
     assert code == 2
     assert re.match(r"usb( embed)?: error:", err) and message in err and err.count("\n") == 1, err
     assert "Traceback" not in err
-    if case != "same_path":
+    if case not in ("same_path", "in_model"):
         assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
     if before is not None:
         assert image.read_bytes() == before  # input untouched
     if case == "foreign_sidecar":
         assert json.loads((tmp_path / "out.json").read_text())["Modality"] == "MR"
+    if case == "in_model":
+        assert out.read_bytes() == before_model
 
 
 def test_usage_errors_exit_2(capsys):

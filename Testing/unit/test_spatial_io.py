@@ -275,3 +275,24 @@ def test_a_nifti2_input_is_written_back_as_nifti2_without_a_word(tmp_path, capfd
     assert isinstance(out, nib.Nifti2Image) and np.allclose(out.affine, affine)
     assert np.array_equal(np.asarray(out.dataobj), data * 2)
     assert capfd.readouterr() == ("", "")
+
+
+def test_a_failed_command_puts_back_the_files_its_outputs_had_replaced(tmp_path):
+    """Rerunning into existing outputs, the second output fails: the first output and its sidecar are the old ones
+    again, byte for byte, and no backup is left; a command that succeeds leaves no backup either."""
+    from USBLib.imaging.io import all_or_nothing, write_json
+
+    data = np.zeros((3, 4, 5), np.float32)
+    old = write_volume(tmp_path / "out.nii.gz", data + 1, np.eye(4))
+    write_json(tmp_path / "out.json", {"task": "heal", "run": "old"})
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+    with pytest.raises(KeyboardInterrupt):
+        with all_or_nothing() as written:
+            written.append(write_volume(old, data + 2, np.eye(4)))
+            write_json(tmp_path / "out.json", {"task": "heal", "run": "new"})
+            raise KeyboardInterrupt  # e.g. the uncertainty map's disk is full
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before
+    with all_or_nothing() as written:
+        written.append(write_volume(old, data + 3, np.eye(4)))
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["out.json", "out.nii.gz"]
+    assert np.array_equal(read_volume(old).data, data + 3)

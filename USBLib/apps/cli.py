@@ -184,11 +184,17 @@ def _foreign_json(path: Path) -> bool:
     return not (isinstance(content, dict) and {"task", "output_sha256"} <= set(content))
 
 
-def _check_outputs(inputs: Sequence[Path | None], outputs: Sequence[Path | None]) -> None:
+def _check_outputs(inputs: Sequence[Path | None], outputs: Sequence[Path | None], model: Any = None) -> None:
+    """Refuse, before the work, outputs that would overwrite an input or the model's own files (``model``: the
+    ``--model`` given), share a path or a sidecar, or cannot be written."""
+    from USBLib.core.bundle import resolve
     from USBLib.imaging.io import check_writable, output_files, sidecar_path, suffix_of
 
     outs = [o for o in outputs if o is not None]
+    model_root = resolve(model).resolve()
     for out in outs:
+        if model_root in out.resolve().parents:
+            raise InputError(f"output {out} is inside the model's folder {model_root}; write it elsewhere")
         if len(out.name) == len(suffix_of(out)):
             raise InputError(f"output {out} has a file type but no name (e.g. {out.with_name('healed' + out.name)})")
         for inp in inputs:
@@ -264,7 +270,7 @@ def cmd_edit(args, task: str) -> int:
     from USBLib.imaging.checks import check_mask
     from USBLib.imaging.io import read_volume
 
-    _check_outputs([args.input, args.mask, args.brain_mask], [args.output, args.uncertainty])
+    _check_outputs([args.input, args.mask, args.brain_mask], [args.output, args.uncertainty], args.model)
     _check_uncertainty(args)
     vol = _load_image(args.input)
     mask = _read_mask(args.mask, args.mask_threshold) if args.mask else None
@@ -311,7 +317,7 @@ def cmd_generate(args) -> int:
     if args.n < 1 or args.n > 64:
         raise InputError(f"--n must be from 1 to 64, got {args.n}")
     outs = [(_numbered(args.output, i, args.n), _numbered(args.mask_out, i, args.n)) for i in range(args.n)]
-    _check_outputs([], [p for pair in outs for p in pair])
+    _check_outputs([], [p for pair in outs for p in pair], args.model)
     editor = _editor(args)
     bar = ProgressBar(args.quiet, "generate")
     try:
@@ -334,7 +340,7 @@ def cmd_generate_from_mask(args) -> int:
     if args.resample_mask and args.reference is None:
         raise InputError("--resample-mask needs --reference (the grid to resample the mask onto); without a "
                          "reference the mask is taken to be in template space as it is")
-    _check_outputs([args.mask, args.reference], [args.output, args.uncertainty])
+    _check_outputs([args.mask, args.reference], [args.output, args.uncertainty], args.model)
     _check_uncertainty(args)
     mask = _read_mask(args.mask, args.mask_threshold)
     ref = _load_image(args.reference, "reference image") if args.reference else None

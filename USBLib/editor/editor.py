@@ -832,6 +832,10 @@ class Editor:
         pv, binary = self._model_mask(mapping, mask)
         if not binary.any():
             raise InputError("the lesion mask lies outside the model's field of view")
+        brain = self.space["brain"] > 0
+        if not ((binary > 0) & brain).any():
+            raise InputError("the lesion mask lies outside the brain (in the model template's space)")
+        input_checks.check_lesion_share(binary, brain, self.bundle.grid_affine)
         images = self._brains_for_mask(pv, binary, settings, samples, generator, prog)
         uncertainty = images.std(axis=0) if samples > 1 else None
         image = images.mean(axis=0)

@@ -245,6 +245,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
         os.close(fd)
         yield Path(tmp)
         os.chmod(tmp, plain_file_mode())
+        _keep_replaced(target)
         os.replace(tmp, target)
     except BaseException as exc:
         if tmp is not None and os.path.exists(tmp):
@@ -255,7 +256,32 @@ def atomic_path(target: Path) -> Iterator[Path]:
         raise
 
 
-_FOLDERS_MADE: ContextVar[list[Path] | None] = ContextVar("usb_folders_made", default=None)
+@dataclass
+class _Undo:
+    """What the writes inside one ``all_or_nothing`` changed besides their own files: the folders they made and
+    (file, backup) pairs for the files they replaced."""
+
+    folders: list[Path] = field(default_factory=list)
+    replaced: list[tuple[Path, Path]] = field(default_factory=list)
+
+
+_UNDO: ContextVar[_Undo | None] = ContextVar("usb_undo", default=None)
+
+
+def _keep_replaced(target: Path) -> None:
+    """Inside ``all_or_nothing``: before ``target`` is replaced, keep the file that is there (a hard link beside it,
+    else a copy), so that a command that fails later can put it back."""
+    undo = _UNDO.get()
+    if undo is None or not target.is_file() or any(t == target for t, _ in undo.replaced):
+        return
+    fd, backup = tempfile.mkstemp(prefix=f".{target.name.split('.')[0]}.", suffix=".kept", dir=target.parent)
+    os.close(fd)
+    os.unlink(backup)
+    try:
+        os.link(target, backup)
+    except OSError:
+        shutil.copy2(target, backup)
+    undo.replaced.append((target, Path(backup)))
 
 
 def _make_folder(folder: Path, target: Path) -> list[Path]:
@@ -275,9 +301,9 @@ def _make_folder(folder: Path, target: Path) -> list[Path]:
     except OSError as exc:
         _remove_empty(made)
         raise _cannot_write(target, exc) from None
-    enclosing = _FOLDERS_MADE.get()
-    if enclosing is not None:
-        enclosing.extend(made)
+    undo = _UNDO.get()
+    if undo is not None:
+        undo.folders.extend(made)
     return made
 
 
@@ -421,6 +447,7 @@ def _write_detached(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
             raise OSError(errno.EIO, "SimpleITK did not write a header and its data file")
         for source, target in ((written, target_data), (header, path)):  # the header last
             os.chmod(source, plain_file_mode())
+            _keep_replaced(target)
             os.replace(source, target)
             moved.append(target)
         work.rmdir()
@@ -463,10 +490,11 @@ def write_json(path: os.PathLike | str, payload: dict) -> Path:
 def all_or_nothing() -> Iterator[list[Path]]:
     """The outputs of one command, all or none: each path written is added to the yielded list, and when a later
     one cannot be written or the command is interrupted (Ctrl-C, SIGTERM), those already written go with their
-    sidecars, so that "no output was written" holds for a command with several outputs too."""
+    sidecars (and a ``.nhdr``'s data file), the files they had replaced come back as they were, and the folders
+    they made go, so that "no output was written" holds for a command with several outputs too."""
     written: list[Path] = []
-    folders: list[Path] = []
-    token = _FOLDERS_MADE.set(folders)
+    undo = _Undo()
+    token = _UNDO.set(undo)
     try:
         yield written
     except BaseException:
@@ -480,10 +508,18 @@ def all_or_nothing() -> Iterator[list[Path]]:
                     file.unlink(missing_ok=True)
                 except OSError:
                     pass
-        _remove_empty(sorted(set(folders), key=lambda f: len(f.parts), reverse=True))
+        for target, backup in reversed(undo.replaced):  # the files that were there before, as they were
+            try:
+                os.replace(backup, target)
+            except OSError:
+                pass
+        _remove_empty(sorted(set(undo.folders), key=lambda f: len(f.parts), reverse=True))
         raise
+    else:
+        for _, backup in undo.replaced:
+            backup.unlink(missing_ok=True)
     finally:
-        _FOLDERS_MADE.reset(token)
+        _UNDO.reset(token)
 
 
 def write_result(out: os.PathLike | str, data: np.ndarray, affine: np.ndarray, header: Any, provenance: dict,
