@@ -102,6 +102,14 @@ def test_generate_and_generate_from_mask(tiny_bundle, scan_files, tmp_path, caps
                        "--model", tiny_bundle.root, "--resample-mask")
     assert code == 2 and "--resample-mask needs --reference" in err and not (tmp_path / "e.nii.gz").exists()
     ref_img = nib.load(str(scan_files["image"]))
+    holes = ref_img.get_fdata().astype(np.float32)
+    holes[:2] = np.nan  # voxels without a value (outside an SPM bounding box), away from the mask
+    nib.save(nib.Nifti1Image(holes, ref_img.affine), str(tmp_path / "holes.nii.gz"))
+    code, _, err = run(capsys, "generate-from-mask", "--mask", scan_files["mask"], "-o", tmp_path / "h.nii.gz",
+                       "--reference", tmp_path / "holes.nii.gz", "--model", tiny_bundle.root, "--quiet")
+    assert code == 0, err  # accepted as heal accepts it, and they stay without a value
+    made = nib.load(str(tmp_path / "h.nii.gz")).get_fdata()
+    assert np.isnan(made[:2]).all() and np.isfinite(made[2:]).all()
     for name, data, message in (("all", np.ones(ref_img.shape, np.uint8), "covers"),
                                 ("corner", np.pad(np.ones((3, 3, 3), np.uint8),
                                                   [(0, n - 3) for n in ref_img.shape]), "outside the brain")):

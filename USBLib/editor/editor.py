@@ -813,8 +813,10 @@ class Editor:
         affine = np.asarray(affine, dtype=np.float64)
         offset = 0.0
         if reference is not None:
-            reference, offset = input_checks.offset_free(check_image(reference, reference_affine))
+            reference = check_image(reference, reference_affine, "reference image", missing_ok=True)
             mask = check_mask(mask, reference.shape, affine, np.asarray(reference_affine, float), resample_mask)
+            reference, missing = fill_missing(reference, mask)  # voxels without a value (outside an SPM box)
+            reference, offset = input_checks.offset_free(reference)
         else:
             mask = check_mask(mask, np.shape(mask), affine, affine, False)
         if not mask.any():
@@ -846,6 +848,9 @@ class Editor:
                               None if uncertainty is None else uncertainty.astype(np.float32), prov)
         imap = IntensityMap.fit(reference, self._native_brain(mapping, None), self.bundle.config["intensity"])
         native = imap.to_native(mapping.to_native(image)) + np.float32(offset)
+        if missing is not None:  # they stay without one, as in a heal
+            native = native.astype(np.float32)
+            native[missing[0]] = missing[1]
         unc = None if uncertainty is None else imap.delta_to_native(mapping.to_native(uncertainty))
         return EditResult(native.astype(np.float32), np.asarray(reference_affine, float).copy(), mask, unc, prov)
 
