@@ -79,8 +79,8 @@ def test_generate_and_generate_from_mask(tiny_bundle, scan_files, tmp_path, caps
     code, _, err = run(capsys, "generate", "-o", tmp_path / "UP.NII.GZ", "--mask-out", tmp_path / "UPM.Nii",
                        "--n", "2", "--model", tiny_bundle.root, "--quiet")
     assert code == 0, err  # numbered outputs keep the suffix as it was typed
-    assert sorted(p.name for p in tmp_path.glob("UP*") if p.suffix != ".json") == ["UPM_001.Nii", "UPM_002.Nii", "UP_001.NII.GZ",
-                                                             "UP_002.NII.GZ"]
+    numbered = sorted(p.name for p in tmp_path.glob("UP*") if p.suffix != ".json")
+    assert numbered == ["UPM_001.Nii", "UPM_002.Nii", "UP_001.NII.GZ", "UP_002.NII.GZ"]
     assert set(np.unique(nib.load(str(tmp_path / "m_001.nii.gz")).get_fdata())) <= {0.0, 1.0}
     code, _, err = run(capsys, "generate-from-mask", "--mask", scan_files["mask"], "-o", tmp_path / "b.nii.gz",
                        "--reference", scan_files["image"], "--model", tiny_bundle.root, "--lesion-guidance", "2.5")
