@@ -119,6 +119,25 @@ def test_an_edit_keeps_the_input_s_sform_and_qform_codes(tmp_path, codes):
     np.testing.assert_allclose(after.affine, before.affine, atol=1e-6)
 
 
+def test_a_float_map_beside_a_scan_keeps_its_codes_and_is_not_rounded(tmp_path):
+    """An uncertainty map written beside a qform-only scan stored as integers with a slope: the scan's codes (sform
+    unset, qform scanner), float32 values as they were (not rounded to the scan's stored type), the scan's affine."""
+    img = nib.Nifti1Image(np.arange(12 * 14 * 10, dtype=np.int16).reshape(12, 14, 10), None)
+    img.set_sform(None, code=0)
+    img.set_qform(AFFINES["oblique"], code=1)
+    img.header.set_slope_inter(0.5, 10.0)
+    nib.save(img, tmp_path / "in.nii.gz")
+    vol = read_volume(tmp_path / "in.nii.gz")
+    spread = np.random.default_rng(0).random(vol.data.shape).astype(np.float32) * 0.3
+    write_volume(tmp_path / "unc.nii.gz", spread, vol.affine, vol.header_for_floats())
+    out = nib.load(tmp_path / "unc.nii.gz")
+    assert (int(out.header["sform_code"]), int(out.header["qform_code"])) == (0, 1)
+    assert out.get_data_dtype() == np.float32
+    np.testing.assert_array_equal(np.asarray(out.dataobj), spread)
+    np.testing.assert_allclose(out.affine, vol.affine, atol=1e-5)
+    assert vol.header.get_data_dtype() == np.int16  # the scan's own header is not touched
+
+
 @pytest.mark.parametrize("kind", sorted(AFFINES))
 def test_model_space_round_trip(kind):
     aff = AFFINES[kind]

@@ -298,8 +298,8 @@ def cmd_edit(args, task: str) -> int:
         write_result(args.output, vol.as_in_file(result.image), vol.affine, vol.header, result.provenance, inputs)
         written.append(args.output)
         if args.uncertainty is not None:
-            write_result(args.uncertainty, vol.as_in_file(result.uncertainty.astype("float32")), vol.affine, None,
-                         dict(result.provenance, kind="uncertainty (std over samples)"), inputs)
+            write_result(args.uncertainty, vol.as_in_file(result.uncertainty.astype("float32")), vol.affine,
+                         vol.header_for_floats(), dict(result.provenance, kind="uncertainty (std over samples)"), inputs)
     print(args.output)
     return EXIT_OK
 
@@ -363,8 +363,8 @@ def cmd_generate_from_mask(args) -> int:
         written.append(args.output)
         if args.uncertainty is not None:
             unc = res.uncertainty.astype("float32")
-            write_result(args.uncertainty, unc if ref is None else ref.as_in_file(unc), res.affine, None,
-                         dict(res.provenance, kind="uncertainty (std over samples)"), inputs)
+            write_result(args.uncertainty, unc if ref is None else ref.as_in_file(unc), res.affine,
+                         None if ref is None else ref.header_for_floats(), dict(res.provenance, kind="uncertainty (std over samples)"), inputs)
     print(args.output)
     return EXIT_OK
 
