@@ -17,11 +17,13 @@ sys.path[:0] = [str(HERE), str(HERE.parents[1] / "USBEditor")]  # Slicer puts a 
 
 import phantoms  # noqa: E402
 import slicer  # noqa: E402
+import vtk  # noqa: E402
 from conftest import make_scan  # noqa: E402  (Testing/conftest.py: phantom scans)
 from headless import load_nifti, segmentation_from_mask  # noqa: E402
 
 from USBEditorLib.logic import (Device, RunCancelled, RunSettings, Task, USBEditorError, default_settings,  # noqa: E402
                                 describe_model, ijk_to_ras, installed_models, load_mask, load_sample, mask_from_node,
+                                mask_in_own_space,
                                 missing_input, new_lesion_segmentation, segment_choices, segment_editor_node)
 
 pytestmark = pytest.mark.slow  # started first (Testing/conftest.py): the long files must not end the run
@@ -194,6 +196,34 @@ def test_progression_series_is_a_sequence_of_growing_lesions(t1, logic, tiny_mod
                                   slicer.util.arrayFromVolume(out.volume))
     browsers = scene.GetNodesByClass("vtkMRMLSequenceBrowserNode")
     assert browsers.GetNumberOfItems() == 1
+
+
+def test_a_segment_held_as_a_closed_surface_is_read_on_the_scan_s_grid(t1, scene):
+    """A lesion loaded as a surface (a model or an STL: the segmentation's source representation is a closed
+    surface) is rasterised on the scan's grid; the user's segmentation is left as it was and no helper node
+    stays. Without a volume or a reference grid it is refused in one line."""
+    volume, _, _, mask, aff = t1
+    centre = (aff @ np.r_[np.argwhere(mask).mean(0), 1.0])[:3]
+    sphere = vtk.vtkSphereSource()
+    sphere.SetCenter(*centre)
+    sphere.SetRadius(10.0)
+    sphere.SetThetaResolution(48)
+    sphere.SetPhiResolution(48)
+    sphere.Update()
+    surf = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Surface")
+    surf.GetSegmentation().SetSourceRepresentationName("Closed surface")
+    surf_id = surf.AddSegmentFromClosedSurfaceRepresentation(sphere.GetOutput(), "lesion")
+    before = node_ids(scene)
+    data, name = mask_from_node(surf, surf_id, volume)
+    ijk = np.stack(np.meshgrid(*map(np.arange, mask.shape), indexing="ij"), -1)
+    inside = np.linalg.norm(ijk @ aff[:3, :3].T + aff[:3, 3] - centre, axis=-1) <= 10.0  # voxel centres in it
+    assert name == "lesion" and data.shape == mask.shape
+    assert 2 * ((data > 0) & inside).sum() / ((data > 0).sum() + inside.sum()) > 0.85
+    assert node_ids(scene) == before
+    assert not surf.GetSegmentation().ContainsRepresentation("Binary labelmap")  # the user's node untouched
+    with pytest.raises(USBEditorError, match="surfaces without an image grid") as err:
+        mask_in_own_space(surf, surf_id)
+    assert "\n" not in str(err.value)
 
 
 def test_generate_from_mask_on_reference_and_in_model_space(t1, logic, tiny_model):

@@ -12,9 +12,10 @@ import logging
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import vtk
@@ -263,6 +264,40 @@ def _other_grid_error(what: str, volume_node) -> USBEditorError:
                           "'Resample masks drawn on another image' (Advanced) to resample it (nearest neighbour).")
 
 
+@contextmanager
+def _voxel_segmentation(seg_node, segment_id: str, volume_node=None) -> Iterator[Any]:
+    """The segmentation to read ``segment_id``'s voxels from: ``seg_node`` itself when it holds binary labelmaps;
+    else (a segmentation loaded as closed surfaces, from a model or an STL) a temporary copy of that segment
+    rasterised on ``volume_node``'s grid, or on the node's own reference geometry without a volume, removed
+    afterwards. The user's node is never changed."""
+    binary = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    source = seg_node.GetSegmentation()
+    if source.ContainsRepresentation(binary):
+        yield seg_node
+        return
+    geometry_key = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+    geometry = source.GetConversionParameter(geometry_key)
+    if volume_node is None and not geometry:
+        raise USBEditorError(f"Segmentation '{seg_node.GetName()}' holds surfaces without an image grid: select a "
+                             "volume, or convert it to a binary labelmap (Segmentations module) first.")
+    temp = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "__usb_temp_voxels")
+    try:
+        temp.SetAndObserveTransformNodeID(seg_node.GetTransformNodeID())
+        copy = temp.GetSegmentation()
+        copy.SetSourceRepresentationName(source.GetSourceRepresentationName())
+        copy.CopySegmentFromSegmentation(source, segment_id)
+        if volume_node is not None:
+            temp.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+        else:
+            copy.SetConversionParameter(geometry_key, geometry)
+        if not temp.CreateBinaryLabelmapRepresentation():
+            raise USBEditorError(f"Segment '{source.GetSegment(segment_id).GetName()}' could not be turned into "
+                                 "voxels; convert it to a binary labelmap (Segmentations module) first.")
+        yield temp
+    finally:
+        slicer.mrmlScene.RemoveNode(temp)
+
+
 def _segment_is_empty(seg_node, segment_id: str) -> bool:
     segment = seg_node.GetSegmentation().GetSegment(segment_id)
     labelmap = slicer.util.arrayFromSegmentInternalBinaryLabelmap(seg_node, segment_id)
@@ -281,11 +316,12 @@ def segment_to_mask(seg_node, segment_id: Optional[str], volume_node, resample: 
     if segment is None:
         raise USBEditorError(f"Segmentation '{seg_node.GetName()}' has no segment '{segment_id}'.")
     name = segment.GetName()
-    if _segment_is_empty(seg_node, segment_id):
-        raise USBEditorError(f"Segment '{name}' is empty: paint the lesion or load a mask first.")
-    if not resample and not _on_volume_lattice(seg_node, segment_id, volume_node):
-        raise _other_grid_error(f"Segment '{name}'", volume_node)
-    mask = slicer.util.arrayFromSegmentBinaryLabelmap(seg_node, segment_id, volume_node)
+    with _voxel_segmentation(seg_node, segment_id, volume_node) as voxels:
+        if _segment_is_empty(voxels, segment_id):
+            raise USBEditorError(f"Segment '{name}' is empty: paint the lesion or load a mask first.")
+        if not resample and not _on_volume_lattice(voxels, segment_id, volume_node):
+            raise _other_grid_error(f"Segment '{name}'", volume_node)
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(voxels, segment_id, volume_node)
     if mask is None or not mask.any():
         raise USBEditorError(f"Segment '{name}' does not overlap volume '{volume_node.GetName()}': "
                              "it was drawn on another image or in another place.")
@@ -348,13 +384,14 @@ def mask_in_own_space(mask_node, segment_id: Optional[str]) -> tuple[np.ndarray,
         sid = segment_id or (segmentation.GetNthSegmentID(0) if segmentation.GetNumberOfSegments() == 1 else "")
         if not sid:
             raise USBEditorError(f"Select which segment of '{mask_node.GetName()}' is the lesion.")
-        if _segment_is_empty(mask_node, sid):
-            raise USBEditorError(f"Segment '{segmentation.GetSegment(sid).GetName()}' is empty: "
-                                 "paint the lesion or load a mask first.")
-        ids = vtk.vtkStringArray()
-        ids.InsertNextValue(sid)
-        slicer.modules.segmentations.logic().ExportSegmentsToLabelmapNode(
-            mask_node, ids, grid, None, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
+        with _voxel_segmentation(mask_node, sid) as voxels:
+            if _segment_is_empty(voxels, sid):
+                raise USBEditorError(f"Segment '{segmentation.GetSegment(sid).GetName()}' is empty: "
+                                     "paint the lesion or load a mask first.")
+            ids = vtk.vtkStringArray()
+            ids.InsertNextValue(sid)
+            slicer.modules.segmentations.logic().ExportSegmentsToLabelmapNode(
+                voxels, ids, grid, None, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
         data = slicer.util.arrayFromVolume(grid)
         return (data.transpose(2, 1, 0) > 0).astype(np.uint8), ijk_to_ras(grid), segmentation.GetSegment(sid).GetName()
     finally:
