@@ -226,6 +226,33 @@ def test_a_segment_held_as_a_closed_surface_is_read_on_the_scan_s_grid(t1, scene
     assert "\n" not in str(err.value)
 
 
+def test_a_labelmap_is_placed_where_the_views_show_it_under_a_transform(scene, tmp_path):
+    """The T1 under a linear transform (8 mm to the right): a labelmap mask is taken where it is shown, as a
+    segment is: on the T1's grid but not under its transform it lands 4 voxels (8 mm) off the T1's voxels; under the
+    same transform, voxel for voxel, on that grid or on a finer one."""
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    aff[:3, 3] = -40.0
+    volume = load_nifti(tmp_path, "T1", np.ones((40, 40, 40), np.float32), aff)
+    shift = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 8.0)
+    shift.SetMatrixTransformToParent(matrix)
+    volume.SetAndObserveTransformNodeID(shift.GetID())
+    mask = np.zeros((40, 40, 40), np.uint8)
+    mask[16:22, 18:24, 20:26] = 1
+    fine_aff = np.diag([1.0, 1.0, 1.0, 1.0])
+    fine_aff[:3, 3] = -40.5  # the 2 mm voxels' corners
+    fine = np.repeat(np.repeat(np.repeat(mask, 2, 0), 2, 1), 2, 2)
+    plain = load_nifti(tmp_path, "plain", mask, aff, labelmap=True)
+    same = load_nifti(tmp_path, "same", mask, aff, labelmap=True)
+    finer = load_nifti(tmp_path, "finer", fine, fine_aff, labelmap=True)
+    for node in (same, finer):
+        node.SetAndObserveTransformNodeID(shift.GetID())
+    assert np.array_equal(mask_from_node(plain, None, volume)[0], np.roll(mask, -4, axis=0))
+    assert np.array_equal(mask_from_node(same, None, volume)[0], mask)
+    assert np.array_equal(mask_from_node(finer, None, volume)[0], mask)
+
+
 def test_generate_from_mask_on_reference_and_in_model_space(t1, logic, tiny_model):
     volume, seg, segment_id, _, aff = t1
     on_scan = logic.run(Task.GENERATE_FROM_MASK, volume, seg, segment_id, RunSettings(steps=2), model=tiny_model)

@@ -242,8 +242,11 @@ def volume_to_array(node) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _same_geometry(a, b) -> bool:
+    """True when two volume nodes share their voxels in the world: the same grid under the same parent transform
+    (a mask under another transform, or none, is placed where the views show it, as a segmentation is)."""
     return (a.GetImageData().GetDimensions() == b.GetImageData().GetDimensions()
-            and np.allclose(ijk_to_ras(a), ijk_to_ras(b), atol=1e-4))
+            and np.allclose(ijk_to_ras(a), ijk_to_ras(b), atol=1e-4)
+            and a.GetTransformNodeID() == b.GetTransformNodeID())
 
 
 def _on_volume_lattice(seg_node, segment_id: str, volume_node) -> bool:
@@ -343,6 +346,7 @@ def labelmap_to_mask(label_node, volume_node, resample: bool = True) -> np.ndarr
         binary = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__usb_temp_binary")
         try:
             binary.CopyOrientation(label_node)
+            binary.SetAndObserveTransformNodeID(label_node.GetTransformNodeID())  # imported where the views show it
             slicer.util.updateVolumeFromArray(binary, (slicer.util.arrayFromVolume(label_node) > 0).astype(np.uint8))
             slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(binary, temp)
         finally:
