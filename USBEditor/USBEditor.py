@@ -27,7 +27,7 @@ from USBLib.settings import DARK_LESION_LEVEL, FALLBACKS, RANGES
 from USBEditorLib.logic import (TASK_INFO, Device, EditorLogic, LocalMode, RunSettings, Sampler, Stages, Task,
                                 USBEditorError,
                                 default_settings,
-                                describe_model, installed_models, load_mask, load_sample, missing_input,
+                                describe_model, installed_models, load_mask, load_sample, missing_input, runs_once,
                                 new_lesion_segmentation, segment_choices, segment_editor_node, show_comparison)
 
 OTHER_MODEL = "Other folder..."
@@ -221,10 +221,19 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.inputVolumeSelector.enabled = info["volume"] != "unused"
         for widget in (self.ui.maskSelector, self.ui.segmentComboBox, self.ui.newLesionButton, self.ui.loadMaskButton):
             widget.enabled = info["mask"] != "unused"
-        self.ui.acgCheckBox.enabled = self.ui.strengthSliderWidget.enabled = edit
+        self.ui.acgCheckBox.enabled = edit
+        # steps and strength shape the latent diffusion only: an edit by the local stage alone does not read them
+        latent = p.stages is not Stages.LOCAL
+        self.ui.stepsSliderWidget.enabled = not edit or latent
+        self.ui.strengthSliderWidget.enabled = edit and latent
         for widget in (self.ui.alpha0SliderWidget, self.ui.kSliderWidget):
             widget.enabled = edit and p.acg
-        self.ui.etaSliderWidget.enabled = edit and p.maskNode is not None
+        self.ui.etaSliderWidget.enabled = edit and p.acg and p.maskNode is not None  # LCG scales ACG's weight
+        self.ui.samplesSpinBox.enabled = not self._deterministicEdit()
+        self.ui.samplesSpinBox.toolTip = _(
+            "This edit is deterministic (the local stage alone: every heal, and embed in fidelity mode), so it runs "
+            "once; for several samples and an uncertainty volume choose stages 'latent' or 'both'."
+        ) if self._deterministicEdit() else _("Several samples give their mean and a per-voxel uncertainty volume.")
         self.ui.maskCoversRimCheckBox.enabled = p.task is Task.HEAL and p.maskNode is not None
         self.ui.framesSpinBox.enabled = p.task is Task.EMBED
         self.ui.stagesComboBox.enabled = edit and p.maskNode is not None
@@ -238,6 +247,10 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         running = self._run is not None
         self.ui.applyButton.enabled = reason is None and not running
         self.ui.applyButton.toolTip = reason or _("Run: {task}").format(task=info["label"])
+
+    def _deterministicEdit(self) -> bool:
+        p = self._parameterNode
+        return runs_once(p.task, p.stages, p.localMode)
 
     def onTaskChanged(self, index: int = 0) -> None:
         """A new task brings its own recommended guidance (e.g. heal and embed start at different strengths)."""
@@ -350,7 +363,10 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except USBEditorError as exc:
             self.ui.modelInfoLabel.text = str(exc)
         if self._parameterNode:
+            changed = self._parameterNode.model != (self._model() or "")
             self._parameterNode.model = self._model() or ""
+            if changed:  # the new model's recommended settings (not when a saved scene restores its own model)
+                self._applyDefaults(self._parameterNode.task)
 
     # ----------------------------------------------------------------- running
     def onApplyButton(self) -> None:
@@ -361,7 +377,7 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                eta=p.eta,
                                stages=p.stages.value, local_mode=p.localMode.value, sampler=p.sampler.value,
                                lesion_guidance=p.lesionGuidance, lesion_fusion=bool(p.lesionFusion),
-                               samples=int(p.samples), seed=int(p.seed),
+                               samples=1 if self._deterministicEdit() else int(p.samples), seed=int(p.seed),
                                mask_covers_rim=bool(p.maskCoversRim),
                                lesion_level=float(p.lesionLevel) if p.setLesionLevel else None)
         info = TASK_INFO[p.task]

@@ -204,7 +204,8 @@ def test_uncertainty_needs_samples_that_can_differ(tiny_bundle, scan_files, tmp_
 
 def test_deterministic_local_stage_refuses_several_samples_and_the_latent_stage_gives_a_map(tmp_path):
     """The local stage's heal is one deterministic reconstruction (realism only adds synthesized noise): several
-    samples are refused with the mode that gives a map; with the latent stage the samples differ."""
+    samples are refused, in either mode, with the stages that give a map (not with 'realism', which is refused too);
+    an embed in fidelity mode is pointed to realism; with the latent stage the samples differ."""
     import phantoms
     from USBLib import Editor
     from USBLib.errors import InputError
@@ -212,8 +213,11 @@ def test_deterministic_local_stage_refuses_several_samples_and_the_latent_stage_
     bundle = phantoms.make_bundle(tmp_path / "local", local=True, name="tiny-local")
     editor = Editor(bundle, device="cpu")
     img, mask, aff = make_scan(dtype=np.float32)
-    with pytest.raises(InputError, match="identical.*realism"):
+    with pytest.raises(InputError, match="synthesized noise.*'both'") as err:
         editor.heal(img, aff, mask, stages="local", local_mode="fidelity", samples=3)
+    assert "realism" not in str(err.value)
+    with pytest.raises(InputError, match="identical.*realism"):
+        editor.embed(img, aff, mask, stages="local", local_mode="fidelity", samples=3)
     with pytest.raises(InputError, match="synthesized noise.*'both'"):
         editor.heal(img, aff, mask, stages="local", local_mode="realism", samples=2)
     res = editor.heal(img, aff, mask, stages="both", steps=2, samples=2, seed=1)

@@ -21,10 +21,10 @@ import vtk  # noqa: E402
 from conftest import make_scan  # noqa: E402  (Testing/conftest.py: phantom scans)
 from headless import load_nifti, segmentation_from_mask  # noqa: E402
 
-from USBEditorLib.logic import (Device, RunCancelled, RunSettings, Task, USBEditorError, default_settings,  # noqa: E402
-                                describe_model, ijk_to_ras, installed_models, load_mask, load_sample, mask_from_node,
-                                mask_in_own_space,
-                                missing_input, new_lesion_segmentation, segment_choices, segment_editor_node)
+from USBEditorLib.logic import (Device, LocalMode, RunCancelled, RunSettings, Stages, Task,  # noqa: E402
+                                USBEditorError, default_settings, describe_model, ijk_to_ras, installed_models,
+                                load_mask, load_sample, mask_from_node, mask_in_own_space, missing_input,
+                                new_lesion_segmentation, runs_once, segment_choices, segment_editor_node)
 
 pytestmark = pytest.mark.slow  # started first (Testing/conftest.py): the long files must not end the run
 
@@ -319,6 +319,24 @@ def test_bad_inputs_raise_clear_errors(t1, logic, tiny_model, tmp_path, scene, c
         logic.run(task, *args, settings=FAST, model=tiny_model, frames=frames, resample_mask=resample)
     assert "\n" not in str(err.value)
     assert node_ids(scene) == before_nodes
+
+
+@pytest.mark.parametrize("task", [Task.HEAL, Task.EMBED])
+@pytest.mark.parametrize("stages", [Stages.LOCAL, Stages.LATENT, Stages.BOTH])
+@pytest.mark.parametrize("mode", [LocalMode.REALISM, LocalMode.FIDELITY])
+def test_the_panel_s_run_once_rule_is_the_engine_s(task, stages, mode):
+    """The panel greys out Samples exactly where the engine refuses several samples (``check_sampling``): the
+    rule it shows is the one that runs."""
+    from USBLib.core.bundle import load
+    from USBLib.editor.input_checks import check_sampling
+    from USBLib.errors import InputError
+
+    try:
+        check_sampling(load(None), task.value, 2, stages.value, mode.value)
+        refused = False
+    except InputError:
+        refused = True
+    assert runs_once(task, stages, mode) is refused
 
 
 def test_worker_errors_come_back_as_one_line(t1, logic, tmp_path, scene):

@@ -403,6 +403,14 @@ def mask_in_own_space(mask_node, segment_id: Optional[str]) -> tuple[np.ndarray,
 
 
 # ----------------------------------------------------------------- panel helpers (Qt-free, used by the widget)
+def runs_once(task: Task, stages: Stages, local_mode: LocalMode) -> bool:
+    """True for an edit the engine runs once, whatever the samples asked for (``check_sampling`` refuses several
+    samples of it): the local stage alone, for every heal and for an embed in fidelity mode. ``stages`` and
+    ``local_mode`` as the panel holds them (concrete values, as the model's defaults set them)."""
+    return (Task(task) in (Task.HEAL, Task.EMBED) and Stages(stages) is Stages.LOCAL
+            and (Task(task) is Task.HEAL or LocalMode(local_mode) is LocalMode.FIDELITY))
+
+
 def missing_input(task: Task, volume_node, mask_node, segment_id: str) -> Optional[str]:
     """What the user still has to choose before ``task`` can run (the Apply button's tooltip), or None."""
     info = TASK_INFO[Task(task)]

@@ -152,14 +152,14 @@ def check_sampling(bundle: bundle_mod.ModelBundle, task: str, samples: int, stag
     defaults = bundle.defaults(task)
     stages = stages or defaults.get("stages") or ("local" if bundle.has_local else "latent")
     local_mode = local_mode or defaults.get("local_mode") or "fidelity"
+    if stages == "local" and task == "heal":  # first: for a heal, 'realism' is no way out
+        raise InputError(f"{samples} samples of a local-stage heal differ only by synthesized noise (its reconstruction "
+                         "is deterministic), so their spread is no uncertainty; for an uncertainty map use stages "
+                         "'both' or 'latent'")
     if stages == "local" and local_mode == "fidelity":
         raise InputError(f"{samples} samples would be identical: the 'fidelity' local stage is deterministic, so the "
                          "uncertainty map would be zero; for samples that differ use local mode 'realism' or stages "
                          "'latent' or 'both'")
-    if stages == "local" and task == "heal":
-        raise InputError(f"{samples} samples of a local-stage heal differ only by synthesized noise (its reconstruction "
-                         "is deterministic), so their spread is no uncertainty; for an uncertainty map use stages "
-                         "'both' or 'latent'")
 
 
 def check_samples(n: int, what: str = "samples") -> int:
