@@ -98,6 +98,7 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode: Optional[USBEditorParameterNode] = None
         self._parameterNodeGuiTag = None
         self._run = None
+        self._observedSegmentation = None  # the mask segmentation whose segment list the panel follows
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_MS)
         self._timer.connect("timeout()", self._onPoll)
@@ -129,6 +130,7 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.loadMaskButton.connect("clicked(bool)", self.onLoadMask)
         self.ui.loadSampleButton.connect("clicked(bool)", self.onLoadSample)
         self.ui.segmentComboBox.connect("currentIndexChanged(int)", self.onSegmentChanged)
+        self.ui.segmentEditorWidget.connect("currentSegmentIDChanged(QString)", self.onEditorSegmentChanged)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelChanged)
         self.ui.maskSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onMaskChanged)
@@ -265,12 +267,37 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Keep the segment list and the embedded Segment Editor on the selected segmentation and volume."""
         if not self._parameterNode:
             return
+        self._observeSegments(self.ui.maskSelector.currentNode())
         self._fillSegments()
         mask, volume = self.ui.maskSelector.currentNode(), self.ui.inputVolumeSelector.currentNode()
         editor = self.ui.segmentEditorWidget
         self._segmentEditorNode()
         editor.setSegmentationNode(mask if mask is not None and mask.IsA("vtkMRMLSegmentationNode") else None)
         editor.setSourceVolumeNode(volume)
+
+    def _observeSegments(self, mask) -> None:
+        """Keep the segment list current while segments are added, removed or renamed (in this panel's Segment
+        Editor or anywhere else)."""
+        events = (slicer.vtkSegmentation.SegmentAdded, slicer.vtkSegmentation.SegmentRemoved,
+                  slicer.vtkSegmentation.SegmentModified)
+        if self._observedSegmentation is not None:
+            for event in events:
+                self.removeObserver(self._observedSegmentation, event, self._onSegmentsChanged)
+        self._observedSegmentation = mask if mask is not None and mask.IsA("vtkMRMLSegmentationNode") else None
+        if self._observedSegmentation is not None:
+            for event in events:
+                self.addObserver(self._observedSegmentation, event, self._onSegmentsChanged)
+
+    def _onSegmentsChanged(self, caller=None, event=None) -> None:
+        self._fillSegments()
+        self._updateState()
+
+    def onEditorSegmentChanged(self, segmentId: str) -> None:
+        """The segment picked in the embedded Segment Editor is the lesion the run uses."""
+        combo = self.ui.segmentComboBox
+        index = combo.findData(segmentId) if segmentId else -1
+        if self._parameterNode and index >= 0 and index != combo.currentIndex:
+            combo.currentIndex = index  # (onSegmentChanged stores it)
 
     def _fillSegments(self) -> None:
         combo, p = self.ui.segmentComboBox, self._parameterNode
@@ -281,8 +308,8 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for name, sid in choices:
             combo.addItem(name, sid)
         ids = [sid for _name, sid in choices]
-        if ids and p.segmentId not in ids:
-            p.segmentId = ids[0]
+        if p.segmentId not in ids:  # a segment that is gone (or none left) is not kept as the lesion
+            p.segmentId = ids[0] if ids else ""
         if p.segmentId in ids:
             combo.currentIndex = ids.index(p.segmentId)
         combo.blockSignals(wasBlocked)
