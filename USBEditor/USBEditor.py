@@ -376,6 +376,10 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p.lesionFusion = settings.lesion_fusion
         if not guidanceOnly:
             p.frames = 0
+            p.sampler = Sampler(settings.sampler) if settings.sampler else Sampler.DEFAULT
+            p.setLesionLevel = False  # the network's own darkness
+            p.lesionLevel = DARK_LESION_LEVEL
+            p.maskCoversRim = False
         p.guidanceTask = task.value
 
     def _model(self) -> Optional[str]:
