@@ -257,6 +257,8 @@ def test_generate_from_mask_on_reference_and_in_model_space(t1, logic, tiny_mode
     volume, seg, segment_id, _, aff = t1
     on_scan = logic.run(Task.GENERATE_FROM_MASK, volume, seg, segment_id, RunSettings(steps=2), model=tiny_model)
     assert on_scan.volume.GetName() == "USB brain for lesion"
+    # in the reference's data type, as `usb generate-from-mask --reference` writes it
+    assert slicer.util.arrayFromVolume(on_scan.volume).dtype == slicer.util.arrayFromVolume(volume).dtype == np.int16
     np.testing.assert_allclose(ijk_to_ras(on_scan.volume), aff, atol=1e-4)
     alone = logic.run(Task.GENERATE_FROM_MASK, None, seg, segment_id, RunSettings(steps=2), model=tiny_model)
     from USBLib.core.bundle import load

@@ -572,7 +572,7 @@ class EditorLogic:
         source = run.volume_node
         base = self._output_name(run)
         like_dtype = None
-        if source is not None and run.task in (Task.HEAL, Task.EMBED):
+        if source is not None and run.task in (Task.HEAL, Task.EMBED, Task.GENERATE_FROM_MASK):  # as `usb` writes
             like_dtype = slicer.util.arrayFromVolume(source).dtype
         try:
             images = sorted(i for role, i in files if role == "image")
