@@ -198,6 +198,19 @@ def test_progression_series_is_a_sequence_of_growing_lesions(t1, logic, tiny_mod
     assert browsers.GetNumberOfItems() == 1
 
 
+def test_a_progression_frame_that_cannot_be_read_leaves_no_sequence_behind(t1, logic, scene, tmp_path):
+    import nibabel as nib
+
+    volume, _, _, mask, aff = t1
+    nib.save(nib.Nifti1Image(mask.astype(np.float32), aff), str(tmp_path / "frame1.nii.gz"))
+    (tmp_path / "frame2.nii.gz").write_bytes(b"not a volume")
+    before = node_ids(scene)
+    with pytest.raises(Exception):
+        logic._add_sequence([tmp_path / "frame1.nii.gz", tmp_path / "frame2.nii.gz"], "T1 lesion progression",
+                            volume, None)
+    assert node_ids(scene) == before
+
+
 def test_a_segment_held_as_a_closed_surface_is_read_on_the_scan_s_grid(t1, scene):
     """A lesion loaded as a surface (a model or an STL: the segmentation's source representation is a closed
     surface) is rasterised on the scan's grid; the user's segmentation is left as it was and no helper node

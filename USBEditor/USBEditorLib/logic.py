@@ -653,6 +653,19 @@ class EditorLogic:
         return seg
 
     def _add_sequence(self, paths: list[Path], name: str, like, dtype):
+        """(sequence, browser) of the frames at ``paths``; a frame that cannot be read leaves no node behind."""
+        scene = slicer.mrmlScene
+        before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+        try:
+            return self._fill_sequence(paths, name, like, dtype)
+        except Exception:
+            made = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+            for node in made:
+                if node.GetID() not in before and not node.GetSingletonTag():
+                    scene.RemoveNode(node)
+            raise
+
+    def _fill_sequence(self, paths: list[Path], name: str, like, dtype):
         scene = slicer.mrmlScene
         sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", scene.GenerateUniqueName(name))
         sequence.SetIndexName("frame")
