@@ -8,7 +8,7 @@ import pytest
 import phantoms
 from conftest import AFFINES, SCAN_SHAPE
 from USBLib.errors import InputError
-from USBLib.imaging.io import read_volume, write_volume
+from USBLib.imaging.io import float_map_header, read_volume, write_volume
 from USBLib.imaging.spatial import SpaceMapping, register, resample_mask_to
 
 
@@ -129,7 +129,7 @@ def test_a_float_map_beside_a_scan_keeps_its_codes_and_is_not_rounded(tmp_path):
     nib.save(img, tmp_path / "in.nii.gz")
     vol = read_volume(tmp_path / "in.nii.gz")
     spread = np.random.default_rng(0).random(vol.data.shape).astype(np.float32) * 0.3
-    write_volume(tmp_path / "unc.nii.gz", spread, vol.affine, vol.header_for_floats())
+    write_volume(tmp_path / "unc.nii.gz", spread, vol.affine, float_map_header(vol.header))
     out = nib.load(tmp_path / "unc.nii.gz")
     assert (int(out.header["sform_code"]), int(out.header["qform_code"])) == (0, 1)
     assert out.get_data_dtype() == np.float32

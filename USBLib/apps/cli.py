@@ -17,7 +17,7 @@ from typing import Any, Sequence
 from USBLib.errors import BundleError, Cancelled, InputError, OutputError, Terminated, USBError
 from USBLib.apps.progress_bar import ProgressBar
 from USBLib.apps.signals import terminate_as_interrupt
-from USBLib.imaging.io import all_or_nothing, write_result
+from USBLib.imaging.io import all_or_nothing, float_map_header, write_result
 from USBLib.settings import COVERS_RIM_DILATION_MM, SETTINGS, add_cli_options, cli_number
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_CANCELLED, EXIT_TERMINATED = 0, 1, 2, 130, 143
@@ -299,7 +299,7 @@ def cmd_edit(args, task: str) -> int:
         written.append(args.output)
         if args.uncertainty is not None:
             write_result(args.uncertainty, vol.as_in_file(result.uncertainty.astype("float32")), vol.affine,
-                         vol.header_for_floats(), dict(result.provenance, kind="uncertainty (std over samples)"), inputs)
+                         float_map_header(vol.header), dict(result.provenance, kind="uncertainty (std over samples)"), inputs)
     print(args.output)
     return EXIT_OK
 
@@ -364,7 +364,7 @@ def cmd_generate_from_mask(args) -> int:
         if args.uncertainty is not None:
             unc = res.uncertainty.astype("float32")
             write_result(args.uncertainty, unc if ref is None else ref.as_in_file(unc), res.affine,
-                         None if ref is None else ref.header_for_floats(), dict(res.provenance, kind="uncertainty (std over samples)"), inputs)
+                         None if ref is None else float_map_header(ref.header), dict(res.provenance, kind="uncertainty (std over samples)"), inputs)
     print(args.output)
     return EXIT_OK
 

@@ -51,22 +51,23 @@ class Volume:
         gives a singleton 4-D output)."""
         return values if self.file_shape is None else np.reshape(values, self.file_shape)
 
-    def header_for_floats(self) -> Any:
-        """The source header for a float32 map written beside this volume (an uncertainty map): its sform/qform
-        codes, units and description kept, its storage float32 without a slope/intercept (a map is not rounded to
-        an integer scan's stored type). None when the volume has no nibabel NIfTI/MGH header."""
-        if self.header is None or not hasattr(self.header, "set_data_dtype"):
-            return None
-        header = self.header.copy()
-        header.set_data_dtype(np.float32)
-        if hasattr(header, "set_slope_inter"):
-            header.set_slope_inter(1.0, 0.0)
-        return header
-
     @property
     def spacing(self) -> np.ndarray:
         """Voxel size [3] in mm along the I, J, K axes (column norms of the affine's 3x3 part)."""
         return np.linalg.norm(self.affine[:3, :3], axis=0)
+
+
+def float_map_header(header: Any) -> Any:
+    """A scan's ``header`` for a float32 map written beside it (an uncertainty map): its sform/qform codes, units
+    and description kept, its storage float32 without a slope/intercept (a map is not rounded to an integer scan's
+    stored type). None when ``header`` is not a nibabel NIfTI/MGH header (NRRD, or none)."""
+    if header is None or not hasattr(header, "set_data_dtype"):
+        return None
+    header = header.copy()
+    header.set_data_dtype(np.float32)
+    if hasattr(header, "set_slope_inter"):
+        header.set_slope_inter(1.0, 0.0)
+    return header
 
 
 def _with_stored_scaling(img) -> Any:
