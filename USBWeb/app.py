@@ -147,7 +147,8 @@ class USBWebApp(TrameApp):
             self.state.usb_loading, self.state.usb_error = True, ""
         try:
             path = self.private.save_upload(files[0], MASK_SUFFIXES)
-            voxels = self.document.import_mask(path, bool(self.state.usb_resample))
+            voxels = self.document.import_mask(path, bool(self.state.usb_resample),
+                                               str(files[0].get("name") or path.name))
             status = f"Mask loaded: {voxels} lesion voxels."
         except Exception as exc:  # noqa: BLE001 - shown on the page
             status = ""

@@ -1,7 +1,9 @@
 """The page's data on the MRML scene: one scan, its editable lesion segment, and the latest result.
 
-Everything goes through ``USBEditorLib.logic`` (Slicer's readers, ``mask_from_node`` for masks on another grid,
-``new_lesion_segmentation``, ``load_sample``) so the page accepts and refuses exactly what the Slicer module does.
+Files are read by the engine's reader (``USBLib.imaging.io.read_volume``), so the page accepts, refuses and places a
+scan or mask exactly as ``usb heal`` does, and keeps the scan's header to write the result as the CLI does; masks on
+another grid, the lesion segment and the sample go through ``USBEditorLib.logic`` (``mask_from_node``,
+``new_lesion_segmentation``, ``load_sample``), as in the Slicer module.
 Needs ``slicer.mrmlScene`` and ``slicer.app`` (``USBWeb.slicer_env``), not trame: it is tested headless.
 """
 from __future__ import annotations
@@ -19,7 +21,6 @@ import slicer
 from USBEditorLib import logic as L
 
 from .slicer_env import node_name
-from .uploads import suffix
 
 UNCERTAINTY_COLORS = "vtkMRMLPETProceduralColorNodePET-Heat"
 
@@ -60,30 +61,49 @@ def file_stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "result"
 
 
-def read_node(path: Path, labelmap: bool):
-    """A scan (``labelmap`` False) or mask node from a file with Slicer's readers (``USBEditorLib.logic.load_mask``
-    for masks), or None when the file cannot be read. MGZ/MGH, which the ``slicer-core`` wheel's readers lack (full
-    Slicer reads them), go through the engine's reader and ``slicer.util.addVolumeFromArray``."""
-    ext = suffix(path.name, (".mgz", ".mgh"))
-    if ext:
-        from USBLib.errors import InputError
-        from USBLib.imaging.io import read_volume
+NOT_AN_IMAGE = "it is not a NIfTI, NRRD or MGZ image"
 
+
+def read_reason(message: str, path: Path, what: str) -> str:
+    """Why ``USBLib.imaging.io.read_volume`` refused ``path`` (its ``InputError`` message), without the path: "it has
+    shape (4, 4, 4, 2); a 3D volume is needed"; a file that cannot be parsed at all is ``NOT_AN_IMAGE``."""
+    message = message.strip()
+    if message.startswith(f"cannot read {what} ") or not message.startswith(f"{path}: "):
+        return NOT_AN_IMAGE
+    reason = message[len(f"{path}: "):]
+    return "it " + reason[len(what) + 1:] if reason.startswith(f"{what} ") else reason
+
+
+def read_node(path: Path, labelmap: bool, name: str = ""):
+    """A scan (``labelmap`` False) or mask node from a file, with its nibabel header (None for NRRD and
+    ``.seg.nrrd``). Scans and masks are read by the engine's reader, ``USBLib.imaging.io.read_volume``, as ``usb heal``
+    reads them: the same geometry and the same refusals (4-D with several frames, 2-D, several components, a
+    non-numeric voxel type, a degenerate affine); a ``.seg.nrrd`` mask by ``USBEditorLib.logic.load_mask``. Raises
+    ``USBEditorError`` with one line naming the file as ``name`` (the browser's name; default: the file's)."""
+    from USBLib.errors import InputError
+    from USBLib.imaging.io import read_volume
+
+    name = name or path.name
+    what = "mask" if labelmap else "scan"
+    if labelmap and path.name.lower().endswith(".seg.nrrd"):
         try:
-            vol = read_volume(path, "mask" if labelmap else "scan")
-        except InputError:
-            return None
-        data = vol.data.astype(np.uint8 if vol.data.dtype == bool else vol.data.dtype)
-        node = slicer.util.addVolumeFromArray(
-            np.ascontiguousarray(data.transpose(2, 1, 0)), ijkToRAS=vol.affine,
-            name=slicer.mrmlScene.GenerateUniqueName(path.name[: -len(ext)]),
-            nodeClassName="vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode")
-        node.CreateDefaultDisplayNodes()
-        return node
+            return L.load_mask(str(path)), None
+        except L.USBEditorError:
+            raise L.USBEditorError(f"Could not read '{name}' as a mask: it is not a .seg.nrrd segmentation.") from None
     try:
-        return L.load_mask(str(path)) if labelmap else slicer.util.loadVolume(str(path))
-    except (RuntimeError, L.USBEditorError):  # slicer.util's "Failed to load node from file: <path>"
-        return None
+        vol = read_volume(path, what)
+    except InputError as exc:
+        reason = read_reason(str(exc), path, what)
+        if reason == NOT_AN_IMAGE and labelmap:
+            reason += " or a .seg.nrrd segmentation"
+        raise L.USBEditorError(f"Could not read '{name}' as a {what}: {reason}.") from None
+    data = vol.data.astype(np.uint8) if vol.data.dtype == bool else vol.data
+    node = slicer.util.addVolumeFromArray(
+        np.ascontiguousarray(data.transpose(2, 1, 0)), ijkToRAS=vol.affine,
+        name=slicer.mrmlScene.GenerateUniqueName(node_name(name)),  # messages about a mask name it so
+        nodeClassName="vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode")
+    node.CreateDefaultDisplayNodes()
+    return node, vol.header
 
 
 class Document:
@@ -94,25 +114,16 @@ class Document:
         self.segmentation = None
         self.segment_id = ""
         self.result: Optional[Result] = None
+        self.header: Any = None  # the scan file's nibabel header (codes, units, stored type), None for NRRD
         self.source: dict[str, str] = {}  # the file the scan came from: name (as the browser named it), sha256
 
     # ---- scan
     def load_scan(self, path: Path, source_name: str = "") -> Any:
-        """Load a scan with Slicer's reader (MGZ, which ``slicer-core`` cannot read, with the engine's reader);
-        raises ``USBEditorError`` with one line; on failure the current scan stays."""
-        node = self._read_scan(Path(path))
-        try:
-            L.volume_to_array(node)  # refuses several components, as Apply would
-        except L.USBEditorError:
-            slicer.mrmlScene.RemoveNode(node)
-            raise
-        self._replace(node, source_name or Path(path).name, path)
-        return node
-
-    def _read_scan(self, path: Path):
-        node = read_node(path, labelmap=False)
-        if node is None or node.GetImageData() is None:
-            raise L.USBEditorError(f"Could not read '{path.name}' as a scan: it is not a NIfTI, NRRD or MGZ image.")
+        """Load a scan with the engine's reader (``read_node``); raises ``USBEditorError`` with one line naming the
+        file as ``source_name`` (the browser's name); on failure the current scan, lesion and result stay."""
+        path = Path(path)
+        node, header = read_node(path, labelmap=False, name=source_name or path.name)
+        self._replace(node, source_name or path.name, path, header)
         return node
 
     def load_sample(self) -> Any:
@@ -124,12 +135,16 @@ class Document:
             slicer.mrmlScene.RemoveNode(labelmap)
         from USBLib.resources import sample_files
 
-        self._replace(volume, sample_files()["image"].name, sample_files()["image"])
+        from USBLib.imaging.io import read_volume
+
+        image = sample_files()["image"]
+        self._replace(volume, image.name, image, read_volume(image, "scan").header)
         self._set_mask(mask)
         return volume
 
-    def _replace(self, volume, source_name: str, path: Path) -> None:
-        """``volume`` becomes the scan, named after its file (the previous scan, lesion and result go)."""
+    def _replace(self, volume, source_name: str, path: Path, header: Any = None) -> None:
+        """``volume`` becomes the scan, named after its file, with its file's ``header`` (the previous scan, lesion
+        and result go)."""
         from USBLib.hashing import sha256_of
 
         self.clear_result()
@@ -138,20 +153,18 @@ class Document:
                 slicer.mrmlScene.RemoveNode(node)
         volume.SetName(file_stem(node_name(source_name)))  # not "T1_1": the previous scan is gone
         self.volume, self.source = volume, {"name": source_name, "sha256": sha256_of(Path(path))}
+        self.header = header
         self.segmentation, self.segment_id = L.new_lesion_segmentation(volume)
 
     # ---- lesion
-    def import_mask(self, path: Path, resample: bool = True) -> int:
+    def import_mask(self, path: Path, resample: bool = True, source_name: str = "") -> int:
         """Put a mask file into the lesion segment; a mask on another grid is resampled (nearest neighbour) when
         ``resample``, else refused, and one that does not overlap the scan is refused, as in the Slicer module.
-        Returns the number of lesion voxels."""
+        Errors name the file as ``source_name`` (the browser's name). Returns the number of lesion voxels."""
         if self.volume is None:
             raise L.USBEditorError("Load a scan first: the mask is placed on it.")
         path = Path(path)
-        node = read_node(path, labelmap=True)
-        if node is None:
-            raise L.USBEditorError(f"Could not read '{path.name}' as a mask: it is not a NIfTI, NRRD or MGZ "
-                                   "image or a .seg.nrrd segmentation.")
+        node, _header = read_node(path, labelmap=True, name=source_name or path.name)
         try:
             mask, _name = L.mask_from_node(node, None, self.volume, resample)
         finally:
