@@ -232,7 +232,8 @@ class Document:
         if self.result.uncertainty is not None:
             images.append((f"{images[0][0]}_uncertainty", *L.volume_to_array(self.result.uncertainty),
                            "uncertainty (std over samples)"))
-        return Export(images, self.result.mask, public_provenance(self.result.outputs.provenance), dict(self.source))
+        return Export(images, self.result.mask, public_provenance(self.result.outputs.provenance), dict(self.source),
+                      self.header)
 
     def export_result(self, folder: Path) -> Path:
         """``export().write(folder)``: the zip to download."""
@@ -241,18 +242,22 @@ class Document:
 
 @dataclass
 class Export:
-    """The download of a result: its images (name, data, affine, kind), the mask the run used, the provenance."""
+    """The download of a result: its images (name, data, affine, kind), the mask the run used, the provenance, and
+    the scan file's nibabel header (None for NRRD), with which the images are written as ``usb heal`` writes them."""
 
     images: list[tuple[str, np.ndarray, np.ndarray, Optional[str]]]
     mask: Optional[tuple[np.ndarray, np.ndarray]]
     provenance: dict[str, Any]
     source: dict[str, str]
+    header: Any = None
 
     def write(self, folder: Path) -> Path:
         """The result as NIfTI with its provenance sidecar (and the uncertainty map and the lesion mask, when there
-        are), zipped into one file in ``folder``; returns the zip."""
+        are), zipped into one file in ``folder``; returns the zip. The result is written with the scan's header (its
+        sform/qform codes and units; an integer scan stored with a slope comes back stored so), the uncertainty map
+        as float32 with the scan's codes (``float_map_header``), as ``usb heal`` writes them."""
         from USBLib.hashing import sha256_of
-        from USBLib.imaging.io import sidecar_path, write_result, write_volume
+        from USBLib.imaging.io import float_map_header, sidecar_path, write_result, write_volume
 
         stem = self.images[0][0]
         written: list[Path] = []
@@ -265,7 +270,8 @@ class Export:
         for name, data, affine, kind in self.images:
             out = folder / f"{name}.nii.gz"
             extra = {"output": out.name, "inputs": inputs, **({"kind": kind} if kind else {})}
-            write_result(out, data, affine, None, self.provenance, {}, extra)
+            header = self.header if kind is None else float_map_header(self.header)
+            write_result(out, data, affine, header, self.provenance, {}, extra)
             written += [out, sidecar_path(out)]
         archive = folder / f"{stem}.zip"
         with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:  # .nii.gz is compressed already

@@ -176,3 +176,42 @@ def test_download_is_nifti_with_a_sidecar_and_no_server_path(doc, tmp_path, phan
     assert "/opt/" not in text and str(tmp_path) not in text and sidecar["model"]["path"] == "usb-tiny"
     doc.clear_result()
     assert not slicer.mrmlScene.IsNodePresent(node) and not slicer.mrmlScene.IsNodePresent(spread)
+
+
+def test_download_is_written_with_the_scans_header(doc, tmp_path, phantom_files):
+    """As ``usb heal`` writes it: a qform-only int16 scan stored with a slope gives a result in int16 with that slope,
+    the scan's codes, units and affine, and an uncertainty map in float32 with the scan's codes (it was written with
+    no header: float32, nibabel's codes)."""
+    img, _mask, aff = make_scan("oblique")
+    header = nib.Nifti1Header()
+    header.set_xyzt_units("mm", "sec")
+    scan = nib.Nifti1Image(img.astype(np.int16), None, header)
+    scan.set_data_dtype(np.int16)
+    scan.set_qform(aff, code=1)
+    scan.set_sform(None, code=0)
+    scan.header.set_slope_inter(0.5, 10.0)
+    path = tmp_path / "qform only.nii.gz"
+    nib.save(scan, str(path))
+    volume = doc.load_scan(path, "qform only.nii.gz")
+    data, affine = L.volume_to_array(volume)
+    lesion = (nib.load(str(phantom_files["mask"])).get_fdata() > 0).astype(np.uint8)
+    healed = data + 5.0 * lesion  # ten stored units more in the lesion: still on the scan's stored grid
+    nodes = [slicer.util.addVolumeFromArray(np.ascontiguousarray(values.transpose(2, 1, 0)), ijkToRAS=affine,
+                                            name=name)
+             for values, name in ((healed, "qform only healed"), (lesion.astype(np.float32), "spread"))]
+    outputs = L.Outputs(volume=nodes[0], uncertainty=nodes[1], nodes=nodes, provenance={"task": "heal"})
+    doc.set_result(Result(outputs, L.Task.HEAL, (lesion, affine)))
+    with zipfile.ZipFile(doc.export_result(tmp_path)) as zf:
+        zf.extractall(tmp_path / "out")
+    source = nib.load(str(path))
+    out = nib.load(str(tmp_path / "out" / "qform_only_healed.nii.gz"))
+    spread = nib.load(str(tmp_path / "out" / "qform_only_healed_uncertainty.nii.gz"))
+    for image, dtype in ((out, np.int16), (spread, np.float32)):
+        assert image.get_data_dtype() == dtype
+        assert [int(image.header[c]) for c in ("qform_code", "sform_code")] == [1, 0]
+        assert image.header.get_xyzt_units() == ("mm", "sec")
+        np.testing.assert_allclose(image.affine, source.affine, atol=1e-5)
+    assert (out.dataobj.slope, out.dataobj.inter) == (0.5, 10.0)
+    np.testing.assert_array_equal(np.asarray(out.dataobj.get_unscaled()),
+                                  np.asarray(source.dataobj.get_unscaled()) + 10 * lesion)
+    np.testing.assert_allclose(np.asarray(spread.dataobj), lesion)
