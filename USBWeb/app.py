@@ -73,7 +73,10 @@ class USBWebApp(TrameApp):
             "usb_model": self._describe_model(), "usb_device": self.jobs.device.label(),
         })
         s.update({f"usb_{k}": v for k, v in self._defaults(L.Task.HEAL.value).items()})
+        s.usb_live = dict.fromkeys(("steps", "strength", "local_mode", "samples"), True)
+        self._update_live()
         s.change("usb_task")(self._on_task)
+        s.change("usb_stages", "usb_local_mode")(lambda **_: self._update_live())
         s.change("usb_tool")(lambda usb_tool, **_: self.brush.set_tool(usb_tool))
         s.change("usb_brush_mm")(lambda usb_brush_mm, **_: self.brush.set_diameter(usb_brush_mm))
         s.change("usb_fade")(lambda usb_fade, **_: self.views.set_fade(usb_fade))
@@ -99,9 +102,20 @@ class USBWebApp(TrameApp):
     def _on_task(self, usb_task: str, **_) -> None:
         """A new task brings the model's defaults for it (as in the Slicer module)."""
         self.state.update({f"usb_{k}": v for k, v in self._defaults(usb_task, guidance_only=True).items()})
+        self._update_live()
+
+    def _update_live(self) -> None:
+        """Grey out what the run would not read (``form.live_controls``), as the Slicer panel does."""
+        s = self.state
+        try:
+            s.usb_live = form.live_controls(s.usb_task, s.usb_stages, s.usb_local_mode, self.model)
+        except L.USBEditorError:  # a model that cannot be loaded: Apply says so; the controls stay as they are
+            pass
+        s.usb_samples_help = form.slider_spec("samples")["help"] if s.usb_live["samples"] else form.RUNS_ONCE_HELP
 
     def reset_defaults(self) -> None:
         self.state.update({f"usb_{k}": v for k, v in self._defaults(self.state.usb_task).items()})
+        self._update_live()
 
     def _fail(self, exc: Exception, what: str = "") -> None:
         """Show an error as one line (no server path); unexpected ones are logged with their traceback."""

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
-from USBEditorLib.logic import TASK_INFO, LocalMode, RunSettings, Stages, Task, USBEditorError, default_settings
+from USBEditorLib.logic import (TASK_INFO, LocalMode, RunSettings, Stages, Task, USBEditorError, default_settings,
+                                runs_once)
 from USBLib.settings import DARK_LESION_LEVEL, RANGES, SETTINGS
 
 TASKS = (Task.HEAL, Task.EMBED, Task.GENERATE_FROM_MASK)
@@ -68,6 +69,42 @@ def guidance_defaults(task: str, model: Optional[str] = None) -> dict[str, Any]:
     return {k: v for k, v in defaults(task, model).items() if k not in ("samples", "seed")}
 
 
+RUNS_ONCE_HELP = ("This edit is deterministic (the local stage alone: every heal, and embed in fidelity mode), so it "
+                  "runs once; for several samples and an uncertainty map choose stages 'latent' or 'both'.")
+
+
+def resolved_stages(task: str, stages: str, local_mode: str, model: Optional[str] = None) -> tuple[Stages, LocalMode]:
+    """The stages and local mode an edit runs with: "" (Model default) is the model's default for ``task``, filled
+    in as the engine fills it (``USBLib.editor.input_checks.check_sampling``: the bundle's default for the task, else
+    the local stage when the model has one, else the latent; local mode fidelity)."""
+    from USBLib.core.bundle import load
+    from USBLib.errors import BundleError
+
+    stages, local_mode = Stages(stages or "").value, LocalMode(local_mode or "").value
+    if not stages or not local_mode:
+        try:
+            bundle = load(model or None)
+        except BundleError as exc:
+            raise USBEditorError(str(exc)) from None
+        task_defaults = bundle.defaults(Task(task).value)
+        stages = stages or task_defaults.get("stages") or ("local" if bundle.has_local else "latent")
+        local_mode = local_mode or task_defaults.get("local_mode") or "fidelity"
+    return Stages(stages), LocalMode(local_mode)
+
+
+def live_controls(task: str, stages: str, local_mode: str, model: Optional[str] = None) -> dict[str, bool]:
+    """Which of steps, strength, local mode and samples the run reads (the others are greyed out), as the Slicer
+    panel enables them: steps shape the latent diffusion (generation, or an edit with the latent stage), strength an
+    edit's latent stage, the local mode an edit's local stage; samples are off for an edit the engine runs once
+    (``runs_once``: a local-only heal, a local fidelity embed)."""
+    if not is_edit(task):
+        return {"steps": True, "strength": False, "local_mode": False, "samples": True}
+    stage, mode = resolved_stages(task, stages, local_mode, model)
+    latent = stage is not Stages.LOCAL
+    return {"steps": latent, "strength": latent, "local_mode": stage is not Stages.LATENT,
+            "samples": not runs_once(Task(task), stage, mode)}
+
+
 def _number(values: Mapping[str, Any], name: str, kind: type) -> Any:
     spec = slider_spec(name)
     try:
@@ -83,7 +120,8 @@ def run_settings(task: str, values: Mapping[str, Any], model: Optional[str] = No
     """``RunSettings`` from the form's values (checked against the ranges, ``FIELDS``, and the optional
     ``mask_covers_rim`` box, a property of the mask that no task change resets, and for an embed the lesion's
     darkness ``lesion_level`` when ``set_lesion_level`` is ticked); what the form does not show (lesion guidance,
-    lesion fusion, sampler) is the model's default for the task."""
+    lesion fusion, sampler) is the model's default for the task. An edit the engine runs once (``live_controls``:
+    samples greyed out) gets one sample, whatever the greyed field holds, as in the Slicer panel."""
     settings = default_settings(Task(task), model)
     for name in GUIDANCE + ("strength",):
         setattr(settings, name, _number(values, name, float))
@@ -91,6 +129,8 @@ def run_settings(task: str, values: Mapping[str, Any], model: Optional[str] = No
         setattr(settings, name, _number(values, name, int))
     settings.stages = Stages(values.get("stages") or "").value
     settings.local_mode = LocalMode(values.get("local_mode") or "").value
+    if not live_controls(task, settings.stages, settings.local_mode, model)["samples"]:
+        settings.samples = 1
     settings.mask_covers_rim = bool(values.get("mask_covers_rim", False))
     if Task(task) is Task.EMBED and values.get("set_lesion_level"):
         settings.lesion_level = _number(values, "lesion_level", float)

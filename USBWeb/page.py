@@ -42,11 +42,14 @@ def _slider(name: str, disabled: str = "") -> None:
                density="compact", disabled=(f"{BUSY}{' || ' + disabled if disabled else ''}",), classes="my-1")
 
 
-def _number(name: str) -> None:
+def _number(name: str, disabled: str = "", title: str = "") -> None:
+    """A number field; ``disabled`` an extra JS condition, ``title`` a state entry holding its tooltip (default: the
+    setting's help)."""
     spec = form.slider_spec(name)
     v3.VTextField(id=f"usb-{name}", v_model=(f"usb_{name}",), type="number", label=spec["label"],
-                  min=spec["min"], max=spec["max"], step=spec["step"], title=spec["help"], density="compact",
-                  hide_details=True, disabled=(BUSY,), classes="my-2")
+                  min=spec["min"], max=spec["max"], step=spec["step"], title=(title,) if title else spec["help"],
+                  density="compact", hide_details=True,
+                  disabled=(f"{BUSY}{' || ' + disabled if disabled else ''}",), classes="my-2")
 
 
 def _scan() -> None:
@@ -108,15 +111,17 @@ def _task() -> None:
     with v3.VExpansionPanels(variant="accordion", classes="my-2"):
         with v3.VExpansionPanel(title="Advanced", id="usb-advanced"):
             with v3.VExpansionPanelText():
+                # greyed out where the run does not read them (form.live_controls, as the Slicer panel)
+                off = {"stages": generate, "local_mode": f"{generate} || !usb_live.local_mode"}
                 for name in form.CHOICES:
                     v3.VSelect(id=f"usb-{name.replace('_', '-')}", v_model=(f"usb_{name}",),
                                items=(f"usb_{name}_items", form.choice_items(name)), label=form.LABELS[name],
-                               density="compact", hide_details=True, disabled=(f"{BUSY} || {generate}",),
+                               density="compact", hide_details=True, disabled=(f"{BUSY} || {off[name]}",),
                                classes="my-2")
-                _number("steps")
-                _slider("strength", generate)
+                _number("steps", "!usb_live.steps")
+                _slider("strength", "!usb_live.strength")
                 _number("seed")
-                _number("samples")
+                _number("samples", "!usb_live.samples", "usb_samples_help")
                 v3.VCheckbox(id="usb-resample", v_model=("usb_resample",), density="compact", hide_details=True,
                              label="Resample masks drawn on another image", disabled=(BUSY,))
 

@@ -54,3 +54,31 @@ def test_the_lesion_darkness_goes_to_an_embed_only_when_asked_for():
     assert "lesion_level" not in heal.for_task(Task.HEAL)
     assert form.slider_spec("lesion_level")["min"] == 0.05 and form.DARK_LESION_LEVEL == 0.5
 
+
+
+def test_steps_strength_and_local_mode_are_live_only_where_the_run_reads_them():
+    """As the Slicer panel: an edit by the local stage alone (the default) reads neither steps nor strength, an edit
+    by the latent stage alone no local mode; generation reads steps; "" is the model's default for the task."""
+    heal = form.defaults("heal")
+    assert heal["stages"] == "local"  # the shipped model's default: the greyed-out case is the one a user meets
+    for stages in ("local", ""):
+        live = form.live_controls("heal", stages, heal["local_mode"])
+        assert not live["steps"] and not live["strength"] and live["local_mode"]
+    for task, stages in (("heal", "latent"), ("embed", "latent"), ("embed", "both")):
+        live = form.live_controls(task, stages, "realism")
+        assert live["steps"] and live["strength"] and live["local_mode"] == (stages == "both")
+    live = form.live_controls("generate_from_mask", "", "")
+    assert live["steps"] and not live["strength"] and not live["local_mode"]
+
+
+@pytest.mark.parametrize("task, stages, local_mode, runs", [
+    ("heal", "local", "realism", 1), ("heal", "local", "fidelity", 1), ("heal", "", "", 1),
+    ("embed", "local", "fidelity", 1), ("embed", "", "fidelity", 1),
+    ("heal", "latent", "realism", 3), ("heal", "both", "fidelity", 3), ("embed", "local", "realism", 3),
+    ("embed", "", "", 3), ("generate_from_mask", "", "", 3)])
+def test_an_edit_the_engine_runs_once_gets_one_sample(task, stages, local_mode, runs):
+    """Samples greyed out and one sample sent where the engine runs the edit once (``runs_once``: every local-only
+    heal, a local fidelity embed; the worker refused the samples after it had started)."""
+    values = dict(form.defaults(task), stages=stages, local_mode=local_mode, samples=3)
+    assert form.run_settings(task, values).samples == runs
+    assert form.live_controls(task, stages, local_mode)["samples"] == (runs == 3)

@@ -253,3 +253,34 @@ def test_corrupt_upload_is_one_readable_line(page, tmp_path):
     assert message == "Could not read 'corrupt.nii.gz' as a scan: it is not a NIfTI, NRRD or MGZ image."
     assert text_of(page, "#usb-volume") == before  # the current scan stays
     assert page.outside_requests == [], "the page asked for something outside 127.0.0.1"
+
+
+def open_advanced(page) -> None:
+    if not page.is_visible("#usb-steps"):
+        page.click("#usb-advanced button")
+        page.wait_for_selector("#usb-steps", state="visible")
+
+
+def wait_live(page, live: dict[str, bool]) -> None:
+    """Wait until each control is enabled (True) or greyed out (False)."""
+    for name, enabled in live.items():
+        page.wait_for_selector(f"#usb-{name}{':not([disabled])' if enabled else '[disabled]'}", state="attached")
+
+
+def test_controls_the_run_would_not_read_are_greyed_out(page):
+    """As the Slicer panel: the local stage alone (the default) reads neither steps nor strength, and a heal by it
+    or a fidelity embed runs once (samples greyed out); the latent stage alone reads no local mode."""
+    load_sample(page)
+    open_advanced(page)
+    page.click("#usb-reset")
+    wait_live(page, {"steps": False, "strength": False, "samples": False, "local-mode": True})
+    choose(page, "usb-stages", "Latent")
+    wait_live(page, {"steps": True, "strength": True, "samples": True, "local-mode": False})
+    choose(page, "usb-task", "Embed lesion")  # the task brings the model's stages (local) and mode (realism)
+    wait_live(page, {"steps": False, "strength": False, "samples": True, "local-mode": True})
+    choose(page, "usb-local-mode", "Fidelity")
+    wait_live(page, {"samples": False})
+    choose(page, "usb-task", "Generate brain from mask")
+    wait_live(page, {"steps": True, "strength": False, "samples": True, "local-mode": False})
+    choose(page, "usb-task", "Remove lesion")
+    wait_live(page, {"steps": False, "strength": False, "samples": False, "local-mode": True})
