@@ -114,7 +114,11 @@ class USBWebApp(TrameApp):
         s.usb_samples_help = form.slider_spec("samples")["help"] if s.usb_live["samples"] else form.RUNS_ONCE_HELP
 
     def reset_defaults(self) -> None:
+        """Reset to defaults: the model's settings for the task, and the lesion's options as the Slicer panel resets
+        them (the network's own darkness, the slider at ``DARK_LESION_LEVEL``, the mask not covering the rim)."""
         self.state.update({f"usb_{k}": v for k, v in self._defaults(self.state.usb_task).items()})
+        self.state.update({"usb_set_lesion_level": False, "usb_lesion_level": form.DARK_LESION_LEVEL,
+                           "usb_mask_covers_rim": False})
         self._update_live()
 
     def _fail(self, exc: Exception, what: str = "") -> None:

@@ -284,3 +284,24 @@ def test_controls_the_run_would_not_read_are_greyed_out(page):
     wait_live(page, {"steps": True, "strength": False, "samples": True, "local-mode": False})
     choose(page, "usb-task", "Remove lesion")
     wait_live(page, {"steps": False, "strength": False, "samples": False, "local-mode": True})
+
+
+def test_reset_brings_back_the_lesion_options_too(page):
+    """Reset to defaults also unticks 'Set the lesion's darkness' and 'Mask covers the lesion's dark rim' and puts
+    the darkness slider back at DARK_LESION_LEVEL, as the Slicer panel does (they stayed as they were)."""
+    load_sample(page)
+    page.click("#usb-mask-covers-rim")
+    choose(page, "usb-task", "Embed lesion")
+    page.click("#usb-set-lesion-level")
+    slider = ".v-slider:has(#usb-lesion-level) [role=slider]"
+    page.focus(slider)
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("ArrowRight")
+    level = f"Number(document.querySelector('{slider}').getAttribute('aria-valuenow'))"
+    assert page.evaluate(f"() => {level}") > form.DARK_LESION_LEVEL
+    assert page.is_checked("#usb-set-lesion-level") and page.is_checked("#usb-mask-covers-rim")
+    page.click("#usb-reset")
+    page.wait_for_function(f"() => Math.abs({level} - {form.DARK_LESION_LEVEL}) < 1e-6")
+    page.wait_for_selector("#usb-set-lesion-level:not(:checked)", state="attached")
+    page.wait_for_selector("#usb-mask-covers-rim:not(:checked)", state="attached")
+    choose(page, "usb-task", "Remove lesion")
