@@ -6,13 +6,17 @@ what a browser may send, and never tells the browser a server path.
 """
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
+import socket
 import sys
 import tempfile
 from typing import Optional
 
 from trame.app import get_server
+
+from USBLib.errors import InputError
 
 from .app import USBWebApp
 from .uploads import DEFAULT_LIMIT_MB, PrivateFolder
@@ -38,6 +42,31 @@ def host_warning(host: str, port: int) -> Optional[str]:
             "page, upload scans and run edits; there is no login.")
 
 
+def listen_error(host: str, port: int, exc: OSError) -> InputError:
+    """One line for an address the page cannot listen on (``usb`` prints it and exits with its input-error code)."""
+    if exc.errno == errno.EADDRINUSE:
+        return InputError(f"port {port} on {host} is in use: choose another with --port")
+    return InputError(f"cannot listen on {host} port {port}: {exc.strerror or exc}")
+
+
+def check_port(host: str, port: int) -> None:
+    """Raise ``listen_error`` when ``host``:``port`` cannot be listened on (a port in use, an address this machine
+    does not have), before anything starts; every address ``host`` resolves to is tried, as the server binds them."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise InputError(f"cannot listen on {host}: {exc.strerror}") from None
+    for family, kind, proto, _name, address in addresses:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is no conflict
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                raise listen_error(host, port, exc) from None
+
+
 def cap_client_messages(limit_bytes: int) -> None:
     """Refuse websocket messages larger than ``limit_bytes`` (+ 1 MiB for the message itself).
 
@@ -59,7 +88,9 @@ def cap_client_messages(limit_bytes: int) -> None:
 
 def serve(host: str = "127.0.0.1", port: int = 8080, model: Optional[str] = None, device: str = "auto",
           max_upload_mb: float = DEFAULT_LIMIT_MB) -> int:
-    """Serve the page until Ctrl-C; returns the exit code."""
+    """Serve the page until Ctrl-C; returns the exit code. Raises ``InputError`` (one line) when the address cannot
+    be listened on, e.g. a port in use."""
+    check_port(host, port)
     warning = host_warning(host, port)
     if warning:
         print(warning, file=sys.stderr, flush=True)
@@ -77,6 +108,10 @@ def serve(host: str = "127.0.0.1", port: int = 8080, model: Optional[str] = None
         argv, sys.argv = sys.argv, sys.argv[:1]  # trame would read usb's own options as its own
         try:
             server.start(host=host, port=port, open_browser=False, show_connection_info=False, timeout=0)
+        except OSError as exc:  # taken since check_port looked
+            if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+                raise listen_error(host, port, exc) from None
+            raise
         finally:
             sys.argv = argv
             app.jobs.cancel()
