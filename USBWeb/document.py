@@ -74,7 +74,7 @@ def read_reason(message: str, path: Path, what: str) -> str:
     return "it " + reason[len(what) + 1:] if reason.startswith(f"{what} ") else reason
 
 
-def read_node(path: Path, labelmap: bool, name: str = ""):
+def read_node(path: Path, labelmap: bool, name: str = "") -> tuple[Any, Any]:
     """A scan (``labelmap`` False) or mask node from a file, with its nibabel header (None for NRRD and
     ``.seg.nrrd``). Scans and masks are read by the engine's reader, ``USBLib.imaging.io.read_volume``, as ``usb heal``
     reads them: the same geometry and the same refusals (4-D with several frames, 2-D, several components, a
