@@ -74,10 +74,10 @@ RUNS_ONCE_HELP = ("This edit is deterministic (the local stage alone: every heal
 
 
 def resolved_stages(task: str, stages: str, local_mode: str, model: Optional[str] = None) -> tuple[Stages, LocalMode]:
-    """The stages and local mode an edit runs with: "" (Model default) is the model's default for ``task``, filled
-    in as the engine fills it (``USBLib.editor.input_checks.check_sampling``: the bundle's default for the task, else
-    the local stage when the model has one, else the latent; local mode fidelity)."""
+    """The stages and local mode an edit runs with: "" (Model default) filled in as the engine fills it
+    (``USBLib.editor.input_checks.edit_stages``)."""
     from USBLib.core.bundle import load
+    from USBLib.editor.input_checks import edit_stages
     from USBLib.errors import BundleError
 
     stages, local_mode = Stages(stages or "").value, LocalMode(local_mode or "").value
@@ -86,9 +86,7 @@ def resolved_stages(task: str, stages: str, local_mode: str, model: Optional[str
             bundle = load(model or None)
         except BundleError as exc:
             raise USBEditorError(str(exc)) from None
-        task_defaults = bundle.defaults(Task(task).value)
-        stages = stages or task_defaults.get("stages") or ("local" if bundle.has_local else "latent")
-        local_mode = local_mode or task_defaults.get("local_mode") or "fidelity"
+        stages, local_mode = edit_stages(bundle, Task(task).value, stages, local_mode)
     return Stages(stages), LocalMode(local_mode)
 
 

@@ -135,6 +135,15 @@ def confine_to_brain(image: np.ndarray, affine: np.ndarray, mask: np.ndarray, br
     return kept.astype(np.uint8), content, notes
 
 
+def edit_stages(bundle: bundle_mod.ModelBundle, task: str, stages: str | None,
+                local_mode: str | None) -> tuple[str, str]:
+    """(stages, local mode) an edit runs with: those asked for, or where None/"" the bundle's defaults for ``task``,
+    else the local stage when the bundle has one (the latent otherwise) and ``fidelity``."""
+    defaults = bundle.defaults(task)
+    stages = stages or defaults.get("stages") or ("local" if bundle.has_local else "latent")
+    return stages, local_mode or defaults.get("local_mode") or "fidelity"
+
+
 def check_sampling(bundle: bundle_mod.ModelBundle, task: str, samples: int, stages: str | None,
                    local_mode: str | None) -> None:
     """Refuse several samples of an edit whose every stage is deterministic: the local stage alone in ``fidelity``
@@ -149,9 +158,7 @@ def check_sampling(bundle: bundle_mod.ModelBundle, task: str, samples: int, stag
     """
     if samples < 2:
         return
-    defaults = bundle.defaults(task)
-    stages = stages or defaults.get("stages") or ("local" if bundle.has_local else "latent")
-    local_mode = local_mode or defaults.get("local_mode") or "fidelity"
+    stages, local_mode = edit_stages(bundle, task, stages, local_mode)
     if stages == "local" and task == "heal":  # first: for a heal, 'realism' is no way out
         raise InputError(f"{samples} samples of a local-stage heal differ only by synthesized noise (its reconstruction "
                          "is deterministic), so their spread is no uncertainty; for an uncertainty map use stages "
