@@ -81,7 +81,7 @@ def read_node(path: Path, labelmap: bool, name: str = "") -> tuple[Any, Any]:
     non-numeric voxel type, a degenerate affine); a ``.seg.nrrd`` mask by ``USBEditorLib.logic.load_mask``. Raises
     ``USBEditorError`` with one line naming the file as ``name`` (the browser's name; default: the file's)."""
     from USBLib.errors import InputError
-    from USBLib.imaging.io import read_volume
+    from USBLib.imaging.io import check_image_values, read_volume
 
     name = name or path.name
     what = "mask" if labelmap else "scan"
@@ -92,6 +92,8 @@ def read_node(path: Path, labelmap: bool, name: str = "") -> tuple[Any, Any]:
             raise L.USBEditorError(f"Could not read '{name}' as a mask: it is not a .seg.nrrd segmentation.") from None
     try:
         vol = read_volume(path, what)
+        if not labelmap:  # values, as `usb heal` checks them: not constant, not all NaN
+            check_image_values(vol, what)
     except InputError as exc:
         reason = read_reason(str(exc), path, what)
         if reason == NOT_AN_IMAGE and labelmap:

@@ -124,6 +124,21 @@ def test_a_2d_image_is_refused_with_the_reason(doc, tmp_path, phantom_files):
     assert doc.volume.GetName() == "T1" and slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 1
 
 
+def test_a_scan_without_values_is_refused_as_usb_heal_refuses_it(doc, tmp_path, phantom_files):
+    """A constant scan, or one with no voxel with a value, has nothing to edit: refused at upload with the CLI's
+    reason (it was accepted, and failed only on Apply or not at all), and the current scan stays."""
+    img, _mask, aff = make_scan()
+    doc.load_scan(phantom_files["scan"], "T1.nii.gz")
+    refusals = {"zeros.nii.gz": (np.zeros(img.shape, np.float32), "it is constant (0.0); nothing to edit"),
+                "nan.nii.gz": (np.full(img.shape, np.nan, np.float32), "it has no voxel with a value (all NaN or Inf)")}
+    for name, (data, reason) in refusals.items():
+        nib.save(nib.Nifti1Image(data, aff), str(tmp_path / name))
+        with pytest.raises(L.USBEditorError) as info:
+            doc.load_scan(tmp_path / name, name)
+        assert str(info.value) == f"Could not read '{name}' as a scan: {reason}."
+    assert doc.volume.GetName() == "T1" and slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 1
+
+
 def test_nrrd_scan_is_placed_as_usb_heal_places_it(doc, tmp_path):
     """NRRD (LPS on disk) through the engine's reader: the same voxels and world placement as ``read_volume``."""
     import SimpleITK as sitk
