@@ -299,7 +299,8 @@ def cmd_edit(args, task: str) -> int:
         written.append(args.output)
         if args.uncertainty is not None:
             write_result(args.uncertainty, vol.as_in_file(result.uncertainty.astype("float32")), vol.affine,
-                         float_map_header(vol.header), dict(result.provenance, kind="uncertainty (std over samples)"), inputs)
+                         float_map_header(vol.header),
+                         dict(result.provenance, kind="uncertainty (std over samples)"), inputs)
     print(args.output)
     return EXIT_OK
 
@@ -364,7 +365,8 @@ def cmd_generate_from_mask(args) -> int:
         if args.uncertainty is not None:
             unc = res.uncertainty.astype("float32")
             write_result(args.uncertainty, unc if ref is None else ref.as_in_file(unc), res.affine,
-                         None if ref is None else float_map_header(ref.header), dict(res.provenance, kind="uncertainty (std over samples)"), inputs)
+                         None if ref is None else float_map_header(ref.header),
+                         dict(res.provenance, kind="uncertainty (std over samples)"), inputs)
     print(args.output)
     return EXIT_OK
 

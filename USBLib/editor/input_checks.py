@@ -160,9 +160,9 @@ def check_sampling(bundle: bundle_mod.ModelBundle, task: str, samples: int, stag
         return
     stages, local_mode = edit_stages(bundle, task, stages, local_mode)
     if stages == "local" and task == "heal":  # first: for a heal, 'realism' is no way out
-        raise InputError(f"{samples} samples of a local-stage heal differ only by synthesized noise (its reconstruction "
-                         "is deterministic), so their spread is no uncertainty; for an uncertainty map use stages "
-                         "'both' or 'latent'")
+        raise InputError(f"{samples} samples of a local-stage heal differ only by synthesized noise (its "
+                         "reconstruction is deterministic), so their spread is no uncertainty; for an uncertainty map "
+                         "use stages 'both' or 'latent'")
     if stages == "local" and local_mode == "fidelity":
         raise InputError(f"{samples} samples would be identical: the 'fidelity' local stage is deterministic, so the "
                          "uncertainty map would be zero; for samples that differ use local mode 'realism' or stages "
