@@ -101,3 +101,22 @@ def test_stopping_the_workers_ends_their_processes():
     stop_workers(pool)
     assert pool.shut == (False, True) and all(w.terminated for w in workers)
     stop_workers(pool)  # again, on a pool already shut down: nothing to do, no error
+
+
+def test_a_killed_record_write_or_a_damaged_record_does_not_stop_the_report(tmp_path, capsys):
+    """A record write killed before its rename leaves ``atomic_path``'s hidden temporary file (``.<key>.XXXX.json``,
+    here empty), and a record can be damaged: neither may make the report fail ('internal error: JSONDecodeError')
+    on this and every later run. The hidden file is not a record; a damaged one is left out with one warning line."""
+    from USBLib.apps.batch import Record, load_records, records_dir, save_record
+    from USBLib.apps.qc_report import write_report
+
+    save_record(tmp_path, Record("sub-01", "healed", image="sub-01_T1w.nii.gz"))
+    touch(records_dir(tmp_path) / ".sub-02.k3j9x_1a.json")
+    (records_dir(tmp_path) / "sub-03.json").write_text('{"key": "sub-03", "sta')
+    (records_dir(tmp_path) / "sub-04.json").write_text('[1, 2]')
+    loaded = load_records(tmp_path)
+    assert [r["key"] for r in loaded] == ["sub-01"]
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(line.startswith("usb batch: warning: ") for line in err)
+    assert "sub-03.json" in err[0] and "sub-04.json" in err[1] and ".sub-02" not in "".join(err)
+    assert "sub-01" in write_report(tmp_path, loaded, {}).read_text()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -117,9 +118,27 @@ def save_record(out_root: Path, record: Record) -> None:
 
 
 def load_records(out_root: Path) -> list[dict[str, Any]]:
-    """All records of this derivatives folder (every run and shard)."""
+    """All records of this derivatives folder (every run and shard). Hidden files (``.<key>.XXXX.json``: the temporary
+    file of a write that was killed before its rename, ``atomic_path``) are not records; a record that cannot be read
+    or is not a record (a damaged file) is left out with a one-line warning on stderr, so that one bad file does not
+    stop the report of this and every later run (the scan's next run writes its record again)."""
     folder = records_dir(out_root)
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    records = []
+    for path in sorted(folder.glob("*.json")):
+        if path.name.startswith("."):
+            continue
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            if not (isinstance(record, dict) and isinstance(record.get("key"), str)
+                    and isinstance(record.get("status"), str)):
+                raise ValueError("not a scan's record")
+        except (OSError, ValueError) as exc:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+            print(f"usb batch: warning: {path} left out of the report: {' '.join(str(exc).split())}", file=sys.stderr)
+            continue
+        records.append(record)
+    return records
 
 
 def prepare_output(out_root: Path, source: Path) -> None:
