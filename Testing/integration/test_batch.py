@@ -317,3 +317,23 @@ def test_ctrl_c_and_sigterm_leave_only_whole_files_and_the_rerun_resumes(tmp_pat
     statuses = {k: r["status"] for k, r in records(out).items()}
     assert len(statuses) == 4 and list(statuses.values()).count("up-to-date") == len(done)
     assert "cancelled" not in statuses.values()  # the interrupted scan was healed by the rerun
+
+
+def test_a_scan_copied_without_mask_is_skipped_and_its_copy_removed_when_the_batch_skips_such_scans(tmp_path,
+                                                                                                       tiny_bundle):
+    """``--without-mask copy``, then the default ``--without-mask skip``: the scan without a mask is skipped and its
+    earlier copy goes (outputs of settings that no longer apply are removed), rather than being 'up to date'; copy
+    again writes it again."""
+    img, _, aff = make_scan("axial")
+    root = tmp_path / "bids"
+    save(root / "sub-01/anat/sub-01_T1w.nii.gz", img, aff)
+    out = tmp_path / "out"
+    copied = out / "sub-01/anat/sub-01_desc-healed_T1w.nii.gz"
+    assert run(root, out, tiny_bundle, "--without-mask", "copy") == 0
+    assert copied.is_file() and records(out)["sub-01"]["status"] == "copied"
+    assert run(root, out, tiny_bundle, "--without-mask", "skip") == 0
+    record = records(out)["sub-01"]
+    assert record["status"] == "no-mask" and "earlier output" in record["message"]
+    assert not copied.exists() and not copied.with_name("sub-01_desc-healed_T1w.json").exists()
+    assert run(root, out, tiny_bundle, "--without-mask", "copy") == 0
+    assert copied.is_file() and records(out)["sub-01"]["status"] == "copied"

@@ -262,7 +262,8 @@ def heal_subject(editor, subject: Subject, out_root: Path, settings: BatchSettin
             record.message = subject.problem
             _drop_stale(output, record)
             return record
-        if up_to_date(subject, output, key):
+        skip = subject.mask is None and settings.without_mask == "skip"  # a copy of an earlier --without-mask copy
+        if not skip and up_to_date(subject, output, key):  # does not apply: it goes (below, as 'no-mask')
             before = _previous(out_root, subject.key)
             notes = json.loads(sidecar_path(output).read_text()).get("notes", [])  # up_to_date read it
             record.status = "up-to-date"
