@@ -120,3 +120,19 @@ def test_a_killed_record_write_or_a_damaged_record_does_not_stop_the_report(tmp_
     assert len(err) == 2 and all(line.startswith("usb batch: warning: ") for line in err)
     assert "sub-03.json" in err[0] and "sub-04.json" in err[1] and ".sub-02" not in "".join(err)
     assert "sub-01" in write_report(tmp_path, loaded, {}).read_text()
+
+
+def test_workers_split_the_cpus_this_process_may_use_and_keep_a_users_usb_threads(monkeypatch):
+    """``--jobs N`` under SLURM or ``taskset``: the threads per worker come from the CPUs this process may run on
+    (its affinity), not from every CPU of the machine; a ``USB_THREADS`` the user set is left to the workers."""
+    from USBLib.apps import batch
+
+    monkeypatch.delenv("USB_THREADS", raising=False)
+    monkeypatch.setattr(batch.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(batch.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert batch.worker_threads(2) == 2 and batch.worker_threads(8) == 1
+    monkeypatch.setenv("USB_THREADS", "3")
+    assert batch.worker_threads(2) is None
+    monkeypatch.delenv("USB_THREADS")
+    monkeypatch.delattr(batch.os, "sched_getaffinity", raising=False)  # a platform without affinity
+    assert batch.worker_threads(4) == 16

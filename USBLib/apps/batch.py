@@ -326,16 +326,35 @@ def heal_subject(editor, subject: Subject, out_root: Path, settings: BatchSettin
 _WORKER_EDITOR = None
 
 
-def _init_worker(model: Optional[str], device: str, registration: str, threads: int, gpus) -> None:
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity (what ``taskset``, SLURM's cpuset or a container's cpuset
+    allow), not every CPU of the machine; ``os.cpu_count()`` where the platform has no affinity (macOS, Windows)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def worker_threads(jobs: int) -> Optional[int]:
+    """Torch threads for each of ``jobs`` workers: the usable CPUs split between them, or None when the user set
+    ``USB_THREADS`` (the workers inherit it, and ``threads_from_env`` checks and uses it as it is)."""
+    if os.environ.get("USB_THREADS", "").strip():
+        return None
+    return max(1, usable_cpus() // max(1, jobs))
+
+
+def _init_worker(model: Optional[str], device: str, registration: str, threads: Optional[int], gpus) -> None:
     """Pool initializer: one GPU per worker (when there are GPUs), SIGTERM as Ctrl-C (so that a terminated worker
-    removes its temporary files), then the worker's own Editor."""
+    removes its temporary files), its torch threads (``threads``; None: the inherited ``USB_THREADS``), then the
+    worker's own Editor."""
     global _WORKER_EDITOR
     from USBLib.apps.signals import terminate_as_interrupt
 
     terminate_as_interrupt()
     if gpus is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus.get())
-    os.environ["USB_THREADS"] = str(threads)
+    if threads is not None:
+        os.environ["USB_THREADS"] = str(threads)
     from USBLib.editor.editor import Editor, threads_from_env
 
     threads_from_env()
@@ -376,7 +395,7 @@ def run_batch(subjects: Sequence[Subject], out_root: Path, settings: BatchSettin
         gpus = ctx.Manager().Queue()
         for i in range(jobs):
             gpus.put(i % gpu_count)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = worker_threads(jobs)
     device = "cuda" if gpu_count > 0 else settings.device
     with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
                              initargs=(settings.model, device, settings.registration, threads, gpus)) as pool:
