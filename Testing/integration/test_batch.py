@@ -209,7 +209,7 @@ def test_batch_shards_copies_unmasked_and_runs_workers(bids, tmp_path, tiny_bund
     assert np.array_equal(np.asarray(nib.load(str(copied)).dataobj), np.asarray(nib.load(str(original)).dataobj))
     assert set(records(out)) == {"sub-02_ses-1"} and records(out)["sub-02_ses-1"]["status"] == "copied"
     # two worker processes for the rest; the report gathers every shard's records
-    assert run(bids, out, tiny_bundle, "--participant-label", "01", "02", "--jobs", "2") == 0
+    assert run(bids, out, tiny_bundle, "--participant-label", "01", "02", "--jobs", "2", "--without-mask", "copy") == 0
     assert records(out)["sub-01"]["status"] == "healed"
     assert records(out)["sub-02_ses-1"]["status"] == "up-to-date"  # the copy from the first shard still holds
     assert (out / "sub-01/anat/sub-01_desc-healed_T1w.nii.gz").is_file()
