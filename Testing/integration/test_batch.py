@@ -70,7 +70,9 @@ def test_batch_writes_derivatives_records_failures_and_resumes(bids, tmp_path, t
     sidecar = json.loads((out / "sub-01/anat/sub-01_desc-healed_T1w.json").read_text())
     assert sidecar["output_sha256"] == sha(healed)
     assert sidecar["inputs"]["image"]["sha256"] == inputs_before[bids / "sub-01/anat/sub-01_T1w.nii.gz"]
-    assert sidecar["Sources"] == ["bids:raw:sub-01/anat/sub-01_T1w.nii.gz"] and sidecar["lesion_volume_ml"] > 0
+    assert sidecar["Sources"] == ["bids:raw:sub-01/anat/sub-01_T1w.nii.gz",
+                                  "bids:raw:derivatives/lesions/sub-01/anat/sub-01_label-lesion_mask.nii.gz"]
+    assert desc["DatasetLinks"] == {"raw": bids.as_uri()} and sidecar["lesion_volume_ml"] > 0
     assert sidecar["task"] == "heal" and sidecar["settings"]["steps"] == 2
 
     recs = records(out)
@@ -337,3 +339,48 @@ def test_a_scan_copied_without_mask_is_skipped_and_its_copy_removed_when_the_bat
     assert not copied.exists() and not copied.with_name("sub-01_desc-healed_T1w.json").exists()
     assert run(root, out, tiny_bundle, "--without-mask", "copy") == 0
     assert copied.is_file() and records(out)["sub-01"]["status"] == "copied"
+
+
+def test_sidecar_sources_name_image_and_mask_by_uris_that_dataset_links_resolve(tmp_path, tiny_bundle):
+    """BIDS URIs in ``Sources`` need ``DatasetLinks`` in ``dataset_description.json``: ``raw`` (relative where the
+    derivatives lie inside the study), ``masks`` for a ``--masks`` folder outside it; the lesion mask is a source too;
+    files of a CSV (no BIDS dataset) are ``file:`` URIs. A description an earlier run wrote gets the links."""
+    img, mask, aff = make_scan("axial")
+    root = tmp_path / "bids"
+    (root / "dataset_description.json").parent.mkdir(parents=True)
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "tiny", "BIDSVersion": "1.9.0"}))
+    scan = save(root / "sub-01/anat/sub-01_T1w.nii.gz", img, aff)
+    empty = np.zeros_like(mask)  # an empty mask: the scan is copied, its mask a source all the same (no heal: fast)
+    save(root / "derivatives/lesions/sub-01/anat/sub-01_label-lesion_mask.nii.gz", empty, aff)
+
+    def written(out: Path) -> tuple[dict, list[str]]:
+        description = json.loads((out / "dataset_description.json").read_text())
+        return description, json.loads((out / "sub-01/anat/sub-01_desc-healed_T1w.json").read_text())["Sources"]
+
+    inside = root / "derivatives/usb"
+    assert run(root, inside, tiny_bundle) == 0
+    description, sources = written(inside)
+    assert description["DatasetLinks"] == {"raw": "../.."}
+    assert sources == ["bids:raw:sub-01/anat/sub-01_T1w.nii.gz",
+                       "bids:raw:derivatives/lesions/sub-01/anat/sub-01_label-lesion_mask.nii.gz"]
+
+    masks = tmp_path / "lesions"
+    outside_mask = save(masks / "sub-01/anat/sub-01_label-lesion_mask.nii.gz", empty, aff)
+    out = tmp_path / "usb"
+    out.mkdir()
+    earlier = {"Name": "USB healed T1w images", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
+               "GeneratedBy": [{"Name": "USB", "Version": "0"}], "SourceDatasets": [{"URL": root.as_uri()}]}
+    (out / "dataset_description.json").write_text(json.dumps(earlier))  # written before DatasetLinks were
+    assert run(root, out, tiny_bundle, "--masks", str(masks)) == 0
+    description, sources = written(out)
+    assert description == dict(earlier, DatasetLinks={"raw": root.as_uri(), "masks": masks.as_uri()})
+    assert sources == ["bids:raw:sub-01/anat/sub-01_T1w.nii.gz",
+                       "bids:masks:sub-01/anat/sub-01_label-lesion_mask.nii.gz"]
+
+    table = tmp_path / "pairs.csv"
+    table.write_text(f"image,mask,id\n{scan},{outside_mask},sub-01\n")
+    from_csv = tmp_path / "from-csv"
+    assert run(table, from_csv, tiny_bundle) == 0
+    description = json.loads((from_csv / "dataset_description.json").read_text())
+    sources = json.loads((from_csv / "sub-01_desc-healed_T1w.json").read_text())["Sources"]
+    assert "DatasetLinks" not in description and sources == [scan.as_uri(), outside_mask.as_uri()]

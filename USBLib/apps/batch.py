@@ -23,7 +23,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from USBLib.apps.batch_inputs import Subject
+from USBLib.apps.batch_inputs import Subject, is_bids
 from USBLib.errors import OutputError, USBError
 from USBLib.imaging.io import read_volume, sidecar_path, write_json, write_result
 
@@ -141,19 +141,69 @@ def load_records(out_root: Path) -> list[dict[str, Any]]:
     return records
 
 
-def prepare_output(out_root: Path, source: Path) -> None:
-    """Create the derivatives folder with ``dataset_description.json`` and a ``.bidsignore`` for ``qc/``."""
+RAW, MASKS = "raw", "masks"  # the BIDS URI dataset names of the input dataset and of a --masks folder outside it
+
+
+def _absolute(path: Path) -> Path:
+    """``path`` made absolute and normalised without following links (a DataLad file is a link into the annex)."""
+    return Path(os.path.abspath(path))
+
+
+def dataset_links(source: Optional[Path], masks: Optional[Path] = None) -> dict[str, Path]:
+    """The datasets the sidecars' ``Sources`` name by BIDS URI (``bids:<name>:<path>``): the input dataset as ``raw``
+    when ``source`` is a BIDS dataset (None or a plain folder or CSV: none, their files are named by ``file:`` URIs),
+    and a ``--masks`` folder outside it as ``masks``."""
+    if source is None or not is_bids(Path(source)):
+        return {}
+    links = {RAW: _absolute(source)}
+    if masks is not None and not _absolute(masks).is_relative_to(links[RAW]):
+        links[MASKS] = _absolute(masks)
+    return links
+
+
+def source_uri(path: Path, links: dict[str, Path]) -> str:
+    """``path`` as a BIDS URI of the linked dataset that holds it (the innermost), else as a ``file:`` URI."""
+    path = _absolute(path)
+    holders = [(root, name) for name, root in links.items() if path.is_relative_to(root)]
+    if not holders:
+        return path.as_uri()
+    root, name = max(holders, key=lambda held: len(held[0].parts))
+    return f"bids:{name}:{path.relative_to(root).as_posix()}"
+
+
+def _link_location(out_root: Path, root: Path) -> str:
+    """Where ``DatasetLinks`` says a linked dataset is: relative to the derivatives folder when that lies inside it
+    (``derivatives/usb`` of the study: ``../..``, which holds when the study is moved), else a ``file:`` URI."""
+    out = _absolute(out_root)
+    return os.path.relpath(root, out) if out.is_relative_to(root) else root.as_uri()
+
+
+def prepare_output(out_root: Path, source: Path, links: Optional[dict[str, Path]] = None) -> None:
+    """Create the derivatives folder with ``dataset_description.json`` (with ``DatasetLinks`` for ``links``, which
+    the BIDS URIs of the sidecars' ``Sources`` need) and a ``.bidsignore`` for ``qc/``. A description an earlier
+    run of USB wrote gets the links it lacks (its other keys are kept); one another tool wrote is left as it is."""
     from USBLib import __version__
 
     out_root.mkdir(parents=True, exist_ok=True)
     description = out_root / "dataset_description.json"
+    wanted = {name: _link_location(out_root, root) for name, root in (links or {}).items()}
     if not description.is_file():
         write_json(description, {
             "Name": "USB healed T1w images", "BIDSVersion": BIDS_VERSION, "DatasetType": "derivative",
             "GeneratedBy": [{"Name": "USB", "Version": __version__,
                              "Description": "lesions removed (pathology -> healthy) by latent diffusion with ACG/LCG",
                              "CodeURL": "https://github.com/usb-slicer/SlicerUSB"}],
-            "SourceDatasets": [{"URL": Path(source).resolve().as_uri()}]})
+            "SourceDatasets": [{"URL": Path(source).resolve().as_uri()}],
+            **({"DatasetLinks": wanted} if wanted else {})})
+    elif wanted:
+        try:
+            present = json.loads(description.read_text(encoding="utf-8"))
+            ours = any(isinstance(g, dict) and g.get("Name") == "USB" for g in present.get("GeneratedBy", []))
+            known = present.get("DatasetLinks") or {}
+        except (OSError, ValueError, AttributeError, TypeError):
+            ours = False
+        if ours and isinstance(known, dict) and any(known.get(name) != where for name, where in wanted.items()):
+            write_json(description, dict(present, DatasetLinks=dict(known, **wanted)))
     ignore = out_root / ".bidsignore"
     if not ignore.is_file():
         ignore.write_text("qc/\n")
@@ -250,8 +300,9 @@ def _montage_of_earlier_heal(out_root: Path, subject: Subject, output: Path, set
 
 
 def heal_subject(editor, subject: Subject, out_root: Path, settings: BatchSettings, key: str,
-                 source: Optional[Path] = None) -> Record:
-    """Heal one scan (or skip it when up to date); every failure becomes a 'failed' record, never an exception."""
+                 links: Optional[dict[str, Path]] = None) -> Record:
+    """Heal one scan (or skip it when up to date); every failure becomes a 'failed' record, never an exception.
+    ``links``: the linked datasets (``dataset_links``) by which the sidecar's ``Sources`` name the inputs."""
     out_dir = out_root / subject.out_dir
     output = out_dir / subject.output_name
     record = Record(subject.key, "failed", image=str(subject.image), mask=str(subject.mask) if subject.mask else None,
@@ -280,9 +331,9 @@ def heal_subject(editor, subject: Subject, out_root: Path, settings: BatchSettin
         from USBLib.imaging.io import check_image_values
 
         check_image_values(vol, "input image")
-        relative = str(subject.image.relative_to(source)) if source and subject.image.is_relative_to(source) else None
+        used = [subject.image] + ([subject.mask] if subject.mask is not None else [])
         extra = {"Description": "T1w with the lesion removed by USB (pathology -> healthy)", "batch_key": key,
-                 "Sources": [f"bids:raw:{relative}"] if relative else [str(subject.image)]}
+                 "Sources": [source_uri(path, links or {}) for path in used]}
         if subject.mask is None:  # --without-mask copy
             return _copy_unchanged(output, vol, {"image": subject.image}, extra, "no lesion mask",
                                    "T1w without a lesion mask, copied unchanged", record)
@@ -362,14 +413,14 @@ def _init_worker(model: Optional[str], device: str, registration: str, threads: 
 
 
 def _work(args) -> Record:
-    subject, out_root, settings, key, source = args
-    return heal_subject(_WORKER_EDITOR, subject, out_root, settings, key, source)
+    subject, out_root, settings, key, links = args
+    return heal_subject(_WORKER_EDITOR, subject, out_root, settings, key, links)
 
 
 def run_batch(subjects: Sequence[Subject], out_root: Path, settings: BatchSettings, key: str, jobs: int = 1,
-              source: Optional[Path] = None, gpu_count: int = 0) -> Iterator[Record]:
+              links: Optional[dict[str, Path]] = None, gpu_count: int = 0) -> Iterator[Record]:
     """Heal ``subjects``; yields each record as it finishes (and saves it). ``jobs`` > 1 runs worker processes,
-    one GPU each when ``gpu_count`` > 0.
+    one GPU each when ``gpu_count`` > 0. ``links``: see ``heal_subject``.
 
     On Ctrl-C or SIGTERM (``KeyboardInterrupt``) the scans being worked on are recorded as ``cancelled`` and the
     interrupt goes on to the caller; a record that cannot be saved raises ``OutputError``."""
@@ -379,7 +430,7 @@ def run_batch(subjects: Sequence[Subject], out_root: Path, settings: BatchSettin
         editor = Editor(settings.model, device=settings.device, registration=settings.registration)
         for subject in subjects:
             try:
-                record = heal_subject(editor, subject, out_root, settings, key, source)
+                record = heal_subject(editor, subject, out_root, settings, key, links)
             except KeyboardInterrupt:
                 _save_cancelled(out_root, [subject])
                 raise
@@ -399,7 +450,7 @@ def run_batch(subjects: Sequence[Subject], out_root: Path, settings: BatchSettin
     device = "cuda" if gpu_count > 0 else settings.device
     with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
                              initargs=(settings.model, device, settings.registration, threads, gpus)) as pool:
-        futures = {pool.submit(_work, (s, out_root, settings, key, source)): s for s in subjects}
+        futures = {pool.submit(_work, (s, out_root, settings, key, links)): s for s in subjects}
         try:
             for future in as_completed(futures):
                 try:

@@ -180,6 +180,13 @@ def _unique_keys(subjects: Sequence[Subject]) -> None:
         seen[subject.key] = subject.image
 
 
+def is_bids(source: Path) -> bool:
+    """True when the folder ``source`` is read as a BIDS dataset: it has a ``dataset_description.json`` or a
+    ``sub-*`` folder (a flat folder of ``sub-*`` files is a plain folder of scans)."""
+    return source.is_dir() and ((source / "dataset_description.json").is_file()
+                                or any(p.is_dir() for p in source.glob("sub-*")))
+
+
 def find_subjects(source: Path, masks: Optional[Path] = None, mask_pattern: Optional[str] = None,
                   participants: Sequence[str] = (), exclude: Sequence[Path] = ()) -> list[Subject]:
     """The batch's scans (sorted by key) from a BIDS dataset, a plain folder or a CSV file."""
@@ -193,7 +200,7 @@ def find_subjects(source: Path, masks: Optional[Path] = None, mask_pattern: Opti
         if source.suffix.lower() != ".csv":
             raise InputError(f"{source}: give a BIDS dataset, a folder of scans or a .csv of image,mask pairs")
         subjects = _csv(source)
-    elif (source / "dataset_description.json").is_file() or any(p.is_dir() for p in source.glob("sub-*")):
+    elif is_bids(source):
         subjects = _bids(source, masks, mask_pattern, exclude)
     else:
         subjects = _plain(source, masks, mask_pattern)

@@ -7,7 +7,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
 
-from USBLib.apps.batch import OUTPUT_CAUSE, BatchSettings, batch_key, load_records, prepare_output, run_batch
+from USBLib.apps.batch import (OUTPUT_CAUSE, BatchSettings, batch_key, dataset_links, load_records,
+                                prepare_output, run_batch)
 from USBLib.apps.batch_inputs import find_subjects, shard
 from USBLib.errors import InputError, OutputError, Terminated
 
@@ -66,15 +67,15 @@ def run_cli(source: Path, out: Path, settings: BatchSettings, masks: Optional[Pa
 
     pick_device(settings.device)  # an absent GPU is a usage error here, not a failure of every scan
     key = batch_key(sha256_of(bundle.root / BUNDLE_FILE), settings)
-    prepare_output(out, source)
+    links = dataset_links(source, masks)
+    prepare_output(out, source, links)
     mine: list[str] = []
     interrupted: KeyboardInterrupt | None = None
     stopped: OutputError | None = None
     output_failures = 0
     try:
         with tqdm(total=len(subjects), desc="usb batch", unit="scan", disable=quiet, file=sys.stderr) as bar:
-            for record in run_batch(subjects, out, settings, key, jobs=jobs,
-                                    source=source if source.is_dir() else None,
+            for record in run_batch(subjects, out, settings, key, jobs=jobs, links=links,
                                     gpu_count=_gpu_count(settings.device, jobs)):
                 mine.append(record.status)
                 bar.update(1)
