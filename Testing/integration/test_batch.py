@@ -384,3 +384,22 @@ def test_sidecar_sources_name_image_and_mask_by_uris_that_dataset_links_resolve(
     description = json.loads((from_csv / "dataset_description.json").read_text())
     sources = json.loads((from_csv / "sub-01_desc-healed_T1w.json").read_text())["Sources"]
     assert "DatasetLinks" not in description and sources == [scan.as_uri(), outside_mask.as_uri()]
+
+
+def test_a_batch_where_no_scan_has_a_mask_says_so_and_an_unfetched_mask_fails_its_scan(tmp_path, tiny_bundle, capsys):
+    """Masks in a layout batch does not know leave every scan 'no-mask': the summary warns (exit 0, as for any scan
+    without a mask). A mask that is a link to nothing (DataLad, not fetched) fails its scan, saying so."""
+    img, _, aff = make_scan("axial")
+    root = tmp_path / "bids"
+    save(root / "sub-01/anat/sub-01_T1w.nii.gz", img, aff)
+    out = tmp_path / "out"
+    assert run(root, out, tiny_bundle) == 0
+    err = capsys.readouterr().err
+    assert "usb batch: warning: none of the 1 scans has a lesion mask" in err and "--mask-pattern" in err
+    mask = root / "derivatives/lesions/sub-01/anat/sub-01_label-lesion_mask.nii.gz"
+    mask.parent.mkdir(parents=True)
+    mask.symlink_to(tmp_path / "annex/MD5E-s1--0.nii.gz")
+    assert run(root, out, tiny_bundle) == 3
+    record = records(out)["sub-01"]
+    assert record["status"] == "failed" and record["message"].startswith(f"mask not fetched (broken link): {mask}")
+    assert "warning" not in capsys.readouterr().err

@@ -136,3 +136,55 @@ def test_workers_split_the_cpus_this_process_may_use_and_keep_a_users_usb_thread
     monkeypatch.delenv("USB_THREADS")
     monkeypatch.delattr(batch.os, "sched_getaffinity", raising=False)  # a platform without affinity
     assert batch.worker_threads(4) == 16
+
+
+def test_bids_masks_are_matched_by_entities_and_a_guess_is_refused(tmp_path):
+    """Masks named with the scan's entities plus entities derivatives add (``space``, ``desc``, ...), in any order,
+    are found; the accepted exact names win over them; two such names for one scan fail it (a guess); a mask of
+    another run, or with an entity that is not a derivative's, is not the scan's."""
+    lesions = tmp_path / "derivatives/lesions"
+    scans = {"sub-01_run-1": ["sub-01_run-1_space-orig_label-lesion_mask.nii.gz"],
+             "sub-02": ["sub-02_label-lesion_desc-manual_mask.nii.gz"],
+             "sub-03": ["sub-03_space-orig_label-lesion_mask.nii.gz", "sub-03_space-MNI152_label-lesion_mask.nii"],
+             "sub-04": ["sub-04_label-lesion_mask.nii.gz", "sub-04_space-MNI152_label-lesion_mask.nii.gz"],
+             "sub-05_run-1": ["sub-05_run-2_label-lesion_mask.nii.gz", "sub-05_run-1_acq-x_label-lesion_mask.nii.gz",
+                              "sub-05_run-1_label-brain_mask.nii.gz"]}
+    for entities, masks in scans.items():
+        sub = entities.split("_")[0]
+        touch(tmp_path / f"{sub}/anat/{entities}_T1w.nii.gz")
+        for name in masks:
+            touch(lesions / f"{sub}/anat/{name}")
+    found = {s.key: s for s in find_subjects(tmp_path)}
+    assert found["sub-01_run-1"].mask.name == "sub-01_run-1_space-orig_label-lesion_mask.nii.gz"
+    assert found["sub-02"].mask.name == "sub-02_label-lesion_desc-manual_mask.nii.gz"
+    assert found["sub-03"].mask is None and found["sub-03"].problem.startswith("several masks match sub-03_T1w.nii.gz")
+    assert "sub-03_space-MNI152_label-lesion_mask.nii" in found["sub-03"].problem
+    assert found["sub-04"].mask.name == "sub-04_label-lesion_mask.nii.gz" and not found["sub-04"].problem
+    assert found["sub-05_run-1"].mask is None and not found["sub-05_run-1"].problem
+    assert not any(found[k].problem for k in ("sub-01_run-1", "sub-02"))
+
+
+def test_a_mask_or_scan_not_fetched_is_its_own_failure_not_a_scan_without_mask(tmp_path):
+    """DataLad / git-annex: a file not fetched is a link to nothing. Its scan fails saying so (``datalad get``),
+    in a BIDS dataset, a plain folder and a CSV alike, rather than being passed over as a scan without a mask."""
+    touch(tmp_path / "bids/sub-01/anat/sub-01_T1w.nii.gz")
+    mask = tmp_path / "bids/derivatives/lesions/sub-01/anat/sub-01_label-lesion_mask.nii.gz"
+    mask.parent.mkdir(parents=True)
+    mask.symlink_to(tmp_path / ".git/annex/objects/XX/MD5E-s1--0.nii.gz")
+    touch(tmp_path / "bids/sub-02/anat/sub-02_T1w.nii.gz")
+    scan = tmp_path / "bids/sub-03/anat/sub-03_T1w.nii.gz"
+    scan.parent.mkdir(parents=True)
+    scan.symlink_to(tmp_path / ".git/annex/objects/YY/MD5E-s1--1.nii.gz")
+    found = {s.key: s for s in find_subjects(tmp_path / "bids")}
+    assert found["sub-01"].mask == mask
+    assert found["sub-01"].problem == f"mask not fetched (broken link): {mask}; datalad get it"
+    assert found["sub-02"].mask is None and not found["sub-02"].problem
+    assert found["sub-03"].problem == f"image not fetched (broken link): {scan}; datalad get it"
+
+    touch(tmp_path / "plain/a.nii.gz")
+    (tmp_path / "plain/a_mask.nii.gz").symlink_to(tmp_path / "nowhere.nii.gz")
+    [plain] = find_subjects(tmp_path / "plain")
+    assert plain.problem.startswith("mask not fetched (broken link)") and plain.mask.name == "a_mask.nii.gz"
+    (tmp_path / "pairs.csv").write_text(f"image,mask\nplain/a.nii.gz,{mask}\n")
+    [row] = find_subjects(tmp_path / "pairs.csv")
+    assert row.mask == mask and row.problem.startswith("mask not fetched (broken link)")

@@ -3,9 +3,13 @@
 BIDS: every ``sub-*/[ses-*/]anat/*_T1w.nii[.gz]``. Its mask is looked up in the mask root (``--masks``;
 default: the dataset itself and each ``derivatives/*`` folder) in the same ``sub-*/[ses-*/]anat`` folder as
 ``<entities>_label-lesion_mask``, ``<entities>_desc-lesion_mask`` or ``<entities>_label-lesion_roi``, where
-``<entities>`` is the T1w file name without ``_T1w`` (e.g. ``sub-01_ses-1_run-1``). ``--mask-pattern`` replaces
-that rule with a path template (relative to the mask root; ``*`` wildcards allowed) using ``{sub}``, ``{ses}``,
-``{entities}`` and ``{anat}`` (the scan's folder relative to the dataset).
+``<entities>`` is the T1w file name without ``_T1w`` (e.g. ``sub-01_ses-1_run-1``); without one of these, a name
+with the scan's entities (in any order) plus entities that derivatives add (``DERIVED_ENTITIES``: ``space``,
+``desc``, ...), e.g. ``sub-01_run-1_space-orig_label-lesion_mask`` or ``sub-01_label-lesion_desc-manual_mask``.
+Several such names are a guess, refused for that scan. ``--mask-pattern`` replaces that rule with a path template
+(relative to the mask root; ``*`` wildcards allowed) using ``{sub}``, ``{ses}``, ``{entities}`` and ``{anat}``
+(the scan's folder relative to the dataset). A mask that is a link to nothing (a DataLad / git-annex file not
+fetched) fails its scan with a reason of its own (``unfetched``), rather than making it a scan without a mask.
 
 Plain folder: every NIfTI/MGZ/NRRD file that is not itself a mask; its mask is ``<name>_mask`` or
 ``<name>_lesion`` (same extensions) in the mask folder (default: the same folder).
@@ -14,6 +18,7 @@ CSV: a header row with ``image`` and ``mask`` (and optionally ``id``); relative 
 from __future__ import annotations
 
 import csv
+import os
 import re
 import string
 from dataclasses import dataclass
@@ -27,6 +32,10 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh", ".nrrd")
 BIDS_MASK_SUFFIXES = ("_label-lesion_mask", "_desc-lesion_mask", "_label-lesion_roi")
 PLAIN_MASK_SUFFIXES = ("_mask", "_lesion")
 _T1W = re.compile(r"^(?P<entities>sub-[A-Za-z0-9]+(?:_[a-z]+-[A-Za-z0-9]+)*)_T1w\.nii(?:\.gz)?$")
+_BIDS_MASK = re.compile(r"^(?P<entities>[a-zA-Z]+-[A-Za-z0-9]+(?:_[a-zA-Z]+-[A-Za-z0-9]+)*)_(?P<suffix>mask|roi)"
+                        r"\.nii(?:\.gz)?$")
+# entities a derivative adds to its source's (BIDS derivatives: common, imaging and segmentation entities)
+DERIVED_ENTITIES = frozenset({"space", "res", "den", "label", "desc", "atlas", "roi", "seg", "hemi", "model"})
 
 
 @dataclass(frozen=True)
@@ -52,8 +61,62 @@ def _stem(path: Path) -> str:
 def _one(matches: list[Path], what: str) -> Optional[Path]:
     matches = sorted(set(matches))
     if len(matches) > 1:
-        raise InputError(f"several masks match {what}: {', '.join(m.name for m in matches)}")
+        raise InputError(f"several masks match {what}: {', '.join(m.name for m in matches)}; keep one, or name it "
+                         "with --mask-pattern")
     return matches[0] if matches else None
+
+
+def unfetched(path: Path) -> bool:
+    """True for a link to nothing: a DataLad / git-annex file whose content was not fetched (``datalad get``)."""
+    return path.is_symlink() and not path.exists()
+
+
+def unfetched_problem(path: Path, what: str = "mask") -> str:
+    """The failure reason of a scan whose ``what`` (mask or image) is ``unfetched``."""
+    return f"{what} not fetched (broken link): {path}; datalad get it"
+
+
+def _present(path: Path) -> bool:
+    """A file, or a link to a file not fetched yet (reported as such rather than passed over)."""
+    return path.is_file() or unfetched(path)
+
+
+def _entities(text: str) -> Optional[dict[str, str]]:
+    """``sub-01_ses-1`` as ``{"sub": "01", "ses": "1"}``; None when an entity appears twice."""
+    pairs = [part.split("-", 1) for part in text.split("_")]
+    found = {k: v for k, v in pairs}
+    return found if len(found) == len(pairs) else None
+
+
+def _lesion_mask_extras(name: str, scan: dict[str, str]) -> Optional[frozenset[str]]:
+    """When ``name`` is a lesion mask of the scan whose entities are ``scan``: the entities it has beyond the scan's
+    and beyond the one that marks it as a lesion mask (``label-lesion``; ``desc-lesion`` of a ``_mask`` without a
+    label), which must all be ``DERIVED_ENTITIES`` (empty for the accepted ``BIDS_MASK_SUFFIXES`` names); else None."""
+    match = _BIDS_MASK.match(name)
+    mask = _entities(match["entities"]) if match else None
+    if mask is None or any(mask.get(k) != v for k, v in scan.items()):
+        return None
+    if mask.get("label") == "lesion":
+        marker = "label"
+    elif match["suffix"] == "mask" and mask.get("desc") == "lesion" and "label" not in mask:
+        marker = "desc"
+    else:
+        return None
+    extras = frozenset(mask) - frozenset(scan) - {marker}
+    return extras if extras <= DERIVED_ENTITIES else None
+
+
+def _bids_candidates(folder: Path, entities: str) -> list[Path]:
+    """The lesion masks of the scan ``entities`` in ``folder``: those with the accepted names when there are any,
+    else every mask with the scan's entities plus derived ones (``_lesion_mask_extras``)."""
+    scan = _entities(entities) or {}
+    exact: list[Path] = []
+    extended: list[Path] = []
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        extras = _lesion_mask_extras(path.name, scan)
+        if extras is not None and _present(path):
+            (extended if extras else exact).append(path)
+    return exact or extended
 
 
 PATTERN_FIELDS = ("sub", "ses", "entities", "anat")
@@ -76,22 +139,27 @@ def check_mask_pattern(pattern: Optional[str]) -> None:
         raise InputError(f"--mask-pattern '{pattern}' must be relative to the mask folder (--masks)")
 
 
-def _bids_mask(root: Path, image: Path, entities: str, mask_roots: Sequence[Path], pattern: Optional[str]) -> Optional[Path]:
+def _glob(folder: Path, pattern: str) -> list[Path]:
+    """The files ``pattern`` names under ``folder``, links to files not fetched included (a pattern without
+    wildcards is looked up directly: ``Path.glob`` passes over a link to nothing there)."""
+    if not any(c in pattern for c in "*?["):
+        return [folder / pattern] if _present(folder / pattern) else []
+    return [p for p in folder.glob(pattern) if _present(p)]
+
+
+def _bids_mask(root: Path, image: Path, entities: str, mask_roots: Sequence[Path],
+               pattern: Optional[str]) -> Optional[Path]:
     """The scan's mask: in the first mask root that has one (two there: ``InputError``); ``InputError`` too when
     several mask roots have one (which would be a guess)."""
     anat = image.parent.relative_to(root)
     hits: list[tuple[Path, Path]] = []  # (mask root, its match)
     for mask_root in mask_roots:
-        found: list[Path] = []
         if pattern:
             sub = entities.split("_")[0][4:]
             ses = next((e[4:] for e in entities.split("_") if e.startswith("ses-")), "")
-            rel = pattern.format(sub=sub, ses=ses, entities=entities, anat=anat.as_posix())
-            found += [p for p in mask_root.glob(rel) if p.is_file()]
+            found = _glob(mask_root, pattern.format(sub=sub, ses=ses, entities=entities, anat=anat.as_posix()))
         else:
-            folder = mask_root / anat
-            found += [folder / f"{entities}{s}{x}" for s in BIDS_MASK_SUFFIXES for x in (".nii.gz", ".nii")
-                      if (folder / f"{entities}{s}{x}").is_file()]
+            found = _bids_candidates(mask_root / anat, entities)
         if found:
             hits.append((mask_root, _one(found, image.name)))
     if len(hits) > 1:
@@ -114,9 +182,17 @@ def _bids(root: Path, masks: Optional[Path], pattern: Optional[str], exclude: Se
             mask, problem = _bids_mask(root, image, entities, mask_roots, pattern), ""
         except InputError as exc:
             mask, problem = None, str(exc)
+        problem = _unfetched_problem(image, mask) or problem
         subjects.append(Subject(entities, image, mask, image.parent.relative_to(root), entities.split("_")[0][4:],
                                 problem))
     return subjects
+
+
+def _unfetched_problem(image: Path, mask: Optional[Path]) -> str:
+    """The failure reason of a scan whose image or mask is a link to nothing (not fetched), else ""."""
+    if unfetched(image):
+        return unfetched_problem(image, "image")
+    return unfetched_problem(mask) if mask is not None and unfetched(mask) else ""
 
 
 def _is_image(path: Path) -> bool:
@@ -131,14 +207,15 @@ def _plain(folder: Path, masks: Optional[Path], pattern: Optional[str]) -> list[
     for image in images:
         stem = _stem(image)
         if pattern:
-            candidates = [p for p in mask_dir.glob(pattern.format(sub=stem, ses="", entities=stem, anat=".")) if p.is_file()]
+            candidates = _glob(mask_dir, pattern.format(sub=stem, ses="", entities=stem, anat="."))
         else:
             candidates = [mask_dir / f"{stem}{s}{x}" for s in PLAIN_MASK_SUFFIXES for x in IMAGE_SUFFIXES
-                          if (mask_dir / f"{stem}{s}{x}").is_file()]
+                          if _present(mask_dir / f"{stem}{s}{x}")]
         try:
             mask, problem = _one(candidates, image.name), ""
         except InputError as exc:
             mask, problem = None, str(exc)
+        problem = _unfetched_problem(image, mask) or problem
         subjects.append(Subject(stem, image, mask, Path("."), problem=problem))
     return subjects
 
@@ -157,8 +234,9 @@ def _csv(path: Path) -> list[Subject]:
     for n, row in enumerate(rows, start=2):
         if not (row.get("image") or "").strip():
             raise InputError(f"{path}:{n}: empty 'image'")
-        image = (path.parent / row["image"].strip()).resolve()
-        mask = (path.parent / row["mask"].strip()).resolve() if (row.get("mask") or "").strip() else None
+        # absolute, without following links: a DataLad file is a link into the annex (not fetched: to nothing)
+        image = Path(os.path.abspath(path.parent / row["image"].strip()))
+        mask = Path(os.path.abspath(path.parent / row["mask"].strip())) if (row.get("mask") or "").strip() else None
         key = (row.get("id") or "").strip() or _stem(image)
         if "/" in key or "\\" in key or key.startswith("."):
             raise InputError(f"{path}:{n}: id '{key}' is a path; an id names the output file (no '/', '\\' or "
@@ -166,7 +244,7 @@ def _csv(path: Path) -> list[Subject]:
         if key in keys:
             raise InputError(f"{path}:{n}: '{key}' appears twice; give each row a unique 'id'")
         keys.add(key)
-        subjects.append(Subject(key, image, mask, Path(".")))
+        subjects.append(Subject(key, image, mask, Path("."), problem=_unfetched_problem(image, mask)))
     return subjects
 
 
@@ -212,7 +290,8 @@ def find_subjects(source: Path, masks: Optional[Path] = None, mask_pattern: Opti
         if subjects and missing:  # (none found at all: the message below)
             raise InputError(f"{source}: no T1w scans for participant label(s) {', '.join(missing)}")
     if not subjects:
-        raise InputError(f"{source}: no T1w scans found" + (" for the given participant labels" if participants else ""))
+        raise InputError(f"{source}: no T1w scans found"
+                         + (" for the given participant labels" if participants else ""))
     return sorted(subjects, key=lambda s: s.key)
 
 
