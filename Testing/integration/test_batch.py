@@ -403,3 +403,59 @@ def test_a_batch_where_no_scan_has_a_mask_says_so_and_an_unfetched_mask_fails_it
     record = records(out)["sub-01"]
     assert record["status"] == "failed" and record["message"].startswith(f"mask not fetched (broken link): {mask}")
     assert "warning" not in capsys.readouterr().err
+
+
+class _DiesInTheWorker(type(Path())):
+    """A scan path that ends the worker process it is sent to (``os._exit`` when the worker unpickles the scan), as
+    the out-of-memory killer or a crash in a library would: no timing, no test hook in the code under test."""
+
+    def __reduce__(self):
+        import os
+
+        return os._exit, (70,)
+
+
+def test_a_worker_that_dies_fails_only_its_scan_and_the_batch_goes_on(tmp_path, tiny_bundle):
+    """``--jobs 2`` and one scan's worker dies: that scan alone is recorded ('worker process died'), the pool is
+    rebuilt and every other scan gets its own outcome (the good records are not overwritten); the output an earlier
+    run healed stays, and the next run, finding it up to date, takes its lesion volume and time from its sidecar,
+    not from the died record."""
+    from dataclasses import replace
+
+    from USBLib.apps.batch import WORKER_DIED, BatchSettings, run_batch
+
+    img, mask, aff = make_scan("axial")
+    root = tmp_path / "bids"
+    for i in range(1, 5):
+        save(root / f"sub-{i:02d}/anat/sub-{i:02d}_T1w.nii.gz", img, aff)
+    save(root / "derivatives/lesions/sub-01/anat/sub-01_label-lesion_mask.nii.gz", mask, aff)
+    out = tmp_path / "out"
+    assert run(root, out, tiny_bundle) == 0
+    healed = out / "sub-01/anat/sub-01_desc-healed_T1w.nii.gz"
+    sidecar = json.loads(healed.with_name("sub-01_desc-healed_T1w.json").read_text())
+
+    subjects = [replace(s, image=_DiesInTheWorker(s.image)) if s.key == "sub-01" else s for s in find_subjects(root)]
+    settings = BatchSettings(model=str(tiny_bundle.root), device="cpu", steps=2)
+    got = list(run_batch(subjects, out, settings, sidecar["batch_key"], jobs=2))
+    assert sorted(r.key for r in got) == ["sub-01", "sub-02", "sub-03", "sub-04"]  # each once
+    recs = records(out)
+    assert [recs[f"sub-0{i}"]["status"] for i in (2, 3, 4)] == ["no-mask"] * 3
+    assert recs["sub-01"]["status"] == "failed" and recs["sub-01"]["message"] == WORKER_DIED
+    assert healed.is_file()  # healed with these inputs and settings: kept
+
+    assert run(root, out, tiny_bundle) == 0
+    again = records(out)["sub-01"]
+    assert again["status"] == "up-to-date" and again["lesion_ml"] == sidecar["lesion_volume_ml"]
+    assert again["seconds"] == round(sum(sidecar["timings_s"].values()), 2)
+
+
+def test_a_bad_usb_threads_with_jobs_is_a_usage_error_not_a_broken_pool(tmp_path, tiny_bundle, monkeypatch, capsys):
+    """The workers use a ``USB_THREADS`` the user set; a bad one is refused once, up front (as without ``--jobs``),
+    rather than breaking every worker's start."""
+    img, _, aff = make_scan("axial")
+    root = tmp_path / "bids"
+    save(root / "sub-01/anat/sub-01_T1w.nii.gz", img, aff)
+    monkeypatch.setenv("USB_THREADS", "0")
+    assert run(root, tmp_path / "out", tiny_bundle, "--jobs", "2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("usb: error:") and "USB_THREADS" in err[0]

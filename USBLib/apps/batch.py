@@ -269,6 +269,14 @@ def _previous(out_root: Path, key: str) -> dict[str, Any]:
         return {}
 
 
+def _heal_seconds(sidecar: dict[str, Any]) -> Optional[float]:
+    """The time the heal in ``sidecar`` took: the sum of its stage timings (None for a copy, which has none)."""
+    timings = sidecar.get("timings_s")
+    if not isinstance(timings, dict) or not timings:
+        return None
+    return round(sum(float(t) for t in timings.values() if isinstance(t, (int, float))), 2)
+
+
 def _montage(out_root: Path, key: str, before: np.ndarray, after: np.ndarray, lesion: np.ndarray,
              affine: np.ndarray) -> str:
     """Draw ``qc/<key>.png`` (slices through the lesion before and after); returns its name for the record."""
@@ -315,11 +323,12 @@ def heal_subject(editor, subject: Subject, out_root: Path, settings: BatchSettin
             return record
         skip = subject.mask is None and settings.without_mask == "skip"  # a copy of an earlier --without-mask copy
         if not skip and up_to_date(subject, output, key):  # does not apply: it goes (below, as 'no-mask')
-            before = _previous(out_root, subject.key)
-            notes = json.loads(sidecar_path(output).read_text()).get("notes", [])  # up_to_date read it
+            meta = json.loads(sidecar_path(output).read_text())  # (up_to_date read it)
             record.status = "up-to-date"
-            record.message = "; ".join(["output matches inputs, model and settings"] + list(notes))
-            record.lesion_ml, record.qc, record.seconds = before.get("lesion_ml"), before.get("qc"), before.get("seconds")
+            record.message = "; ".join(["output matches inputs, model and settings"] + list(meta.get("notes", [])))
+            # what the output's own sidecar says (the last record may be of another run: one that failed, say)
+            record.lesion_ml, record.seconds = meta.get("lesion_volume_ml"), _heal_seconds(meta)
+            record.qc = _previous(out_root, subject.key).get("qc")  # checked below: drawn again when it is gone
             if settings.qc and not (record.qc and (out_root / "qc" / record.qc).is_file()):
                 record.qc = _montage_of_earlier_heal(out_root, subject, output, settings)  # e.g. made with --no-qc
             return record
@@ -408,12 +417,18 @@ def _init_worker(model: Optional[str], device: str, registration: str, threads: 
         os.environ["USB_THREADS"] = str(threads)
     from USBLib.editor.editor import Editor, threads_from_env
 
-    threads_from_env()
-    _WORKER_EDITOR = Editor(model, device=device, registration=registration)
+    try:
+        threads_from_env()
+        _WORKER_EDITOR = Editor(model, device=device, registration=registration)
+    except USBError as exc:  # (an exception here would break the pool): each scan's record says why
+        _WORKER_EDITOR = exc
 
 
 def _work(args) -> Record:
     subject, out_root, settings, key, links = args
+    if isinstance(_WORKER_EDITOR, USBError):
+        return Record(subject.key, "failed", f"the worker process could not start: {_WORKER_EDITOR}",
+                      str(subject.image), str(subject.mask) if subject.mask else None)
     return heal_subject(_WORKER_EDITOR, subject, out_root, settings, key, links)
 
 
@@ -437,35 +452,100 @@ def run_batch(subjects: Sequence[Subject], out_root: Path, settings: BatchSettin
             save_record(out_root, record)
             yield record
         return
+    yield from _run_in_workers(subjects, out_root, settings, key, jobs, links, gpu_count)
+
+
+WORKER_DIED = ("the worker process died while working on this scan (out of memory, or a crash); the other scans "
+               "went on; rerun with fewer --jobs")
+
+
+def died_record(subject: Subject, out_root: Path, key: str) -> Record:
+    """The record of a scan whose worker process died: failed; an earlier output of other inputs or settings goes,
+    as when a heal fails (one of these inputs and settings is kept: the scan is done)."""
+    output = Path(out_root) / subject.out_dir / subject.output_name
+    record = Record(subject.key, "failed", WORKER_DIED, str(subject.image),
+                    str(subject.mask) if subject.mask else None, str(output))
+    if not up_to_date(subject, output, key):
+        _drop_stale(output, record)
+    return record
+
+
+def _run_in_workers(subjects: Sequence[Subject], out_root: Path, settings: BatchSettings, key: str, jobs: int,
+                    links: Optional[dict[str, Path]], gpu_count: int) -> Iterator[Record]:
+    """``run_batch`` with ``jobs`` worker processes. At most ``jobs`` scans are handed out at a time, so the scans
+    handed out are the ones being worked on. A worker process that dies (the out-of-memory killer, a crash in a
+    library) breaks the pool, and the executor ends the other workers: the scans they were working on get no record
+    here; the pool is rebuilt and the rest goes on. When one scan was handed out, it is the one: recorded
+    ``WORKER_DIED``. When several were, each is tried again alone (``suspects``): the one that dies again alone is
+    recorded, the others are healed. Scans not handed out yet are never recorded for a death."""
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    import queue
+    from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
 
     ctx = mp.get_context("spawn")
-    gpus = None
-    if gpu_count > 0:
-        gpus = ctx.Manager().Queue()
-        for i in range(jobs):
-            gpus.put(i % gpu_count)
+    gpus = ctx.Manager().Queue() if gpu_count > 0 else None
     threads = worker_threads(jobs)
+    if threads is None:  # the user's USB_THREADS: a bad value is a usage error here, not a broken pool
+        from USBLib.editor.editor import threads_from_env
+
+        threads_from_env()
     device = "cuda" if gpu_count > 0 else settings.device
-    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
-                             initargs=(settings.model, device, settings.registration, threads, gpus)) as pool:
-        futures = {pool.submit(_work, (s, out_root, settings, key, links)): s for s in subjects}
-        try:
-            for future in as_completed(futures):
+    pending = list(subjects)
+    suspects: set[str] = set()  # scans being worked on, with others, when a worker died
+    while pending:
+        if gpus is not None:  # the GPUs for this pool's workers (a rebuilt pool's too)
+            while True:
                 try:
-                    record = future.result()
-                except Exception as exc:  # the worker process itself died (e.g. out of memory)
-                    subject = futures[future]
-                    record = Record(subject.key, "failed", f"worker process failed: {type(exc).__name__}: {exc}",
-                                    str(subject.image))
-                save_record(out_root, record)
-                yield record
-        except BaseException:  # Ctrl-C, SIGTERM, or a record that cannot be written: stop the workers
-            running = [subject for future, subject in futures.items() if future.running()]
-            stop_workers(pool)
-            _save_cancelled(out_root, running)
-            raise
+                    gpus.get_nowait()
+                except queue.Empty:
+                    break
+            for i in range(jobs):
+                gpus.put(i % gpu_count)
+        died: list[Subject] = []
+        broken = False
+        with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(settings.model, device, settings.registration, threads, gpus)) as pool:
+            running: dict[Future, Subject] = {}
+            try:
+                while (pending or running) and not broken:
+                    while pending and len(running) < jobs and not suspects & {s.key for s in running.values()}:
+                        if pending[0].key in suspects and running:
+                            break  # a suspect is worked on alone
+                        try:
+                            future = pool.submit(_work, (pending[0], out_root, settings, key, links))
+                        except BrokenProcessPool:  # a worker died between scans (idle): rebuild, nobody to blame
+                            broken = True
+                            break
+                        running[future] = pending.pop(0)
+                    if not running:
+                        continue
+                    done = wait(running, return_when=FIRST_COMPLETED).done
+                    if any(isinstance(f.exception(), BrokenProcessPool) for f in done):
+                        broken, done = True, wait(running).done  # every scan handed out ends now
+                    for future in sorted(done, key=lambda f: running[f].key):
+                        subject = running.pop(future)
+                        if isinstance(future.exception(), BrokenProcessPool):
+                            died.append(subject)
+                            continue
+                        try:
+                            record = future.result()
+                        except Exception as exc:  # e.g. a record that could not be sent back
+                            record = Record(subject.key, "failed", f"worker process failed: {type(exc).__name__}: "
+                                            f"{exc}", str(subject.image))
+                        save_record(out_root, record)
+                        yield record
+            except BaseException:  # Ctrl-C, SIGTERM, or a record that cannot be written: stop the workers
+                stop_workers(pool)
+                _save_cancelled(out_root, [s for f, s in running.items() if not f.done()])
+                raise
+        if len(died) == 1:
+            record = died_record(died[0], out_root, key)
+            save_record(out_root, record)
+            yield record
+        elif died:
+            suspects.update(s.key for s in died)
+            pending[:0] = died
 
 
 def stop_workers(pool) -> None:
