@@ -109,33 +109,26 @@ def test_scans_and_masks_are_read_as_usb_heal_reads_them(doc, tmp_path, phantom_
     assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeNode") == 0
 
 
-def test_a_2d_image_is_refused_with_the_reason(doc, tmp_path, phantom_files):
+SCAN_REFUSALS = {  # file name: (voxels from the phantom scan, the reason the page gives)
+    "slice.nii.gz": (lambda img: img[:, :, :1], "it has shape (48, 60, 1); a 3D volume is needed, not a 2D slice"),
+    "flat.nii": (lambda img: img[:, :, 0], "it has shape (48, 60); a 3D volume is needed"),
+    "zeros.nii.gz": (lambda img: np.zeros(img.shape, np.float32), "it is constant (0.0); nothing to edit"),
+    "nan.nii.gz": (lambda img: np.full(img.shape, np.nan, np.float32), "it has no voxel with a value (all NaN or Inf)"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCAN_REFUSALS))
+def test_an_image_usb_heal_refuses_is_refused_with_the_reason(doc, tmp_path, phantom_files, name):
     """A 2-D NIfTI (one slice, or two axes only) is a readable image: the message says why it cannot be used (it
-    said that the file was no NIfTI), and the current scan stays."""
+    said that the file was no NIfTI); a constant scan, or one with no voxel with a value, has nothing to edit:
+    refused at upload with the CLI's reason (it was accepted). The current scan stays."""
     img, _mask, aff = make_scan()
     doc.load_scan(phantom_files["scan"], "T1.nii.gz")
-    refusals = {"slice.nii.gz": (img[:, :, :1], "it has shape (48, 60, 1); a 3D volume is needed, not a 2D slice"),
-                "flat.nii": (img[:, :, 0], "it has shape (48, 60); a 3D volume is needed")}
-    for name, (data, reason) in refusals.items():
-        nib.save(nib.Nifti1Image(data, aff), str(tmp_path / name))
-        with pytest.raises(L.USBEditorError) as info:
-            doc.load_scan(tmp_path / name, name)
-        assert str(info.value) == f"Could not read '{name}' as a scan: {reason}."
-    assert doc.volume.GetName() == "T1" and slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 1
-
-
-def test_a_scan_without_values_is_refused_as_usb_heal_refuses_it(doc, tmp_path, phantom_files):
-    """A constant scan, or one with no voxel with a value, has nothing to edit: refused at upload with the CLI's
-    reason (it was accepted, and failed only on Apply or not at all), and the current scan stays."""
-    img, _mask, aff = make_scan()
-    doc.load_scan(phantom_files["scan"], "T1.nii.gz")
-    refusals = {"zeros.nii.gz": (np.zeros(img.shape, np.float32), "it is constant (0.0); nothing to edit"),
-                "nan.nii.gz": (np.full(img.shape, np.nan, np.float32), "it has no voxel with a value (all NaN or Inf)")}
-    for name, (data, reason) in refusals.items():
-        nib.save(nib.Nifti1Image(data, aff), str(tmp_path / name))
-        with pytest.raises(L.USBEditorError) as info:
-            doc.load_scan(tmp_path / name, name)
-        assert str(info.value) == f"Could not read '{name}' as a scan: {reason}."
+    voxels, reason = SCAN_REFUSALS[name]
+    nib.save(nib.Nifti1Image(voxels(img), aff), str(tmp_path / name))
+    with pytest.raises(L.USBEditorError) as info:
+        doc.load_scan(tmp_path / name, name)
+    assert str(info.value) == f"Could not read '{name}' as a scan: {reason}."
     assert doc.volume.GetName() == "T1" and slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 1
 
 
