@@ -27,7 +27,8 @@ from USBLib.settings import DARK_LESION_LEVEL, FALLBACKS, RANGES
 from USBEditorLib.logic import (TASK_INFO, Device, EditorLogic, LocalMode, RunSettings, Sampler, Stages, Task,
                                 USBEditorError,
                                 default_settings,
-                                describe_model, installed_models, load_mask, load_sample, missing_input, runs_once,
+                                describe_model, installed_models, load_mask, load_sample, missing_input, resolved_stages,
+                                runs_once, RUNS_ONCE_HELP,
                                 new_lesion_segmentation, segment_choices, segment_editor_node, show_comparison)
 
 OTHER_MODEL = "Other folder..."
@@ -225,17 +226,15 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             widget.enabled = info["mask"] != "unused"
         self.ui.acgCheckBox.enabled = edit
         # steps and strength shape the latent diffusion only: an edit by the local stage alone does not read them
-        latent = p.stages is not Stages.LOCAL
+        latent = self._resolvedStages()[0] is not Stages.LOCAL
         self.ui.stepsSliderWidget.enabled = not edit or latent
         self.ui.strengthSliderWidget.enabled = edit and latent
         for widget in (self.ui.alpha0SliderWidget, self.ui.kSliderWidget):
             widget.enabled = edit and p.acg
         self.ui.etaSliderWidget.enabled = edit and p.acg and p.maskNode is not None  # LCG scales ACG's weight
         self.ui.samplesSpinBox.enabled = not self._deterministicEdit()
-        self.ui.samplesSpinBox.toolTip = _(
-            "This edit is deterministic (the local stage alone: every heal, and embed in fidelity mode), so it runs "
-            "once; for several samples and an uncertainty volume choose stages 'latent' or 'both'."
-        ) if self._deterministicEdit() else _("Several samples give their mean and a per-voxel uncertainty volume.")
+        self.ui.samplesSpinBox.toolTip = _(RUNS_ONCE_HELP) if self._deterministicEdit() else _(
+            "Several samples give their mean and a per-voxel uncertainty volume.")
         self.ui.maskCoversRimCheckBox.enabled = p.task is Task.HEAL and p.maskNode is not None
         self.ui.framesSpinBox.enabled = p.task is Task.EMBED
         self.ui.stagesComboBox.enabled = edit and p.maskNode is not None
@@ -250,9 +249,20 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.enabled = reason is None and not running
         self.ui.applyButton.toolTip = reason or _("Run: {task}").format(task=info["label"])
 
+    def _resolvedStages(self) -> tuple[Stages, LocalMode]:
+        """The stages and local mode the run would use ("Model default" filled in as the engine fills it)."""
+        p = self._parameterNode
+        try:
+            return resolved_stages(p.task, p.stages, p.localMode, self._model())
+        except USBEditorError:  # a model that cannot be loaded: Apply says so
+            return p.stages, p.localMode
+
     def _deterministicEdit(self) -> bool:
         p = self._parameterNode
-        return runs_once(p.task, p.stages, p.localMode)
+        try:
+            return runs_once(p.task, p.stages, p.localMode, self._model())
+        except USBEditorError:
+            return False
 
     def onTaskChanged(self, index: int = 0) -> None:
         """A new task brings its own recommended guidance (e.g. heal and embed start at different strengths)."""

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
-from USBEditorLib.logic import (TASK_INFO, LocalMode, RunSettings, Stages, Task, USBEditorError, default_settings,
-                                runs_once)
+from USBEditorLib.logic import (RUNS_ONCE_HELP, TASK_INFO, LocalMode, RunSettings, Stages, Task,  # noqa: F401
+                                USBEditorError, default_settings, resolved_stages, runs_once)
 from USBLib.settings import DARK_LESION_LEVEL, RANGES, SETTINGS
 
 TASKS = (Task.HEAL, Task.EMBED, Task.GENERATE_FROM_MASK)
@@ -69,27 +69,6 @@ def guidance_defaults(task: str, model: Optional[str] = None) -> dict[str, Any]:
     return {k: v for k, v in defaults(task, model).items() if k not in ("samples", "seed")}
 
 
-RUNS_ONCE_HELP = ("This edit is deterministic (the local stage alone: every heal, and embed in fidelity mode), so it "
-                  "runs once; for several samples and an uncertainty map choose stages 'latent' or 'both'.")
-
-
-def resolved_stages(task: str, stages: str, local_mode: str, model: Optional[str] = None) -> tuple[Stages, LocalMode]:
-    """The stages and local mode an edit runs with: "" (Model default) filled in as the engine fills it
-    (``USBLib.editor.input_checks.edit_stages``)."""
-    from USBLib.core.bundle import load
-    from USBLib.editor.input_checks import edit_stages
-    from USBLib.errors import BundleError
-
-    stages, local_mode = Stages(stages or "").value, LocalMode(local_mode or "").value
-    if not stages or not local_mode:
-        try:
-            bundle = load(model or None)
-        except BundleError as exc:
-            raise USBEditorError(str(exc)) from None
-        stages, local_mode = edit_stages(bundle, Task(task).value, stages, local_mode)
-    return Stages(stages), LocalMode(local_mode)
-
-
 def live_controls(task: str, stages: str, local_mode: str, model: Optional[str] = None) -> dict[str, bool]:
     """Which of steps, strength, local mode and samples the run reads (the others are greyed out), as the Slicer
     panel enables them: steps shape the latent diffusion (generation, or an edit with the latent stage), strength an
@@ -100,7 +79,7 @@ def live_controls(task: str, stages: str, local_mode: str, model: Optional[str] 
     stage, mode = resolved_stages(task, stages, local_mode, model)
     latent = stage is not Stages.LOCAL
     return {"steps": latent, "strength": latent, "local_mode": stage is not Stages.LATENT,
-            "samples": not runs_once(Task(task), stage, mode)}
+            "samples": not runs_once(Task(task), stage, mode, model)}
 
 
 def _number(values: Mapping[str, Any], name: str, kind: type) -> Any:

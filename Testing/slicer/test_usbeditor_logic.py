@@ -337,17 +337,17 @@ def test_bad_inputs_raise_clear_errors(t1, logic, tiny_model, tmp_path, scene, c
 
 
 @pytest.mark.parametrize("task", [Task.HEAL, Task.EMBED])
-@pytest.mark.parametrize("stages", [Stages.LOCAL, Stages.LATENT, Stages.BOTH])
-@pytest.mark.parametrize("mode", [LocalMode.REALISM, LocalMode.FIDELITY])
+@pytest.mark.parametrize("stages", [Stages.DEFAULT, Stages.LOCAL, Stages.LATENT, Stages.BOTH])
+@pytest.mark.parametrize("mode", [LocalMode.DEFAULT, LocalMode.REALISM, LocalMode.FIDELITY])
 def test_the_panel_s_run_once_rule_is_the_engine_s(task, stages, mode):
     """The panel greys out Samples exactly where the engine refuses several samples (``check_sampling``): the
-    rule it shows is the one that runs."""
+    rule it shows is the one that runs, "Model default" included (the shipped model's: the local stage)."""
     from USBLib.core.bundle import load
     from USBLib.editor.input_checks import check_sampling
     from USBLib.errors import InputError
 
     try:
-        check_sampling(load(None), task.value, 2, stages.value, mode.value)
+        check_sampling(load(None), task.value, 2, stages.value or None, mode.value or None)
         refused = False
     except InputError:
         refused = True

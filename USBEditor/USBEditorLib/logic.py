@@ -403,12 +403,41 @@ def mask_in_own_space(mask_node, segment_id: Optional[str]) -> tuple[np.ndarray,
 
 
 # ----------------------------------------------------------------- panel helpers (Qt-free, used by the widget)
-def runs_once(task: Task, stages: Stages, local_mode: LocalMode) -> bool:
+RUNS_ONCE_HELP = ("This edit is deterministic (the local stage alone: every heal, and embed in fidelity mode), so it "
+                  "runs once; for several samples and an uncertainty volume choose stages 'latent' or 'both'.")
+
+
+def resolved_stages(task: Task, stages: Stages, local_mode: LocalMode,
+                    model: Optional[str] = None) -> tuple[Stages, LocalMode]:
+    """The stages and local mode an edit runs with: "" (Model default) filled in as the engine fills it
+    (``USBLib.editor.input_checks.edit_stages``; the model is read only then). Raises ``USBEditorError`` for a model
+    that cannot be loaded."""
+    from USBLib.editor.input_checks import edit_stages
+
+    stages, local_mode = Stages(stages or "").value, LocalMode(local_mode or "").value
+    bundle = None
+    if not stages or not local_mode:
+        from USBLib.core.bundle import load
+        from USBLib.errors import BundleError
+
+        try:
+            bundle = load(model or None)
+        except BundleError as exc:
+            raise USBEditorError(str(exc)) from None
+    stages, local_mode = edit_stages(bundle, Task(task).value, stages, local_mode)
+    return Stages(stages), LocalMode(local_mode)
+
+
+def runs_once(task: Task, stages: Stages, local_mode: LocalMode, model: Optional[str] = None) -> bool:
     """True for an edit the engine runs once, whatever the samples asked for (``check_sampling`` refuses several
-    samples of it): the local stage alone, for every heal and for an embed in fidelity mode. ``stages`` and
-    ``local_mode`` as the panel holds them (concrete values, as the model's defaults set them)."""
-    return (Task(task) in (Task.HEAL, Task.EMBED) and Stages(stages) is Stages.LOCAL
-            and (Task(task) is Task.HEAL or LocalMode(local_mode) is LocalMode.FIDELITY))
+    samples of it): the local stage alone, for every heal and for an embed in fidelity mode; "Model default" is the
+    model's (``resolved_stages``). The rule is the engine's (``USBLib.editor.input_checks.runs_once``)."""
+    from USBLib.editor.input_checks import runs_once as engine_runs_once
+
+    if Task(task) not in (Task.HEAL, Task.EMBED):
+        return False
+    stage, mode = resolved_stages(task, stages, local_mode, model)
+    return engine_runs_once(None, Task(task).value, stage.value, mode.value)
 
 
 def missing_input(task: Task, volume_node, mask_node, segment_id: str) -> Optional[str]:

@@ -135,13 +135,26 @@ def confine_to_brain(image: np.ndarray, affine: np.ndarray, mask: np.ndarray, br
     return kept.astype(np.uint8), content, notes
 
 
-def edit_stages(bundle: bundle_mod.ModelBundle, task: str, stages: str | None,
+def edit_stages(bundle: bundle_mod.ModelBundle | None, task: str, stages: str | None,
                 local_mode: str | None) -> tuple[str, str]:
     """(stages, local mode) an edit runs with: those asked for, or where None/"" the bundle's defaults for ``task``,
     else the local stage when the bundle has one (the latent otherwise) and ``fidelity``."""
+    if stages and local_mode:  # nothing to fill in (``bundle`` may then be None)
+        return stages, local_mode
     defaults = bundle.defaults(task)
     stages = stages or defaults.get("stages") or ("local" if bundle.has_local else "latent")
     return stages, local_mode or defaults.get("local_mode") or "fidelity"
+
+
+def runs_once(bundle: bundle_mod.ModelBundle | None, task: str, stages: str | None, local_mode: str | None) -> bool:
+    """True for an edit whose every stage is deterministic, which runs once whatever the samples asked for: the
+    local stage alone, for every heal (``realism`` only adds synthesized noise to one reconstruction) and for an
+    embed in ``fidelity`` mode. ``stages``/``local_mode`` as in ``edit_stages`` (``bundle`` may be None when both
+    are given)."""
+    if task not in ("heal", "embed"):
+        return False
+    stages, local_mode = edit_stages(bundle, task, stages, local_mode)
+    return stages == "local" and (task == "heal" or local_mode == "fidelity")
 
 
 def check_sampling(bundle: bundle_mod.ModelBundle, task: str, samples: int, stages: str | None,
@@ -156,17 +169,15 @@ def check_sampling(bundle: bundle_mod.ModelBundle, task: str, samples: int, stag
         samples: number of samples asked for.
         stages, local_mode: the settings asked for, or None for the bundle's defaults.
     """
-    if samples < 2:
+    if samples < 2 or not runs_once(bundle, task, stages, local_mode):
         return
-    stages, local_mode = edit_stages(bundle, task, stages, local_mode)
-    if stages == "local" and task == "heal":  # first: for a heal, 'realism' is no way out
+    if task == "heal":  # for a heal, 'realism' is no way out
         raise InputError(f"{samples} samples of a local-stage heal differ only by synthesized noise (its "
                          "reconstruction is deterministic), so their spread is no uncertainty; for an uncertainty map "
                          "use stages 'both' or 'latent'")
-    if stages == "local" and local_mode == "fidelity":
-        raise InputError(f"{samples} samples would be identical: the 'fidelity' local stage is deterministic, so the "
-                         "uncertainty map would be zero; for samples that differ use local mode 'realism' or stages "
-                         "'latent' or 'both'")
+    raise InputError(f"{samples} samples would be identical: the 'fidelity' local stage is deterministic, so the "
+                     "uncertainty map would be zero; for samples that differ use local mode 'realism' or stages "
+                     "'latent' or 'both'")
 
 
 def check_samples(n: int, what: str = "samples") -> int:
