@@ -148,7 +148,8 @@ def test_bids_masks_are_matched_by_entities_and_a_guess_is_refused(tmp_path):
              "sub-03": ["sub-03_space-orig_label-lesion_mask.nii.gz", "sub-03_space-MNI152_label-lesion_mask.nii"],
              "sub-04": ["sub-04_label-lesion_mask.nii.gz", "sub-04_space-MNI152_label-lesion_mask.nii.gz"],
              "sub-05_run-1": ["sub-05_run-2_label-lesion_mask.nii.gz", "sub-05_run-1_acq-x_label-lesion_mask.nii.gz",
-                              "sub-05_run-1_label-brain_mask.nii.gz"]}
+                              "sub-05_run-1_label-brain_mask.nii.gz"],
+             "sub-06_run-1_run-2": ["sub-06_space-orig_label-lesion_mask.nii.gz"]}  # an entity twice: no match
     for entities, masks in scans.items():
         sub = entities.split("_")[0]
         touch(tmp_path / f"{sub}/anat/{entities}_T1w.nii.gz")
@@ -162,6 +163,7 @@ def test_bids_masks_are_matched_by_entities_and_a_guess_is_refused(tmp_path):
     assert found["sub-04"].mask.name == "sub-04_label-lesion_mask.nii.gz" and not found["sub-04"].problem
     assert found["sub-05_run-1"].mask is None and not found["sub-05_run-1"].problem
     assert not any(found[k].problem for k in ("sub-01_run-1", "sub-02"))
+    assert all(s.mask is None for k, s in found.items() if k.startswith("sub-06"))
 
 
 def test_a_mask_or_scan_not_fetched_is_its_own_failure_not_a_scan_without_mask(tmp_path):
@@ -185,6 +187,10 @@ def test_a_mask_or_scan_not_fetched_is_its_own_failure_not_a_scan_without_mask(t
     (tmp_path / "plain/a_mask.nii.gz").symlink_to(tmp_path / "nowhere.nii.gz")
     [plain] = find_subjects(tmp_path / "plain")
     assert plain.problem.startswith("mask not fetched (broken link)") and plain.mask.name == "a_mask.nii.gz"
+    (tmp_path / "plain/b.nii.gz").symlink_to(tmp_path / "nowhere_b.nii.gz")  # a scan of a plain folder too
+    unfetched_scan = {s.key: s for s in find_subjects(tmp_path / "plain")}["b"]
+    assert unfetched_scan.problem.startswith("image not fetched (broken link)")
+    (tmp_path / "plain/b.nii.gz").unlink()
     (tmp_path / "pairs.csv").write_text(f"image,mask\nplain/a.nii.gz,{mask}\n")
     [row] = find_subjects(tmp_path / "pairs.csv")
     assert row.mask == mask and row.problem.startswith("mask not fetched (broken link)")

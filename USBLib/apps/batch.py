@@ -420,8 +420,8 @@ def _init_worker(model: Optional[str], device: str, registration: str, threads: 
     try:
         threads_from_env()
         _WORKER_EDITOR = Editor(model, device=device, registration=registration)
-    except USBError as exc:  # (an exception here would break the pool): each scan's record says why
-        _WORKER_EDITOR = exc
+    except Exception as exc:  # noqa: BLE001 (an exception here would break the pool): each scan's record says why
+        _WORKER_EDITOR = exc if isinstance(exc, USBError) else USBError(f"{type(exc).__name__}: {exc}")
 
 
 def _work(args) -> Record:

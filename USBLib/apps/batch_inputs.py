@@ -109,7 +109,9 @@ def _lesion_mask_extras(name: str, scan: dict[str, str]) -> Optional[frozenset[s
 def _bids_candidates(folder: Path, entities: str) -> list[Path]:
     """The lesion masks of the scan ``entities`` in ``folder``: those with the accepted names when there are any,
     else every mask with the scan's entities plus derived ones (``_lesion_mask_extras``)."""
-    scan = _entities(entities) or {}
+    scan = _entities(entities)
+    if scan is None:  # a name with an entity twice matches no mask (an empty dict would match every one)
+        return []
     exact: list[Path] = []
     extended: list[Path] = []
     for path in sorted(folder.iterdir()) if folder.is_dir() else []:
@@ -196,7 +198,8 @@ def _unfetched_problem(image: Path, mask: Optional[Path]) -> str:
 
 
 def _is_image(path: Path) -> bool:
-    return path.is_file() and any(path.name.lower().endswith(s) for s in IMAGE_SUFFIXES)
+    """An image file of a plain folder, or a link to one not fetched yet (which then fails its scan, as documented)."""
+    return _present(path) and any(path.name.lower().endswith(s) for s in IMAGE_SUFFIXES)
 
 
 def _plain(folder: Path, masks: Optional[Path], pattern: Optional[str]) -> list[Subject]:
