@@ -475,9 +475,9 @@ def _run_in_workers(subjects: Sequence[Subject], out_root: Path, settings: Batch
     """``run_batch`` with ``jobs`` worker processes. At most ``jobs`` scans are handed out at a time, so the scans
     handed out are the ones being worked on. A worker process that dies (the out-of-memory killer, a crash in a
     library) breaks the pool, and the executor ends the other workers: the scans they were working on get no record
-    here; the pool is rebuilt and the rest goes on. When one scan was handed out, it is the one: recorded
-    ``WORKER_DIED``. When several were, each is tried again alone (``suspects``): the one that dies again alone is
-    recorded, the others are healed. Scans not handed out yet are never recorded for a death."""
+    here; the pool is rebuilt and the rest goes on. Each scan that was handed out is tried again alone
+    (``suspects``; an idle worker the out-of-memory killer picked is no scan's fault): the one that dies again alone
+    is recorded ``WORKER_DIED``, the others are healed. Scans not handed out yet are never recorded for a death."""
     import multiprocessing as mp
     import queue
     from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -492,7 +492,7 @@ def _run_in_workers(subjects: Sequence[Subject], out_root: Path, settings: Batch
         threads_from_env()
     device = "cuda" if gpu_count > 0 else settings.device
     pending = list(subjects)
-    suspects: set[str] = set()  # scans being worked on, with others, when a worker died
+    suspects: set[str] = set()  # scans being worked on when a worker died
     while pending:
         if gpus is not None:  # the GPUs for this pool's workers (a rebuilt pool's too)
             while True:
@@ -539,7 +539,7 @@ def _run_in_workers(subjects: Sequence[Subject], out_root: Path, settings: Batch
                 stop_workers(pool)
                 _save_cancelled(out_root, [s for f, s in running.items() if not f.done()])
                 raise
-        if len(died) == 1:
+        if len(died) == 1 and died[0].key in suspects:  # it died again, alone: it is the one
             record = died_record(died[0], out_root, key)
             save_record(out_root, record)
             yield record
