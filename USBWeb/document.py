@@ -74,7 +74,7 @@ def read_reason(message: str, path: Path, what: str) -> str:
     return "it " + reason[len(what) + 1:] if reason.startswith(f"{what} ") else reason
 
 
-def read_node(path: Path, labelmap: bool, name: str = "") -> tuple[Any, Any]:
+def read_node(path: Path, labelmap: bool, name: str = "") -> tuple[Any, Any, Optional[tuple[int, ...]]]:
     """A scan (``labelmap`` False) or mask node from a file, with its nibabel header (None for NRRD and
     ``.seg.nrrd``). Scans and masks are read by the engine's reader, ``USBLib.imaging.io.read_volume``, as ``usb heal``
     reads them: the same geometry and the same refusals (4-D with several frames, 2-D, several components, a
@@ -105,7 +105,7 @@ def read_node(path: Path, labelmap: bool, name: str = "") -> tuple[Any, Any]:
         name=slicer.mrmlScene.GenerateUniqueName(node_name(name)),  # messages about a mask name it so
         nodeClassName="vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode")
     node.CreateDefaultDisplayNodes()
-    return node, vol.header
+    return node, vol.header, vol.file_shape
 
 
 class Document:
@@ -117,6 +117,7 @@ class Document:
         self.segment_id = ""
         self.result: Optional[Result] = None
         self.header: Any = None  # the scan file's nibabel header (codes, units, stored type), None for NRRD
+        self.file_shape: Optional[tuple[int, ...]] = None  # [I, J, K, 1] for a one-frame 4-D scan, else None
         self.source: dict[str, str] = {}  # the file the scan came from: name (as the browser named it), sha256
 
     # ---- scan
@@ -124,8 +125,9 @@ class Document:
         """Load a scan with the engine's reader (``read_node``); raises ``USBEditorError`` with one line naming the
         file as ``source_name`` (the browser's name); on failure the current scan, lesion and result stay."""
         path = Path(path)
-        node, header = read_node(path, labelmap=False, name=source_name or path.name)
+        node, header, file_shape = read_node(path, labelmap=False, name=source_name or path.name)
         self._replace(node, source_name or path.name, path, header)
+        self.file_shape = file_shape
         return node
 
     def load_sample(self) -> Any:
@@ -155,7 +157,7 @@ class Document:
                 slicer.mrmlScene.RemoveNode(node)
         volume.SetName(file_stem(node_name(source_name)))  # not "T1_1": the previous scan is gone
         self.volume, self.source = volume, {"name": source_name, "sha256": sha256_of(Path(path))}
-        self.header = header
+        self.header, self.file_shape = header, None
         self.segmentation, self.segment_id = L.new_lesion_segmentation(volume)
 
     # ---- lesion
@@ -166,7 +168,7 @@ class Document:
         if self.volume is None:
             raise L.USBEditorError("Load a scan first: the mask is placed on it.")
         path = Path(path)
-        node, _header = read_node(path, labelmap=True, name=source_name or path.name)
+        node, _header, _shape = read_node(path, labelmap=True, name=source_name or path.name)
         try:
             mask, _name = L.mask_from_node(node, None, self.volume, resample)
         finally:
@@ -235,7 +237,7 @@ class Document:
             images.append((f"{images[0][0]}_uncertainty", *L.volume_to_array(self.result.uncertainty),
                            "uncertainty (std over samples)"))
         return Export(images, self.result.mask, public_provenance(self.result.outputs.provenance), dict(self.source),
-                      self.header)
+                      self.header, self.file_shape)
 
     def export_result(self, folder: Path) -> Path:
         """``export().write(folder)``: the zip to download."""
@@ -252,6 +254,7 @@ class Export:
     provenance: dict[str, Any]
     source: dict[str, str]
     header: Any = None
+    file_shape: Optional[tuple[int, ...]] = None  # the scan file's shape when it is a one-frame 4-D file
 
     def write(self, folder: Path) -> Path:
         """The result as NIfTI with its provenance sidecar (and the uncertainty map and the lesion mask, when there
@@ -273,6 +276,8 @@ class Export:
             out = folder / f"{name}.nii.gz"
             extra = {"output": out.name, "inputs": inputs, **({"kind": kind} if kind else {})}
             header = self.header if kind is None else float_map_header(self.header)
+            if self.file_shape is not None and tuple(data.shape) == tuple(self.file_shape[:3]):
+                data = data.reshape(self.file_shape)  # one-frame 4-D in, 4-D out (as `usb heal`)
             write_result(out, data, affine, header, self.provenance, {}, extra)
             written += [out, sidecar_path(out)]
         archive = folder / f"{stem}.zip"

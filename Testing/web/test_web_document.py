@@ -223,3 +223,21 @@ def test_download_is_written_with_the_scans_header(doc, tmp_path, phantom_files)
     np.testing.assert_array_equal(np.asarray(out.dataobj.get_unscaled()),
                                   np.asarray(source.dataobj.get_unscaled()) + 10 * lesion)
     np.testing.assert_allclose(np.asarray(spread.dataobj), lesion)
+
+
+def test_a_one_frame_4d_scan_downloads_as_one_frame_4d(doc, tmp_path, phantom_files):
+    """A scan stored as [I, J, K, 1] (some converters write one) comes back in that shape, as ``usb heal`` writes
+    it; a later 3-D scan downloads 3-D."""
+    img, _mask, aff = make_scan()
+    for name, shape in (("t4d.nii.gz", (*img.shape, 1)), ("t3d.nii.gz", img.shape)):
+        nib.save(nib.Nifti1Image(img.reshape(shape), aff), str(tmp_path / name))
+        volume = doc.load_scan(tmp_path / name, name)
+        data, affine = L.volume_to_array(volume)
+        node = slicer.util.addVolumeFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)), ijkToRAS=affine,
+                                              name=f"{name[:3]} healed")
+        doc.set_result(Result(L.Outputs(volume=node, nodes=[node], provenance={"task": "heal"}), L.Task.HEAL, None))
+        folder = tmp_path / name.split(".")[0]
+        folder.mkdir()
+        with zipfile.ZipFile(doc.export_result(folder)) as zf:
+            zf.extractall(folder)
+        assert nib.load(str(folder / f"{name[:3]}_healed.nii.gz")).shape == shape
