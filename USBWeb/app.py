@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -49,6 +50,7 @@ class USBWebApp(TrameApp):
         self.brush = Brush(self.slicer_app.segmentation_editor, self._on_stroke)
         self.jobs = EditJobs(model=self.model, device=device)
         self._watch_task: Optional[asyncio.Task] = None
+        self._download: Optional[Path] = None  # the file the Download button serves (the latest result's)
         self._count_scheduled = False
         self._init_state()
         for name, action in TRIGGERS.items():  # fixed names: the page (and a test) calls trigger('usb_apply')
@@ -146,6 +148,7 @@ class USBWebApp(TrameApp):
             return
         with self.state:
             self.state.usb_loading, self.state.usb_error = True, ""
+        path: Optional[Path] = None
         try:
             path = self.private.save_upload(files[0], SCAN_SUFFIXES)
             self.document.load_scan(path, str(files[0].get("name") or path.name))
@@ -154,6 +157,8 @@ class USBWebApp(TrameApp):
                 self._fail(exc, "loading a scan")
                 self.state.usb_loading = False
             return
+        finally:
+            self.private.discard(path)  # read into the scene (or refused): the file is not kept
         with self.state:
             self._after_load(f"Loaded {self.document.volume.GetName()}: paint the lesion or upload a mask.")
 
@@ -163,6 +168,7 @@ class USBWebApp(TrameApp):
             return
         with self.state:
             self.state.usb_loading, self.state.usb_error = True, ""
+        path: Optional[Path] = None
         try:
             path = self.private.save_upload(files[0], MASK_SUFFIXES)
             voxels = self.document.import_mask(path, bool(self.state.usb_resample),
@@ -171,6 +177,8 @@ class USBWebApp(TrameApp):
         except Exception as exc:  # noqa: BLE001 - shown on the page
             status = ""
             self._fail(exc, "loading a mask")
+        finally:
+            self.private.discard(path)
         with self.state:
             self.state.usb_loading = False
             if status:
@@ -303,6 +311,8 @@ class USBWebApp(TrameApp):
         self._style_lesion()
 
     def _clear_result_state(self) -> None:
+        self.private.discard(self._download)  # the result it served is gone from the page
+        self._download = None
         self.state.update({"usb_result": "", "usb_has_uncertainty": False, "usb_show_uncertainty": False,
                            "usb_download_url": "", "usb_fade": 1.0})
 
@@ -315,9 +325,13 @@ class USBWebApp(TrameApp):
             with self.state:
                 self._fail(exc, "writing the download")
             return
-        if self.document.result is result:
-            with self.state:
-                self.state.usb_download_url = f"{DOWNLOAD_ROUTE}/{self.private.publish(archive)}/{archive.name}"
+        if self.document.result is not result:  # a newer run or a new scan came while it was written
+            self.private.discard(archive)
+            return
+        self.private.discard(self._download)
+        self._download = archive
+        with self.state:
+            self.state.usb_download_url = f"{DOWNLOAD_ROUTE}/{self.private.publish(archive)}/{archive.name}"
 
     # ----------------------------------------------------------------- HTTP
     def _add_routes(self, wslink_server: Any) -> None:

@@ -98,6 +98,26 @@ class PrivateFolder:
         path = self._downloads.get(token)
         return path if path is not None and path.is_file() else None
 
+    def discard(self, path: Optional[Path]) -> None:
+        """Delete the folder inside the private folder that holds ``path`` (an upload once read, an old download),
+        and the downloads published from it: a server that runs for days keeps only what its page still shows."""
+        if path is None:
+            return
+        try:
+            relative = Path(path).resolve().relative_to(self.path.resolve())
+        except ValueError:
+            return  # not ours (the bundled sample, say): left alone
+        if not relative.parts:
+            return
+        folder = self.path / relative.parts[0]
+        for token, published in list(self._downloads.items()):
+            if published.resolve().is_relative_to(folder.resolve()):
+                del self._downloads[token]
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            folder.unlink(missing_ok=True)
+
     def remove(self) -> None:
         """Delete the folder and everything in it."""
         self._downloads.clear()

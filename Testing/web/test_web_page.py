@@ -190,7 +190,7 @@ def test_heal_the_sample(page, tmp_path):
     assert not re.search(r'"/[^"]*/', json.dumps(sidecar)), "the sidecar names a server path"
 
 
-def test_paint_a_stroke_and_embed_changes_only_near_it(page, tmp_path):
+def test_paint_a_stroke_and_embed_changes_only_near_it(page, server, tmp_path):
     page.set_input_files("#usb-upload-scan", str(SAMPLE["image"]))  # the sample as an upload: no lesion yet
     wait_text(page, "#usb-status", "^Loaded sample_T1w")
     assert lesion_voxels(page) == 0
@@ -223,6 +223,9 @@ def test_paint_a_stroke_and_embed_changes_only_near_it(page, tmp_path):
     assert settings["lesion_level"] == form.DARK_LESION_LEVEL
     reach_mm = settings["dilation_mm"] + settings["margin_mm"] + 2  # mask growth + feather, 1 mm voxels, 2 mm slack
     assert ndimage.distance_transform_edt(~stroke)[changed].max() <= reach_mm, "voxels away from the stroke changed"
+    kept = sorted(p.name.split("-")[0] for p in server[1].iterdir()
+            if p.name.split("-")[0] in ("upload", "result"))
+    assert kept == ["result"], f"the server keeps files the page no longer shows: {kept}"  # not the upload, one download
 
 
 def test_cancel_mid_run_leaves_the_input_and_no_result(page, server):
@@ -244,7 +247,7 @@ def test_cancel_mid_run_leaves_the_input_and_no_result(page, server):
     page.wait_for_function("document.querySelector('#usb-steps').value !== '1000'")
 
 
-def test_corrupt_upload_is_one_readable_line(page, tmp_path):
+def test_corrupt_upload_is_one_readable_line(page, server, tmp_path):
     bad = tmp_path / "corrupt.nii.gz"
     bad.write_bytes(b"not a scan " * 400)
     before = text_of(page, "#usb-volume")
@@ -252,6 +255,7 @@ def test_corrupt_upload_is_one_readable_line(page, tmp_path):
     message = wait_text(page, "#usb-error", "corrupt")
     assert message == "Could not read 'corrupt.nii.gz' as a scan: it is not a NIfTI, NRRD or MGZ image."
     assert text_of(page, "#usb-volume") == before  # the current scan stays
+    assert not list(server[1].glob("upload-*")), "the refused upload was kept on the server"
     assert page.outside_requests == [], "the page asked for something outside 127.0.0.1"
 
 

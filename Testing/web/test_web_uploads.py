@@ -55,6 +55,24 @@ def test_downloads_are_opaque_tokens_and_the_folder_goes(private):
     assert not private.path.exists() and private.published(token) is None
 
 
+def test_a_read_upload_and_an_old_download_are_discarded_with_their_tokens(private, tmp_path):
+    upload = private.save_upload({"name": "T1.nii.gz", "content": b"abc"})
+    old = private.new_folder("result") / "old.zip"
+    old.write_bytes(b"zip")
+    new = private.new_folder("result") / "new.zip"
+    new.write_bytes(b"zip")
+    old_token, new_token = private.publish(old), private.publish(new)
+    outside = tmp_path / "sample.nii.gz"
+    outside.write_bytes(b"x")
+    for path in (upload, old, outside, None):
+        private.discard(path)
+    assert sorted(p.name for p in private.path.iterdir()) == ["result-3"]  # only the latest download's folder
+    assert private.published(old_token) is None and private.published(new_token) == new
+    assert outside.exists() and private.path.exists()  # a file outside the folder, and the folder itself, stay
+    private.discard(private.path)
+    assert private.path.exists()
+
+
 def test_only_loopback_listens_without_a_warning():
     assert is_loopback("127.0.0.1") and is_loopback("::1") and not is_loopback("0.0.0.0")
     assert host_warning("127.0.0.1", 8080) is None
