@@ -344,7 +344,8 @@ def test_a_scan_copied_without_mask_is_skipped_and_its_copy_removed_when_the_bat
 def test_sidecar_sources_name_image_and_mask_by_uris_that_dataset_links_resolve(tmp_path, tiny_bundle):
     """BIDS URIs in ``Sources`` need ``DatasetLinks`` in ``dataset_description.json``: ``raw`` (relative where the
     derivatives lie inside the study), ``masks`` for a ``--masks`` folder outside it; the lesion mask is a source too;
-    files of a CSV (no BIDS dataset) are ``file:`` URIs. A description an earlier run wrote gets the links."""
+    files of a CSV (no BIDS dataset) are ``file:`` URIs. A description an earlier run wrote gets the links; a second
+    study healed into the same folder gets a link of its own (``raw2``), so the first one's URIs still resolve."""
     img, mask, aff = make_scan("axial")
     root = tmp_path / "bids"
     (root / "dataset_description.json").parent.mkdir(parents=True)
@@ -376,6 +377,18 @@ def test_sidecar_sources_name_image_and_mask_by_uris_that_dataset_links_resolve(
     assert description == dict(earlier, DatasetLinks={"raw": root.as_uri(), "masks": masks.as_uri()})
     assert sources == ["bids:raw:sub-01/anat/sub-01_T1w.nii.gz",
                        "bids:masks:sub-01/anat/sub-01_label-lesion_mask.nii.gz"]
+
+    other = tmp_path / "bids-site2"  # a second study healed into the same folder: its own link, raw's stays
+    (other / "dataset_description.json").parent.mkdir(parents=True)
+    (other / "dataset_description.json").write_text(json.dumps({"Name": "site 2", "BIDSVersion": "1.9.0"}))
+    save(other / "sub-02/anat/sub-02_T1w.nii.gz", img, aff)
+    save(other / "derivatives/lesions/sub-02/anat/sub-02_label-lesion_mask.nii.gz", empty, aff)
+    assert run(other, out, tiny_bundle) == 0
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["DatasetLinks"] == {"raw": root.as_uri(), "masks": masks.as_uri(), "raw2": other.as_uri()}
+    assert json.loads((out / "sub-02/anat/sub-02_desc-healed_T1w.json").read_text())["Sources"][0] \
+        == "bids:raw2:sub-02/anat/sub-02_T1w.nii.gz"
+    assert written(out)[1][0] == "bids:raw:sub-01/anat/sub-01_T1w.nii.gz"
 
     table = tmp_path / "pairs.csv"
     table.write_text(f"image,mask,id\n{scan},{outside_mask},sub-01\n")

@@ -178,15 +178,20 @@ def _link_location(out_root: Path, root: Path) -> str:
     return os.path.relpath(root, out) if out.is_relative_to(root) else root.as_uri()
 
 
-def prepare_output(out_root: Path, source: Path, links: Optional[dict[str, Path]] = None) -> None:
+def prepare_output(out_root: Path, source: Path, links: Optional[dict[str, Path]] = None) -> dict[str, Path]:
     """Create the derivatives folder with ``dataset_description.json`` (with ``DatasetLinks`` for ``links``, which
     the BIDS URIs of the sidecars' ``Sources`` need) and a ``.bidsignore`` for ``qc/``. A description an earlier
-    run of USB wrote gets the links it lacks (its other keys are kept); one another tool wrote is left as it is."""
+    run of USB wrote gets the links it lacks (its other keys are kept); one another tool wrote is left as it is.
+
+    Returns ``links`` as the description names them: a link whose name an earlier run gave to another dataset (a
+    second source healed into the same folder) gets the next free name (``raw2``, ...), so that the earlier
+    sidecars' ``bids:raw:`` URIs keep naming their own dataset."""
     from USBLib import __version__
 
+    links = dict(links or {})
     out_root.mkdir(parents=True, exist_ok=True)
     description = out_root / "dataset_description.json"
-    wanted = {name: _link_location(out_root, root) for name, root in (links or {}).items()}
+    wanted = {name: _link_location(out_root, root) for name, root in links.items()}
     if not description.is_file():
         write_json(description, {
             "Name": "USB healed T1w images", "BIDSVersion": BIDS_VERSION, "DatasetType": "derivative",
@@ -202,11 +207,25 @@ def prepare_output(out_root: Path, source: Path, links: Optional[dict[str, Path]
             known = present.get("DatasetLinks") or {}
         except (OSError, ValueError, AttributeError, TypeError):
             ours = False
-        if ours and isinstance(known, dict) and any(known.get(name) != where for name, where in wanted.items()):
-            write_json(description, dict(present, DatasetLinks=dict(known, **wanted)))
+        if ours and isinstance(known, dict):
+            links = {_free_link_name(name, where, known): links[name] for name, where in wanted.items()}
+            added = {name: _link_location(out_root, root) for name, root in links.items() if name not in known}
+            if added:
+                write_json(description, dict(present, DatasetLinks=dict(known, **added)))
     ignore = out_root / ".bidsignore"
     if not ignore.is_file():
         ignore.write_text("qc/\n")
+    return links
+
+
+def _free_link_name(name: str, where: str, known: dict[str, Any]) -> str:
+    """The ``DatasetLinks`` name for the dataset at ``where``: one of ``name``, ``name2``, ... that ``known``
+    already gives to it, else the first that ``known`` does not hold."""
+    candidates = [name] + [f"{name}{n}" for n in range(2, len(known) + 3)]
+    for candidate in candidates:
+        if known.get(candidate) == where:
+            return candidate
+    return next(candidate for candidate in candidates if candidate not in known)
 
 
 def _sha256(path: Path) -> str:

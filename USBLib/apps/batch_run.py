@@ -68,7 +68,7 @@ def run_cli(source: Path, out: Path, settings: BatchSettings, masks: Optional[Pa
     pick_device(settings.device)  # an absent GPU is a usage error here, not a failure of every scan
     key = batch_key(sha256_of(bundle.root / BUNDLE_FILE), settings)
     links = dataset_links(source, masks)
-    prepare_output(out, source, links)
+    links = prepare_output(out, source, links)  # renamed where an earlier source holds the name
     mine: list[str] = []
     interrupted: KeyboardInterrupt | None = None
     stopped: OutputError | None = None
