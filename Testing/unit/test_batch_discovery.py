@@ -83,10 +83,16 @@ def test_stopping_the_workers_ends_their_processes():
     its process table to None (3.9+), so the table must be read before it; then every worker is terminated. A stand-in
     pool that does what CPython's does, so that the test does not hang on real processes' timing."""
     class Worker:
-        terminated = False
+        terminated = joined = False
 
         def terminate(self):
             self.terminated = True
+
+        def join(self, timeout=None):
+            self.joined = self.terminated  # joined after it was told to end
+
+        def is_alive(self):
+            return not self.joined
 
     class Pool:
         def __init__(self):
@@ -99,8 +105,42 @@ def test_stopping_the_workers_ends_their_processes():
     pool = Pool()
     workers = list(pool._processes.values())
     stop_workers(pool)
-    assert pool.shut == (False, True) and all(w.terminated for w in workers)
+    assert pool.shut == (False, True) and all(w.terminated and w.joined for w in workers)
     stop_workers(pool)  # again, on a pool already shut down: nothing to do, no error
+
+
+def _slow_to_stop(folder: str) -> None:
+    """A worker's task that, told to end (SIGTERM), takes a while to clean up, as a heal removing its temporary
+    files does."""
+    import os
+    import signal
+    import time
+
+    def on_terminate(*_):
+        time.sleep(0.5)
+        Path(folder, "cleaned").write_text("yes")
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_terminate)
+    Path(folder, "started").write_text("yes")
+    time.sleep(120)
+
+
+def test_stopping_the_workers_waits_until_they_have_cleaned_up(tmp_path):
+    """Once ``stop_workers`` returns, its workers have ended: the batch reports and exits only then (the executor, shut
+    down without waiting, no longer joins them; a worker still cleaning up left a temporary file behind the report)."""
+    import multiprocessing as mp
+    import time
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("fork")) as pool:
+        pool.submit(_slow_to_stop, str(tmp_path))
+        deadline = time.monotonic() + 60  # only turns a worker that never starts into a failure, not a hang
+        while not (tmp_path / "started").exists():
+            assert time.monotonic() < deadline, "the worker did not start"
+            time.sleep(0.01)
+        stop_workers(pool)
+        assert (tmp_path / "cleaned").read_text() == "yes"
 
 
 def test_a_killed_record_write_or_a_damaged_record_does_not_stop_the_report(tmp_path, capsys):

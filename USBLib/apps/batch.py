@@ -567,6 +567,9 @@ def _run_in_workers(subjects: Sequence[Subject], out_root: Path, settings: Batch
             pending[:0] = died
 
 
+STOP_WAIT_S = 30.0  # seconds a terminated worker has to end (remove its temporary files) before it is killed
+
+
 def stop_workers(pool) -> None:
     """Cancel what ``pool`` (a ``ProcessPoolExecutor``) has not started and end its worker processes. Ctrl-C reaches
     the workers through the process group, SIGTERM only this process: it is passed on (the workers treat it as
@@ -576,6 +579,13 @@ def stop_workers(pool) -> None:
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         process.terminate()
+    # and wait until they have ended: the executor, shut down without waiting, no longer joins them, so the batch
+    # could report (and exit) while a worker was still removing its temporary files or finishing a write
+    for process in processes:
+        process.join(STOP_WAIT_S)
+        if process.is_alive():
+            process.kill()
+            process.join(STOP_WAIT_S)
 
 
 def _save_cancelled(out_root: Path, subjects: Sequence[Subject]) -> None:
