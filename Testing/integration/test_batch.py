@@ -84,7 +84,8 @@ def test_batch_writes_derivatives_records_failures_and_resumes(bids, tmp_path, t
     report = (out / "qc" / "index.html").read_text()
     for key in ("sub-01", "sub-02_ses-1", "sub-03", "failed", "no-mask", 'src="sub-01.png"'):
         assert key in report
-    assert not [p for p in out.rglob(".*") if p.name != ".bidsignore"], "temporary files left behind"
+    left = [p for p in out.rglob(".*") if p.name != ".bidsignore"]
+    assert not left, f"temporary files left behind: {left}"
     assert {p: sha(p) for p in bids.rglob("*.nii.gz")} == inputs_before, "an input file changed"
 
     # rerun: sub-01 is up to date (not rewritten), the failure is recorded again
@@ -302,23 +303,25 @@ def test_ctrl_c_and_sigterm_leave_only_whole_files_and_the_rerun_resumes(tmp_pat
     proc.send_signal(getattr(signal, signame))
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
-    assert "finished scans are kept" in err
+    assert "finished scans are kept" in err, err
     outputs = sorted(out.rglob("*_desc-healed_T1w.nii.gz"))
     done = [p for p in outputs if p.with_name(p.name.replace(".nii.gz", ".json")).is_file()]
-    assert 1 <= len(done) < 4 and len(outputs) - len(done) <= 1  # (stopped between image and sidecar: redone)
+    # (stopped between image and sidecar: redone)
+    assert 1 <= len(done) < 4 and len(outputs) - len(done) <= 1, (outputs, err)
     for path in outputs:  # whole files only: each loads, and a sidecar describes exactly its image
         assert np.asarray(nib.load(str(path)).dataobj).shape == img.shape
         if path in done:
             assert json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())["output_sha256"] == sha(path)
-    assert not [p for p in out.rglob(".*") if p.name != ".bidsignore"], "temporary files left behind"
+    left = [p for p in out.rglob(".*") if p.name != ".bidsignore"]
+    assert not left, f"temporary files left behind: {left}"
     assert (out / "qc" / "index.html").is_file()
     stopped = {k: r["status"] for k, r in records(out).items()}
-    assert list(stopped.values()).count("cancelled") <= 1  # the scan being worked on (if the signal hit one)
-    assert all(status in ("healed", "cancelled") for status in stopped.values())
+    assert list(stopped.values()).count("cancelled") <= 1, stopped  # the scan being worked on (if the signal hit one)
+    assert all(status in ("healed", "cancelled") for status in stopped.values()), stopped
     assert main(cmd[3:]) == 0  # the same command resumes
     statuses = {k: r["status"] for k, r in records(out).items()}
-    assert len(statuses) == 4 and list(statuses.values()).count("up-to-date") == len(done)
-    assert "cancelled" not in statuses.values()  # the interrupted scan was healed by the rerun
+    assert len(statuses) == 4 and list(statuses.values()).count("up-to-date") == len(done), (statuses, done, stopped)
+    assert "cancelled" not in statuses.values(), statuses  # the interrupted scan was healed by the rerun
 
 
 def test_a_scan_copied_without_mask_is_skipped_and_its_copy_removed_when_the_batch_skips_such_scans(tmp_path,
