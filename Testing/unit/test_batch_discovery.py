@@ -143,6 +143,44 @@ def test_stopping_the_workers_waits_until_they_have_cleaned_up(tmp_path):
         assert (tmp_path / "cleaned").read_text() == "yes"
 
 
+def _deaf_to_terminate(folder: str) -> None:
+    """A worker's task that ignores SIGTERM, as one stuck in a long native call does until the call returns."""
+    import os
+    import signal
+    import time
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    Path(folder, f"started-{os.getpid()}").write_text("yes")
+    time.sleep(120)
+
+
+def test_workers_that_ignore_terminate_are_killed_after_one_wait_for_all(tmp_path, monkeypatch):
+    """Workers that do not end when terminated are killed once ``STOP_WAIT_S`` has passed for all of them together,
+    not ``STOP_WAIT_S`` for each in turn (``--jobs 8`` would hold a Ctrl-C for 8 times the wait)."""
+    import multiprocessing as mp
+    import time
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing.connection import wait
+
+    from USBLib.apps import batch
+
+    monkeypatch.setattr(batch, "STOP_WAIT_S", 1.5)
+    with ProcessPoolExecutor(3, mp_context=mp.get_context("fork")) as pool:
+        for _ in range(3):
+            pool.submit(_deaf_to_terminate, str(tmp_path))
+        deadline = time.monotonic() + 60  # only turns a worker that never starts into a failure, not a hang
+        while len(list(tmp_path.glob("started-*"))) < 3:
+            assert time.monotonic() < deadline, "the workers did not start"
+            time.sleep(0.01)
+        processes = list(pool._processes.values())
+        started = time.monotonic()
+        stop_workers(pool)
+        took = time.monotonic() - started
+    # a process's sentinel is ready once it has ended (is_alive can say True for one the executor's thread reaped)
+    assert len(wait([p.sentinel for p in processes], timeout=0)) == 3, "a worker outlived stop_workers"
+    assert 1.4 < took < 3.5, f"stop_workers took {took:.1f} s for 3 stuck workers (1.5 s to wait for all)"
+
+
 def test_a_killed_record_write_or_a_damaged_record_does_not_stop_the_report(tmp_path, capsys):
     """A record write killed before its rename leaves ``atomic_path``'s hidden temporary file (``.<key>.XXXX.json``,
     here empty), and a record can be damaged: neither may make the report fail ('internal error: JSONDecodeError')

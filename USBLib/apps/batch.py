@@ -580,12 +580,20 @@ def stop_workers(pool) -> None:
     for process in processes:
         process.terminate()
     # and wait until they have ended: the executor, shut down without waiting, no longer joins them, so the batch
-    # could report (and exit) while a worker was still removing its temporary files or finishing a write
+    # could report (and exit) while a worker was still removing its temporary files or finishing a write. One wait
+    # for all (not STOP_WAIT_S each: --jobs 8 workers stuck in a long native call would hold Ctrl-C for 4 minutes)
+    _join_all(processes, STOP_WAIT_S)
+    stuck = [process for process in processes if process.is_alive()]
+    for process in stuck:
+        process.kill()
+    _join_all(stuck, STOP_WAIT_S)
+
+
+def _join_all(processes: Sequence[Any], seconds: float) -> None:
+    """Join ``processes`` until they have ended or, together, ``seconds`` have passed."""
+    deadline = time.monotonic() + seconds
     for process in processes:
-        process.join(STOP_WAIT_S)
-        if process.is_alive():
-            process.kill()
-            process.join(STOP_WAIT_S)
+        process.join(max(0.0, deadline - time.monotonic()))
 
 
 def _save_cancelled(out_root: Path, subjects: Sequence[Subject]) -> None:
