@@ -322,6 +322,7 @@ class USBWebApp(TrameApp):
         try:
             archive = await asyncio.to_thread(self.document.export().write, folder)
         except Exception as exc:  # noqa: BLE001 - shown on the page
+            self.private.discard(folder)  # what was written before it failed (a full disk: it only fills it more)
             with self.state:
                 self._fail(exc, "writing the download")
             return

@@ -73,6 +73,39 @@ def test_a_read_upload_and_an_old_download_are_discarded_with_their_tokens(priva
     assert private.path.exists()
 
 
+def test_a_download_that_fails_to_be_written_leaves_nothing_behind(private):
+    """A result whose download cannot be written (a full disk, say): the page shows why and the server keeps none of
+    what was written before the failure, while the download the page still offers stays."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from USBWeb.app import USBWebApp
+
+    class State(SimpleNamespace):
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            return False
+
+    class Export:
+        def write(self, folder):
+            (folder / "T1_healed.nii.gz").write_bytes(b"partial")
+            raise OSError(28, "No space left on device")
+
+    shown = private.new_folder("result") / "T1_healed.zip"
+    shown.write_bytes(b"zip")
+    errors: list[str] = []
+    result = object()
+    app = SimpleNamespace(private=private, state=State(usb_download_url="shown"), _download=shown,
+                          document=SimpleNamespace(result=result, export=Export),
+                          _fail=lambda exc, what: errors.append(f"{what}: {exc}"))
+    asyncio.run(USBWebApp._publish(app, result))
+    assert errors == ["writing the download: [Errno 28] No space left on device"]
+    assert sorted(p.name for p in private.path.iterdir()) == [shown.parent.name], "the failed write was kept"
+    assert app._download == shown and app.state.usb_download_url == "shown"
+
+
 def test_only_loopback_listens_without_a_warning():
     assert is_loopback("127.0.0.1") and is_loopback("::1") and not is_loopback("0.0.0.0")
     assert host_warning("127.0.0.1", 8080) is None
