@@ -87,7 +87,7 @@ def read_node(path: Path, labelmap: bool, name: str = "") -> tuple[Any, Any, Opt
     what = "mask" if labelmap else "scan"
     if labelmap and path.name.lower().endswith(".seg.nrrd"):
         try:
-            return L.load_mask(str(path)), None
+            return L.load_mask(str(path)), None, None
         except L.USBEditorError:
             raise L.USBEditorError(f"Could not read '{name}' as a mask: it is not a .seg.nrrd segmentation.") from None
     try:

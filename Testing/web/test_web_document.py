@@ -70,6 +70,20 @@ def test_masks_on_another_grid_are_resampled_or_refused_as_in_slicer(doc, phanto
     assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeNode") == 0  # refused masks leave nothing
 
 
+def test_a_seg_nrrd_mask_is_read_into_the_lesion_segment(doc, tmp_path, phantom_files):
+    """A Slicer segmentation file (``.seg.nrrd``), as the page's mask upload accepts it, puts its lesion into the
+    lesion segment (its reader returned two values where three were unpacked: every such upload failed)."""
+    doc.load_scan(phantom_files["scan"], "T1.nii.gz")
+    painted = doc.import_mask(phantom_files["mask"])
+    doc.segmentation.AddDefaultStorageNode()
+    doc.segmentation.GetStorageNode().SetFileName(str(tmp_path / "lesion.seg.nrrd"))
+    assert doc.segmentation.GetStorageNode().WriteData(doc.segmentation)
+    doc.clear_lesion()
+    assert doc.lesion_voxels() == 0
+    assert doc.import_mask(tmp_path / "lesion.seg.nrrd", source_name="lesion.seg.nrrd") == painted > 0
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1  # the file's node went again
+
+
 def test_unreadable_scan_is_one_line_and_keeps_the_current_scan(doc, tmp_path, phantom_files):
     doc.load_scan(phantom_files["scan"], "T1.nii.gz")
     bad = tmp_path / "upload-7" / "broken.nii.gz"
