@@ -208,8 +208,9 @@ def prepare_output(out_root: Path, source: Path, links: Optional[dict[str, Path]
         except (OSError, ValueError, AttributeError, TypeError):
             ours = False
         if ours and isinstance(known, dict):
-            links = {_free_link_name(name, where, known): links[name] for name, where in wanted.items()}
-            added = {name: _link_location(out_root, root) for name, root in links.items() if name not in known}
+            named = {_free_link_name(name, where, known): name for name, where in wanted.items()}
+            links = {name: links[given] for name, given in named.items()}
+            added = {name: wanted[given] for name, given in named.items() if name not in known}
             if added:
                 write_json(description, dict(present, DatasetLinks=dict(known, **added)))
     ignore = out_root / ".bidsignore"
