@@ -62,7 +62,9 @@ class USBEditorParameterNode:
 
     task: Task = Task.HEAL
     inputVolume: vtkMRMLScalarVolumeNode
-    maskNode: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
+    # None is a member: Slicer's UnionSerializer writes a new node's default (None) through the union's members, and
+    # without one it raises TypeError: the panel could not set up
+    maskNode: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]
     segmentId: str = ""
     # ranges and fallbacks: USBLib.settings, the one table every layer uses; the model's defaults replace them
     acg: bool = FALLBACKS["acg"]

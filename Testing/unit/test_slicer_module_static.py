@@ -104,3 +104,22 @@ def test_lib_imports_without_torch_monai_or_image_libraries():
             "print(heavy); sys.exit(1 if heavy else 0)")
     done = subprocess.run([sys.executable, "-c", code, str(MODULE)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_union_of_node_types_in_the_parameter_node_admits_none():
+    """Slicer's parameterNodeWrapper writes a new parameter node's defaults: a Union of MRML node types defaults to
+    None (its first member's default) and UnionSerializer can write None only through a None member. Without it
+    ``getParameterNode()`` raised TypeError, so the panel could not set up in Slicer."""
+    tree = ast.parse((MODULE / "USBEditor.py").read_text())
+    node = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "USBEditorParameterNode")
+    unions = {}
+    for field in (s for s in node.body if isinstance(s, ast.AnnAssign)):
+        note = field.annotation
+        if isinstance(note, ast.Subscript) and getattr(note.value, "id", "") in ("Union", "Optional"):
+            members = note.slice.elts if isinstance(note.slice, ast.Tuple) else [note.slice]
+            names = [getattr(m, "id", None) if not isinstance(m, ast.Constant) else repr(m.value) for m in members]
+            if any(str(n).startswith("vtkMRML") for n in names):
+                unions[field.target.id] = (getattr(note.value, "id"), names)
+    assert "maskNode" in unions, "the mask selector's field is no longer a union of node types?"
+    lacking = [f for f, (kind, names) in unions.items() if kind == "Union" and "None" not in names]
+    assert lacking == [], f"Union of node types without None (Slicer cannot write their default): {lacking}"
