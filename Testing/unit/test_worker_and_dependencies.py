@@ -162,3 +162,34 @@ def test_slicer_installer_minimums_match_the_package_metadata():
     installer["torch"] = dependencies.TORCH_REQUIREMENT[len("torch"):]
     for name, minimum in installer.items():
         assert pyproject.get(name) == minimum, (name, minimum, pyproject.get(name))
+
+
+def test_cancel_goes_on_when_a_killed_worker_is_slow_to_end_or_cannot_be_killed(monkeypatch, caplog):
+    """Cancel and scene close kill the warm worker and wait for it; a worker that has not ended 10 s after the kill
+    (uninterruptible I/O), or a Windows without ``taskkill``, raised out of Cancel as a traceback and left the run
+    half stopped. Now it is logged and the cancel goes on."""
+    import logging
+    import threading
+
+    from USBEditorLib import process
+
+    class Stuck:
+        pid = 4242424  # never signalled: poll() says it still runs only where the kill is the taskkill call
+
+        def __init__(self, running: bool):
+            self.running = running
+
+        def poll(self):
+            return None if self.running else -9
+
+        def wait(self, timeout=None):
+            raise subprocess.TimeoutExpired("usb worker", timeout)
+
+    worker = process._WarmWorker.__new__(process._WarmWorker)  # no process started
+    worker._lock, worker._closed, worker.proc = threading.Lock(), False, Stuck(running=False)
+    with caplog.at_level(logging.WARNING):
+        worker.kill(0.01)
+    assert worker._closed and "did not end within" in caplog.text
+    monkeypatch.setattr(process.os, "name", "nt")  # the kill runs taskkill, which this machine does not have
+    monkeypatch.setattr(process.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError("taskkill")))
+    process._kill_group(Stuck(running=True))

@@ -18,6 +18,7 @@ read the pipe as UTF-8 line by line.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import queue
 import shutil
@@ -118,7 +119,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
                 subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)], capture_output=True)
             else:
                 os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
+        except OSError:  # gone already (ProcessLookupError), not ours, or no taskkill: nothing left to do
             pass
 
 
@@ -216,7 +217,11 @@ class _WarmWorker:
         with self._lock:
             self._closed = True
         _kill_group(self.proc)
-        self.proc.wait(timeout)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:  # killed but not yet reaped (a process in uninterruptible I/O): the
+            logging.warning("USBEditor: a worker (pid %d) did not end within %.0f s of being killed", self.proc.pid,
+                            timeout)  # cancel and scene close go on; the OS reaps it
 
 
 _WARM: list[_WarmWorker] = []
