@@ -149,10 +149,14 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         close_warm_workers()  # the kept worker's memory (GPU included) goes with the module
 
     def onReload(self) -> None:
-        """Also re-import USBEditorLib (Slicer's generic reload only re-reads this file)."""
+        """Also re-import USBEditorLib (Slicer's generic reload only re-reads this file). A run and the kept worker
+        end first: re-importing ``USBEditorLib.process`` empties its list of warm workers, so ``cleanup``, which
+        Slicer calls after this, would no longer find them (their memory, GPU included, held until the idle timer)."""
         import importlib
         import sys
 
+        self._stopRun()
+        close_warm_workers()
         for name in sorted(n for n in sys.modules if n.startswith("USBEditorLib.")):
             importlib.reload(sys.modules[name])
         ScriptedLoadableModuleWidget.onReload(self)
@@ -173,6 +177,8 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateState)
 
     def onSceneStartClose(self, caller, event) -> None:
+        if self._run is not None:
+            self.ui.statusLabel.text = _("Cancelled: the scene was closed.")
         self._stopRun()
         self.setParameterNode(None)
 
@@ -203,14 +209,22 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._updateState()
 
     def _showModel(self, model: str) -> None:
-        """Select a saved model (installed name or folder) in the Advanced section."""
-        combo = self.ui.modelComboBox
+        """Select a saved model (installed name or folder) in the Advanced section. The widgets' signals are held
+        meanwhile: a restored scene keeps its own settings (the combo's switch to "Other folder..." ran
+        ``onModelChanged`` before the folder was set, which reset every slider to a model's defaults)."""
+        combo, path = self.ui.modelComboBox, self.ui.modelPathLineEdit
         index = combo.findText(model) if model else 0
-        if index < 0:
-            combo.currentIndex = combo.findText(OTHER_MODEL)
-            self.ui.modelPathLineEdit.currentPath = model
-        else:
-            combo.currentIndex = index
+        held = combo.blockSignals(True), path.blockSignals(True)
+        try:
+            if index < 0:
+                path.currentPath = model
+                combo.currentIndex = combo.findText(OTHER_MODEL)
+            else:
+                combo.currentIndex = index
+        finally:
+            combo.blockSignals(held[0])
+            path.blockSignals(held[1])
+        self._describeModel()
 
     def _segmentEditorNode(self) -> None:
         self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(segment_editor_node())
@@ -255,14 +269,14 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """The stages and local mode the run would use ("Model default" filled in as the engine fills it)."""
         p = self._parameterNode
         try:
-            return resolved_stages(p.task, p.stages, p.localMode, self._model())
+            return resolved_stages(p.task, p.stages, p.localMode, self._model(), p.maskNode is not None)
         except USBEditorError:  # a model that cannot be loaded: Apply says so
             return p.stages, p.localMode
 
     def _deterministicEdit(self) -> bool:
         p = self._parameterNode
         try:
-            return runs_once(p.task, p.stages, p.localMode, self._model())
+            return runs_once(p.task, p.stages, p.localMode, self._model(), p.maskNode is not None)
         except USBEditorError:
             return False
 
@@ -399,12 +413,16 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return self.ui.modelPathLineEdit.currentPath or None
         return self.ui.modelComboBox.currentText or None
 
-    def onModelChanged(self, *args) -> None:
+    def _describeModel(self) -> None:
+        """Show the folder field for "Other folder..." and what the chosen model is."""
         self.ui.modelPathLineEdit.visible = self.ui.modelComboBox.currentText == OTHER_MODEL
         try:
             self.ui.modelInfoLabel.text = describe_model(self._model())
         except USBEditorError as exc:
             self.ui.modelInfoLabel.text = str(exc)
+
+    def onModelChanged(self, *args) -> None:
+        self._describeModel()
         if self._parameterNode:
             changed = self._parameterNode.model != (self._model() or "")
             self._parameterNode.model = self._model() or ""
@@ -483,8 +501,10 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelButton.visible = running
         self.ui.applyButton.visible = not running
         self.ui.progressBar.visible = running
-        if running:
+        if running:  # the last run's text and length go: they showed until the first progress event
+            self.ui.progressBar.maximum = 100
             self.ui.progressBar.value = 0
+            self.ui.progressBar.format = "%p%"
             self.ui.statusLabel.text = message
         for section in (self.ui.inputsCollapsibleButton, self.ui.guidanceCollapsibleButton,
                         self.ui.advancedCollapsibleButton):

@@ -24,7 +24,8 @@ from headless import load_nifti, segmentation_from_mask  # noqa: E402
 from USBEditorLib.logic import (Device, LocalMode, RunCancelled, RunSettings, Stages, Task,  # noqa: E402
                                 USBEditorError, default_settings, describe_model, ijk_to_ras, installed_models,
                                 load_mask, load_sample, mask_from_node, mask_in_own_space, missing_input,
-                                new_lesion_segmentation, runs_once, segment_choices, segment_editor_node)
+                                new_lesion_segmentation, panel_bundle, resolved_stages, runs_once,
+                                segment_choices, segment_editor_node)
 
 pytestmark = pytest.mark.slow  # started first (Testing/conftest.py): the long files must not end the run
 
@@ -239,6 +240,27 @@ def test_a_segment_held_as_a_closed_surface_is_read_on_the_scan_s_grid(t1, scene
     assert "\n" not in str(err.value)
 
 
+def every_node_id(scene) -> set[str]:
+    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+
+
+def test_reading_a_mask_leaves_nothing_in_the_scene(t1, scene, tmp_path):
+    """A mask read through temporary labelmaps (a segment without a volume; a segment or labelmap on another grid)
+    leaves no node behind: the exported segment's colour table stayed (visible in the Data module, saved with the
+    scene), and the temporary labelmaps' display nodes too."""
+    volume, seg, segment_id, mask, aff = t1
+    coarse = aff.copy()
+    coarse[:3, :3] *= 1.5
+    other = load_nifti(tmp_path, "Coarse", np.zeros(mask.shape, np.float32), coarse)
+    label = load_nifti(tmp_path, "Label", mask.astype(np.uint8), aff, labelmap=True)
+    before = every_node_id(scene)
+    data, _, _ = mask_in_own_space(seg, segment_id)
+    assert data.sum() == mask.sum()
+    assert mask_from_node(seg, segment_id, other)[0].any()
+    assert mask_from_node(label, None, other)[0].any()
+    assert every_node_id(scene) == before
+
+
 def test_a_labelmap_is_placed_where_the_views_show_it_under_a_transform(scene, tmp_path):
     """The T1 under a linear transform (8 mm to the right): a labelmap mask is taken where it is shown, as a
     segment is: on the T1's grid but not under its transform it lands 4 voxels (8 mm) off the T1's voxels; under the
@@ -352,6 +374,51 @@ def test_the_panel_s_run_once_rule_is_the_engine_s(task, stages, mode):
     except InputError:
         refused = True
     assert runs_once(task, stages, mode) is refused
+
+
+@pytest.mark.parametrize("stages", [Stages.DEFAULT, Stages.LOCAL])
+def test_a_heal_without_a_mask_shows_the_latent_stage_it_runs(t1, logic, stages):
+    """A heal's mask is optional; without one the engine heals the whole brain with the latent stage, whatever the
+    stages asked for. The panel shows that run (steps and strength live, Samples open): it greyed them out and sent
+    one sample, from the local stage a mask-less heal never runs."""
+    volume = t1[0]
+    assert resolved_stages(Task.HEAL, stages, LocalMode.DEFAULT, has_mask=False)[0] is Stages.LATENT
+    assert resolved_stages(Task.HEAL, stages, LocalMode.DEFAULT)[0] is Stages.LOCAL  # the shipped model, a mask
+    assert runs_once(Task.HEAL, stages, LocalMode.DEFAULT) and not runs_once(Task.HEAL, stages, LocalMode.DEFAULT,
+                                                                             has_mask=False)
+    out = logic.run(Task.HEAL, volume, None, None, RunSettings(steps=2, samples=2, stages=stages.value))
+    assert out.provenance["settings"]["stages"] == "latent" and out.uncertainty is not None
+
+
+def test_the_panel_reads_a_model_once_per_version_of_its_bundle_json(tiny_bundle, tmp_path, monkeypatch):
+    """The panel asks for the model's defaults on every change of a setting; each load checks the sha256 of every
+    weight file. It is read once, and again when its bundle.json changes (a model retrained into the same folder)."""
+    import json
+    import os
+
+    import USBLib.core.bundle as bundle_module
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for item in tiny_bundle.root.iterdir():
+        (folder / item.name).symlink_to(item)
+    (folder / "bundle.json").unlink()
+    config = json.loads((tiny_bundle.root / "bundle.json").read_text())
+    (folder / "bundle.json").write_text(json.dumps(config))
+    loads = []
+    real_load = bundle_module.load
+    monkeypatch.setattr(bundle_module, "load", lambda model=None: loads.append(model) or real_load(model))
+    first = panel_bundle(str(folder))
+    assert panel_bundle(str(folder)) is first and resolved_stages(Task.EMBED, Stages.DEFAULT, LocalMode.DEFAULT,
+                                                                   str(folder)) is not None
+    assert len(loads) == 1
+    config["defaults"]["heal"]["steps"] = 7
+    (folder / "bundle.json").write_text(json.dumps(config))
+    os.utime(folder / "bundle.json", ns=(1, 1))  # a different version, whatever the clock's resolution
+    assert panel_bundle(str(folder)).defaults("heal")["steps"] == 7 and len(loads) == 2
+    with pytest.raises(USBEditorError, match="no bundle.json"):
+        (folder / "bundle.json").unlink()
+        panel_bundle(str(folder))
 
 
 def test_worker_errors_come_back_as_one_line(t1, logic, tmp_path, scene):

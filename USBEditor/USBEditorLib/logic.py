@@ -189,13 +189,7 @@ def installed_models() -> list[str]:
 
 def default_settings(task: Task, model: Optional[str] = None) -> RunSettings:
     """The model's recommended settings for ``task`` (bundle.json), samples 1, seed 0."""
-    from USBLib.core.bundle import load
-    from USBLib.errors import BundleError
-
-    try:
-        bundle = load(model or None)
-    except BundleError as exc:
-        raise USBEditorError(str(exc)) from None
+    bundle = panel_bundle(model)
     settings = RunSettings()
     for source in ("heal", task.value):  # generation tasks show the edit sliders at the heal defaults
         for key, value in bundle.defaults(source).items():
@@ -267,6 +261,30 @@ def _other_grid_error(what: str, volume_node) -> USBEditorError:
                           "'Resample masks drawn on another image' (Advanced) to resample it (nearest neighbour).")
 
 
+def _node_ids(scene) -> set[str]:
+    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+
+
+def _remove_nodes_added_since(scene, before: set[str]) -> None:
+    """Remove every node added to ``scene`` since the IDs ``before`` were taken (singletons stay)."""
+    for node in [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]:
+        if node.GetID() not in before and not node.GetSingletonTag():
+            scene.RemoveNode(node)
+
+
+@contextmanager
+def _scene_kept() -> Iterator[None]:
+    """Whatever the block adds to the scene is removed when it ends or raises: a mask is read through temporary
+    labelmaps, and Slicer adds display nodes and, for an exported segment, a colour table with them (the colour table
+    stayed, visible in the Data module and saved with the scene)."""
+    scene = slicer.mrmlScene
+    before = _node_ids(scene)
+    try:
+        yield
+    finally:
+        _remove_nodes_added_since(scene, before)
+
+
 @contextmanager
 def _voxel_segmentation(seg_node, segment_id: str, volume_node=None) -> Iterator[Any]:
     """The segmentation to read ``segment_id``'s voxels from: ``seg_node`` itself when it holds binary labelmaps;
@@ -319,7 +337,7 @@ def segment_to_mask(seg_node, segment_id: Optional[str], volume_node, resample: 
     if segment is None:
         raise USBEditorError(f"Segmentation '{seg_node.GetName()}' has no segment '{segment_id}'.")
     name = segment.GetName()
-    with _voxel_segmentation(seg_node, segment_id, volume_node) as voxels:
+    with _scene_kept(), _voxel_segmentation(seg_node, segment_id, volume_node) as voxels:
         if _segment_is_empty(voxels, segment_id):
             raise USBEditorError(f"Segment '{name}' is empty: paint the lesion or load a mask first.")
         if not resample and not _on_volume_lattice(voxels, segment_id, volume_node):
@@ -340,21 +358,16 @@ def labelmap_to_mask(label_node, volume_node, resample: bool = True) -> np.ndarr
     if not resample:
         raise _other_grid_error(f"Labelmap '{label_node.GetName()}'", volume_node)
     scene = slicer.mrmlScene
-    temp = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "__usb_temp_mask")
-    try:
+    with _scene_kept():
+        temp = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "__usb_temp_mask")
         temp.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
         binary = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__usb_temp_binary")
-        try:
-            binary.CopyOrientation(label_node)
-            binary.SetAndObserveTransformNodeID(label_node.GetTransformNodeID())  # imported where the views show it
-            slicer.util.updateVolumeFromArray(binary, (slicer.util.arrayFromVolume(label_node) > 0).astype(np.uint8))
-            slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(binary, temp)
-        finally:
-            scene.RemoveNode(binary)
+        binary.CopyOrientation(label_node)
+        binary.SetAndObserveTransformNodeID(label_node.GetTransformNodeID())  # imported where the views show it
+        slicer.util.updateVolumeFromArray(binary, (slicer.util.arrayFromVolume(label_node) > 0).astype(np.uint8))
+        slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(binary, temp)
         mask = slicer.util.arrayFromSegmentBinaryLabelmap(temp, temp.GetSegmentation().GetNthSegmentID(0),
                                                           volume_node)
-    finally:
-        scene.RemoveNode(temp)
     if mask is None or not mask.any():
         raise USBEditorError(f"Labelmap '{label_node.GetName()}' does not overlap volume '{volume_node.GetName()}'.")
     return (mask.transpose(2, 1, 0) > 0).astype(np.uint8)
@@ -381,9 +394,8 @@ def mask_in_own_space(mask_node, segment_id: Optional[str]) -> tuple[np.ndarray,
         return (data.transpose(2, 1, 0) > 0).astype(np.uint8), ijk_to_ras(mask_node), mask_node.GetName()
     if not mask_node.IsA("vtkMRMLSegmentationNode"):
         raise USBEditorError(f"'{mask_node.GetName()}' is neither a segmentation nor a labelmap.")
-    scene = slicer.mrmlScene
-    grid = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__usb_temp_grid")
-    try:
+    with _scene_kept():
+        grid = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__usb_temp_grid")
         segmentation = mask_node.GetSegmentation()
         sid = segment_id or (segmentation.GetNthSegmentID(0) if segmentation.GetNumberOfSegments() == 1 else "")
         if not sid:
@@ -398,8 +410,6 @@ def mask_in_own_space(mask_node, segment_id: Optional[str]) -> tuple[np.ndarray,
                 voxels, ids, grid, None, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
         data = slicer.util.arrayFromVolume(grid)
         return (data.transpose(2, 1, 0) > 0).astype(np.uint8), ijk_to_ras(grid), segmentation.GetSegment(sid).GetName()
-    finally:
-        scene.RemoveNode(grid)
 
 
 # ----------------------------------------------------------------- panel helpers (Qt-free, used by the widget)
@@ -407,36 +417,59 @@ RUNS_ONCE_HELP = ("This edit is deterministic (the local stage alone: every heal
                   "runs once; for several samples and an uncertainty volume choose stages 'latent' or 'both'.")
 
 
-def resolved_stages(task: Task, stages: Stages, local_mode: LocalMode,
-                    model: Optional[str] = None) -> tuple[Stages, LocalMode]:
+_PANEL_BUNDLES: dict[tuple, Any] = {}
+
+
+def panel_bundle(model: Optional[str] = None):
+    """The model bundle whose recommended settings the panel shows (``USBLib.core.bundle.load``), read once per
+    version of its ``bundle.json``: the panel asks on every change of a setting, and a load checks the sha256 of
+    every weight file (about 50 ms for the shipped model, seconds for a large one; three per slider step). A run
+    loads and verifies the bundle itself. Raises ``USBEditorError`` for a model that cannot be loaded."""
+    from USBLib.core.bundle import BUNDLE_FILE, load, resolve
+    from USBLib.errors import BundleError
+
+    try:
+        root = resolve(model or None)
+        try:
+            stat = (root / BUNDLE_FILE).stat()
+        except OSError:
+            return load(root)  # says what is wrong with the folder
+        key = (str(root.resolve()), stat.st_mtime_ns, stat.st_size)
+        if key not in _PANEL_BUNDLES:
+            _PANEL_BUNDLES.clear()
+            _PANEL_BUNDLES[key] = load(root)
+        return _PANEL_BUNDLES[key]
+    except BundleError as exc:
+        raise USBEditorError(str(exc)) from None
+
+
+def resolved_stages(task: Task, stages: Stages, local_mode: LocalMode, model: Optional[str] = None,
+                    has_mask: bool = True) -> tuple[Stages, LocalMode]:
     """The stages and local mode an edit runs with: "" (Model default) filled in as the engine fills it
-    (``USBLib.editor.input_checks.edit_stages``; the model is read only then). Raises ``USBEditorError`` for a model
-    that cannot be loaded."""
+    (``USBLib.editor.input_checks.edit_stages``; the model is read only then); a heal without a mask
+    (``has_mask`` False) runs the latent stage whatever was chosen (the engine's ``Editor._stages``: the whole brain,
+    no region to fill). Raises ``USBEditorError`` for a model that cannot be loaded."""
     from USBLib.editor.input_checks import edit_stages
 
     stages, local_mode = Stages(stages or "").value, LocalMode(local_mode or "").value
-    bundle = None
-    if not stages or not local_mode:
-        from USBLib.core.bundle import load
-        from USBLib.errors import BundleError
-
-        try:
-            bundle = load(model or None)
-        except BundleError as exc:
-            raise USBEditorError(str(exc)) from None
+    if Task(task) is Task.HEAL and not has_mask:
+        stages = Stages.LATENT.value
+    bundle = panel_bundle(model) if not stages or not local_mode else None
     stages, local_mode = edit_stages(bundle, Task(task).value, stages, local_mode)
     return Stages(stages), LocalMode(local_mode)
 
 
-def runs_once(task: Task, stages: Stages, local_mode: LocalMode, model: Optional[str] = None) -> bool:
+def runs_once(task: Task, stages: Stages, local_mode: LocalMode, model: Optional[str] = None,
+              has_mask: bool = True) -> bool:
     """True for an edit the engine runs once, whatever the samples asked for (``check_sampling`` refuses several
     samples of it): the local stage alone, for every heal and for an embed in fidelity mode; "Model default" is the
-    model's (``resolved_stages``). The rule is the engine's (``USBLib.editor.input_checks.runs_once``)."""
+    model's, and a heal without a mask the latent stage (``resolved_stages``). The rule is the engine's
+    (``USBLib.editor.input_checks.runs_once``)."""
     from USBLib.editor.input_checks import runs_once as engine_runs_once
 
     if Task(task) not in (Task.HEAL, Task.EMBED):
         return False
-    stage, mode = resolved_stages(task, stages, local_mode, model)
+    stage, mode = resolved_stages(task, stages, local_mode, model, has_mask)
     return engine_runs_once(None, Task(task).value, stage.value, mode.value)
 
 
@@ -684,14 +717,11 @@ class EditorLogic:
     def _add_sequence(self, paths: list[Path], name: str, like, dtype):
         """(sequence, browser) of the frames at ``paths``; a frame that cannot be read leaves no node behind."""
         scene = slicer.mrmlScene
-        before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+        before = _node_ids(scene)
         try:
             return self._fill_sequence(paths, name, like, dtype)
         except Exception:
-            made = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
-            for node in made:
-                if node.GetID() not in before and not node.GetSingletonTag():
-                    scene.RemoveNode(node)
+            _remove_nodes_added_since(scene, before)
             raise
 
     def _fill_sequence(self, paths: list[Path], name: str, like, dtype):
