@@ -71,24 +71,24 @@ def float_map_header(header: Any) -> Any:
 
 
 def _with_stored_scaling(img) -> Any:
-    """The header of a nibabel image, with the scaling of integers stored with a NIfTI slope/intercept put back
-    into it (nibabel applies it on reading and leaves the loaded header's scl_slope/scl_inter empty), so that an
-    output is written as its input was stored (``_stored_scaling``)."""
+    """The header of a nibabel image, with the scaling of values stored with a NIfTI slope/intercept (integers or
+    floats) put back into it (nibabel applies it on reading and leaves the loaded header's scl_slope/scl_inter
+    empty), so that an output is written as its input was stored (``_stored_scaling``)."""
     import nibabel as nib
 
     header = img.header
     slope, inter = float(getattr(img.dataobj, "slope", 1.0)), float(getattr(img.dataobj, "inter", 0.0))
     if isinstance(header, nib.Nifti1Header) and (slope, inter) != (1.0, 0.0) \
-            and np.issubdtype(header.get_data_dtype(), np.integer):
+            and np.issubdtype(header.get_data_dtype(), np.number):
         header = header.copy()
         header.set_slope_inter(slope, inter)
     return header
 
 
 def _stored_scaling(header: Any) -> tuple[np.dtype, float, float] | None:
-    """(stored integer dtype, slope, intercept) of a NIfTI header read from integers stored with a scaling, or
-    None (no header, float storage, or no scaling)."""
-    if header is None or not np.issubdtype(header.get_data_dtype(), np.integer):
+    """(stored dtype, slope, intercept) of a NIfTI header read from values stored with a scaling (integers, or
+    floats: nibabel hands those back as float64), or None (no header, or no scaling)."""
+    if header is None or not np.issubdtype(header.get_data_dtype(), np.number):
         return None
     slope, inter = header.get_slope_inter()
     if slope is None or (float(slope), float(inter or 0.0)) == (1.0, 0.0):
@@ -361,7 +361,7 @@ def _write_to(path: Path, fmt: str, data: np.ndarray, affine: np.ndarray, header
     else:
         hdr = header.copy() if isinstance(header, nib.Nifti1Header) else None
         stored = _stored_scaling(hdr) if np.issubdtype(data.dtype, np.floating) else None
-        if stored is not None:  # integers with a slope/intercept, as the input was stored: its own voxels bit for bit
+        if stored is not None:  # stored with a slope/intercept as the input was: its own voxels bit for bit
             dtype, slope, inter = stored
             data = cast_like((np.asarray(data, np.float64) - inter) / slope, dtype)
         # a NIfTI-2 input stays NIfTI-2 (its header in a NIfTI-1 image makes nibabel print a repair message)
@@ -373,8 +373,23 @@ def _write_to(path: Path, fmt: str, data: np.ndarray, affine: np.ndarray, header
             # the input's codes as they were: a qform the input did not set (code 0) stays unset, since for a sheared
             # affine it could only approximate the sform, and readers that prefer the qform would move the scan
             img.set_sform(affine, code=int(hdr["sform_code"]))
-            img.set_qform(affine, code=int(hdr["qform_code"]))
+            if int(hdr["qform_code"]) > 0 and np.allclose(affine, hdr.get_best_affine(), rtol=0, atol=1e-6):
+                _keep_qform(img.header, hdr)  # the scan's own geometry: its qform as it was, even one unlike the sform
+            else:
+                img.set_qform(affine, code=int(hdr["qform_code"]))
     nib.save(img, str(path))
+
+
+QFORM_FIELDS = ("qform_code", "quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z")
+
+
+def _keep_qform(header: Any, source: Any) -> None:
+    """Copy ``source``'s qform into ``header`` field by field (the quaternion, offsets, qfac and voxel sizes), so
+    that it is the input's to the bit. A qform that differs from the sform (as FSL and ANTs leave one after a
+    registration) is what ITK, and so Slicer, reads: rebuilt from the sform it moved the output (6 mm in a probe)."""
+    for field in QFORM_FIELDS:
+        header[field] = source[field]
+    header["pixdim"][:4] = source["pixdim"][:4]
 
 
 MGH_DTYPES = (np.uint8, np.int16, np.int32, np.float32)  # what the MGH format stores
