@@ -159,18 +159,20 @@ def test_an_unreadable_scan_without_mask_is_a_failure_not_a_skip(tmp_path, tiny_
     assert recs["sub-02"]["status"] == "failed" and "sub-02_T1w.nii.gz" in recs["sub-02"]["message"]
 
 
-def test_a_scan_whose_lesion_mask_is_empty_is_copied_unchanged(tmp_path, tiny_bundle):
+@pytest.mark.parametrize("singleton_4d", [False, True])
+def test_a_scan_whose_lesion_mask_is_empty_is_copied_unchanged(tmp_path, tiny_bundle, singleton_4d):
     """A lesion segmentation that found no lesion (a control): the scan is its own heal, written unchanged (bit for
-    bit, with a sidecar that says so) rather than healed without a mask, which would edit the whole brain; a rerun
-    finds it up to date."""
+    bit and of its own shape, with a sidecar that says so) rather than healed without a mask, which would edit the
+    whole brain; a rerun finds it up to date. A one-volume 4-D scan's copy is 4-D too (it came back 3-D)."""
     img, mask, aff = make_scan("axial")
     root = tmp_path / "bids"
-    scan = save(root / "sub-01/anat/sub-01_T1w.nii.gz", img, aff)
+    scan = save(root / "sub-01/anat/sub-01_T1w.nii.gz", img[..., None] if singleton_4d else img, aff)
     save(root / "derivatives/lesions/sub-01/anat/sub-01_label-lesion_mask.nii.gz", np.zeros_like(mask), aff)
     out = tmp_path / "out"
     assert run(root, out, tiny_bundle) == 0
     written = out / "sub-01/anat/sub-01_desc-healed_T1w.nii.gz"
-    assert np.array_equal(np.asarray(nib.load(str(written)).dataobj), np.asarray(nib.load(str(scan)).dataobj))
+    copy, original = np.asarray(nib.load(str(written)).dataobj), np.asarray(nib.load(str(scan)).dataobj)
+    assert copy.shape == original.shape and np.array_equal(copy, original)
     sidecar = json.loads((out / "sub-01/anat/sub-01_desc-healed_T1w.json").read_text())
     assert sidecar["task"] == "copy" and "empty" in sidecar["note"] and sidecar["lesion_volume_ml"] == 0
     assert records(out)["sub-01"]["status"] == "copied" and "empty" in records(out)["sub-01"]["message"]

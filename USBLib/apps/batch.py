@@ -275,7 +275,7 @@ def _copy_unchanged(output: Path, vol, inputs: dict[str, Any], extra: dict[str, 
                     record: Record) -> Record:
     """Write the scan ``vol`` unchanged as its output (no lesion to heal: ``why``), with a sidecar that says so
     (``description``); the record becomes ``copied``."""
-    write_result(output, np.asarray(vol.data), vol.affine, vol.header,
+    write_result(output, vol.as_in_file(np.asarray(vol.data)), vol.affine, vol.header,
                  {"task": "copy", "note": f"{why}: the input, unchanged"}, inputs, dict(extra, Description=description))
     record.status, record.message = "copied", f"{why}: copied unchanged"
     return record
