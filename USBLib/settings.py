@@ -87,7 +87,7 @@ _SETTINGS = (
     Setting("mirror_blend", "float", "Heal: how far the fill moves towards the same place in the scan's other "
             "hemisphere (mirrored across the template's midline, aligned on the tissue around the lesion, its level "
             "matched there), in lesions deeper than 8 mm below the brain's surface; a part whose surroundings do not "
-            "match their mirror, or whose mirror is a lesion too, is left alone (0 = off). 1 mm scans only.",
+            "match their mirror, or whose mirror is a lesion too, is left alone (0 = off).",
             0.0, 1.0, fallback=0.0),
     Setting("lesion_level", "float", "Embed: how dark the lesion is, as its mean inside the mask over the tissue "
             "2-4 voxels around it (0.5: a dark T1 black hole; 0.9: a faint lesion). The network's lesion is deepened "

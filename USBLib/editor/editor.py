@@ -272,7 +272,7 @@ class Editor:
         deeper than 8 mm from its edge, the fill is brought to the level the template's tissue classes predict
         (``USBLib.editor.local.prior_anchor``; the edit region is unchanged). ``mirror_blend``: how far the fill
         moves towards the same place in the scan's other hemisphere, aligned on the tissue around it, in lesions
-        deeper than 8 mm below the brain's surface (``USBLib.imaging.mirror``; 1 mm scans only)."""
+        deeper than 8 mm below the brain's surface (``USBLib.imaging.mirror``; thick slices too)."""
         return self._edit("heal", image, affine, mask, brain_mask, steps=steps, strength=strength, alpha0=alpha0,
                           k=k, eta=eta, acg=acg, margin_mm=margin_mm, prefill=prefill, stages=stages, local_mode=local_mode,
                           local_steps=local_steps, local_strength=local_strength, dilation_mm=dilation_mm, growth=growth,

@@ -81,8 +81,9 @@ def blends_patches(task: str, mask: np.ndarray | None, settings: dict[str, Any],
 
 def blends_mirror(task: str, mask: np.ndarray | None, settings: dict[str, Any], affine: np.ndarray) -> bool:
     """Whether a heal moves its fill towards the scan's other hemisphere (``mirror_blend`` > 0, a mask, ``growth``
-    ``rim``, and a scan whose boxes the local stage does not resample: measured on 1 mm scans only)."""
-    return (refines_one_mm_heal(task, mask, settings, affine, "mirror_blend")
+    ``rim``): on 1 mm and thick-slice scans alike (measured on both: docs/model.md, "The other hemisphere" and "The
+    other hemisphere on thick slices"). ``affine`` is not read (the signature is the other refinements')."""
+    return (task == "heal" and mask is not None and float(value_of(settings, "mirror_blend") or 0) > 0
             and value_of(settings, "growth") == "rim")
 
 
