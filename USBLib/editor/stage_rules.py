@@ -1,7 +1,7 @@
 """Which of the edit's stages run for a task, a mask, its settings and the scan's voxel size, and the rules that
 shape what they write: a heal only brightens (``signed_effect``), realism's grain goes where the edit does
-(``with_grain``), the patch and mirror blends refine 1 mm heals only, and the window of the scan an edit reads
-(``edit_window``). Used by ``USBLib.editor.editor.Editor``; the numbers behind each rule are in docs/model.md.
+(``with_grain``), the patch blend refines 1 mm heals only, the mirror blend thick-slice heals too, and the window of
+the scan an edit reads (``edit_window``). Used by ``USBLib.editor.editor.Editor``; the numbers behind each rule are in docs/model.md.
 """
 from __future__ import annotations
 
