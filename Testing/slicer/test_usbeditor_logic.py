@@ -132,6 +132,16 @@ def test_segment_on_a_cropped_copy_of_the_grid_needs_no_resampling(t1, tmp_path)
     expected = np.zeros_like(mask)
     expected[10:40, 15:45, 8:38] = mask[10:40, 15:45, 8:38]
     assert name == "lesion" and np.array_equal(data > 0, expected > 0)
+    # under a transform that leaves it in place the segment is still on the scan's voxels; moved half a voxel by
+    # one, it lies between them: resampled, so refused without resampling
+    shift = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    seg.SetAndObserveTransformNodeID(shift.GetID())
+    assert np.array_equal(mask_from_node(seg, sid, volume, resample=False)[0] > 0, expected > 0)
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 0.5 * float(np.linalg.norm(aff[:3, 0])))
+    shift.SetMatrixTransformToParent(matrix)
+    with pytest.raises(USBEditorError, match="drawn on another image grid"):
+        mask_from_node(seg, sid, volume, resample=False)
 
 
 def test_segment_drawn_on_another_grid_is_resampled_onto_the_scan(t1, tmp_path):
@@ -301,6 +311,12 @@ def test_generate_from_mask_on_reference_and_in_model_space(t1, logic, tiny_mode
     bundle = load(tiny_model)
     assert alone.volume.GetImageData().GetDimensions() == bundle.grid_shape
     np.testing.assert_allclose(ijk_to_ras(alone.volume), bundle.grid_affine, atol=1e-4)
+    assert alone.volume.GetTransformNodeID() is None
+    # a mask under a transform: the brain generated in the mask's own space is shown where the mask is
+    shift = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    seg.SetAndObserveTransformNodeID(shift.GetID())
+    moved = logic.run(Task.GENERATE_FROM_MASK, None, seg, segment_id, RunSettings(steps=2), model=tiny_model)
+    assert moved.volume.GetTransformNodeID() == shift.GetID()
 
 
 def test_generate_pairs_give_brains_and_lesion_segmentations(scene, logic, tiny_model):

@@ -175,6 +175,7 @@ class Run:
     mask_name: str
     frames: int
     started: float = field(default_factory=time.perf_counter)
+    placed_like: Any = None  # without a volume, the mask node whose transform and folder the outputs take
 
 
 # ----------------------------------------------------------------- models
@@ -243,13 +244,30 @@ def _same_geometry(a, b) -> bool:
             and a.GetTransformNodeID() == b.GetTransformNodeID())
 
 
+def _to_world(node) -> Optional[np.ndarray]:
+    """4x4 from a node's own coordinates to the world (its parent transforms), or None where they are not linear."""
+    parent = node.GetParentTransformNode()
+    if parent is None:
+        return np.eye(4)
+    if not parent.IsTransformToWorldLinear():
+        return None
+    matrix = vtk.vtkMatrix4x4()
+    parent.GetMatrixTransformToWorld(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix)
+
+
 def _on_volume_lattice(seg_node, segment_id: str, volume_node) -> bool:
-    """True when the segment's labelmap voxels are the volume's voxels (same axes, spacing and voxel corners)."""
+    """True when the segment's labelmap voxels are the volume's voxels (same axes, spacing and voxel corners) where
+    the views show them: their parent transforms included (under a transform that moves it, Slicer resamples the
+    segment to where it is shown; under a non-linear one it is never on the lattice)."""
+    seg_world, vol_world = _to_world(seg_node), _to_world(volume_node)
+    if seg_world is None or vol_world is None:
+        return False
     image = slicer.vtkOrientedImageData()
     seg_node.GetBinaryLabelmapRepresentation(segment_id, image)
     matrix = vtk.vtkMatrix4x4()
     image.GetImageToWorldMatrix(matrix)
-    seg, vol = slicer.util.arrayFromVTKMatrix(matrix), ijk_to_ras(volume_node)
+    seg, vol = seg_world @ slicer.util.arrayFromVTKMatrix(matrix), vol_world @ ijk_to_ras(volume_node)
     if not np.allclose(seg[:3, :3], vol[:3, :3], atol=1e-4):
         return False
     offset = np.linalg.solve(vol[:3, :3], seg[:3, 3] - vol[:3, 3])
@@ -585,7 +603,8 @@ class EditorLogic:
             shutil.rmtree(job_dir, ignore_errors=True)
             raise
         logging.info("USBEditor: %s started (%s)", info["label"], " ".join(process.command))
-        return Run(task, job_dir, process, volume_node, mask_name, frames)
+        return Run(task, job_dir, process, volume_node, mask_name, frames,
+                   placed_like=mask_node if volume_node is None else None)
 
     # ---- finishing
     def cancel(self, run: Run) -> None:
@@ -643,10 +662,14 @@ class EditorLogic:
                 node = self._add_volume(files[("image", i)], name, source, like_dtype)
                 out.nodes.append(node)
                 out.volume = out.volume or node
+                if run.placed_like is not None:  # a brain for a mask without a volume: where the mask is shown
+                    self._place_like(node, run.placed_like)
                 if ("lesion", i) in files:
                     lesion = self._add_lesion(files[("lesion", i)], node, name.replace("brain", "lesion"))
                     out.nodes.append(lesion)
                     out.lesion = out.lesion or lesion
+                    if run.placed_like is not None:
+                        self._place_like(lesion, run.placed_like)
             if ("uncertainty", 0) in files:
                 out.uncertainty = self._add_volume(files[("uncertainty", 0)], f"{base} uncertainty", source, None,
                                                    copy_display=False)
