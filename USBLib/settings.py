@@ -117,8 +117,9 @@ _SETTINGS = (
             "dilation_mm, feathered over margin_mm): the rest of the brain is the healthy twin's. Off = the paper's "
             "eq. 9, the whole brain conditioned on the mask (the lesion then also shifts distant anatomy).",
             fallback=False),
-    Setting("samples", "int", "Number of samples averaged; with 2 or more an uncertainty map (per-voxel standard "
-            "deviation) is written. For generation: the number of pairs.", 1, 64, fallback=1),
+    Setting("samples", "int", "Number of samples averaged (the output is their mean); with 2 or more their "
+            "per-voxel standard deviation is an uncertainty map (usb --uncertainty; a volume in the Slicer panel). "
+            "Generating pairs in the panel: the number of pairs.", 1, 64, fallback=1),
     Setting("seed", "int", "Random seed: the same seed and settings give the same result.", 0, 2**31 - 1,
             fallback=0),
 )

@@ -25,6 +25,15 @@ def test_a_flat_folder_of_sub_files_is_a_folder_of_scans_not_bids(tmp_path):
     assert found == [("sub-01_T1w", "sub-01_T1w_mask.nii.gz"), ("sub-02_T1w", None)]
 
 
+def test_a_plain_folder_finds_scans_in_every_format_usb_reads(tmp_path):
+    """A folder of NRRD headers (``.nhdr`` beside its ``.raw.gz``, as Slicer and 3D Slicer scripts save them) was
+    silently empty: .nhdr was an input format of every command but not of a plain folder's scan list."""
+    for name in ("a.nhdr", "a.raw.gz", "a_mask.nhdr", "a_mask.raw.gz", "b.mgz", "b_lesion.nii.gz"):
+        touch(tmp_path / name)
+    found = [(s.key, s.image.name, s.mask.name if s.mask else None) for s in find_subjects(tmp_path)]
+    assert found == [("a", "a.nhdr", "a_mask.nhdr"), ("b", "b.mgz", "b_lesion.nii.gz")]
+
+
 def test_a_spreadsheet_csv_is_read_and_a_csv_without_a_mask_column_or_with_a_path_id_is_refused(tmp_path):
     touch(tmp_path / "a.nii.gz")
     touch(tmp_path / "a_roi.nii.gz")

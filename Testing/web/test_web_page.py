@@ -302,8 +302,10 @@ def test_reset_brings_back_the_lesion_options_too(page):
     page.keyboard.press("ArrowRight")
     page.keyboard.press("ArrowRight")
     level = f"Number(document.querySelector('{slider}').getAttribute('aria-valuenow'))"
-    assert page.evaluate(f"() => {level}") > form.DARK_LESION_LEVEL
-    assert page.is_checked("#usb-set-lesion-level") and page.is_checked("#usb-mask-covers-rim")
+    # waited for, not read at once: under load the page may show a click or a key press a moment later
+    page.wait_for_function(f"() => {level} > {form.DARK_LESION_LEVEL}")
+    page.wait_for_selector("#usb-set-lesion-level:checked", state="attached")
+    page.wait_for_selector("#usb-mask-covers-rim:checked", state="attached")
     page.click("#usb-reset")
     page.wait_for_function(f"() => Math.abs({level} - {form.DARK_LESION_LEVEL}) < 1e-6")
     page.wait_for_selector("#usb-set-lesion-level:not(:checked)", state="attached")

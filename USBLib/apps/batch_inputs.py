@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 from USBLib.errors import InputError
 from USBLib.imaging.io import suffix_of
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh", ".nrrd")
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh", ".nrrd", ".nhdr")  # every input format `usb` reads
 BIDS_MASK_SUFFIXES = ("_label-lesion_mask", "_desc-lesion_mask", "_label-lesion_roi")
 PLAIN_MASK_SUFFIXES = ("_mask", "_lesion")
 _T1W = re.compile(r"^(?P<entities>sub-[A-Za-z0-9]+(?:_[a-z]+-[A-Za-z0-9]+)*)_T1w\.nii(?:\.gz)?$")
