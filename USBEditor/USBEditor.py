@@ -550,9 +550,26 @@ class USBEditorTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         self.setUp()
+        self.test_the_parameter_node_takes_every_kind_of_mask()
+        self.setUp()
         self.test_heal_and_embed_sample()
         self.setUp()
         self.test_bad_input_is_a_clear_error()
+
+    def test_the_parameter_node_takes_every_kind_of_mask(self):
+        """The panel's state in Slicer's own parameterNodeWrapper: a new node (its mask None), a segmentation and a
+        labelmap as the mask, and None again (a Union of node types without None could not write its default, and
+        the panel failed to set up)."""
+        parameters = USBEditorLogic().getParameterNode()
+        self.assertIsNone(parameters.maskNode)
+        volume, lesion, _embed = self._sample()
+        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        for node in (segmentation, lesion, None):
+            parameters.maskNode = node
+            self.assertIs(parameters.maskNode, node)
+        parameters.inputVolume = volume
+        self.assertIs(parameters.inputVolume, volume)
+        self.delayDisplay("Parameter node test passed")
 
     def _sample(self):
         from USBLib.resources import sample_files
