@@ -143,6 +143,43 @@ def test_info_of_the_shipped_model_shows_the_heal_and_embed_tables(capsys):
     assert "lesion PSNR dB" in stdout and "location Dice" in stdout and "NCC" in stdout
 
 
+def test_info_of_a_bundle_with_odd_metrics_or_fields_is_a_description_or_one_line(tiny_bundle, tmp_path, capsys):
+    """A bundle.json that is valid JSON with a field missing or of another type: ``usb info`` still describes the
+    model (metrics it cannot read are one line), and what a model needs (the latent scale, the file list, the grid)
+    is refused by the loader as a one-line error, exit 2; both were internal errors, exit 1."""
+    def variant(name, change):
+        folder = tmp_path / name
+        shutil.copytree(tiny_bundle.root, folder)
+        config = json.loads((folder / "bundle.json").read_text())
+        change(config)
+        (folder / "bundle.json").write_text(json.dumps(config))
+        return folder
+
+    odd = variant("odd", lambda c: c.update(metrics={"generation": {"unconditional": {"lesions": {"in_tissue": 0.9}},
+                                                                     "from_mask": {"dice": None}}},
+                                            training=["a list"]))
+    code, stdout, err = run(capsys, "info", "--model", odd)
+    assert code == 0 and "tiny-test (tier test)" in stdout, err
+    assert "does not read" in stdout or "nan" in stdout
+    for name, change, message in [
+            ("noscale", lambda c: c["latent"].pop("scale_factor"), "scale_factor"),
+            ("fileslist", lambda c: c.update(files=list(c["files"])), "'files'"),
+            ("shape0", lambda c: c["model_space"].update(shape=[0, 40, 32]), "positive whole numbers"),
+            ("defaults", lambda c: c["defaults"].update(generate="x"), "default settings")]:
+        code, _, err = run(capsys, "info", "--model", variant(name, change))
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (name, err)
+
+
+def test_info_piped_into_a_reader_that_stops_early_is_quiet():
+    """``usb info --json | head -1``: the reader closes the pipe before usb writes; that was 'internal error:
+    BrokenPipeError', exit 1."""
+    proc = subprocess.Popen([sys.executable, "-m", "USBLib.apps.cli", "info", "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the interpreter has even started: every write meets a closed pipe
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and err.decode().strip() == "", err.decode()
+
+
 def _write(path, data, affine=np.eye(4) * 3):
     affine = affine.copy()
     affine[3, 3] = 1

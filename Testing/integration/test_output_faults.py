@@ -195,6 +195,40 @@ def test_sigterm_is_handled_as_ctrl_c(tiny_bundle, scan_files, tmp_path, capsys,
     assert signal.getsignal(signal.SIGTERM) == before  # the CLI puts the previous handler back
 
 
+@pytest.mark.parametrize("when", ["interrupt", "input gone"])
+def test_a_command_stopped_while_it_writes_the_sidecar_leaves_no_output(tiny_bundle, scan_files, tmp_path, capsys,
+                                                                        monkeypatch, when):
+    """Between the image and its sidecar: a Ctrl-C (or SIGTERM) left the image without a sidecar although the CLI
+    said "no output was written"; an input deleted during the run (its sha256 goes into the sidecar) was an
+    internal error and left the image too. Both leave nothing now, the second as a one-line input error."""
+    import USBLib.hashing
+    import USBLib.imaging.io as io
+
+    write_json, sha256_of = io.write_json, USBLib.hashing.sha256_of
+    scan = tmp_path / "scan.nii.gz"
+    scan.write_bytes(Path(scan_files["image"]).read_bytes())
+
+    def interrupted(path, data):
+        os.kill(os.getpid(), signal.SIGINT)
+        return write_json(path, data)
+
+    def after_the_input_went(path):
+        scan.unlink(missing_ok=True)
+        return sha256_of(path)
+
+    if when == "interrupt":
+        monkeypatch.setattr(io, "write_json", interrupted)
+    else:
+        monkeypatch.setattr(USBLib.hashing, "sha256_of", after_the_input_went)
+    out = tmp_path / "out" / "healed.nii.gz"
+    code, _, err = run(capsys, *heal_args(tiny_bundle, {"image": scan, "mask": scan_files["mask"]}, out))
+    if when == "interrupt":
+        assert (code, one_line(err)) == (130, "usb: cancelled; no output was written")
+    else:
+        assert code == 2 and "the input was moved or deleted while the command ran" in one_line(err), err
+    assert not out.exists() and (not out.parent.exists() or not list(out.parent.iterdir()))
+
+
 def test_uncertainty_needs_samples_that_can_differ(tiny_bundle, scan_files, tmp_path, capsys):
     code, _, err = run(capsys, *heal_args(tiny_bundle, scan_files, tmp_path / "h.nii.gz"), "--uncertainty",
                        tmp_path / "u.nii.gz")

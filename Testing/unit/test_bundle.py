@@ -49,7 +49,7 @@ def test_missing_file_is_refused(bundle_copy):
     (lambda c: c["model_space"].update(shape=[30, 40, 32]), "not divisible"),
     (lambda c: c["networks"]["autoencoder"].update(evil="os.system"), "unknown hyper-parameters"),
     (lambda c: c.update(model_space=[]), "malformed"),  # hand-edited: a list where an object belongs
-    (lambda c: c["model_space"].update(shape=[32, 40, "a"]), "malformed"),
+    (lambda c: c["model_space"].update(shape=[32, 40, "a"]), "positive whole numbers"),
     (lambda c: c["networks"]["unet_brain"].update(channels=5), "malformed"),
 ])
 def test_bad_bundle_json_is_refused(bundle_copy, edit, message):

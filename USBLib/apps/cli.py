@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -442,6 +443,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USBError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_INTERNAL
+    except BrokenPipeError:  # the reader of stdout stopped early (``usb info --json | head``): nothing to report
+        devnull = os.open(os.devnull, os.O_WRONLY)  # Python's own recipe: no second error when stdout is flushed
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
     except Exception as exc:  # noqa: BLE001 - last resort: one line unless --debug
         if getattr(args, "debug", False):
             raise

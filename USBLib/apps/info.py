@@ -53,7 +53,7 @@ def _generation_lines(gen: Mapping[str, Any]) -> list[str]:
                      f"{unc.get('ncc_ratio', float('nan')):.2f}); {unc.get('pairs', '?')} pairs, "
                      f"{unc.get('seconds_per_pair', float('nan')):.1f} s per pair")
         if lesions:
-            lines.append(f"  generated lesions: median {lesions.get('components_median', '?'):g} components, "
+            lines.append(f"  generated lesions: median {lesions.get('components_median', float('nan')):g} components, "
                          f"median {lesions.get('volume_ml_median', float('nan')):.1f} ml, "
                          f"{lesions.get('in_tissue', float('nan')):.0%} in tissue")
     for key, label in (("from_mask", "brain from a mask (lesion fusion)"), ("from_mask_eq9", "brain from a mask (eq. 9)")):
@@ -132,6 +132,29 @@ def defaults_table(defaults: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return table(["setting", *tasks], rows)
 
 
+def _training_lines(training: Mapping[str, Any]) -> list[str]:
+    lines = ["Training"]
+    for part, values in training.items():
+        if isinstance(values, Mapping) and isinstance(values.get("healthy_sources"), Mapping):
+            lines.append(f"  {part}: " + ", ".join(values["healthy_sources"])
+                         + (f"; held out: {values['held_out_source']}" if values.get("held_out_source") else ""))
+        elif isinstance(values, Mapping):
+            summary = ", ".join(f"{k} {values[k]}" for k in ("steps", "hours") if k in values)
+            lines.append(f"  {part}: {summary or ', '.join(values)}")
+        else:
+            lines.append(f"  {part}: {values}")
+    return lines
+
+
+def _readable(title: str, lines_of, record: Any) -> list[str]:
+    """``lines_of(record)``, or one line saying that the bundle records ``title`` in a form this USBLib does not
+    read (a field missing, a list where an object belongs): ``usb info`` describes such a bundle all the same."""
+    try:
+        return lines_of(record)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        return [f"{title}: recorded in a form this USBLib does not read ({type(exc).__name__}: {exc})", ""]
+
+
 def describe(bundle) -> str:
     """``usb info``'s text for a loaded ``ModelBundle``: what it is, its default settings per task, its measured
     metrics and its training."""
@@ -161,19 +184,10 @@ def describe(bundle) -> str:
     lines = [f"{k:<{width}}  {v}" for k, v in overview]
     lines += ["", "Default settings per task", *defaults_table(cfg["defaults"]), ""]
     metrics = cfg.get("metrics") or {}
-    lines += metric_lines(metrics) if metrics else ["Metrics: none recorded", ""]
+    lines += _readable("Metrics", metric_lines, metrics) if metrics else ["Metrics: none recorded", ""]
     training = cfg.get("training") or {}
     if training:
-        lines.append("Training")
-        for part, values in training.items():
-            if isinstance(values, Mapping) and isinstance(values.get("healthy_sources"), Mapping):
-                lines.append(f"  {part}: " + ", ".join(values["healthy_sources"])
-                             + (f"; held out: {values['held_out_source']}" if values.get("held_out_source") else ""))
-            elif isinstance(values, Mapping):
-                summary = ", ".join(f"{k} {values[k]}" for k in ("steps", "hours") if k in values)
-                lines.append(f"  {part}: {summary or ', '.join(values)}")
-            else:
-                lines.append(f"  {part}: {values}")
+        lines += _readable("Training", _training_lines, training)
     lines.append("")
     lines.append("Machine-readable: usb info --json; the model card: " + str(bundle.root / bundle_mod.CARD_FILE))
     return "\n".join(lines).rstrip() + "\n"

@@ -168,9 +168,19 @@ def _check_fields(config: Mapping[str, Any], where: Path) -> None:
     for task in TASKS:
         if task not in config["defaults"]:
             raise BundleError(f"{where}: bundle.json has no default settings for task '{task}'")
+    if any(not isinstance(config["defaults"][task], dict) for task in TASKS):
+        raise BundleError(f"{where}: bundle.json's default settings must be an object per task")
+    files = config["files"]
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise BundleError(f"{where}: bundle.json's 'files' must map each file name to its sha256")
+    scale = config["latent"].get("scale_factor")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise BundleError(f"{where}: bundle.json's 'latent' needs a positive number 'scale_factor'")
     space = config["model_space"]
     if len(space.get("shape", ())) != 3 or np.asarray(space.get("affine", [])).shape != (4, 4):
         raise BundleError(f"{where}: model_space needs a 3D 'shape' and a 4x4 'affine'")
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in space["shape"]):
+        raise BundleError(f"{where}: model_space's 'shape' must be 3 positive whole numbers, not {space['shape']}")
     nets = config["networks"]
     factor = autoencoder_factor(nets["autoencoder"]) * 2 ** (len(nets["unet_brain"].get("channels", ())) - 1)
     if any(int(s) % factor for s in space["shape"]):

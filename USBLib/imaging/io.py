@@ -566,15 +566,19 @@ def write_result(out: os.PathLike | str, data: np.ndarray, affine: np.ndarray, h
         inputs: input role -> file path; each is recorded with its sha256 (None entries are skipped).
         extra: further keys added last (they override earlier ones), or None.
 
-    Raises ``OutputError`` when either file cannot be written; then neither is left behind.
+    Raises ``OutputError`` when either file cannot be written, ``InputError`` when an input was moved or deleted
+    meanwhile (its sha256 is recorded); then neither is left behind. Inside ``all_or_nothing`` the same holds when
+    the command is interrupted (Ctrl-C, SIGTERM) between the two (a file the image replaced comes back), so "no
+    output was written" is true; outside it (``usb batch``) an interrupted output without sidecar is redone on resume.
     """
     out = Path(out)
     write_volume(out, data, affine, header)
     try:
         return _write_sidecar(out, provenance, inputs, extra)
-    except OutputError:
-        for file in output_files(out):  # an output without its sidecar is not a result: leave neither
-            file.unlink(missing_ok=True)
+    except BaseException as exc:
+        if isinstance(exc, Exception) or _UNDO.get() is not None:
+            for file in output_files(out):  # an output without its sidecar is not a result: leave neither
+                file.unlink(missing_ok=True)
         raise
 
 
@@ -584,7 +588,11 @@ def _write_sidecar(out: Path, provenance: dict, inputs: dict[str, Any], extra: d
     from USBLib.hashing import sha256_of
 
     sidecar = dict(provenance)
-    sidecar["inputs"] = {k: {"path": str(v), "sha256": sha256_of(Path(v))} for k, v in inputs.items() if v is not None}
+    try:
+        sidecar["inputs"] = {k: {"path": str(v), "sha256": sha256_of(Path(v))} for k, v in inputs.items()
+                             if v is not None}
+    except FileNotFoundError as exc:
+        raise InputError(f"{exc.filename}: the input was moved or deleted while the command ran") from None
     sidecar["output"] = str(out)
     sidecar["output_sha256"] = sha256_of(out)
     sidecar["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
