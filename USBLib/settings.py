@@ -156,7 +156,7 @@ def validate(settings: dict[str, Any]) -> dict[str, Any]:
         if spec.kind in ("int", "float"):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or not spec.low <= value <= spec.high:
-                raise InputError(f"{key} must be between {spec.low:g} and {spec.high:g}, got {value}")
+                raise InputError(f"{key} must be between {_bound(spec.low)} and {_bound(spec.high)}, got {value}")
             if spec.kind == "int" and int(value) != value:
                 raise InputError(f"{key} must be a whole number, got {value}")
         elif spec.kind == "bool":
@@ -184,7 +184,8 @@ def _number(spec: Setting):
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a {'whole ' if spec.kind == 'int' else ''}number: {text!r}")
         if not spec.low <= value <= spec.high:
-            raise argparse.ArgumentTypeError(f"must be between {spec.low:g} and {spec.high:g}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be between {_bound(spec.low)} and {_bound(spec.high)}, "
+                                             f"got {text}")
         return value
 
     parse.__name__ = spec.kind
@@ -205,3 +206,8 @@ def add_cli_options(parser: argparse.ArgumentParser, names: Iterable[str],
         else:
             parser.add_argument(spec.option, dest=name, type=_number(spec),
                                 help=f"{text} [{spec.low:g}..{spec.high:g}] (default: the bundle's)")
+
+
+def _bound(value: float) -> str:
+    """A range's end as a person reads it: whole numbers in full (2147483647, not 2.14748e+09), others as %g."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"

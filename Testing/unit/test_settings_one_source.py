@@ -122,3 +122,11 @@ def test_batch_settings_know_every_edit_setting():
     assert {"strength", "acg", "alpha0", "k", "eta", "margin_mm", "dilation_mm", "stages", "local_mode",
             "local_steps", "local_strength", "prefill", "steps", "samples", "seed"} <= fields
     assert set(FALLBACKS) - {"fusion", "sampler", "lesion_guidance", "lesion_fusion"} <= fields  # (batch heals; these are for generation)
+
+
+def test_a_range_error_shows_whole_numbers_in_full():
+    """The seed's range read 'between 0 and 2.14748e+09' (%g)."""
+    from USBLib.settings import validate
+
+    with pytest.raises(InputError, match=r"seed must be between 0 and 2147483647, got -1"):
+        validate({"seed": -1})
