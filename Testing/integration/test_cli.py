@@ -120,6 +120,21 @@ def test_generate_and_generate_from_mask(tiny_bundle, scan_files, tmp_path, caps
         assert code == 2 and message in err and err.count("\n") == 1, err
 
 
+def test_an_output_that_would_take_another_output_s_sidecar_is_refused(tiny_bundle, scan_files, tmp_path, capsys):
+    """healed.nii.gz, then healed.mgz in a later run: one healed.json, which described the first output and was
+    silently rewritten for the second (the first left without provenance). Refused before the work; the same name
+    again is a rerun and replaces both."""
+    heal = ["heal", scan_files["image"], "--mask", scan_files["mask"], "--model", tiny_bundle.root, "--device", "cpu",
+            "--steps", "2", "--quiet", "-o"]
+    first = tmp_path / "healed.nii.gz"
+    assert run(capsys, *heal, first)[0] == 0
+    sidecar = json.loads((tmp_path / "healed.json").read_text())
+    code, _, err = run(capsys, *heal, tmp_path / "healed.mgz")
+    assert code == 2 and "describes" in err and str(first) in err, err
+    assert not (tmp_path / "healed.mgz").exists() and json.loads((tmp_path / "healed.json").read_text()) == sidecar
+    assert run(capsys, *heal, first)[0] == 0  # a rerun under the same name
+
+
 def test_info_prints_bundle_facts_as_tables(tiny_bundle, capsys):
     code, stdout, _ = run(capsys, "info", "--model", tiny_bundle.root)
     assert code == 0

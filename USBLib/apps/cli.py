@@ -185,6 +185,23 @@ def _foreign_json(path: Path) -> bool:
     return not (isinstance(content, dict) and {"task", "output_sha256"} <= set(content))
 
 
+def _described_elsewhere(sidecar: Path, out: Path) -> Path | None:
+    """The other output file that USB's ``sidecar`` describes when it still exists (``scan.nrrd`` written before
+    ``scan.mgz``: one ``scan.json``, which the new output would take from it), else None."""
+    try:
+        described = json.loads(sidecar.read_text()).get("output") if sidecar.is_file() else None
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        return None
+    if not isinstance(described, str):
+        return None
+    other = Path(described)
+    if not other.is_absolute():
+        other = Path.cwd() / other
+    if other.is_file() and other.resolve() != out.resolve() and other.parent.resolve() == out.parent.resolve():
+        return Path(described)
+    return None
+
+
 def _check_outputs(inputs: Sequence[Path | None], outputs: Sequence[Path | None], model: Any = None) -> None:
     """Refuse, before the work, outputs that would overwrite an input or the model's own files (``model``: the
     ``--model`` given), share a path or a sidecar, or cannot be written."""
@@ -207,6 +224,10 @@ def _check_outputs(inputs: Sequence[Path | None], outputs: Sequence[Path | None]
         if _foreign_json(sidecar_path(out)):
             raise InputError(f"the output's sidecar {sidecar_path(out)} would replace a JSON file USB did not write "
                              "(a scanner or BIDS sidecar?); choose another output name")
+        other = _described_elsewhere(sidecar_path(out), out)
+        if other is not None:
+            raise InputError(f"the output's sidecar {sidecar_path(out)} describes {other}, which is still there "
+                             "(a name that differs only in the suffix); choose another output name, or remove it")
     if len({str(o.resolve()) for o in outs}) != len(outs):
         raise InputError("two outputs have the same path")
     if len({str(sidecar_path(o).resolve()) for o in outs}) != len(outs):  # e.g. out.nii.gz and out.mgz: out.json
