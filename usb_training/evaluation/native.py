@@ -382,7 +382,7 @@ def evaluate(editor: Editor, cases: Iterable[NativeCase], configs: dict[str, dic
             embed_rows[name].append(dict(row, case=case.name))
             if i < figure_cases:
                 outs[f"embed/{name}"] = out
-        if i < figure_cases:
+        if i < figure_cases and np.any(case.mask > 0):  # (a thick case's mask can vanish: nothing to show)
             centre = np.round(np.argwhere(case.mask > 0).mean(0)).astype(int)
             shown_rows = [r for r in rows if r["case"] == case.name and r["mask"] == masks[0]]
             best = max((r for r in shown_rows if r["kind"] == "classical"), key=lambda r: r["psnr"])
