@@ -353,11 +353,22 @@ def test_a_heal_with_an_empty_mask_exits_2_and_writes_nothing(tiny_bundle, scan_
     assert not (tmp_path / "out.nii.gz").exists() and not (tmp_path / "out.json").exists()
 
 
-def test_demo_into_a_file_is_refused_before_the_work(tiny_bundle, tmp_path, capsys):
+def test_demo_into_a_file_is_refused_before_the_work(tiny_bundle, tmp_path, capsys, monkeypatch):
     (tmp_path / "afile").write_text("x")
     code, _, err = run(capsys, "demo", "-o", tmp_path / "afile", "--model", tiny_bundle.root, "--quiet")
     assert code == 2 and "it is a file, not a folder" in err and err.count("\n") == 1
     assert (tmp_path / "afile").read_text() == "x"
+    # a folder where one of its files goes: refused before the work too (it failed after both edits)
+    import USBLib.editor.editor as editor_module
+
+    (tmp_path / "demo" / "montage.png").mkdir(parents=True)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the demo started its work")
+
+    monkeypatch.setattr(editor_module.Editor, "heal", never)
+    code, _, err = run(capsys, "demo", "-o", tmp_path / "demo", "--model", tiny_bundle.root, "--quiet")
+    assert code == 2 and "montage.png: it is a folder" in err and err.count("\n") == 1
 
 
 def test_a_command_whose_later_output_cannot_be_written_leaves_none_of_its_outputs(tiny_bundle, tmp_path, capsys,

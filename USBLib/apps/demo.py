@@ -23,7 +23,12 @@ def run_demo(out: Path, model=None, device: str = "auto", seed: int = 0, steps: 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"cannot write the demo into {out}: it is a file, not a folder")
-    check_writable(out / "sample_healed.nii.gz")  # before the work, not after it
+    names = ("sample_healed.nii.gz", "sample_healed.json", "sample_embedded.nii.gz", "sample_embedded.json",
+             "montage.png", "closeup.png")
+    for name in names:  # before the work, not after it
+        if (out / name).is_dir():
+            raise OutputError(f"cannot write the demo's {out / name}: it is a folder")
+    check_writable(out / names[0])
     editor = Editor(model, device=device)  # fails first, and clearly, when no model is installed
     look = {"local_mode": editor.interactive_local_mode()} if editor.bundle.has_local else {}  # a person looks
     files = sample_files()
