@@ -101,6 +101,16 @@ def test_batch_writes_derivatives_records_failures_and_resumes(bids, tmp_path, t
         (out / "sub-01/anat/sub-01_desc-healed_T1w.json").read_text())["output_sha256"]
     assert run(bids, out, tiny_bundle, "--participant-label", "sub-01", "--strength", "0.4") == 0
     assert records(out)["sub-01"]["status"] == "healed"
+    # an engine that heals the same settings differently (ENGINE_REVISION) redoes it: it is not up to date
+    import USBLib.apps.batch as batch_module
+
+    before = batch_module.ENGINE_REVISION
+    try:
+        batch_module.ENGINE_REVISION = before + 1
+        assert run(bids, out, tiny_bundle, "--participant-label", "sub-01", "--strength", "0.4") == 0
+        assert records(out)["sub-01"]["status"] == "healed"
+    finally:
+        batch_module.ENGINE_REVISION = before
 
 
 def test_the_qc_table_carries_a_heal_s_notes_also_on_a_resumed_run(tmp_path, tiny_bundle):

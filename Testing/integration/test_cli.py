@@ -120,7 +120,8 @@ def test_generate_and_generate_from_mask(tiny_bundle, scan_files, tmp_path, caps
         assert code == 2 and message in err and err.count("\n") == 1, err
 
 
-def test_an_output_that_would_take_another_output_s_sidecar_is_refused(tiny_bundle, scan_files, tmp_path, capsys):
+def test_an_output_that_would_take_another_output_s_sidecar_is_refused(tiny_bundle, scan_files, tmp_path, capsys,
+                                                                        monkeypatch):
     """healed.nii.gz, then healed.mgz in a later run: one healed.json, which described the first output and was
     silently rewritten for the second (the first left without provenance). Refused before the work; the same name
     again is a rerun and replaces both."""
@@ -133,6 +134,12 @@ def test_an_output_that_would_take_another_output_s_sidecar_is_refused(tiny_bund
     assert code == 2 and "describes" in err and str(first) in err, err
     assert not (tmp_path / "healed.mgz").exists() and json.loads((tmp_path / "healed.json").read_text()) == sidecar
     assert run(capsys, *heal, first)[0] == 0  # a rerun under the same name
+    # the sidecar records the path as typed, relative to where that run ran: found from another folder too
+    monkeypatch.chdir(tmp_path)
+    assert run(capsys, *heal, "out/scan.nii.gz")[0] == 0
+    monkeypatch.chdir(tmp_path / "out")
+    code, _, err = run(capsys, *heal, "scan.mgz")
+    assert code == 2 and "describes" in err, err
 
 
 def test_info_prints_bundle_facts_as_tables(tiny_bundle, capsys):
@@ -186,13 +193,14 @@ def test_info_of_a_bundle_with_odd_metrics_or_fields_is_a_description_or_one_lin
 
 
 def test_info_piped_into_a_reader_that_stops_early_is_quiet():
-    """``usb info --json | head -1``: the reader closes the pipe before usb writes; that was 'internal error:
-    BrokenPipeError', exit 1."""
+    """``usb info --json | head -1``: the reader closes the pipe before usb writes; that printed 'internal error:
+    BrokenPipeError'. No message now; the exit status still says the output did not all get out (a batch piped into
+    ``head`` stops part-way)."""
     proc = subprocess.Popen([sys.executable, "-m", "USBLib.apps.cli", "info", "--json"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     proc.stdout.close()  # before the interpreter has even started: every write meets a closed pipe
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and err.decode().strip() == "", err.decode()
+    assert proc.returncode == 1 and err.decode().strip() == "", err.decode()
 
 
 def _write(path, data, affine=np.eye(4) * 3):

@@ -142,6 +142,9 @@ def test_segment_on_a_cropped_copy_of_the_grid_needs_no_resampling(t1, tmp_path)
     shift.SetMatrixTransformToParent(matrix)
     with pytest.raises(USBEditorError, match="drawn on another image grid"):
         mask_from_node(seg, sid, volume, resample=False)
+    volume.SetAndObserveTransformNodeID(shift.GetID())  # both under it: on the scan's voxels again
+    assert np.array_equal(mask_from_node(seg, sid, volume, resample=False)[0] > 0, expected > 0)
+    volume.SetAndObserveTransformNodeID(None)
 
 
 def test_segment_drawn_on_another_grid_is_resampled_onto_the_scan(t1, tmp_path):
@@ -315,8 +318,9 @@ def test_generate_from_mask_on_reference_and_in_model_space(t1, logic, tiny_mode
     # a mask under a transform: the brain generated in the mask's own space is shown where the mask is
     shift = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
     seg.SetAndObserveTransformNodeID(shift.GetID())
-    moved = logic.run(Task.GENERATE_FROM_MASK, None, seg, segment_id, RunSettings(steps=2), model=tiny_model)
-    assert moved.volume.GetTransformNodeID() == shift.GetID()
+    moved = logic.run(Task.GENERATE_FROM_MASK, None, seg, segment_id, RunSettings(steps=2, samples=2),
+                      model=tiny_model)
+    assert moved.volume.GetTransformNodeID() == moved.uncertainty.GetTransformNodeID() == shift.GetID()
 
 
 def test_generate_pairs_give_brains_and_lesion_segmentations(scene, logic, tiny_model):

@@ -260,9 +260,12 @@ def _on_volume_lattice(seg_node, segment_id: str, volume_node) -> bool:
     """True when the segment's labelmap voxels are the volume's voxels (same axes, spacing and voxel corners) where
     the views show them: their parent transforms included (under a transform that moves it, Slicer resamples the
     segment to where it is shown; under a non-linear one it is never on the lattice)."""
-    seg_world, vol_world = _to_world(seg_node), _to_world(volume_node)
-    if seg_world is None or vol_world is None:
-        return False
+    if seg_node.GetTransformNodeID() == volume_node.GetTransformNodeID():  # one parent (a warp too): no resampling
+        seg_world = vol_world = np.eye(4)
+    else:
+        seg_world, vol_world = _to_world(seg_node), _to_world(volume_node)
+        if seg_world is None or vol_world is None:
+            return False
     image = slicer.vtkOrientedImageData()
     seg_node.GetBinaryLabelmapRepresentation(segment_id, image)
     matrix = vtk.vtkMatrix4x4()
@@ -674,6 +677,8 @@ class EditorLogic:
                 out.uncertainty = self._add_volume(files[("uncertainty", 0)], f"{base} uncertainty", source, None,
                                                    copy_display=False)
                 out.nodes.append(out.uncertainty)
+                if run.placed_like is not None:
+                    self._place_like(out.uncertainty, run.placed_like)
             frames = sorted(i for role, i in files if role == "frame")
             if frames:
                 out.sequence, browser = self._add_sequence([files[("frame", i)] for i in frames],

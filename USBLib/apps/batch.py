@@ -100,9 +100,17 @@ def cancelled_record(subject: Subject, out_root: Path) -> Record:
                   str(Path(out_root) / subject.out_dir / subject.output_name))
 
 
+# Bumped when the same model and settings heal differently (an engine change without a setting of its own), so that
+# a rerun redoes the outputs an older engine made instead of finding them up to date. 1: the mirror blend runs on
+# thick-slice scans too (2026-12-07).
+ENGINE_REVISION = 1
+
+
 def batch_key(bundle_sha256: str, settings: BatchSettings) -> str:
-    """Identifies what an output was made with: the model's checksum and every setting that changes voxels."""
-    relevant = dict(settings.edit_options(), registration=settings.registration, model=bundle_sha256)
+    """Identifies what an output was made with: the model's checksum, every setting that changes voxels and the
+    engine's revision (``ENGINE_REVISION``)."""
+    relevant = dict(settings.edit_options(), registration=settings.registration, model=bundle_sha256,
+                    engine=ENGINE_REVISION)
     if settings.mask_threshold is not None:  # (absent otherwise: keys of earlier batches stay valid)
         relevant["mask_threshold"] = settings.mask_threshold
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]

@@ -194,12 +194,10 @@ def _described_elsewhere(sidecar: Path, out: Path) -> Path | None:
         return None
     if not isinstance(described, str):
         return None
-    other = Path(described)
-    if not other.is_absolute():
-        other = Path.cwd() / other
-    if other.is_file() and other.resolve() != out.resolve() and other.parent.resolve() == out.parent.resolve():
-        return Path(described)
-    return None
+    other = sidecar.parent / Path(described).name  # (recorded as typed, relative to the folder it was run from)
+    if not other.is_file() or (out.exists() and _same_file(other, out)) or other.name == out.name:
+        return None
+    return other
 
 
 def _check_outputs(inputs: Sequence[Path | None], outputs: Sequence[Path | None], model: Any = None) -> None:
@@ -464,10 +462,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USBError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_INTERNAL
-    except BrokenPipeError:  # the reader of stdout stopped early (``usb info --json | head``): nothing to report
-        devnull = os.open(os.devnull, os.O_WRONLY)  # Python's own recipe: no second error when stdout is flushed
-        os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_OK
+    except BrokenPipeError:  # the reader of stdout stopped early (``usb info --json | head``): no message, but
+        try:  # not a success either (a batch piped into ``head`` stopped part-way); Python's own recipe: stdout to
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # devnull, so its flush at exit is quiet
+        except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor
+            pass
+        return EXIT_INTERNAL
     except Exception as exc:  # noqa: BLE001 - last resort: one line unless --debug
         if getattr(args, "debug", False):
             raise
