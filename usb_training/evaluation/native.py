@@ -257,7 +257,8 @@ def method_means(rows: list[dict[str, Any]], keys: list[str]) -> dict[str, dict[
     for method, masks in out.items():
         for mask in masks:
             sel = [r for r in rows if r["method"] == method and r["mask"] == mask]
-            masks[mask] = {k: float(np.nanmean([r[k] for r in sel])) for k in keys if k in sel[0]}
+            masks[mask] = {k: float(np.nanmean([r[k] for r in sel if k in r])) for k in keys
+                           if any(k in r for r in sel)}  # (a case without a mask has no tissue scores)
     return out
 
 
@@ -334,7 +335,7 @@ def evaluate(editor: Editor, cases: Iterable[NativeCase], configs: dict[str, dic
         base = {"case": case.name, "site": case.site, "group": site_group(case.site), "contrast": case.contrast,
                 "changed_voxels": int(changed.sum()), "mask_voxels": int(case.mask.sum())}
         truth_seg = None
-        if segment_cache is not None:
+        if segment_cache is not None and np.any(case.mask > 0):  # (a thick case's mask can vanish: no box)
             box = segment_box(case.mask, spacing)
             seg = lambda x: segment(x[box], case.brain[box], segment_cache)  # noqa: E731
             truth_seg = seg(case.healthy)
