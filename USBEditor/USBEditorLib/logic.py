@@ -208,13 +208,7 @@ def default_settings(task: Task, model: Optional[str] = None) -> RunSettings:
 
 def describe_model(model: Optional[str] = None) -> str:
     """One line about a model bundle (name, tier, grid), or a USBEditorError saying why it cannot be used."""
-    from USBLib.core.bundle import load
-    from USBLib.errors import BundleError
-
-    try:
-        bundle = load(model or None)
-    except BundleError as exc:
-        raise USBEditorError(str(exc)) from None
+    bundle = panel_bundle(model)
     spacing = "x".join(f"{s:g}" for s in bundle.spacing)
     return f"{bundle.name} ({bundle.tier} tier, grid {'x'.join(map(str, bundle.grid_shape))} at {spacing} mm)"
 
@@ -665,25 +659,22 @@ class EditorLogic:
                 node = self._add_volume(files[("image", i)], name, source, like_dtype)
                 out.nodes.append(node)
                 out.volume = out.volume or node
-                if run.placed_like is not None:  # a brain for a mask without a volume: where the mask is shown
-                    self._place_like(node, run.placed_like)
                 if ("lesion", i) in files:
                     lesion = self._add_lesion(files[("lesion", i)], node, name.replace("brain", "lesion"))
                     out.nodes.append(lesion)
                     out.lesion = out.lesion or lesion
-                    if run.placed_like is not None:
-                        self._place_like(lesion, run.placed_like)
             if ("uncertainty", 0) in files:
                 out.uncertainty = self._add_volume(files[("uncertainty", 0)], f"{base} uncertainty", source, None,
                                                    copy_display=False)
                 out.nodes.append(out.uncertainty)
-                if run.placed_like is not None:
-                    self._place_like(out.uncertainty, run.placed_like)
             frames = sorted(i for role, i in files if role == "frame")
             if frames:
                 out.sequence, browser = self._add_sequence([files[("frame", i)] for i in frames],
                                                            f"{source.GetName()} lesion progression", source, like_dtype)
                 out.nodes += [out.sequence, browser]
+            if run.placed_like is not None:  # a brain for a mask without a volume: shown where the mask is
+                for node in out.nodes:
+                    self._place_like(node, run.placed_like)
         except Exception:
             for node in out.nodes:
                 slicer.mrmlScene.RemoveNode(node)

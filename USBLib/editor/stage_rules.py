@@ -76,25 +76,21 @@ PATCH_BLEND_CSF_LEVEL = 0.35  # x the 99th brain percentile: a voxel whose 3x3x3
 def blends_patches(task: str, mask: np.ndarray | None, settings: dict[str, Any], affine: np.ndarray) -> bool:
     """Whether a heal blends a patch fill into its fill (``patch_blend`` > 0, a mask, and a scan whose boxes the
     local stage does not resample: it was measured on 1 mm scans only, ``Editor._patch_blend_stage``)."""
-    return refines_one_mm_heal(task, mask, settings, affine, "patch_blend")
+    from USBLib.imaging.boxes import needs_resampling
+
+    return refines_heal(task, mask, settings, "patch_blend") and not needs_resampling(voxel_spacing(affine))
 
 
 def blends_mirror(task: str, mask: np.ndarray | None, settings: dict[str, Any], affine: np.ndarray) -> bool:
     """Whether a heal moves its fill towards the scan's other hemisphere (``mirror_blend`` > 0, a mask, ``growth``
     ``rim``): on 1 mm and thick-slice scans alike (measured on both: docs/model.md, "The other hemisphere" and "The
     other hemisphere on thick slices"). ``affine`` is not read (the signature is the other refinements')."""
-    return (task == "heal" and mask is not None and float(value_of(settings, "mirror_blend") or 0) > 0
-            and value_of(settings, "growth") == "rim")
+    return refines_heal(task, mask, settings, "mirror_blend") and value_of(settings, "growth") == "rim"
 
 
-def refines_one_mm_heal(task: str, mask: np.ndarray | None, settings: dict[str, Any], affine: np.ndarray,
-                        weight: str) -> bool:
-    """A heal with a mask, the setting ``weight`` above 0, on a scan whose boxes the local stage does not resample
-    (the fill refinements measured on 1 mm scans only)."""
-    from USBLib.imaging.boxes import needs_resampling
-
-    return (task == "heal" and mask is not None and float(value_of(settings, weight) or 0) > 0
-            and not needs_resampling(voxel_spacing(affine)))
+def refines_heal(task: str, mask: np.ndarray | None, settings: dict[str, Any], weight: str) -> bool:
+    """A heal with a mask and the fill refinement's setting ``weight`` above 0."""
+    return task == "heal" and mask is not None and float(value_of(settings, weight) or 0) > 0
 
 
 def brain_p99(task: str, image: np.ndarray, mask: np.ndarray | None, brain: np.ndarray, settings: dict[str, Any],
