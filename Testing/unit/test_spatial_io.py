@@ -357,3 +357,18 @@ def test_a_failed_command_puts_back_the_files_its_outputs_had_replaced(tmp_path)
         written.append(write_volume(old, data + 3, np.eye(4)))
     assert sorted(f.name for f in tmp_path.iterdir()) == ["out.json", "out.nii.gz"]
     assert np.array_equal(read_volume(old).data, data + 3)
+
+
+def test_a_sidecar_that_fails_after_its_image_replaced_an_output_leaves_neither_old_nor_new(tmp_path):
+    """usb batch (no all_or_nothing): an output healed again whose sidecar cannot be written (an input deleted
+    meanwhile) takes the new image and the old sidecar, which described the replaced output; neither is left."""
+    from USBLib.imaging.io import sidecar_path, write_result
+
+    data = np.zeros((3, 4, 5), np.float32)
+    scan = write_volume(tmp_path / "scan.nii.gz", data, np.eye(4))
+    out = tmp_path / "out.nii.gz"
+    write_result(out, data + 1, np.eye(4), None, {"task": "heal"}, {"image": scan})
+    assert sidecar_path(out).is_file()
+    with pytest.raises(InputError, match="moved or deleted"):
+        write_result(out, data + 2, np.eye(4), None, {"task": "heal"}, {"image": tmp_path / "gone.nii.gz"})
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["scan.nii.gz"]

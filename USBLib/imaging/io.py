@@ -576,8 +576,12 @@ def write_result(out: os.PathLike | str, data: np.ndarray, affine: np.ndarray, h
     try:
         return _write_sidecar(out, provenance, inputs, extra)
     except BaseException as exc:
-        if isinstance(exc, Exception) or _UNDO.get() is not None:
-            for file in output_files(out):  # an output without its sidecar is not a result: leave neither
+        undo = _UNDO.get()
+        if isinstance(exc, Exception) or undo is not None:
+            # an output without its sidecar is not a result: leave neither. Outside ``all_or_nothing`` (usb batch)
+            # a sidecar still there describes the output this image replaced, which is gone: it goes too
+            stale = [sidecar_path(out)] if undo is None else []
+            for file in [*output_files(out), *stale]:
                 file.unlink(missing_ok=True)
         raise
 
