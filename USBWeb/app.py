@@ -28,6 +28,8 @@ from .views import Views
 
 log = logging.getLogger("USBWeb")
 DOWNLOAD_ROUTE = "/usb/download"
+UNPACKED_PER_UPLOAD_BYTE = 4  # a scan's voxels may take this many times the upload limit once unpacked (real scans
+#                               compress 2-4 times; a few MB of .nii.gz of zeros can unpack to gigabytes)
 TRIGGERS = {"usb_load_sample": "load_sample", "usb_upload_scan": "upload_scan", "usb_upload_mask": "upload_mask",
             "usb_clear_lesion": "clear_lesion", "usb_reset": "reset_defaults", "usb_apply": "apply",
             "usb_cancel": "cancel"}
@@ -45,7 +47,7 @@ class USBWebApp(TrameApp):
         slicer_env.install(self.slicer_app)
         register_rca_factories(self.slicer_app.view_manager, self.server)
         self.layout_manager = LayoutManager(self.slicer_app.scene, self.slicer_app.view_manager, self.server)
-        self.document = Document()
+        self.document = Document(max_bytes=UNPACKED_PER_UPLOAD_BYTE * self.private.limit_bytes)
         self.views = Views(self.slicer_app, self.layout_manager)
         self.brush = Brush(self.slicer_app.segmentation_editor, self._on_stroke)
         self.jobs = EditJobs(model=self.model, device=device)
@@ -54,9 +56,34 @@ class USBWebApp(TrameApp):
         self._count_scheduled = False
         self._init_state()
         for name, action in TRIGGERS.items():  # fixed names: the page (and a test) calls trigger('usb_apply')
-            self.server.trigger(name)(getattr(self, action))
+            self.server.trigger(name)(self._guarded(action))
+        self._uploading = False  # an upload is being read (the page sets usb_loading before it sends one)
+        self.server.controller.on_client_connected.add(self._clear_stale_loading)
+        self.server.controller.on_client_exited.add(self._clear_stale_loading)
         self.ui = page.build(self)
         self.server.controller.on_server_bind.add(self._add_routes)
+
+    def _guarded(self, action: str):
+        """The trigger's handler: arguments the page does not send are refused in one line on the page (a
+        hand-made call got trame's traceback back, with the server's paths)."""
+        method = getattr(self, action)
+        upload = action in ("upload_scan", "upload_mask")
+
+        def handler(*args, **kwargs):
+            if kwargs or len(args) > int(upload) or (upload and args and not isinstance(args[0], list)):
+                with self.state:
+                    self.state.update({"usb_error": "That request is not one the page sends.", "usb_loading": False})
+                return None
+            return method(*args)
+
+        return handler
+
+    def _clear_stale_loading(self, **_) -> None:
+        """A tab that set ``usb_loading`` and then closed, or whose upload never arrived, must not leave every tab's
+        controls disabled: when a tab connects or leaves and no upload is being read, loading is over."""
+        if not self._uploading and self.state.usb_loading:
+            with self.state:
+                self.state.usb_loading = False
 
     # ----------------------------------------------------------------- state
     def _init_state(self) -> None:
@@ -145,10 +172,12 @@ class USBWebApp(TrameApp):
     async def upload_scan(self, files: list[dict]) -> None:
         """A scan sent by the browser (NIfTI, NRRD, MGZ)."""
         if not files or self._refuse_while_running():
+            self.state.usb_loading = False  # (the page set it before sending)
             return
         with self.state:
             self.state.usb_loading, self.state.usb_error = True, ""
         path: Optional[Path] = None
+        self._uploading = True
         try:
             path = self.private.save_upload(files[0], SCAN_SUFFIXES)
             self.document.load_scan(path, str(files[0].get("name") or path.name))
@@ -158,6 +187,7 @@ class USBWebApp(TrameApp):
                 self.state.usb_loading = False
             return
         finally:
+            self._uploading = False
             self.private.discard(path)  # read into the scene (or refused): the file is not kept
         with self.state:
             self._after_load(f"Loaded {self.document.volume.GetName()}: paint the lesion or upload a mask.")
@@ -165,10 +195,12 @@ class USBWebApp(TrameApp):
     async def upload_mask(self, files: list[dict]) -> None:
         """A lesion mask sent by the browser: into the lesion segment, resampled or refused as in Slicer."""
         if not files or self._refuse_while_running():
+            self.state.usb_loading = False  # (the page set it before sending)
             return
         with self.state:
             self.state.usb_loading, self.state.usb_error = True, ""
         path: Optional[Path] = None
+        self._uploading = True
         try:
             path = self.private.save_upload(files[0], MASK_SUFFIXES)
             voxels = self.document.import_mask(path, bool(self.state.usb_resample),
@@ -178,6 +210,7 @@ class USBWebApp(TrameApp):
             status = ""
             self._fail(exc, "loading a mask")
         finally:
+            self._uploading = False
             self.private.discard(path)
         with self.state:
             self.state.usb_loading = False
@@ -274,7 +307,7 @@ class USBWebApp(TrameApp):
 
     def cancel(self) -> None:
         if self.jobs.cancel():
-            self.state.update({"usb_running": False, "usb_progress": 0.0, "usb_progress_text": "",
+            self.state.update({"usb_running": False, "usb_progress": 0.0, "usb_progress_text": "", "usb_error": "",
                                "usb_status": "Cancelled: the scan is as it was; no result was added."})
 
     def _on_progress(self, progress: Progress) -> None:
@@ -300,7 +333,7 @@ class USBWebApp(TrameApp):
         self.document.set_result(result)
         notes = " ".join(n[:1].upper() + n[1:] + "." for n in result.outputs.notes)
         self.state.update({
-            "usb_running": False, "usb_progress": 100.0, "usb_progress_text": "",
+            "usb_running": False, "usb_progress": 100.0, "usb_progress_text": "", "usb_error": "",
             "usb_result": result.volume.GetName(), "usb_fade": 1.0, "usb_show_uncertainty": False,
             "usb_has_uncertainty": result.uncertainty is not None, "usb_download_url": "",
             "usb_status": f"Done in {seconds:.1f} s (engine {result.engine_seconds:.1f} s): "

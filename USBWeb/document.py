@@ -62,25 +62,32 @@ def file_stem(name: str) -> str:
 
 
 NOT_AN_IMAGE = "it is not a NIfTI, NRRD or MGZ image"
+CUT_SHORT = "the file ends early (an incomplete upload?)"
 
 
 def read_reason(message: str, path: Path, what: str) -> str:
     """Why ``USBLib.imaging.io.read_volume`` refused ``path`` (its ``InputError`` message), without the path: "it has
     shape (4, 4, 4, 2); a 3D volume is needed"; a file that cannot be parsed at all is ``NOT_AN_IMAGE``."""
+    from USBLib.imaging.io import CUT_SHORT as READER_CUT_SHORT
+
     message = message.strip()
     if message.startswith(f"cannot read {what} ") or not message.startswith(f"{path}: "):
-        return NOT_AN_IMAGE
+        return CUT_SHORT if READER_CUT_SHORT in message else NOT_AN_IMAGE
     reason = message[len(f"{path}: "):]
     return "it " + reason[len(what) + 1:] if reason.startswith(f"{what} ") else reason
 
 
-def read_node(path: Path, labelmap: bool, name: str = "") -> tuple[Any, Any, Optional[tuple[int, ...]]]:
+def read_node(path: Path, labelmap: bool, name: str = "", max_bytes: Optional[int] = None
+              ) -> tuple[Any, Any, Optional[tuple[int, ...]]]:
     """A scan (``labelmap`` False) or mask node from a file, with its nibabel header (None for NRRD and
     ``.seg.nrrd``). Scans and masks are read by the engine's reader, ``USBLib.imaging.io.read_volume``, as ``usb heal``
     reads them: the same geometry and the same refusals (4-D with several frames, 2-D, several components, a
-    non-numeric voxel type, a degenerate affine); a ``.seg.nrrd`` mask by ``USBEditorLib.logic.load_mask``. Raises
-    ``USBEditorError`` with one line naming the file as ``name`` (the browser's name; default: the file's)."""
+    non-numeric voxel type, a degenerate affine, a mask of several non-zero values); a ``.seg.nrrd`` mask by
+    ``USBEditorLib.logic.load_mask``. ``max_bytes``: voxels larger than this as stored are refused before they are
+    read (a small ``.nii.gz`` can hold gigabytes). Raises ``USBEditorError`` with one line naming the file as ``name``
+    (the browser's name; default: the file's)."""
     from USBLib.errors import InputError
+    from USBLib.imaging.checks import check_binary
     from USBLib.imaging.io import check_image_values, read_volume
 
     name = name or path.name
@@ -91,9 +98,11 @@ def read_node(path: Path, labelmap: bool, name: str = "") -> tuple[Any, Any, Opt
         except L.USBEditorError:
             raise L.USBEditorError(f"Could not read '{name}' as a mask: it is not a .seg.nrrd segmentation.") from None
     try:
-        vol = read_volume(path, what)
+        vol = read_volume(path, what, max_bytes=max_bytes)
         if not labelmap:  # values, as `usb heal` checks them: not constant, not all NaN
             check_image_values(vol, what)
+        else:  # one lesion value, as `usb heal` checks a mask (not a probability map, not several labels)
+            check_binary(vol.data, what, f"{path}: {what}")
     except InputError as exc:
         reason = read_reason(str(exc), path, what)
         if reason == NOT_AN_IMAGE and labelmap:
@@ -111,7 +120,8 @@ def read_node(path: Path, labelmap: bool, name: str = "") -> tuple[Any, Any, Opt
 class Document:
     """The scan, its lesion segment and the latest result; each load replaces all three."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: Optional[int] = None) -> None:
+        self.max_bytes = max_bytes  # a scan's or mask's voxels as stored, at most (``read_node``); None: any size
         self.volume = None
         self.segmentation = None
         self.segment_id = ""
@@ -125,7 +135,8 @@ class Document:
         """Load a scan with the engine's reader (``read_node``); raises ``USBEditorError`` with one line naming the
         file as ``source_name`` (the browser's name); on failure the current scan, lesion and result stay."""
         path = Path(path)
-        node, header, file_shape = read_node(path, labelmap=False, name=source_name or path.name)
+        node, header, file_shape = read_node(path, labelmap=False, name=source_name or path.name,
+                                             max_bytes=self.max_bytes)
         self._replace(node, source_name or path.name, path, header)
         self.file_shape = file_shape
         return node
@@ -168,7 +179,8 @@ class Document:
         if self.volume is None:
             raise L.USBEditorError("Load a scan first: the mask is placed on it.")
         path = Path(path)
-        node, _header, _shape = read_node(path, labelmap=True, name=source_name or path.name)
+        node, _header, _shape = read_node(path, labelmap=True, name=source_name or path.name,
+                                          max_bytes=self.max_bytes)
         try:
             mask, _name = L.mask_from_node(node, None, self.volume, resample)
         finally:

@@ -79,8 +79,14 @@ class PrivateFolder:
                               f"{self.limit_bytes / 2**20:.0f} MB (usb web --max-upload-mb).")
         if not content:
             raise UploadError(f"'{name}' is empty.")
+        if not isinstance(content, (bytes, bytearray, memoryview)):
+            raise UploadError(f"'{name}' did not arrive as a file.")
         path = self._new_dir("upload") / (safe_stem(name, ext) + ext)
-        path.write_bytes(content)
+        try:
+            path.write_bytes(content)
+        except BaseException:  # a full disk, say: no folder is left behind
+            shutil.rmtree(path.parent, ignore_errors=True)
+            raise
         return path
 
     def new_folder(self, kind: str) -> Path:

@@ -413,3 +413,19 @@ def test_console_script_runs_as_a_process(tiny_bundle):
                            "--model", str(tiny_bundle.root)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.strip() == "usb: error: input image file not found: missing.nii.gz"
     assert proc.stdout.strip() == "False"
+
+
+def test_an_nhdr_output_may_not_replace_the_data_file_of_an_nhdr_input(tiny_bundle, scan_files, tmp_path, capsys):
+    """``scan.nhdr`` whose data file is ``healed.raw.gz``: ``-o healed.nhdr`` writes ``healed.raw.gz`` too, and the
+    input would then read as the healed scan. Refused before the work, the input's files untouched."""
+    from USBLib.imaging.io import write_volume
+
+    ref = nib.load(str(scan_files["image"]))
+    header = write_volume(tmp_path / "scan.nhdr", np.asarray(ref.dataobj), ref.affine)
+    (tmp_path / "scan.raw.gz").rename(tmp_path / "healed.raw.gz")
+    header.write_text(header.read_text().replace("data file: scan.raw.gz", "data file: healed.raw.gz"))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    code, _, err = run(capsys, "heal", header, "--mask", scan_files["mask"], "-o", tmp_path / "healed.nhdr",
+                       "--model", tiny_bundle.root, "--quiet")
+    assert code == 2 and "would replace" in err and "healed.raw.gz, the data file of input" in err, err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -372,3 +372,20 @@ def test_a_sidecar_that_fails_after_its_image_replaced_an_output_leaves_neither_
     with pytest.raises(InputError, match="moved or deleted"):
         write_result(out, data + 2, np.eye(4), None, {"task": "heal"}, {"image": tmp_path / "gone.nii.gz"})
     assert sorted(f.name for f in tmp_path.iterdir()) == ["scan.nii.gz"]
+
+
+def test_a_big_endian_mgz_keeps_its_type_in_any_output_and_a_mixed_case_suffix_is_written(tmp_path):
+    """MGZ stores big-endian: an int16 MGZ came back int32 (the MGH type check compared '>i2' with int16) and a
+    .nrrd output of it failed after the whole edit (SimpleITK refuses big-endian arrays). 'out.Nii': nibabel wrote
+    'out.nii' beside the temporary file, so the output was empty and a hidden file was left."""
+    data = (np.arange(5 * 6 * 7).reshape(5, 6, 7) % 300).astype(np.int16)
+    affine = np.diag([1.0, 1.2, 0.9, 1.0])
+    nib.save(nib.MGHImage(data, affine), str(tmp_path / "in.mgz"))
+    vol = read_volume(tmp_path / "in.mgz")
+    assert vol.data.dtype == np.int16 and vol.data.dtype.isnative
+    write_volume(tmp_path / "out.mgz", vol.data, vol.affine, vol.header)
+    assert nib.load(str(tmp_path / "out.mgz")).get_data_dtype() == np.dtype(">i2")
+    for name in ("out.nrrd", "out.Nii", "OUT.Nii.Gz"):
+        back = read_volume(write_volume(tmp_path / name, vol.data, vol.affine))
+        assert np.array_equal(back.data, data) and np.allclose(back.affine, affine, atol=1e-5), name
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -255,3 +255,33 @@ def test_a_one_frame_4d_scan_downloads_as_one_frame_4d(doc, tmp_path, phantom_fi
         with zipfile.ZipFile(doc.export_result(folder)) as zf:
             zf.extractall(folder)
         assert nib.load(str(folder / f"{name[:3]}_healed.nii.gz")).shape == shape
+
+
+def test_a_cut_short_scan_a_probability_mask_and_a_scan_too_large_unpacked_are_one_line_each(scene, tmp_path,
+                                                                                          phantom_files):
+    """As `usb heal` reads them: a .nii.gz cut short says so (it was called "not a NIfTI, NRRD or MGZ image"); a mask
+    of several non-zero values (a probability map) is refused (it was taken as lesion wherever it was non-zero); and a
+    server's size limit holds for the voxels unpacked, before they are read (a small .nii.gz can hold gigabytes)."""
+    doc = Document(max_bytes=2**20)
+    doc.load_scan(phantom_files["scan"], "T1.nii.gz")
+    whole = phantom_files["scan"].read_bytes()
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(L.USBEditorError) as info:
+        doc.load_scan(cut, "T1_cut.nii.gz")
+    assert str(info.value) == "Could not read 'T1_cut.nii.gz' as a scan: the file ends early (an incomplete upload?)."
+    img, aff = nib.load(str(phantom_files["mask"])).get_fdata(), nib.load(str(phantom_files["mask"])).affine
+    probability = tmp_path / "p.nii.gz"
+    nib.save(nib.Nifti1Image((img * np.linspace(0.2, 1.0, img.size).reshape(img.shape)).astype(np.float32), aff),
+             str(probability))
+    with pytest.raises(L.USBEditorError) as info:
+        doc.import_mask(probability, source_name="prob.nii.gz")
+    assert str(info.value).startswith("Could not read 'prob.nii.gz' as a mask: it is not binary (values 0, ")
+    assert doc.lesion_voxels() == 0
+    big = tmp_path / "zeros.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((128, 128, 64), np.float32), np.eye(4)), str(big))
+    assert big.stat().st_size < 2**20
+    with pytest.raises(L.USBEditorError, match=r"^Could not read 'zeros.nii.gz' as a scan: it holds 4 MB of voxels "
+                                               r"\(128 x 128 x 64\); at most 1 MB are read here\.$"):
+        doc.load_scan(big, "zeros.nii.gz")
+    assert doc.volume.GetName() == "T1"

@@ -110,3 +110,64 @@ def test_only_loopback_listens_without_a_warning():
     assert is_loopback("127.0.0.1") and is_loopback("::1") and not is_loopback("0.0.0.0")
     assert host_warning("127.0.0.1", 8080) is None
     assert "there is no login" in host_warning("0.0.0.0", 8080)
+
+
+def test_an_upload_that_cannot_be_written_or_is_not_bytes_leaves_no_folder(private, monkeypatch):
+    from pathlib import Path
+
+    with pytest.raises(UploadError, match="did not arrive as a file"):
+        private.save_upload({"name": "T1.nii.gz", "content": "text, not bytes"})
+
+    def full_disk(self, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        private.save_upload({"name": "T1.nii.gz", "content": b"abc"})
+    assert list(private.path.iterdir()) == []
+
+
+class _State(dict):
+    """trame's state as the page's methods use it: items, attributes and ``with state:``."""
+
+    __getattr__, __setattr__ = dict.__getitem__, dict.__setitem__
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        return False
+
+
+def test_a_refused_or_vanished_upload_does_not_leave_every_tab_loading_and_old_errors_go():
+    """The page sets usb_loading before it sends a file: an upload refused while an edit runs, or one whose tab
+    closed before it arrived, left the (server-wide) state loading and every tab's controls disabled until the
+    server restarted. A request the page never sends gets one line, not trame's traceback; Cancel and a finished
+    edit clear an earlier error line."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from USBWeb.app import USBWebApp
+
+    state = _State(usb_loading=True, usb_error="An edit is running: wait for it to finish or press Cancel first.")
+    app = SimpleNamespace(state=state, _uploading=False, _refuse_while_running=lambda: True)
+    asyncio.run(USBWebApp.upload_scan(app, [{"name": "T1.nii.gz", "content": b"x"}]))
+    assert state.usb_loading is False
+    state.usb_loading = True  # a tab set it, then closed before its upload arrived
+    app._uploading = True  # ... while another tab's upload is being read: that one ends it
+    USBWebApp._clear_stale_loading(app)
+    assert state.usb_loading is True
+    app._uploading = False
+    USBWebApp._clear_stale_loading(app)  # a tab connects or leaves
+    assert state.usb_loading is False
+
+    calls = []
+    app.apply = lambda: calls.append("apply")
+    handler = USBWebApp._guarded(app, "apply")
+    assert handler(1) is None and calls == [] and state.usb_error == "That request is not one the page sends."
+    handler()
+    assert calls == ["apply"]
+
+    app.jobs = SimpleNamespace(cancel=lambda: True)
+    USBWebApp.cancel(app)
+    assert state.usb_error == "" and state.usb_status.startswith("Cancelled")

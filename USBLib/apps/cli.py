@@ -204,9 +204,10 @@ def _check_outputs(inputs: Sequence[Path | None], outputs: Sequence[Path | None]
     """Refuse, before the work, outputs that would overwrite an input or the model's own files (``model``: the
     ``--model`` given), share a path or a sidecar, or cannot be written."""
     from USBLib.core.bundle import resolve
-    from USBLib.imaging.io import check_writable, output_files, sidecar_path, suffix_of
+    from USBLib.imaging.io import check_writable, nhdr_data_files, output_files, sidecar_path, suffix_of
 
     outs = [o for o in outputs if o is not None]
+    read = [(inp, file) for inp in inputs if inp is not None for file in (inp, *nhdr_data_files(inp))]
     model_root = resolve(model).resolve()
     for out in outs:
         if model_root in out.resolve().parents:
@@ -219,6 +220,10 @@ def _check_outputs(inputs: Sequence[Path | None], outputs: Sequence[Path | None]
         for file in output_files(out):  # (a .nhdr output: its data file too)
             if file.is_dir():
                 raise InputError(f"output {file} is a folder")
+            for inp, data in read:  # an input .nhdr's data file too
+                if data != inp and _same_file(data, file):
+                    raise InputError(f"output {out} would replace {data}, the data file of input {inp}; choose "
+                                     "another output name")
         if _foreign_json(sidecar_path(out)):
             raise InputError(f"the output's sidecar {sidecar_path(out)} would replace a JSON file USB did not write "
                              "(a scanner or BIDS sidecar?); choose another output name")

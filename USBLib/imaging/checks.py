@@ -80,6 +80,22 @@ def threshold_mask(mask: np.ndarray, threshold: float | None) -> np.ndarray:
     return (mask >= float(threshold)).astype(np.uint8)
 
 
+def check_binary(mask: np.ndarray, what: str = "lesion mask", subject: str | None = None) -> None:
+    """Refuse (``InputError``, one line) a mask with NaN/Inf voxels or with several non-zero values (a probability
+    map, several labels): every non-zero voxel must have one and the same value. ``subject`` starts the message
+    (default ``what``); the hint names ``--mask-threshold`` for a lesion mask."""
+    subject = subject or what
+    if np.issubdtype(mask.dtype, np.floating) and not np.all(np.isfinite(mask)):
+        raise InputError(f"{subject} contains NaN or Inf voxels")
+    values = np.unique(mask)
+    nonzero = values[values != 0]
+    if len(nonzero) > 1:
+        shown = ", ".join(f"{v:g}" for v in values[:5])
+        hint = ("give a mask whose lesion voxels share one value, or binarise it with --mask-threshold T"
+                if what == "lesion mask" else "give a mask with 0 outside and one value inside")
+        raise InputError(f"{subject} is not binary (values {shown}{', ...' if len(values) > 5 else ''}); {hint}")
+
+
 def check_mask(mask: np.ndarray, shape, mask_affine, affine, resample_mask: bool,
                what: str = "lesion mask") -> np.ndarray:
     """A binary mask on the image's grid (``shape``, ``affine``), as uint8 {0, 1}. A mask on the image's grid in
@@ -92,15 +108,7 @@ def check_mask(mask: np.ndarray, shape, mask_affine, affine, resample_mask: bool
     pointer to ``--mask-threshold`` (``threshold_mask``).
     """
     mask = squeeze_3d(mask, what)
-    if np.issubdtype(mask.dtype, np.floating) and not np.all(np.isfinite(mask)):
-        raise InputError(f"{what} contains NaN or Inf voxels")
-    values = np.unique(mask)
-    nonzero = values[values != 0]
-    if len(nonzero) > 1:
-        shown = ", ".join(f"{v:g}" for v in values[:5])
-        hint = ("give a mask whose lesion voxels share one value, or binarise it with --mask-threshold T"
-                if what == "lesion mask" else "give a mask with 0 outside and one value inside")
-        raise InputError(f"{what} is not binary (values {shown}{', ...' if len(values) > 5 else ''}); {hint}")
+    check_binary(mask, what)
     if mask_affine is None:
         mask_affine = affine
     if not same_grid(mask.shape, mask_affine, shape, affine):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -119,7 +120,7 @@ def _sitk_to_ras_affine(img) -> np.ndarray:
     return LPS_TO_RAS @ aff
 
 
-def read_volume(path: os.PathLike | str, what: str = "image") -> Volume:
+def read_volume(path: os.PathLike | str, what: str = "image", max_bytes: int | None = None) -> Volume:
     """Read a 3D volume; 4D with a single frame is squeezed. Raises ``InputError`` with one clear line.
 
     Returns a ``Volume`` with ``data`` [I, J, K] (at least 2 voxels per axis, the real scalar dtype the reader
@@ -129,6 +130,8 @@ def read_volume(path: os.PathLike | str, what: str = "image") -> Volume:
     Args:
         path: a ``.nii``, ``.nii.gz``, ``.mgz``, ``.mgh``, ``.nrrd`` or ``.nhdr`` file.
         what: the file's role, used in error messages (e.g. ``"image"``, ``"lesion mask"``).
+        max_bytes: refuse, before reading them, voxels that take more than this many bytes as stored (a server's
+            guard: a few MB of ``.nii.gz`` can hold gigabytes of zeros); None reads any size.
     """
     path = Path(path)
     if not path.exists():
@@ -140,6 +143,12 @@ def read_volume(path: os.PathLike | str, what: str = "image") -> Volume:
         if suf in (".nrrd", ".nhdr"):
             import SimpleITK as sitk
 
+            if max_bytes is not None:
+                reader = sitk.ImageFileReader()
+                reader.SetFileName(str(path))
+                reader.ReadImageInformation()
+                itemsize = sitk.GetArrayViewFromImage(sitk.Image([1] * 3, reader.GetPixelID())).itemsize
+                _check_size(path, what, reader.GetSize(), itemsize, max_bytes)
             img = sitk.ReadImage(str(path))
             if img.GetNumberOfComponentsPerPixel() != 1:
                 raise InputError(f"{path}: {what} has {img.GetNumberOfComponentsPerPixel()} components per voxel; "
@@ -151,16 +160,20 @@ def read_volume(path: os.PathLike | str, what: str = "image") -> Volume:
             data = sitk.GetArrayFromImage(img).transpose(2, 1, 0)
             vol = Volume(np.ascontiguousarray(data), _sitk_to_ras_affine(img), None, path)
         else:
-            import nibabel as nib
+            with _lower_case_suffix(path, suf) as readable:
+                import nibabel as nib
 
-            img = nib.load(str(path))
-            data = np.asanyarray(img.dataobj)
+                img = nib.load(str(readable))
+                if max_bytes is not None:
+                    _check_size(path, what, img.shape, img.get_data_dtype().itemsize, max_bytes)
+                data = np.asanyarray(img.dataobj)
+            if not data.dtype.isnative:  # MGZ is big-endian: the same type in this machine's byte order, so that
+                data = data.astype(data.dtype.newbyteorder("="))  # it is written back as it came (and SimpleITK takes it)
             vol = Volume(data, np.asarray(img.affine, dtype=np.float64), _with_stored_scaling(img), path)
     except InputError:
         raise
     except Exception as exc:  # corrupt or unreadable file: one line, no traceback
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"cannot read {what} {path}: {detail}") from None
+        raise InputError(f"cannot read {what} {path}: {read_failure(exc)}") from None
     if _one_volume_4d(vol.data.shape):
         vol.file_shape = tuple(vol.data.shape)
         vol.data = vol.data.reshape(vol.data.shape[:3])
@@ -173,6 +186,46 @@ def read_volume(path: os.PathLike | str, what: str = "image") -> Volume:
     if not np.all(np.isfinite(vol.affine)) or abs(np.linalg.det(vol.affine[:3, :3])) < 1e-9:
         raise InputError(f"{path}: {what} has a degenerate voxel-to-world affine")
     return vol
+
+
+@contextmanager
+def _lower_case_suffix(path: Path, suf: str) -> Iterator[Path]:
+    """``path`` under a name whose suffix is lower case (a link in a temporary folder when it is not): nibabel looks
+    for 'scan.nii' when told 'scan.Nii'."""
+    name = path.name
+    if name.endswith(suf):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="usb-read-") as folder:
+        link = Path(folder) / (name[: len(name) - len(suf)] + suf)
+        link.symlink_to(path.resolve())
+        yield link
+
+
+def _check_size(path: Path, what: str, shape, itemsize: int, max_bytes: int) -> None:
+    """Refuse (``InputError``) a volume whose voxels as stored (``shape`` x ``itemsize``) exceed ``max_bytes``."""
+    size = int(np.prod([int(n) for n in shape], dtype=np.float64)) * int(itemsize)
+    if size > max_bytes:
+        raise InputError(f"{path}: {what} holds {size / 2**20:.0f} MB of voxels ({' x '.join(map(str, shape))}); "
+                         f"at most {max_bytes / 2**20:.0f} MB are read here")
+
+
+CUT_SHORT = "the file ends early (an incomplete download or copy?)"
+_CUT_SHORT_SIGNS = ("ended before the end-of-stream", "bytes, got", "bytes but received", "unexpected end of file")
+
+
+def read_failure(exc: BaseException) -> str:
+    """Why a reader failed, as one line: a file that ends early (a truncated ``.nii.gz``, ``.nii`` or ``.nrrd``) says
+    so (``CUT_SHORT``, the reader's detail after it); a SimpleITK error gives its last line (its first names a C++
+    source file), without ITK's ``[nrrd] function:`` prefix."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    line = lines[-1] if lines[0].startswith("Exception thrown in SimpleITK") else lines[0]
+    line = re.sub(r"^\[\w+\]\s*(\w+:\s*)?", "", line)
+    if any(sign in line.lower() for sign in _CUT_SHORT_SIGNS):
+        return f"{CUT_SHORT}: {line}"
+    return line
 
 
 def check_image_values(vol: Volume, what: str = "image") -> None:
@@ -250,7 +303,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
         target: the final file path; its folder is created if needed.
     """
     target = Path(target)
-    suffix = "".join(target.suffixes) or ".tmp"
+    suffix = "".join(target.suffixes).lower() or ".tmp"  # nibabel writes 'x.Nii' to 'x.nii': the file must be ours
     tmp = None
     created = _make_folder(target.parent, target)
     try:
@@ -335,6 +388,9 @@ def _one_volume_4d(shape) -> bool:
 
 
 def _write_to(path: Path, fmt: str, data: np.ndarray, affine: np.ndarray, header: Any) -> None:
+    data = np.asarray(data)
+    if not data.dtype.isnative:  # (SimpleITK refuses big-endian arrays; the MGH check compares native types)
+        data = data.astype(data.dtype.newbyteorder("="))
     if fmt not in (".nii", ".nii.gz") and _one_volume_4d(data.shape):
         data = data.reshape(data.shape[:3])  # a 4D one-volume NIfTI's shape: MGZ and NRRD take the scan as 3D
     if fmt in (".nrrd", ".nhdr"):
@@ -449,6 +505,27 @@ def detached_data_file(path: os.PathLike | str) -> Path | None:
     if suffix_of(path) != ".nhdr":
         return None
     return path.with_name(path.name[: -len(".nhdr")] + ".raw.gz")
+
+
+def nhdr_data_files(path: os.PathLike | str) -> list[Path]:
+    """The data files a ``.nhdr`` header names (``data file: NAME`` or ``data file: LIST`` and the names after it),
+    beside the header unless absolute; [] for other formats, a header that cannot be read, or a file-name pattern."""
+    path = Path(path)
+    if suffix_of(path) != ".nhdr":
+        return []
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    for i, line in enumerate(lines):
+        key, _, value = line.partition(":")
+        if key.strip().lower() not in ("data file", "datafile"):
+            continue
+        value = value.strip()
+        names = [n.strip() for n in lines[i + 1:] if n.strip()] if value.split()[:1] == ["LIST"] else \
+            ([] if "%" in value or len(value.split()) > 1 else [value])
+        return [(path.parent / name) if not Path(name).is_absolute() else Path(name) for name in names]
+    return []
 
 
 def output_files(path: os.PathLike | str) -> list[Path]:
