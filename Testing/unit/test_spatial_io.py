@@ -389,3 +389,25 @@ def test_a_big_endian_mgz_keeps_its_type_in_any_output_and_a_mixed_case_suffix_i
         back = read_volume(write_volume(tmp_path / name, vol.data, vol.affine))
         assert np.array_equal(back.data, data) and np.allclose(back.affine, affine, atol=1e-5), name
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_sidecar_records_an_nhdr_input_with_its_data_file_and_a_cut_short_raw_nrrd_says_so(tmp_path):
+    """The sha256 a sidecar records for a .nhdr covers its data file (header only: a changed data file went
+    unnoticed, and usb batch skipped the scan as up to date); a raw .nrrd cut short reads as "ends early"."""
+    import SimpleITK as sitk
+
+    from USBLib.imaging.io import read_volume, sidecar_path, volume_sha256, write_result
+
+    data = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    scan = write_volume(tmp_path / "scan.nhdr", data, np.eye(4))
+    out = tmp_path / "out.nii.gz"
+    recorded = write_result(out, data, np.eye(4), None, {"task": "heal"}, {"image": scan})["inputs"]["image"]
+    assert recorded["sha256"] == volume_sha256(scan)
+    write_volume(tmp_path / "other.nhdr", data + 1, np.eye(4))
+    (tmp_path / "other.raw.gz").replace(tmp_path / "scan.raw.gz")  # the header is the same, the data are not
+    assert volume_sha256(scan) != recorded["sha256"] and sidecar_path(out).is_file()
+    raw = tmp_path / "raw.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((40, 40, 40), np.int16)), str(raw), False)
+    raw.write_bytes(raw.read_bytes()[:-5000])
+    with pytest.raises(InputError, match="the file ends early"):
+        read_volume(raw)

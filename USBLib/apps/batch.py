@@ -238,9 +238,10 @@ def _free_link_name(name: str, where: str, known: dict[str, Any]) -> str:
 
 
 def _sha256(path: Path) -> str:
-    from USBLib.core.bundle import sha256_of
+    """An input's or output's sha256 as its sidecar records it (an .nhdr input's data files included)."""
+    from USBLib.imaging.io import volume_sha256
 
-    return sha256_of(path)
+    return volume_sha256(path)
 
 
 def up_to_date(subject: Subject, output: Path, key: str) -> bool:

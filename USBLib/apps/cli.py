@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="other than 127.0.0.1: anyone on that network can use it")
     p.add_argument("--model", help="bundle name or folder (default: the installed default model)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--max-upload-mb", type=float, default=512, help="largest file the page accepts (default 512)")
+    p.add_argument("--max-upload-mb", type=float, default=512,
+                   help="largest file the page accepts (default 512); a scan may unpack to 4 times it")
     return parser
 
 

@@ -211,7 +211,8 @@ def _check_size(path: Path, what: str, shape, itemsize: int, max_bytes: int) -> 
 
 
 CUT_SHORT = "the file ends early (an incomplete download or copy?)"
-_CUT_SHORT_SIGNS = ("ended before the end-of-stream", "bytes, got", "bytes but received", "unexpected end of file")
+_CUT_SHORT_SIGNS = ("ended before the end-of-stream", "bytes, got", "bytes but received", "unexpected end of file",
+                    "fread got only")
 
 
 def read_failure(exc: BaseException) -> str:
@@ -528,6 +529,21 @@ def nhdr_data_files(path: os.PathLike | str) -> list[Path]:
     return []
 
 
+def volume_sha256(path: os.PathLike | str) -> str:
+    """The sha256 a sidecar records for an input volume: of the file; for a ``.nhdr``, of the header and the data
+    files it names together (the sha256 of their sha256s, in order), so that a changed data file is a changed input.
+    Raises ``FileNotFoundError`` when a file is missing."""
+    import hashlib
+
+    from USBLib.hashing import sha256_of
+
+    path = Path(path)
+    data = nhdr_data_files(path)
+    if not data:
+        return sha256_of(path)
+    return hashlib.sha256("".join(sha256_of(f) for f in (path, *data)).encode()).hexdigest()
+
+
 def output_files(path: os.PathLike | str) -> list[Path]:
     """Every file an output volume ``path`` consists of: itself and, for a ``.nhdr``, its data file."""
     data = detached_data_file(path)
@@ -666,16 +682,14 @@ def write_result(out: os.PathLike | str, data: np.ndarray, affine: np.ndarray, h
 def _write_sidecar(out: Path, provenance: dict, inputs: dict[str, Any], extra: dict | None) -> dict:
     import time
 
-    from USBLib.hashing import sha256_of
-
     sidecar = dict(provenance)
     try:
-        sidecar["inputs"] = {k: {"path": str(v), "sha256": sha256_of(Path(v))} for k, v in inputs.items()
+        sidecar["inputs"] = {k: {"path": str(v), "sha256": volume_sha256(v)} for k, v in inputs.items()
                              if v is not None}
     except FileNotFoundError as exc:
         raise InputError(f"{exc.filename}: the input was moved or deleted while the command ran") from None
     sidecar["output"] = str(out)
-    sidecar["output_sha256"] = sha256_of(out)
+    sidecar["output_sha256"] = volume_sha256(out)
     sidecar["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     sidecar.update(extra or {})
     write_json(sidecar_path(out), sidecar)
