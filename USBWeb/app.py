@@ -57,7 +57,6 @@ class USBWebApp(TrameApp):
         self._init_state()
         for name, action in TRIGGERS.items():  # fixed names: the page (and a test) calls trigger('usb_apply')
             self.server.trigger(name)(self._guarded(action))
-        self._uploading = False  # an upload is being read (the page sets usb_loading before it sends one)
         self.server.controller.on_client_connected.add(self._clear_stale_loading)
         self.server.controller.on_client_exited.add(self._clear_stale_loading)
         self.ui = page.build(self)
@@ -70,7 +69,7 @@ class USBWebApp(TrameApp):
         upload = action in ("upload_scan", "upload_mask")
 
         def handler(*args, **kwargs):
-            if kwargs or len(args) > int(upload) or (upload and args and not isinstance(args[0], list)):
+            if kwargs or len(args) != int(upload) or (upload and not isinstance(args[0], list)):
                 with self.state:
                     self.state.update({"usb_error": "That request is not one the page sends.", "usb_loading": False})
                 return None
@@ -80,8 +79,9 @@ class USBWebApp(TrameApp):
 
     def _clear_stale_loading(self, **_) -> None:
         """A tab that set ``usb_loading`` and then closed, or whose upload never arrived, must not leave every tab's
-        controls disabled: when a tab connects or leaves and no upload is being read, loading is over."""
-        if not self._uploading and self.state.usb_loading:
+        controls disabled: when a tab connects or leaves, loading is over (an upload is read within one handler, so
+        none is being read then; a transfer still on its way re-enables the controls until it arrives)."""
+        if self.state.usb_loading:
             with self.state:
                 self.state.usb_loading = False
 
@@ -177,7 +177,6 @@ class USBWebApp(TrameApp):
         with self.state:
             self.state.usb_loading, self.state.usb_error = True, ""
         path: Optional[Path] = None
-        self._uploading = True
         try:
             path = self.private.save_upload(files[0], SCAN_SUFFIXES)
             self.document.load_scan(path, str(files[0].get("name") or path.name))
@@ -187,7 +186,6 @@ class USBWebApp(TrameApp):
                 self.state.usb_loading = False
             return
         finally:
-            self._uploading = False
             self.private.discard(path)  # read into the scene (or refused): the file is not kept
         with self.state:
             self._after_load(f"Loaded {self.document.volume.GetName()}: paint the lesion or upload a mask.")
@@ -200,7 +198,6 @@ class USBWebApp(TrameApp):
         with self.state:
             self.state.usb_loading, self.state.usb_error = True, ""
         path: Optional[Path] = None
-        self._uploading = True
         try:
             path = self.private.save_upload(files[0], MASK_SUFFIXES)
             voxels = self.document.import_mask(path, bool(self.state.usb_resample),
@@ -210,7 +207,6 @@ class USBWebApp(TrameApp):
             status = ""
             self._fail(exc, "loading a mask")
         finally:
-            self._uploading = False
             self.private.discard(path)
         with self.state:
             self.state.usb_loading = False

@@ -88,11 +88,17 @@ def read_node(path: Path, labelmap: bool, name: str = "", max_bytes: Optional[in
     (the browser's name; default: the file's)."""
     from USBLib.errors import InputError
     from USBLib.imaging.checks import check_binary
-    from USBLib.imaging.io import check_image_values, read_volume
+    from USBLib.imaging.io import check_image_values, check_nrrd_size, read_volume
 
     name = name or path.name
     what = "mask" if labelmap else "scan"
     if labelmap and path.name.lower().endswith(".seg.nrrd"):
+        try:
+            if max_bytes is not None:
+                check_nrrd_size(path, what, max_bytes)
+        except InputError as exc:
+            raise L.USBEditorError(f"Could not read '{name}' as a {what}: {read_reason(str(exc), path, what)}.") \
+                from None
         try:
             return L.load_mask(str(path)), None, None
         except L.USBEditorError:

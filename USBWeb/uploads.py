@@ -71,16 +71,16 @@ class PrivateFolder:
             raise UploadError(f"'{safe_stem(name, '')}' is not a file type the page reads "
                               f"({', '.join(allowed)}).")
         content = client_file.get("content") or b""
-        if isinstance(content, list):
+        if isinstance(content, list) and all(isinstance(c, (bytes, bytearray)) for c in content):
             content = b"".join(content)
+        if not isinstance(content, (bytes, bytearray, memoryview)):
+            raise UploadError(f"'{name}' did not arrive as a file.")
         size = max(len(content), int(client_file.get("size") or 0))
         if size > self.limit_bytes:
             raise UploadError(f"'{name}' is {size / 2**20:.0f} MB; uploads are limited to "
                               f"{self.limit_bytes / 2**20:.0f} MB (usb web --max-upload-mb).")
         if not content:
             raise UploadError(f"'{name}' is empty.")
-        if not isinstance(content, (bytes, bytearray, memoryview)):
-            raise UploadError(f"'{name}' did not arrive as a file.")
         path = self._new_dir("upload") / (safe_stem(name, ext) + ext)
         try:
             path.write_bytes(content)

@@ -396,7 +396,7 @@ def test_a_sidecar_records_an_nhdr_input_with_its_data_file_and_a_cut_short_raw_
     unnoticed, and usb batch skipped the scan as up to date); a raw .nrrd cut short reads as "ends early"."""
     import SimpleITK as sitk
 
-    from USBLib.imaging.io import read_volume, sidecar_path, volume_sha256, write_result
+    from USBLib.imaging.io import nhdr_data_files, read_volume, sidecar_path, volume_sha256, write_result
 
     data = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
     scan = write_volume(tmp_path / "scan.nhdr", data, np.eye(4))
@@ -406,6 +406,17 @@ def test_a_sidecar_records_an_nhdr_input_with_its_data_file_and_a_cut_short_raw_
     write_volume(tmp_path / "other.nhdr", data + 1, np.eye(4))
     (tmp_path / "other.raw.gz").replace(tmp_path / "scan.raw.gz")  # the header is the same, the data are not
     assert volume_sha256(scan) != recorded["sha256"] and sidecar_path(out).is_file()
+    spaced = write_volume(tmp_path / "my scan.nhdr", data, np.eye(4))  # ITK writes 'data file: my scan.raw.gz'
+    assert nhdr_data_files(spaced) == [tmp_path / "my scan.raw.gz"]
+    vector = tmp_path / "vector.nrrd"  # 8 KB on disk, 8 MB of voxels: the cap counts every component
+    sitk.WriteImage(sitk.Image([32, 32, 32], sitk.sitkVectorFloat32, 64), str(vector), True)
+    with pytest.raises(InputError, match="holds 8 MB of voxels"):
+        read_volume(vector, max_bytes=2**20)
+    scaled = nib.Nifti1Image(np.zeros((64, 64, 64), np.int16), np.eye(4))  # 0.5 MB stored, 2 MB read (float64)
+    scaled.header.set_slope_inter(0.5, 0.0)
+    nib.save(scaled, str(tmp_path / "scaled.nii.gz"))
+    with pytest.raises(InputError, match="holds 2 MB of voxels"):
+        read_volume(tmp_path / "scaled.nii.gz", max_bytes=2**20)
     raw = tmp_path / "raw.nrrd"
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((40, 40, 40), np.int16)), str(raw), False)
     raw.write_bytes(raw.read_bytes()[:-5000])

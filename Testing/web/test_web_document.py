@@ -284,4 +284,10 @@ def test_a_cut_short_scan_a_probability_mask_and_a_scan_too_large_unpacked_are_o
     with pytest.raises(L.USBEditorError, match=r"^Could not read 'zeros.nii.gz' as a scan: it holds 4 MB of voxels "
                                                r"\(128 x 128 x 64\); at most 1 MB are read here\.$"):
         doc.load_scan(big, "zeros.nii.gz")
+    import SimpleITK as sitk
+
+    segmentation = tmp_path / "zeros.seg.nrrd"  # a few KB of .seg.nrrd, 2 MB of voxels: refused before it is read
+    sitk.WriteImage(sitk.Image([128, 128, 128], sitk.sitkUInt8), str(segmentation), True)
+    with pytest.raises(L.USBEditorError, match=r"^Could not read 'zeros.seg.nrrd' as a mask: it holds 2 MB of voxels"):
+        doc.import_mask(segmentation, source_name="zeros.seg.nrrd")
     assert doc.volume.GetName() == "T1"

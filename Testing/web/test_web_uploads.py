@@ -115,8 +115,9 @@ def test_only_loopback_listens_without_a_warning():
 def test_an_upload_that_cannot_be_written_or_is_not_bytes_leaves_no_folder(private, monkeypatch):
     from pathlib import Path
 
-    with pytest.raises(UploadError, match="did not arrive as a file"):
-        private.save_upload({"name": "T1.nii.gz", "content": "text, not bytes"})
+    for content in ("text, not bytes", 5, [b"a", 5]):
+        with pytest.raises(UploadError, match="did not arrive as a file"):
+            private.save_upload({"name": "T1.nii.gz", "content": content})
 
     def full_disk(self, data):
         raise OSError(28, "No space left on device")
@@ -150,23 +151,23 @@ def test_a_refused_or_vanished_upload_does_not_leave_every_tab_loading_and_old_e
     from USBWeb.app import USBWebApp
 
     state = _State(usb_loading=True, usb_error="An edit is running: wait for it to finish or press Cancel first.")
-    app = SimpleNamespace(state=state, _uploading=False, _refuse_while_running=lambda: True)
+    app = SimpleNamespace(state=state, _refuse_while_running=lambda: True)
     asyncio.run(USBWebApp.upload_scan(app, [{"name": "T1.nii.gz", "content": b"x"}]))
     assert state.usb_loading is False
     state.usb_loading = True  # a tab set it, then closed before its upload arrived
-    app._uploading = True  # ... while another tab's upload is being read: that one ends it
-    USBWebApp._clear_stale_loading(app)
-    assert state.usb_loading is True
-    app._uploading = False
     USBWebApp._clear_stale_loading(app)  # a tab connects or leaves
     assert state.usb_loading is False
 
     calls = []
     app.apply = lambda: calls.append("apply")
-    handler = USBWebApp._guarded(app, "apply")
-    assert handler(1) is None and calls == [] and state.usb_error == "That request is not one the page sends."
+    app.upload_scan = lambda files: calls.append(("upload", len(files)))
+    handler, upload = USBWebApp._guarded(app, "apply"), USBWebApp._guarded(app, "upload_scan")
+    for bad in (lambda: handler(1), lambda: upload(), lambda: upload("x"), lambda: upload([], 2)):
+        state.usb_error = ""
+        assert bad() is None and calls == [] and state.usb_error == "That request is not one the page sends."
     handler()
-    assert calls == ["apply"]
+    upload([{"name": "T1.nii.gz"}])
+    assert calls == ["apply", ("upload", 1)]
 
     app.jobs = SimpleNamespace(cancel=lambda: True)
     USBWebApp.cancel(app)

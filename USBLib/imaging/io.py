@@ -144,11 +144,7 @@ def read_volume(path: os.PathLike | str, what: str = "image", max_bytes: int | N
             import SimpleITK as sitk
 
             if max_bytes is not None:
-                reader = sitk.ImageFileReader()
-                reader.SetFileName(str(path))
-                reader.ReadImageInformation()
-                itemsize = sitk.GetArrayViewFromImage(sitk.Image([1] * 3, reader.GetPixelID())).itemsize
-                _check_size(path, what, reader.GetSize(), itemsize, max_bytes)
+                check_nrrd_size(path, what, max_bytes)
             img = sitk.ReadImage(str(path))
             if img.GetNumberOfComponentsPerPixel() != 1:
                 raise InputError(f"{path}: {what} has {img.GetNumberOfComponentsPerPixel()} components per voxel; "
@@ -164,8 +160,10 @@ def read_volume(path: os.PathLike | str, what: str = "image", max_bytes: int | N
                 import nibabel as nib
 
                 img = nib.load(str(readable))
-                if max_bytes is not None:
-                    _check_size(path, what, img.shape, img.get_data_dtype().itemsize, max_bytes)
+                if max_bytes is not None:  # (scaled integers come out as float64)
+                    scaled = float(getattr(img.dataobj, "slope", 1.0)) != 1.0 or \
+                        float(getattr(img.dataobj, "inter", 0.0)) != 0.0
+                    _check_size(path, what, img.shape, 8 if scaled else img.get_data_dtype().itemsize, max_bytes)
                 data = np.asanyarray(img.dataobj)
             if not data.dtype.isnative:  # MGZ is big-endian: the same type in this machine's byte order, so that
                 data = data.astype(data.dtype.newbyteorder("="))  # it is written back as it came (and SimpleITK takes it)
@@ -200,6 +198,22 @@ def _lower_case_suffix(path: Path, suf: str) -> Iterator[Path]:
         link = Path(folder) / (name[: len(name) - len(suf)] + suf)
         link.symlink_to(path.resolve())
         yield link
+
+
+def check_nrrd_size(path: os.PathLike | str, what: str, max_bytes: int) -> None:
+    """Refuse (``InputError``) a NRRD (``.nrrd``, ``.nhdr``, ``.seg.nrrd``) whose voxels, every component counted,
+    take more than ``max_bytes`` once read; only its header is read (one that cannot be read passes: the reader that
+    follows says why)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return  # not a readable header: the reader that follows says why
+    itemsize = sitk.GetArrayViewFromImage(sitk.Image([1] * 3, reader.GetPixelID())).itemsize
+    _check_size(Path(path), what, reader.GetSize(), itemsize * max(1, reader.GetNumberOfComponents()), max_bytes)
 
 
 def _check_size(path: Path, what: str, shape, itemsize: int, max_bytes: int) -> None:
@@ -523,8 +537,12 @@ def nhdr_data_files(path: os.PathLike | str) -> list[Path]:
         if key.strip().lower() not in ("data file", "datafile"):
             continue
         value = value.strip()
-        names = [n.strip() for n in lines[i + 1:] if n.strip()] if value.split()[:1] == ["LIST"] else \
-            ([] if "%" in value or len(value.split()) > 1 else [value])
+        parts = value.rsplit(None, 3)
+        pattern = "%" in value and len(parts) == 4 and all(p.lstrip("-").isdigit() for p in parts[1:])
+        if value.split()[:1] == ["LIST"]:
+            names = [n.strip() for n in lines[i + 1:] if n.strip()]
+        else:  # one file, whose name may hold spaces (ITK writes 'my scan.raw.gz'); a numbered pattern: not followed
+            names = [] if pattern or not value else [value]
         return [(path.parent / name) if not Path(name).is_absolute() else Path(name) for name in names]
     return []
 
