@@ -37,6 +37,8 @@ def test_heal_embed_write_outputs_with_geometry_and_sidecar(tiny_bundle, scan_fi
     assert side["settings"]["prefill"] == "biharmonic" and side["output_sha256"] == bundle_mod.sha256_of(out)
     drawn, eroded, grown = side["boundary_masks_voxels"]  # three masks, their edits averaged
     assert side["settings"]["boundary_average"] is True and eroded < drawn < grown
+    # how the mask file was read is a setting too (two thresholds of one soft mask give two heals)
+    assert side["settings"]["mask_threshold"] is None and side["settings"]["resample_mask"] is False
     assert side["inputs"]["image"]["sha256"] == bundle_mod.sha256_of(scan_files["image"])
     assert {"torch", "monai", "python"} <= set(side["software"])
     assert nib.load(str(tmp_path / "unc.nii.gz")).get_fdata().max() > 0
@@ -429,3 +431,22 @@ def test_an_nhdr_output_may_not_replace_the_data_file_of_an_nhdr_input(tiny_bund
                        "--model", tiny_bundle.root, "--quiet")
     assert code == 2 and "would replace" in err and "healed.raw.gz, the data file of input" in err, err
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_no_abbreviated_option_a_numbered_name_and_a_too_long_name_are_refused_in_one_line(tiny_bundle, scan_files,
+                                                                                           tmp_path, capsys):
+    """`generate --mask M` was read as `--mask-out M` (argparse's abbreviations) and replaced the user's mask with a
+    generated one; `generate -o sub/.nii.gz --n 2` wrote '_001.nii.gz' (the no-name check ran after numbering); a
+    name too long for the file system was an internal error (exit 1)."""
+    mask = scan_files["mask"]
+    before = mask.read_bytes()
+    code, _, err = run(capsys, "generate", "--mask", mask, "--mask-out", tmp_path / "m.nii.gz", "-o",
+                       tmp_path / "g.nii.gz", "--model", tiny_bundle.root, "--quiet")
+    assert code == 2 and "unrecognized arguments: --mask" in err and mask.read_bytes() == before, err
+    code, _, err = run(capsys, "generate", "-o", tmp_path / "sub" / ".nii.gz", "--mask-out", tmp_path / "m.nii.gz",
+                       "--n", "2", "--model", tiny_bundle.root, "--quiet")
+    assert code == 2 and "has a file type but no name" in err and not (tmp_path / "sub").exists(), err
+    long = tmp_path / ("x" * 300 + ".nii.gz")
+    code, _, err = run(capsys, "embed", scan_files["image"], "--mask", scan_files["embed"], "-o", long,
+                       "--model", tiny_bundle.root, "--quiet")
+    assert code == 2 and err.startswith("usb: error: cannot write") and err.count("\n") == 1, err

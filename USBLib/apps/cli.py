@@ -26,6 +26,13 @@ PROG = "usb"
 
 
 class _Parser(argparse.ArgumentParser):
+    """One-line errors (exit 2), and no abbreviated options: `generate --mask M` was read as `--mask-out M` and
+    overwrote the mask with a generated one."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # one line, exit 2
         self.exit(EXIT_INPUT, f"{self.prog}: error: {message}\n")
 
@@ -204,17 +211,37 @@ def _described_elsewhere(sidecar: Path, out: Path) -> Path | None:
 def _check_outputs(inputs: Sequence[Path | None], outputs: Sequence[Path | None], model: Any = None) -> None:
     """Refuse, before the work, outputs that would overwrite an input or the model's own files (``model``: the
     ``--model`` given), share a path or a sidecar, or cannot be written."""
-    from USBLib.core.bundle import resolve
-    from USBLib.imaging.io import check_writable, nhdr_data_files, output_files, sidecar_path, suffix_of
+    from USBLib.imaging.io import check_writable
 
     outs = [o for o in outputs if o is not None]
+    _check_named(outs)
+    try:
+        _check_output_paths(inputs, outs, model)
+    except OSError as exc:  # a name too long for the file system, say: one line, exit 2
+        raise InputError(f"cannot write {exc.filename or outs[0]}: {exc.strerror or exc}") from None
+    for out in outs:  # before the work starts, not after it
+        check_writable(out)
+
+
+def _check_named(outputs: Sequence[Path | None]) -> None:
+    """Refuse an output path that is a file type without a name (``.nii.gz``)."""
+    from USBLib.imaging.io import suffix_of
+
+    for out in outputs:
+        if out is not None and len(out.name) == len(suffix_of(out)):
+            raise InputError(f"output {out} has a file type but no name (e.g. {out.with_name('healed' + out.name)})")
+
+
+def _check_output_paths(inputs: Sequence[Path | None], outs: list[Path], model: Any) -> None:
+    """``_check_outputs``' checks of the paths themselves (may raise ``OSError`` for a path the system refuses)."""
+    from USBLib.core.bundle import resolve
+    from USBLib.imaging.io import nhdr_data_files, output_files, sidecar_path
+
     read = [(inp, file) for inp in inputs if inp is not None for file in (inp, *nhdr_data_files(inp))]
     model_root = resolve(model).resolve()
     for out in outs:
         if model_root in out.resolve().parents:
             raise InputError(f"output {out} is inside the model's folder {model_root}; write it elsewhere")
-        if len(out.name) == len(suffix_of(out)):
-            raise InputError(f"output {out} has a file type but no name (e.g. {out.with_name('healed' + out.name)})")
         for inp in inputs:
             if inp is not None and _same_file(inp, out):
                 raise InputError(f"output {out} is the same file as input {inp}; choose another output path")
@@ -237,8 +264,14 @@ def _check_outputs(inputs: Sequence[Path | None], outputs: Sequence[Path | None]
     if len({str(sidecar_path(o).resolve()) for o in outs}) != len(outs):  # e.g. out.nii.gz and out.mgz: out.json
         raise InputError("two outputs would share one sidecar (their names differ only in the suffix); choose "
                          "other names")
-    for out in outs:  # before the work starts, not after it
-        check_writable(out)
+
+
+def _with_mask_reading(provenance: dict, args) -> dict:
+    """The run's provenance with how the mask file was read (``--mask-threshold``, ``--resample-mask``) among its
+    settings: two thresholds of one soft mask give two edits, and the sidecar must tell them apart."""
+    settings = dict(provenance.get("settings") or {}, mask_threshold=args.mask_threshold,
+                    resample_mask=bool(args.resample_mask))
+    return dict(provenance, settings=settings)
 
 
 def _load_image(path: Path, what: str = "input image"):
@@ -320,6 +353,7 @@ def cmd_edit(args, task: str) -> int:
         bar.close()
     _print_notes(result)
     inputs = {"image": args.input, "mask": args.mask, "brain_mask": args.brain_mask}
+    result.provenance = _with_mask_reading(result.provenance, args)
     with all_or_nothing() as written:
         write_result(args.output, vol.as_in_file(result.image), vol.affine, vol.header, result.provenance, inputs)
         written.append(args.output)
@@ -343,6 +377,7 @@ def _numbered(path: Path, i: int, n: int) -> Path:
 def cmd_generate(args) -> int:
     if args.n < 1 or args.n > 64:
         raise InputError(f"--n must be from 1 to 64, got {args.n}")
+    _check_named([args.output, args.mask_out])  # before numbering: '.nii.gz' would become '_001.nii.gz'
     outs = [(_numbered(args.output, i, args.n), _numbered(args.mask_out, i, args.n)) for i in range(args.n)]
     _check_outputs([], [p for pair in outs for p in pair], args.model)
     editor = _editor(args)
@@ -383,6 +418,7 @@ def cmd_generate_from_mask(args) -> int:
     finally:
         bar.close()
     inputs = {"mask": args.mask, "reference": args.reference}
+    res.provenance = _with_mask_reading(res.provenance, args)
     header = None if ref is None else ref.header
     data = res.image if ref is None else ref.as_in_file(_like(res.image, ref.data.dtype))
     with all_or_nothing() as written:
