@@ -171,6 +171,8 @@ def test_generate_pairs(editor):
         assert np.all(res.mask[~editor.space["brain"]] == 0)
         np.testing.assert_allclose(res.affine, editor.bundle.grid_affine)
     assert not np.array_equal(out[0].image, out[1].image)
+    # each pair is one sample (its sidecar said "samples": 2), and says which of the run's pairs it is
+    assert [(r.provenance["samples"], r.provenance["index"], r.provenance["n"]) for r in out] == [(1, 0, 2), (1, 1, 2)]
 
 
 def test_generate_from_mask_in_model_space_and_reference_space(editor):

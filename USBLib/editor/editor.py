@@ -783,7 +783,8 @@ class Editor:
         for i in range(n):
             image = np.clip(images[i], 0.0, None) * brain
             mask = ((lesions[i] > float(settings.get("mask_threshold", 0.5))) & brain).astype(np.uint8)
-            prov = self._provenance("generate", settings, seed, n, prog.timings, None, extra={"index": i})
+            # one pair, not a mean of n samples: the run's n and the pair's index say where it came from
+            prov = self._provenance("generate", settings, seed, 1, prog.timings, None, extra={"index": i, "n": n})
             out.append(EditResult(image.astype(np.float32), self.bundle.grid_affine.copy(), mask, None, prov))
         return out
 
