@@ -221,7 +221,7 @@ def _write(path, data, affine=np.eye(4) * 3):
     ("shared_sidecar", "share one sidecar"), ("negative_seed", "--seed"), ("bad_threads", "USB_THREADS"),
     ("tampered", "checksum mismatch"), ("bad_setting", "strength"),
     ("no_model", "neither a bundle folder"), ("bad_device", "unknown device"), ("no_name", "no name"),
-    ("in_model", "inside the model's folder")])
+    ("in_model", "inside the model's folder"), ("nan_threshold", "--mask-threshold: must be a number above 0")])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, message, tiny_bundle, scan_files, tmp_path, capsys,
                                                             monkeypatch):
     image, mask = scan_files["image"], scan_files["embed"]
@@ -280,6 +280,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, message, tiny_
         model = tmp_path / "no_such_bundle"
     elif case == "bad_device":
         extra = ["--device", "tpu"]
+    elif case == "nan_threshold":  # NaN made every voxel background ("the lesion mask is empty"); 0 every one lesion
+        extra = ["--mask-threshold", "nan"]
     elif case == "no_name":  # a file type only: refused before the work, not after it
         out = tmp_path / ".nii.gz"
     elif case == "in_model":  # writing over the bundle's template would break every later run

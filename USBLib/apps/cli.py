@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -58,8 +59,20 @@ def _edit_options(p: argparse.ArgumentParser, eta: bool) -> None:
     _guidance_options(p, eta)
 
 
+def _threshold(text: str) -> float:
+    """``--mask-threshold``: a finite number above 0 (at 0 or below every background voxel would be lesion; NaN
+    made every voxel background, "the lesion mask is empty")."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number above 0 (e.g. 0.5 for a probability map), got {text!r}")
+    return value
+
+
 def _mask_threshold_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mask-threshold", type=float, metavar="T",
+    p.add_argument("--mask-threshold", type=_threshold, metavar="T",
                    help="binarise a soft (probabilistic) lesion mask: voxels >= T are lesion (default: the mask must "
                         "be binary, i.e. its non-zero voxels share one value, as 0/1 or 0/255)")
 
