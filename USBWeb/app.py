@@ -23,7 +23,7 @@ from . import form, page, slicer_env
 from .brush import Brush
 from .document import Document, Result
 from .jobs import BUSY, EditJobs, Progress
-from .uploads import MASK_SUFFIXES, SCAN_SUFFIXES, PrivateFolder, UploadError, one_line
+from .uploads import MASK_SUFFIXES, SCAN_SUFFIXES, PrivateFolder, UploadError, one_line, shown_name
 from .views import Views
 
 log = logging.getLogger("USBWeb")
@@ -179,7 +179,7 @@ class USBWebApp(TrameApp):
         path: Optional[Path] = None
         try:
             path = self.private.save_upload(files[0], SCAN_SUFFIXES)
-            self.document.load_scan(path, str(files[0].get("name") or path.name))
+            self.document.load_scan(path, shown_name(files[0].get("name"), path.name))
         except Exception as exc:  # noqa: BLE001 - shown on the page
             with self.state:
                 self._fail(exc, "loading a scan")
@@ -201,7 +201,7 @@ class USBWebApp(TrameApp):
         try:
             path = self.private.save_upload(files[0], MASK_SUFFIXES)
             voxels = self.document.import_mask(path, bool(self.state.usb_resample),
-                                               str(files[0].get("name") or path.name))
+                                               shown_name(files[0].get("name"), path.name))
             status = f"Mask loaded: {voxels} lesion voxels."
         except Exception as exc:  # noqa: BLE001 - shown on the page
             status = ""
@@ -370,7 +370,7 @@ class USBWebApp(TrameApp):
         async def download(request: "web.Request") -> "web.StreamResponse":
             path = self.private.published(request.match_info["token"])
             if path is None:
-                raise web.HTTPNotFound(text="This download has expired: run the edit again.")
+                raise web.HTTPNotFound(text="No such download (never made, or replaced by a newer result): run the edit again.")
             return web.FileResponse(path, headers={"Content-Disposition": f'attachment; filename="{path.name}"',
                                                    "Cache-Control": "no-store"})
 

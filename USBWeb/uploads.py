@@ -35,6 +35,14 @@ def safe_stem(name: str, ext: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "upload"
 
 
+def shown_name(name: str, fallback: str = "upload") -> str:
+    """A browser's file name as the page shows it in a message: without directories, control characters (a newline
+    cut the message in two) or more than 120 characters."""
+    base = re.split(r"[\\/]", str(name or ""))[-1]
+    base = re.sub(r"[\x00-\x1f\x7f]+", " ", base).strip()
+    return (base[:117] + "...") if len(base) > 120 else (base or fallback)
+
+
 def one_line(message: str, private: Optional[Path] = None) -> str:
     """The first line of an error message with every path inside ``private`` (and any other absolute path)
     shortened to its file name: the page shows what went wrong, never where the server keeps files."""
@@ -67,6 +75,7 @@ class PrivateFolder:
         Raises ``UploadError`` for a file that is too large, empty, or of a type the page does not read."""
         name = str(client_file.get("name") or "")
         ext = suffix(name, allowed)
+        shown = shown_name(name)
         if not ext:
             raise UploadError(f"'{safe_stem(name, '')}' is not a file type the page reads "
                               f"({', '.join(allowed)}).")
@@ -74,13 +83,13 @@ class PrivateFolder:
         if isinstance(content, list) and all(isinstance(c, (bytes, bytearray)) for c in content):
             content = b"".join(content)
         if not isinstance(content, (bytes, bytearray, memoryview)):
-            raise UploadError(f"'{name}' did not arrive as a file.")
+            raise UploadError(f"'{shown}' did not arrive as a file.")
         size = max(len(content), int(client_file.get("size") or 0))
         if size > self.limit_bytes:
-            raise UploadError(f"'{name}' is {size / 2**20:.0f} MB; uploads are limited to "
+            raise UploadError(f"'{shown}' is {size / 2**20:.0f} MB; uploads are limited to "
                               f"{self.limit_bytes / 2**20:.0f} MB (usb web --max-upload-mb).")
         if not content:
-            raise UploadError(f"'{name}' is empty.")
+            raise UploadError(f"'{shown}' is empty.")
         path = self._new_dir("upload") / (safe_stem(name, ext) + ext)
         try:
             path.write_bytes(content)

@@ -172,3 +172,14 @@ def test_a_refused_or_vanished_upload_does_not_leave_every_tab_loading_and_old_e
     app.jobs = SimpleNamespace(cancel=lambda: True)
     USBWebApp.cancel(app)
     assert state.usb_error == "" and state.usb_status.startswith("Cancelled")
+
+
+def test_a_file_name_with_a_newline_is_shown_whole_on_one_line(private):
+    """A browser's file name is shown without its folders and control characters: a newline in it cut the page's
+    one-line message in the middle of the name."""
+    from USBWeb.uploads import shown_name
+
+    with pytest.raises(UploadError) as info:
+        private.save_upload({"name": "../scans/T1\nrun 2.nii.gz", "content": b""})
+    assert str(info.value) == "'T1 run 2.nii.gz' is empty." and one_line(str(info.value)) == str(info.value)
+    assert shown_name("") == "upload" and len(shown_name("x" * 300 + ".nii")) == 120
