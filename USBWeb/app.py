@@ -370,7 +370,8 @@ class USBWebApp(TrameApp):
         async def download(request: "web.Request") -> "web.StreamResponse":
             path = self.private.published(request.match_info["token"])
             if path is None:
-                raise web.HTTPNotFound(text="No such download (never made, or replaced by a newer result): run the edit again.")
+                raise web.HTTPNotFound(
+                    text="No such download (never made, or replaced by a newer result): run the edit again.")
             return web.FileResponse(path, headers={"Content-Disposition": f'attachment; filename="{path.name}"',
                                                    "Cache-Control": "no-store"})
 

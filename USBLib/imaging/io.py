@@ -165,8 +165,8 @@ def read_volume(path: os.PathLike | str, what: str = "image", max_bytes: int | N
                         float(getattr(img.dataobj, "inter", 0.0)) != 0.0
                     _check_size(path, what, img.shape, 8 if scaled else img.get_data_dtype().itemsize, max_bytes)
                 data = np.asanyarray(img.dataobj)
-            if not data.dtype.isnative:  # MGZ is big-endian: the same type in this machine's byte order, so that
-                data = data.astype(data.dtype.newbyteorder("="))  # it is written back as it came (and SimpleITK takes it)
+            if not data.dtype.isnative:  # MGZ is big-endian: the same type in this machine's byte order, so that it
+                data = data.astype(data.dtype.newbyteorder("="))  # is written back as it came (SimpleITK takes it)
             vol = Volume(data, np.asarray(img.affine, dtype=np.float64), _with_stored_scaling(img), path)
     except InputError:
         raise
