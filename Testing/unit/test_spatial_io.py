@@ -396,7 +396,7 @@ def test_a_sidecar_records_an_nhdr_input_with_its_data_file_and_a_cut_short_raw_
     unnoticed, and usb batch skipped the scan as up to date); a raw .nrrd cut short reads as "ends early"."""
     import SimpleITK as sitk
 
-    from USBLib.imaging.io import nhdr_data_files, read_volume, sidecar_path, volume_sha256, write_result
+    from USBLib.imaging.io import nrrd_data_files, read_volume, sidecar_path, volume_sha256, write_result
 
     data = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
     scan = write_volume(tmp_path / "scan.nhdr", data, np.eye(4))
@@ -407,7 +407,11 @@ def test_a_sidecar_records_an_nhdr_input_with_its_data_file_and_a_cut_short_raw_
     (tmp_path / "other.raw.gz").replace(tmp_path / "scan.raw.gz")  # the header is the same, the data are not
     assert volume_sha256(scan) != recorded["sha256"] and sidecar_path(out).is_file()
     spaced = write_volume(tmp_path / "my scan.nhdr", data, np.eye(4))  # ITK writes 'data file: my scan.raw.gz'
-    assert nhdr_data_files(spaced) == [tmp_path / "my scan.raw.gz"]
+    assert nrrd_data_files(spaced) == [tmp_path / "my scan.raw.gz"]
+    detached = tmp_path / "detached.nrrd"  # a .nrrd may be a detached header too
+    detached.write_text(spaced.read_text())
+    assert nrrd_data_files(detached) == [tmp_path / "my scan.raw.gz"]
+    assert nrrd_data_files(write_volume(tmp_path / "attached.nrrd", data, np.eye(4))) == []
     vector = tmp_path / "vector.nrrd"  # 8 KB on disk, 8 MB of voxels: the cap counts every component
     sitk.WriteImage(sitk.Image([32, 32, 32], sitk.sitkVectorFloat32, 64), str(vector), True)
     with pytest.raises(InputError, match="holds 8 MB of voxels"):

@@ -248,9 +248,9 @@ def _check_named(outputs: Sequence[Path | None]) -> None:
 def _check_output_paths(inputs: Sequence[Path | None], outs: list[Path], model: Any) -> None:
     """``_check_outputs``' checks of the paths themselves (may raise ``OSError`` for a path the system refuses)."""
     from USBLib.core.bundle import resolve
-    from USBLib.imaging.io import nhdr_data_files, output_files, sidecar_path
+    from USBLib.imaging.io import nrrd_data_files, output_files, sidecar_path
 
-    read = [(inp, file) for inp in inputs if inp is not None for file in (inp, *nhdr_data_files(inp))]
+    read = [(inp, file) for inp in inputs if inp is not None for file in (inp, *nrrd_data_files(inp))]
     model_root = resolve(model).resolve()
     for out in outs:
         if model_root in out.resolve().parents:

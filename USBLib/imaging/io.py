@@ -522,17 +522,25 @@ def detached_data_file(path: os.PathLike | str) -> Path | None:
     return path.with_name(path.name[: -len(".nhdr")] + ".raw.gz")
 
 
-def nhdr_data_files(path: os.PathLike | str) -> list[Path]:
-    """The data files a ``.nhdr`` header names (``data file: NAME`` or ``data file: LIST`` and the names after it),
-    beside the header unless absolute; [] for other formats, a header that cannot be read, or a file-name pattern."""
+NRRD_HEADER_MAX = 1 << 16  # bytes of a NRRD file searched for its header (which ends at the first blank line)
+
+
+def nrrd_data_files(path: os.PathLike | str) -> list[Path]:
+    """The data files a NRRD header names (``data file: NAME``, or ``LIST`` and the names after it), beside the
+    header unless absolute: a ``.nhdr``'s, or a ``.nrrd`` written detached (rare). [] for other formats, a NRRD
+    whose data are attached, a header that cannot be read, or a numbered file-name pattern. The header ends at its
+    first blank line, as NRRD readers stop there."""
     path = Path(path)
-    if suffix_of(path) != ".nhdr":
+    if suffix_of(path) not in (".nhdr", ".nrrd"):
         return []
     try:
-        lines = path.read_text(errors="replace").splitlines()
+        with open(path, "rb") as fh:
+            head = fh.read(NRRD_HEADER_MAX)
     except OSError:
         return []
-    for i, line in enumerate(lines):
+    lines = head.decode("latin-1").splitlines()
+    end = next((i for i, line in enumerate(lines) if not line.strip()), len(lines))
+    for i, line in enumerate(lines[:end]):
         key, _, value = line.partition(":")
         if key.strip().lower() not in ("data file", "datafile"):
             continue
@@ -548,15 +556,15 @@ def nhdr_data_files(path: os.PathLike | str) -> list[Path]:
 
 
 def volume_sha256(path: os.PathLike | str) -> str:
-    """The sha256 a sidecar records for an input volume: of the file; for a ``.nhdr``, of the header and the data
-    files it names together (the sha256 of their sha256s, in order), so that a changed data file is a changed input.
-    Raises ``FileNotFoundError`` when a file is missing."""
+    """The sha256 a sidecar records for an input volume: of the file; for a detached NRRD (``.nhdr``), of the header
+    and the data files it names together (the sha256 of their sha256s, in order), so that a changed data file is a
+    changed input. Raises ``FileNotFoundError`` when a file is missing."""
     import hashlib
 
     from USBLib.hashing import sha256_of
 
     path = Path(path)
-    data = nhdr_data_files(path)
+    data = nrrd_data_files(path)
     if not data:
         return sha256_of(path)
     return hashlib.sha256("".join(sha256_of(f) for f in (path, *data)).encode()).hexdigest()
