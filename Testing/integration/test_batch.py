@@ -488,3 +488,77 @@ def test_a_bad_usb_threads_with_jobs_is_a_usage_error_not_a_broken_pool(tmp_path
     assert run(root, tmp_path / "out", tiny_bundle, "--jobs", "2") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("usb: error:") and "USB_THREADS" in err[0]
+
+
+def test_a_second_study_with_the_same_subject_labels_fails_those_scans_and_keeps_the_first_study_s(tmp_path,
+                                                                                                  tiny_bundle):
+    """Two studies healed into one --out: outputs are named by BIDS entities, so study B's sub-01 replaced study A's
+    silently (and each rerun of either redid it). B's sub-01 now fails, saying so, and leaves A's output alone, also
+    when B's sub-01 has no mask (which removed an earlier output as stale); B's sub-02 is healed beside A's."""
+    img, mask, aff = make_scan("axial")
+    empty = np.zeros_like(mask)  # an empty mask: the scan is copied (no heal: fast)
+
+    def study(name: str, labels: tuple[str, ...], shift: int) -> Path:
+        root = tmp_path / name
+        (root / "dataset_description.json").parent.mkdir(parents=True)
+        (root / "dataset_description.json").write_text(json.dumps({"Name": name, "BIDSVersion": "1.9.0"}))
+        for label in labels:
+            save(root / f"sub-{label}/anat/sub-{label}_T1w.nii.gz", (img + shift).astype(img.dtype), aff)
+            save(root / f"derivatives/lesions/sub-{label}/anat/sub-{label}_label-lesion_mask.nii.gz", empty, aff)
+        return root
+
+    first, second = study("site1", ("01",), 0), study("site2", ("01", "02"), 1)
+    out = tmp_path / "usb"
+    assert run(first, out, tiny_bundle) == 0
+    output = out / "sub-01/anat/sub-01_desc-healed_T1w.nii.gz"
+    kept = {p: sha(p) for p in (output, output.with_name("sub-01_desc-healed_T1w.json"))}
+    assert run(second, out, tiny_bundle) == 3
+    recs = records(out)
+    assert recs["sub-01"]["status"] == "failed" and recs["sub-01"]["message"] == (
+        f"sub-01_desc-healed_T1w.nii.gz was healed from another dataset ({first / 'sub-01/anat/sub-01_T1w.nii.gz'}); "
+        "use another --out")
+    assert recs["sub-02"]["status"] == "copied" and {p: sha(p) for p in kept} == kept
+    (second / "derivatives/lesions/sub-01/anat/sub-01_label-lesion_mask.nii.gz").unlink()
+    assert run(second, out, tiny_bundle) == 0
+    assert records(out)["sub-01"]["status"] == "no-mask" and {p: sha(p) for p in kept} == kept
+    assert run(first, out, tiny_bundle) == 0 and records(out)["sub-01"]["status"] == "up-to-date"
+
+
+def test_an_empty_shard_does_not_warn_that_no_scan_has_a_mask(tmp_path, tiny_bundle, capsys):
+    """``--shard 2/2`` of one scan has no scans: 'none of the 0 scans has a lesion mask' was a false alarm."""
+    img, mask, aff = make_scan("axial")
+    root = tmp_path / "bids"
+    save(root / "sub-01/anat/sub-01_T1w.nii.gz", img, aff)
+    save(root / "sub-01/anat/sub-01_label-lesion_mask.nii.gz", mask, aff)
+    assert run(root, tmp_path / "out", tiny_bundle, "--shard", "2/2") == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+class _SleepsInTheWorker(type(Path())):
+    """A scan path whose worker process sleeps when it unpickles the scan: a scan being worked on, for as long as the
+    test needs (the worker is stopped by ``stop_workers``)."""
+
+    def __reduce__(self):
+        import time
+
+        return time.sleep, (600,)
+
+
+def test_ctrl_c_with_jobs_records_the_scans_the_workers_had_started_as_cancelled(tmp_path):
+    """``--jobs 2`` and Ctrl-C / SIGTERM while a scan is being worked on: it is recorded ``cancelled``, as with
+    ``--jobs 1``. The list of unfinished scans was built after the workers were stopped, when every future had
+    ended, so none was recorded."""
+    from USBLib.apps.batch import BatchSettings, run_batch
+    from USBLib.apps.batch_inputs import Subject
+
+    # (no model: each worker's Editor fails, so scan 'a' is a quick 'failed' record; 'b' never finishes)
+    settings = BatchSettings(model=str(tmp_path / "no-model"), device="cpu")
+    subjects = [Subject("a", tmp_path / "a.nii.gz", None, Path(".")),
+                Subject("b", _SleepsInTheWorker(tmp_path / "b.nii.gz"), None, Path("."))]
+    out = tmp_path / "out"
+    batch = run_batch(subjects, out, settings, "key", jobs=2)
+    assert next(batch).key == "a"
+    with pytest.raises(KeyboardInterrupt):
+        batch.throw(KeyboardInterrupt())
+    recs = records(out)
+    assert recs["a"]["status"] == "failed" and recs["b"]["status"] == "cancelled"

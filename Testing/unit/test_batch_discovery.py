@@ -281,3 +281,112 @@ def test_a_mask_or_scan_not_fetched_is_its_own_failure_not_a_scan_without_mask(t
     (tmp_path / "pairs.csv").write_text(f"image,mask\nplain/a.nii.gz,{mask}\n")
     [row] = find_subjects(tmp_path / "pairs.csv")
     assert row.mask == mask and row.problem.startswith("mask not fetched (broken link)")
+
+
+def test_hidden_files_of_a_plain_folder_are_not_scans(tmp_path):
+    """macOS leaves ``._scan.nii`` (AppleDouble) beside ``scan.nii`` on shared drives: it was a scan that failed
+    (exit 3) while the report passed over its record."""
+    for name in ("scan.nii", "._scan.nii", "scan_mask.nii", "._scan_mask.nii", ".hidden.nii.gz"):
+        touch(tmp_path / name)
+    found = [(s.key, s.mask.name if s.mask else None) for s in find_subjects(tmp_path)]
+    assert found == [("scan", "scan_mask.nii")]
+
+
+def test_a_plain_folder_pairs_masks_whose_suffix_is_upper_case(tmp_path):
+    """Scans were found with suffixes in any case, their masks only in lower case: ``P01_mask.NII.GZ`` was never
+    ``P01.NII.GZ``'s mask (and two masks differing only in case are two masks)."""
+    for name in ("P01.NII.GZ", "P01_mask.NII.GZ", "P02.nii", "P02_LESION.Nii", "P03.mgz", "P03_mask.MGZ",
+                 "P03_mask.mgz"):
+        touch(tmp_path / name)
+    found = {s.key: s for s in find_subjects(tmp_path)}
+    assert found["P01"].mask.name == "P01_mask.NII.GZ" and found["P02"].mask.name == "P02_LESION.Nii"
+    assert found["P03"].mask is None and found["P03"].problem.startswith("several masks match P03.mgz")
+
+
+def test_a_mask_pattern_reaching_into_derivatives_finds_one_mask_once_and_none_in_the_output(tmp_path):
+    """``**/`` from the dataset and from ``derivatives/lesions`` find the same file: one mask, not 'several masks
+    match'; a file under the output folder (``exclude``: --out) is never a mask."""
+    touch(tmp_path / "dataset_description.json")
+    touch(tmp_path / "sub-01/anat/sub-01_T1w.nii.gz")
+    mask = touch(tmp_path / "derivatives/lesions/sub-01/anat/sub-01_label-lesion_mask.nii.gz")
+    touch(tmp_path / "derivatives/usb/sub-01/anat/sub-01_label-lesion_mask.nii.gz")
+    [subject] = find_subjects(tmp_path, mask_pattern="**/{entities}_label-lesion_mask.nii.gz",
+                              exclude=[tmp_path / "derivatives/usb"])
+    assert not subject.problem and subject.mask.resolve() == mask.resolve()
+
+
+def test_fmriprep_inputs_get_one_desc_entity(tmp_path):
+    """``sub-01_desc-preproc_T1w`` (fMRIPrep) became ``..._desc-preproc_desc-healed_T1w``, two ``desc`` entities: not
+    BIDS. The healed mark goes into the one ``desc``; names without one keep ``_desc-healed_T1w``."""
+    for name in ("sub-01/anat/sub-01_desc-preproc_T1w.nii.gz",
+                 "sub-02/ses-1/anat/sub-02_ses-1_space-MNI152NLin2009cAsym_desc-preproc_T1w.nii.gz",
+                 "sub-03/anat/sub-03_run-1_T1w.nii.gz"):
+        touch(tmp_path / name)
+    names = [s.output_name for s in find_subjects(tmp_path)]
+    assert names == ["sub-01_desc-preprochealed_T1w.nii.gz",
+                     "sub-02_ses-1_space-MNI152NLin2009cAsym_desc-preprochealed_T1w.nii.gz",
+                     "sub-03_run-1_desc-healed_T1w.nii.gz"]
+
+
+def test_csv_errors_name_the_row_s_line_and_a_home_path_is_expanded(tmp_path, monkeypatch):
+    """The line of a bad row counts blank lines (they were skipped before numbering); an image of an unsupported
+    type is refused with the row's line; ``~`` is the user's home folder."""
+    touch(tmp_path / "a.nii.gz")
+    table = tmp_path / "pairs.csv"
+    table.write_text("image,mask\n\na.nii.gz,\n\n,\n")
+    with pytest.raises(InputError, match=r"pairs\.csv:5: empty 'image'"):
+        find_subjects(table)
+    table.write_text("image,mask\n\na.nii.gz,\nscan.img,\n")
+    with pytest.raises(InputError, match=r"pairs\.csv:4: .*scan\.img: unsupported file type"):
+        find_subjects(table)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    touch(tmp_path / "home/b.nii.gz")
+    table.write_text("image,mask\n~/b.nii.gz,~/b_mask.nii.gz\n")
+    [subject] = find_subjects(table)
+    assert subject.image == tmp_path / "home/b.nii.gz" and subject.mask == tmp_path / "home/b_mask.nii.gz"
+
+
+def test_a_record_that_is_not_an_object_is_no_earlier_record(tmp_path):
+    """``qc/records/KEY.json`` holding valid JSON that is not an object (``[]``) raised AttributeError in the
+    up-to-date path: the scan 'failed' and its valid output was removed as stale."""
+    from USBLib.apps.batch import _previous, records_dir
+
+    records_dir(tmp_path).mkdir(parents=True)
+    for text in ("[]", "null", '"qc"', "{bad"):
+        (records_dir(tmp_path) / "sub-01.json").write_text(text)
+        assert _previous(tmp_path, "sub-01") == {}
+    (records_dir(tmp_path) / "sub-01.json").write_text('{"qc": "sub-01.png"}')
+    assert _previous(tmp_path, "sub-01") == {"qc": "sub-01.png"}
+
+
+def test_the_report_links_a_montage_by_its_url(tmp_path):
+    """A key with ``#`` (``scan#1``): its montage ``scan#1.png`` was linked as ``src="scan#1.png"``, a URL whose
+    ``#1.png`` is a fragment, so the picture was missing."""
+    from USBLib.apps.qc_report import write_report
+
+    touch(tmp_path / "qc/scan#1 a.png")
+    page = write_report(tmp_path, [{"key": "scan#1 a", "status": "healed", "qc": "scan#1 a.png"}], {}).read_text()
+    assert 'src="scan%231%20a.png"' in page and 'href="scan%231%20a.png"' in page
+
+
+def test_each_worker_s_gpu_is_one_of_the_gpus_this_process_may_use(monkeypatch):
+    """``--jobs N`` with GPUs under a scheduler that set ``CUDA_VISIBLE_DEVICES=2,3`` (or GPU UUIDs): the worker
+    given the 2nd GPU must see GPU 3, not GPU 1 of the machine (another job's)."""
+    import os
+    import signal
+
+    from USBLib.apps import batch
+
+    class OneGpu:
+        def get(self):
+            return 1
+
+    monkeypatch.setattr(batch, "_WORKER_EDITOR", None)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    handler = signal.getsignal(signal.SIGTERM)
+    try:  # (a missing model: the worker's Editor fails, which each scan's record would say)
+        batch._init_worker("/nonexistent/model", "cpu", "none", None, OneGpu())
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+    assert batch.worker_gpu(1, "GPU-aa, GPU-bb") == "GPU-bb" and batch.worker_gpu(1, None) == "1"

@@ -261,17 +261,80 @@ def up_to_date(subject: Subject, output: Path, key: str) -> bool:
         return False
 
 
+def _from_file_uri(uri: str) -> Path:
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    return Path(url2pathname(urlparse(uri).path))
+
+
+def _source_path(uri: str, out_root: Path) -> Optional[Path]:
+    """The file a sidecar's ``Sources`` entry names: a ``file:`` URI's path, a BIDS URI's (``bids:<name>:<path>``)
+    through the ``DatasetLinks`` of ``out_root``'s description; None when that cannot be told."""
+    if uri.startswith("file:"):
+        return _absolute(_from_file_uri(uri))
+    name, _, relative = uri[len("bids:"):].partition(":") if uri.startswith("bids:") else ("", "", "")
+    try:
+        where = json.loads((out_root / "dataset_description.json").read_text(encoding="utf-8"))["DatasetLinks"][name]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not (relative and isinstance(where, str)):
+        return None
+    return _absolute((_from_file_uri(where) if where.startswith("file:") else Path(out_root) / where) / relative)
+
+
+def _dataset_of(image: Path, links: Optional[dict[str, Path]]) -> Path:
+    """The dataset ``image`` belongs to in this run: the innermost linked dataset (``dataset_links``) that holds
+    it, else its folder (a plain folder's; a CSV's scan)."""
+    image = _absolute(image)
+    holders = [root for root in (links or {}).values() if image.is_relative_to(root)]
+    return max(holders, key=lambda root: len(root.parts)) if holders else image.parent
+
+
+def healed_elsewhere(output: Path, subject: Subject, out_root: Path,
+                     links: Optional[dict[str, Path]] = None) -> Optional[Path]:
+    """The scan an existing ``output`` was healed from when that lies outside the dataset of ``subject``'s image
+    (another study healed into the same ``--out`` with the same BIDS entities, or another plain folder with the
+    same file name), else None. Only outputs of this tool count (a sidecar with ``batch_key``), and only where the
+    sidecar's ``Sources`` can be resolved. Such an output is another dataset's: never overwritten or removed."""
+    sidecar = sidecar_path(output)
+    try:
+        meta = json.loads(sidecar.read_text(encoding="utf-8")) if output.is_file() and sidecar.is_file() else {}
+    except (OSError, ValueError):
+        return None
+    sources = meta.get("Sources") if isinstance(meta, dict) and "batch_key" in meta else None
+    if not (isinstance(sources, list) and sources and isinstance(sources[0], str)):
+        return None
+    recorded = _source_path(sources[0], Path(out_root))
+    dataset = _dataset_of(subject.image, links)
+    if recorded is None or recorded.is_relative_to(dataset):
+        return None
+    try:  # (the same dataset reached through a link: /data -> /mnt/data)
+        return None if recorded.resolve().is_relative_to(dataset.resolve()) else recorded
+    except (OSError, RuntimeError):  # a link loop
+        return recorded
+
+
+def _elsewhere_message(output: Path, recorded: Path) -> str:
+    """The failure of a scan whose ``output`` another dataset's scan ``recorded`` holds (``healed_elsewhere``)."""
+    return f"{output.name} was healed from another dataset ({recorded}); use another --out"
+
+
 STALE_NOTE = "the earlier output, of inputs or settings that no longer apply, was removed"
 
 
-def _drop_stale(output: Path, record: Record) -> None:
+def _drop_stale(output: Path, record: Record, subject: Subject, out_root: Path,
+                links: Optional[dict[str, Path]] = None) -> None:
     """A scan's run that ends without an output of its own (its mask is gone, or the redo failed): an earlier
     batch's ``output`` and its sidecar (one that records a ``batch_key``: this tool's) are removed, so that the
     derivatives hold no heal of inputs or settings that no longer apply, and the record says so. A folder that
-    cannot be written keeps them (the record says the run failed)."""
+    cannot be written keeps them (the record says the run failed), and so does an output healed from another
+    dataset (``healed_elsewhere``): it is not this scan's."""
     sidecar = sidecar_path(output)
     try:
         if not (output.is_file() and sidecar.is_file() and "batch_key" in json.loads(sidecar.read_text())):
+            return
+        if healed_elsewhere(output, subject, out_root, links) is not None:
             return
         output.unlink(missing_ok=True)
         sidecar.unlink(missing_ok=True)
@@ -291,11 +354,14 @@ def _copy_unchanged(output: Path, vol, inputs: dict[str, Any], extra: dict[str, 
 
 
 def _previous(out_root: Path, key: str) -> dict[str, Any]:
+    """The scan's last record, or {} when there is none or it is not a record (a damaged file, JSON that is not an
+    object): a bad record must not fail the scan, whose valid output would then be removed as stale."""
     path = records_dir(out_root) / f"{key}.json"
     try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except ValueError:
+        previous = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError, TypeError):
         return {}
+    return previous if isinstance(previous, dict) else {}
 
 
 def _heal_seconds(sidecar: dict[str, Any]) -> Optional[float]:
@@ -348,7 +414,7 @@ def heal_subject(editor, subject: Subject, out_root: Path, settings: BatchSettin
     try:
         if subject.problem:
             record.message = subject.problem
-            _drop_stale(output, record)
+            _drop_stale(output, record, subject, out_root, links)
             return record
         skip = subject.mask is None and settings.without_mask == "skip"  # a copy of an earlier --without-mask copy
         if not skip and up_to_date(subject, output, key):  # does not apply: it goes (below, as 'no-mask')
@@ -361,10 +427,14 @@ def heal_subject(editor, subject: Subject, out_root: Path, settings: BatchSettin
             if settings.qc and not (record.qc and (out_root / "qc" / record.qc).is_file()):
                 record.qc = _montage_of_earlier_heal(out_root, subject, output, settings)  # e.g. made with --no-qc
             return record
+        recorded = None if skip else healed_elsewhere(output, subject, out_root, links)
+        if recorded is not None:  # another study's scan with this scan's name: kept, this one fails
+            record.message = _elsewhere_message(output, recorded)
+            return record
         vol = read_volume(subject.image, "input image")  # every scan is opened: a broken file is reported
-        if subject.mask is None and settings.without_mask == "skip":
+        if skip:
             record.status, record.message, record.output = "no-mask", "no lesion mask found; nothing written", None
-            _drop_stale(output, record)
+            _drop_stale(output, record, subject, out_root, links)
             return record
         from USBLib.imaging.io import check_image_values
 
@@ -397,14 +467,14 @@ def heal_subject(editor, subject: Subject, out_root: Path, settings: BatchSettin
     except USBError as exc:
         record.status, record.message = "failed", " ".join(str(exc).split())
         record.cause = OUTPUT_CAUSE if isinstance(exc, OutputError) else None
-        _drop_stale(output, record)
+        _drop_stale(output, record, subject, out_root, links)
         return record
     except Exception as exc:  # an unexpected failure of one scan must not stop the batch
         record.status, record.message = "failed", f"internal error: {type(exc).__name__}: {exc}"
         log = out_root / "qc" / "logs" / f"{subject.key}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(traceback.format_exc())
-        _drop_stale(output, record)
+        _drop_stale(output, record, subject, out_root, links)
         return record
     finally:
         if record.status != "up-to-date":
@@ -432,6 +502,14 @@ def worker_threads(jobs: int) -> Optional[int]:
     return max(1, usable_cpus() // max(1, jobs))
 
 
+def worker_gpu(ordinal: int, visible: Optional[str]) -> str:
+    """The ``CUDA_VISIBLE_DEVICES`` of the worker given the ``ordinal``-th GPU this process sees: the ``ordinal``-th
+    entry of this process's ``visible`` (``"2,3"``, GPU UUIDs: a scheduler's allocation) when it is set, else the
+    ordinal itself."""
+    entries = [entry.strip() for entry in (visible or "").split(",") if entry.strip()]
+    return entries[ordinal] if ordinal < len(entries) else str(ordinal)
+
+
 def _init_worker(model: Optional[str], device: str, registration: str, threads: Optional[int], gpus) -> None:
     """Pool initializer: one GPU per worker (when there are GPUs), SIGTERM as Ctrl-C (so that a terminated worker
     removes its temporary files), its torch threads (``threads``; None: the inherited ``USB_THREADS``), then the
@@ -441,7 +519,7 @@ def _init_worker(model: Optional[str], device: str, registration: str, threads: 
 
     terminate_as_interrupt()
     if gpus is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus.get())
+        os.environ["CUDA_VISIBLE_DEVICES"] = worker_gpu(gpus.get(), os.environ.get("CUDA_VISIBLE_DEVICES"))
     if threads is not None:
         os.environ["USB_THREADS"] = str(threads)
     from USBLib.editor.editor import Editor, threads_from_env
@@ -488,14 +566,14 @@ WORKER_DIED = ("the worker process died while working on this scan (out of memor
                "went on; rerun with fewer --jobs")
 
 
-def died_record(subject: Subject, out_root: Path, key: str) -> Record:
+def died_record(subject: Subject, out_root: Path, key: str, links: Optional[dict[str, Path]] = None) -> Record:
     """The record of a scan whose worker process died: failed; an earlier output of other inputs or settings goes,
     as when a heal fails (one of these inputs and settings is kept: the scan is done)."""
     output = Path(out_root) / subject.out_dir / subject.output_name
     record = Record(subject.key, "failed", WORKER_DIED, str(subject.image),
                     str(subject.mask) if subject.mask else None, str(output))
     if not up_to_date(subject, output, key):
-        _drop_stale(output, record)
+        _drop_stale(output, record, subject, out_root, links)
     return record
 
 
@@ -565,11 +643,13 @@ def _run_in_workers(subjects: Sequence[Subject], out_root: Path, settings: Batch
                         save_record(out_root, record)
                         yield record
             except BaseException:  # Ctrl-C, SIGTERM, or a record that cannot be written: stop the workers
+                # the scans started and not finished, taken before the workers stop (which ends every future)
+                unfinished = [s for f, s in running.items() if not f.done()]
                 stop_workers(pool)
-                _save_cancelled(out_root, [s for f, s in running.items() if not f.done()])
+                _save_cancelled(out_root, unfinished)
                 raise
         if len(died) == 1 and died[0].key in suspects:  # it died again, alone: it is the one
-            record = died_record(died[0], out_root, key)
+            record = died_record(died[0], out_root, key, links)
             save_record(out_root, record)
             yield record
         elif died:

@@ -34,6 +34,7 @@ PLAIN_MASK_SUFFIXES = ("_mask", "_lesion")
 _T1W = re.compile(r"^(?P<entities>sub-[A-Za-z0-9]+(?:_[a-z]+-[A-Za-z0-9]+)*)_T1w\.nii(?:\.gz)?$")
 _BIDS_MASK = re.compile(r"^(?P<entities>[a-zA-Z]+-[A-Za-z0-9]+(?:_[a-zA-Z]+-[A-Za-z0-9]+)*)_(?P<suffix>mask|roi)"
                         r"\.nii(?:\.gz)?$")
+_DESC = re.compile(r"desc-[A-Za-z0-9]+")
 # entities a derivative adds to its source's (BIDS derivatives: common, imaging and segmentation entities)
 DERIVED_ENTITIES = frozenset({"space", "res", "den", "label", "desc", "atlas", "roi", "seg", "hemi", "model"})
 
@@ -51,7 +52,15 @@ class Subject:
 
     @property
     def output_name(self) -> str:
-        return f"{self.key}_desc-healed_T1w.nii.gz"
+        """``<key>_desc-healed_T1w.nii.gz``; a key that has a ``desc`` entity already (fMRIPrep's
+        ``sub-01_desc-preproc``) gets ``healed`` added to its value in place (``sub-01_desc-preprochealed_T1w``):
+        BIDS allows one ``desc`` per name."""
+        parts = self.key.split("_")
+        desc = next((i for i, part in enumerate(parts) if _DESC.fullmatch(part)), None)
+        if desc is None:
+            return f"{self.key}_desc-healed_T1w.nii.gz"
+        parts[desc] += "healed"
+        return "_".join(parts) + "_T1w.nii.gz"
 
 
 def _stem(path: Path) -> str:
@@ -149,10 +158,33 @@ def _glob(folder: Path, pattern: str) -> list[Path]:
     return [p for p in folder.glob(pattern) if _present(p)]
 
 
+def _under(path: Path, folders: Sequence[Path]) -> bool:
+    """True when ``path`` lies in one of ``folders`` (compared as written and with links followed)."""
+    spelled = Path(os.path.abspath(path))
+    if any(spelled.is_relative_to(os.path.abspath(folder)) for folder in folders):
+        return True
+    try:
+        return any(path.resolve().is_relative_to(folder.resolve()) for folder in folders)
+    except (OSError, RuntimeError):  # a link loop
+        return False
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """True when ``a`` and ``b`` are one file (as written, or with links followed)."""
+    if os.path.abspath(a) == os.path.abspath(b):
+        return True
+    try:
+        return a.resolve() == b.resolve()
+    except (OSError, RuntimeError):  # a link loop
+        return False
+
+
 def _bids_mask(root: Path, image: Path, entities: str, mask_roots: Sequence[Path],
-               pattern: Optional[str]) -> Optional[Path]:
+               pattern: Optional[str], exclude: Sequence[Path] = ()) -> Optional[Path]:
     """The scan's mask: in the first mask root that has one (two there: ``InputError``); ``InputError`` too when
-    several mask roots have one (which would be a guess)."""
+    several mask roots have different ones (which would be a guess). One file found from two roots (a ``**``
+    pattern from the dataset reaches into ``derivatives/*``) is one mask; files under ``exclude`` (the output
+    folder) are never masks."""
     anat = image.parent.relative_to(root)
     hits: list[tuple[Path, Path]] = []  # (mask root, its match)
     for mask_root in mask_roots:
@@ -162,8 +194,11 @@ def _bids_mask(root: Path, image: Path, entities: str, mask_roots: Sequence[Path
             found = _glob(mask_root, pattern.format(sub=sub, ses=ses, entities=entities, anat=anat.as_posix()))
         else:
             found = _bids_candidates(mask_root / anat, entities)
+        found = [path for path in found if not _under(path, exclude)]
         if found:
-            hits.append((mask_root, _one(found, image.name)))
+            match = _one(found, image.name)
+            if all(not _same_file(match, earlier) for _, earlier in hits):
+                hits.append((mask_root, match))
     if len(hits) > 1:
         raise InputError(f"several masks match {image.name}, in " + ", ".join(str(r) for r, _ in hits)
                          + "; choose the folder with --masks")
@@ -181,7 +216,7 @@ def _bids(root: Path, masks: Optional[Path], pattern: Optional[str], exclude: Se
             continue
         entities = match["entities"]
         try:
-            mask, problem = _bids_mask(root, image, entities, mask_roots, pattern), ""
+            mask, problem = _bids_mask(root, image, entities, mask_roots, pattern, exclude), ""
         except InputError as exc:
             mask, problem = None, str(exc)
         problem = _unfetched_problem(image, mask) or problem
@@ -202,18 +237,25 @@ def _is_image(path: Path) -> bool:
     return _present(path) and any(path.name.lower().endswith(s) for s in IMAGE_SUFFIXES)
 
 
+_PLAIN_MASK_ENDINGS = frozenset(s + x for s in PLAIN_MASK_SUFFIXES for x in IMAGE_SUFFIXES)
+
+
 def _plain(folder: Path, masks: Optional[Path], pattern: Optional[str]) -> list[Subject]:
+    """The scans of a plain folder. Hidden files (macOS's ``._scan.nii`` beside ``scan.nii``) are not scans; a
+    mask is ``<stem>_mask`` or ``<stem>_lesion`` with an image suffix in any case (``P01_mask.NII.GZ``), as the
+    scans' suffixes are."""
     mask_dir = masks or folder
-    names = [p for p in sorted(folder.iterdir()) if _is_image(p)]
+    names = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".") and _is_image(p)]
     images = [p for p in names if not any(_stem(p).endswith(s) for s in PLAIN_MASK_SUFFIXES + BIDS_MASK_SUFFIXES)]
+    in_mask_dir = [p for p in sorted(mask_dir.iterdir()) if not p.name.startswith(".") and _present(p)]
     subjects = []
     for image in images:
         stem = _stem(image)
         if pattern:
             candidates = _glob(mask_dir, pattern.format(sub=stem, ses="", entities=stem, anat="."))
         else:
-            candidates = [mask_dir / f"{stem}{s}{x}" for s in PLAIN_MASK_SUFFIXES for x in IMAGE_SUFFIXES
-                          if _present(mask_dir / f"{stem}{s}{x}")]
+            candidates = [p for p in in_mask_dir
+                          if p.name.startswith(stem) and p.name[len(stem):].lower() in _PLAIN_MASK_ENDINGS]
         try:
             mask, problem = _one(candidates, image.name), ""
         except InputError as exc:
@@ -223,23 +265,34 @@ def _plain(folder: Path, masks: Optional[Path], pattern: Optional[str]) -> list[
     return subjects
 
 
+def _csv_path(csv_file: Path, cell: str) -> Path:
+    """A CSV cell's path: ``~`` expanded, relative to the CSV's folder, made absolute without following links (a
+    DataLad file is a link into the annex; not fetched: to nothing)."""
+    return Path(os.path.abspath(csv_file.parent / os.path.expanduser(cell.strip())))
+
+
 def _csv(path: Path) -> list[Subject]:
     """The CSV's rows as subjects; its header names are read without surrounding spaces (``image, mask``) and a
-    spreadsheet's byte-order mark is skipped. An ``id`` names the output file, so it may not be a path."""
+    spreadsheet's byte-order mark is skipped. An ``id`` names the output file, so it may not be a path. Errors
+    name the row's line in the file (``path:line``; blank lines count)."""
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
-            rows = [{(k or "").strip().lower(): v for k, v in row.items()} for row in csv.DictReader(f)]
+            reader = csv.DictReader(f)
+            rows = [(reader.line_num, {(k or "").strip().lower(): v for k, v in row.items()}) for row in reader]
     except (UnicodeDecodeError, csv.Error) as exc:
         raise InputError(f"{path}: not a readable UTF-8 CSV ({exc})") from None
-    if not rows or not {"image", "mask"} <= set(rows[0]):
+    if not rows or not {"image", "mask"} <= set(rows[0][1]):
         raise InputError(f"{path}: a CSV of scans needs a header row with 'image' and 'mask' columns")
     subjects, keys = [], set()
-    for n, row in enumerate(rows, start=2):
+    for n, row in rows:
         if not (row.get("image") or "").strip():
             raise InputError(f"{path}:{n}: empty 'image'")
-        # absolute, without following links: a DataLad file is a link into the annex (not fetched: to nothing)
-        image = Path(os.path.abspath(path.parent / row["image"].strip()))
-        mask = Path(os.path.abspath(path.parent / row["mask"].strip())) if (row.get("mask") or "").strip() else None
+        image = _csv_path(path, row["image"])
+        mask = _csv_path(path, row["mask"]) if (row.get("mask") or "").strip() else None
+        try:
+            suffix_of(image)
+        except InputError as exc:
+            raise InputError(f"{path}:{n}: {exc}") from None
         key = (row.get("id") or "").strip() or _stem(image)
         if "/" in key or "\\" in key or key.startswith("."):
             raise InputError(f"{path}:{n}: id '{key}' is a path; an id names the output file (no '/', '\\' or "

@@ -100,7 +100,8 @@ def run_cli(source: Path, out: Path, settings: BatchSettings, masks: Optional[Pa
               f"kept and the same command resumes; report: {report}", file=sys.stderr)
         return EXIT_TERMINATED if isinstance(interrupted, Terminated) else EXIT_CANCELLED
     print(f"usb batch: {len(mine)} scans: {summary}; report: {report}")
-    if all(s.mask is None and not s.problem for s in subjects):  # a mask layout USB does not know, most likely
+    # a mask layout USB does not know, most likely (an empty shard has no scans to warn about)
+    if subjects and all(s.mask is None and not s.problem for s in subjects):
         print(f"usb batch: warning: none of the {len(subjects)} scans has a lesion mask, so none was healed; "
               "see --masks and --mask-pattern", file=sys.stderr)
     return EXIT_SOME_FAILED if "failed" in counts else 0

@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
+from urllib.parse import quote
 
 import numpy as np
 
@@ -50,7 +51,8 @@ def write_report(out_root: Path, records: Sequence[dict[str, Any]], settings: di
     rows = []
     for rec in sorted(records, key=lambda r: r["key"]):
         png = rec.get("qc")
-        picture = (f'<a href="{html.escape(png)}"><img loading="lazy" src="{html.escape(png)}" alt="QC montage"></a>'
+        url = html.escape(quote(png)) if png else ""  # a URL: 'scan#1.png' is scan%231.png ('#' starts a fragment)
+        picture = (f'<a href="{url}"><img loading="lazy" src="{url}" alt="QC montage"></a>'
                    if png and (qc / png).is_file() else "")
         lesion = f'{rec["lesion_ml"]:.2f}' if rec.get("lesion_ml") is not None else ""
         seconds = f'{rec["seconds"]:.1f}' if rec.get("seconds") is not None else ""
