@@ -441,6 +441,19 @@ def test_the_panel_reads_a_model_once_per_version_of_its_bundle_json(tiny_bundle
         panel_bundle(str(folder))
 
 
+def test_a_failed_run_without_a_worker_message_says_how_it_ended():
+    """Without a USB-ERROR line the message said only "exit code N": now the worker's last line of output, and for
+    a worker killed by a signal (the out-of-memory killer's SIGKILL) that it was killed."""
+    from USBEditorLib.logic import failure_message
+
+    assert failure_message(1, "the lesion mask is empty", ["x"]) == "the lesion mask is empty"
+    message = failure_message(-9, None, ["loading", "MemoryError: cannot allocate", "  "])
+    assert "killed by signal 9" in message and "out of memory" in message and "MemoryError" in message
+    assert failure_message(1, None, ["Traceback", "ModuleNotFoundError: No module named 'numpy'", ""]) == \
+        "the worker stopped with exit code 1; its last output: ModuleNotFoundError: No module named 'numpy'"
+    assert failure_message(3, None, []) == "the worker stopped with exit code 3"
+
+
 def test_worker_errors_come_back_as_one_line(t1, logic, tmp_path, scene):
     volume, seg, segment_id, _, _ = t1
     before_nodes = node_ids(scene)
@@ -540,6 +553,96 @@ def _ended(pid: int, timeout: float = 60.0) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+def test_a_worker_that_cannot_start_says_why(t1, tmp_path, tiny_model, monkeypatch):
+    """A worker that cannot start (a module missing from its Python; a bad ``USB_THREADS``) said only "The worker
+    stopped with exit code 1": the cause was a traceback in the log."""
+    import os
+
+    from USBEditorLib.logic import EditorLogic
+
+    volume, seg, segment_id, _, _ = t1
+    fake = tmp_path / "no-torch"
+    fake.mkdir()
+    (fake / "torch.py").write_text("raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
+    with monkeypatch.context() as patch:
+        patch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(fake), os.environ.get("PYTHONPATH")) if p))
+        with pytest.raises(USBEditorError, match="cannot start: the Python module 'torch' is missing") as err:
+            EditorLogic(threads=1).run(Task.HEAL, volume, seg, segment_id, FAST, model=tiny_model)
+    assert "\n" not in str(err.value)
+    monkeypatch.setenv("USB_THREADS", "abc")
+    with pytest.raises(USBEditorError, match="cannot start: USB_THREADS must be a whole number"):
+        EditorLogic().run(Task.HEAL, volume, seg, segment_id, FAST, model=tiny_model)
+
+
+def test_a_worker_killed_during_a_run_is_reported_as_killed(t1, logic, tiny_model):
+    import os
+    import signal
+    import time
+
+    volume, seg, segment_id, _, _ = t1
+    run = logic.start(Task.EMBED, volume, seg, segment_id, RunSettings(steps=200, stages="latent"),
+                      model=tiny_model, device=Device.CPU)
+    deadline = time.monotonic() + 300
+    while not any(event.kind == "progress" for event in run.process.poll()):  # at work (the model loaded)
+        assert run.process.running and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(run.process.pid, signal.SIGKILL)  # what the kernel's out-of-memory killer does
+    run.process.wait()
+    with pytest.raises(USBEditorError, match=r"killed by signal 9 .*out of memory\?"):
+        logic.finish(run)
+    assert not run.job_dir.exists()
+
+
+@pytest.mark.parametrize("error", [ValueError, KeyboardInterrupt])
+def test_a_progress_callback_that_raises_stops_the_worker_and_removes_the_job(t1, logic, tiny_model, monkeypatch,
+                                                                              error):
+    """A ``progress`` callback that raised (or Ctrl+C) left ``run`` without a cancel: the worker went on computing
+    and the job's folder, the patient's scan in it, stayed in the temporary folder."""
+    volume, seg, segment_id, _, _ = t1
+    runs = []
+    start = logic.start
+    monkeypatch.setattr(logic, "start", lambda *args, **kwargs: runs.append(start(*args, **kwargs)) or runs[-1])
+
+    def fail(done, total, message):
+        raise error("the callback failed")
+
+    with pytest.raises(error, match="the callback failed"):
+        logic.run(Task.HEAL, volume, seg, segment_id, RunSettings(steps=20), model=tiny_model, device=Device.CPU,
+                  progress=fail)
+    (run,) = runs
+    assert run.process.cancelled and not run.process.running and not run.job_dir.exists()
+    assert _ended(run.process.pid)
+
+
+def test_a_job_after_an_unexpected_failure_runs_on_a_new_worker(t1, tiny_model, tmp_path):
+    """After an unexpected failure (exit code 1) the serving worker prints ``USB-DONE 1`` and ends; the next job was
+    written to it meanwhile and lost ("The worker stopped with exit code 1", no message)."""
+    from USBLib.apps.worker import write_job
+    from USBEditorLib.process import WorkerProcess
+
+    _, _, _, mask, aff = t1
+    img = make_scan("oblique")[0]
+
+    def job(name: str, broken: bool = False) -> WorkerProcess:
+        folder = tmp_path / name
+        write_job(folder, "heal", {"steps": 2}, image=(img, aff), mask=(mask, aff), model=tiny_model, device="cpu")
+        if broken:
+            (folder / "image.npz").unlink()  # the worker fails unexpectedly (FileNotFoundError: exit code 1)
+        return WorkerProcess(folder, device="cpu", threads=1)
+
+    first = job("good")
+    assert first.wait() == 0
+    broken = job("broken", broken=True)
+    assert broken.wait() == 1 and broken.pid == first.pid
+    broken.poll()
+    assert "unexpected failure: FileNotFoundError" in broken.error
+    after = job("after")
+    code = after.wait()
+    after.poll()
+    assert code == 0, after.error
+    assert after.pid != broken.pid and after.result is not None
 
 
 def test_cancel_leaves_the_scene_as_it_was(t1, logic, tiny_model, scene):

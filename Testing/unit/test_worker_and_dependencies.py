@@ -63,6 +63,23 @@ def test_a_serving_worker_reports_each_job_to_its_end_and_keeps_serving_after_a_
     assert parse_line("USB-DONE 0").kind == "done" and parse_line("USB-DONE x").kind == "log"
 
 
+def test_a_worker_that_cannot_start_says_why_in_one_line(monkeypatch, capsys):
+    """torch missing from the worker's Python, or a bad ``USB_THREADS``: a USB-ERROR line that says so (it raised
+    a traceback, and the panel said only "The worker stopped with exit code 1")."""
+    import USBLib.editor.editor  # noqa: F401  (loaded: only its torch import fails below)
+    from USBLib.apps import worker
+
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "torch", None)  # import torch: ModuleNotFoundError, name 'torch'
+        assert worker.main([worker.SERVE]) == 1
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("USB-ERROR the worker cannot start: the Python module 'torch' is missing")
+    monkeypatch.setenv("USB_THREADS", "abc")
+    assert worker.main([worker.SERVE]) == 2
+    assert capsys.readouterr().out.splitlines() == [
+        "USB-ERROR the worker cannot start: USB_THREADS must be a whole number of threads of 1 or more, got 'abc'"]
+
+
 def test_a_serving_worker_keeps_its_editor_for_the_same_unchanged_model(tiny_bundle, tmp_path):
     import os
     import shutil

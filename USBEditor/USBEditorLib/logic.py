@@ -10,6 +10,7 @@ import enum
 import json
 import logging
 import shutil
+import signal
 import tempfile
 import time
 from contextlib import contextmanager
@@ -554,6 +555,25 @@ def segment_editor_node(tag: str = "USBEditor"):
 
 
 # ----------------------------------------------------------------- the logic
+def failure_message(code: Optional[int], error: Optional[str], log: list[str]) -> str:
+    """One line for a run that failed: the worker's USB-ERROR message; without one, how it ended (killed by a signal:
+    out of memory?) and its last line of output (e.g. the end of a traceback)."""
+    if error:
+        return error
+    if code is not None and code < 0:
+        number = -code
+        try:
+            name = f" ({signal.Signals(number).name})"
+        except ValueError:
+            name = ""
+        oom = "; out of memory?" if number == getattr(signal, "SIGKILL", 9) else ""
+        message = f"the worker was killed by signal {number}{name}{oom}"
+    else:
+        message = f"the worker stopped with exit code {code}"
+    last = next((" ".join(line.split()) for line in reversed(log) if line.strip()), "")
+    return f"{message}; its last output: {last[:300]}" if last else message
+
+
 class EditorLogic:
     """Start, watch, cancel and import USB runs on MRML nodes. ``python`` overrides the worker interpreter."""
 
@@ -617,7 +637,7 @@ class EditorLogic:
             if code is None:
                 raise RuntimeError("finish() called while the worker is still running")
             if code != 0 or run.process.result is None:
-                message = run.process.error or f"the worker stopped with exit code {code}"
+                message = failure_message(code, run.process.error, run.process.log)
                 tail = "\n".join(run.process.log[-20:])
                 if tail:
                     logging.error("USBEditor worker output:\n%s", tail)
@@ -629,7 +649,8 @@ class EditorLogic:
     def run(self, task: Task, volume_node=None, mask_node=None, segment_id: Optional[str] = None,
             settings: Optional[RunSettings] = None, model: Optional[str] = None, device: Device = Device.AUTO,
             frames: int = 0, resample_mask: bool = True, progress: Optional[Progress] = None) -> Outputs:
-        """Blocking run for scripts and tests; ``progress(done, total, message)`` returning False cancels."""
+        """Blocking run for scripts and tests; ``progress(done, total, message)`` returning False cancels (raising
+        cancels too, and the exception goes on)."""
         handle = self.start(task, volume_node, mask_node, segment_id, settings, model, device, frames, resample_mask)
 
         def on_event(event) -> Optional[bool]:
@@ -637,7 +658,11 @@ class EditorLogic:
                 return progress(event.done, event.total, event.text)
             return None
 
-        handle.process.wait(on_event)
+        try:
+            handle.process.wait(on_event)
+        except BaseException:  # the callback raised, or Ctrl+C: the worker stops and the job's files (the scan) go
+            self.cancel(handle)
+            raise
         if handle.process.cancelled:
             self.cancel(handle)
             raise RunCancelled("cancelled")

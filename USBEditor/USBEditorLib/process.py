@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from USBLib.apps.worker import SERVE, Event, parse_line
+from USBLib.apps.worker import SERVE, UNEXPECTED, Event, parse_line
 
 WORKER_MODULE = "USBLib.apps.worker"
 IDLE_SECONDS = 600.0  # an idle warm worker is sent away after this (``USB_WORKER_IDLE_S`` overrides; 0 = at once)
@@ -127,18 +127,21 @@ class _WarmWorker:
     """One ``--serve`` worker process: runs one job at a time, handing each job's events to that job's queue.
 
     Events end with ``Event("done", code)``: the worker's ``USB-DONE`` line, or, when the process ends during a
-    job, its exit code."""
+    job, its exit code. The first job is given to the constructor: it is attached before any output is read, so the
+    message of a worker that cannot start (a USB-ERROR line, then its exit) reaches it."""
 
-    def __init__(self, command: list[str], env: dict[str, str]):
+    def __init__(self, command: list[str], env: dict[str, str], job_dir: Path, job: "queue.Queue[Event]"):
         self.command, self.env = command, env
         self._lock = threading.Lock()
-        self._job: Optional["queue.Queue[Event]"] = None  # the running job's events; None while idle
+        self._job: Optional["queue.Queue[Event]"] = job  # the running job's events; None while idle
         self._closed = False
         self._leaving = False  # sent away: ends at its run's end instead of waiting for the next
         self._timer: Optional[threading.Timer] = None
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace",
                                      bufsize=1, env=env, **popen_options())
+        if not self._write(job_dir):  # ended already: its output and exit code still reach the job
+            self._closed = True
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -149,7 +152,8 @@ class _WarmWorker:
                 job = self._job
                 if event.kind == "done":
                     self._job = None
-                    if self._leaving:
+                    # after an unexpected failure the worker ends (``serve``): a next job written to it was lost
+                    if self._leaving or event.done == UNEXPECTED:
                         self._close()
                     else:
                         self._idle_timer()
@@ -198,15 +202,21 @@ class _WarmWorker:
                 return False
             if self._timer is not None:
                 self._timer.cancel()
-            try:
-                assert self.proc.stdin is not None
-                self.proc.stdin.write(f"{job_dir}\n")
-                self.proc.stdin.flush()
-            except OSError:
+            if not self._write(job_dir):
                 self._closed = True
                 return False
             self._job = job
             return True
+
+    def _write(self, job_dir: Path) -> bool:
+        """Send ``job_dir`` to the worker; False when it can no longer read (ended)."""
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(f"{job_dir}\n")
+            self.proc.stdin.flush()
+        except OSError:
+            return False
+        return True
 
     @property
     def usable(self) -> bool:
@@ -241,10 +251,8 @@ def _start_on_warm_worker(job_dir: Path, command: list[str], env: dict[str, str]
         for worker in _WARM:
             if worker.command == command and same(worker.env, env) and worker.submit(job_dir, job):
                 return worker
-        worker = _WarmWorker(command, env)
+        worker = _WarmWorker(command, env, job_dir, job)
         _WARM.append(worker)
-    if not worker.submit(job_dir, job):
-        raise RuntimeError("the USB worker could not be started")
     return worker
 
 

@@ -20,7 +20,8 @@ stdout protocol, one line per event:
     USB-ERROR <one-line message>
     USB-DONE <code>          (``--serve`` only: the job's end; then the next job folder is read)
 Exit code (a job's code with ``--serve``): 0 on success, 2 for a user/model error (message in USB-ERROR), 1 for
-anything unexpected.
+anything unexpected (after which a serving worker ends: ``USB-DONE 1`` is its last job). A worker that cannot
+start (a missing Python module, a bad ``USB_THREADS``) says why in a USB-ERROR line too, and exits with 1 or 2.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ OUT_DIR = "out"
 TASKS = ("heal", "embed", "generate_from_mask", "generate")
 PROGRESS, RESULT, ERROR, DONE = "USB-PROGRESS", "USB-RESULT", "USB-ERROR", "USB-DONE"
 SERVE = "--serve"
+UNEXPECTED = 1  # exit code of an unexpected failure: a serving worker ends after a job that ends with it
 
 
 # ----------------------------------------------------------------- array files
@@ -219,7 +221,7 @@ def _report(job_dir: Path, editors: Optional[dict] = None) -> int:
 
         traceback.print_exc()
         _emit(f"{ERROR} unexpected failure: {type(exc).__name__}: {' '.join(str(exc).split())}")
-        return 1
+        return UNEXPECTED
     _emit(f"{RESULT} {result}")
     return 0
 
@@ -234,8 +236,34 @@ def serve(lines: Optional[Iterable[str]] = None) -> int:
             continue
         code = _report(Path(line.strip()), editors)
         _emit(f"{DONE} {code}")
-        if code == 1:
-            return 1
+        if code == UNEXPECTED:
+            return UNEXPECTED
+    return 0
+
+
+def _start() -> int:
+    """Set the worker up (torch, its threads from ``USB_THREADS``): 0, or the exit code after a USB-ERROR line that
+    says why it cannot (before, only a traceback in the log said so)."""
+    import traceback
+
+    from USBLib.errors import USBError
+
+    try:
+        from USBLib.editor.editor import threads_from_env
+
+        threads_from_env()
+    except USBError as exc:  # e.g. a bad USB_THREADS
+        _emit(f"{ERROR} the worker cannot start: {' '.join(str(exc).split())}")
+        return 2
+    except ImportError as exc:  # torch, MONAI, ... missing or broken in the worker's Python
+        traceback.print_exc()
+        what = f"the Python module '{exc.name}' is missing" if exc.name else "a Python module could not be imported"
+        _emit(f"{ERROR} the worker cannot start: {what} ({' '.join(str(exc).split())}; Python: {sys.executable})")
+        return UNEXPECTED
+    except Exception as exc:
+        traceback.print_exc()
+        _emit(f"{ERROR} the worker cannot start: {type(exc).__name__}: {' '.join(str(exc).split())}")
+        return UNEXPECTED
     return 0
 
 
@@ -245,9 +273,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if len(argv) != 1:
         _emit(f"{ERROR} usage: python -m USBLib.apps.worker JOB_DIR | {SERVE}")
         return 2
-    from USBLib.editor.editor import threads_from_env
-
-    threads_from_env()
+    code = _start()
+    if code:
+        return code
     if argv[0] == SERVE:
         return serve()
     return _report(Path(argv[0]))
