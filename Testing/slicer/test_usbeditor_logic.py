@@ -441,6 +441,25 @@ def test_the_panel_reads_a_model_once_per_version_of_its_bundle_json(tiny_bundle
         panel_bundle(str(folder))
 
 
+def test_a_labelmap_with_negative_labels_gives_all_its_non_zero_voxels(t1, tmp_path):
+    """A labelmap's lesion is every non-zero voxel (docs/slicer.md), negative labels too: a -1 lesion read as empty
+    (the run said the mask was empty) and a +1/-1 one lost its -1 half, on the scan's grid, resampled from another
+    grid, and without a volume."""
+    volume, _, _, mask, aff = t1
+    negative = load_nifti(tmp_path, "negative", (-mask).astype(np.int8), aff, labelmap=True)
+    alternate = np.where(np.arange(mask.size).reshape(mask.shape) % 2 == 0, 1, -1)
+    mixed = load_nifti(tmp_path, "mixed", np.where(mask > 0, alternate, 0).astype(np.int8), aff, labelmap=True)
+    for node in (negative, mixed):
+        assert np.array_equal(mask_from_node(node, None, volume)[0], mask > 0), node.GetName()
+        assert np.array_equal(mask_in_own_space(node, None)[0], mask > 0), node.GetName()
+    fine_aff = aff.copy()
+    fine_aff[:3, :3] /= 2  # the same lesion on a grid twice as fine, from the same corner
+    fine_aff[:3, 3] = aff[:3, 3] - (aff[:3, :3] @ np.full(3, 0.25))
+    fine = -np.repeat(np.repeat(np.repeat(mask, 2, 0), 2, 1), 2, 2).astype(np.int8)
+    resampled = mask_from_node(load_nifti(tmp_path, "fine", fine, fine_aff, labelmap=True), None, volume)[0]
+    assert np.array_equal(resampled, mask > 0)
+
+
 def test_a_failed_run_without_a_worker_message_says_how_it_ended():
     """Without a USB-ERROR line the message said only "exit code N": now the worker's last line of output, and for
     a worker killed by a signal (the out-of-memory killer's SIGKILL) that it was killed."""

@@ -366,11 +366,12 @@ def segment_to_mask(seg_node, segment_id: Optional[str], volume_node, resample: 
 
 
 def labelmap_to_mask(label_node, volume_node, resample: bool = True) -> np.ndarray:
-    """uint8 mask [I,J,K] (all non-zero labels) of a labelmap volume on the volume's grid (resampled if allowed)."""
+    """uint8 mask [I,J,K] (all non-zero labels, negative ones too) of a labelmap volume on the volume's grid
+    (resampled if allowed)."""
     if label_node.GetImageData() is None or not slicer.util.arrayFromVolume(label_node).any():
         raise USBEditorError(f"Labelmap '{label_node.GetName()}' is empty: it marks no lesion voxel.")
     if _same_geometry(label_node, volume_node):
-        return (slicer.util.arrayFromVolume(label_node).transpose(2, 1, 0) > 0).astype(np.uint8)
+        return (slicer.util.arrayFromVolume(label_node).transpose(2, 1, 0) != 0).astype(np.uint8)
     if not resample:
         raise _other_grid_error(f"Labelmap '{label_node.GetName()}'", volume_node)
     scene = slicer.mrmlScene
@@ -380,7 +381,7 @@ def labelmap_to_mask(label_node, volume_node, resample: bool = True) -> np.ndarr
         binary = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__usb_temp_binary")
         binary.CopyOrientation(label_node)
         binary.SetAndObserveTransformNodeID(label_node.GetTransformNodeID())  # imported where the views show it
-        slicer.util.updateVolumeFromArray(binary, (slicer.util.arrayFromVolume(label_node) > 0).astype(np.uint8))
+        slicer.util.updateVolumeFromArray(binary, (slicer.util.arrayFromVolume(label_node) != 0).astype(np.uint8))
         slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(binary, temp)
         mask = slicer.util.arrayFromSegmentBinaryLabelmap(temp, temp.GetSegmentation().GetNthSegmentID(0),
                                                           volume_node)
@@ -407,7 +408,7 @@ def mask_in_own_space(mask_node, segment_id: Optional[str]) -> tuple[np.ndarray,
         data = slicer.util.arrayFromVolume(mask_node)
         if not data.any():
             raise USBEditorError(f"Labelmap '{mask_node.GetName()}' is empty: it marks no lesion voxel.")
-        return (data.transpose(2, 1, 0) > 0).astype(np.uint8), ijk_to_ras(mask_node), mask_node.GetName()
+        return (data.transpose(2, 1, 0) != 0).astype(np.uint8), ijk_to_ras(mask_node), mask_node.GetName()
     if not mask_node.IsA("vtkMRMLSegmentationNode"):
         raise USBEditorError(f"'{mask_node.GetName()}' is neither a segmentation nor a labelmap.")
     with _scene_kept():
