@@ -102,6 +102,7 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._run = None
         self._observedSegmentation = None  # the mask segmentation whose segment list the panel follows
+        self._connectingGui = False  # connectGui refills the task combo: its index changes are no user's choice
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_MS)
         self._timer.connect("timeout()", self._onPoll)
@@ -202,7 +203,11 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateState)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self._connectingGui = True  # (see onTaskChanged)
+            try:
+                self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            finally:
+                self._connectingGui = False
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateState)
             self._showModel(self._parameterNode.model)
             self._fillSegments()
@@ -281,8 +286,10 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return False
 
     def onTaskChanged(self, index: int = 0) -> None:
-        """A new task brings its own recommended guidance (e.g. heal and embed start at different strengths)."""
-        if not self._parameterNode or not 0 <= index < len(Task):
+        """A new task brings its own recommended guidance (e.g. heal and embed start at different strengths). Not
+        while ``connectGui`` runs: Slicer's enum connector clears and refills the task combo (on every enter and
+        scene reopening), which passes through the first task and reset a saved embed's sliders to the heal's."""
+        if self._connectingGui or not self._parameterNode or not 0 <= index < len(Task):
             return
         task = list(Task)[index]  # (the combo lists the tasks in Enum order)
         if task.value != self._parameterNode.guidanceTask:  # not when a saved scene restores its own values

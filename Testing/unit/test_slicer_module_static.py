@@ -123,3 +123,71 @@ def test_a_union_of_node_types_in_the_parameter_node_admits_none():
     assert "maskNode" in unions, "the mask selector's field is no longer a union of node types?"
     lacking = [f for f, (kind, names) in unions.items() if kind == "Union" and "None" not in names]
     assert lacking == [], f"Union of node types without None (Slicer cannot write their default): {lacking}"
+
+
+def widget_methods(names: tuple[str, ...], namespace: dict) -> dict:
+    """The named methods of ``USBEditorWidget``, compiled from the module's source alone (no Qt, no Slicer) with the
+    module-level names they use taken from ``namespace``."""
+    tree = ast.parse((MODULE / "USBEditor.py").read_text())
+    widget = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "USBEditorWidget")
+    functions = [f for f in widget.body if isinstance(f, ast.FunctionDef) and f.name in names]
+    assert sorted(f.name for f in functions) == sorted(names)
+    future = ast.ImportFrom(module="__future__", names=[ast.alias(name="annotations")], level=0)
+    module = ast.fix_missing_locations(ast.Module(body=[future, *functions], type_ignores=[]))
+    exec(compile(module, str(MODULE / "USBEditor.py"), "exec"), namespace)
+    return {name: namespace[name] for name in names}
+
+
+def test_reconnecting_the_panel_keeps_a_saved_task_s_settings():
+    """Slicer's ``QComboBoxToEnumConnector`` clears and refills the task combo on every ``connectGui`` (each
+    ``enter()``, each scene reopening): its index goes to -1, to 0 (the first task) and back to the saved task, and
+    ``onTaskChanged(0)`` reset a saved embed's sliders (alpha0, k, eta, steps, strength, stages, local mode) to the
+    heal's defaults. The widget's real ``setParameterNode`` and ``onTaskChanged`` run here on a parameter node whose
+    ``connectGui`` moves the combo as the connector does; a task the user picks afterwards still brings its
+    defaults."""
+    import enum
+    from types import SimpleNamespace
+
+    logic = ast.parse((MODULE / "USBEditorLib" / "logic.py").read_text())
+    tasks = next(n for n in logic.body if isinstance(n, ast.ClassDef) and n.name == "Task")
+    Task = enum.Enum("Task", [(s.targets[0].id, s.value.value) for s in tasks.body if isinstance(s, ast.Assign)])
+    vtk = SimpleNamespace(vtkCommand=SimpleNamespace(ModifiedEvent=33))
+    methods = widget_methods(("setParameterNode", "onTaskChanged"), {"Task": Task, "vtk": vtk})
+
+    class Widget:
+        setParameterNode = methods["setParameterNode"]
+        onTaskChanged = methods["onTaskChanged"]
+
+        def __init__(self):
+            self.ui, self._parameterNode, self._parameterNodeGuiTag, self.applied = SimpleNamespace(), None, None, []
+
+        def _applyDefaults(self, task, guidanceOnly=True):
+            self.applied.append(task)
+            self._parameterNode.guidanceTask = task.value
+
+        def addObserver(self, *args):
+            pass
+
+        removeObserver = _showModel = _fillSegments = _updateState = addObserver
+
+    widget = Widget()
+
+    class SavedEmbed:
+        """A parameter node saved with the embed task and its tuned sliders."""
+
+        task, guidanceTask, model = Task.EMBED, "embed", ""
+
+        def connectGui(self, ui):
+            for index in (-1, 0, list(Task).index(self.task)):  # clear(), addItem(first label), write(saved)
+                widget.onTaskChanged(index)
+            return 1
+
+        def disconnectGui(self, tag):
+            pass
+
+    node = SavedEmbed()
+    widget.setParameterNode(node)
+    widget.setParameterNode(node)  # enter() again
+    assert widget.applied == [], "connecting the panel reset the saved task's settings"
+    widget.onTaskChanged(list(Task).index(Task.HEAL))  # the user picks another task: its defaults
+    assert widget.applied == [Task.HEAL] and node.guidanceTask == "heal"
