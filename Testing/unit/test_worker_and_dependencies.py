@@ -130,7 +130,28 @@ def test_install_uses_the_pytorch_installer_and_no_deps_pip(monkeypatch):
     plan = dependencies.InstallPlan(torch=True, pip=["monai", "nibabel"])
     dependencies.install(plan, pip_install=calls.append, torch_installer=lambda req: calls.append(("torch", req)),
                          log=lambda m: None)
-    assert calls == [("torch", "torch>=2.8"), ["--no-deps", "monai>=1.5"], ["nibabel>=5.0"]]
+    assert calls[:2] == [("torch", "torch>=2.8"), ["--no-deps", "monai>=1.5"]]
+    assert calls[2][:2] == ["nibabel>=5.0", "-c"] and len(calls) == 3
+
+
+def test_packages_installed_with_their_dependencies_keep_slicer_s_own_versions(monkeypatch):
+    """nibabel and scipy are installed with their dependencies: without constraints pip could upgrade Slicer's numpy
+    (or SimpleITK, vtk, torch) to satisfy them. A constraints file pins the installed versions."""
+    from importlib import metadata
+
+    seen = {}
+
+    def pip(args):
+        constraints = args[args.index("-c") + 1]  # read during the call: it is removed afterwards
+        seen[args[0]] = (Path(constraints), Path(constraints).read_text().split())
+
+    monkeypatch.setattr(dependencies, "install_plan", lambda packages=None: dependencies.InstallPlan())
+    dependencies.install(dependencies.InstallPlan(pip=["nibabel", "scipy"]), pip_install=pip, log=lambda m: None)
+    assert sorted(seen) == ["nibabel>=5.0", "scipy>=1.10"]
+    for path, pins in seen.values():
+        assert f"numpy=={metadata.version('numpy')}" in pins and f"torch=={metadata.version('torch')}" in pins
+        assert all(pin.split("==")[0] in dependencies.PROTECTED for pin in pins)
+        assert not path.exists()
 
 
 def test_install_failures_are_one_clear_message(monkeypatch):

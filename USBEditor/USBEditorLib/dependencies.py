@@ -2,14 +2,19 @@
 
 torch comes only through the PyTorch extension's installer (it picks the CUDA/CPU build matching the
 machine); the rest with pip. Slicer's own packages (SimpleITK, numpy, vtk, ...) are never replaced:
-packages that would pull them in are installed with ``--no-deps``. Checking is pure metadata, so it is fast
-and imports nothing.
+packages that would pull them in are installed with ``--no-deps``, and those installed with their dependencies
+(nibabel, scipy) under a pip constraints file that pins the installed versions of ``PROTECTED`` packages (without
+it pip could upgrade Slicer's numpy to satisfy them). Checking is pure metadata, so it is fast and imports nothing.
 """
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from packaging.requirements import Requirement
 
@@ -72,6 +77,30 @@ def install_plan(packages: Optional[Sequence[str]] = None) -> InstallPlan:
                        pip=[n for n in names if not _satisfied(PIP_REQUIREMENTS[n][0])])
 
 
+def protected_pins() -> list[str]:
+    """``name==version`` of each installed ``PROTECTED`` package (read now: torch may have just been installed)."""
+    pins = []
+    for name in PROTECTED:
+        try:
+            pins.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:  # e.g. Slicer's vtk, which is no pip package
+            pass
+    return pins
+
+
+@contextmanager
+def _constraints_file() -> Iterator[str]:
+    """A pip constraints file of ``protected_pins``, removed afterwards."""
+    folder = tempfile.mkdtemp(prefix="usb-pip-")
+    try:
+        path = os.path.join(folder, "constraints.txt")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("".join(f"{pin}\n" for pin in protected_pins()))
+        yield path
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _pytorch_installer() -> Callable[[str], None]:
     """``installTorch`` of the PyTorch extension (PyTorchUtils), or a DependencyError telling how to get it."""
     try:
@@ -92,7 +121,9 @@ def _pytorch_installer() -> Callable[[str], None]:
 def install(plan: InstallPlan, pip_install: Optional[Callable[[list[str]], None]] = None,
             torch_installer: Optional[Callable[[str], None]] = None,
             log: Callable[[str], None] = print) -> None:
-    """Carry out ``plan``. ``pip_install`` defaults to ``slicer.util.pip_install`` (given a list of pip arguments)."""
+    """Carry out ``plan``. ``pip_install`` defaults to ``slicer.util.pip_install`` (given a list of pip arguments).
+    A package installed with its dependencies gets ``-c CONSTRAINTS``: Slicer's own packages stay at their versions
+    (pip fails, with a message, where that cannot be)."""
     if pip_install is None:
         import slicer.util
 
@@ -104,7 +135,11 @@ def install(plan: InstallPlan, pip_install: Optional[Callable[[list[str]], None]
         requirement, no_deps = PIP_REQUIREMENTS[name]
         log(f"Installing {requirement}...")
         try:
-            pip_install((["--no-deps"] if no_deps else []) + [requirement])
+            if no_deps:
+                pip_install(["--no-deps", requirement])
+            else:
+                with _constraints_file() as constraints:
+                    pip_install([requirement, "-c", constraints])
         except Exception as exc:  # pip's CalledProcessError: say which package, keep Slicer usable
             raise DependencyError(f"Installing {requirement} failed ({exc}); check the network connection "
                                   "and disk space, then press Apply again.") from None
