@@ -24,14 +24,13 @@ from slicer.util import VTKObservationMixin
 from USBEditorLib import dependencies
 from USBEditorLib.process import close_warm_workers
 from USBLib.settings import DARK_LESION_LEVEL, FALLBACKS, RANGES
-from USBEditorLib.logic import (TASK_INFO, Device, EditorLogic, LocalMode, RunSettings, Sampler, Stages, Task,
-                                USBEditorError,
+from USBEditorLib.logic import (OTHER_MODEL, TASK_INFO, Device, EditorLogic, LocalMode, RunSettings, Sampler,
+                                Stages, Task, USBEditorError, chosen_model,
                                 default_settings,
                                 describe_model, installed_models, load_mask, load_sample, missing_input, resolved_stages,
                                 runs_once, RUNS_ONCE_HELP,
                                 new_lesion_segmentation, segment_choices, segment_editor_node, show_comparison)
 
-OTHER_MODEL = "Other folder..."
 POLL_MS = 200
 
 
@@ -416,9 +415,8 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p.guidanceTask = task.value
 
     def _model(self) -> Optional[str]:
-        if self.ui.modelComboBox.currentText == OTHER_MODEL:
-            return self.ui.modelPathLineEdit.currentPath or None
-        return self.ui.modelComboBox.currentText or None
+        """The chosen model (None: the default); "Other folder..." without a folder is a ``USBEditorError``."""
+        return chosen_model(self.ui.modelComboBox.currentText, self.ui.modelPathLineEdit.currentPath)
 
     def _describeModel(self) -> None:
         """Show the folder field for "Other folder..." and what the chosen model is."""
@@ -430,9 +428,13 @@ class USBEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onModelChanged(self, *args) -> None:
         self._describeModel()
+        try:
+            model = self._model() or ""
+        except USBEditorError:  # "Other folder..." before its folder is chosen: the label asks for it
+            return
         if self._parameterNode:
-            changed = self._parameterNode.model != (self._model() or "")
-            self._parameterNode.model = self._model() or ""
+            changed = self._parameterNode.model != model
+            self._parameterNode.model = model
             if changed:  # the new model's recommended settings (not when a saved scene restores its own model)
                 self._applyDefaults(self._parameterNode.task)
 

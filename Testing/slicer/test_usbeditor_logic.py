@@ -460,6 +460,33 @@ def test_a_labelmap_with_negative_labels_gives_all_its_non_zero_voxels(t1, tmp_p
     assert np.array_equal(resampled, mask > 0)
 
 
+def test_the_worker_is_given_the_model_s_folder_not_its_name(t1, logic, tiny_bundle, monkeypatch):
+    """The panel lists models from this process's ``USB_MODELS``, the worker runs in Slicer's startup environment,
+    which may not have it: a model chosen by name ran into "neither a bundle folder nor an installed bundle". The
+    job names the bundle's folder."""
+    import os
+
+    from USBEditorLib import process
+
+    volume, seg, segment_id, _, _ = t1
+    name = tiny_bundle.root.name
+    monkeypatch.setenv("USB_MODELS", str(tiny_bundle.root.parent))  # set in Slicer (e.g. .slicerrc.py)
+    monkeypatch.setattr(process, "base_environment",
+                        lambda: {k: v for k, v in os.environ.items() if k != "USB_MODELS"})  # startupEnvironment()
+    assert name in installed_models()
+    out = logic.run(Task.HEAL, volume, seg, segment_id, RunSettings(steps=2), model=name, device=Device.CPU)
+    assert out.provenance["model"]["name"] == tiny_bundle.name
+
+
+def test_other_folder_without_a_folder_is_an_error_not_the_default_model():
+    from USBEditorLib.logic import OTHER_MODEL, chosen_model
+
+    with pytest.raises(USBEditorError, match="Choose the model folder"):
+        chosen_model(OTHER_MODEL, "")
+    assert chosen_model(OTHER_MODEL, "/models/mine") == "/models/mine"
+    assert chosen_model("usb-tiny", "/models/mine") == "usb-tiny" and chosen_model("", "") is None
+
+
 def test_a_failed_run_without_a_worker_message_says_how_it_ended():
     """Without a USB-ERROR line the message said only "exit code N": now the worker's last line of output, and for
     a worker killed by a signal (the out-of-memory killer's SIGKILL) that it was killed."""

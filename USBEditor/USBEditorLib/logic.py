@@ -189,6 +189,34 @@ def installed_models() -> list[str]:
     return ([default] if default in names else []) + [n for n in names if n != default]
 
 
+OTHER_MODEL = "Other folder..."  # the panel's model choice that takes a bundle folder
+
+
+def chosen_model(choice: str, folder: str = "") -> Optional[str]:
+    """The model the panel's choice names: an installed bundle's name, the folder given with ``OTHER_MODEL``, or None
+    (the default model) for no choice. ``OTHER_MODEL`` without a folder is a ``USBEditorError``: it ran the
+    default model without a word."""
+    if choice == OTHER_MODEL:
+        if not str(folder or "").strip():
+            raise USBEditorError("Choose the model folder (Advanced, Model: Other folder...).")
+        return str(folder)
+    return choice or None
+
+
+def model_folder(model: Optional[str] = None) -> str:
+    """The absolute folder of the bundle ``model`` names (an installed name, a folder, None for the default), as the
+    worker is given it: the worker runs in Slicer's startup environment, where the ``USB_MODELS`` this process
+    lists its models from may be missing. Raises ``USBEditorError`` for a model that cannot be found."""
+    from USBLib.core.bundle import resolve
+    from USBLib.errors import BundleError
+
+    try:
+        return str(resolve(model or None).resolve())
+    except BundleError as exc:
+        message = str(exc)
+        raise USBEditorError(message[:1].upper() + message[1:]) from None
+
+
 def default_settings(task: Task, model: Optional[str] = None) -> RunSettings:
     """The model's recommended settings for ``task`` (bundle.json), samples 1, seed 0."""
     bundle = panel_bundle(model)
@@ -591,6 +619,7 @@ class EditorLogic:
         ``frames`` >= 2 makes an embed a progression series; ``resample_mask`` allows masks on another grid."""
         task, device = Task(task), Device(device)
         info = TASK_INFO[task]
+        model = model_folder(model)
         settings = settings or default_settings(task, model)
         if info["volume"] == "required" and volume_node is None:
             raise USBEditorError("Select an input volume.")
@@ -614,7 +643,7 @@ class EditorLogic:
             raise USBEditorError(f"Volume '{volume_node.GetName()}' has no voxel with a value (all NaN or infinite).")
         job_dir = Path(tempfile.mkdtemp(prefix="USBEditor-"))
         try:
-            write_job(job_dir, task.value, settings.for_task(task), image=image, mask=mask, model=model or None,
+            write_job(job_dir, task.value, settings.for_task(task), image=image, mask=mask, model=model,
                       device=device.value, frames=frames)
             process = WorkerProcess(job_dir, device=device.value, python=self.python, threads=self.threads)
         except Exception:
