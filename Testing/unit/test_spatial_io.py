@@ -426,3 +426,27 @@ def test_a_sidecar_records_an_nhdr_input_with_its_data_file_and_a_cut_short_raw_
     raw.write_bytes(raw.read_bytes()[:-5000])
     with pytest.raises(InputError, match="the file ends early"):
         read_volume(raw)
+
+
+def test_far_out_voxels_are_only_fill_values_and_corrupt_voxels():
+    """``checks.far_out_voxels`` marks a fill value outside the field of view and a corrupt voxel, and nothing of an
+    ordinary head scan: its background, a bright fat rim at 1.6 times the brain's top, a scan shifted below zero."""
+    from USBLib.imaging.checks import fill_missing, far_out_voxels
+
+    img = phantoms.phantom(SCAN_SHAPE, AFFINES["axial"], lesion_center=None, noise=0.01).astype(np.float32)
+    head = img.copy()
+    head[:2] = 1.6 * float(np.percentile(img, 99.9))  # a bright slab: scalp fat
+    for ordinary in (img, head, head - 500.0):
+        assert far_out_voxels(ordinary) is None
+    odd = head.copy()
+    odd[-3:, -3:, :] = -32768.0
+    odd[5, 5, 5] = 1e6
+    far = far_out_voxels(odd)
+    expected = np.zeros(odd.shape, bool)
+    expected[-3:, -3:, :] = True
+    expected[5, 5, 5] = True
+    np.testing.assert_array_equal(far, expected)
+    filled, aside = fill_missing(odd)
+    assert aside.far_out == int(expected.sum()) and filled.min() >= head.min() and filled.max() <= head.max()
+    np.testing.assert_array_equal(aside.where, expected)
+    np.testing.assert_array_equal(aside.values, odd[expected])

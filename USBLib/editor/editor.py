@@ -47,6 +47,20 @@ class EditResult:
         return iter((self.image, self.affine))
 
 
+def _set_aside_notes(aside) -> list[str]:
+    """The notes on the voxels an edit set aside and wrote back as they were (``checks.fill_missing``)."""
+    notes = []
+    nan = int(aside.where.sum()) - aside.far_out
+    if nan:
+        notes.append(f"{nan} voxels without a value (NaN or Inf, e.g. outside a normalised scan's bounding box) were "
+                     "read as the scan's darkest value and are written back as they were")
+    if aside.far_out:
+        notes.append(f"{aside.far_out} voxels with values far outside the scan's range (a fill value outside the field "
+                     "of view, or corrupt voxels) were read as the nearest ordinary value and are written back as "
+                     "they were")
+    return notes
+
+
 class _Progress:
     """Wraps the user callback: counts steps, records stage timings, raises ``Cancelled`` on a False return."""
 
@@ -325,9 +339,7 @@ class Editor:
         mapping, brain, imap = self._registration_stage(task, image, affine, mask, brain_mask, seed, prog)
         extra: dict[str, Any] = {"intensity_offset": offset} if offset else {}
         if missing is not None:
-            _add_notes(extra, [f"{int(missing[0].sum())} voxels without a value (NaN or Inf, e.g. outside a "
-                               "normalised scan's bounding box) were read as the scan's darkest value and are "
-                               "written back as they were"])
+            _add_notes(extra, _set_aside_notes(missing))
         content = None
         if task == "embed":
             mask, content, notes = input_checks.confine_to_brain(image, affine, mask, brain)
