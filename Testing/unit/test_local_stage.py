@@ -249,14 +249,41 @@ def test_a_lesion_at_the_image_border_is_filled_from_tissue_not_from_black():
     assert np.allclose(healed[mask > 0], 0.8, atol=0.02), healed[:5, 20, 20]
 
 
-def test_box_read_edge_continues_the_edge_voxels():
+def test_box_read_mirrored_mirrors_the_volume_at_its_faces():
     volume = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
     box = Box((-2, 1, 3), (5, 3, 5), 1)
-    window = box.read_edge(volume)
+    window = box.read_mirrored(volume)
     assert window.shape == (5, 3, 5)
     np.testing.assert_array_equal(window[2:, :, :3], volume[:3, 1:4, 3:6])  # the inside, as it is
-    np.testing.assert_array_equal(window[0], window[2])                    # before the first slice: the first slice
-    np.testing.assert_array_equal(window[:, :, 3], window[:, :, 2])        # past the last: the last
+    np.testing.assert_array_equal(window[1], window[2])                    # before the first slice: the first,
+    np.testing.assert_array_equal(window[0], window[3])                    # then the second
+    np.testing.assert_array_equal(window[:, :, 3], window[:, :, 2])        # past the last: the last, then
+    np.testing.assert_array_equal(window[:, :, 4], window[:, :, 1])        # the one before it
+
+
+def test_a_lesion_cut_by_the_image_border_is_a_closed_hole_in_the_network_s_window():
+    """The network sees a lesion cut by the scan's face as a closed hole in (mirrored) tissue: repeating the face
+    voxels ran the lesion and its fill region on to the window's end, where the fill met no tissue."""
+    from USBLib.editor.local.stage import LocalSettings, LocalStage
+
+    net = _Inputs()
+    stage = LocalStage(net, {"inputs": ["mask", "region", "fill"], "network": {"channels": [8, 8, 8]},
+                             "schedule": {"num_train_timesteps": 100, "schedule": "linear_beta"}},
+                       torch.device("cpu"))
+    shape = (40, 40, 40)
+    image = np.full(shape, 0.8, np.float32)
+    mask = np.zeros(shape, np.uint8)
+    mask[:4, 16:24, 16:24] = 1  # cut by the i = 0 face, 4 voxels deep
+    image[mask > 0] = 0.3
+    stage.deviation(image, mask, (1.0, 1.0, 1.0), "heal", LocalSettings(mode="fidelity", dilation_mm=0.0),
+                    torch.Generator().manual_seed(0))
+    lesion = net.calls[0][0, 1].numpy() > 0  # the mask channel of the window, which starts before the face
+    box = lesion_boxes(mask, np.ceil(10.0), 1, min_side=np.array([32, 32, 32]))[0][0]
+    before = -box.start[0]  # window slices before the scan's first slice
+    assert before >= 5
+    column = lesion[:, 20 - box.start[1], 20 - box.start[2]]
+    assert column[before:before + 4].all() and not column[before + 4:].any()  # the scan's lesion, 4 deep
+    assert column[before - 4:before].all() and not column[:before - 4].any()  # its mirror, then tissue
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -385,7 +412,7 @@ def test_a_prior_network_reads_the_prior_of_each_box_and_refuses_to_run_without(
     assert x.shape[1:] == tuple(-(-s // 4) * 4 for s in box.shape)  # padded at the far end to the size multiple
     inside = (slice(None),) + tuple(slice(0, s) for s in box.shape)
     np.testing.assert_allclose(x[4:][inside], prior.read(box), atol=1e-6)  # the prior channels, box by box
-    assert np.array_equal(x[1][inside[1:]] > 0, box.read_edge(mask) > 0)
+    assert np.array_equal(x[1][inside[1:]] > 0, box.read_mirrored(mask) > 0)
 
 
 def _zero_output_stage():

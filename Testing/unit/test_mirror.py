@@ -146,3 +146,34 @@ def test_depth_below_the_brain_surface_is_read_on_the_model_grid():
     depth = depth_below_surface(brain, grid, scan_to_grid)
     centre, rim = depth(np.array([[30.0, 30.0, 30.0]])), depth(np.array([[30.0, 30.0, 54.0]]))
     assert 23.0 <= centre[0] <= 27.0 and rim[0] <= 2.0
+
+
+def test_a_part_whose_mirror_leaves_the_field_of_view_is_pulled_where_its_mirror_is_in_view(monkeypatch):
+    """A lesion cut by the field of view has its mirror at the same cut: the whole part used to be left as it was.
+    Now the voxels whose mirror is in view move to it, those whose mirror is outside keep their fill. (Half of this
+    part's mirror is out of view, more than at a real cut, which leaves its shell's NCC below the threshold: that
+    threshold is not what is tested here.)"""
+    monkeypatch.setattr(mirror, "MIN_NCC", -1.0)
+    rng = np.random.default_rng(5)
+    field = ndimage.gaussian_filter(rng.standard_normal(SHAPE), 2.0)
+    x = np.arange(SHAPE[0])
+    mirrored = np.where(40 - x >= 0, 40 - x, x)  # symmetric about voxel 20 where the other side exists
+    field = field + field[mirrored]
+    truth = (1000.0 + 100.0 * field / np.abs(field).max()).astype(np.float32)
+    affine = np.eye(4)
+    affine[:3, 3] = [-30.0, -20.0, -20.0]
+    plane = np.eye(4)
+    plane[0, 3] = -10.0  # the template's midline at voxel 20: the part's mirror reaches past the x = 0 face
+    region, lesion = _ball((40, 20, 20), 5), _ball((40, 20, 20), 4)
+    scan = truth.copy()
+    scan[region] = 400.0
+    wrong = np.where(region, truth + 60.0 - scan, 0).astype(np.float32)[None]
+    source = MirrorSource(scan, lesion, mirror_matrix(affine, plane), lambda v: np.full(len(v), 30.0))
+    out, records = blend_towards_mirror(source, scan, wrong, region, np.ones(SHAPE, bool), (1, 1, 1), 1.0)
+    assert records[0]["used"]
+    out_of_view = region & (x > 40.5)[:, None, None]  # (their mirror: x < -0.5)
+    assert out_of_view.any()
+    assert np.array_equal(out[0][out_of_view], wrong[0][out_of_view])
+    core = region & (ndimage.distance_transform_edt(region) > 2) & (x <= 38)[:, None, None]
+    error = np.abs(scan[core] + out[0][core] - truth[core])  # the fill was 60 too bright
+    assert error.mean() < 2.0 and error.max() < 10.0  # the mirror's values there

@@ -40,16 +40,20 @@ class Box:
         out[dst] = volume[src]
         return out
 
-    def read_edge(self, volume: np.ndarray) -> np.ndarray:
-        """The window's voxels, continued past the volume's edge by repeating the edge voxels (not zeros): a fill
-        near the image border then sees tissue, not a black frame, around it. Returns [shape] in ``volume``'s dtype.
+    def read_mirrored(self, volume: np.ndarray) -> np.ndarray:
+        """The window's voxels, continued past the volume's face by mirroring the volume at it (not zeros, not the
+        face voxels repeated): a lesion cut by the face becomes a closed hole in mirrored tissue, so that a fill near
+        the image border sees tissue all round it, as the prefill's mirrored face does. Repeating the face voxels
+        ran the lesion on to the window's end (an open region whose far side kept lesion values): on 20 border
+        cases per tuning source the mirror gained +0.42 dB [+0.13, +0.81] (MNI2009c) and +0.24 [+0.07, +0.44]
+        (fsaverage) (docs/model.md, "A lesion cut by the field of view"). Returns [shape] in ``volume``'s dtype.
 
         Args:
             volume: array [I, J, K] on the grid the box was made on; the window must overlap it.
         """
         src, dst = self._slices(volume.shape)
         pad = [(d.start, n - d.stop) for d, n in zip(dst, self.shape)]
-        return np.pad(volume[src], pad, mode="edge")
+        return np.pad(volume[src], pad, mode="symmetric")
 
     def add_into(self, volume: np.ndarray, values: np.ndarray, where: np.ndarray) -> None:
         """``volume[window][where] += values[where]`` for the part of the window inside the volume (in place).

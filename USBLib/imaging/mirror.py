@@ -11,9 +11,10 @@ maximises the normalised cross-correlation over a shell ``SHELL_MM`` outside it)
 it, with a weight that rises from the region's edge (smoothstep over ``RAMP_MM``) and with the depth below the
 brain's surface (smoothstep over ``DEPTH_MM``): cortical folding is not symmetric in a person, deep anatomy nearly
 is. A part whose shell does not match its mirror (NCC below ``MIN_NCC``), whose mirror falls on the drawn lesion
-(a lesion on both sides, or across the midline) or outside the scan, or whose shell is too small, is left as it
-was; inside a part, voxels whose mirror is far darker than the fill (a lesion nobody drew: ``LESION_LIKE``) are
-not pulled, the trust fading over a voxel around them. Every sample of a
+(a lesion on both sides, or across the midline), or whose shell is too small, is left as it was; inside a part,
+voxels whose mirror is far darker than the fill (a lesion nobody drew: ``LESION_LIKE``) or lies outside the scan's
+field of view (a lesion cut by it has its mirror at the same cut) are not pulled, the trust fading over a voxel
+around them. Every sample of a
 heal gets the same correction (from the samples' mean fill), so their spread, the edit's uncertainty, is kept.
 
 A population template is more symmetric than any person (MNI 2009a symmetric: shell NCC 0.99): the measured gain
@@ -92,6 +93,12 @@ def depth_below_surface(brain: np.ndarray, grid_affine: np.ndarray, scan_to_grid
         return ndimage.map_coordinates(edt, coords, order=1, mode="constant")
 
     return depth
+
+
+def _in_view(coords: np.ndarray, shape) -> np.ndarray:
+    """Which of the voxel coordinates ``coords`` [3, N] lie in a volume of ``shape`` (within half a voxel of its
+    voxels): bool [N]."""
+    return np.all((coords >= -0.5) & (coords <= np.asarray(shape, float)[:, None] - 0.5), axis=0)
 
 
 def _shifts(radius: int) -> np.ndarray:
@@ -175,19 +182,26 @@ def blend_towards_mirror(source: MirrorSource, image: np.ndarray, deviation: np.
         if shift is None or ncc < MIN_NCC:
             continue
         moved = inside_coords + shift[:, None]
-        if np.any(moved < -0.5) or np.any(moved > np.asarray(full.shape)[:, None] - 0.5):
-            continue  # the mirror lies (partly) outside the scan's field of view
-        if float(ndimage.map_coordinates(lesion, moved, order=0, mode="constant").mean()) > MAX_ON_LESION:
+        # a part whose mirror leaves the field of view (a lesion cut by it has its mirror at the same cut) is pulled
+        # where its mirror is in view, its level matched on the shell points whose mirror is in view
+        view = _in_view(moved, full.shape)
+        shell_moved = shell_coords + shift[:, None]
+        shell_view = _in_view(shell_moved, full.shape)
+        if not view.any() or int(shell_view.sum()) < MIN_SHELL:
+            continue
+        if float(ndimage.map_coordinates(lesion, moved[:, view], order=0, mode="constant").mean()) > MAX_ON_LESION:
             continue  # the mirror is the drawn lesion (a lesion on both sides, or across the midline)
-        tissue = float(np.mean(scan[shell]))
-        level = tissue - float(np.mean(ndimage.map_coordinates(full, shell_coords + shift[:, None], order=1,
+        tissue = float(np.mean(scan[shell][shell_view]))
+        level = tissue - float(np.mean(ndimage.map_coordinates(full, shell_moved[:, shell_view], order=1,
                                                                mode="nearest")))
         mirrored = np.zeros(inside.shape, np.float32)
         mirrored[inside] = ndimage.map_coordinates(full, moved, order=1, mode="nearest") + level
         fill = scan + np.asarray(out[(slice(None),) + box], np.float32).mean(axis=0)
         # where the mirror is far darker than the fill it is a lesion too (one not drawn: lesions are often on both
         # sides): no pull there, and the trust fades over a voxel or so around it (no seam in the correction)
-        trusted = inside & (mirrored >= fill - LESION_LIKE * tissue)
+        in_view = np.zeros(inside.shape, bool)
+        in_view[inside] = view
+        trusted = in_view & (mirrored >= fill - LESION_LIKE * tissue)
         sigma = 1.0 / spacing
         ramp *= ndimage.gaussian_filter(trusted.astype(np.float32), sigma) / np.maximum(
             ndimage.gaussian_filter(inside.astype(np.float32), sigma), 1e-3) * trusted

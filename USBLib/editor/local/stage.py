@@ -112,13 +112,13 @@ class LocalStage:
         dilation = int(round(settings.dilation_mm / float(np.mean(grid_mm)))) if task == "heal" else 0
         for box in boxes:
             group = box.read(labels) == box.label
-            # past the image border the scan and its lesion go on as at the border, so that the fill is anchored
-            # in the tissue around the lesion, not in a black frame or a dark lesion edge
-            group_edge = box.read_edge(labels) == box.label
-            raw = box.read_edge(np.asarray(image, np.float32))
+            # past the image border the scan and its lesion are mirrored at the border, so that the fill is anchored
+            # in the tissue around the lesion all round, not in a black frame or a lesion running on to the box's end
+            group_edge = box.read_mirrored(labels) == box.label
+            raw = box.read_mirrored(np.asarray(image, np.float32))
             img = np.clip(raw, *clip)
-            lesion = (box.read_edge(mask) > 0) & group_edge
-            region_box = None if region is None else ((box.read_edge(region) > 0) & group_edge) | lesion
+            lesion = (box.read_mirrored(mask) > 0) & group_edge
+            region_box = None if region is None else ((box.read_mirrored(region) > 0) & group_edge) | lesion
             region_w = prior_w = None
             prior_box = prior.read(box) if self.needs_prior else None
             if resample:
