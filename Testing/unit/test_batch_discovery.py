@@ -290,6 +290,8 @@ def test_hidden_files_of_a_plain_folder_are_not_scans(tmp_path):
         touch(tmp_path / name)
     found = [(s.key, s.mask.name if s.mask else None) for s in find_subjects(tmp_path)]
     assert found == [("scan", "scan_mask.nii")]
+    patterned = find_subjects(tmp_path, mask_pattern="*{sub}_mask.nii")  # nor a mask found by a wildcard
+    assert [(s.key, s.mask.name if s.mask else None, s.problem) for s in patterned] == [("scan", "scan_mask.nii", "")]
 
 
 def test_a_plain_folder_pairs_masks_whose_suffix_is_upper_case(tmp_path):
@@ -299,6 +301,7 @@ def test_a_plain_folder_pairs_masks_whose_suffix_is_upper_case(tmp_path):
                  "P03_mask.mgz"):
         touch(tmp_path / name)
     found = {s.key: s for s in find_subjects(tmp_path)}
+    assert sorted(found) == ["P01", "P02", "P03"]  # a mask in any case is no scan of its own either
     assert found["P01"].mask.name == "P01_mask.NII.GZ" and found["P02"].mask.name == "P02_LESION.Nii"
     assert found["P03"].mask is None and found["P03"].problem.startswith("several masks match P03.mgz")
 

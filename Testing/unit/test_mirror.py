@@ -170,7 +170,7 @@ def test_a_part_whose_mirror_leaves_the_field_of_view_is_pulled_where_its_mirror
     wrong = np.where(region, truth + 60.0 - scan, 0).astype(np.float32)[None]
     source = MirrorSource(scan, lesion, mirror_matrix(affine, plane), lambda v: np.full(len(v), 30.0))
     out, records = blend_towards_mirror(source, scan, wrong, region, np.ones(SHAPE, bool), (1, 1, 1), 1.0)
-    assert records[0]["used"]
+    assert records[0]["used"] and records[0]["lesion_like"] == 0.0 and 0.5 < records[0]["in_view"] < 1.0
     out_of_view = region & (x > 40.5)[:, None, None]  # (their mirror: x < -0.5)
     assert out_of_view.any()
     assert np.array_equal(out[0][out_of_view], wrong[0][out_of_view])

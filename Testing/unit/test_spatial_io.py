@@ -436,7 +436,9 @@ def test_far_out_voxels_are_only_fill_values_and_corrupt_voxels():
     img = phantoms.phantom(SCAN_SHAPE, AFFINES["axial"], lesion_center=None, noise=0.01).astype(np.float32)
     head = img.copy()
     head[:2] = 1.6 * float(np.percentile(img, 99.9))  # a bright slab: scalp fat
-    for ordinary in (img, head, head - 500.0):
+    low_contrast = np.zeros((64, 64, 64), np.int16)  # a zero background far below a brain of 800-1200
+    low_contrast[16:48, 16:48, 16:48] = np.random.default_rng(0).normal(1000.0, 60.0, (32, 32, 32)).astype(np.int16)
+    for ordinary in (img, head, head - 500.0, low_contrast):
         assert far_out_voxels(ordinary) is None
     odd = head.copy()
     odd[-3:, -3:, :] = -32768.0

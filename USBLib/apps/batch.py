@@ -102,8 +102,9 @@ def cancelled_record(subject: Subject, out_root: Path) -> Record:
 
 # Bumped when the same model and settings heal differently (an engine change without a setting of its own), so that
 # a rerun redoes the outputs an older engine made instead of finding them up to date. 1: the mirror blend runs on
-# thick-slice scans too (2026-12-07).
-ENGINE_REVISION = 1
+# thick-slice scans too (2026-12-07). 2: a lesion cut by the field of view is healed from the scan mirrored at its
+# face and the mirror blend where the mirror is in view; fill values and corrupt voxels are set aside (2026-12-07).
+ENGINE_REVISION = 2
 
 
 def batch_key(bundle_sha256: str, settings: BatchSettings) -> str:

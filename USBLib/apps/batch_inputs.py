@@ -155,7 +155,7 @@ def _glob(folder: Path, pattern: str) -> list[Path]:
     wildcards is looked up directly: ``Path.glob`` passes over a link to nothing there)."""
     if not any(c in pattern for c in "*?["):
         return [folder / pattern] if _present(folder / pattern) else []
-    return [p for p in folder.glob(pattern) if _present(p)]
+    return [p for p in folder.glob(pattern) if _present(p) and not p.name.startswith(".")]  # (not macOS's ._x)
 
 
 def _under(path: Path, folders: Sequence[Path]) -> bool:
@@ -246,7 +246,8 @@ def _plain(folder: Path, masks: Optional[Path], pattern: Optional[str]) -> list[
     scans' suffixes are."""
     mask_dir = masks or folder
     names = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".") and _is_image(p)]
-    images = [p for p in names if not any(_stem(p).endswith(s) for s in PLAIN_MASK_SUFFIXES + BIDS_MASK_SUFFIXES)]
+    images = [p for p in names
+              if not any(_stem(p).lower().endswith(s.lower()) for s in PLAIN_MASK_SUFFIXES + BIDS_MASK_SUFFIXES)]
     in_mask_dir = [p for p in sorted(mask_dir.iterdir()) if not p.name.startswith(".") and _present(p)]
     subjects = []
     for image in images:

@@ -57,9 +57,10 @@ FAR_OUT_SAMPLE = 2_000_000          # voxels the percentiles are read from at mo
 
 
 def far_out_voxels(image: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray | None:
-    """Voxels whose value lies far outside the scan's range: below its 0.1th percentile by more than the range
-    (0.1th to 99.9th percentile, over the voxels above the scan's minimum) or above its 99.9th by as much. A fill
-    value outside the field of view (-32768, -10000) or a few corrupt voxels: read as they are, one such voxel
+    """Voxels whose value lies far outside the scan's range: below zero and below its 0.1th percentile by more than
+    the range (0.1th to 99.9th percentile, over the voxels above the scan's minimum), or above its 99.9th by as much.
+    A fill value outside the field of view (-32768, -10000) or a few corrupt voxels (a zero background is never
+    one, however far below a low-contrast brain it lies): read as they are, one such voxel
     becomes the scan's zero point and compressed its tissue contrast (a heal 3-8 % too bright, the registration
     stretched by up to 48 %). bool [I, J, K], or None when there are none.
 
@@ -77,7 +78,7 @@ def far_out_voxels(image: np.ndarray, valid: np.ndarray | None = None) -> np.nda
     span = high - low
     if span <= 0:
         return None
-    far = (values < low - span) | (values > high + span)
+    far = ((values < low - span) & (values < 0)) | (values > high + span)
     if valid is not None:
         far &= valid
     return far if far.any() else None

@@ -141,7 +141,8 @@ def blend_towards_mirror(source: MirrorSource, image: np.ndarray, deviation: np.
     Returns:
         (the new deviation, one record per part: ``voxels``, ``ncc`` (None where the part was not searched: too
         near the brain's surface, or too small a shell) and ``used``; where used, ``depth_weight`` (the mean weight
-        over the part) and ``lesion_like`` (the share of its voxels whose mirror looked like a lesion)).
+        over the part), ``lesion_like`` (the share of its voxels with a mirror in view whose mirror looked like a
+        lesion) and ``in_view`` (the share of its voxels whose mirror lies in the scan's field of view)).
     """
     spacing = np.asarray(spacing, float)
     region = np.asarray(region, bool)
@@ -208,7 +209,8 @@ def blend_towards_mirror(source: MirrorSource, image: np.ndarray, deviation: np.
         if not ramp.any():
             continue
         record.update(used=True, depth_weight=round(float(ramp[inside].mean()), 3),
-                      lesion_like=round(1.0 - float(trusted.sum()) / float(inside.sum()), 3))
+                      lesion_like=round(1.0 - float(trusted.sum()) / float(in_view.sum()), 3),
+                      in_view=round(float(in_view.sum()) / float(inside.sum()), 3))
         # one correction, from the samples' mean fill, for every sample: their spread (the uncertainty) stays
         out[(slice(None),) + box] += np.float32(weight) * ramp * (mirrored - fill) * inside
     return out, records

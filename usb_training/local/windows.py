@@ -156,13 +156,13 @@ class WindowMaker:
         boxes, groups = lesion_boxes(drawn, CONTEXT_MM, 1, min_side=int(MIN_SIDE_MM))
         box = max(boxes, key=lambda b: int(((groups == b.label) & binary).sum()))
         pad = [(0, -(-n // self.multiple) * self.multiple - n) for n in box.shape]
-        edge = lambda v: np.pad(box.read_edge(v), pad, mode="edge")  # noqa: E731
-        group = box.read_edge(groups) == box.label
-        lesion = np.pad((box.read_edge(drawn.astype(np.uint8)) > 0) & group, pad)
+        edge = lambda v: np.pad(box.read_mirrored(v), pad, mode="edge")  # noqa: E731
+        group = box.read_mirrored(groups) == box.label
+        lesion = np.pad((box.read_mirrored(drawn.astype(np.uint8)) > 0) & group, pad)
         kind, value = draw_region_kind(rng)
         if kind == "rim":
             grown = rim_fill_region(work["lesioned"], drawn, work["brain"], value)
-            region = np.pad(((box.read_edge(grown.astype(np.uint8)) > 0) & group), pad) | lesion
+            region = np.pad(((box.read_mirrored(grown.astype(np.uint8)) > 0) & group), pad) | lesion
         else:
             region = fixed_fill_region(lesion, value)
         lesioned = edge(work["lesioned"])
