@@ -177,7 +177,7 @@ def describe(bundle) -> str:
                                         f"resolution, {local['schedule'].get('num_train_timesteps')} steps; "
                                         f"interactive mode {local.get('interactive_mode', 'realism')}"))
     else:
-        overview.append(("local stage", "none (schema 1 bundle: latent stage only)"))
+        overview.append(("local stage", "none (latent stage only)"))
     overview.append(("stages", ("latent + local" if bundle.has_local else "latent")
                       + f" (bundle schema {cfg['schema_version']})"))
     width = max(len(k) for k, _ in overview)
