@@ -281,6 +281,40 @@ def test_a_deep_grey_run_reads_the_fifth_prior_map_and_its_bundle_ships_four_tis
                      prior_files=_prior_files(tiny_bundle, tmp_path / "prior3"))
 
 
+def test_export_refuses_an_out_it_would_lose_and_a_failed_export_leaves_the_old_bundle(maker, tmp_path,
+                                                                                        tiny_bundle):
+    """``export`` never deletes a folder that is not a bundle (nor the run folder, nor one holding the source), and
+    an in-place update builds the new bundle aside: a failure leaves the old one whole."""
+    from USBLib.core import bundle as bundle_mod
+
+    work = tmp_path / "run"
+    write_shards(maker, work / "windows", seed=4, count=2, shard_size=2, per_scene=2)
+    out = train(work, steps=1, cfg=TINY, log_every=1)
+    user = tmp_path / "notes"
+    user.mkdir()
+    (user / "thesis.txt").write_text("mine\n")
+    source = tmp_path / "src"
+    shutil.copytree(tiny_bundle.root, source)
+    cli = ["export", "--work", str(work), "--source", str(source)]
+    for args in (cli, cli[:3] + ["--out", str(user)], cli + ["--out", str(user)], cli + ["--out", str(work)],
+                 cli + ["--out", str(tmp_path)]):
+        with pytest.raises(SystemExit) as exit_info:
+            local_main(args)
+        assert exit_info.value.code == 2, args
+    assert (user / "thesis.txt").read_text() == "mine\n" and (out / "config.json").is_file()
+    prior = _prior_files(tiny_bundle, tmp_path / "prior")
+    bundle = export_local(source, out, tmp_path / "with-local", training={"steps": 1}, prior_files=prior)
+    before = {p.name: p.read_bytes() for p in bundle.root.iterdir()}
+    with pytest.raises(FileNotFoundError):  # fails after the prior files of the previous export would be gone
+        export_local(source, out, bundle.root, training={"steps": 2},
+                     prior_files={TISSUE_FILE: tmp_path / "missing.nii.gz", LICENCE_FILE: prior[LICENCE_FILE]})
+    assert {p.name: p.read_bytes() for p in bundle.root.iterdir()} == before
+    assert bundle_mod.load(bundle.root).has_local and sorted(tmp_path.iterdir()) == sorted(
+        tmp_path / n for n in ("run", "notes", "src", "prior", "with-local"))  # no temporary folder left
+    again = export_local(source, out, bundle.root, training={"steps": 2}, prior_files=prior)  # in place
+    assert again.root == bundle.root and again.config["local"]["training"]["steps"] == 2
+
+
 def test_batches_from_loader_processes_train_and_a_gpu_run_comes_back_as_an_exportable_run(maker, tmp_path,
                                                                                            monkeypatch):
     """``train --loader-workers`` (the GPU machine's batch makers) trains; ``device_carry pack`` / ``unpack`` carry a

@@ -115,6 +115,54 @@ def test_export_keeps_the_local_stage_of_an_existing_bundle(run, tmp_path):
     bundle_mod.load(out.root)  # checksums verify
 
 
+def test_export_keeps_the_shipped_local_stage_with_its_prior_and_settings_also_in_place(run, tmp_path):
+    """``--keep-local-from`` the shipped bundle: its tissue prior (and licence) and every heal/embed setting the new
+    bundle does not set come along; ``--out X --keep-local-from X`` rewrites X whole."""
+    import shutil
+    from pathlib import Path
+
+    cfg, work, _ = run
+    if not (work / "diffusion" / CHECKPOINT).is_file():
+        train_autoencoder.train(cfg, work, steps=1, progress=False)
+        latents.cache(cfg, work)
+        train_diffusion.train(cfg, work, steps=1, progress=False)
+    shipped = bundle_mod.load(Path(bundle_mod.__file__).resolve().parents[1] / "models" / "usb-tiny")
+    copy = tmp_path / "usb-tiny"
+    shutil.copytree(shipped.root, copy)
+    for out_dir in (tmp_path / "new", copy):  # a new folder, then in place
+        out = export.export(cfg, work, out_dir, "new", keep_local_from=copy)
+        assert out.has_local_prior and out.config["local"] == shipped.config["local"]
+        for name in (shipped.config["local"]["prior"]["tissue"], shipped.config["local"]["prior"]["licence"]):
+            assert (out.root / name).read_bytes() == (shipped.root / name).read_bytes()
+        for task in ("heal", "embed"):
+            new = cfg["defaults"][task]
+            assert out.defaults(task) == {**new, **{k: v for k, v in shipped.defaults(task).items()
+                                                    if k in export.LOCAL_DEFAULT_KEYS or k not in new}}
+        assert out.defaults("heal")["growth"] == shipped.defaults("heal")["growth"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "usb-tiny"]  # no temporary folder left
+
+
+def test_diffusion_refuses_to_resume_on_latents_of_another_autoencoder(run, tmp_path):
+    """The diffusion checkpoint records the autoencoder of its latents; a resume on re-encoded latents is refused."""
+    import shutil
+
+    cfg, work, _ = run
+    if not (work / "diffusion" / CHECKPOINT).is_file():
+        train_autoencoder.train(cfg, work, steps=1, progress=False)
+        latents.cache(cfg, work)
+        train_diffusion.train(cfg, work, steps=1, progress=False)
+    mine = tmp_path / "run"
+    for name in ("latents", "diffusion"):
+        shutil.copytree(work / name, mine / name)
+    step = load_checkpoint(mine / "diffusion", {})["step"]
+    train_diffusion.train(cfg, mine, steps=step + 1, progress=False)
+    stamp = json.loads((mine / "latents" / "autoencoder.json").read_text())
+    assert load_checkpoint(mine / "diffusion", {})["autoencoder"] == stamp
+    (mine / "latents" / "autoencoder.json").write_text(json.dumps({**stamp, "step": stamp["step"] + 5}))
+    with pytest.raises(RuntimeError, match="another autoencoder"):
+        train_diffusion.train(cfg, mine, steps=step + 2, progress=False)
+
+
 def test_a_run_warm_started_from_a_bundle_continues_its_steps_with_its_networks(run, tmp_path):
     """When the training cache is gone, the committed bundle is the last state: warm_start writes its autoencoder and
     U-Nets as a run's checkpoints, latents are encoded with that autoencoder, and training continues at its step."""

@@ -5,6 +5,8 @@ import argparse
 import json
 import os
 import random
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -15,6 +17,27 @@ from torch import nn
 
 CHECKPOINT = "checkpoint.safetensors"
 HISTORY = "history.json"
+
+
+def build_aside(final: Path, build: Callable[[Path], Any]) -> None:
+    """Run ``build(folder)`` on a new temporary sibling folder of ``final`` and, when it returns, put that folder in
+    place of ``final`` (replacing what is there); if ``build`` raises, ``final`` stays as it was."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    built = Path(tempfile.mkdtemp(prefix=f".{final.name}.new.", dir=final.parent))
+    try:
+        build(built)
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
+            old.rmdir()
+            final.rename(old)
+            built.rename(final)
+            shutil.rmtree(old)
+        else:
+            built.rename(final)
+    finally:
+        if built.exists():
+            shutil.rmtree(built)
 
 
 def seed_everything(seed: int) -> None:

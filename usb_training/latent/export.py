@@ -18,7 +18,7 @@ import torch
 from USBLib.core import bundle as bundle_mod
 
 from ..base.card import CARD_END, CARD_START
-from ..base.common import HISTORY, load_checkpoint, module_weights
+from ..base.common import HISTORY, build_aside, load_checkpoint, module_weights
 from ..base.config import INTENSITY, SCHEDULE
 from ..data.dataset import TRAIN_SOURCES
 from ..data.sources import HELD_OUT, SOURCES
@@ -173,8 +173,12 @@ def export(cfg: dict[str, Any], work: Path, out: Path, name: str, metrics: dict[
     extra = {"template.nii.gz": space_dir / "template.nii.gz", "brain_mask.nii.gz": space_dir / "brain_mask.nii.gz"}
     card = model_card(name, facts, metrics or {})
     if keep_local_from is not None:
-        card = _graft_local(bundle_mod.load(keep_local_from), config, state, card)
-    return bundle_mod.write(Path(out), config, state, extra, card=card)
+        card = _graft_local(bundle_mod.load(keep_local_from), config, state, extra, card)
+    out = Path(out)
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / bundle_mod.BUNDLE_FILE).is_file())):
+        raise SystemExit(f"--out {out} exists and is neither an empty folder nor a model bundle; not replacing it")
+    build_aside(out, lambda folder: bundle_mod.write(folder, config, state, extra, card=card))  # whole or not at all
+    return bundle_mod.load(out)
 
 
 def _without_tables(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -182,16 +186,25 @@ def _without_tables(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: _without_tables(v) if isinstance(v, dict) else v for k, v in metrics.items() if k != "table_markdown"}
 
 
-def _graft_local(source: bundle_mod.ModelBundle, config: dict[str, Any], state: dict[str, Any], card: str) -> str:
-    """Carry the local stage of ``source`` into a new latent-stage bundle (config and state changed in place);
-    returns the model card with the source's local-stage section appended."""
+def _graft_local(source: bundle_mod.ModelBundle, config: dict[str, Any], state: dict[str, Any],
+                 extra: dict[str, Path], card: str) -> str:
+    """Carry the local stage of ``source`` into a new latent-stage bundle (config, state and extra files changed in
+    place): its weights, ``local`` section, tissue-prior files, its settings (``LOCAL_DEFAULT_KEYS``) and every other
+    heal/embed setting the new bundle does not set; returns the model card with the source's local-stage section
+    appended."""
     if not source.has_local:
         raise RuntimeError(f"{source.root} has no local stage to keep")
     state[bundle_mod.LOCAL] = source.load_state_dict(bundle_mod.LOCAL)
     config[bundle_mod.LOCAL] = {k: v for k, v in source.config[bundle_mod.LOCAL].items() if k != "weights"}
+    prior = config[bundle_mod.LOCAL].get("prior", {})
+    for name in (prior.get("tissue"), prior.get("licence")):  # the prior's files go with it
+        if name:
+            extra[name] = source.root / name
+    config["defaults"] = json.loads(json.dumps(config["defaults"]))  # (not the tier's own dicts)
     for task in ("heal", "embed"):
-        kept = {k: v for k, v in source.defaults(task).items() if k in LOCAL_DEFAULT_KEYS}
-        config["defaults"][task] = {**config["defaults"][task], **kept}
+        new = config["defaults"].get(task, {})
+        kept = {k: v for k, v in source.defaults(task).items() if k in LOCAL_DEFAULT_KEYS or k not in new}
+        config["defaults"][task] = {**new, **kept}
     old = (source.root / bundle_mod.CARD_FILE).read_text() if (source.root / bundle_mod.CARD_FILE).is_file() else ""
     if CARD_START in old and CARD_END in old:
         card = card.rstrip() + "\n\n" + old[old.index(CARD_START):old.index(CARD_END) + len(CARD_END)] + "\n"

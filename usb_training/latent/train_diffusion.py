@@ -20,6 +20,7 @@ run is not dominated by the initial weights, are what gets exported. The trainin
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,13 @@ def validate(nets: dict[str, torch.nn.Module], sched: NoiseSchedule, latents: np
     return {"lesion": lx.item(), "brain": ly.item()}
 
 
+def autoencoder_stamp(work: Path) -> dict[str, Any] | None:
+    """The autoencoder the run's latents were encoded with (``latents/autoencoder.json``: its step and scale
+    factor), or None where the latents carry no stamp."""
+    stamp = Path(work) / "latents" / "autoencoder.json"
+    return json.loads(stamp.read_text()) if stamp.is_file() else None
+
+
 def train(cfg: dict[str, Any], work: Path, minutes: float | None = None, steps: int | None = None,
           seed: int = 0, progress: bool = True, device: str = "auto") -> Path:
     """Train (or resume) both U-Nets; returns the stage folder. Under ``torchrun`` each rank draws its own
@@ -140,6 +148,10 @@ def train(cfg: dict[str, Any], work: Path, minutes: float | None = None, steps: 
     opt = adamw(params, float(c["lr"]))
     modules = {**nets, **emas}
     meta = load_checkpoint(folder, modules, opt) or {"step": 0}
+    encoder = autoencoder_stamp(work)
+    if meta.get("autoencoder") is not None and encoder is not None and meta["autoencoder"] != encoder:
+        raise RuntimeError(f"{folder} was trained on latents of another autoencoder ({meta['autoencoder']}, now "
+                           f"{encoder}); start the diffusion stage in a new run folder")
     for module in modules.values():
         module.to(ctx.device)
     wrapped = {name: distributed.wrap(net, ctx) for name, net in nets.items()}
@@ -155,7 +167,7 @@ def train(cfg: dict[str, Any], work: Path, minutes: float | None = None, steps: 
 
     def checkpoint(final: bool = False) -> None:
         history.data["seconds"] = seconds_before + budget.elapsed()
-        save_checkpoint(folder, modules, opt, {"step": step})
+        save_checkpoint(folder, modules, opt, {"step": step, "autoencoder": encoder})
         history.save(f"USB_lesion / USB_brain ({sched.prediction_type} MSE)", final)
 
     bar = tqdm(total=total, initial=step, desc="diffusion", disable=not (progress and ctx.main))

@@ -74,6 +74,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="export: native_metrics.json of usb_training.evaluation.evaluate --native")
     args = parser.parse_args(argv)
     if args.command == "export":
+        if args.source is None or args.out is None:
+            parser.error("export needs --source and --out")
+        from .export import check_out
+
+        try:
+            check_out(args.out, args.source, args.work / "train")
+        except ValueError as exc:
+            parser.error(str(exc))
         return _export(args)
     if args.command == "data":
         from USBLib.editor.local.network import size_multiple

@@ -20,7 +20,7 @@ from USBLib.core import bundle as bundle_mod
 from USBLib.editor.local.conditioning import BASE_INPUTS, DEEP_GREY_INPUT, DEVIATION_SCALE, input_names, needs_prior
 
 from ..base.card import CARD_END, CARD_START
-from ..base.common import module_weights
+from ..base.common import build_aside, module_weights
 from .priors import LICENCE_FILE, TISSUE_FILE, tissue_file
 
 PRIOR_DESCRIPTION = ("ICBM 2009c Nonlinear Asymmetric MNI152 CSF/GM/WM probabilities (niworkflows 0.0.5) on the "
@@ -104,13 +104,35 @@ def export_local(source: Path, train_dir: Path, out: Path, defaults: Mapping[str
 
     For a network that reads the tissue prior: ``prior_files`` (``TISSUE_FILE`` and ``LICENCE_FILE`` -> files to
     ship), or else they are made from the training ``cache`` (default ``usb_training.base.paths.DEFAULT_CACHE``)
-    by ``priors.tissue_file`` on the bundle's model grid."""
+    by ``priors.tissue_file`` on the bundle's model grid.
+
+    ``out`` is checked by ``check_out`` (``ValueError``); the bundle is built in a temporary sibling folder and put
+    in place of ``out`` only when complete, so a failed export leaves a previous bundle there as it was."""
     src = bundle_mod.load(source)
     out = Path(out)
-    if out.resolve() != src.root.resolve():
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.copytree(src.root, out)
+    check_out(out, src.root, Path(train_dir))
+    build_aside(out, lambda folder: _write_local(src, Path(train_dir), folder, defaults, training, weights,
+                                                 interactive_mode, metrics, table_md, cache, prior_files))
+    return bundle_mod.load(out)
+
+
+def check_out(out: Path, source: Path, train_dir: Path) -> None:
+    """Refuse an ``out`` folder whose replacement would lose files that are not a bundle (``ValueError``).
+
+    ``out`` may be new, an empty folder, or a bundle (with ``bundle.json``; ``source`` itself for an in-place
+    update), never a folder that holds the run folder ``train_dir`` or the bundle ``source``."""
+    out = Path(out).resolve()
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / bundle_mod.BUNDLE_FILE).is_file())):
+        raise ValueError(f"--out {out} exists and is neither an empty folder nor a model bundle; not replacing it")
+    train_dir, source = Path(train_dir).resolve(), Path(source).resolve()
+    if out == train_dir or out in train_dir.parents or out in source.parents:
+        raise ValueError(f"--out {out} holds the run folder or the source bundle; refusing to replace it")
+
+
+def _write_local(src: bundle_mod.ModelBundle, train_dir: Path, out: Path, defaults, training, weights: str,
+                 interactive_mode: str, metrics, table_md, cache, prior_files) -> bundle_mod.ModelBundle:
+    """``export_local`` into the new folder ``out`` (a temporary sibling of the final one)."""
+    shutil.copytree(src.root, out, dirs_exist_ok=True)
     config = json.loads((out / bundle_mod.BUNDLE_FILE).read_text())
     train_cfg = json.loads((Path(train_dir) / "config.json").read_text())
     config["local"] = {"weights": "local.safetensors", "network": train_cfg["network"],
