@@ -21,7 +21,9 @@ from .base.paths import DEFAULT_CACHE
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m usb_training", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["run"])
-    parser.add_argument("--tier", default="tiny")
+    from usb_training.base.config import TIERS
+
+    parser.add_argument("--tier", choices=list(TIERS), default="tiny")
     parser.add_argument("--work", type=Path, required=True, help="run folder (data, checkpoints, curves)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="fetched template sources")
     parser.add_argument("--out", type=Path, required=True, help="bundle folder to write")

@@ -282,3 +282,14 @@ def test_device_run_trains_every_stage_within_its_budget_from_a_carried_cache(tm
     assert timings["autoencoder_steps"] == 3 and timings["diffusion_steps"] == 2
     assert "psnr_brain" in timings["autoencoder_val"]
     assert bundle_mod.load(out).config["training"]["diffusion"]["steps"] == 2
+
+
+def test_an_unknown_tier_is_a_usage_error_not_a_traceback(capsys):
+    """``--tier`` lists the known tiers: a wrong one ends the command with argparse's one-line error (status 2)."""
+    from usb_training.base.common import stage_main
+
+    for main, args in ((lambda argv: stage_main("x\n", train_diffusion.train, argv), ["--work", "w"]),
+                       (export.main, ["--work", "w", "--out", "o"]), (latents.main, ["--work", "w"])):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--tier", "nope", *args])
+        assert exit_info.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err

@@ -232,7 +232,9 @@ def stage_main(doc: str, train: Callable[..., Path], argv: list[str] | None = No
     from .config import tier
 
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--tier", default="tiny")
+    from usb_training.base.config import TIERS
+
+    parser.add_argument("--tier", choices=list(TIERS), default="tiny")
     parser.add_argument("--work", type=Path, required=True, help="run folder")
     parser.add_argument("--minutes", type=float, default=None, help="wall-time budget of this run")
     parser.add_argument("--steps", type=int, default=None, help="total steps (default: the tier's)")

@@ -11,7 +11,9 @@ from ..base.paths import DEFAULT_CACHE
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m usb_training.data", description=__doc__)
     parser.add_argument("command", choices=["fetch", "prepare", "generate", "preview"])
-    parser.add_argument("--tier", default="tiny")
+    from usb_training.base.config import TIERS
+
+    parser.add_argument("--tier", choices=list(TIERS), default="tiny")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where fetched sources are kept")
     parser.add_argument("--work", type=Path, default=Path("usb_training_runs/tiny"), help="run folder")
     parser.add_argument("--out", type=Path, default=None, help="preview: PNG path")

@@ -241,7 +241,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="bundle folder or name (default: the default model)")
-    parser.add_argument("--tier", default=None, help="tier of the data grid (default: the bundle's)")
+    from usb_training.base.config import TIERS
+
+    parser.add_argument("--tier", choices=list(TIERS), default=None,
+                        help="tier of the data grid (default: the bundle's)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--out", type=Path, default=Path("usb_evaluation"))
     parser.add_argument("--cases", type=int, default=None, help="cases (default 8; --native: 24)")

@@ -374,7 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="bundle folder or name (default: the default model)")
     parser.add_argument("--autoencoder", type=Path, default=None,
                         help="only the autoencoder round trip, from this training run folder (with --tier)")
-    parser.add_argument("--tier", default="tiny")
+    from usb_training.base.config import TIERS
+
+    parser.add_argument("--tier", choices=list(TIERS), default="tiny")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--out", type=Path, default=Path("usb_evaluation"))
     parser.add_argument("--pairs", type=int, default=16)

@@ -64,7 +64,9 @@ def run(cfg: dict[str, Any], cache: Path, work: Path, out: Path, minutes: float,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tier", default="base")
+    from usb_training.base.config import TIERS
+
+    parser.add_argument("--tier", choices=list(TIERS), default="base")
     parser.add_argument("--cache", type=Path, required=True, help="holds prepared/<grid>/ (carried to the device)")
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="bundle folder to write (under $OUT)")

@@ -256,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     from ..base.paths import DEFAULT_CACHE
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tier", default="tiny")
+    from usb_training.base.config import TIERS
+
+    parser.add_argument("--tier", choices=list(TIERS), default="tiny")
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--out", type=Path, required=True)

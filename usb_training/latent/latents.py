@@ -108,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     from ..base.config import tier
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tier", default="tiny")
+    from usb_training.base.config import TIERS
+
+    parser.add_argument("--tier", choices=list(TIERS), default="tiny")
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--max-shards", type=int, default=None, help="encode at most this many shards per split")
     parser.add_argument("--minutes", type=float, default=None, help="stop starting new shards after this")

@@ -65,7 +65,9 @@ def warm_start(cfg: dict[str, Any], bundle: str | Path, work: Path) -> dict[str,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", default=None, help="bundle folder or name (default: the default model)")
-    parser.add_argument("--tier", default="tiny")
+    from usb_training.base.config import TIERS
+
+    parser.add_argument("--tier", choices=list(TIERS), default="tiny")
     parser.add_argument("--work", type=Path, required=True, help="run folder")
     args = parser.parse_args(argv)
     print(json.dumps(warm_start(tier(args.tier), args.bundle, args.work)))
