@@ -306,8 +306,18 @@ def test_reset_brings_back_the_lesion_options_too(page):
     page.wait_for_function(f"() => {level} > {form.DARK_LESION_LEVEL}")
     page.wait_for_selector("#usb-set-lesion-level:checked", state="attached")
     page.wait_for_selector("#usb-mask-covers-rim:checked", state="attached")
-    page.click("#usb-reset")
-    page.wait_for_function(f"() => Math.abs({level} - {form.DARK_LESION_LEVEL}) < 1e-6")
+    # the slider's key presses reach the server as a state update, which a Reset clicked at machine speed can
+    # overtake (the later update then sets the level again: seen twice under load, never by hand): Reset is
+    # clicked again until the level is back, at most three times
+    back = f"() => Math.abs({level} - {form.DARK_LESION_LEVEL}) < 1e-6"
+    for attempt in range(3):
+        page.click("#usb-reset")
+        try:
+            page.wait_for_function(back, timeout=20_000 if attempt < 2 else HANG_S * 1000)
+            break
+        except playwright.TimeoutError:
+            continue
+    page.wait_for_function(back)
     page.wait_for_selector("#usb-set-lesion-level:not(:checked)", state="attached")
     page.wait_for_selector("#usb-mask-covers-rim:not(:checked)", state="attached")
     choose(page, "usb-task", "Remove lesion")
