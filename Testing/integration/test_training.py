@@ -93,15 +93,20 @@ def test_every_stage_runs_resumes_exports_and_reloads(run):
         assert (work / "eval" / name).is_file()
 
 
+def _ensure_diffusion(cfg, work) -> None:
+    """The module's run has a diffusion checkpoint (one step of each stage when a test before has not made one)."""
+    if not (work / "diffusion" / CHECKPOINT).is_file():
+        train_autoencoder.train(cfg, work, steps=1, progress=False)
+        latents.cache(cfg, work)
+        train_diffusion.train(cfg, work, steps=1, progress=False)
+
+
 def test_export_keeps_the_local_stage_of_an_existing_bundle(run, tmp_path):
     """Retraining the latent model must not drop the local stage: weights, settings and card section carry over."""
     from phantoms import make_bundle
 
     cfg, work, _ = run
-    if not (work / "diffusion" / CHECKPOINT).is_file():
-        train_autoencoder.train(cfg, work, steps=1, progress=False)
-        latents.cache(cfg, work)
-        train_diffusion.train(cfg, work, steps=1, progress=False)
+    _ensure_diffusion(cfg, work)
     source = make_bundle(tmp_path / "with_local", shape=SHAPE, spacing=SPACING, local=True)
     (source.root / "MODEL_CARD.md").write_text("# old\n<!-- local stage: written by usb_training.local.export -->\n"
                                               "## Local stage\nmeasured things\n<!-- end of local stage -->\n")
@@ -122,10 +127,7 @@ def test_export_keeps_the_shipped_local_stage_with_its_prior_and_settings_also_i
     from pathlib import Path
 
     cfg, work, _ = run
-    if not (work / "diffusion" / CHECKPOINT).is_file():
-        train_autoencoder.train(cfg, work, steps=1, progress=False)
-        latents.cache(cfg, work)
-        train_diffusion.train(cfg, work, steps=1, progress=False)
+    _ensure_diffusion(cfg, work)
     shipped = bundle_mod.load(Path(bundle_mod.__file__).resolve().parents[1] / "models" / "usb-tiny")
     copy = tmp_path / "usb-tiny"
     shutil.copytree(shipped.root, copy)
@@ -147,10 +149,7 @@ def test_diffusion_refuses_to_resume_on_latents_of_another_autoencoder(run, tmp_
     import shutil
 
     cfg, work, _ = run
-    if not (work / "diffusion" / CHECKPOINT).is_file():
-        train_autoencoder.train(cfg, work, steps=1, progress=False)
-        latents.cache(cfg, work)
-        train_diffusion.train(cfg, work, steps=1, progress=False)
+    _ensure_diffusion(cfg, work)
     mine = tmp_path / "run"
     for name in ("latents", "diffusion"):
         shutil.copytree(work / name, mine / name)
@@ -169,10 +168,7 @@ def test_a_run_warm_started_from_a_bundle_continues_its_steps_with_its_networks(
     from usb_training.latent import warm_start
 
     cfg, work, _ = run
-    if not (work / "diffusion" / CHECKPOINT).is_file():
-        train_autoencoder.train(cfg, work, steps=1, progress=False)
-        latents.cache(cfg, work)
-        train_diffusion.train(cfg, work, steps=1, progress=False)
+    _ensure_diffusion(cfg, work)
     source = export.export(cfg, work, tmp_path / "shipped", "shipped")
     shipped_steps = source.config["training"]["diffusion"]["steps"]
     new = tmp_path / "again"
