@@ -16,8 +16,10 @@ from pathlib import Path
 
 from .base.config import tier
 from .base.paths import DEFAULT_CACHE
+from .base.common import cli_main
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m usb_training", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["run"])

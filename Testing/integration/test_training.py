@@ -289,3 +289,17 @@ def test_an_unknown_tier_is_a_usage_error_not_a_traceback(capsys):
         with pytest.raises(SystemExit) as exit_info:
             main(["--tier", "nope", *args])
         assert exit_info.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_a_stage_run_out_of_order_ends_with_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    """A training command run before the stage it needs (latents before the autoencoder, an export before the
+    diffusion model) says so in one line with status 2; ``USB_TRACEBACK=1`` shows the traceback."""
+    monkeypatch.delenv("USB_TRACEBACK", raising=False)
+    for main, args in ((latents.main, ["--work", str(tmp_path / "empty")]),
+                       (export.main, ["--work", str(tmp_path / "empty"), "--out", str(tmp_path / "bundle")])):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and ": error: " in err and "Traceback" not in err, err
+    monkeypatch.setenv("USB_TRACEBACK", "1")
+    with pytest.raises((OSError, RuntimeError)):
+        latents.main(["--work", str(tmp_path / "empty")])

@@ -40,6 +40,41 @@ def build_aside(final: Path, build: Callable[[Path], Any]) -> None:
             shutil.rmtree(built)
 
 
+def cli_main(main: Callable[..., int]) -> Callable[..., int]:
+    """A training command's ``main`` whose expected failures (bad input or environment: no network for a download,
+    a folder that cannot be written, a stage run before the one it needs, a refused resume) end with one line on
+    stderr and exit code 2, and Ctrl-C with one line and 130 (the last checkpoint is kept), instead of a traceback.
+    ``USB_TRACEBACK=1`` shows the traceback."""
+    import functools
+    import sys
+
+    from USBLib.errors import USBError
+
+    @functools.wraps(main)
+    def run(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except KeyboardInterrupt:
+            print(f"{_prog(main)}: interrupted; the last checkpoint is kept and the same command resumes",
+                  file=sys.stderr)
+            return 130
+        except (USBError, OSError, RuntimeError, ValueError) as exc:
+            if os.environ.get("USB_TRACEBACK"):
+                raise
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            print(f"{_prog(main)}: error: {message} (USB_TRACEBACK=1 shows where)", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def _prog(main: Callable) -> str:
+    """The command's name as ``python -m`` runs it: the module of its ``main``."""
+    spec = main.__globals__.get("__spec__")  # (run with -m, the module is called __main__; its spec has the name)
+    module = spec.name if spec is not None else main.__module__
+    return "python -m " + (module[: -len(".__main__")] if module.endswith(".__main__") else module)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))

@@ -20,6 +20,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+from ..base.common import cli_main
 
 SHAPE = (181, 217, 181)
 
@@ -120,6 +121,7 @@ def write_registration(model: str | None = None, folder: Path | None = None) -> 
     return folder / f"{key}.json"
 
 
+@cli_main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path,

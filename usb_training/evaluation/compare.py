@@ -23,6 +23,7 @@ import numpy as np
 
 from ..base.yardstick_record import per_case_oracle, worst_cases
 from .native import bootstrap_ci, mask_subsets, site_group
+from ..base.common import cli_main
 
 
 def _rows(spec: str) -> tuple[str, dict[tuple[str, str], dict[str, Any]], dict[tuple[str, str], float]]:
@@ -99,6 +100,7 @@ def table(label_a: str, label_b: str, result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("a", help="PATH:METHOD, the reference (e.g. the shipped model's run)")

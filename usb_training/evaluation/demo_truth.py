@@ -27,6 +27,7 @@ from ..data.prepare import CSF, GM, WM
 from ..data.sample import sample_arrays
 from ..data.sources import fetch
 from ..local.cases import NativeCase, hasty_mask
+from ..base.common import cli_main
 
 DEMO_CONFIGS = {"USB defaults": {}, "USB realism (the demo)": {"local_mode": "realism"}}
 
@@ -51,6 +52,7 @@ def sample_case(cache: Path) -> NativeCase:
                       affine=arrays["affine"], hasty=hasty_mask(lesion))
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     from .native import run
 

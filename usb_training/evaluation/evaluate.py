@@ -45,6 +45,7 @@ from ..data.prepare import Anatomy
 from ..data.sources import HELD_OUT, SOURCES
 from ..data.synth import Sample, make_sample
 from .generation import Reference, generator_masks, population_lines, unconditional
+from ..base.common import cli_main
 
 EVAL_SEED = 900_000  # far from every training seed
 
@@ -235,6 +236,7 @@ def run(model: Path | str, samples: list[Sample], reference_masks: list[np.ndarr
     return result
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     from ..base.config import tier
     from ..base.paths import DEFAULT_CACHE

@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+from ..base.common import cli_main
 
 ALPHA0 = (0.0, 2.0, 20.0)
 ETA = (0.0, 0.5, 1.0)
@@ -40,6 +41,7 @@ def guidance_figure(model, out: Path, seed: int = 0) -> Path:
     return save_montage(out, rows, zoom=2)
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)

@@ -39,6 +39,7 @@ from ..data.prepare import CSF, WM, Anatomy
 from ..data.sources import HELD_OUT
 from ..data.synth import Sample, make_sample
 from ..base.scores import gmm_classes
+from ..base.common import cli_main
 
 EVAL_SEED = 910_000  # far from every training seed
 CONNECTIVITY = np.ones((3, 3, 3), bool)
@@ -366,6 +367,7 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     from ..base.config import tier
     from ..base.paths import DEFAULT_CACHE

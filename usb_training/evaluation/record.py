@@ -26,6 +26,7 @@ from USBLib.imaging.io import write_json
 
 from ..base.yardstick_record import heal_yardstick_metrics
 from ..data.sources import HELD_OUT
+from ..base.common import cli_main
 
 DEFAULTS_ROW = "USB defaults"
 
@@ -68,6 +69,7 @@ def record(bundle_dir: Path, native: Mapping[str, Any]) -> dict[str, Any]:
     return metrics
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m usb_training.evaluation.record",
                                      description=__doc__.split("\n\n")[0])

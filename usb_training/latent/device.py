@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..base.config import tier
+from ..base.common import cli_main
 
 
 def run(cfg: dict[str, Any], cache: Path, work: Path, out: Path, minutes: float, workers: int,
@@ -62,6 +63,7 @@ def run(cfg: dict[str, Any], cache: Path, work: Path, out: Path, minutes: float,
     return timings
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     from usb_training.base.config import TIERS

@@ -18,7 +18,7 @@ import torch
 from USBLib.core import bundle as bundle_mod
 
 from ..base.card import CARD_END, CARD_START
-from ..base.common import HISTORY, build_aside, load_checkpoint, module_weights
+from ..base.common import build_aside, cli_main, HISTORY, load_checkpoint, module_weights
 from ..base.config import INTENSITY, SCHEDULE
 from ..data.dataset import TRAIN_SOURCES
 from ..data.sources import HELD_OUT, SOURCES
@@ -251,6 +251,7 @@ def _ema(folder: Path, net: str) -> dict[str, torch.Tensor]:
     return {k[len("module."):]: v for k, v in raw.items() if k.startswith("module.")}
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     from ..base.config import tier
     from ..base.paths import DEFAULT_CACHE

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from USBLib.core.networks import build_autoencoder
 
-from ..base.common import load_checkpoint, set_threads
+from ..base.common import cli_main, load_checkpoint, set_threads
 from ..data.synth import finished_shards
 
 
@@ -101,6 +101,7 @@ def cache(cfg: dict[str, Any], work: Path, max_shards: int | None = None, device
     return folder
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     """``python -m usb_training.latent.latents --tier tiny --work RUN [--max-shards N]``"""
     import argparse

@@ -37,6 +37,7 @@ from . import distributed
 from ..base.common import (Budget, History, adamw, load_checkpoint, save_checkpoint, seed_everything, set_lr,
                      set_threads, stage_main, warmup_cosine)
 from ..data.synth import load
+from ..base.common import cli_main
 
 
 def kl_loss(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -228,6 +229,7 @@ def train(cfg: dict[str, Any], work: Path, minutes: float | None = None, steps: 
     return folder
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     return stage_main(__doc__, train, argv)
 

@@ -37,6 +37,7 @@ from ..base.common import (Budget, History, adamw, load_checkpoint, save_checkpo
                      set_threads, stage_main, warmup_cosine)
 from ..base.config import SCHEDULE
 from .latents import load_latents
+from ..base.common import cli_main
 
 
 def q_sample(sched: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -210,6 +211,7 @@ def train(cfg: dict[str, Any], work: Path, minutes: float | None = None, steps: 
     return folder
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     return stage_main(__doc__, train, argv)
 

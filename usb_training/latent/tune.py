@@ -21,6 +21,7 @@ from ..base import metrics
 from ..data.dataset import TRAIN_SOURCES, prepared_sources
 from ..data.prepare import Anatomy
 from ..data.synth import Sample, make_sample
+from ..base.common import cli_main
 
 TUNE_SEED = 800_000
 GRID = {"strength": [0.2, 0.3, 0.5], "fusion": ["deviation", "replace"], "prefill": ["none", "harmonic", "biharmonic"],
@@ -49,6 +50,7 @@ def tune_heal(editor: Editor, cases: list[Sample], grid: dict[str, list] = GRID)
     return sorted(rows, key=lambda r: -r["lesion_psnr"])
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     from ..base.config import tier
     from ..base.paths import DEFAULT_CACHE

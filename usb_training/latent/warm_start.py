@@ -17,7 +17,7 @@ from typing import Any
 from USBLib.core import bundle as bundle_mod
 from USBLib.core.networks import build_autoencoder, build_unet
 
-from ..base.common import HISTORY, load_checkpoint, save_checkpoint
+from ..base.common import cli_main, HISTORY, load_checkpoint, save_checkpoint
 from ..base.config import tier
 
 UNETS = ("unet_lesion", "unet_brain")
@@ -62,6 +62,7 @@ def warm_start(cfg: dict[str, Any], bundle: str | Path, work: Path) -> dict[str,
     return {"autoencoder": ae_steps, "diffusion": steps}
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", default=None, help="bundle folder or name (default: the default model)")

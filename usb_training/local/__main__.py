@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..base.paths import DEFAULT_CACHE
+from ..base.common import cli_main
 
 TRAIN_SOURCES = ["mni2009a", "mni2009c", "fsaverage"]  # ixi555 is held out (usb_training.data.sources.HELD_OUT)
 
@@ -35,6 +36,7 @@ def _fraction(text: str) -> float:
     return value
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m usb_training.local", description=__doc__)
     parser.add_argument("command", choices=["data", "train", "export"])

@@ -20,6 +20,7 @@ import argparse
 import json
 import tarfile
 from pathlib import Path
+from ..base.common import cli_main
 
 PART_BYTES = 15 * 2 ** 20
 RUNS_ARCHIVE = "runs.tar.gz"
@@ -136,6 +137,7 @@ def unpack(carried: Path, dest: Path) -> list[Path]:
     return runs
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m usb_training.local.device_carry", description=__doc__)
     parser.add_argument("command", choices=["pack-cache", "unpack-cache", "pack", "unpack"])

@@ -26,6 +26,7 @@ from USBLib.editor.editor import Editor
 
 from .cases import NativeCase
 from ..base.scores import embed_scores, gmm_classes, heal_scores
+from ..base.common import cli_main
 
 VALIDATION_SEED = 500_000
 HEAL_GRID = {"dilation_mm": [0.0, 1.0, 2.0, 3.0], "guidance": [(1.0, 20.0), (1.0, 0.0), (0.0, 20.0)],
@@ -88,6 +89,7 @@ def tune_embed(editor: Editor, cases: list[NativeCase], dilation_mm: float, marg
             for (e, a), rs in rows.items()]
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     from ..base.paths import DEFAULT_CACHE
     from .anatomies import native_affine, native_anatomies
