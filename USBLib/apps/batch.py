@@ -23,7 +23,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from USBLib.apps.batch_inputs import Subject, is_bids
+from USBLib.apps.batch_inputs import Subject, is_bids, lies_under
 from USBLib.errors import OutputError, USBError
 from USBLib.imaging.io import read_volume, sidecar_path, write_json, write_result
 
@@ -308,12 +308,8 @@ def healed_elsewhere(output: Path, subject: Subject, out_root: Path,
         return None
     recorded = _source_path(sources[0], Path(out_root))
     dataset = _dataset_of(subject.image, links)
-    if recorded is None or recorded.is_relative_to(dataset):
-        return None
-    try:  # (the same dataset reached through a link: /data -> /mnt/data)
-        return None if recorded.resolve().is_relative_to(dataset.resolve()) else recorded
-    except (OSError, RuntimeError):  # a link loop
-        return recorded
+    # (the same dataset reached through a link, /data -> /mnt/data, is this dataset; a link loop is not)
+    return None if recorded is None or lies_under(recorded, [dataset]) else recorded
 
 
 def _elsewhere_message(output: Path, recorded: Path) -> str:

@@ -158,7 +158,7 @@ def _glob(folder: Path, pattern: str) -> list[Path]:
     return [p for p in folder.glob(pattern) if _present(p) and not p.name.startswith(".")]  # (not macOS's ._x)
 
 
-def _under(path: Path, folders: Sequence[Path]) -> bool:
+def lies_under(path: Path, folders: Sequence[Path]) -> bool:
     """True when ``path`` lies in one of ``folders`` (compared as written and with links followed)."""
     spelled = Path(os.path.abspath(path))
     if any(spelled.is_relative_to(os.path.abspath(folder)) for folder in folders):
@@ -194,7 +194,7 @@ def _bids_mask(root: Path, image: Path, entities: str, mask_roots: Sequence[Path
             found = _glob(mask_root, pattern.format(sub=sub, ses=ses, entities=entities, anat=anat.as_posix()))
         else:
             found = _bids_candidates(mask_root / anat, entities)
-        found = [path for path in found if not _under(path, exclude)]
+        found = [path for path in found if not lies_under(path, exclude)]
         if found:
             match = _one(found, image.name)
             if all(not _same_file(match, earlier) for _, earlier in hits):
